@@ -1,0 +1,369 @@
+//! Map keys, values and the pure selection helpers shared by the eBPF programs and user space.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding, so the kernel and the daemon agree on
+//! one layout. Addresses are always 16 bytes in the layout of `bpf_sock_addr.user_ip6`
+//! (four `u32` words, each in network byte order); an IPv4 address is stored v4-mapped
+//! (`::ffff:a.b.c.d`), which is also what a dual-stack socket hands to connect6.
+//! Ports are in network byte order, as `bpf_sock_addr.user_port` carries them.
+//!
+//! The kernel-side lookup chain for one connect() is:
+//! `NETNS[cookie]` (enrolled?) -> `FRONTENDS[vip, port, proto]` -> `LB_TABLES[service, class,
+//! family]` (generation + endpoint counts per locality level) -> `ENDPOINTS[..., gen, level,
+//! index]` -> `BACKENDS[backend]` (address) and `PORTS[service, backend, port]` (target port
+//! override).
+#![no_std]
+
+/// Layout version of the maps below. Bumped whenever a key or value changes shape; the daemon
+/// keeps its pins under a directory named after it.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// Number of locality priority levels. Level 0 is the best match; a service with N routing
+/// preference scopes uses levels 0..=N (N <= 6), a service without locality uses level 0 only.
+pub const LEVELS: usize = 8;
+
+/// Address families as used in keys.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocols as used in keys.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// The connect() errno when a service has no usable endpoint (like kube-proxy's REJECT).
+pub const ERRNO_NO_ENDPOINT: i32 = 111; // ECONNREFUSED
+/// The connect() errno when a STRICT locality service has no endpoint in the client's locality.
+pub const ERRNO_STRICT_NO_MATCH: i32 = 113; // EHOSTUNREACH
+
+/// The three words that prefix a v4-mapped IPv6 address, in `user_ip6` layout.
+pub const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_be(0x0000_ffff)];
+
+/// Returns the v4-mapped 16-byte form of an IPv4 address given as `user_ip4` (network order).
+#[inline(always)]
+pub const fn v4_mapped(ip4_be: u32) -> [u32; 4] {
+    [V4_MAPPED_PREFIX[0], V4_MAPPED_PREFIX[1], V4_MAPPED_PREFIX[2], ip4_be]
+}
+
+/// True when a 16-byte address in `user_ip6` layout is v4-mapped.
+#[inline(always)]
+pub const fn is_v4_mapped(a: &[u32; 4]) -> bool {
+    a[0] == V4_MAPPED_PREFIX[0] && a[1] == V4_MAPPED_PREFIX[1] && a[2] == V4_MAPPED_PREFIX[2]
+}
+
+// ---------------------------------------------------------------------------------------------
+// NETNS: which network namespaces are in the mesh.
+// ---------------------------------------------------------------------------------------------
+
+/// Value of `NETNS`, keyed by the namespace cookie (`u64`, SO_NETNS_COOKIE).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NetnsValue {
+    /// Locality class of the pods in this namespace (0: the node's own locality).
+    pub class_id: u32,
+    pub _reserved: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// FRONTENDS: service address + port + protocol.
+// ---------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendKey {
+    pub addr: [u32; 4],
+    /// Service port, network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The frontend's tables depend on the client's locality class.
+pub const FE_F_LOCALITY: u16 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendValue {
+    pub service_id: u32,
+    /// Target port used unless `PORTS` has a per-backend override, network byte order.
+    pub target_port: u16,
+    pub flags: u16,
+}
+
+// ---------------------------------------------------------------------------------------------
+// LB_TABLES: one per (service, client locality class, address family).
+// ---------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableKey {
+    pub service_id: u32,
+    pub class_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// STRICT locality: only level 0 may be used; an empty level 0 fails the connect.
+pub const TBL_F_STRICT: u32 = 1;
+/// Endpoints carry cumulative weights; pick by weight instead of uniformly.
+pub const TBL_F_WEIGHTED: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableValue {
+    /// Generation of the endpoint entries this table points at. A changed table is written
+    /// under a new generation and then switched to with one atomic update of this value.
+    pub generation: u32,
+    pub flags: u32,
+    /// Endpoints at each locality level.
+    pub counts: [u32; LEVELS],
+    /// Sum of the weights at each level (only meaningful with `TBL_F_WEIGHTED`).
+    pub weights: [u32; LEVELS],
+}
+
+// ---------------------------------------------------------------------------------------------
+// ENDPOINTS: the slots of a table.
+// ---------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointKey {
+    pub service_id: u32,
+    pub class_id: u32,
+    pub generation: u32,
+    pub family: u8,
+    pub level: u8,
+    pub _pad: u16,
+    pub index: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointValue {
+    pub backend_id: u32,
+    /// Sum of the weights of slots 0..=index at this level (weighted tables only).
+    pub cum_weight: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// BACKENDS and PORTS.
+// ---------------------------------------------------------------------------------------------
+
+/// Value of `BACKENDS`, keyed by backend id (`u32`): one address of one workload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendValue {
+    pub addr: [u32; 4],
+    pub _reserved: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortKey {
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// Service port, network byte order.
+    pub service_port: u16,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortValue {
+    /// Target port on that backend, network byte order.
+    pub target_port: u16,
+    pub _pad: u16,
+}
+
+// ---------------------------------------------------------------------------------------------
+// STATS: per-CPU counters of what the connect programs did.
+// ---------------------------------------------------------------------------------------------
+
+/// Indexes into the per-CPU `STATS` array.
+pub mod stat {
+    /// connect() to a frontend rewritten to a backend.
+    pub const REWRITTEN: u32 = 0;
+    /// connect() refused: the service has no usable endpoint.
+    pub const NO_ENDPOINT: u32 = 1;
+    /// connect() refused: STRICT locality and no endpoint in the client's locality.
+    pub const STRICT_NO_MATCH: u32 = 2;
+    /// A slot vanished under an update and the lookup was retried.
+    pub const RETRIED: u32 = 3;
+    /// Enrolled socket whose destination is not a frontend: passed unchanged.
+    pub const PASSED: u32 = 4;
+    /// Tables were inconsistent even after retrying: passed unchanged.
+    pub const INCONSISTENT: u32 = 5;
+    pub const COUNT: u32 = 8;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Selection helpers: pure, bounded, used by the kernel and unit-tested on the host.
+// ---------------------------------------------------------------------------------------------
+
+/// The best locality level that has endpoints: level 0 only for STRICT tables.
+#[inline(always)]
+pub fn pick_level(t: &TableValue) -> Option<usize> {
+    if t.flags & TBL_F_STRICT != 0 {
+        return if t.counts[0] > 0 { Some(0) } else { None };
+    }
+    let mut level = 0;
+    while level < LEVELS {
+        if t.counts[level] > 0 {
+            return Some(level);
+        }
+        level += 1;
+    }
+    None
+}
+
+/// Picks a slot at `level` from a random number: uniformly, or by weight for weighted tables,
+/// looking up cumulative weights through `cum_at` (binary search, at most 32 lookups).
+/// Returns `None` when a lookup misses (the table changed under us).
+#[inline(always)]
+pub fn pick_slot<F: FnMut(u32) -> Option<u32>>(
+    t: &TableValue,
+    level: usize,
+    rand: u32,
+    mut cum_at: F,
+) -> Option<u32> {
+    let count = t.counts[level];
+    if count == 0 {
+        return None;
+    }
+    if t.flags & TBL_F_WEIGHTED == 0 || t.weights[level] == 0 {
+        return Some(rand % count);
+    }
+    let r = rand % t.weights[level];
+    // Smallest index whose cumulative weight exceeds r.
+    let (mut lo, mut hi) = (0u32, count - 1);
+    let mut i = 0;
+    while i < 32 {
+        if lo >= hi {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        if cum_at(mid)? > r {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+        i += 1;
+    }
+    Some(lo)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for NetnsValue {}
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for FrontendValue {}
+    unsafe impl aya::Pod for TableKey {}
+    unsafe impl aya::Pod for TableValue {}
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointValue {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for PortValue {}
+}
+
+// Sizes are part of the pinned layout: a change here must bump MAP_LAYOUT_VERSION.
+const _: () = {
+    assert!(core::mem::size_of::<NetnsValue>() == 8);
+    assert!(core::mem::size_of::<FrontendKey>() == 20);
+    assert!(core::mem::size_of::<FrontendValue>() == 8);
+    assert!(core::mem::size_of::<TableKey>() == 12);
+    assert!(core::mem::size_of::<TableValue>() == 8 + 8 * LEVELS);
+    assert!(core::mem::size_of::<EndpointKey>() == 20);
+    assert!(core::mem::size_of::<EndpointValue>() == 8);
+    assert!(core::mem::size_of::<BackendValue>() == 20);
+    assert!(core::mem::size_of::<PortKey>() == 12);
+    assert!(core::mem::size_of::<PortValue>() == 4);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(flags: u32, counts: &[u32], weights: &[u32]) -> TableValue {
+        let mut t = TableValue { flags, ..Default::default() };
+        t.counts[..counts.len()].copy_from_slice(counts);
+        t.weights[..weights.len()].copy_from_slice(weights);
+        t
+    }
+
+    #[test]
+    fn level_is_first_non_empty() {
+        assert_eq!(pick_level(&table(0, &[0, 0, 3], &[])), Some(2));
+        assert_eq!(pick_level(&table(0, &[1, 5], &[])), Some(0));
+        assert_eq!(pick_level(&table(0, &[], &[])), None);
+    }
+
+    #[test]
+    fn strict_uses_only_level_zero() {
+        assert_eq!(pick_level(&table(TBL_F_STRICT, &[0, 4], &[])), None);
+        assert_eq!(pick_level(&table(TBL_F_STRICT, &[2, 4], &[])), Some(0));
+    }
+
+    #[test]
+    fn uniform_slot_is_modulo() {
+        let t = table(0, &[3], &[]);
+        for r in 0..30 {
+            assert_eq!(pick_slot(&t, 0, r, |_| unreachable!()), Some(r % 3));
+        }
+    }
+
+    #[test]
+    fn weighted_slot_follows_cumulative_weights() {
+        // weights 1, 3, 6 -> cumulative 1, 4, 10
+        let cum = [1u32, 4, 10];
+        let t = table(TBL_F_WEIGHTED, &[3], &[10]);
+        let mut hits = [0u32; 3];
+        for r in 0..10 {
+            let s = pick_slot(&t, 0, r, |i| Some(cum[i as usize])).unwrap();
+            hits[s as usize] += 1;
+        }
+        assert_eq!(hits, [1, 3, 6]);
+    }
+
+    #[test]
+    fn weighted_slot_reports_a_missing_entry() {
+        let t = table(TBL_F_WEIGHTED, &[4], &[4]);
+        assert_eq!(pick_slot(&t, 0, 1, |_| None), None);
+    }
+
+    #[test]
+    fn weighted_search_is_exact_on_large_tables() {
+        // 100k slots of weight 1..=3: every r maps to the slot whose range holds it.
+        let n = 100_000u32;
+        let w = |i: u32| i % 3 + 1;
+        let mut cum = alloc_cum(n, w);
+        let total = *cum.last().unwrap();
+        let t = table(TBL_F_WEIGHTED, &[n], &[total]);
+        for r in [0, 1, 2, total / 2, total - 2, total - 1] {
+            let s = pick_slot(&t, 0, r, |i| Some(cum[i as usize])).unwrap() as usize;
+            let lo = if s == 0 { 0 } else { cum[s - 1] };
+            assert!(lo <= r && r < cum[s], "r={r} slot={s}");
+        }
+        cum.clear();
+    }
+
+    extern crate std;
+    fn alloc_cum(n: u32, w: impl Fn(u32) -> u32) -> std::vec::Vec<u32> {
+        let mut acc = 0;
+        (0..n)
+            .map(|i| {
+                acc += w(i);
+                acc
+            })
+            .collect()
+    }
+
+    #[test]
+    fn v4_mapping_round_trips() {
+        let ip = u32::from_ne_bytes([10, 96, 0, 1]);
+        let a = v4_mapped(ip);
+        assert!(is_v4_mapped(&a));
+        assert_eq!(a[3], ip);
+        let bytes: [u8; 4] = a[2].to_ne_bytes();
+        assert_eq!(bytes, [0, 0, 0xff, 0xff]);
+    }
+}
