@@ -1,1 +1,10 @@
-pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmesh-ebpf"));
+//! kmesh-daemon: the node agent of the mesh.
+//!
+//! Data flows one way: a source (`config`: the local YAML file) produces a validated
+//! [`model::Model`]; [`compile`] turns the model and the enrolled namespaces into the exact
+//! contents of every BPF map and a make-before-break diff; [`kernel`] is the only module that
+//! makes bpf() calls. [`daemon`] wires them together and [`admin`] is the operator's surface.
+
+pub mod compile;
+pub mod config;
+pub mod model;

@@ -1,0 +1,474 @@
+//! The compiler: a pure function from the model (plus enrolled clients) to the exact contents of
+//! every BPF map, and a diff between two such contents ordered make-before-break.
+//!
+//! Decisions that can be made ahead of time live here, not in the kernel: which workloads are
+//! healthy enough to receive traffic, which locality level each endpoint has for each client
+//! locality class, the weights, and the per-workload target ports.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use kmesh_common::*;
+use serde::Serialize;
+
+use crate::model::*;
+
+/// The full contents of the maps that the daemon owns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapState {
+    pub netns: BTreeMap<u64, NetnsValue>,
+    pub frontends: BTreeMap<FrontendKey, FrontendValue>,
+    pub tables: BTreeMap<TableKey, TableValue>,
+    pub endpoints: BTreeMap<EndpointKey, EndpointValue>,
+    pub backends: BTreeMap<u32, BackendValue>,
+    pub ports: BTreeMap<PortKey, PortValue>,
+}
+
+/// Entry counts of each map, in the order the maps are listed in [`MapState`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MapCounts {
+    pub netns: usize,
+    pub frontends: usize,
+    pub tables: usize,
+    pub endpoints: usize,
+    pub backends: usize,
+    pub ports: usize,
+}
+
+impl MapCounts {
+    pub fn as_array(&self) -> [(&'static str, usize); 6] {
+        [
+            ("NETNS", self.netns),
+            ("FRONTENDS", self.frontends),
+            ("LB_TABLES", self.tables),
+            ("ENDPOINTS", self.endpoints),
+            ("BACKENDS", self.backends),
+            ("PORTS", self.ports),
+        ]
+    }
+}
+
+fn union_len<K: Ord, V>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> usize {
+    a.len() + b.keys().filter(|k| !a.contains_key(k)).count()
+}
+
+impl MapState {
+    pub fn counts(&self) -> MapCounts {
+        MapCounts {
+            netns: self.netns.len(),
+            frontends: self.frontends.len(),
+            tables: self.tables.len(),
+            endpoints: self.endpoints.len(),
+            backends: self.backends.len(),
+            ports: self.ports.len(),
+        }
+    }
+
+    /// Entries each map holds at the peak of a make-before-break transition from `self` to
+    /// `next`: everything old is still there when everything new has been written.
+    pub fn peak_counts(&self, next: &MapState) -> MapCounts {
+        MapCounts {
+            netns: union_len(&self.netns, &next.netns),
+            frontends: union_len(&self.frontends, &next.frontends),
+            tables: union_len(&self.tables, &next.tables),
+            endpoints: union_len(&self.endpoints, &next.endpoints),
+            backends: union_len(&self.backends, &next.backends),
+            ports: union_len(&self.ports, &next.ports),
+        }
+    }
+}
+
+/// Stable ids for names, so that unchanged entries keep their keys across compilations.
+/// Ids only grow (wrapping at u32::MAX, skipping ids in use): an id freed by one compilation
+/// is never handed out while entries of the previous state may still use it.
+#[derive(Clone, Debug)]
+pub struct IdPool<K: Ord> {
+    ids: BTreeMap<K, u32>,
+    in_use: BTreeSet<u32>,
+    next: u32,
+}
+
+impl<K: Ord> Default for IdPool<K> {
+    fn default() -> Self {
+        Self { ids: BTreeMap::new(), in_use: BTreeSet::new(), next: 1 }
+    }
+}
+
+impl<K: Ord + Clone> IdPool<K> {
+    pub fn get(&self, k: &K) -> Option<u32> {
+        self.ids.get(k).copied()
+    }
+
+    pub fn get_or_alloc(&mut self, k: &K) -> u32 {
+        if let Some(id) = self.ids.get(k) {
+            return *id;
+        }
+        while self.next == 0 || self.in_use.contains(&self.next) {
+            self.next = self.next.wrapping_add(1);
+        }
+        let id = self.next;
+        self.next = self.next.wrapping_add(1);
+        self.ids.insert(k.clone(), id);
+        self.in_use.insert(id);
+        id
+    }
+
+    /// Forgets every name not in `keep`.
+    pub fn retain(&mut self, keep: &BTreeSet<K>) {
+        let in_use = &mut self.in_use;
+        self.ids.retain(|k, id| {
+            let keep = keep.contains(k);
+            if !keep {
+                in_use.remove(id);
+            }
+            keep
+        });
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &u32)> {
+        self.ids.iter()
+    }
+}
+
+/// The ids the compiler hands out: services, backends (one per workload address) and client
+/// locality classes (class 0 is always the node's own locality).
+#[derive(Clone, Debug, Default)]
+pub struct Ids {
+    pub services: IdPool<String>,
+    pub backends: IdPool<(String, IpAddr)>,
+    pub classes: IdPool<ClientLocality>,
+}
+
+/// A network namespace in the mesh, and the workload whose pod it is, when known.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Enrollment {
+    pub workload: Option<String>,
+}
+
+/// Encodes an address in the 16-byte `user_ip6` layout used by every key and value.
+pub fn addr_words(ip: IpAddr) -> [u32; 4] {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+/// Decodes [`addr_words`]; v4-mapped addresses come back as IPv4.
+pub fn words_addr(a: [u32; 4]) -> IpAddr {
+    if is_v4_mapped(&a) {
+        return IpAddr::V4(std::net::Ipv4Addr::from(a[3].to_ne_bytes()));
+    }
+    let mut o = [0u8; 16];
+    for (i, w) in a.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    IpAddr::V6(std::net::Ipv6Addr::from(o))
+}
+
+fn family_of(ip: &IpAddr) -> u8 {
+    if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
+}
+
+fn proto_of(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => PROTO_TCP,
+        Protocol::Udp => PROTO_UDP,
+    }
+}
+
+/// Does this service's load balancing depend on where the client is?
+pub fn is_locality_aware(lb: &LoadBalancing) -> bool {
+    matches!(lb.mode, LbMode::Strict | LbMode::Failover) && !lb.routing_preference.is_empty()
+}
+
+/// The locality level of endpoint `w` for a client, or `None` when STRICT excludes it.
+/// Level 0 matches every preferred scope; each level down drops the least preferred one.
+pub fn endpoint_level(lb: &LoadBalancing, client: &ClientLocality, w: &Workload) -> Option<u8> {
+    if !is_locality_aware(lb) {
+        return Some(0);
+    }
+    let n = lb.routing_preference.len();
+    let matched = lb.routing_preference.iter().take_while(|s| client.matches(w, **s)).count();
+    match lb.mode {
+        LbMode::Strict if matched < n => None,
+        _ => Some((n - matched) as u8),
+    }
+}
+
+/// Scales weights so that every level's sum fits in 32 bits with room to spare.
+fn weight_of(w: &Workload) -> u32 {
+    w.capacity.unwrap_or(1).clamp(1, crate::config::MAX_CAPACITY)
+}
+
+struct Member<'a> {
+    workload: &'a Workload,
+    backend_id: u32,
+}
+
+/// Compiles the model and the enrolled namespaces into map contents. `prev` is what the maps
+/// hold now: a table whose slots did not change keeps its generation, a changed one gets the
+/// next generation so that it can be switched to atomically.
+pub fn compile(
+    model: &Model,
+    enrolled: &BTreeMap<u64, Enrollment>,
+    ids: &mut Ids,
+    prev: &MapState,
+) -> MapState {
+    let mut out = MapState::default();
+
+    // Client locality classes: class 0 is the node; every other distinct client locality of an
+    // enrolled workload gets its own class.
+    let node_loc = ClientLocality::of_node(&model.node);
+    let mut classes: BTreeMap<u32, ClientLocality> = BTreeMap::new();
+    classes.insert(0, node_loc.clone());
+    let mut used_classes = BTreeSet::new();
+    for (cookie, e) in enrolled {
+        let loc = e
+            .workload
+            .as_ref()
+            .and_then(|uid| model.workloads.get(uid))
+            .map(ClientLocality::of_workload);
+        let class_id = match loc {
+            Some(l) if l != node_loc => {
+                let id = ids.classes.get_or_alloc(&l);
+                used_classes.insert(l.clone());
+                classes.insert(id, l);
+                id
+            }
+            _ => 0,
+        };
+        out.netns.insert(*cookie, NetnsValue { class_id, _reserved: 0 });
+    }
+    ids.classes.retain(&used_classes);
+
+    // Which workloads back which service.
+    let mut members_of: BTreeMap<&str, Vec<&Workload>> = BTreeMap::new();
+    for w in model.workloads.values() {
+        for key in w.services.keys() {
+            members_of.entry(key.as_str()).or_default().push(w);
+        }
+    }
+
+    let mut used_services = BTreeSet::new();
+    let mut used_backends = BTreeSet::new();
+    for (key, svc) in &model.services {
+        if svc.load_balancing.mode == LbMode::Passthrough || svc.addresses.is_empty() || svc.ports.is_empty() {
+            continue;
+        }
+        let service_id = ids.services.get_or_alloc(key);
+        used_services.insert(key.clone());
+        let lb = &svc.load_balancing;
+        let locality = is_locality_aware(lb);
+
+        // Frontends.
+        for addr in &svc.addresses {
+            for p in &svc.ports {
+                let target = if p.target_port != 0 { p.target_port } else { p.service_port };
+                out.frontends.insert(
+                    FrontendKey {
+                        addr: addr_words(*addr),
+                        port: p.service_port.to_be(),
+                        proto: proto_of(p.protocol),
+                        _pad: 0,
+                    },
+                    FrontendValue {
+                        service_id,
+                        target_port: target.to_be(),
+                        flags: if locality { FE_F_LOCALITY } else { 0 },
+                    },
+                );
+            }
+        }
+
+        let candidates: Vec<&Workload> = members_of
+            .get(key.as_str())
+            .map(|v| v.as_slice())
+            .unwrap_or(&[])
+            .iter()
+            .copied()
+            .filter(|w| w.status == HealthStatus::Healthy || lb.health_policy == HealthPolicy::AllowAll)
+            .collect();
+
+        let families: BTreeSet<u8> = svc.addresses.iter().map(family_of).collect();
+        for family in families {
+            // One backend per workload: its first address of this family.
+            let mut members = Vec::new();
+            for w in &candidates {
+                let Some(addr) = w.addresses.iter().find(|a| family_of(a) == family) else { continue };
+                let bkey = (w.uid.clone(), *addr);
+                let backend_id = ids.backends.get_or_alloc(&bkey);
+                used_backends.insert(bkey);
+                out.backends.insert(backend_id, BackendValue { addr: addr_words(*addr), _reserved: 0 });
+                members.push(Member { workload: w, backend_id });
+                // Per-workload target ports that differ from the frontend's default.
+                for p in &svc.ports {
+                    let default = if p.target_port != 0 { p.target_port } else { p.service_port };
+                    let mapped = w
+                        .services
+                        .get(key)
+                        .and_then(|maps| maps.iter().find(|m| m.service_port == p.service_port))
+                        .map(|m| m.target_port)
+                        .filter(|t| *t != 0);
+                    if let Some(t) = mapped.filter(|t| *t != default) {
+                        out.ports.insert(
+                            PortKey { service_id, backend_id, service_port: p.service_port.to_be(), _pad: 0 },
+                            PortValue { target_port: t.to_be(), _pad: 0 },
+                        );
+                    }
+                }
+            }
+            let weighted = {
+                let mut ws = members.iter().map(|m| weight_of(m.workload));
+                let first = ws.next();
+                ws.any(|w| Some(w) != first)
+            };
+            let class_list: Vec<(u32, &ClientLocality)> = if locality {
+                classes.iter().map(|(id, l)| (*id, l)).collect()
+            } else {
+                vec![(0, &node_loc)]
+            };
+            for (class_id, client) in class_list {
+                let mut levels: [Vec<(u32, u32)>; LEVELS] = Default::default();
+                for m in &members {
+                    if let Some(level) = endpoint_level(lb, client, m.workload) {
+                        levels[level as usize].push((m.backend_id, weight_of(m.workload)));
+                    }
+                }
+                let tkey = TableKey { service_id, class_id, family, _pad: [0; 3] };
+                emit_table(&mut out, prev, tkey, lb.mode == LbMode::Strict && locality, weighted, &levels);
+            }
+        }
+    }
+    ids.services.retain(&used_services);
+    ids.backends.retain(&used_backends);
+    out
+}
+
+/// Writes one table and its slots into `out`, reusing the previous generation if nothing
+/// about the table changed.
+fn emit_table(
+    out: &mut MapState,
+    prev: &MapState,
+    tkey: TableKey,
+    strict: bool,
+    weighted: bool,
+    levels: &[Vec<(u32, u32)>; LEVELS],
+) {
+    let mut t = TableValue::default();
+    t.flags = if strict { TBL_F_STRICT } else { 0 } | if weighted { TBL_F_WEIGHTED } else { 0 };
+    let mut slots = Vec::new();
+    for (level, eps) in levels.iter().enumerate() {
+        t.counts[level] = eps.len() as u32;
+        let mut cum = 0u32;
+        for (index, (backend_id, w)) in eps.iter().enumerate() {
+            cum = cum.saturating_add(if weighted { *w } else { 0 });
+            slots.push((level as u8, index as u32, EndpointValue { backend_id: *backend_id, cum_weight: cum }));
+        }
+        t.weights[level] = cum;
+    }
+    let slot_key = |generation: u32, level: u8, index: u32| EndpointKey {
+        service_id: tkey.service_id,
+        class_id: tkey.class_id,
+        generation,
+        family: tkey.family,
+        level,
+        _pad: 0,
+        index,
+    };
+    t.generation = match prev.tables.get(&tkey) {
+        Some(p) => {
+            let same = p.flags == t.flags
+                && p.counts == t.counts
+                && p.weights == t.weights
+                && slots
+                    .iter()
+                    .all(|(l, i, v)| prev.endpoints.get(&slot_key(p.generation, *l, *i)) == Some(v));
+            if same { p.generation } else { p.generation.wrapping_add(1) }
+        }
+        None => 1,
+    };
+    for (level, index, v) in slots {
+        out.endpoints.insert(slot_key(t.generation, level, index), v);
+    }
+    out.tables.insert(tkey, t);
+}
+
+/// Changes to go from one map state to another. Applied in this order: all `set` maps from
+/// the leaves up (backends, ports, endpoints, tables, frontends, netns), then all `del` maps from
+/// the roots down (netns, frontends, tables, endpoints, ports, backends). Every entry a
+/// reader can reach from a root therefore exists at every moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub set: MapState,
+    pub del_netns: Vec<u64>,
+    pub del_frontends: Vec<FrontendKey>,
+    pub del_tables: Vec<TableKey>,
+    pub del_endpoints: Vec<EndpointKey>,
+    pub del_backends: Vec<u32>,
+    pub del_ports: Vec<PortKey>,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.set == MapState::default()
+            && self.del_netns.is_empty()
+            && self.del_frontends.is_empty()
+            && self.del_tables.is_empty()
+            && self.del_endpoints.is_empty()
+            && self.del_backends.is_empty()
+            && self.del_ports.is_empty()
+    }
+
+    pub fn writes(&self) -> usize {
+        let c = self.set.counts();
+        c.netns + c.frontends + c.tables + c.endpoints + c.backends + c.ports
+    }
+
+    pub fn deletes(&self) -> usize {
+        self.del_netns.len()
+            + self.del_frontends.len()
+            + self.del_tables.len()
+            + self.del_endpoints.len()
+            + self.del_backends.len()
+            + self.del_ports.len()
+    }
+}
+
+fn changed<K: Ord + Clone, V: PartialEq + Clone>(
+    prev: &BTreeMap<K, V>,
+    next: &BTreeMap<K, V>,
+) -> (BTreeMap<K, V>, Vec<K>) {
+    let set = next
+        .iter()
+        .filter(|(k, v)| prev.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let del = prev.keys().filter(|k| !next.contains_key(*k)).cloned().collect();
+    (set, del)
+}
+
+/// What must be written and deleted to turn `prev` into `next`.
+pub fn diff(prev: &MapState, next: &MapState) -> Diff {
+    let (netns, del_netns) = changed(&prev.netns, &next.netns);
+    let (frontends, del_frontends) = changed(&prev.frontends, &next.frontends);
+    let (tables, del_tables) = changed(&prev.tables, &next.tables);
+    let (endpoints, del_endpoints) = changed(&prev.endpoints, &next.endpoints);
+    let (backends, del_backends) = changed(&prev.backends, &next.backends);
+    let (ports, del_ports) = changed(&prev.ports, &next.ports);
+    Diff {
+        set: MapState { netns, frontends, tables, endpoints, backends, ports },
+        del_netns,
+        del_frontends,
+        del_tables,
+        del_endpoints,
+        del_backends,
+        del_ports,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,312 @@
+use super::*;
+use crate::config;
+
+const SVC: &str = "default/echo.default.svc.cluster.local";
+
+fn model(services_yaml: &str, workloads_yaml: &str) -> Model {
+    let text = format!(
+        "node: {{name: node-a, locality: {{region: r1, zone: z1}}}}\nservices:\n{services_yaml}\nworkloads:\n{workloads_yaml}"
+    );
+    config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+fn echo_service(lb: &str) -> String {
+    format!(
+        "  - {{name: echo, namespace: default, hostname: echo.default.svc.cluster.local, addresses: [10.96.0.10], ports: [{{service_port: 80, target_port: 8080}}], load_balancing: {lb}}}"
+    )
+}
+
+fn workload(name: &str, ip: &str, zone: &str, extra: &str) -> String {
+    format!(
+        "  - {{uid: {name}, name: {name}, namespace: default, addresses: [{ip}], node: node-{zone}, locality: {{region: r1, zone: {zone}}}, services: {{\"{SVC}\": []}}{extra}}}"
+    )
+}
+
+fn compile_fresh(m: &Model, enrolled: &BTreeMap<u64, Enrollment>) -> (MapState, Ids) {
+    let mut ids = Ids::default();
+    let s = compile(m, enrolled, &mut ids, &MapState::default());
+    (s, ids)
+}
+
+fn no_clients() -> BTreeMap<u64, Enrollment> {
+    BTreeMap::new()
+}
+
+/// Backend addresses per level of the one table with this class and family.
+fn levels(s: &MapState, class_id: u32, family: u8) -> Vec<Vec<IpAddr>> {
+    let (k, t) = s
+        .tables
+        .iter()
+        .find(|(k, _)| k.class_id == class_id && k.family == family)
+        .expect("table");
+    (0..LEVELS)
+        .map(|level| {
+            (0..t.counts[level])
+                .map(|index| {
+                    let e = s.endpoints[&EndpointKey {
+                        service_id: k.service_id,
+                        class_id,
+                        generation: t.generation,
+                        family,
+                        level: level as u8,
+                        _pad: 0,
+                        index,
+                    }];
+                    words_addr(s.backends[&e.backend_id].addr)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn ips(list: &[&str]) -> Vec<IpAddr> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+#[test]
+fn random_service_has_one_table_with_every_healthy_endpoint() {
+    let w = [
+        workload("a", "10.244.0.2", "z1", ""),
+        workload("b", "10.244.0.3", "z2", ""),
+        workload("c", "10.244.0.4", "z2", ", status: UNHEALTHY"),
+    ]
+    .join("\n");
+    let m = model(&echo_service("{}"), &w);
+    let (s, _) = compile_fresh(&m, &no_clients());
+    assert_eq!(s.frontends.len(), 1);
+    let (fk, fv) = s.frontends.iter().next().unwrap();
+    assert_eq!(words_addr(fk.addr), "10.96.0.10".parse::<IpAddr>().unwrap());
+    assert_eq!(u16::from_be(fk.port), 80);
+    assert_eq!(fk.proto, PROTO_TCP);
+    assert_eq!(u16::from_be(fv.target_port), 8080);
+    assert_eq!(fv.flags & FE_F_LOCALITY, 0);
+    assert_eq!(s.tables.len(), 1);
+    assert_eq!(levels(&s, 0, FAMILY_V4)[0], ips(&["10.244.0.2", "10.244.0.3"]));
+    assert_eq!(s.backends.len(), 2, "the unhealthy workload gets no backend entry");
+}
+
+#[test]
+fn allow_all_health_policy_keeps_unhealthy_endpoints() {
+    let w = [workload("a", "10.244.0.2", "z1", ""), workload("c", "10.244.0.4", "z2", ", status: UNHEALTHY")]
+        .join("\n");
+    let m = model(&echo_service("{health_policy: ALLOW_ALL}"), &w);
+    let (s, _) = compile_fresh(&m, &no_clients());
+    assert_eq!(levels(&s, 0, FAMILY_V4)[0].len(), 2);
+}
+
+#[test]
+fn failover_ranks_endpoints_by_matched_scopes_of_the_node() {
+    let w = [
+        workload("same-zone", "10.244.0.2", "z1", ""),
+        workload("other-zone", "10.244.0.3", "z2", ""),
+        "  - {uid: far, name: far, namespace: default, addresses: [10.244.0.5], locality: {region: r2, zone: z9}, services: {\"default/echo.default.svc.cluster.local\": []}}".to_string(),
+    ]
+    .join("\n");
+    let m = model(&echo_service("{routing_preference: [REGION, ZONE], mode: FAILOVER}"), &w);
+    let (s, _) = compile_fresh(&m, &no_clients());
+    let l = levels(&s, 0, FAMILY_V4);
+    assert_eq!(l[0], ips(&["10.244.0.2"]));
+    assert_eq!(l[1], ips(&["10.244.0.3"]));
+    assert_eq!(l[2], ips(&["10.244.0.5"]));
+    assert_eq!(s.frontends.values().next().unwrap().flags & FE_F_LOCALITY, FE_F_LOCALITY);
+    assert_eq!(s.tables.values().next().unwrap().flags & TBL_F_STRICT, 0);
+}
+
+#[test]
+fn strict_keeps_only_full_matches_and_may_be_empty() {
+    let w = [workload("a", "10.244.0.2", "z1", ""), workload("b", "10.244.0.3", "z2", "")].join("\n");
+    let m = model(&echo_service("{routing_preference: [ZONE], mode: STRICT}"), &w);
+    let (s, _) = compile_fresh(&m, &no_clients());
+    let t = s.tables.values().next().unwrap();
+    assert_eq!(t.flags & TBL_F_STRICT, TBL_F_STRICT);
+    assert_eq!(levels(&s, 0, FAMILY_V4)[0], ips(&["10.244.0.2"]));
+    assert_eq!(t.counts[1..], [0; LEVELS - 1]);
+
+    let w = workload("b", "10.244.0.3", "z2", "");
+    let m = model(&echo_service("{routing_preference: [ZONE], mode: STRICT}"), &w);
+    let (s, _) = compile_fresh(&m, &no_clients());
+    let t = s.tables.values().next().unwrap();
+    assert_eq!(t.counts, [0; LEVELS]);
+    assert_eq!(kmesh_common::pick_level(t), None);
+}
+
+#[test]
+fn enrolled_clients_in_other_zones_get_their_own_tables() {
+    let w = [
+        workload("a", "10.244.0.2", "z1", ""),
+        workload("b", "10.244.0.3", "z2", ""),
+        // A client pod in zone z2 that backs no service.
+        "  - {uid: client-z2, name: client, namespace: default, addresses: [10.244.0.9], node: node-z2, locality: {region: r1, zone: z2}}".to_string(),
+    ]
+    .join("\n");
+    let m = model(&echo_service("{routing_preference: [ZONE], mode: FAILOVER}"), &w);
+    let mut enrolled = BTreeMap::new();
+    enrolled.insert(11, Enrollment { workload: Some("client-z2".into()) });
+    enrolled.insert(12, Enrollment { workload: None });
+    let (s, _) = compile_fresh(&m, &enrolled);
+    let class = s.netns[&11].class_id;
+    assert_ne!(class, 0);
+    assert_eq!(s.netns[&12].class_id, 0, "no workload: the node's locality");
+    assert_eq!(levels(&s, 0, FAMILY_V4)[0], ips(&["10.244.0.2"]));
+    assert_eq!(levels(&s, class, FAMILY_V4)[0], ips(&["10.244.0.3"]));
+    assert_eq!(levels(&s, class, FAMILY_V4)[1], ips(&["10.244.0.2"]));
+}
+
+#[test]
+fn random_services_ignore_client_classes() {
+    let w = [
+        workload("a", "10.244.0.2", "z1", ""),
+        "  - {uid: client-z2, name: client, namespace: default, addresses: [10.244.0.9], locality: {region: r1, zone: z2}}".to_string(),
+    ]
+    .join("\n");
+    let m = model(&echo_service("{}"), &w);
+    let mut enrolled = BTreeMap::new();
+    enrolled.insert(11, Enrollment { workload: Some("client-z2".into()) });
+    let (s, _) = compile_fresh(&m, &enrolled);
+    assert_eq!(s.tables.len(), 1);
+    assert_eq!(s.tables.keys().next().unwrap().class_id, 0);
+}
+
+#[test]
+fn twenty_ports_are_twenty_frontends_over_one_table() {
+    let ports: Vec<String> =
+        (0..20).map(|i| format!("{{service_port: {}, target_port: {}}}", 8000 + i, 9000 + i)).collect();
+    let svc = format!(
+        "  - {{name: echo, namespace: default, hostname: echo.default.svc.cluster.local, addresses: [10.96.0.10], ports: [{}]}}",
+        ports.join(", ")
+    );
+    let m = model(&svc, &workload("a", "10.244.0.2", "z1", ""));
+    let (s, _) = compile_fresh(&m, &no_clients());
+    assert_eq!(s.frontends.len(), 20);
+    assert_eq!(s.tables.len(), 1);
+    assert_eq!(s.endpoints.len(), 1);
+    assert!(s.ports.is_empty());
+}
+
+#[test]
+fn per_workload_target_ports_override_only_when_they_differ() {
+    let w = [
+        workload("a", "10.244.0.2", "z1", "").replace("[]}", "[{service_port: 80, target_port: 8080}]}"),
+        workload("b", "10.244.0.3", "z1", "").replace("[]}", "[{service_port: 80, target_port: 9999}]}"),
+    ]
+    .join("\n");
+    let m = model(&echo_service("{}"), &w);
+    let (s, ids) = compile_fresh(&m, &no_clients());
+    assert_eq!(s.ports.len(), 1);
+    let (k, v) = s.ports.iter().next().unwrap();
+    let b = ids.backends.get(&("b".to_string(), "10.244.0.3".parse().unwrap())).unwrap();
+    assert_eq!(k.backend_id, b);
+    assert_eq!(u16::from_be(v.target_port), 9999);
+}
+
+#[test]
+fn capacities_make_a_weighted_table_with_cumulative_weights() {
+    let w = [workload("a", "10.244.0.2", "z1", ", capacity: 1"), workload("b", "10.244.0.3", "z1", ", capacity: 3")]
+        .join("\n");
+    let m = model(&echo_service("{}"), &w);
+    let (s, _) = compile_fresh(&m, &no_clients());
+    let t = s.tables.values().next().unwrap();
+    assert_eq!(t.flags & TBL_F_WEIGHTED, TBL_F_WEIGHTED);
+    assert_eq!(t.weights[0], 4);
+    let cums: Vec<u32> = s.endpoints.values().map(|e| e.cum_weight).collect();
+    assert_eq!(cums, vec![1, 4]);
+    // Equal capacities are plain random.
+    let w = [workload("a", "10.244.0.2", "z1", ", capacity: 2"), workload("b", "10.244.0.3", "z1", ", capacity: 2")]
+        .join("\n");
+    let (s, _) = compile_fresh(&model(&echo_service("{}"), &w), &no_clients());
+    assert_eq!(s.tables.values().next().unwrap().flags & TBL_F_WEIGHTED, 0);
+}
+
+#[test]
+fn ipv6_and_dual_stack_services_get_a_table_per_family() {
+    let svc = "  - {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, addresses: [10.96.0.10, \"fd00:96::10\"], ports: [{service_port: 80}]}";
+    let w = [
+        "  - {uid: a, name: a, namespace: default, addresses: [10.244.0.2, \"fd00:244::2\"], services: {\"default/echo.default.svc.cluster.local\": []}}".to_string(),
+        "  - {uid: b, name: b, namespace: default, addresses: [10.244.0.3], services: {\"default/echo.default.svc.cluster.local\": []}}".to_string(),
+    ]
+    .join("\n");
+    let (s, _) = compile_fresh(&model(svc, &w), &no_clients());
+    assert_eq!(s.frontends.len(), 2);
+    assert_eq!(levels(&s, 0, FAMILY_V4)[0], ips(&["10.244.0.2", "10.244.0.3"]));
+    assert_eq!(levels(&s, 0, FAMILY_V6)[0], ips(&["fd00:244::2"]));
+}
+
+#[test]
+fn passthrough_services_have_no_frontends() {
+    let m = model(&echo_service("{mode: PASSTHROUGH}"), &workload("a", "10.244.0.2", "z1", ""));
+    let (s, _) = compile_fresh(&m, &no_clients());
+    assert!(s.frontends.is_empty() && s.tables.is_empty());
+}
+
+#[test]
+fn recompiling_the_same_model_changes_nothing() {
+    let w = [workload("a", "10.244.0.2", "z1", ""), workload("b", "10.244.0.3", "z2", "")].join("\n");
+    let m = model(&echo_service("{routing_preference: [ZONE]}"), &w);
+    let mut ids = Ids::default();
+    let s1 = compile(&m, &no_clients(), &mut ids, &MapState::default());
+    let s2 = compile(&m, &no_clients(), &mut ids, &s1);
+    assert_eq!(s1, s2);
+    assert!(diff(&s1, &s2).is_empty());
+}
+
+#[test]
+fn removing_a_backend_switches_the_table_to_a_new_generation() {
+    let w3 = [
+        workload("a", "10.244.0.2", "z1", ""),
+        workload("b", "10.244.0.3", "z1", ""),
+        workload("c", "10.244.0.4", "z1", ""),
+    ]
+    .join("\n");
+    let w2 = [workload("a", "10.244.0.2", "z1", ""), workload("c", "10.244.0.4", "z1", "")].join("\n");
+    let mut ids = Ids::default();
+    let s1 = compile(&model(&echo_service("{}"), &w3), &no_clients(), &mut ids, &MapState::default());
+    let s2 = compile(&model(&echo_service("{}"), &w2), &no_clients(), &mut ids, &s1);
+    let (t1, t2) = (s1.tables.values().next().unwrap(), s2.tables.values().next().unwrap());
+    assert_eq!(t2.generation, t1.generation + 1);
+    assert_eq!(levels(&s2, 0, FAMILY_V4)[0], ips(&["10.244.0.2", "10.244.0.4"]));
+
+    let d = diff(&s1, &s2);
+    // The new slots and the table switch are written; the frontend is untouched.
+    assert_eq!(d.set.endpoints.len(), 2);
+    assert_eq!(d.set.tables.len(), 1);
+    assert!(d.set.frontends.is_empty());
+    // Every old slot and the removed backend go, after the switch.
+    assert_eq!(d.del_endpoints.len(), 3);
+    assert_eq!(d.del_backends.len(), 1);
+    // During the transition both generations exist.
+    assert_eq!(s1.peak_counts(&s2).endpoints, 5);
+}
+
+#[test]
+fn removing_a_service_deletes_its_frontends_tables_and_slots() {
+    let mut ids = Ids::default();
+    let w = workload("a", "10.244.0.2", "z1", "");
+    let s1 = compile(&model(&echo_service("{}"), &w), &no_clients(), &mut ids, &MapState::default());
+    let m2 = model("  []", &w);
+    let s2 = compile(&m2, &no_clients(), &mut ids, &s1);
+    assert_eq!(s2, MapState::default());
+    let d = diff(&s1, &s2);
+    assert_eq!(d.del_frontends.len(), 1);
+    assert_eq!(d.del_tables.len(), 1);
+    assert_eq!(d.del_endpoints.len(), 1);
+    assert_eq!(d.del_backends.len(), 1);
+    assert_eq!(ids.services.iter().count(), 0, "the service id is forgotten");
+}
+
+#[test]
+fn ids_are_not_reused_right_away() {
+    let mut pool: IdPool<String> = IdPool::default();
+    let a = pool.get_or_alloc(&"a".to_string());
+    pool.retain(&BTreeSet::new());
+    let b = pool.get_or_alloc(&"b".to_string());
+    assert_ne!(a, b);
+    assert_eq!(pool.get_or_alloc(&"b".to_string()), b);
+}
+
+#[test]
+fn address_words_round_trip() {
+    for s in ["10.96.0.1", "255.255.255.255", "fd00::1", "::1", "2001:db8::ffff:1"] {
+        let ip: IpAddr = s.parse().unwrap();
+        assert_eq!(words_addr(addr_words(ip)), ip);
+    }
+}

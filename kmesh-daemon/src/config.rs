@@ -1,0 +1,492 @@
+//! The local YAML configuration: the embedded default source of mesh configuration, standing in
+//! for istiod. It only parses and validates; a config that fails validation is rejected whole,
+//! with an error that names the offending field, and never reaches the model.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::model::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config is not valid YAML for this format: {0}")]
+    Syntax(String),
+    #[error("config field `{field}`: {problem}")]
+    Invalid { field: String, problem: String },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), problem: problem.into() }
+}
+
+// ------------------------------------------------------------------------------------------
+// The file format. Unknown fields are errors, so that a typo never silently means "default".
+// ------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub node: NodeSpec,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadSpec>,
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub locality: LocalitySpec,
+    #[serde(default)]
+    pub network: String,
+    #[serde(default)]
+    pub cluster_id: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalitySpec {
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub subzone: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    #[serde(default)]
+    pub uid: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub network: String,
+    #[serde(default)]
+    pub cluster_id: String,
+    #[serde(default)]
+    pub locality: LocalitySpec,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub service_account: String,
+    #[serde(default)]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub capacity: Option<u32>,
+    #[serde(default)]
+    pub services: BTreeMap<String, Vec<PortSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    pub service_port: u32,
+    #[serde(default)]
+    pub target_port: u32,
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub hostname: String,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+    #[serde(default)]
+    pub load_balancing: Option<LoadBalancingSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBalancingSpec {
+    #[serde(default)]
+    pub routing_preference: Vec<String>,
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub health_policy: Option<String>,
+}
+
+/// Largest accepted workload capacity (weights are summed in 32 bits in the kernel).
+pub const MAX_CAPACITY: u32 = 65_535;
+
+/// Reads and validates a config file.
+pub fn load_file(path: &Path) -> Result<Model, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    parse(&text)
+}
+
+/// Parses and validates config text.
+pub fn parse(text: &str) -> Result<Model, ConfigError> {
+    let file: ConfigFile = if text.trim().is_empty() {
+        ConfigFile::default()
+    } else {
+        serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?
+    };
+    validate(file)
+}
+
+fn locality(l: LocalitySpec) -> Locality {
+    Locality { region: l.region, zone: l.zone, subzone: l.subzone }
+}
+
+fn required(field: &str, v: &str) -> Result<(), ConfigError> {
+    if v.trim().is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    Ok(())
+}
+
+fn ip(field: &str, v: &str) -> Result<IpAddr, ConfigError> {
+    v.trim()
+        .parse()
+        .map_err(|_| invalid(field, format!("{v:?} is not an IPv4 or IPv6 address")))
+}
+
+fn port(field: &str, v: u32, allow_zero: bool) -> Result<u16, ConfigError> {
+    match u16::try_from(v) {
+        Ok(0) if !allow_zero => Err(invalid(field, "must be between 1 and 65535")),
+        Ok(p) => Ok(p),
+        Err(_) => Err(invalid(field, format!("{v} is not a port (0-65535)"))),
+    }
+}
+
+fn protocol(field: &str, v: Option<&str>) -> Result<Protocol, ConfigError> {
+    match v.map(|s| s.to_ascii_uppercase()) {
+        None => Ok(Protocol::Tcp),
+        Some(s) if s == "TCP" => Ok(Protocol::Tcp),
+        Some(s) if s == "UDP" => Ok(Protocol::Udp),
+        Some(s) => Err(invalid(field, format!("{s:?} is not one of TCP, UDP"))),
+    }
+}
+
+fn enum_value<T: Copy>(field: &str, v: &str, table: &[(&str, T)]) -> Result<T, ConfigError> {
+    let up = v.to_ascii_uppercase();
+    table.iter().find(|(n, _)| *n == up).map(|(_, t)| *t).ok_or_else(|| {
+        let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+        invalid(field, format!("{v:?} is not one of {}", names.join(", ")))
+    })
+}
+
+const SCOPES: &[(&str, Scope)] = &[
+    ("REGION", Scope::Region),
+    ("ZONE", Scope::Zone),
+    ("SUBZONE", Scope::Subzone),
+    ("NODE", Scope::Node),
+    ("CLUSTER", Scope::Cluster),
+    ("NETWORK", Scope::Network),
+];
+const MODES: &[(&str, Option<LbMode>)] = &[
+    ("UNSPECIFIED_MODE", None),
+    ("STRICT", Some(LbMode::Strict)),
+    ("FAILOVER", Some(LbMode::Failover)),
+    ("PASSTHROUGH", Some(LbMode::Passthrough)),
+];
+const HEALTH: &[(&str, HealthPolicy)] =
+    &[("ONLY_HEALTHY", HealthPolicy::OnlyHealthy), ("ALLOW_ALL", HealthPolicy::AllowAll)];
+const STATUS: &[(&str, HealthStatus)] =
+    &[("HEALTHY", HealthStatus::Healthy), ("UNHEALTHY", HealthStatus::Unhealthy)];
+
+fn load_balancing(field: &str, lb: Option<LoadBalancingSpec>) -> Result<LoadBalancing, ConfigError> {
+    let Some(lb) = lb else { return Ok(LoadBalancing::default()) };
+    let mut prefs = Vec::new();
+    for (i, s) in lb.routing_preference.iter().enumerate() {
+        let f = format!("{field}.routing_preference[{i}]");
+        let scope = enum_value(&f, s, SCOPES)?;
+        if prefs.contains(&scope) {
+            return Err(invalid(f, format!("{s:?} is listed twice")));
+        }
+        prefs.push(scope);
+    }
+    let mode = match lb.mode.as_deref() {
+        None => None,
+        Some(m) => enum_value(&format!("{field}.mode"), m, MODES)?,
+    };
+    // As in Istio: an unspecified mode with routing preferences means FAILOVER.
+    let mode = match mode {
+        Some(m) => m,
+        None if prefs.is_empty() => LbMode::Random,
+        None => LbMode::Failover,
+    };
+    let health_policy = match lb.health_policy.as_deref() {
+        None => HealthPolicy::OnlyHealthy,
+        Some(h) => enum_value(&format!("{field}.health_policy"), h, HEALTH)?,
+    };
+    Ok(LoadBalancing { routing_preference: prefs, mode, health_policy })
+}
+
+/// Turns a parsed file into a model, or names the first field that is wrong.
+pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
+    let node = NodeInfo {
+        name: file.node.name,
+        locality: locality(file.node.locality),
+        network: file.node.network,
+        cluster_id: file.node.cluster_id,
+    };
+    let mut model = Model { node, ..Default::default() };
+
+    // Services first, so that frontend conflicts are reported against the service list.
+    let mut frontends: BTreeMap<(IpAddr, u16, Protocol), String> = BTreeMap::new();
+    for (i, s) in file.services.into_iter().enumerate() {
+        let f = format!("services[{i}]");
+        required(&format!("{f}.name"), &s.name)?;
+        required(&format!("{f}.namespace"), &s.namespace)?;
+        required(&format!("{f}.hostname"), &s.hostname)?;
+        let mut addresses = Vec::new();
+        for (j, a) in s.addresses.iter().enumerate() {
+            let addr = ip(&format!("{f}.addresses[{j}]"), a)?;
+            if addresses.contains(&addr) {
+                return Err(invalid(format!("{f}.addresses[{j}]"), format!("{a} is listed twice")));
+            }
+            addresses.push(addr);
+        }
+        let mut ports = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (j, p) in s.ports.iter().enumerate() {
+            let pf = format!("{f}.ports[{j}]");
+            let sp = ServicePort {
+                service_port: port(&format!("{pf}.service_port"), p.service_port, false)?,
+                target_port: port(&format!("{pf}.target_port"), p.target_port, true)?,
+                protocol: protocol(&format!("{pf}.protocol"), p.protocol.as_deref())?,
+            };
+            if !seen.insert((sp.service_port, sp.protocol)) {
+                return Err(invalid(
+                    format!("{pf}.service_port"),
+                    format!("port {} ({:?}) is listed twice", sp.service_port, sp.protocol),
+                ));
+            }
+            ports.push(sp);
+        }
+        let lb = load_balancing(&format!("{f}.load_balancing"), s.load_balancing)?;
+        let svc = Service {
+            name: s.name,
+            namespace: s.namespace,
+            hostname: s.hostname,
+            addresses,
+            ports,
+            load_balancing: lb,
+        };
+        let key = svc.key();
+        for a in &svc.addresses {
+            for p in &svc.ports {
+                if let Some(other) = frontends.insert((*a, p.service_port, p.protocol), key.clone()) {
+                    return Err(invalid(
+                        format!("{f}.addresses"),
+                        format!(
+                            "{a} port {} ({:?}) is already a frontend of service {other}",
+                            p.service_port, p.protocol
+                        ),
+                    ));
+                }
+            }
+        }
+        if model.services.contains_key(&key) {
+            return Err(invalid(format!("{f}.hostname"), format!("service {key} is defined twice")));
+        }
+        model.services.insert(key, svc);
+    }
+
+    let mut owners: BTreeMap<(String, IpAddr), String> = BTreeMap::new();
+    for (i, w) in file.workloads.into_iter().enumerate() {
+        let f = format!("workloads[{i}]");
+        required(&format!("{f}.uid"), &w.uid)?;
+        required(&format!("{f}.name"), &w.name)?;
+        required(&format!("{f}.namespace"), &w.namespace)?;
+        if model.workloads.contains_key(&w.uid) {
+            return Err(invalid(format!("{f}.uid"), format!("uid {:?} is used twice", w.uid)));
+        }
+        let mut addresses = Vec::new();
+        for (j, a) in w.addresses.iter().enumerate() {
+            let af = format!("{f}.addresses[{j}]");
+            let addr = ip(&af, a)?;
+            if let Some(other) = owners.insert((w.network.clone(), addr), w.uid.clone()) {
+                return Err(invalid(af, format!("{a} already belongs to workload {other:?}")));
+            }
+            addresses.push(addr);
+        }
+        let status = match w.status.as_deref() {
+            None => HealthStatus::Healthy,
+            Some(s) => enum_value(&format!("{f}.status"), s, STATUS)?,
+        };
+        if let Some(c) = w.capacity {
+            if c == 0 || c > MAX_CAPACITY {
+                return Err(invalid(
+                    format!("{f}.capacity"),
+                    format!("{c} is out of range 1-{MAX_CAPACITY}"),
+                ));
+            }
+        }
+        let mut services = BTreeMap::new();
+        for (key, ports) in w.services {
+            let sf = format!("{f}.services[{key:?}]");
+            match key.split_once('/') {
+                Some((ns, host)) if !ns.is_empty() && !host.is_empty() && !host.contains('/') => {}
+                _ => return Err(invalid(sf, "key must be \"namespace/hostname\"")),
+            }
+            let mut maps = Vec::new();
+            for (j, p) in ports.iter().enumerate() {
+                let pf = format!("{sf}[{j}]");
+                if p.protocol.is_some() {
+                    return Err(invalid(format!("{pf}.protocol"), "is only allowed on service ports"));
+                }
+                maps.push(PortMapping {
+                    service_port: port(&format!("{pf}.service_port"), p.service_port, false)?,
+                    target_port: port(&format!("{pf}.target_port"), p.target_port, true)?,
+                });
+            }
+            services.insert(key, maps);
+        }
+        model.workloads.insert(
+            w.uid.clone(),
+            Workload {
+                uid: w.uid,
+                name: w.name,
+                namespace: w.namespace,
+                addresses,
+                node: w.node,
+                network: w.network,
+                cluster_id: w.cluster_id,
+                locality: locality(w.locality),
+                status,
+                service_account: w.service_account,
+                trust_domain: w.trust_domain,
+                capacity: w.capacity,
+                services,
+            },
+        );
+    }
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node: {name: node-a, locality: {region: r1, zone: z1}}
+services:
+  - name: echo
+    namespace: default
+    hostname: echo.default.svc.cluster.local
+    addresses: [10.96.0.10, "fd00:96::10"]
+    ports:
+      - {service_port: 80, target_port: 8080}
+      - {service_port: 53, target_port: 5353, protocol: udp}
+    load_balancing: {routing_preference: [ZONE, REGION], mode: FAILOVER}
+workloads:
+  - uid: Kubernetes//Pod/default/a
+    name: a
+    namespace: default
+    addresses: [10.244.0.2]
+    locality: {region: r1, zone: z1}
+    status: UNHEALTHY
+    capacity: 3
+    services:
+      default/echo.default.svc.cluster.local: [{service_port: 80, target_port: 9090}]
+"#;
+
+    #[test]
+    fn parses_the_documented_format() {
+        let m = parse(GOOD).unwrap();
+        assert_eq!(m.node.locality.zone, "z1");
+        let s = &m.services["default/echo.default.svc.cluster.local"];
+        assert_eq!(s.addresses.len(), 2);
+        assert_eq!(s.ports[1].protocol, Protocol::Udp);
+        assert_eq!(s.load_balancing.mode, LbMode::Failover);
+        assert_eq!(s.load_balancing.routing_preference, vec![Scope::Zone, Scope::Region]);
+        let w = &m.workloads["Kubernetes//Pod/default/a"];
+        assert_eq!(w.status, HealthStatus::Unhealthy);
+        assert_eq!(w.capacity, Some(3));
+        assert_eq!(w.services.values().next().unwrap()[0].target_port, 9090);
+    }
+
+    #[test]
+    fn unspecified_mode_with_preferences_is_failover() {
+        let m = parse(
+            "services: [{name: s, namespace: n, hostname: h, load_balancing: {routing_preference: [NODE]}}]",
+        )
+        .unwrap();
+        assert_eq!(m.services["n/h"].load_balancing.mode, LbMode::Failover);
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("workloads: [{uid: u, name: a, namespace: n, addresses: [10.0.0.x]}]", "workloads[0].addresses[0]"),
+            ("workloads: [{name: a, namespace: n}]", "workloads[0].uid"),
+            ("workloads: [{uid: u, name: a, namespace: n, status: SICK}]", "workloads[0].status"),
+            ("workloads: [{uid: u, name: a, namespace: n, capacity: 0}]", "workloads[0].capacity"),
+            ("workloads: [{uid: u, name: a, namespace: n, services: {nohost: []}}]", "workloads[0].services[\"nohost\"]"),
+            ("services: [{name: s, namespace: n, hostname: h, ports: [{service_port: 70000}]}]", "services[0].ports[0].service_port"),
+            ("services: [{name: s, namespace: n, hostname: h, ports: [{service_port: 80, protocol: SCTP}]}]", "services[0].ports[0].protocol"),
+            ("services: [{name: s, namespace: n, hostname: h, load_balancing: {routing_preference: [PLANET]}}]", "services[0].load_balancing.routing_preference[0]"),
+            ("services: [{name: s, namespace: n, hostname: h, load_balancing: {mode: FAST}}]", "services[0].load_balancing.mode"),
+            ("services: [{name: s, namespace: n, hostname: h, load_balancing: {health_policy: ANY}}]", "services[0].load_balancing.health_policy"),
+            ("services: [{name: s, namespace: n, hostname: h, ports: [{service_port: 80}, {service_port: 80}]}]", "services[0].ports[1].service_port"),
+            ("services: [{name: s, namespace: n}]", "services[0].hostname"),
+        ];
+        for (text, field) in cases {
+            let e = err(text);
+            assert!(e.contains(&format!("`{field}`")), "{text}\n-> {e}");
+        }
+    }
+
+    #[test]
+    fn vip_conflicts_and_duplicate_addresses_are_rejected() {
+        let e = err(
+            "services: [{name: a, namespace: n, hostname: a, addresses: [10.96.0.1], ports: [{service_port: 80}]},
+                        {name: b, namespace: n, hostname: b, addresses: [10.96.0.1], ports: [{service_port: 80}]}]",
+        );
+        assert!(e.contains("services[1].addresses") && e.contains("n/a"), "{e}");
+        let e = err(
+            "workloads: [{uid: a, name: a, namespace: n, addresses: [10.0.0.1]},
+                         {uid: b, name: b, namespace: n, addresses: [10.0.0.1]}]",
+        );
+        assert!(e.contains("workloads[1].addresses[0]"), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_yaml_are_errors() {
+        assert!(err("workloads: [{uid: a, name: a, namespace: n, adresses: []}]").contains("adresses"));
+        assert!(matches!(parse("services: [unclosed"), Err(ConfigError::Syntax(_))));
+    }
+
+    #[test]
+    fn empty_file_is_an_empty_mesh() {
+        assert_eq!(parse("").unwrap(), Model::default());
+    }
+}

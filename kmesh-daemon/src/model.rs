@@ -1,0 +1,188 @@
+//! The daemon's one truth in memory: workloads and services as Istio's workload API defines
+//! them, already validated. Sources (the local YAML file, later xDS) produce a `Model`; the
+//! compiler turns it into map entries. Nothing here does I/O.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+/// Where a node, a workload or a client sits, as Istio's `Locality`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+/// The node this daemon runs on. Clients enrolled without a workload take its locality.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub locality: Locality,
+    pub network: String,
+    pub cluster_id: String,
+}
+
+/// Istio `WorkloadStatus`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum HealthStatus {
+    #[default]
+    Healthy,
+    Unhealthy,
+}
+
+/// One service port mapped to a target port on a workload (Istio `Port` in a `PortList`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct PortMapping {
+    pub service_port: u16,
+    pub target_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub addresses: Vec<IpAddr>,
+    pub node: String,
+    pub network: String,
+    pub cluster_id: String,
+    pub locality: Locality,
+    pub status: HealthStatus,
+    pub service_account: String,
+    pub trust_domain: String,
+    /// Relative weight for load balancing (`None`: every endpoint weighs the same).
+    pub capacity: Option<u32>,
+    /// Services this workload backs, keyed `namespace/hostname`, with per-workload port maps.
+    pub services: BTreeMap<String, Vec<PortMapping>>,
+}
+
+/// L4 protocol of a service port. Istio's API has none (its ports are TCP); the local config
+/// may say UDP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub service_port: u16,
+    /// 0: the service port itself unless the workload maps it.
+    pub target_port: u16,
+    pub protocol: Protocol,
+}
+
+/// Istio `LoadBalancing.Scope`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Scope {
+    Region,
+    Zone,
+    Subzone,
+    Node,
+    Cluster,
+    Network,
+}
+
+/// Istio `LoadBalancing.Mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum LbMode {
+    /// Random over all endpoints (Istio's UNSPECIFIED_MODE without routing preferences).
+    #[default]
+    Random,
+    Strict,
+    Failover,
+    /// Connections go to the address the client dialled; nothing is rewritten.
+    Passthrough,
+}
+
+/// Istio `LoadBalancing.HealthPolicy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum HealthPolicy {
+    #[default]
+    OnlyHealthy,
+    AllowAll,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LoadBalancing {
+    pub routing_preference: Vec<Scope>,
+    pub mode: LbMode,
+    pub health_policy: HealthPolicy,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub load_balancing: LoadBalancing,
+}
+
+impl Service {
+    /// The key workloads use in their `services` map.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// Everything the daemon knows about the mesh.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Model {
+    pub node: NodeInfo,
+    /// By uid.
+    pub workloads: BTreeMap<String, Workload>,
+    /// By `namespace/hostname`.
+    pub services: BTreeMap<String, Service>,
+}
+
+impl Model {
+    pub fn workload_by_address(&self, ip: IpAddr) -> Option<&Workload> {
+        self.workloads.values().find(|w| w.addresses.contains(&ip))
+    }
+}
+
+/// What locality-aware load balancing compares: the client's side of each scope.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ClientLocality {
+    pub locality: Locality,
+    pub node: String,
+    pub cluster_id: String,
+    pub network: String,
+}
+
+impl ClientLocality {
+    pub fn of_node(n: &NodeInfo) -> Self {
+        Self {
+            locality: n.locality.clone(),
+            node: n.name.clone(),
+            cluster_id: n.cluster_id.clone(),
+            network: n.network.clone(),
+        }
+    }
+
+    pub fn of_workload(w: &Workload) -> Self {
+        Self {
+            locality: w.locality.clone(),
+            node: w.node.clone(),
+            cluster_id: w.cluster_id.clone(),
+            network: w.network.clone(),
+        }
+    }
+
+    /// Does `w` match this client in `scope`? (Each scope compares one field, as in Istio.)
+    pub fn matches(&self, w: &Workload, scope: Scope) -> bool {
+        match scope {
+            Scope::Region => self.locality.region == w.locality.region,
+            Scope::Zone => self.locality.zone == w.locality.zone,
+            Scope::Subzone => self.locality.subzone == w.locality.subzone,
+            Scope::Node => self.node == w.node,
+            Scope::Cluster => self.cluster_id == w.cluster_id,
+            Scope::Network => self.network == w.network,
+        }
+    }
+}
