@@ -3,8 +3,11 @@
 //! Data flows one way: a source (`config`: the local YAML file) produces a validated
 //! [`model::Model`]; [`compile`] turns the model and the enrolled namespaces into the exact
 //! contents of every BPF map and a make-before-break diff; [`kernel`] is the only module that
-//! makes bpf() calls. [`daemon`] wires them together and [`admin`] is the operator's surface.
+//! makes bpf() calls; [`mesh`] keeps the three in step. [`admin`] is the operator's surface.
 
 pub mod compile;
 pub mod config;
+pub mod kernel;
+pub mod mesh;
 pub mod model;
+pub mod netns;

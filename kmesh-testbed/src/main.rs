@@ -1,1 +1,255 @@
-fn main() {}
+//! `kmesh-testbed`: make pods on this machine, and the small agent that runs inside them.
+//!
+//! For people:   up, exec, cleanup
+//! Inside pods:  serve (TCP/UDP server that answers with its pod name), connect (client that
+//!               reports where each connection went, one JSON line per attempt)
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use kmesh_testbed::*;
+
+#[derive(Parser)]
+#[command(name = "kmesh-testbed", about = "Pods on this machine: network namespaces, veths, a bridge, cgroups")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a testbed and keep it until Ctrl-C (or --secs), then remove everything.
+    Up {
+        /// A pod as NAME:NODE:ZONE (repeat).
+        #[arg(long = "pod", required = true)]
+        pods: Vec<String>,
+        /// Remove the testbed after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        secs: u64,
+    },
+    /// Run a command inside a pod of a running testbed.
+    Exec {
+        /// Testbed name as printed by `up` (kt<pid>-<n>).
+        #[arg(long)]
+        bed: String,
+        #[arg(long)]
+        pod: String,
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Remove leftovers of testbeds whose process died (with --all: of every testbed).
+    Cleanup {
+        #[arg(long)]
+        all: bool,
+    },
+    /// Agent: serve TCP and UDP on all addresses; each answer starts with the pod name.
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long = "tcp")]
+        tcp: Vec<u16>,
+        #[arg(long = "udp")]
+        udp: Vec<u16>,
+    },
+    /// Agent: connect to a target COUNT times and print one JSON line per attempt.
+    Connect {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long)]
+        udp: bool,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        interval_us: u64,
+        /// Stop after this long even if COUNT is not reached (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        duration_ms: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Up { pods, secs } => up(pods, secs),
+        Cmd::Exec { bed, pod, command } => {
+            let p = Pod {
+                spec: PodSpec::new(&pod, "", ""),
+                netns: format!("{bed}-{pod}"),
+                ipv4: std::net::Ipv4Addr::UNSPECIFIED,
+                ipv6: None,
+                cgroup: testbeds_cgroup()?.join(&bed).join(&pod),
+            };
+            let st = p.command(&command[0]).args(&command[1..]).status().context("running the command")?;
+            std::process::exit(st.code().unwrap_or(1));
+        }
+        Cmd::Cleanup { all } => {
+            for r in sweep(None, all) {
+                println!("removed {r}");
+            }
+            Ok(())
+        }
+        Cmd::Serve { name, tcp, udp } => serve(name, tcp, udp),
+        Cmd::Connect { target, count, udp, timeout_ms, interval_us, duration_ms } => {
+            connect(target, count, udp, Duration::from_millis(timeout_ms), interval_us, duration_ms)
+        }
+    }
+}
+
+fn up(pods: Vec<String>, secs: u64) -> anyhow::Result<()> {
+    cleanup_signal_handler(Arc::new(Mutex::new(Vec::new())));
+    let mut bed = Testbed::new()?;
+    for p in pods {
+        let parts: Vec<&str> = p.split(':').collect();
+        let [name, node, zone] = parts[..] else { bail!("--pod {p:?}: expected NAME:NODE:ZONE") };
+        bed.add_pod(PodSpec::new(name, node, zone))?;
+    }
+    println!("testbed {} (cgroup {})", bed.name(), bed.cgroup().display());
+    for p in bed.pods() {
+        println!(
+            "  pod {:<10} node={:<8} zone={:<8} {} {} netns={}",
+            p.spec.name,
+            p.spec.node,
+            p.spec.zone,
+            p.ipv4,
+            p.ipv6.map(|a| a.to_string()).unwrap_or_default(),
+            p.netns_path().display()
+        );
+    }
+    println!("run commands with: kmesh-testbed exec --bed {} --pod NAME -- CMD; Ctrl-C removes it all", bed.name());
+    std::thread::sleep(Duration::from_secs(secs));
+    Ok(())
+}
+
+fn die_with_parent() {
+    // SAFETY: prctl with constant arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+}
+
+fn serve(name: String, tcp: Vec<u16>, udp: Vec<u16>) -> anyhow::Result<()> {
+    die_with_parent();
+    let name = Arc::new(name);
+    let mut listeners = Vec::new();
+    for p in tcp {
+        // [::] with the default bindv6only=0 takes IPv4 too.
+        listeners.push(TcpListener::bind(("::", p)).with_context(|| format!("bind tcp {p}"))?);
+    }
+    let mut sockets = Vec::new();
+    for p in udp {
+        sockets.push(UdpSocket::bind(("::", p)).with_context(|| format!("bind udp {p}"))?);
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut handles = Vec::new();
+    for l in listeners {
+        let name = name.clone();
+        handles.push(std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || echo(s, &name));
+            }
+        }));
+    }
+    for s in sockets {
+        let name = name.clone();
+        handles.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                let mut reply = format!("{name}\n").into_bytes();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = s.send_to(&reply, from);
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+fn echo(mut s: TcpStream, name: &str) {
+    if s.write_all(format!("{name}\n").as_bytes()).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 16384];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 || s.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+}
+
+fn attempt_tcp(target: SocketAddr, timeout: Duration) -> std::io::Result<(String, SocketAddr)> {
+    let s = TcpStream::connect_timeout(&target, timeout)?;
+    let peer = s.peer_addr()?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before answering"));
+    }
+    Ok((line.trim().to_string(), peer))
+}
+
+fn attempt_udp(target: SocketAddr, timeout: Duration) -> std::io::Result<(String, SocketAddr)> {
+    let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let s = UdpSocket::bind(bind)?;
+    s.connect(target)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send(b"hello")?;
+    let mut buf = [0u8; 2048];
+    let n = s.recv(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf[..n]);
+    Ok((text.lines().next().unwrap_or("").to_string(), s.peer_addr()?))
+}
+
+fn connect(
+    target: SocketAddr,
+    count: u32,
+    udp: bool,
+    timeout: Duration,
+    interval_us: u64,
+    duration_ms: u64,
+) -> anyhow::Result<()> {
+    die_with_parent();
+    let deadline = (duration_ms > 0).then(|| Instant::now() + Duration::from_millis(duration_ms));
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    for i in 0..count {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        if i > 0 && interval_us > 0 {
+            std::thread::sleep(Duration::from_micros(interval_us));
+        }
+        let start_ns = monotonic_ns();
+        let r = if udp { attempt_udp(target, timeout) } else { attempt_tcp(target, timeout) };
+        let a = match r {
+            Ok((server, peer)) => Attempt {
+                ok: true,
+                server: Some(server),
+                peer: Some(peer.to_string()),
+                errno: None,
+                error: None,
+                start_ns,
+            },
+            Err(e) => Attempt {
+                ok: false,
+                server: None,
+                peer: None,
+                errno: e.raw_os_error(),
+                error: Some(e.to_string()),
+                start_ns,
+            },
+        };
+        serde_json::to_writer(&mut out, &a)?;
+        out.write_all(b"\n")?;
+        out.flush()?;
+    }
+    Ok(())
+}
+

@@ -1,0 +1,487 @@
+//! The only module that makes bpf() calls: loads the programs, attaches them to a cgroup,
+//! pins maps and links under a bpffs directory, adopts what an earlier run pinned, and writes
+//! [`MapState`] diffs in make-before-break order with capacity checks and rollback.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
+use aya::maps::IterableMap as _;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader, Pod};
+use kmesh_common::*;
+use serde::Serialize;
+
+use crate::compile::{MapCounts, MapState, diff};
+
+/// The eBPF object built by build.rs.
+pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmesh-ebpf"));
+
+/// The programs and the hook each one attaches to.
+pub const PROGRAMS: [&str; 2] = ["kmesh_connect4", "kmesh_connect6"];
+
+/// Map capacities (max entries). The defaults hold 100k frontends and 200k endpoints with room
+/// for make-before-break transitions; hash maps are not preallocated, so unused capacity costs
+/// no memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Capacities {
+    pub netns: u32,
+    pub frontends: u32,
+    pub tables: u32,
+    pub endpoints: u32,
+    pub backends: u32,
+    pub ports: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            netns: 65_536,
+            frontends: 262_144,
+            tables: 262_144,
+            endpoints: 1_048_576,
+            backends: 524_288,
+            ports: 524_288,
+        }
+    }
+}
+
+impl Capacities {
+    fn by_name(&self) -> [(&'static str, u32); 6] {
+        [
+            ("NETNS", self.netns),
+            ("FRONTENDS", self.frontends),
+            ("LB_TABLES", self.tables),
+            ("ENDPOINTS", self.endpoints),
+            ("BACKENDS", self.backends),
+            ("PORTS", self.ports),
+        ]
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("{path} is not on a bpffs mount (mount one with `mount -t bpf bpf /sys/fs/bpf`)")]
+    NotBpffs { path: PathBuf },
+    #[error("cannot create pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    MapType {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot pin {path}: {reason}")]
+    Pin { path: PathBuf, reason: String },
+    #[error(
+        "map {map} is full: the new configuration needs {needed} entries at its peak, capacity is {capacity}; nothing was changed (raise the capacity with --{flag})"
+    )]
+    MapFull { map: &'static str, flag: String, needed: usize, capacity: u32 },
+    #[error("writing map {map} failed: {source}; the previous state was restored")]
+    Write {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("reading map {map} failed: {source}")]
+    Read {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// How and where to load.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// cgroup2 directory the programs attach to (covers every descendant cgroup).
+    pub cgroup: PathBuf,
+    /// bpffs directory under which maps and links are pinned.
+    pub pin_dir: PathBuf,
+    pub capacities: Capacities,
+}
+
+/// What one [`Dataplane::apply`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ApplyReport {
+    pub writes: usize,
+    pub deletes: usize,
+}
+
+/// Loaded programs, their maps and links, and what the maps hold.
+pub struct Dataplane {
+    _ebpf: Ebpf,
+    netns: HashMap<MapData, u64, NetnsValue>,
+    frontends: HashMap<MapData, FrontendKey, FrontendValue>,
+    tables: HashMap<MapData, TableKey, TableValue>,
+    endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
+    backends: HashMap<MapData, u32, BackendValue>,
+    ports: HashMap<MapData, PortKey, PortValue>,
+    stats: PerCpuArray<MapData, u64>,
+    _links: Vec<PinnedLink>,
+    pin_dir: PathBuf,
+    capacities: Capacities,
+    applied: MapState,
+    adopted: bool,
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid C string and st a valid out pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// The versioned directory inside the pin dir that holds this layout's pins.
+pub fn layout_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(format!("v{MAP_LAYOUT_VERSION}"))
+}
+
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound | MapError::ElementNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+fn take<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>, KernelError> {
+    let map = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
+    HashMap::try_from(map).map_err(|source| KernelError::MapType { name, source })
+}
+
+fn read_all<K: Pod + Ord, V: Pod>(
+    m: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<BTreeMap<K, V>, KernelError> {
+    let mut out = BTreeMap::new();
+    for item in m.iter() {
+        match item {
+            Ok((k, v)) => {
+                out.insert(k, v);
+            }
+            // An entry deleted while iterating is simply gone.
+            Err(e) if is_not_found(&e) => {}
+            Err(source) => return Err(KernelError::Read { map: name, source }),
+        }
+    }
+    Ok(out)
+}
+
+/// One write that may need undoing.
+enum Undo<K, V> {
+    Restore(K, V),
+    Remove(K),
+}
+
+/// Upserts `set` into `m`, recording how to undo each write.
+fn upsert<K: Pod + Ord + Clone, V: Pod + Clone>(
+    m: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    old: &BTreeMap<K, V>,
+    set: &BTreeMap<K, V>,
+    undo: &mut Vec<Undo<K, V>>,
+) -> Result<(), KernelError> {
+    for (k, v) in set {
+        if let Err(source) = m.insert(k, v, 0) {
+            rollback(m, undo);
+            return Err(KernelError::Write { map: name, source });
+        }
+        undo.push(match old.get(k) {
+            Some(o) => Undo::Restore(k.clone(), o.clone()),
+            None => Undo::Remove(k.clone()),
+        });
+    }
+    Ok(())
+}
+
+fn rollback<K: Pod, V: Pod>(m: &mut HashMap<MapData, K, V>, undo: &mut Vec<Undo<K, V>>) {
+    while let Some(u) = undo.pop() {
+        let r = match &u {
+            Undo::Restore(k, v) => m.insert(k, v, 0),
+            Undo::Remove(k) => m.remove(k),
+        };
+        if let Err(e) = r {
+            tracing::error!(error = %e, "rollback write failed");
+        }
+    }
+}
+
+fn remove_all<K: Pod>(m: &mut HashMap<MapData, K, impl Pod>, name: &'static str, keys: &[K]) -> usize {
+    let mut failed = 0;
+    for k in keys {
+        if let Err(e) = m.remove(k) {
+            if !is_not_found(&e) {
+                failed += 1;
+                tracing::error!(map = name, error = %e, "delete failed; the entry is unreachable but stays");
+            }
+        }
+    }
+    failed
+}
+
+impl Dataplane {
+    /// Loads the programs, creates or adopts the pinned maps, attaches to the cgroup and pins
+    /// the links. Maps pinned by an earlier run are adopted with their contents, so traffic
+    /// keeps flowing across a restart; the first [`apply`](Self::apply) then changes only
+    /// what differs.
+    pub fn load(opts: &LoadOptions) -> Result<Self, KernelError> {
+        let parent = opts.pin_dir.parent().unwrap_or(Path::new("/"));
+        if !is_bpffs(&opts.pin_dir) && !is_bpffs(parent) {
+            return Err(KernelError::NotBpffs { path: opts.pin_dir.clone() });
+        }
+        let dir = layout_dir(&opts.pin_dir);
+        for d in [dir.join("maps"), dir.join("links")] {
+            fs::create_dir_all(&d).map_err(|source| KernelError::PinDir { path: d.clone(), source })?;
+        }
+        let adopted = dir.join("maps").join("FRONTENDS").exists();
+
+        let pins: Vec<(&'static str, PathBuf)> =
+            opts.capacities.by_name().iter().map(|(n, _)| (*n, dir.join("maps").join(n))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, cap) in opts.capacities.by_name() {
+            loader.map_max_entries(name, cap);
+        }
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJ).map_err(KernelError::Load)?;
+
+        let netns = take(&mut ebpf, "NETNS")?;
+        let frontends = take(&mut ebpf, "FRONTENDS")?;
+        let tables = take(&mut ebpf, "LB_TABLES")?;
+        let endpoints = take(&mut ebpf, "ENDPOINTS")?;
+        let backends = take(&mut ebpf, "BACKENDS")?;
+        let ports = take(&mut ebpf, "PORTS")?;
+        let stats_map = ebpf.take_map("STATS").ok_or(KernelError::MissingMap("STATS"))?;
+        let stats = PerCpuArray::try_from(stats_map).map_err(|source| KernelError::MapType { name: "STATS", source })?;
+
+        let cgroup = fs::File::open(&opts.cgroup)
+            .map_err(|source| KernelError::Cgroup { path: opts.cgroup.clone(), source })?;
+        let mut links = Vec::new();
+        for name in PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
+                .try_into()
+                .map_err(|source| KernelError::Program { name, source })?;
+            prog.load().map_err(|source| KernelError::Program { name, source })?;
+            // Multi-attach: a restarted daemon attaches its new program next to the old one and
+            // then replaces the old link's pin, so the hook is never empty. Two programs in a
+            // row are harmless: the second sees a backend address, not a frontend.
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+                .map_err(|source| KernelError::Program { name, source })?;
+            let link = prog.take_link(id).map_err(|source| KernelError::Program { name, source })?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| KernelError::Pin {
+                    path: dir.join("links").join(name),
+                    reason: e.to_string(),
+                })?;
+            let final_path = dir.join("links").join(name);
+            let tmp = dir.join("links").join(format!("{name}.new"));
+            let _ = fs::remove_file(&tmp);
+            let pinned = fd
+                .pin(&tmp)
+                .map_err(|e| KernelError::Pin { path: tmp.clone(), reason: e.to_string() })?;
+            // rename() replaces an older link pin atomically; dropping that pin detaches the
+            // older program.
+            fs::rename(&tmp, &final_path)
+                .map_err(|e| KernelError::Pin { path: final_path.clone(), reason: e.to_string() })?;
+            links.push(pinned);
+        }
+
+        let mut dp = Self {
+            _ebpf: ebpf,
+            netns,
+            frontends,
+            tables,
+            endpoints,
+            backends,
+            ports,
+            stats,
+            _links: links,
+            pin_dir: opts.pin_dir.clone(),
+            capacities: opts.capacities,
+            applied: MapState::default(),
+            adopted,
+        };
+        dp.capacities = dp.pinned_capacities();
+        dp.applied = dp.read_state()?;
+        Ok(dp)
+    }
+
+    /// The capacities the maps really have: an adopted map keeps the one it was created with.
+    fn pinned_capacities(&self) -> Capacities {
+        fn max<K: Pod, V: Pod>(m: &HashMap<MapData, K, V>, name: &str, requested: u32) -> u32 {
+            match m.map().info() {
+                Ok(info) if info.max_entries() != requested => {
+                    tracing::warn!(map = name, pinned = info.max_entries(), requested,
+                        "adopted map keeps its pinned capacity");
+                    info.max_entries()
+                }
+                _ => requested,
+            }
+        }
+        let c = self.capacities;
+        Capacities {
+            netns: max(&self.netns, "NETNS", c.netns),
+            frontends: max(&self.frontends, "FRONTENDS", c.frontends),
+            tables: max(&self.tables, "LB_TABLES", c.tables),
+            endpoints: max(&self.endpoints, "ENDPOINTS", c.endpoints),
+            backends: max(&self.backends, "BACKENDS", c.backends),
+            ports: max(&self.ports, "PORTS", c.ports),
+        }
+    }
+
+    /// True when maps pinned by an earlier run were adopted.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    pub fn capacities(&self) -> Capacities {
+        self.capacities
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// What the daemon last wrote (its intent).
+    pub fn applied(&self) -> &MapState {
+        &self.applied
+    }
+
+    /// What the kernel maps hold now (observed).
+    pub fn read_state(&self) -> Result<MapState, KernelError> {
+        Ok(MapState {
+            netns: read_all(&self.netns, "NETNS")?,
+            frontends: read_all(&self.frontends, "FRONTENDS")?,
+            tables: read_all(&self.tables, "LB_TABLES")?,
+            endpoints: read_all(&self.endpoints, "ENDPOINTS")?,
+            backends: read_all(&self.backends, "BACKENDS")?,
+            ports: read_all(&self.ports, "PORTS")?,
+        })
+    }
+
+    /// Checks that a transition to `next` fits the capacities.
+    pub fn check_capacity(&self, next: &MapState) -> Result<MapCounts, KernelError> {
+        let peak = self.applied.peak_counts(next);
+        for ((map, needed), (_, capacity)) in peak.as_array().into_iter().zip(self.capacities.by_name()) {
+            if needed > capacity as usize {
+                let flag = format!("{}-capacity", map.to_ascii_lowercase().replace('_', "-"));
+                return Err(KernelError::MapFull { map, flag, needed, capacity });
+            }
+        }
+        Ok(peak)
+    }
+
+    /// Makes the maps hold exactly `next`. Writes go leaves first (backends, ports, endpoints,
+    /// tables, frontends, netns) and deletions roots first, so a concurrent connect() only ever
+    /// follows keys that exist. A transition that does not fit is refused before any write; a
+    /// write that fails undoes the writes before it.
+    pub fn apply(&mut self, next: MapState) -> Result<ApplyReport, KernelError> {
+        self.check_capacity(&next)?;
+        let d = diff(&self.applied, &next);
+        let old = &self.applied;
+
+        let mut u_backends = Vec::new();
+        let mut u_ports = Vec::new();
+        let mut u_endpoints = Vec::new();
+        let mut u_tables = Vec::new();
+        let mut u_frontends = Vec::new();
+        let mut u_netns = Vec::new();
+        let r = (|| {
+            upsert(&mut self.backends, "BACKENDS", &old.backends, &d.set.backends, &mut u_backends)?;
+            upsert(&mut self.ports, "PORTS", &old.ports, &d.set.ports, &mut u_ports)?;
+            upsert(&mut self.endpoints, "ENDPOINTS", &old.endpoints, &d.set.endpoints, &mut u_endpoints)?;
+            upsert(&mut self.tables, "LB_TABLES", &old.tables, &d.set.tables, &mut u_tables)?;
+            upsert(&mut self.frontends, "FRONTENDS", &old.frontends, &d.set.frontends, &mut u_frontends)?;
+            upsert(&mut self.netns, "NETNS", &old.netns, &d.set.netns, &mut u_netns)
+        })();
+        if let Err(e) = r {
+            // Undo in the reverse order of writing: roots first.
+            rollback(&mut self.netns, &mut u_netns);
+            rollback(&mut self.frontends, &mut u_frontends);
+            rollback(&mut self.tables, &mut u_tables);
+            rollback(&mut self.endpoints, &mut u_endpoints);
+            rollback(&mut self.ports, &mut u_ports);
+            rollback(&mut self.backends, &mut u_backends);
+            return Err(e);
+        }
+
+        remove_all(&mut self.netns, "NETNS", &d.del_netns);
+        remove_all(&mut self.frontends, "FRONTENDS", &d.del_frontends);
+        remove_all(&mut self.tables, "LB_TABLES", &d.del_tables);
+        remove_all(&mut self.endpoints, "ENDPOINTS", &d.del_endpoints);
+        remove_all(&mut self.ports, "PORTS", &d.del_ports);
+        remove_all(&mut self.backends, "BACKENDS", &d.del_backends);
+        self.applied = next;
+        Ok(ApplyReport { writes: d.writes(), deletes: d.deletes() })
+    }
+
+    /// Sums of the per-CPU counters of the connect programs, indexed by `kmesh_common::stat`.
+    pub fn stats(&self) -> Result<[u64; stat::COUNT as usize], KernelError> {
+        let mut out = [0u64; stat::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let v = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(|source| KernelError::Read { map: "STATS", source })?;
+            *slot = v.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+/// Removes every pin under `pin_dir`: links (which detaches the programs once no process
+/// holds them) and maps. Returns the paths removed.
+pub fn uninstall(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    if !pin_dir.exists() {
+        return Ok(removed);
+    }
+    fn walk(dir: &Path, removed: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for entry in fs::read_dir(dir)? {
+            let p = entry?.path();
+            if p.is_dir() {
+                walk(&p, removed)?;
+                fs::remove_dir(&p)?;
+            } else {
+                fs::remove_file(&p)?;
+            }
+            removed.push(p);
+        }
+        Ok(())
+    }
+    walk(pin_dir, &mut removed)?;
+    fs::remove_dir(pin_dir)?;
+    removed.push(pin_dir.to_owned());
+    Ok(removed)
+}
