@@ -291,11 +291,13 @@ impl Dataplane {
                 .try_into()
                 .map_err(|source| KernelError::Program { name, source })?;
             prog.load().map_err(|source| KernelError::Program { name, source })?;
-            // Multi-attach: a restarted daemon attaches its new program next to the old one and
-            // then replaces the old link's pin, so the hook is never empty. Two programs in a
-            // row are harmless: the second sees a backend address, not a frontend.
+            // A bpf_link on a cgroup always coexists with other links (link_create takes no
+            // ALLOW_MULTI flag: mode Single passes 0). A restarted daemon attaches its new
+            // program next to the old one and then replaces the old link's pin, so the hook is
+            // never empty. Two programs in a row are harmless: the second sees a backend
+            // address, not a frontend.
             let id = prog
-                .attach(&cgroup, CgroupAttachMode::AllowMultiple)
+                .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|source| KernelError::Program { name, source })?;
             let link = prog.take_link(id).map_err(|source| KernelError::Program { name, source })?;
             let fd: FdLink = link
@@ -305,7 +307,7 @@ impl Dataplane {
                     reason: e.to_string(),
                 })?;
             let final_path = dir.join("links").join(name);
-            let tmp = dir.join("links").join(format!("{name}.new"));
+            let tmp = dir.join("links").join(format!("{name}_new")); // bpffs names take no dots
             let _ = fs::remove_file(&tmp);
             let pinned = fd
                 .pin(&tmp)
