@@ -85,12 +85,15 @@ impl MapState {
 pub struct IdPool<K: Ord> {
     ids: BTreeMap<K, u32>,
     in_use: BTreeSet<u32>,
+    /// Ids found in maps adopted from an earlier run, whose names are unknown: never handed
+    /// out until the entries using them are gone.
+    reserved: BTreeSet<u32>,
     next: u32,
 }
 
 impl<K: Ord> Default for IdPool<K> {
     fn default() -> Self {
-        Self { ids: BTreeMap::new(), in_use: BTreeSet::new(), next: 1 }
+        Self { ids: BTreeMap::new(), in_use: BTreeSet::new(), reserved: BTreeSet::new(), next: 1 }
     }
 }
 
@@ -103,7 +106,7 @@ impl<K: Ord + Clone> IdPool<K> {
         if let Some(id) = self.ids.get(k) {
             return *id;
         }
-        while self.next == 0 || self.in_use.contains(&self.next) {
+        while self.next == 0 || self.in_use.contains(&self.next) || self.reserved.contains(&self.next) {
             self.next = self.next.wrapping_add(1);
         }
         let id = self.next;
@@ -125,6 +128,16 @@ impl<K: Ord + Clone> IdPool<K> {
         });
     }
 
+    /// Keeps ids of unknown owners out of circulation (see `reserved`).
+    pub fn reserve(&mut self, ids: impl IntoIterator<Item = u32>) {
+        self.reserved.extend(ids);
+    }
+
+    /// Returns the reserved ids to circulation once no entry uses them any more.
+    pub fn release_reserved(&mut self) {
+        self.reserved.clear();
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&K, &u32)> {
         self.ids.iter()
     }
@@ -137,6 +150,38 @@ pub struct Ids {
     pub services: IdPool<String>,
     pub backends: IdPool<(String, IpAddr)>,
     pub classes: IdPool<ClientLocality>,
+}
+
+impl Ids {
+    /// Ids pool for a daemon that adopted `state` from an earlier run: every id in it is
+    /// reserved, so that no new name is given an id that old entries still use.
+    pub fn adopting(state: &MapState) -> Self {
+        let mut ids = Ids::default();
+        let svc = state
+            .frontends
+            .values()
+            .map(|v| v.service_id)
+            .chain(state.tables.keys().map(|k| k.service_id))
+            .chain(state.endpoints.keys().map(|k| k.service_id))
+            .chain(state.ports.keys().map(|k| k.service_id));
+        ids.services.reserve(svc);
+        let be = state
+            .backends
+            .keys()
+            .copied()
+            .chain(state.endpoints.values().map(|v| v.backend_id))
+            .chain(state.ports.keys().map(|k| k.backend_id));
+        ids.backends.reserve(be);
+        let cl = state.netns.values().map(|v| v.class_id).chain(state.tables.keys().map(|k| k.class_id));
+        ids.classes.reserve(cl);
+        ids
+    }
+
+    pub fn release_reserved(&mut self) {
+        self.services.release_reserved();
+        self.backends.release_reserved();
+        self.classes.release_reserved();
+    }
 }
 
 /// A network namespace in the mesh, and the workload whose pod it is, when known.

@@ -5,8 +5,10 @@
 //! contents of every BPF map and a make-before-break diff; [`kernel`] is the only module that
 //! makes bpf() calls; [`mesh`] keeps the three in step. [`admin`] is the operator's surface.
 
+pub mod admin;
 pub mod compile;
 pub mod config;
+pub mod daemon;
 pub mod kernel;
 pub mod mesh;
 pub mod model;

@@ -1,1 +1,164 @@
-fn main() {}
+//! `kmesh-daemon`: the node agent. `run` is the daemon; the other commands talk to a running
+//! daemon's admin API or clean up after it.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use kmesh_daemon::admin::{self, EnrollRequest};
+use kmesh_daemon::daemon::{self, RunOptions};
+use kmesh_daemon::kernel::{self, Capacities};
+use kmesh_daemon::config;
+
+#[derive(Parser)]
+#[command(name = "kmesh-daemon", version, about = "Sidecarless service mesh data plane: socket-level load balancing in the kernel")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct CapacityArgs {
+    #[arg(long, default_value_t = Capacities::default().netns)]
+    netns_capacity: u32,
+    #[arg(long, default_value_t = Capacities::default().frontends)]
+    frontends_capacity: u32,
+    #[arg(long, default_value_t = Capacities::default().tables)]
+    lb_tables_capacity: u32,
+    #[arg(long, default_value_t = Capacities::default().endpoints)]
+    endpoints_capacity: u32,
+    #[arg(long, default_value_t = Capacities::default().backends)]
+    backends_capacity: u32,
+    #[arg(long, default_value_t = Capacities::default().ports)]
+    ports_capacity: u32,
+}
+
+#[derive(Args)]
+struct Target {
+    /// Network namespace path (e.g. /run/netns/NAME or /proc/PID/ns/net).
+    #[arg(long, conflicts_with = "pid", required_unless_present = "pid")]
+    netns: Option<PathBuf>,
+    /// A process whose network namespace is meant.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Admin API of the daemon.
+    #[arg(long, default_value = "127.0.0.1:15200", env = "KMESH_ADMIN_ADDR")]
+    admin: SocketAddr,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon.
+    Run {
+        /// Local mesh configuration (YAML); re-read when it changes.
+        #[arg(long, env = "KMESH_CONFIG")]
+        config: PathBuf,
+        /// cgroup2 directory to attach to (default: the cgroup2 mount, i.e. every pod).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// bpffs directory for pinned maps and links.
+        #[arg(long, default_value = "/sys/fs/bpf/kmesh")]
+        bpffs: PathBuf,
+        /// Admin API address (loopback by default).
+        #[arg(long, default_value = "127.0.0.1:15200", env = "KMESH_ADMIN_ADDR")]
+        admin: SocketAddr,
+        /// How often to check the config file for changes.
+        #[arg(long, default_value_t = 500)]
+        poll_ms: u64,
+        /// Detach the programs and remove the pins on exit (default: leave them, so traffic
+        /// keeps flowing while the daemon restarts).
+        #[arg(long)]
+        uninstall_on_exit: bool,
+        #[command(flatten)]
+        caps: CapacityArgs,
+    },
+    /// Put a network namespace in the mesh.
+    Enroll {
+        #[command(flatten)]
+        target: Target,
+        /// Uid of the workload (pod) the namespace belongs to; gives its locality.
+        #[arg(long)]
+        workload: Option<String>,
+    },
+    /// Take a network namespace out of the mesh.
+    Unenroll {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Validate a config file without applying it.
+    CheckConfig { file: PathBuf },
+    /// Detach every program and remove every pin under the bpffs directory.
+    Uninstall {
+        #[arg(long, default_value = "/sys/fs/bpf/kmesh")]
+        bpffs: PathBuf,
+    },
+}
+
+fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .context("no cgroup2 mount found; pass --cgroup")
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KMESH_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run { config, cgroup, bpffs, admin, poll_ms, uninstall_on_exit, caps } => {
+            let cgroup = match cgroup {
+                Some(c) => c,
+                None => cgroup2_mount()?,
+            };
+            let mut opts = RunOptions::new(config, cgroup, bpffs);
+            opts.admin_addr = admin;
+            opts.poll = Duration::from_millis(poll_ms.max(50));
+            opts.uninstall_on_exit = uninstall_on_exit;
+            opts.load.capacities = Capacities {
+                netns: caps.netns_capacity,
+                frontends: caps.frontends_capacity,
+                tables: caps.lb_tables_capacity,
+                endpoints: caps.endpoints_capacity,
+                backends: caps.backends_capacity,
+                ports: caps.ports_capacity,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(daemon::run(opts))
+        }
+        Cmd::Enroll { target, workload } => {
+            let req = EnrollRequest { netns: target.netns, pid: target.pid, workload };
+            let body = admin::request(target.admin, "POST", "/v1/enroll", Some(&serde_json::to_string(&req)?))?;
+            println!("{body}");
+            Ok(())
+        }
+        Cmd::Unenroll { target } => {
+            let req = EnrollRequest { netns: target.netns, pid: target.pid, workload: None };
+            let body = admin::request(target.admin, "POST", "/v1/unenroll", Some(&serde_json::to_string(&req)?))?;
+            println!("{body}");
+            Ok(())
+        }
+        Cmd::CheckConfig { file } => {
+            let m = config::load_file(&file)?;
+            println!("{}: ok ({} workloads, {} services)", file.display(), m.workloads.len(), m.services.len());
+            Ok(())
+        }
+        Cmd::Uninstall { bpffs } => {
+            let removed = kernel::uninstall(&bpffs).with_context(|| format!("removing {}", bpffs.display()))?;
+            println!("removed {} pins and directories under {}", removed.len(), bpffs.display());
+            Ok(())
+        }
+    }
+}

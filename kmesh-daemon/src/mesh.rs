@@ -33,7 +33,8 @@ impl Mesh {
     /// NETNS map) stay enrolled.
     pub fn new(dp: Dataplane) -> Self {
         let enrolled = dp.applied().netns.keys().map(|c| (*c, Enrollment::default())).collect();
-        Self { dp, model: Model::default(), enrolled, ids: Ids::default(), counters: Counters::default() }
+        let ids = Ids::adopting(dp.applied());
+        Self { dp, model: Model::default(), enrolled, ids, counters: Counters::default() }
     }
 
     pub fn model(&self) -> &Model {
@@ -53,6 +54,8 @@ impl Mesh {
         let next = compile(model, enrolled, &mut ids, self.dp.applied());
         match self.dp.apply(next) {
             Ok(r) => {
+                // The maps now hold only entries with ids from the pool.
+                ids.release_reserved();
                 self.ids = ids;
                 self.counters.applies += 1;
                 Ok(r)

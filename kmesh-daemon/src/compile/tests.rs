@@ -310,3 +310,21 @@ fn address_words_round_trip() {
         assert_eq!(words_addr(addr_words(ip)), ip);
     }
 }
+
+#[test]
+fn an_adopting_pool_never_reuses_ids_of_adopted_entries() {
+    let w = [workload("a", "10.244.0.2", "z1", ""), workload("b", "10.244.0.3", "z1", "")].join("\n");
+    let m = model(&echo_service("{}"), &w);
+    let (old, _) = compile_fresh(&m, &no_clients());
+    // A restarted daemon knows no names; compiling the same model must not give a backend id
+    // that the adopted tables use to a different address.
+    let mut ids = Ids::adopting(&old);
+    let new = compile(&m, &no_clients(), &mut ids, &old);
+    for (id, v) in &new.backends {
+        if let Some(o) = old.backends.get(id) {
+            assert_eq!(o, v, "backend id {id} was reused for another address");
+        }
+    }
+    assert!(new.backends.keys().all(|id| !old.backends.contains_key(id)));
+    assert!(new.frontends.values().all(|f| old.frontends.values().all(|o| o.service_id != f.service_id)));
+}

@@ -1,0 +1,283 @@
+//! The admin API (loopback by default): readiness, config dump, metrics, and enrollment of
+//! network namespaces. Also a small blocking client for the CLI.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kmesh_common::stat;
+use serde::{Deserialize, Serialize};
+
+use crate::mesh::Mesh;
+use crate::netns;
+
+/// What the handlers share with the daemon loop.
+pub struct Shared {
+    pub mesh: Mutex<Mesh>,
+    /// Programs attached and the first configuration applied.
+    pub ready: AtomicBool,
+    /// The last configuration error, if the file currently on disk was refused.
+    pub config_error: Mutex<Option<String>>,
+    pub config_path: PathBuf,
+}
+
+pub type AppState = Arc<Shared>;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/version", get(version))
+        .route("/debug/ready", get(ready))
+        .route("/debug/config_dump", get(config_dump))
+        .route("/metrics", get(metrics))
+        .route("/v1/enroll", post(enroll))
+        .route("/v1/unenroll", post(unenroll))
+        .with_state(state)
+}
+
+async fn version() -> impl IntoResponse {
+    Json(serde_json::json!({
+        "name": "kmesh-daemon",
+        "version": env!("CARGO_PKG_VERSION"),
+        "map_layout": kmesh_common::MAP_LAYOUT_VERSION,
+    }))
+}
+
+async fn ready(State(s): State<AppState>) -> Response {
+    if s.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: configuration not applied yet\n").into_response()
+    }
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+/// Runs `f` on the mesh off the async threads (a large apply can take a while).
+async fn with_mesh<T: Send + 'static>(s: &AppState, f: impl FnOnce(&mut Mesh) -> T + Send + 'static) -> T {
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || f(&mut s.mesh.lock().unwrap_or_else(|p| p.into_inner())))
+        .await
+        .expect("admin task panicked")
+}
+
+async fn config_dump(State(s): State<AppState>) -> Response {
+    let err = s.config_error.lock().unwrap().clone();
+    let path = s.config_path.clone();
+    let dump = with_mesh(&s, move |m| {
+        serde_json::json!({
+            "config_path": path,
+            "config_error": err,
+            "model": m.model(),
+            "enrolled": m.enrolled().iter().map(|(c, e)| serde_json::json!({"netns_cookie": c, "workload": e.workload})).collect::<Vec<_>>(),
+            "maps": {
+                "entries": m.dataplane().applied().counts(),
+                "capacities": m.dataplane().capacities(),
+                "pin_dir": m.dataplane().pin_dir(),
+            },
+            "counters": m.counters,
+        })
+    })
+    .await;
+    Json(dump).into_response()
+}
+
+/// Prometheus text format.
+async fn metrics(State(s): State<AppState>) -> Response {
+    let ready = s.ready.load(Ordering::SeqCst);
+    let text = with_mesh(&s, move |m| {
+        let mut t = String::new();
+        let dp = m.dataplane();
+        t += "# HELP kmesh_map_entries Entries the daemon keeps in each BPF map.\n# TYPE kmesh_map_entries gauge\n";
+        let caps = dp.capacities();
+        let cap_of = |name: &str| match name {
+            "NETNS" => caps.netns,
+            "FRONTENDS" => caps.frontends,
+            "LB_TABLES" => caps.tables,
+            "ENDPOINTS" => caps.endpoints,
+            "BACKENDS" => caps.backends,
+            _ => caps.ports,
+        };
+        for (name, n) in dp.applied().counts().as_array() {
+            t += &format!("kmesh_map_entries{{map=\"{name}\"}} {n}\n");
+        }
+        t += "# HELP kmesh_map_capacity Max entries of each BPF map.\n# TYPE kmesh_map_capacity gauge\n";
+        for (name, _) in dp.applied().counts().as_array() {
+            t += &format!("kmesh_map_capacity{{map=\"{name}\"}} {}\n", cap_of(name));
+        }
+        t += "# HELP kmesh_map_full_errors_total Configurations refused because a map would overflow.\n# TYPE kmesh_map_full_errors_total counter\n";
+        for (name, _) in dp.applied().counts().as_array() {
+            let n = m.counters.map_full_errors.get(name).copied().unwrap_or(0);
+            t += &format!("kmesh_map_full_errors_total{{map=\"{name}\"}} {n}\n");
+        }
+        t += &format!(
+            "# HELP kmesh_config_applies_total Successful applies of configuration or enrollment.\n# TYPE kmesh_config_applies_total counter\nkmesh_config_applies_total {}\n",
+            m.counters.applies
+        );
+        t += &format!(
+            "# HELP kmesh_apply_errors_total Applies refused by the kernel side.\n# TYPE kmesh_apply_errors_total counter\nkmesh_apply_errors_total {}\n",
+            m.counters.apply_errors
+        );
+        t += &format!(
+            "# HELP kmesh_config_errors_total Config files refused by validation.\n# TYPE kmesh_config_errors_total counter\nkmesh_config_errors_total {}\n",
+            m.counters.config_errors
+        );
+        t += &format!("# HELP kmesh_ready Programs attached and configuration applied.\n# TYPE kmesh_ready gauge\nkmesh_ready {}\n", ready as u8);
+        if let Ok(st) = dp.stats() {
+            t += "# HELP kmesh_connect_total connect() calls of enrolled sockets by outcome.\n# TYPE kmesh_connect_total counter\n";
+            for (idx, name) in [
+                (stat::REWRITTEN, "rewritten"),
+                (stat::PASSED, "passed"),
+                (stat::NO_ENDPOINT, "no_endpoint"),
+                (stat::STRICT_NO_MATCH, "strict_no_match"),
+                (stat::RETRIED, "retried"),
+                (stat::INCONSISTENT, "inconsistent"),
+            ] {
+                t += &format!("kmesh_connect_total{{result=\"{name}\"}} {}\n", st[idx as usize]);
+            }
+        }
+        t
+    })
+    .await;
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Body of /v1/enroll and /v1/unenroll: the namespace by path or by a pid inside it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Uid of the workload running in the namespace (gives clients their locality).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+}
+
+impl EnrollRequest {
+    fn path(&self) -> Result<PathBuf, String> {
+        match (&self.netns, self.pid) {
+            (Some(p), None) => Ok(p.clone()),
+            (None, Some(pid)) => Ok(netns::path_of_pid(pid)),
+            _ => Err("give exactly one of `netns` (a path) and `pid`".into()),
+        }
+    }
+}
+
+async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Response {
+    let path = match req.path() {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let cookie = match netns::cookie_of(&path) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let workload = req.workload.clone();
+    let r = with_mesh(&s, move |m| {
+        if let Some(w) = &workload {
+            if !m.model().workloads.contains_key(w) {
+                tracing::warn!(workload = %w, "enrolled with a workload the config does not know (yet); node locality applies until it appears");
+            }
+        }
+        m.enroll(cookie, workload)
+    })
+    .await;
+    match r {
+        Ok(_) => {
+            tracing::info!(netns = %path.display(), cookie, "enrolled");
+            Json(serde_json::json!({ "netns_cookie": cookie })).into_response()
+        }
+        Err(e) => error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
+    }
+}
+
+async fn unenroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Response {
+    let path = match req.path() {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let cookie = match netns::cookie_of(&path) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    match with_mesh(&s, move |m| m.unenroll(cookie)).await {
+        Ok(removed) => {
+            tracing::info!(netns = %path.display(), cookie, removed, "unenrolled");
+            Json(serde_json::json!({ "netns_cookie": cookie, "removed": removed })).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the daemon's admin API at {addr}: {source} (is kmesh-daemon running?)")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin API at {addr}: {source}")]
+    Io {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin API answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("admin API sent a malformed response")]
+    Malformed,
+}
+
+/// A minimal HTTP/1.1 request to the admin API; returns the body of a 2xx answer.
+pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Result<String, ClientError> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .map_err(|source| ClientError::Connect { addr, source })?;
+    let io = |source| ClientError::Io { addr, source };
+    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(io)?;
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(io)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).map_err(io)?;
+    let text = String::from_utf8_lossy(&resp);
+    let (head, rest) = text.split_once("\r\n\r\n").ok_or(ClientError::Malformed)?;
+    let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or(ClientError::Malformed)?;
+    // Bodies here are small and sent with Content-Length or chunked by axum; handle both.
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    if !(200..300).contains(&status) {
+        return Err(ClientError::Status { status, body });
+    }
+    Ok(body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(len.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}

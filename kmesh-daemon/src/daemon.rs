@@ -1,0 +1,137 @@
+//! The daemon's wiring: load the data plane, apply the config file and follow its changes,
+//! serve the admin API, and on shutdown leave the programs attached (or uninstall on request).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::admin::{self, Shared};
+use crate::config;
+use crate::kernel::{self, Capacities, Dataplane, LoadOptions};
+use crate::mesh::Mesh;
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub config: PathBuf,
+    pub load: LoadOptions,
+    pub admin_addr: SocketAddr,
+    pub poll: Duration,
+    pub uninstall_on_exit: bool,
+}
+
+impl RunOptions {
+    pub fn new(config: PathBuf, cgroup: PathBuf, pin_dir: PathBuf) -> Self {
+        Self {
+            config,
+            load: LoadOptions { cgroup, pin_dir, capacities: Capacities::default() },
+            admin_addr: "127.0.0.1:15200".parse().unwrap(),
+            poll: Duration::from_millis(500),
+            uninstall_on_exit: false,
+        }
+    }
+}
+
+/// Reads the config file and applies it if it changed since `last`. A file that fails
+/// validation or does not fit leaves the previous configuration in force.
+fn reload(shared: &Shared, last: &mut Option<Vec<u8>>) {
+    let bytes = match std::fs::read(&shared.config_path) {
+        Ok(b) => b,
+        Err(e) => {
+            if last.is_some() {
+                tracing::error!(path = %shared.config_path.display(), error = %e, "config file unreadable; keeping the previous configuration");
+            }
+            let mut err = shared.config_error.lock().unwrap();
+            if err.is_none() {
+                shared.mesh.lock().unwrap().counters.config_errors += 1;
+            }
+            *err = Some(format!("cannot read {}: {e}", shared.config_path.display()));
+            return;
+        }
+    };
+    if last.as_deref() == Some(&bytes[..]) {
+        return;
+    }
+    *last = Some(bytes.clone());
+    let text = String::from_utf8_lossy(&bytes);
+    let model = match config::parse(&text) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!(path = %shared.config_path.display(), error = %e, "config refused; the previous configuration stays in force");
+            shared.mesh.lock().unwrap().counters.config_errors += 1;
+            *shared.config_error.lock().unwrap() = Some(e.to_string());
+            return;
+        }
+    };
+    let (w, s) = (model.workloads.len(), model.services.len());
+    let started = std::time::Instant::now();
+    let r = shared.mesh.lock().unwrap().set_model(model);
+    match r {
+        Ok(rep) => {
+            tracing::info!(workloads = w, services = s, writes = rep.writes, deletes = rep.deletes,
+                elapsed_ms = started.elapsed().as_millis() as u64, "configuration applied");
+            *shared.config_error.lock().unwrap() = None;
+            shared.ready.store(true, Ordering::SeqCst);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "configuration refused by the kernel side; the previous configuration stays in force");
+            *shared.config_error.lock().unwrap() = Some(e.to_string());
+        }
+    }
+}
+
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let dp = Dataplane::load(&opts.load).context("loading the data plane")?;
+    tracing::info!(cgroup = %opts.load.cgroup.display(), pins = %kernel::layout_dir(&opts.load.pin_dir).display(),
+        adopted = dp.adopted(), "programs attached");
+    let shared = Arc::new(Shared {
+        mesh: Mutex::new(Mesh::new(dp)),
+        ready: Default::default(),
+        config_error: Mutex::new(None),
+        config_path: opts.config.clone(),
+    });
+
+    let listener = tokio::net::TcpListener::bind(opts.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin API to {}", opts.admin_addr))?;
+    tracing::info!(addr = %opts.admin_addr, "admin API listening");
+    let app = admin::router(shared.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let watcher = {
+        let shared = shared.clone();
+        let poll = opts.poll;
+        tokio::task::spawn_blocking(move || {
+            let mut last = None;
+            loop {
+                reload(&shared, &mut last);
+                std::thread::sleep(poll);
+                if SHUTDOWN.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
+        })
+    };
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+        r = server => { r??; }
+    }
+    SHUTDOWN.store(true, Ordering::SeqCst);
+    let _ = watcher.await;
+    drop(shared);
+    if opts.uninstall_on_exit {
+        let removed = kernel::uninstall(&opts.load.pin_dir)?;
+        tracing::info!(pins = removed.len(), "uninstalled: programs detached, maps removed");
+    } else {
+        tracing::info!("exiting; programs stay attached and maps pinned, traffic keeps flowing");
+    }
+    Ok(())
+}
+
+static SHUTDOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

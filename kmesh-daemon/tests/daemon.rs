@@ -1,0 +1,257 @@
+//! The whole daemon binary: config file reloads, refused configs, enrollment through the admin
+//! API and CLI, readiness, restarts that keep traffic flowing, and uninstall. Needs root.
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kmesh_daemon::admin;
+use kmesh_testbed::{PodSpec, Testbed};
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_kmesh-daemon");
+const VIP: &str = "10.96.0.10";
+
+struct Daemon {
+    child: Option<Child>,
+    admin: SocketAddr,
+}
+
+impl Daemon {
+    fn start(config: &Path, bed: &Testbed, pins: &Path, extra: &[&str]) -> Daemon {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(DAEMON)
+            .args(["run", "--config"])
+            .arg(config)
+            .arg("--cgroup")
+            .arg(bed.cgroup())
+            .arg("--bpffs")
+            .arg(pins)
+            .args(["--admin", &admin.to_string(), "--poll-ms", "100"])
+            .args(extra)
+            .env("KMESH_LOG", "info")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start kmesh-daemon");
+        let d = Daemon { child: Some(child), admin };
+        wait_for("the admin API", || admin::request(admin, "GET", "/version", None).is_ok());
+        d
+    }
+
+    fn get(&self, path: &str) -> Result<String, admin::ClientError> {
+        admin::request(self.admin, "GET", path, None)
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let text = self.get("/metrics").unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+    }
+
+    /// SIGTERM and wait.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if c.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("kmesh-daemon did not exit on SIGTERM");
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A scratch directory removed on drop, plus the pin directory of the test.
+struct Scratch {
+    dir: PathBuf,
+    pins: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        let dir = std::env::temp_dir().join(format!("kmesh-daemon-test-{}-{}", std::process::id(), rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch { dir, pins: pin_dir() }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.join("mesh.yaml")
+    }
+
+    /// Replaces the config file atomically, as an operator's tooling should.
+    fn write_config(&self, text: &str) {
+        let tmp = self.dir.join("mesh.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.config()).unwrap();
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = kmesh_daemon::kernel::uninstall(&self.pins);
+    }
+}
+
+fn bed() -> Testbed {
+    let mut bed = Testbed::new().unwrap();
+    for p in [
+        PodSpec::new("client", "node-a", "zone-a"),
+        PodSpec::new("s1", "node-a", "zone-a"),
+        PodSpec::new("s2", "node-b", "zone-b"),
+        PodSpec::new("s3", "node-b", "zone-b"),
+    ] {
+        bed.add_pod(p).unwrap();
+    }
+    for s in ["s1", "s2", "s3"] {
+        bed.serve(bed.pod(s), &[8080], &[]).unwrap();
+    }
+    bed
+}
+
+fn echo_config(bed: &Testbed, backends: &[&str], lb: &str) -> String {
+    let mut w = workload(bed.pod("client"), &[], "");
+    for s in backends {
+        w += &workload(bed.pod(s), &[(SVC_KEY, "[]")], "");
+    }
+    config("zone-a", &service(&format!("[{VIP}]"), "[{service_port: 80, target_port: 8080}]", lb), &w)
+}
+
+fn connect(bed: &Testbed, n: u32) -> std::collections::BTreeMap<String, u32> {
+    let a = bed.pod("client").connect(format!("{VIP}:80").parse().unwrap(), n, false).unwrap();
+    kmesh_testbed::spread(&a)
+}
+
+#[test]
+fn daemon_follows_its_config_file_and_keeps_the_last_good_one() {
+    if !root_or_skip("daemon_follows_its_config_file_and_keeps_the_last_good_one") {
+        return;
+    }
+    let bed = bed();
+    let scratch = Scratch::new();
+    // No config file yet: up, but not ready.
+    let d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &[]);
+    let e = d.get("/debug/ready").unwrap_err();
+    assert!(matches!(e, admin::ClientError::Status { status: 503, .. }), "{e}");
+
+    scratch.write_config(&echo_config(&bed, &["s1", "s2", "s3"], "{}"));
+    wait_for("readiness", || d.get("/debug/ready").is_ok());
+
+    // Enroll the client through the CLI, telling the daemon which workload it is.
+    let out = Command::new(DAEMON)
+        .args(["enroll", "--netns"])
+        .arg(bed.pod("client").netns_path())
+        .args(["--workload", "client", "--admin", &d.admin.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "enroll: {}", String::from_utf8_lossy(&out.stderr));
+    let s = connect(&bed, 90);
+    assert_eq!(s.len(), 3, "{s:?}");
+
+    // A change in the file: s3 removed.
+    scratch.write_config(&echo_config(&bed, &["s1", "s2"], "{}"));
+    wait_for("the reload", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 2.0);
+    let s = connect(&bed, 60);
+    assert_eq!(s.get("s3"), None, "{s:?}");
+
+    // Garbage and an invalid field: refused, the previous config stays in force.
+    scratch.write_config("services: [ {name: broken");
+    wait_for("the syntax error", || d.metric("kmesh_config_errors_total") == 1.0);
+    let bad = echo_config(&bed, &["s1"], "{}").replace("service_account: s1,", "status: SICK, service_account: s1,");
+    assert!(bad.contains("SICK"));
+    scratch.write_config(&bad);
+    wait_for("the validation error", || d.metric("kmesh_config_errors_total") == 2.0);
+    let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap();
+    let err = dump["config_error"].as_str().unwrap();
+    assert!(err.contains("workloads[1].status") && err.contains("SICK"), "{err}");
+    let s = connect(&bed, 60);
+    assert!(s.get("s1").is_some() && s.get("s2").is_some() && s.get("s3").is_none(), "{s:?}");
+    assert!(d.get("/debug/ready").is_ok(), "still ready on the last good config");
+}
+
+#[test]
+fn traffic_keeps_flowing_across_a_daemon_restart_and_uninstall_removes_everything() {
+    if !root_or_skip("traffic_keeps_flowing_across_a_daemon_restart_and_uninstall_removes_everything") {
+        return;
+    }
+    let bed = bed();
+    let scratch = Scratch::new();
+    scratch.write_config(&echo_config(&bed, &["s1", "s2", "s3"], "{}"));
+    let mut d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &[]);
+    wait_for("readiness", || d.get("/debug/ready").is_ok());
+    let req = serde_json::json!({ "netns": bed.pod("client").netns_path() }).to_string();
+    admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
+    assert_eq!(connect(&bed, 30).len(), 3);
+
+    // Daemon gone: programs and maps stay, so does the balancing.
+    d.stop();
+    let s = connect(&bed, 30);
+    assert_eq!(s.values().sum::<u32>(), 30, "{s:?}");
+    assert!(!s.keys().any(|k| k.starts_with('!')), "{s:?}");
+
+    // A new daemon adopts the pins and the enrollment, and applies changes.
+    scratch.write_config(&echo_config(&bed, &["s2"], "{}"));
+    let mut d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &["--uninstall-on-exit"]);
+    wait_for("readiness", || d.get("/debug/ready").is_ok());
+    assert_eq!(connect(&bed, 30).get("s2"), Some(&30));
+
+    // Uninstall on exit: programs detached, pins gone, the VIP unroutable again.
+    d.stop();
+    assert!(!scratch.pins.exists(), "pins left in {}", scratch.pins.display());
+    let a = bed.pod("client").connect(format!("{VIP}:80").parse().unwrap(), 1, false).unwrap();
+    assert_eq!(a[0].errno, Some(libc::ENETUNREACH), "{a:?}");
+}
+
+#[test]
+fn enroll_errors_are_clear() {
+    if !root_or_skip("enroll_errors_are_clear") {
+        return;
+    }
+    let bed = bed();
+    let scratch = Scratch::new();
+    scratch.write_config(&echo_config(&bed, &["s1"], "{}"));
+    let d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &[]);
+    let e = admin::request(d.admin, "POST", "/v1/enroll", Some(r#"{"netns": "/run/netns/does-not-exist"}"#))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("400") && e.contains("does-not-exist"), "{e}");
+    let e = admin::request(d.admin, "POST", "/v1/enroll", Some("{}")).unwrap_err().to_string();
+    assert!(e.contains("exactly one of"), "{e}");
+    // The CLI without a daemon says so.
+    let out = Command::new(DAEMON)
+        .args(["enroll", "--pid", "1", "--admin", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is kmesh-daemon running"));
+}
