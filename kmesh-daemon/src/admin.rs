@@ -184,8 +184,10 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
     };
     let workload = req.workload.clone();
     let r = with_mesh(&s, move |m| {
-        if let Some(w) = &workload {
-            if !m.model().workloads.contains_key(w) {
+        if let Some(w) = &workload
+            && !m.model().workloads.contains_key(w)
+        {
+            {
                 tracing::warn!(workload = %w, "enrolled with a workload the config does not know (yet); node locality applies until it appears");
             }
         }
@@ -240,7 +242,12 @@ pub enum ClientError {
 }
 
 /// A minimal HTTP/1.1 request to the admin API; returns the body of a 2xx answer.
-pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Result<String, ClientError> {
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<String, ClientError> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .map_err(|source| ClientError::Connect { addr, source })?;
     let io = |source| ClientError::Io { addr, source };
@@ -256,7 +263,8 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -
     s.read_to_end(&mut resp).map_err(io)?;
     let text = String::from_utf8_lossy(&resp);
     let (head, rest) = text.split_once("\r\n\r\n").ok_or(ClientError::Malformed)?;
-    let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or(ClientError::Malformed)?;
+    let status: u16 =
+        head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or(ClientError::Malformed)?;
     // Bodies here are small and sent with Content-Length or chunked by axum; handle both.
     let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
         dechunk(rest)

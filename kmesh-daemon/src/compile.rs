@@ -272,11 +272,8 @@ pub fn compile(
     classes.insert(0, node_loc.clone());
     let mut used_classes = BTreeSet::new();
     for (cookie, e) in enrolled {
-        let loc = e
-            .workload
-            .as_ref()
-            .and_then(|uid| model.workloads.get(uid))
-            .map(ClientLocality::of_workload);
+        let loc =
+            e.workload.as_ref().and_then(|uid| model.workloads.get(uid)).map(ClientLocality::of_workload);
         let class_id = match loc {
             Some(l) if l != node_loc => {
                 let id = ids.classes.get_or_alloc(&l);
@@ -301,7 +298,8 @@ pub fn compile(
     let mut used_services = BTreeSet::new();
     let mut used_backends = BTreeSet::new();
     for (key, svc) in &model.services {
-        if svc.load_balancing.mode == LbMode::Passthrough || svc.addresses.is_empty() || svc.ports.is_empty() {
+        if svc.load_balancing.mode == LbMode::Passthrough || svc.addresses.is_empty() || svc.ports.is_empty()
+        {
             continue;
         }
         let service_id = ids.services.get_or_alloc(key);
@@ -388,6 +386,11 @@ pub fn compile(
             }
         }
     }
+    // Backends (and their port overrides) that no slot references, e.g. excluded by STRICT,
+    // are not written.
+    let referenced: BTreeSet<u32> = out.endpoints.values().map(|e| e.backend_id).collect();
+    out.backends.retain(|id, _| referenced.contains(id));
+    out.ports.retain(|k, _| referenced.contains(&k.backend_id));
     ids.services.retain(&used_services);
     ids.backends.retain(&used_backends);
     out
@@ -403,15 +406,19 @@ fn emit_table(
     weighted: bool,
     levels: &[Vec<(u32, u32)>; LEVELS],
 ) {
-    let mut t = TableValue::default();
-    t.flags = if strict { TBL_F_STRICT } else { 0 } | if weighted { TBL_F_WEIGHTED } else { 0 };
+    let flags = if strict { TBL_F_STRICT } else { 0 } | if weighted { TBL_F_WEIGHTED } else { 0 };
+    let mut t = TableValue { flags, ..Default::default() };
     let mut slots = Vec::new();
     for (level, eps) in levels.iter().enumerate() {
         t.counts[level] = eps.len() as u32;
         let mut cum = 0u32;
         for (index, (backend_id, w)) in eps.iter().enumerate() {
             cum = cum.saturating_add(if weighted { *w } else { 0 });
-            slots.push((level as u8, index as u32, EndpointValue { backend_id: *backend_id, cum_weight: cum }));
+            slots.push((
+                level as u8,
+                index as u32,
+                EndpointValue { backend_id: *backend_id, cum_weight: cum },
+            ));
         }
         t.weights[level] = cum;
     }
@@ -487,11 +494,8 @@ fn changed<K: Ord + Clone, V: PartialEq + Clone>(
     prev: &BTreeMap<K, V>,
     next: &BTreeMap<K, V>,
 ) -> (BTreeMap<K, V>, Vec<K>) {
-    let set = next
-        .iter()
-        .filter(|(k, v)| prev.get(*k) != Some(*v))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let set =
+        next.iter().filter(|(k, v)| prev.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
     let del = prev.keys().filter(|k| !next.contains_key(*k)).cloned().collect();
     (set, del)
 }

@@ -168,9 +168,7 @@ fn required(field: &str, v: &str) -> Result<(), ConfigError> {
 }
 
 fn ip(field: &str, v: &str) -> Result<IpAddr, ConfigError> {
-    v.trim()
-        .parse()
-        .map_err(|_| invalid(field, format!("{v:?} is not an IPv4 or IPv6 address")))
+    v.trim().parse().map_err(|_| invalid(field, format!("{v:?} is not an IPv4 or IPv6 address")))
 }
 
 fn port(field: &str, v: u32, allow_zero: bool) -> Result<u16, ConfigError> {
@@ -338,8 +336,10 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             None => HealthStatus::Healthy,
             Some(s) => enum_value(&format!("{f}.status"), s, STATUS)?,
         };
-        if let Some(c) = w.capacity {
-            if c == 0 || c > MAX_CAPACITY {
+        if let Some(c) = w.capacity
+            && (c == 0 || c > MAX_CAPACITY)
+        {
+            {
                 return Err(invalid(
                     format!("{f}.capacity"),
                     format!("{c} is out of range 1-{MAX_CAPACITY}"),
@@ -446,17 +446,41 @@ workloads:
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            ("workloads: [{uid: u, name: a, namespace: n, addresses: [10.0.0.x]}]", "workloads[0].addresses[0]"),
+            (
+                "workloads: [{uid: u, name: a, namespace: n, addresses: [10.0.0.x]}]",
+                "workloads[0].addresses[0]",
+            ),
             ("workloads: [{name: a, namespace: n}]", "workloads[0].uid"),
             ("workloads: [{uid: u, name: a, namespace: n, status: SICK}]", "workloads[0].status"),
             ("workloads: [{uid: u, name: a, namespace: n, capacity: 0}]", "workloads[0].capacity"),
-            ("workloads: [{uid: u, name: a, namespace: n, services: {nohost: []}}]", "workloads[0].services[\"nohost\"]"),
-            ("services: [{name: s, namespace: n, hostname: h, ports: [{service_port: 70000}]}]", "services[0].ports[0].service_port"),
-            ("services: [{name: s, namespace: n, hostname: h, ports: [{service_port: 80, protocol: SCTP}]}]", "services[0].ports[0].protocol"),
-            ("services: [{name: s, namespace: n, hostname: h, load_balancing: {routing_preference: [PLANET]}}]", "services[0].load_balancing.routing_preference[0]"),
-            ("services: [{name: s, namespace: n, hostname: h, load_balancing: {mode: FAST}}]", "services[0].load_balancing.mode"),
-            ("services: [{name: s, namespace: n, hostname: h, load_balancing: {health_policy: ANY}}]", "services[0].load_balancing.health_policy"),
-            ("services: [{name: s, namespace: n, hostname: h, ports: [{service_port: 80}, {service_port: 80}]}]", "services[0].ports[1].service_port"),
+            (
+                "workloads: [{uid: u, name: a, namespace: n, services: {nohost: []}}]",
+                "workloads[0].services[\"nohost\"]",
+            ),
+            (
+                "services: [{name: s, namespace: n, hostname: h, ports: [{service_port: 70000}]}]",
+                "services[0].ports[0].service_port",
+            ),
+            (
+                "services: [{name: s, namespace: n, hostname: h, ports: [{service_port: 80, protocol: SCTP}]}]",
+                "services[0].ports[0].protocol",
+            ),
+            (
+                "services: [{name: s, namespace: n, hostname: h, load_balancing: {routing_preference: [PLANET]}}]",
+                "services[0].load_balancing.routing_preference[0]",
+            ),
+            (
+                "services: [{name: s, namespace: n, hostname: h, load_balancing: {mode: FAST}}]",
+                "services[0].load_balancing.mode",
+            ),
+            (
+                "services: [{name: s, namespace: n, hostname: h, load_balancing: {health_policy: ANY}}]",
+                "services[0].load_balancing.health_policy",
+            ),
+            (
+                "services: [{name: s, namespace: n, hostname: h, ports: [{service_port: 80}, {service_port: 80}]}]",
+                "services[0].ports[1].service_port",
+            ),
             ("services: [{name: s, namespace: n}]", "services[0].hostname"),
         ];
         for (text, field) in cases {
@@ -472,10 +496,8 @@ workloads:
                         {name: b, namespace: n, hostname: b, addresses: [10.96.0.1], ports: [{service_port: 80}]}]",
         );
         assert!(e.contains("services[1].addresses") && e.contains("n/a"), "{e}");
-        let e = err(
-            "workloads: [{uid: a, name: a, namespace: n, addresses: [10.0.0.1]},
-                         {uid: b, name: b, namespace: n, addresses: [10.0.0.1]}]",
-        );
+        let e = err("workloads: [{uid: a, name: a, namespace: n, addresses: [10.0.0.1]},
+                         {uid: b, name: b, namespace: n, addresses: [10.0.0.1]}]");
         assert!(e.contains("workloads[1].addresses[0]"), "{e}");
     }
 
@@ -483,6 +505,13 @@ workloads:
     fn unknown_fields_and_bad_yaml_are_errors() {
         assert!(err("workloads: [{uid: a, name: a, namespace: n, adresses: []}]").contains("adresses"));
         assert!(matches!(parse("services: [unclosed"), Err(ConfigError::Syntax(_))));
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let m = parse(include_str!("../../config/example.yaml")).unwrap();
+        assert_eq!(m.workloads.len(), 2);
+        assert_eq!(m.services["default/echo.default.svc.cluster.local"].ports.len(), 2);
     }
 
     #[test]

@@ -71,8 +71,14 @@ fn reload(shared: &Shared, last: &mut Option<Vec<u8>>) {
     let r = shared.mesh.lock().unwrap().set_model(model);
     match r {
         Ok(rep) => {
-            tracing::info!(workloads = w, services = s, writes = rep.writes, deletes = rep.deletes,
-                elapsed_ms = started.elapsed().as_millis() as u64, "configuration applied");
+            tracing::info!(
+                workloads = w,
+                services = s,
+                writes = rep.writes,
+                deletes = rep.deletes,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "configuration applied"
+            );
             *shared.config_error.lock().unwrap() = None;
             shared.ready.store(true, Ordering::SeqCst);
         }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
 use aya::maps::IterableMap as _;
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader, Pod};
@@ -200,7 +200,7 @@ enum Undo<K, V> {
 }
 
 /// Upserts `set` into `m`, recording how to undo each write.
-fn upsert<K: Pod + Ord + Clone, V: Pod + Clone>(
+fn upsert<K: Pod + Ord, V: Pod>(
     m: &mut HashMap<MapData, K, V>,
     name: &'static str,
     old: &BTreeMap<K, V>,
@@ -213,8 +213,8 @@ fn upsert<K: Pod + Ord + Clone, V: Pod + Clone>(
             return Err(KernelError::Write { map: name, source });
         }
         undo.push(match old.get(k) {
-            Some(o) => Undo::Restore(k.clone(), o.clone()),
-            None => Undo::Remove(k.clone()),
+            Some(o) => Undo::Restore(*k, *o),
+            None => Undo::Remove(*k),
         });
     }
     Ok(())
@@ -235,11 +235,11 @@ fn rollback<K: Pod, V: Pod>(m: &mut HashMap<MapData, K, V>, undo: &mut Vec<Undo<
 fn remove_all<K: Pod>(m: &mut HashMap<MapData, K, impl Pod>, name: &'static str, keys: &[K]) -> usize {
     let mut failed = 0;
     for k in keys {
-        if let Err(e) = m.remove(k) {
-            if !is_not_found(&e) {
-                failed += 1;
-                tracing::error!(map = name, error = %e, "delete failed; the entry is unreachable but stays");
-            }
+        if let Err(e) = m.remove(k)
+            && !is_not_found(&e)
+        {
+            failed += 1;
+            tracing::error!(map = name, error = %e, "delete failed; the entry is unreachable but stays");
         }
     }
     failed
@@ -279,7 +279,8 @@ impl Dataplane {
         let backends = take(&mut ebpf, "BACKENDS")?;
         let ports = take(&mut ebpf, "PORTS")?;
         let stats_map = ebpf.take_map("STATS").ok_or(KernelError::MissingMap("STATS"))?;
-        let stats = PerCpuArray::try_from(stats_map).map_err(|source| KernelError::MapType { name: "STATS", source })?;
+        let stats = PerCpuArray::try_from(stats_map)
+            .map_err(|source| KernelError::MapType { name: "STATS", source })?;
 
         let cgroup = fs::File::open(&opts.cgroup)
             .map_err(|source| KernelError::Cgroup { path: opts.cgroup.clone(), source })?;
@@ -300,18 +301,14 @@ impl Dataplane {
                 .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|source| KernelError::Program { name, source })?;
             let link = prog.take_link(id).map_err(|source| KernelError::Program { name, source })?;
-            let fd: FdLink = link
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| KernelError::Pin {
-                    path: dir.join("links").join(name),
-                    reason: e.to_string(),
-                })?;
+            let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
+                KernelError::Pin { path: dir.join("links").join(name), reason: e.to_string() }
+            })?;
             let final_path = dir.join("links").join(name);
             let tmp = dir.join("links").join(format!("{name}_new")); // bpffs names take no dots
             let _ = fs::remove_file(&tmp);
-            let pinned = fd
-                .pin(&tmp)
-                .map_err(|e| KernelError::Pin { path: tmp.clone(), reason: e.to_string() })?;
+            let pinned =
+                fd.pin(&tmp).map_err(|e| KernelError::Pin { path: tmp.clone(), reason: e.to_string() })?;
             // rename() replaces an older link pin atomically; dropping that pin detaches the
             // older program.
             fs::rename(&tmp, &final_path)
@@ -344,8 +341,12 @@ impl Dataplane {
         fn max<K: Pod, V: Pod>(m: &HashMap<MapData, K, V>, name: &str, requested: u32) -> u32 {
             match m.map().info() {
                 Ok(info) if info.max_entries() != requested => {
-                    tracing::warn!(map = name, pinned = info.max_entries(), requested,
-                        "adopted map keeps its pinned capacity");
+                    tracing::warn!(
+                        map = name,
+                        pinned = info.max_entries(),
+                        requested,
+                        "adopted map keeps its pinned capacity"
+                    );
                     info.max_entries()
                 }
                 _ => requested,

@@ -7,12 +7,16 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kmesh_daemon::admin::{self, EnrollRequest};
+use kmesh_daemon::config;
 use kmesh_daemon::daemon::{self, RunOptions};
 use kmesh_daemon::kernel::{self, Capacities};
-use kmesh_daemon::config;
 
 #[derive(Parser)]
-#[command(name = "kmesh-daemon", version, about = "Sidecarless service mesh data plane: socket-level load balancing in the kernel")]
+#[command(
+    name = "kmesh-daemon",
+    version,
+    about = "Sidecarless service mesh data plane: socket-level load balancing in the kernel"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -140,23 +144,31 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Enroll { target, workload } => {
             let req = EnrollRequest { netns: target.netns, pid: target.pid, workload };
-            let body = admin::request(target.admin, "POST", "/v1/enroll", Some(&serde_json::to_string(&req)?))?;
+            let body =
+                admin::request(target.admin, "POST", "/v1/enroll", Some(&serde_json::to_string(&req)?))?;
             println!("{body}");
             Ok(())
         }
         Cmd::Unenroll { target } => {
             let req = EnrollRequest { netns: target.netns, pid: target.pid, workload: None };
-            let body = admin::request(target.admin, "POST", "/v1/unenroll", Some(&serde_json::to_string(&req)?))?;
+            let body =
+                admin::request(target.admin, "POST", "/v1/unenroll", Some(&serde_json::to_string(&req)?))?;
             println!("{body}");
             Ok(())
         }
         Cmd::CheckConfig { file } => {
             let m = config::load_file(&file)?;
-            println!("{}: ok ({} workloads, {} services)", file.display(), m.workloads.len(), m.services.len());
+            println!(
+                "{}: ok ({} workloads, {} services)",
+                file.display(),
+                m.workloads.len(),
+                m.services.len()
+            );
             Ok(())
         }
         Cmd::Uninstall { bpffs } => {
-            let removed = kernel::uninstall(&bpffs).with_context(|| format!("removing {}", bpffs.display()))?;
+            let removed =
+                kernel::uninstall(&bpffs).with_context(|| format!("removing {}", bpffs.display()))?;
             println!("removed {} pins and directories under {}", removed.len(), bpffs.display());
             Ok(())
         }

@@ -49,7 +49,11 @@ impl Mesh {
         &self.dp
     }
 
-    fn sync(&mut self, model: &Model, enrolled: &BTreeMap<u64, Enrollment>) -> Result<ApplyReport, KernelError> {
+    fn sync(
+        &mut self,
+        model: &Model,
+        enrolled: &BTreeMap<u64, Enrollment>,
+    ) -> Result<ApplyReport, KernelError> {
         let mut ids = self.ids.clone();
         let next = compile(model, enrolled, &mut ids, self.dp.applied());
         match self.dp.apply(next) {

@@ -217,12 +217,16 @@ fn per_workload_target_ports_override_the_service_default() {
     env.bed.serve(env.pod("s2"), &[9999], &[]).unwrap();
     let mut w = workload(env.pod("s1"), &[(SVC_KEY, "[]")], "");
     w += &workload(env.pod("s2"), &[(SVC_KEY, "[{service_port: 80, target_port: 9999}]")], "");
-    env.apply(&config("zone-a", &service(&format!("[{VIP}]"), "[{service_port: 80, target_port: 8080}]", "{}"), &w));
+    env.apply(&config(
+        "zone-a",
+        &service(&format!("[{VIP}]"), "[{service_port: 80, target_port: 8080}]", "{}"),
+        &w,
+    ));
     env.enroll("client", None);
     let a = env.connect("client", &format!("{VIP}:80"), 60);
     let s = spread(&a);
     assert!(a.iter().all(|a| a.ok), "{s:?}");
-    assert!(s.get("s1").is_some() && s.get("s2").is_some(), "{s:?}");
+    assert!(s.contains_key("s1") && s.contains_key("s2"), "{s:?}");
 }
 
 #[test]
@@ -361,7 +365,8 @@ fn a_full_map_is_refused_whole_and_the_previous_state_stays() {
     let before = env.mesh().dataplane().read_state().unwrap();
 
     // Five ports need five frontends: refused before any write.
-    let ports: Vec<String> = (0..5).map(|i| format!("{{service_port: {}, target_port: 8080}}", 80 + i)).collect();
+    let ports: Vec<String> =
+        (0..5).map(|i| format!("{{service_port: {}, target_port: 8080}}", 80 + i)).collect();
     let mut w = String::new();
     for s in ["s1", "s2", "s3"] {
         w += &workload(env.pod(s), &[(SVC_KEY, "[]")], "");

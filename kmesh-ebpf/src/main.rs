@@ -8,11 +8,11 @@
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 use aya_ebpf::{
+    EbpfContext as _,
     btf_maps::{HashMap, PerCpuArray},
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_set_retval},
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
-    EbpfContext as _,
 };
 use kmesh_common::*;
 
@@ -173,14 +173,7 @@ pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
 pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
     let Some(proto) = proto_of(&ctx) else { return 1 };
     let sa = ctx.sock_addr;
-    let addr = unsafe {
-        [
-            (*sa).user_ip6[0],
-            (*sa).user_ip6[1],
-            (*sa).user_ip6[2],
-            (*sa).user_ip6[3],
-        ]
-    };
+    let addr = unsafe { [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]] };
     let port = unsafe { (*sa).user_port } as u16;
     // A v4-mapped destination on a dual-stack socket is an IPv4 service: use IPv4 tables and
     // write the IPv4 backend back v4-mapped.

@@ -37,7 +37,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("testbed agent binary not found (looked for {0}); build it with `cargo build --release -p kmesh-testbed` or set KMESH_TESTBED_BIN")]
+    #[error(
+        "testbed agent binary not found (looked for {0}); build it with `cargo build --release -p kmesh-testbed` or set KMESH_TESTBED_BIN"
+    )]
     NoAgent(String),
     #[error("agent: {0}")]
     Agent(String),
@@ -82,11 +84,8 @@ pub fn ip(args: &[&str]) -> Result<String> {
 }
 
 fn run(prog: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(io(format!("running {prog}")))?;
+    let out =
+        Command::new(prog).args(args).stdin(Stdio::null()).output().map_err(io(format!("running {prog}")))?;
     if !out.status.success() {
         return Err(Error::Command {
             cmd: format!("{prog} {}", args.join(" ")),
@@ -126,7 +125,8 @@ fn remove_cgroup_tree(path: &Path) {
             }
         }
     }
-    for _ in 0..50 {
+    // Killed processes leave the cgroup once they are reaped: allow a few seconds.
+    for _ in 0..150 {
         let procs = fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
         let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
         for p in &pids {
@@ -160,8 +160,9 @@ pub fn sweep(only_pid: Option<u32>, include_live: bool) -> Vec<String> {
             (None, _) => false,
         }
     };
-    if let Ok(root) = testbeds_cgroup() {
-        if let Ok(entries) = fs::read_dir(&root) {
+    if let Ok(entries) = testbeds_cgroup().and_then(|root| fs::read_dir(root).map_err(io("listing testbeds")))
+    {
+        {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if e.path().is_dir() && doomed(&name) {
@@ -170,6 +171,9 @@ pub fn sweep(only_pid: Option<u32>, include_live: bool) -> Vec<String> {
                 }
             }
         }
+    }
+    if let Ok(root) = testbeds_cgroup() {
+        let _ = fs::remove_dir(root); // only succeeds when no testbed is left
     }
     for ns in netns_list() {
         if doomed(&ns) {
@@ -181,10 +185,21 @@ pub fn sweep(only_pid: Option<u32>, include_live: bool) -> Vec<String> {
     removed
 }
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True once [`cleanup_signal_handler`] caught a signal. A main thread that fails because
+/// its resources are being removed under it should then wait for the handler to exit.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Extra work for [`cleanup_signal_handler`] to do before removing the testbeds.
+pub type CleanupHooks = Arc<Mutex<Vec<Box<dyn FnMut() + Send>>>>;
+
 /// Blocks SIGINT and SIGTERM in every thread started after this call and handles them on a
 /// dedicated thread: run `extra` (e.g. stop a daemon), remove everything this process's
 /// testbeds made, and exit with 130. Call it first thing in `main`.
-pub fn cleanup_signal_handler(extra: Arc<Mutex<Vec<Box<dyn FnMut() + Send>>>>) {
+pub fn cleanup_signal_handler(extra: CleanupHooks) {
     // SAFETY: sigset manipulation on local, initialised sets.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -195,6 +210,7 @@ pub fn cleanup_signal_handler(extra: Arc<Mutex<Vec<Box<dyn FnMut() + Send>>>>) {
         std::thread::spawn(move || {
             let mut sig = 0;
             libc::sigwait(&set, &mut sig);
+            INTERRUPTED.store(true, Ordering::SeqCst);
             eprintln!("\ninterrupted: cleaning up");
             if let Ok(mut hooks) = extra.lock() {
                 for h in hooks.iter_mut() {
@@ -206,6 +222,29 @@ pub fn cleanup_signal_handler(extra: Arc<Mutex<Vec<Box<dyn FnMut() + Send>>>>) {
             }
             std::process::exit(130);
         });
+    }
+}
+
+/// Clears the signal mask of the calling thread. Masks survive fork and exec: a child of a
+/// process that blocked SIGTERM for [`cleanup_signal_handler`] would otherwise ignore SIGTERM.
+/// Async-signal-safe, for use between fork and exec.
+pub fn unblock_all_signals() {
+    // SAFETY: sigemptyset/sigprocmask on a local set.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+}
+
+/// Makes a command's child start with no blocked signals (see [`unblock_all_signals`]).
+pub fn with_default_signals(c: &mut Command) -> &mut Command {
+    // SAFETY: the closure only calls async-signal-safe functions.
+    unsafe {
+        c.pre_exec(|| {
+            unblock_all_signals();
+            Ok(())
+        })
     }
 }
 
@@ -222,7 +261,13 @@ pub struct PodSpec {
 
 impl PodSpec {
     pub fn new(name: &str, node: &str, zone: &str) -> Self {
-        Self { name: name.into(), node: node.into(), region: "region-1".into(), zone: zone.into(), ipv6: true }
+        Self {
+            name: name.into(),
+            node: node.into(),
+            region: "region-1".into(),
+            zone: zone.into(),
+            ipv6: true,
+        }
     }
 }
 
@@ -302,7 +347,20 @@ impl Testbed {
         let ipv6 = spec.ipv6.then(|| Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, host as u16));
         let veth = format!("v{idx}");
         ip(&["netns", "add", &netns])?;
-        ip(&["-n", &self.node_ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&[
+            "-n",
+            &self.node_ns,
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
+        ])?;
         ip(&["-n", &self.node_ns, "link", "set", &veth, "master", "br0", "up"])?;
         ip(&["-n", &netns, "addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
         if let Some(v6) = ipv6 {
@@ -437,6 +495,7 @@ impl Pod {
                 if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                unblock_all_signals();
                 Ok(())
             });
         }

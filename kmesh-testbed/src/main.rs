@@ -13,7 +13,10 @@ use clap::{Parser, Subcommand};
 use kmesh_testbed::*;
 
 #[derive(Parser)]
-#[command(name = "kmesh-testbed", about = "Pods on this machine: network namespaces, veths, a bridge, cgroups")]
+#[command(
+    name = "kmesh-testbed",
+    about = "Pods on this machine: network namespaces, veths, a bridge, cgroups"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -120,7 +123,10 @@ fn up(pods: Vec<String>, secs: u64) -> anyhow::Result<()> {
             p.netns_path().display()
         );
     }
-    println!("run commands with: kmesh-testbed exec --bed {} --pod NAME -- CMD; Ctrl-C removes it all", bed.name());
+    println!(
+        "run commands with: kmesh-testbed exec --bed {} --pod NAME -- CMD; Ctrl-C removes it all",
+        bed.name()
+    );
     std::thread::sleep(Duration::from_secs(secs));
     Ok(())
 }
@@ -196,7 +202,8 @@ fn attempt_tcp(target: SocketAddr, timeout: Duration) -> std::io::Result<(String
 }
 
 fn attempt_udp(target: SocketAddr, timeout: Duration) -> std::io::Result<(String, SocketAddr)> {
-    let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let bind: SocketAddr =
+        if target.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
     let s = UdpSocket::bind(bind)?;
     s.connect(target)?;
     s.set_read_timeout(Some(timeout))?;
@@ -252,4 +259,3 @@ fn connect(
     }
     Ok(())
 }
-

@@ -34,11 +34,7 @@ fn no_clients() -> BTreeMap<u64, Enrollment> {
 
 /// Backend addresses per level of the one table with this class and family.
 fn levels(s: &MapState, class_id: u32, family: u8) -> Vec<Vec<IpAddr>> {
-    let (k, t) = s
-        .tables
-        .iter()
-        .find(|(k, _)| k.class_id == class_id && k.family == family)
-        .expect("table");
+    let (k, t) = s.tables.iter().find(|(k, _)| k.class_id == class_id && k.family == family).expect("table");
     (0..LEVELS)
         .map(|level| {
             (0..t.counts[level])
@@ -201,8 +197,11 @@ fn per_workload_target_ports_override_only_when_they_differ() {
 
 #[test]
 fn capacities_make_a_weighted_table_with_cumulative_weights() {
-    let w = [workload("a", "10.244.0.2", "z1", ", capacity: 1"), workload("b", "10.244.0.3", "z1", ", capacity: 3")]
-        .join("\n");
+    let w = [
+        workload("a", "10.244.0.2", "z1", ", capacity: 1"),
+        workload("b", "10.244.0.3", "z1", ", capacity: 3"),
+    ]
+    .join("\n");
     let m = model(&echo_service("{}"), &w);
     let (s, _) = compile_fresh(&m, &no_clients());
     let t = s.tables.values().next().unwrap();
@@ -211,8 +210,11 @@ fn capacities_make_a_weighted_table_with_cumulative_weights() {
     let cums: Vec<u32> = s.endpoints.values().map(|e| e.cum_weight).collect();
     assert_eq!(cums, vec![1, 4]);
     // Equal capacities are plain random.
-    let w = [workload("a", "10.244.0.2", "z1", ", capacity: 2"), workload("b", "10.244.0.3", "z1", ", capacity: 2")]
-        .join("\n");
+    let w = [
+        workload("a", "10.244.0.2", "z1", ", capacity: 2"),
+        workload("b", "10.244.0.3", "z1", ", capacity: 2"),
+    ]
+    .join("\n");
     let (s, _) = compile_fresh(&model(&echo_service("{}"), &w), &no_clients());
     assert_eq!(s.tables.values().next().unwrap().flags & TBL_F_WEIGHTED, 0);
 }

@@ -39,7 +39,11 @@ pub fn pin_dir() -> PathBuf {
             }
         }
     }
-    PathBuf::from(format!("/sys/fs/bpf/kmesh-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)))
+    PathBuf::from(format!(
+        "/sys/fs/bpf/kmesh-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ))
 }
 
 pub struct Env {
@@ -59,7 +63,11 @@ impl Env {
             bed.add_pod(p.clone()).expect("pod");
         }
         let pin_dir = pin_dir();
-        let dp = Dataplane::load(&LoadOptions { cgroup: bed.cgroup().to_owned(), pin_dir: pin_dir.clone(), capacities });
+        let dp = Dataplane::load(&LoadOptions {
+            cgroup: bed.cgroup().to_owned(),
+            pin_dir: pin_dir.clone(),
+            capacities,
+        });
         let dp = dp.unwrap_or_else(|e| {
             let _ = kernel::uninstall(&pin_dir);
             panic!("load data plane: {e}")

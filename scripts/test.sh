@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The test command (README command 2, run by .ci/run): installs what is missing, checks
+# formatting and lints, builds, and runs every test. Root integration tests load eBPF programs
+# and create network namespaces; without root they skip with a message.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+echo "== format and lints"
+cargo fmt --all -- --check
+cargo clippy --release --all-targets -- -D warnings
+
+echo "== build (binaries are used by the integration tests)"
+cargo build --release --bins --examples
+
+echo "== tests"
+set +e
+cargo test --release --no-fail-fast 2>&1 | tee target/test-output.txt
+status=${PIPESTATUS[0]}
+set -e
+
+# Nothing may be left behind by the tests.
+left=$(ip netns list | grep -c '^kt' || true)
+if [ "$left" -ne 0 ]; then echo "tests left $left network namespaces behind" >&2; ip netns list >&2; status=1; fi
+if ls -d /sys/fs/bpf/kmesh-test-* >/dev/null 2>&1; then echo "tests left bpffs pins behind" >&2; status=1; fi
+
+passed=$(grep '^test result:' target/test-output.txt | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep '^test result:' target/test-output.txt | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+echo "tests: $passed passed, $failed failed"
+exit "$status"
