@@ -1,15 +1,15 @@
 //! kmesh-daemon: the node agent of the mesh.
 //!
-//! Data flows one way: a source (`config`: the local YAML file) produces a validated
-//! [`model::Model`]; [`compile`] turns the model and the enrolled namespaces into the exact
+//! Data flows one way: a source (`config`: the local YAML file, in `kmesh-model`) produces a
+//! validated [`model::Model`]; [`compile`] turns the model and the enrolled namespaces into the exact
 //! contents of every BPF map and a make-before-break diff; [`kernel`] is the only module that
 //! makes bpf() calls; [`mesh`] keeps the three in step. [`admin`] is the operator's surface.
 
+pub use kmesh_model::{config, model};
+
 pub mod admin;
 pub mod compile;
-pub mod config;
 pub mod daemon;
 pub mod kernel;
 pub mod mesh;
-pub mod model;
 pub mod netns;

@@ -1,0 +1,7 @@
+//! The mesh model and the sources that produce it. Pure: no I/O besides reading a config file.
+//!
+//! - [`model`]: workloads and services as Istio's workload API defines them, already validated.
+//! - [`config`]: the local YAML file (the embedded default source, standing in for istiod).
+
+pub mod config;
+pub mod model;
