@@ -381,6 +381,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                 service_account: w.service_account,
                 trust_domain: w.trust_domain,
                 capacity: w.capacity,
+                authorization_policies: Vec::new(),
                 services,
             },
         );

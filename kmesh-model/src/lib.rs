@@ -2,6 +2,8 @@
 //!
 //! - [`model`]: workloads and services as Istio's workload API defines them, already validated.
 //! - [`config`]: the local YAML file (the embedded default source, standing in for istiod).
+//! - [`xds`]: Istio workload and authorization resources from the control plane.
 
 pub mod config;
 pub mod model;
+pub mod xds;

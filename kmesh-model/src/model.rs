@@ -54,6 +54,8 @@ pub struct Workload {
     pub trust_domain: String,
     /// Relative weight for load balancing (`None`: every endpoint weighs the same).
     pub capacity: Option<u32>,
+    /// Selector-based policies that apply to this workload, as `namespace/name`.
+    pub authorization_policies: Vec<String>,
     /// Services this workload backs, keyed `namespace/hostname`, with per-workload port maps.
     pub services: BTreeMap<String, Vec<PortMapping>>,
 }
@@ -138,6 +140,8 @@ pub struct Model {
     pub workloads: BTreeMap<String, Workload>,
     /// By `namespace/hostname`.
     pub services: BTreeMap<String, Service>,
+    /// Authorization policies by `namespace/name`.
+    pub policies: BTreeMap<String, Policy>,
 }
 
 impl Model {
@@ -184,5 +188,84 @@ impl ClientLocality {
             Scope::Cluster => self.cluster_id == w.cluster_id,
             Scope::Network => self.network == w.network,
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// L4 authorization policies (Istio's `istio.security.Authorization`), held in the model so that
+// every source delivers them the same way. Enforcement is a separate concern.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum PolicyScope {
+    #[default]
+    Global,
+    Namespace,
+    WorkloadSelector,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum PolicyAction {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Presence,
+}
+
+/// An address range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PolicyMatch {
+    pub namespaces: Vec<StringMatch>,
+    pub not_namespaces: Vec<StringMatch>,
+    pub principals: Vec<StringMatch>,
+    pub not_principals: Vec<StringMatch>,
+    pub source_ips: Vec<Cidr>,
+    pub not_source_ips: Vec<Cidr>,
+    pub destination_ips: Vec<Cidr>,
+    pub not_destination_ips: Vec<Cidr>,
+    pub destination_ports: Vec<u16>,
+    pub not_destination_ports: Vec<u16>,
+    /// (namespace, service account)
+    pub service_accounts: Vec<(String, String)>,
+    pub not_service_accounts: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Clause {
+    pub matches: Vec<PolicyMatch>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Rule {
+    pub clauses: Vec<Clause>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    pub name: String,
+    pub namespace: String,
+    pub scope: PolicyScope,
+    pub action: PolicyAction,
+    pub rules: Vec<Rule>,
+    pub dry_run: bool,
+}
+
+impl Policy {
+    /// The key workloads use in `authorization_policies` and the model keys policies by.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
     }
 }

@@ -1,0 +1,452 @@
+//! xDS resources <-> model. Each resource converts on its own: a malformed one is rejected with
+//! an error naming the field, and never affects the others.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use kmesh_proto::istio::security as ps;
+use kmesh_proto::istio::workload as pw;
+use prost::Message;
+
+use crate::config::MAX_CAPACITY;
+use crate::model::*;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field `{field}`: {problem}")]
+pub struct ResourceError {
+    pub field: String,
+    pub problem: String,
+}
+
+fn err(field: impl Into<String>, problem: impl Into<String>) -> ResourceError {
+    ResourceError { field: field.into(), problem: problem.into() }
+}
+
+/// One `istio.workload.Address` resource.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AddressResource {
+    Workload(Workload),
+    Service(Service),
+}
+
+pub fn decode_address(bytes: &[u8]) -> Result<AddressResource, ResourceError> {
+    let a = pw::Address::decode(bytes).map_err(|e| err("Address", format!("not a valid message: {e}")))?;
+    match a.r#type {
+        Some(pw::address::Type::Workload(w)) => workload_from_proto(w).map(AddressResource::Workload),
+        Some(pw::address::Type::Service(s)) => service_from_proto(s).map(AddressResource::Service),
+        None => Err(err("Address.type", "neither a workload nor a service")),
+    }
+}
+
+pub fn decode_authorization(bytes: &[u8]) -> Result<Policy, ResourceError> {
+    let a = ps::Authorization::decode(bytes)
+        .map_err(|e| err("Authorization", format!("not a valid message: {e}")))?;
+    policy_from_proto(a)
+}
+
+fn ip(field: &str, b: &[u8]) -> Result<IpAddr, ResourceError> {
+    match b.len() {
+        4 => Ok(IpAddr::from(<[u8; 4]>::try_from(b).unwrap())),
+        16 => Ok(IpAddr::from(<[u8; 16]>::try_from(b).unwrap())),
+        n => Err(err(field, format!("an address must be 4 or 16 bytes, got {n}"))),
+    }
+}
+
+fn ip_bytes(a: &IpAddr) -> Vec<u8> {
+    match a {
+        IpAddr::V4(v) => v.octets().to_vec(),
+        IpAddr::V6(v) => v.octets().to_vec(),
+    }
+}
+
+fn port(field: &str, p: u32, allow_zero: bool) -> Result<u16, ResourceError> {
+    match u16::try_from(p) {
+        Ok(0) if !allow_zero => Err(err(field, "must be between 1 and 65535")),
+        Ok(v) => Ok(v),
+        Err(_) => Err(err(field, format!("{p} is not a port"))),
+    }
+}
+
+fn required(field: &str, v: &str) -> Result<(), ResourceError> {
+    if v.is_empty() { Err(err(field, "must not be empty")) } else { Ok(()) }
+}
+
+pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
+    required("Workload.uid", &w.uid)?;
+    let mut addresses = Vec::new();
+    for (i, a) in w.addresses.iter().enumerate() {
+        addresses.push(ip(&format!("Workload.addresses[{i}]"), a)?);
+    }
+    let status = match pw::WorkloadStatus::try_from(w.status) {
+        Ok(pw::WorkloadStatus::Healthy) => HealthStatus::Healthy,
+        Ok(pw::WorkloadStatus::Unhealthy) => HealthStatus::Unhealthy,
+        Err(_) => return Err(err("Workload.status", format!("unknown value {}", w.status))),
+    };
+    let capacity = match w.capacity {
+        None => None,
+        Some(c) if c == 0 || c > MAX_CAPACITY => {
+            return Err(err("Workload.capacity", format!("{c} is out of range 1-{MAX_CAPACITY}")));
+        }
+        Some(c) => Some(c),
+    };
+    let mut services = BTreeMap::new();
+    for (key, list) in w.services {
+        let f = format!("Workload.services[{key:?}]");
+        match key.split_once('/') {
+            Some((ns, h)) if !ns.is_empty() && !h.is_empty() => {}
+            _ => return Err(err(f, "key must be \"namespace/hostname\"")),
+        }
+        let mut maps = Vec::new();
+        for (j, p) in list.ports.iter().enumerate() {
+            maps.push(PortMapping {
+                service_port: port(&format!("{f}.ports[{j}].service_port"), p.service_port, false)?,
+                target_port: port(&format!("{f}.ports[{j}].target_port"), p.target_port, true)?,
+            });
+        }
+        services.insert(key, maps);
+    }
+    let locality = w.locality.map(|l| Locality { region: l.region, zone: l.zone, subzone: l.subzone });
+    Ok(Workload {
+        uid: w.uid,
+        name: w.name,
+        namespace: w.namespace,
+        addresses,
+        node: w.node,
+        network: w.network,
+        cluster_id: w.cluster_id,
+        locality: locality.unwrap_or_default(),
+        status,
+        service_account: w.service_account,
+        trust_domain: w.trust_domain,
+        capacity,
+        authorization_policies: w.authorization_policies,
+        services,
+    })
+}
+
+pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
+    required("Service.name", &s.name)?;
+    required("Service.namespace", &s.namespace)?;
+    required("Service.hostname", &s.hostname)?;
+    let mut addresses = Vec::new();
+    for (i, a) in s.addresses.iter().enumerate() {
+        let addr = ip(&format!("Service.addresses[{i}].address"), &a.address)?;
+        if !addresses.contains(&addr) {
+            addresses.push(addr);
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in s.ports.iter().enumerate() {
+        ports.push(ServicePort {
+            service_port: port(&format!("Service.ports[{i}].service_port"), p.service_port, false)?,
+            target_port: port(&format!("Service.ports[{i}].target_port"), p.target_port, true)?,
+            protocol: Protocol::Tcp,
+        });
+    }
+    let load_balancing = match s.load_balancing {
+        None => LoadBalancing::default(),
+        Some(lb) => {
+            use pw::load_balancing::{HealthPolicy as H, Mode as M, Scope as S};
+            let mut prefs = Vec::new();
+            for (i, v) in lb.routing_preference.iter().enumerate() {
+                let f = format!("Service.load_balancing.routing_preference[{i}]");
+                let scope = match S::try_from(*v) {
+                    Ok(S::Region) => Scope::Region,
+                    Ok(S::Zone) => Scope::Zone,
+                    Ok(S::Subzone) => Scope::Subzone,
+                    Ok(S::Node) => Scope::Node,
+                    Ok(S::Cluster) => Scope::Cluster,
+                    Ok(S::Network) => Scope::Network,
+                    Ok(S::UnspecifiedScope) | Err(_) => return Err(err(f, format!("invalid scope {v}"))),
+                };
+                if prefs.contains(&scope) {
+                    return Err(err(f, format!("{scope:?} is listed twice")));
+                }
+                prefs.push(scope);
+            }
+            let mode = match M::try_from(lb.mode) {
+                Ok(M::Strict) => LbMode::Strict,
+                Ok(M::Failover) => LbMode::Failover,
+                Ok(M::Passthrough) => LbMode::Passthrough,
+                Ok(M::UnspecifiedMode) if prefs.is_empty() => LbMode::Random,
+                Ok(M::UnspecifiedMode) => LbMode::Failover,
+                Err(_) => return Err(err("Service.load_balancing.mode", format!("unknown value {}", lb.mode))),
+            };
+            let health_policy = match H::try_from(lb.health_policy) {
+                Ok(H::OnlyHealthy) => HealthPolicy::OnlyHealthy,
+                Ok(H::AllowAll) => HealthPolicy::AllowAll,
+                Err(_) => {
+                    return Err(err(
+                        "Service.load_balancing.health_policy",
+                        format!("unknown value {}", lb.health_policy),
+                    ));
+                }
+            };
+            LoadBalancing { routing_preference: prefs, mode, health_policy }
+        }
+    };
+    Ok(Service { name: s.name, namespace: s.namespace, hostname: s.hostname, addresses, ports, load_balancing })
+}
+
+fn string_match(field: &str, m: &ps::StringMatch) -> Result<StringMatch, ResourceError> {
+    use ps::string_match::MatchType as T;
+    match &m.match_type {
+        Some(T::Exact(s)) => Ok(StringMatch::Exact(s.clone())),
+        Some(T::Prefix(s)) => Ok(StringMatch::Prefix(s.clone())),
+        Some(T::Suffix(s)) => Ok(StringMatch::Suffix(s.clone())),
+        Some(T::Presence(_)) => Ok(StringMatch::Presence),
+        None => Err(err(field, "a string match must be exact, prefix, suffix or presence")),
+    }
+}
+
+fn cidr(field: &str, a: &ps::Address) -> Result<Cidr, ResourceError> {
+    let addr = ip(&format!("{field}.address"), &a.address)?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if a.length > max {
+        return Err(err(format!("{field}.length"), format!("{} is longer than {max}", a.length)));
+    }
+    Ok(Cidr { addr, len: a.length as u8 })
+}
+
+pub fn policy_from_proto(p: ps::Authorization) -> Result<Policy, ResourceError> {
+    required("Authorization.name", &p.name)?;
+    let scope = match ps::Scope::try_from(p.scope) {
+        Ok(ps::Scope::Global) => PolicyScope::Global,
+        Ok(ps::Scope::Namespace) => PolicyScope::Namespace,
+        Ok(ps::Scope::WorkloadSelector) => PolicyScope::WorkloadSelector,
+        Err(_) => return Err(err("Authorization.scope", format!("unknown value {}", p.scope))),
+    };
+    let action = match ps::Action::try_from(p.action) {
+        Ok(ps::Action::Allow) => PolicyAction::Allow,
+        Ok(ps::Action::Deny) => PolicyAction::Deny,
+        Err(_) => return Err(err("Authorization.action", format!("unknown value {}", p.action))),
+    };
+    let mut rules = Vec::new();
+    for (ri, r) in p.rules.iter().enumerate() {
+        let mut clauses = Vec::new();
+        for (ci, c) in r.clauses.iter().enumerate() {
+            let mut matches = Vec::new();
+            for (mi, m) in c.matches.iter().enumerate() {
+                let f = format!("Authorization.rules[{ri}].clauses[{ci}].matches[{mi}]");
+                let sm = |name: &str, v: &[ps::StringMatch]| -> Result<Vec<StringMatch>, ResourceError> {
+                    v.iter().enumerate().map(|(i, m)| string_match(&format!("{f}.{name}[{i}]"), m)).collect()
+                };
+                let cs = |name: &str, v: &[ps::Address]| -> Result<Vec<Cidr>, ResourceError> {
+                    v.iter().enumerate().map(|(i, a)| cidr(&format!("{f}.{name}[{i}]"), a)).collect()
+                };
+                let ports = |name: &str, v: &[u32]| -> Result<Vec<u16>, ResourceError> {
+                    v.iter().enumerate().map(|(i, p)| port(&format!("{f}.{name}[{i}]"), *p, false)).collect()
+                };
+                let sas = |v: &[ps::ServiceAccountMatch]| -> Vec<(String, String)> {
+                    v.iter().map(|s| (s.namespace.clone(), s.service_account.clone())).collect()
+                };
+                matches.push(PolicyMatch {
+                    namespaces: sm("namespaces", &m.namespaces)?,
+                    not_namespaces: sm("not_namespaces", &m.not_namespaces)?,
+                    principals: sm("principals", &m.principals)?,
+                    not_principals: sm("not_principals", &m.not_principals)?,
+                    source_ips: cs("source_ips", &m.source_ips)?,
+                    not_source_ips: cs("not_source_ips", &m.not_source_ips)?,
+                    destination_ips: cs("destination_ips", &m.destination_ips)?,
+                    not_destination_ips: cs("not_destination_ips", &m.not_destination_ips)?,
+                    destination_ports: ports("destination_ports", &m.destination_ports)?,
+                    not_destination_ports: ports("not_destination_ports", &m.not_destination_ports)?,
+                    service_accounts: sas(&m.service_accounts),
+                    not_service_accounts: sas(&m.not_service_accounts),
+                });
+            }
+            clauses.push(Clause { matches });
+        }
+        rules.push(Rule { clauses });
+    }
+    Ok(Policy { name: p.name, namespace: p.namespace, scope, action, rules, dry_run: p.dry_run })
+}
+
+// ---------------------------------------------------------------------------------------------
+// model -> proto, for the in-repo control plane that serves a YAML file.
+// ---------------------------------------------------------------------------------------------
+
+pub fn workload_to_proto(w: &Workload) -> pw::Workload {
+    pw::Workload {
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        addresses: w.addresses.iter().map(ip_bytes).collect(),
+        node: w.node.clone(),
+        network: w.network.clone(),
+        cluster_id: w.cluster_id.clone(),
+        locality: Some(pw::Locality {
+            region: w.locality.region.clone(),
+            zone: w.locality.zone.clone(),
+            subzone: w.locality.subzone.clone(),
+        }),
+        status: match w.status {
+            HealthStatus::Healthy => pw::WorkloadStatus::Healthy as i32,
+            HealthStatus::Unhealthy => pw::WorkloadStatus::Unhealthy as i32,
+        },
+        service_account: w.service_account.clone(),
+        trust_domain: w.trust_domain.clone(),
+        capacity: w.capacity,
+        authorization_policies: w.authorization_policies.clone(),
+        services: w
+            .services
+            .iter()
+            .map(|(k, v)| {
+                let ports = v
+                    .iter()
+                    .map(|m| pw::Port {
+                        service_port: m.service_port.into(),
+                        target_port: m.target_port.into(),
+                        app_protocol: 0,
+                    })
+                    .collect();
+                (k.clone(), pw::PortList { ports })
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+pub fn service_to_proto(s: &Service) -> pw::Service {
+    use pw::load_balancing::{HealthPolicy as H, Mode as M, Scope as S};
+    let lb = &s.load_balancing;
+    pw::Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        hostname: s.hostname.clone(),
+        addresses: s
+            .addresses
+            .iter()
+            .map(|a| pw::NetworkAddress { network: String::new(), address: ip_bytes(a) })
+            .collect(),
+        ports: s
+            .ports
+            .iter()
+            .map(|p| pw::Port {
+                service_port: p.service_port.into(),
+                target_port: p.target_port.into(),
+                app_protocol: 0,
+            })
+            .collect(),
+        load_balancing: Some(pw::LoadBalancing {
+            routing_preference: lb
+                .routing_preference
+                .iter()
+                .map(|s| {
+                    (match s {
+                        Scope::Region => S::Region,
+                        Scope::Zone => S::Zone,
+                        Scope::Subzone => S::Subzone,
+                        Scope::Node => S::Node,
+                        Scope::Cluster => S::Cluster,
+                        Scope::Network => S::Network,
+                    }) as i32
+                })
+                .collect(),
+            mode: (match lb.mode {
+                LbMode::Random => M::UnspecifiedMode,
+                LbMode::Strict => M::Strict,
+                LbMode::Failover => M::Failover,
+                LbMode::Passthrough => M::Passthrough,
+            }) as i32,
+            health_policy: (match lb.health_policy {
+                HealthPolicy::OnlyHealthy => H::OnlyHealthy,
+                HealthPolicy::AllowAll => H::AllowAll,
+            }) as i32,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Encodes a workload or service as the bytes of an `istio.workload.Address`.
+pub fn encode_address(r: &AddressResource) -> Vec<u8> {
+    let t = match r {
+        AddressResource::Workload(w) => pw::address::Type::Workload(workload_to_proto(w)),
+        AddressResource::Service(s) => pw::address::Type::Service(service_to_proto(s)),
+    };
+    pw::Address { r#type: Some(t) }.encode_to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    #[test]
+    fn the_example_config_round_trips_through_protos() {
+        let m = config::parse(include_str!("../../config/example.yaml")).unwrap();
+        for w in m.workloads.values() {
+            let bytes = encode_address(&AddressResource::Workload(w.clone()));
+            assert_eq!(decode_address(&bytes).unwrap(), AddressResource::Workload(w.clone()));
+        }
+        for s in m.services.values() {
+            let mut expect = s.clone();
+            // Istio's Service ports carry no L4 protocol: everything from xDS is TCP.
+            for p in &mut expect.ports {
+                p.protocol = Protocol::Tcp;
+            }
+            let bytes = encode_address(&AddressResource::Service(s.clone()));
+            assert_eq!(decode_address(&bytes).unwrap(), AddressResource::Service(expect));
+        }
+    }
+
+    #[test]
+    fn malformed_resources_name_the_field() {
+        let w = pw::Workload { uid: "u".into(), addresses: vec![vec![1, 2, 3]], ..Default::default() };
+        let e = workload_from_proto(w).unwrap_err();
+        assert_eq!(e.field, "Workload.addresses[0]");
+        let w = pw::Workload { uid: "u".into(), status: 7, ..Default::default() };
+        assert_eq!(workload_from_proto(w).unwrap_err().field, "Workload.status");
+        let w = pw::Workload { addresses: vec![], ..Default::default() };
+        assert_eq!(workload_from_proto(w).unwrap_err().field, "Workload.uid");
+        let s = pw::Service {
+            name: "s".into(),
+            namespace: "n".into(),
+            hostname: "h".into(),
+            ports: vec![pw::Port { service_port: 70000, target_port: 1, app_protocol: 0 }],
+            ..Default::default()
+        };
+        assert_eq!(service_from_proto(s).unwrap_err().field, "Service.ports[0].service_port");
+        assert!(decode_address(&[0xff, 0xff, 0xff]).is_err());
+        assert_eq!(decode_address(&[]).unwrap_err().field, "Address.type");
+    }
+
+    #[test]
+    fn authorization_policies_convert_with_every_match_field() {
+        let sm = |s: &str| ps::StringMatch { match_type: Some(ps::string_match::MatchType::Prefix(s.into())) };
+        let p = ps::Authorization {
+            name: "deny-x".into(),
+            namespace: "default".into(),
+            scope: ps::Scope::Namespace as i32,
+            action: ps::Action::Deny as i32,
+            dry_run: true,
+            rules: vec![ps::Rule {
+                clauses: vec![ps::Clause {
+                    matches: vec![ps::Match {
+                        namespaces: vec![sm("prod")],
+                        source_ips: vec![ps::Address { address: vec![10, 0, 0, 0], length: 8 }],
+                        destination_ports: vec![80],
+                        service_accounts: vec![ps::ServiceAccountMatch {
+                            namespace: "a".into(),
+                            service_account: "b".into(),
+                        }],
+                        ..Default::default()
+                    }],
+                }],
+            }],
+        };
+        let m = policy_from_proto(p.clone()).unwrap();
+        assert_eq!(m.key(), "default/deny-x");
+        assert_eq!(m.action, PolicyAction::Deny);
+        assert!(m.dry_run);
+        let pm = &m.rules[0].clauses[0].matches[0];
+        assert_eq!(pm.namespaces, vec![StringMatch::Prefix("prod".into())]);
+        assert_eq!(pm.source_ips[0].len, 8);
+        assert_eq!(pm.service_accounts, vec![("a".into(), "b".into())]);
+
+        let mut bad = p;
+        bad.rules[0].clauses[0].matches[0].source_ips[0].length = 33;
+        let e = policy_from_proto(bad).unwrap_err();
+        assert_eq!(e.field, "Authorization.rules[0].clauses[0].matches[0].source_ips[0].length");
+    }
+}
