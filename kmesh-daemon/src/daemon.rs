@@ -13,10 +13,20 @@ use crate::admin::{self, Shared};
 use crate::config;
 use crate::kernel::{self, Capacities, Dataplane, LoadOptions};
 use crate::mesh::Mesh;
+use crate::xds::{self, XdsOptions};
+
+/// Where the mesh configuration comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A local YAML file, re-read when it changes.
+    File(PathBuf),
+    /// A control plane speaking delta ADS (istiod).
+    Xds(Box<XdsOptions>),
+}
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    pub config: PathBuf,
+    pub source: Source,
     pub load: LoadOptions,
     pub admin_addr: SocketAddr,
     pub poll: Duration,
@@ -24,9 +34,9 @@ pub struct RunOptions {
 }
 
 impl RunOptions {
-    pub fn new(config: PathBuf, cgroup: PathBuf, pin_dir: PathBuf) -> Self {
+    pub fn new(source: Source, cgroup: PathBuf, pin_dir: PathBuf) -> Self {
         Self {
-            config,
+            source,
             load: LoadOptions { cgroup, pin_dir, capacities: Capacities::default() },
             admin_addr: "127.0.0.1:15200".parse().unwrap(),
             poll: Duration::from_millis(500),
@@ -97,7 +107,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         mesh: Mutex::new(Mesh::new(dp)),
         ready: Default::default(),
         config_error: Mutex::new(None),
-        config_path: opts.config.clone(),
+        config_path: match &opts.source {
+            Source::File(p) => p.clone(),
+            Source::Xds(x) => PathBuf::from(format!("xds://{}", x.address)),
+        },
     });
 
     let listener = tokio::net::TcpListener::bind(opts.admin_addr)
@@ -107,19 +120,23 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let app = admin::router(shared.clone());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let watcher = {
-        let shared = shared.clone();
-        let poll = opts.poll;
-        tokio::task::spawn_blocking(move || {
-            let mut last = None;
-            loop {
-                reload(&shared, &mut last);
-                std::thread::sleep(poll);
-                if SHUTDOWN.load(Ordering::SeqCst) {
-                    break;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let source_task = match &opts.source {
+        Source::File(_) => {
+            let shared = shared.clone();
+            let poll = opts.poll;
+            tokio::task::spawn_blocking(move || {
+                let mut last = None;
+                while !*stop_rx.borrow() {
+                    reload(&shared, &mut last);
+                    std::thread::sleep(poll);
                 }
-            }
-        })
+            })
+        }
+        Source::Xds(x) => {
+            tracing::info!(address = %x.address, tls = x.ca_file.is_some(), node_id = %x.node_id, "taking configuration from xDS");
+            tokio::spawn(xds::run((**x).clone(), shared.clone(), stop_rx))
+        }
     };
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -128,8 +145,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         _ = term.recv() => {},
         r = server => { r??; }
     }
-    SHUTDOWN.store(true, Ordering::SeqCst);
-    let _ = watcher.await;
+    let _ = stop_tx.send(true);
+    let _ = source_task.await;
     drop(shared);
     if opts.uninstall_on_exit {
         let removed = kernel::uninstall(&opts.load.pin_dir)?;
@@ -139,5 +156,3 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
-static SHUTDOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

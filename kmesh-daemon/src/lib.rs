@@ -13,3 +13,4 @@ pub mod daemon;
 pub mod kernel;
 pub mod mesh;
 pub mod netns;
+pub mod xds;

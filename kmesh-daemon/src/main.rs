@@ -8,7 +8,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use kmesh_daemon::admin::{self, EnrollRequest};
 use kmesh_daemon::config;
-use kmesh_daemon::daemon::{self, RunOptions};
+use kmesh_daemon::daemon::{self, RunOptions, Source};
+use kmesh_daemon::model::{Locality, NodeInfo};
+use kmesh_daemon::xds::XdsOptions;
 use kmesh_daemon::kernel::{self, Capacities};
 
 #[derive(Parser)]
@@ -39,6 +41,65 @@ struct CapacityArgs {
 }
 
 #[derive(Args)]
+struct XdsArgs {
+    /// Take the configuration from this control plane (istiod: istiod.istio-system.svc:15012)
+    /// over delta ADS instead of a file.
+    #[arg(long, env = "XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// Connect without TLS (local control planes only).
+    #[arg(long)]
+    xds_plaintext: bool,
+    /// Root CA that signs the control plane's certificate.
+    #[arg(long, default_value = "/var/run/secrets/istio/root-cert.pem")]
+    xds_ca_file: PathBuf,
+    /// Server name to verify in the control plane's certificate (default: the address's host).
+    #[arg(long)]
+    xds_server_name: Option<String>,
+    /// Bearer token sent to the control plane (default with TLS:
+    /// /var/run/secrets/tokens/istio-token).
+    #[arg(long)]
+    xds_token_file: Option<PathBuf>,
+    /// This node's name (for locality); its region/zone default to those of its workloads.
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node_name: String,
+    #[arg(long, default_value = "")]
+    node_region: String,
+    #[arg(long, default_value = "")]
+    node_zone: String,
+    #[arg(long, default_value = "")]
+    node_subzone: String,
+    /// Longest pause between reconnection attempts, in milliseconds.
+    #[arg(long, default_value_t = 15_000)]
+    xds_backoff_max_ms: u64,
+}
+
+impl XdsArgs {
+    fn options(&self) -> Option<XdsOptions> {
+        let address = self.xds_address.as_ref()?;
+        let node = NodeInfo {
+            name: self.node_name.clone(),
+            locality: Locality {
+                region: self.node_region.clone(),
+                zone: self.node_zone.clone(),
+                subzone: self.node_subzone.clone(),
+            },
+            ..Default::default()
+        };
+        let mut o = XdsOptions::new(address, node);
+        if !self.xds_plaintext {
+            o.ca_file = Some(self.xds_ca_file.clone());
+            o.token_file =
+                Some(self.xds_token_file.clone().unwrap_or_else(|| "/var/run/secrets/tokens/istio-token".into()));
+        } else {
+            o.token_file = self.xds_token_file.clone();
+        }
+        o.tls_server_name = self.xds_server_name.clone();
+        o.backoff_max = Duration::from_millis(self.xds_backoff_max_ms.max(100));
+        Some(o)
+    }
+}
+
+#[derive(Args)]
 struct Target {
     /// Network namespace path (e.g. /run/netns/NAME or /proc/PID/ns/net).
     #[arg(long, conflicts_with = "pid", required_unless_present = "pid")]
@@ -56,8 +117,10 @@ enum Cmd {
     /// Run the daemon.
     Run {
         /// Local mesh configuration (YAML); re-read when it changes.
-        #[arg(long, env = "KMESH_CONFIG")]
-        config: PathBuf,
+        #[arg(long, env = "KMESH_CONFIG", conflicts_with = "xds_address", required_unless_present = "xds_address")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        xds: XdsArgs,
         /// cgroup2 directory to attach to (default: the cgroup2 mount, i.e. every pod).
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -119,12 +182,17 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run { config, cgroup, bpffs, admin, poll_ms, uninstall_on_exit, caps } => {
+        Cmd::Run { config, xds, cgroup, bpffs, admin, poll_ms, uninstall_on_exit, caps } => {
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => cgroup2_mount()?,
             };
-            let mut opts = RunOptions::new(config, cgroup, bpffs);
+            let source = match (config, xds.options()) {
+                (Some(c), None) => Source::File(c),
+                (None, Some(x)) => Source::Xds(Box::new(x)),
+                _ => anyhow::bail!("give exactly one of --config and --xds-address"),
+            };
+            let mut opts = RunOptions::new(source, cgroup, bpffs);
             opts.admin_addr = admin;
             opts.poll = Duration::from_millis(poll_ms.max(50));
             opts.uninstall_on_exit = uninstall_on_exit;

@@ -25,3 +25,7 @@ pub use envoy_types::pb::google::rpc as rpc;
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
 /// Type URL of authorization policy resources.
 pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
+/// The `google.protobuf.Any` that Envoy's `Resource` carries.
+pub use envoy_types::pb::google::protobuf::Any;
+/// `google.protobuf.Struct` as Envoy's `Node.metadata` uses it.
+pub use envoy_types::pb::google::protobuf as envoy_struct;

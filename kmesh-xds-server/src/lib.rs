@@ -1,0 +1,472 @@
+//! An in-repo control plane that speaks delta ADS for Istio's workload API
+//! (`istio.workload.Address`, `istio.security.Authorization`) as istiod does on the wire, for
+//! tests, the demo and benchmarks.
+//!
+//! It is strict on purpose: a client that omits its node, subscribes to an unknown type, ACKs a
+//! nonce it was never sent, or ACKs twice is recorded as a protocol violation and its stream is
+//! closed with an error, so that a client bug fails a test. Tests drive it: set and remove
+//! resources, break every stream, read the ACKs and NACKs it received.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use kmesh_proto::discovery::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use kmesh_proto::discovery::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use kmesh_proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub const TYPES: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
+
+/// The `Address` resources of a model, as istiod names them: workloads by uid, services by
+/// `namespace/hostname`.
+pub fn address_resources(m: &kmesh_model::model::Model) -> BTreeMap<String, Vec<u8>> {
+    use kmesh_model::xds::{AddressResource, encode_address};
+    let mut out = BTreeMap::new();
+    for (uid, w) in &m.workloads {
+        out.insert(uid.clone(), encode_address(&AddressResource::Workload(w.clone())));
+    }
+    for (key, s) in &m.services {
+        out.insert(key.clone(), encode_address(&AddressResource::Service(s.clone())));
+    }
+    out
+}
+
+/// What a client said about one response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ack {
+    pub node: String,
+    pub type_url: String,
+    pub nonce: String,
+    /// `Some(message)` for a NACK.
+    pub error: Option<String>,
+}
+
+/// A subscription as a client opened it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    pub node: String,
+    pub type_url: String,
+    /// What the client said it already has.
+    pub initial_resource_versions: BTreeMap<String, String>,
+}
+
+#[derive(Default)]
+struct State {
+    /// type -> name -> (version, encoded resource)
+    resources: BTreeMap<String, BTreeMap<String, (String, Vec<u8>)>>,
+    next_version: u64,
+    next_nonce: u64,
+    acks: Vec<Ack>,
+    subscriptions: Vec<Subscription>,
+    violations: Vec<String>,
+    streams_opened: u64,
+}
+
+/// The control plane. Cheap to clone; every clone is the same server.
+#[derive(Clone)]
+pub struct ControlPlane {
+    state: Arc<Mutex<State>>,
+    /// Bumped on every change: streams wake up and push what changed.
+    changed: watch::Sender<u64>,
+    /// Bumped to close every open stream.
+    broken: watch::Sender<u64>,
+    token: Option<String>,
+}
+
+impl Default for ControlPlane {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ControlPlane {
+    pub fn new() -> Self {
+        Self {
+            state: Arc::new(Mutex::new(State::default())),
+            changed: watch::channel(0).0,
+            broken: watch::channel(0).0,
+            token: None,
+        }
+    }
+
+    /// Requires `authorization: Bearer <token>` on every stream.
+    pub fn with_token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_string());
+        self
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Adds or replaces resources of one type (each gets a new version).
+    pub fn set(&self, type_url: &str, items: impl IntoIterator<Item = (String, Vec<u8>)>) {
+        {
+            let mut s = self.state.lock().unwrap();
+            for (name, bytes) in items {
+                s.next_version += 1;
+                let v = format!("v{}", s.next_version);
+                s.resources.entry(type_url.to_string()).or_default().insert(name, (v, bytes));
+            }
+        }
+        self.bump();
+    }
+
+    /// Removes resources of one type by name.
+    pub fn remove(&self, type_url: &str, names: &[&str]) {
+        {
+            let mut s = self.state.lock().unwrap();
+            if let Some(m) = s.resources.get_mut(type_url) {
+                for n in names {
+                    m.remove(*n);
+                }
+            }
+        }
+        self.bump();
+    }
+
+    /// Makes the resources of one type exactly `items`: unchanged bytes keep their version.
+    pub fn replace_all(&self, type_url: &str, items: BTreeMap<String, Vec<u8>>) {
+        {
+            let mut s = self.state.lock().unwrap();
+            let old = s.resources.remove(type_url).unwrap_or_default();
+            let mut new = BTreeMap::new();
+            for (name, bytes) in items {
+                let entry = match old.get(&name) {
+                    Some((v, b)) if *b == bytes => (v.clone(), bytes),
+                    _ => {
+                        s.next_version += 1;
+                        (format!("v{}", s.next_version), bytes)
+                    }
+                };
+                new.insert(name, entry);
+            }
+            s.resources.insert(type_url.to_string(), new);
+        }
+        self.bump();
+    }
+
+    /// Closes every open stream with an error (as when istiod restarts).
+    pub fn break_streams(&self) {
+        self.broken.send_modify(|v| *v += 1);
+    }
+
+    pub fn acks(&self) -> Vec<Ack> {
+        self.state.lock().unwrap().acks.clone()
+    }
+
+    pub fn nacks(&self) -> Vec<Ack> {
+        self.acks().into_iter().filter(|a| a.error.is_some()).collect()
+    }
+
+    pub fn subscriptions(&self) -> Vec<Subscription> {
+        self.state.lock().unwrap().subscriptions.clone()
+    }
+
+    pub fn violations(&self) -> Vec<String> {
+        self.state.lock().unwrap().violations.clone()
+    }
+
+    pub fn streams_opened(&self) -> u64 {
+        self.state.lock().unwrap().streams_opened
+    }
+
+    /// Current version of a resource.
+    pub fn version(&self, type_url: &str, name: &str) -> Option<String> {
+        self.state.lock().unwrap().resources.get(type_url)?.get(name).map(|(v, _)| v.clone())
+    }
+
+    pub fn service(&self) -> AggregatedDiscoveryServiceServer<ControlPlane> {
+        AggregatedDiscoveryServiceServer::new(self.clone()).max_encoding_message_size(usize::MAX)
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, optionally with TLS.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), tonic::transport::Error> {
+        let mut b = tonic::transport::Server::builder();
+        if let Some(t) = tls {
+            b = b.tls_config(t)?;
+        }
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        b.add_service(self.service()).serve_with_incoming_shutdown(incoming, shutdown).await
+    }
+
+    /// Binds `addr` and serves in the background. Returns the bound address and a handle whose
+    /// drop (or `stop`) shuts the server down.
+    pub async fn spawn(
+        &self,
+        addr: SocketAddr,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> std::io::Result<ServerHandle> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let me = self.clone();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.await;
+            };
+            if let Err(e) = me.serve(listener, tls, shutdown).await {
+                tracing::error!(error = %e, "control plane stopped");
+            }
+        });
+        Ok(ServerHandle { addr: local, stop: Some(tx), task: Some(task), cp: self.clone() })
+    }
+
+    fn violation(&self, msg: String) -> Status {
+        tracing::warn!(violation = %msg, "client broke the protocol");
+        self.state.lock().unwrap().violations.push(msg.clone());
+        Status::invalid_argument(msg)
+    }
+
+    /// What a stream that has `sent` must receive to match the current state of `type_url`.
+    fn delta_for(&self, type_url: &str, sent: &BTreeMap<String, String>) -> Option<DeltaDiscoveryResponse> {
+        let mut s = self.state.lock().unwrap();
+        let current = s.resources.get(type_url).cloned().unwrap_or_default();
+        let resources: Vec<Resource> = current
+            .iter()
+            .filter(|(n, (v, _))| sent.get(*n) != Some(v))
+            .map(|(n, (v, b))| Resource {
+                name: n.clone(),
+                version: v.clone(),
+                resource: Some(kmesh_proto::Any { type_url: type_url.to_string(), value: b.clone() }),
+                ..Default::default()
+            })
+            .collect();
+        let removed: Vec<String> = sent.keys().filter(|n| !current.contains_key(*n)).cloned().collect();
+        if resources.is_empty() && removed.is_empty() {
+            return None;
+        }
+        s.next_nonce += 1;
+        Some(DeltaDiscoveryResponse {
+            system_version_info: format!("v{}", s.next_version),
+            resources,
+            type_url: type_url.to_string(),
+            removed_resources: removed,
+            nonce: format!("n{}", s.next_nonce),
+            ..Default::default()
+        })
+    }
+
+    fn empty_response(&self, type_url: &str) -> DeltaDiscoveryResponse {
+        let mut s = self.state.lock().unwrap();
+        s.next_nonce += 1;
+        DeltaDiscoveryResponse {
+            system_version_info: format!("v{}", s.next_version),
+            type_url: type_url.to_string(),
+            nonce: format!("n{}", s.next_nonce),
+            ..Default::default()
+        }
+    }
+}
+
+/// A running server; stops when dropped.
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    cp: ControlPlane,
+}
+
+impl ServerHandle {
+    /// Stops serving: open streams are broken and the port is released.
+    pub async fn stop(mut self) {
+        self.cp.break_streams();
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.cp.break_streams();
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Per-stream bookkeeping.
+struct StreamState {
+    node: Option<String>,
+    /// type -> name -> version the client has been sent.
+    sent: BTreeMap<String, BTreeMap<String, String>>,
+    subscribed: BTreeSet<String>,
+    /// nonce -> type, for responses not yet ACKed or NACKed.
+    pending: BTreeMap<String, String>,
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for ControlPlane {
+    type StreamAggregatedResourcesStream =
+        Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+    type DeltaAggregatedResourcesStream = ResponseStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented("this control plane serves delta ADS only, as istiod does for the workload API"))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        if let Some(token) = &self.token {
+            let want = format!("Bearer {token}");
+            let got = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+            if got != Some(want.as_str()) {
+                return Err(Status::unauthenticated("missing or wrong bearer token"));
+            }
+        }
+        self.state.lock().unwrap().streams_opened += 1;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<DeltaDiscoveryResponse, Status>>(64);
+        let cp = self.clone();
+        let mut changed = self.changed.subscribe();
+        let mut broken = self.broken.subscribe();
+        tokio::spawn(async move {
+            let mut st = StreamState {
+                node: None,
+                sent: BTreeMap::new(),
+                subscribed: BTreeSet::new(),
+                pending: BTreeMap::new(),
+            };
+            loop {
+                tokio::select! {
+                    msg = inbound.message() => {
+                        let req = match msg {
+                            Ok(Some(r)) => r,
+                            Ok(None) => break,
+                            Err(e) => { tracing::debug!(error = %e, "client stream ended"); break; }
+                        };
+                        match cp.on_request(&mut st, req) {
+                            Ok(out) => {
+                                for r in out {
+                                    if tx.send(Ok(r)).await.is_err() { return; }
+                                }
+                            }
+                            Err(status) => { let _ = tx.send(Err(status)).await; return; }
+                        }
+                    }
+                    r = changed.changed() => {
+                        if r.is_err() { break; }
+                        for t in st.subscribed.clone() {
+                            if let Some(resp) = cp.push(&mut st, &t) {
+                                if tx.send(Ok(resp)).await.is_err() { return; }
+                            }
+                        }
+                    }
+                    _ = broken.changed() => {
+                        let _ = tx.send(Err(Status::unavailable("control plane closed the stream"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl ControlPlane {
+    /// The response that brings `st` up to date for `type_url`, if any, recorded as sent.
+    fn push(&self, st: &mut StreamState, type_url: &str) -> Option<DeltaDiscoveryResponse> {
+        let sent = st.sent.entry(type_url.to_string()).or_default();
+        let resp = self.delta_for(type_url, sent)?;
+        for r in &resp.resources {
+            sent.insert(r.name.clone(), r.version.clone());
+        }
+        for n in &resp.removed_resources {
+            sent.remove(n);
+        }
+        st.pending.insert(resp.nonce.clone(), type_url.to_string());
+        Some(resp)
+    }
+
+    fn on_request(&self, st: &mut StreamState, req: DeltaDiscoveryRequest) -> Result<Vec<DeltaDiscoveryResponse>, Status> {
+        if st.node.is_none() {
+            let id = req.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+            if id.is_empty() {
+                return Err(self.violation("the first request of a stream must carry a Node with an id".into()));
+            }
+            st.node = Some(id);
+        }
+        let node = st.node.clone().unwrap_or_default();
+        if !TYPES.contains(&req.type_url.as_str()) {
+            return Err(self.violation(format!("unknown type_url {:?}", req.type_url)));
+        }
+        if !req.response_nonce.is_empty() {
+            // An ACK or NACK.
+            match st.pending.remove(&req.response_nonce) {
+                Some(t) if t == req.type_url => {}
+                Some(t) => {
+                    return Err(self.violation(format!(
+                        "nonce {} was sent for {t}, acknowledged as {}",
+                        req.response_nonce, req.type_url
+                    )));
+                }
+                None => {
+                    return Err(self.violation(format!(
+                        "ACK/NACK for nonce {:?} that was never sent or was already answered",
+                        req.response_nonce
+                    )));
+                }
+            }
+            self.state.lock().unwrap().acks.push(Ack {
+                node,
+                type_url: req.type_url,
+                nonce: req.response_nonce,
+                error: req.error_detail.map(|s| s.message),
+            });
+            return Ok(Vec::new());
+        }
+        // A subscription (wildcard, as istiod's workload types are).
+        let wildcard = req.resource_names_subscribe.is_empty() || req.resource_names_subscribe == ["*"];
+        if !wildcard {
+            return Err(self.violation(format!(
+                "{} is a wildcard type; named subscriptions {:?} are not served",
+                req.type_url, req.resource_names_subscribe
+            )));
+        }
+        if !st.subscribed.insert(req.type_url.clone()) {
+            return Ok(Vec::new());
+        }
+        let initial: BTreeMap<String, String> = req.initial_resource_versions.into_iter().collect();
+        self.state.lock().unwrap().subscriptions.push(Subscription {
+            node,
+            type_url: req.type_url.clone(),
+            initial_resource_versions: initial.clone(),
+        });
+        st.sent.insert(req.type_url.clone(), initial);
+        // Like istiod, answer every new subscription, even when there is nothing to send.
+        let resp = match self.push(st, &req.type_url) {
+            Some(r) => r,
+            None => {
+                let r = self.empty_response(&req.type_url);
+                st.pending.insert(r.nonce.clone(), req.type_url.clone());
+                r
+            }
+        };
+        Ok(vec![resp])
+    }
+}

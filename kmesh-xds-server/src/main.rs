@@ -1,0 +1,62 @@
+//! `kmesh-xds-server`: serves a local YAML file (the same format as the daemon's) over delta
+//! ADS as istiod would, and pushes the changes when the file changes.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use kmesh_model::config;
+use kmesh_proto::ADDRESS_TYPE;
+use kmesh_xds_server::{ControlPlane, address_resources};
+
+#[derive(Parser)]
+#[command(name = "kmesh-xds-server", about = "Delta ADS control plane serving a YAML file (for tests and demos)")]
+struct Cli {
+    /// Mesh configuration to serve (kmesh-daemon's YAML format).
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    listen: SocketAddr,
+    /// Require `authorization: Bearer <token>`.
+    #[arg(long)]
+    token: Option<String>,
+    #[arg(long, default_value_t = 500)]
+    poll_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let cli = Cli::parse();
+    let mut cp = ControlPlane::new();
+    if let Some(t) = &cli.token {
+        cp = cp.with_token(t);
+    }
+    let cp2 = cp.clone();
+    let path = cli.config.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut last = None;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path)
+                && last.as_ref() != Some(&text)
+            {
+                match config::parse(&text) {
+                    Ok(m) => {
+                        cp2.replace_all(ADDRESS_TYPE, address_resources(&m));
+                        tracing::info!(workloads = m.workloads.len(), services = m.services.len(), "serving");
+                    }
+                    Err(e) => tracing::error!(error = %e, "config refused; still serving the previous one"),
+                }
+                last = Some(text);
+            }
+            std::thread::sleep(Duration::from_millis(cli.poll_ms));
+        }
+    });
+    let listener = tokio::net::TcpListener::bind(cli.listen).await?;
+    tracing::info!(addr = %cli.listen, "delta ADS listening");
+    cp.serve(listener, None, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}
