@@ -9,9 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use kmesh_daemon::admin::{self, EnrollRequest};
 use kmesh_daemon::config;
 use kmesh_daemon::daemon::{self, RunOptions, Source};
+use kmesh_daemon::kernel::{self, Capacities};
 use kmesh_daemon::model::{Locality, NodeInfo};
 use kmesh_daemon::xds::XdsOptions;
-use kmesh_daemon::kernel::{self, Capacities};
 
 #[derive(Parser)]
 #[command(
@@ -88,8 +88,9 @@ impl XdsArgs {
         let mut o = XdsOptions::new(address, node);
         if !self.xds_plaintext {
             o.ca_file = Some(self.xds_ca_file.clone());
-            o.token_file =
-                Some(self.xds_token_file.clone().unwrap_or_else(|| "/var/run/secrets/tokens/istio-token".into()));
+            o.token_file = Some(
+                self.xds_token_file.clone().unwrap_or_else(|| "/var/run/secrets/tokens/istio-token".into()),
+            );
         } else {
             o.token_file = self.xds_token_file.clone();
         }
@@ -113,11 +114,17 @@ struct Target {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once
 enum Cmd {
     /// Run the daemon.
     Run {
         /// Local mesh configuration (YAML); re-read when it changes.
-        #[arg(long, env = "KMESH_CONFIG", conflicts_with = "xds_address", required_unless_present = "xds_address")]
+        #[arg(
+            long,
+            env = "KMESH_CONFIG",
+            conflicts_with = "xds_address",
+            required_unless_present = "xds_address"
+        )]
         config: Option<PathBuf>,
         #[command(flatten)]
         xds: XdsArgs,

@@ -60,7 +60,8 @@ impl XdsOptions {
 /// `<role>~<pod ip>~<pod>.<ns>~<ns>.svc.cluster.local` from the pod's downward-API variables.
 pub fn default_node_id() -> String {
     let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
-    let (ip, pod, ns) = (env("POD_IP", "127.0.0.1"), env("POD_NAME", "kmesh-daemon"), env("POD_NAMESPACE", "kmesh-system"));
+    let (ip, pod, ns) =
+        (env("POD_IP", "127.0.0.1"), env("POD_NAME", "kmesh-daemon"), env("POD_NAMESPACE", "kmesh-system"));
     format!("kmesh~{ip}~{pod}.{ns}~{ns}.svc.cluster.local")
 }
 
@@ -245,7 +246,10 @@ fn node_message(o: &XdsOptions) -> Node {
     let mut fields = std::collections::BTreeMap::new();
     fields.insert("NODE_NAME".to_string(), s(&o.node.name));
     fields.insert("CLUSTER_ID".to_string(), s(&o.node.cluster_id));
-    fields.insert("NAMESPACE".to_string(), s(&std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "kmesh-system".into())));
+    fields.insert(
+        "NAMESPACE".to_string(),
+        s(&std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "kmesh-system".into())),
+    );
     fields.insert("ISTIO_META_DATAPLANE".to_string(), s("kmesh-rs"));
     Node {
         id: o.node_id.clone(),
@@ -258,7 +262,8 @@ fn node_message(o: &XdsOptions) -> Node {
 async fn channel(o: &XdsOptions) -> Result<Channel, XdsError> {
     let bad = |reason: String| XdsError::Address { address: o.address.clone(), reason };
     let scheme = if o.ca_file.is_some() { "https" } else { "http" };
-    let mut ep = Endpoint::from_shared(format!("{scheme}://{}", o.address)).map_err(|e| bad(e.to_string()))?;
+    let mut ep =
+        Endpoint::from_shared(format!("{scheme}://{}", o.address)).map_err(|e| bad(e.to_string()))?;
     ep = ep.connect_timeout(Duration::from_secs(5)).http2_keep_alive_interval(Duration::from_secs(30));
     if let Some(ca) = &o.ca_file {
         let pem = std::fs::read(ca).map_err(|source| XdsError::Ca { path: ca.clone(), source })?;
@@ -287,7 +292,8 @@ async fn open(
 ) -> Result<(mpsc::Sender<DeltaDiscoveryRequest>, tonic::Streaming<DeltaDiscoveryResponse>), XdsError> {
     let token = match &o.token_file {
         Some(p) => {
-            let t = std::fs::read_to_string(p).map_err(|source| XdsError::Token { path: p.clone(), source })?;
+            let t =
+                std::fs::read_to_string(p).map_err(|source| XdsError::Token { path: p.clone(), source })?;
             Some(format!("Bearer {}", t.trim()))
         }
         None => None,
@@ -300,13 +306,14 @@ async fn open(
         })?),
         None => None,
     };
-    let mut client = AggregatedDiscoveryServiceClient::with_interceptor(ch, move |mut req: tonic::Request<()>| {
-        if let Some(t) = &token_value {
-            req.metadata_mut().insert("authorization", t.clone());
-        }
-        Ok(req)
-    })
-    .max_decoding_message_size(usize::MAX);
+    let mut client =
+        AggregatedDiscoveryServiceClient::with_interceptor(ch, move |mut req: tonic::Request<()>| {
+            if let Some(t) = &token_value {
+                req.metadata_mut().insert("authorization", t.clone());
+            }
+            Ok(req)
+        })
+        .max_decoding_message_size(usize::MAX);
 
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
     tx.send(subscribe(ADDRESS_TYPE, state, Some(node_message(o)))).await.expect("receiver alive");
@@ -325,7 +332,10 @@ pub async fn probe(o: &XdsOptions) -> Result<DeltaDiscoveryResponse, XdsError> {
     let (_tx, mut stream) = open(o, &XdsState::default()).await?;
     match stream.message().await {
         Ok(Some(r)) => Ok(r),
-        Ok(None) => Err(XdsError::Stream { address: o.address.clone(), status: tonic::Status::ok("closed by the server") }),
+        Ok(None) => Err(XdsError::Stream {
+            address: o.address.clone(),
+            status: tonic::Status::ok("closed by the server"),
+        }),
         Err(status) => Err(XdsError::Stream { address: o.address.clone(), status }),
     }
 }
@@ -338,7 +348,10 @@ async fn run_stream(o: &XdsOptions, shared: &Arc<Shared>, state: &mut XdsState) 
         let resp = match stream.message().await {
             Ok(Some(r)) => r,
             Ok(None) => {
-                return Err(XdsError::Stream { address: o.address.clone(), status: tonic::Status::ok("closed by the server") });
+                return Err(XdsError::Stream {
+                    address: o.address.clone(),
+                    status: tonic::Status::ok("closed by the server"),
+                });
             }
             Err(status) => return Err(XdsError::Stream { address: o.address.clone(), status }),
         };
@@ -396,7 +409,10 @@ pub async fn run(o: XdsOptions, shared: Arc<Shared>, mut shutdown: tokio::sync::
             }
         }
         // Full jitter in [backoff/2, backoff].
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
         let jitter = backoff / 2 + backoff.mul_f64((nanos % 1000) as f64 / 2000.0);
         tokio::select! {
             _ = tokio::time::sleep(jitter) => {},
@@ -456,7 +472,10 @@ mod tests {
         let resp = DeltaDiscoveryResponse {
             type_url: ADDRESS_TYPE.into(),
             nonce: "n2".into(),
-            resources: vec![res("good", ADDRESS_TYPE, workload("good")), res("bad", ADDRESS_TYPE, vec![0xff, 0x01])],
+            resources: vec![
+                res("good", ADDRESS_TYPE, workload("good")),
+                res("bad", ADDRESS_TYPE, vec![0xff, 0x01]),
+            ],
             ..Default::default()
         };
         let h = handle_response(&XdsState::default(), &NodeInfo::default(), &resp, |m| {
@@ -495,7 +514,8 @@ mod tests {
 
     #[test]
     fn a_node_takes_the_locality_of_its_workloads() {
-        let text = "workloads: [{uid: w, name: w, namespace: n, node: node-7, locality: {region: r, zone: z}}]";
+        let text =
+            "workloads: [{uid: w, name: w, namespace: n, node: node-7, locality: {region: r, zone: z}}]";
         let w = kmesh_model::config::parse(text).unwrap().workloads.remove("w").unwrap();
         let resp = DeltaDiscoveryResponse {
             type_url: ADDRESS_TYPE.into(),

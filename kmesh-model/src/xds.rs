@@ -170,7 +170,9 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
                 Ok(M::Passthrough) => LbMode::Passthrough,
                 Ok(M::UnspecifiedMode) if prefs.is_empty() => LbMode::Random,
                 Ok(M::UnspecifiedMode) => LbMode::Failover,
-                Err(_) => return Err(err("Service.load_balancing.mode", format!("unknown value {}", lb.mode))),
+                Err(_) => {
+                    return Err(err("Service.load_balancing.mode", format!("unknown value {}", lb.mode)));
+                }
             };
             let health_policy = match H::try_from(lb.health_policy) {
                 Ok(H::OnlyHealthy) => HealthPolicy::OnlyHealthy,
@@ -185,7 +187,14 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
             LoadBalancing { routing_preference: prefs, mode, health_policy }
         }
     };
-    Ok(Service { name: s.name, namespace: s.namespace, hostname: s.hostname, addresses, ports, load_balancing })
+    Ok(Service {
+        name: s.name,
+        namespace: s.namespace,
+        hostname: s.hostname,
+        addresses,
+        ports,
+        load_balancing,
+    })
 }
 
 fn string_match(field: &str, m: &ps::StringMatch) -> Result<StringMatch, ResourceError> {
@@ -413,7 +422,8 @@ mod tests {
 
     #[test]
     fn authorization_policies_convert_with_every_match_field() {
-        let sm = |s: &str| ps::StringMatch { match_type: Some(ps::string_match::MatchType::Prefix(s.into())) };
+        let sm =
+            |s: &str| ps::StringMatch { match_type: Some(ps::string_match::MatchType::Prefix(s.into())) };
         let p = ps::Authorization {
             name: "deny-x".into(),
             namespace: "default".into(),

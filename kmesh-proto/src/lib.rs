@@ -4,6 +4,7 @@
 //! packages, message names and field numbers as Istio's); the delta ADS envelope and service
 //! come from Envoy's API via `envoy-types`.
 
+#[allow(clippy::all)]
 pub mod istio {
     pub mod workload {
         include!(concat!(env!("OUT_DIR"), "/istio.workload.rs"));
@@ -13,19 +14,19 @@ pub mod istio {
     }
 }
 
+/// `Node`, sent in the first request of a stream.
+pub use envoy_types::pb::envoy::config::core::v3 as core;
 /// Envoy's discovery service: `DeltaDiscoveryRequest`, `DeltaDiscoveryResponse`, `Resource`,
 /// and the `AggregatedDiscoveryService` client and server.
 pub use envoy_types::pb::envoy::service::discovery::v3 as discovery;
-/// `Node`, sent in the first request of a stream.
-pub use envoy_types::pb::envoy::config::core::v3 as core;
 /// `google.rpc.Status`, carried by a NACK.
-pub use envoy_types::pb::google::rpc as rpc;
+pub use envoy_types::pb::google::rpc;
 
 /// Type URL of workload and service resources.
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
 /// Type URL of authorization policy resources.
 pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
-/// The `google.protobuf.Any` that Envoy's `Resource` carries.
-pub use envoy_types::pb::google::protobuf::Any;
 /// `google.protobuf.Struct` as Envoy's `Node.metadata` uses it.
 pub use envoy_types::pb::google::protobuf as envoy_struct;
+/// The `google.protobuf.Any` that Envoy's `Resource` carries.
+pub use envoy_types::pb::google::protobuf::Any;

@@ -325,7 +325,9 @@ impl AggregatedDiscoveryService for ControlPlane {
         &self,
         _request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented("this control plane serves delta ADS only, as istiod does for the workload API"))
+        Err(Status::unimplemented(
+            "this control plane serves delta ADS only, as istiod does for the workload API",
+        ))
     }
 
     async fn delta_aggregated_resources(
@@ -372,8 +374,10 @@ impl AggregatedDiscoveryService for ControlPlane {
                     r = changed.changed() => {
                         if r.is_err() { break; }
                         for t in st.subscribed.clone() {
-                            if let Some(resp) = cp.push(&mut st, &t) {
-                                if tx.send(Ok(resp)).await.is_err() { return; }
+                            if let Some(resp) = cp.push(&mut st, &t)
+                                && tx.send(Ok(resp)).await.is_err()
+                            {
+                                return;
                             }
                         }
                     }
@@ -403,11 +407,17 @@ impl ControlPlane {
         Some(resp)
     }
 
-    fn on_request(&self, st: &mut StreamState, req: DeltaDiscoveryRequest) -> Result<Vec<DeltaDiscoveryResponse>, Status> {
+    fn on_request(
+        &self,
+        st: &mut StreamState,
+        req: DeltaDiscoveryRequest,
+    ) -> Result<Vec<DeltaDiscoveryResponse>, Status> {
         if st.node.is_none() {
             let id = req.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
             if id.is_empty() {
-                return Err(self.violation("the first request of a stream must carry a Node with an id".into()));
+                return Err(
+                    self.violation("the first request of a stream must carry a Node with an id".into())
+                );
             }
             st.node = Some(id);
         }

@@ -10,7 +10,10 @@ use kmesh_proto::ADDRESS_TYPE;
 use kmesh_xds_server::{ControlPlane, address_resources};
 
 #[derive(Parser)]
-#[command(name = "kmesh-xds-server", about = "Delta ADS control plane serving a YAML file (for tests and demos)")]
+#[command(
+    name = "kmesh-xds-server",
+    about = "Delta ADS control plane serving a YAML file (for tests and demos)"
+)]
 struct Cli {
     /// Mesh configuration to serve (kmesh-daemon's YAML format).
     #[arg(long)]

@@ -4,7 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kmesh_daemon::admin;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use kmesh_daemon::config;
@@ -15,6 +19,7 @@ use kmesh_daemon::netns;
 use kmesh_testbed::{Attempt, Pod, PodSpec, Testbed};
 
 pub const SVC_KEY: &str = "default/echo.default.svc.cluster.local";
+pub const VIP: &str = "10.96.0.10";
 
 /// None (and a loud message) when the tests cannot run here.
 pub fn root_or_skip(test: &str) -> bool {
@@ -155,4 +160,158 @@ pub fn chi_square(observed: &[u32], expected: &[f64]) -> f64 {
 
 pub fn peer_ip(a: &Attempt) -> IpAddr {
     a.peer.as_ref().unwrap().parse::<SocketAddr>().unwrap().ip()
+}
+
+pub const DAEMON: &str = env!("CARGO_BIN_EXE_kmesh-daemon");
+
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub admin: SocketAddr,
+}
+
+impl Daemon {
+    pub fn start(config: &Path, bed: &Testbed, pins: &Path, extra: &[&str]) -> Daemon {
+        let mut args = vec!["--config".to_string(), config.display().to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start_with(&args, bed, pins)
+    }
+
+    /// Starts `kmesh-daemon run` with `args` (the source and any options) on the testbed.
+    pub fn start_with(args: &[&str], bed: &Testbed, pins: &Path) -> Daemon {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(DAEMON)
+            .arg("run")
+            .args(args)
+            .arg("--cgroup")
+            .arg(bed.cgroup())
+            .arg("--bpffs")
+            .arg(pins)
+            .args(["--admin", &admin.to_string(), "--poll-ms", "100"])
+            .env("KMESH_LOG", "info")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start kmesh-daemon");
+        let d = Daemon { child: Some(child), admin };
+        wait_for("the admin API", || admin::request(admin, "GET", "/version", None).is_ok());
+        d
+    }
+
+    pub fn get(&self, path: &str) -> Result<String, admin::ClientError> {
+        admin::request(self.admin, "GET", path, None)
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = self.get("/metrics").unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if c.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("kmesh-daemon did not exit on SIGTERM");
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A scratch directory removed on drop, plus the pin directory of the test.
+pub struct Scratch {
+    pub dir: PathBuf,
+    pub pins: PathBuf,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let dir = std::env::temp_dir().join(format!(
+            "kmesh-daemon-test-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch { dir, pins: pin_dir() }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("mesh.yaml")
+    }
+
+    /// Replaces the config file atomically, as an operator's tooling should.
+    pub fn write_config(&self, text: &str) {
+        let tmp = self.dir.join("mesh.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.config()).unwrap();
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = kmesh_daemon::kernel::uninstall(&self.pins);
+    }
+}
+
+/// client, s1 (zone-a) and s2, s3 (zone-b), each server answering on 8080.
+pub fn bed() -> Testbed {
+    let mut bed = Testbed::new().unwrap();
+    for p in [
+        PodSpec::new("client", "node-a", "zone-a"),
+        PodSpec::new("s1", "node-a", "zone-a"),
+        PodSpec::new("s2", "node-b", "zone-b"),
+        PodSpec::new("s3", "node-b", "zone-b"),
+    ] {
+        bed.add_pod(p).unwrap();
+    }
+    for s in ["s1", "s2", "s3"] {
+        bed.serve(bed.pod(s), &[8080], &[]).unwrap();
+    }
+    bed
+}
+
+/// The echo service on VIP:80 -> 8080 backed by `backends`.
+pub fn echo_config(bed: &Testbed, backends: &[&str], lb: &str) -> String {
+    let mut w = workload(bed.pod("client"), &[], "");
+    for s in backends {
+        w += &workload(bed.pod(s), &[(SVC_KEY, "[]")], "");
+    }
+    config("zone-a", &service(&format!("[{VIP}]"), "[{service_port: 80, target_port: 8080}]", lb), &w)
+}
+
+/// Where `n` connections from the client to VIP:80 went.
+pub fn connect(bed: &Testbed, n: u32) -> std::collections::BTreeMap<String, u32> {
+    let a = bed.pod("client").connect(format!("{VIP}:80").parse().unwrap(), n, false).unwrap();
+    kmesh_testbed::spread(&a)
 }

@@ -1,0 +1,246 @@
+//! The daemon as a delta ADS client of the in-repo control plane, over real gRPC on loopback,
+//! with real traffic in the testbed. Needs root (the TLS test does not).
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use kmesh_daemon::model::NodeInfo;
+use kmesh_daemon::xds::{XdsError, XdsOptions, probe};
+use kmesh_model::config;
+use kmesh_proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+use kmesh_testbed::{ClientOptions, Testbed, parse_attempts};
+use kmesh_xds_server::{ControlPlane, ServerHandle, address_resources};
+
+fn resources(bed: &Testbed, backends: &[&str]) -> BTreeMap<String, Vec<u8>> {
+    address_resources(&config::parse(&echo_config(bed, backends, "{}")).unwrap())
+}
+
+fn start_daemon(scratch: &Scratch, bed: &Testbed, cp: SocketAddr) -> Daemon {
+    // --config is replaced by --xds-address; the scratch config file is not used.
+    let d = Daemon::start_with(
+        &[
+            "--xds-address",
+            &cp.to_string(),
+            "--xds-plaintext",
+            "--node-name",
+            "node-a",
+            "--xds-backoff-max-ms",
+            "500",
+        ],
+        bed,
+        &scratch.pins,
+    );
+    wait_for("readiness after the first sync", || d.get("/debug/ready").is_ok());
+    d
+}
+
+fn enroll(d: &Daemon, bed: &Testbed) {
+    let req =
+        serde_json::json!({ "netns": bed.pod("client").netns_path(), "workload": "client" }).to_string();
+    kmesh_daemon::admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+#[test]
+fn initial_sync_updates_and_removals_reach_the_kernel() {
+    if !root_or_skip("initial_sync_updates_and_removals_reach_the_kernel") {
+        return;
+    }
+    let rt = runtime();
+    let bed = bed();
+    let scratch = Scratch::new();
+    let cp = ControlPlane::new();
+    cp.replace_all(ADDRESS_TYPE, resources(&bed, &["s1", "s2"]));
+    let server: ServerHandle = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+
+    let d = start_daemon(&scratch, &bed, server.addr);
+    enroll(&d, &bed);
+    let s = connect(&bed, 60);
+    assert_eq!(s.keys().cloned().collect::<Vec<_>>(), ["s1", "s2"], "{s:?}");
+
+    // An endpoint added.
+    cp.replace_all(ADDRESS_TYPE, resources(&bed, &["s1", "s2", "s3"]));
+    wait_for("s3 in the kernel", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 3.0);
+    assert_eq!(connect(&bed, 90).len(), 3);
+
+    // An endpoint removed: no connection goes to it.
+    cp.remove(ADDRESS_TYPE, &["s1"]);
+    wait_for("s1 out of the kernel", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 2.0);
+    let s = connect(&bed, 60);
+    assert!(!s.contains_key("s1"), "{s:?}");
+
+    // The service removed: its frontend goes, the VIP is unroutable again.
+    cp.remove(ADDRESS_TYPE, &[SVC_KEY]);
+    wait_for("frontend removal", || d.metric("kmesh_map_entries{map=\"FRONTENDS\"}") == 0.0);
+    let s = connect(&bed, 3);
+    assert_eq!(s.get("!errno 101"), Some(&3), "{s:?}");
+
+    assert!(cp.violations().is_empty(), "protocol violations: {:?}", cp.violations());
+    assert!(cp.nacks().is_empty(), "unexpected NACKs: {:?}", cp.nacks());
+    let subs = cp.subscriptions();
+    assert!(
+        subs.iter().any(|s| s.type_url == ADDRESS_TYPE)
+            && subs.iter().any(|s| s.type_url == AUTHORIZATION_TYPE)
+    );
+    assert!(subs[0].node.starts_with("kmesh~"), "node id {}", subs[0].node);
+    drop(server);
+}
+
+#[test]
+fn a_malformed_resource_is_nacked_by_name_and_the_rest_applied() {
+    if !root_or_skip("a_malformed_resource_is_nacked_by_name_and_the_rest_applied") {
+        return;
+    }
+    let rt = runtime();
+    let bed = bed();
+    let scratch = Scratch::new();
+    let cp = ControlPlane::new();
+    cp.replace_all(ADDRESS_TYPE, resources(&bed, &["s1"]));
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let d = start_daemon(&scratch, &bed, server.addr);
+    enroll(&d, &bed);
+
+    // One push: s2 valid, "broken" not a protobuf at all.
+    let mut good = resources(&bed, &["s1", "s2"]);
+    let s2 = good.remove("s2").unwrap();
+    cp.set(ADDRESS_TYPE, [("s2".to_string(), s2), ("broken".to_string(), vec![0xff, 0xff, 0x01])]);
+    wait_for("the NACK", || !cp.nacks().is_empty());
+    let nack = cp.nacks()[0].error.clone().unwrap();
+    assert!(nack.contains("broken:") && !nack.contains("s2:"), "{nack}");
+    wait_for("s2 in the kernel", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 2.0);
+    let s = connect(&bed, 60);
+    assert!(s.contains_key("s1") && s.contains_key("s2"), "{s:?}");
+    let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap();
+    assert!(dump["config_error"].as_str().unwrap().contains("broken"), "{dump}");
+    assert!(cp.violations().is_empty(), "{:?}", cp.violations());
+}
+
+#[test]
+fn control_plane_restart_resumes_with_versions_and_traffic_never_stops() {
+    if !root_or_skip("control_plane_restart_resumes_with_versions_and_traffic_never_stops") {
+        return;
+    }
+    let rt = runtime();
+    let bed = bed();
+    let scratch = Scratch::new();
+    let cp = ControlPlane::new();
+    cp.replace_all(ADDRESS_TYPE, resources(&bed, &["s1", "s2", "s3"]));
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let addr = server.addr;
+    let d = start_daemon(&scratch, &bed, addr);
+    enroll(&d, &bed);
+    let held_before = cp.version(ADDRESS_TYPE, "s1").unwrap();
+
+    // A client connecting back to back through the whole outage (bounded: 4 s).
+    let opts = ClientOptions { count: 500_000, duration_ms: 4000, interval_us: 200, ..Default::default() };
+    let mut child = bed
+        .pod("client")
+        .connect_command(format!("{VIP}:80").parse().unwrap(), &opts)
+        .unwrap()
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        BufReader::new(out).lines().map(|l| l.unwrap() + "\n").collect::<String>()
+    });
+
+    std::thread::sleep(Duration::from_millis(500));
+    rt.block_on(server.stop());
+    // While the control plane is down: s3 is removed there; the kernel keeps the last good state.
+    cp.remove(ADDRESS_TYPE, &["s3"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(d.metric("kmesh_map_entries{map=\"BACKENDS\"}"), 3.0, "nothing flushed while disconnected");
+    let opened = cp.streams_opened();
+    let server = rt.block_on(cp.spawn(addr, None)).unwrap();
+    wait_for("the reconnection", || cp.streams_opened() > opened);
+    wait_for("s3 removed after the resync", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 2.0);
+    child.wait().unwrap();
+    let attempts = parse_attempts(&reader.join().unwrap()).unwrap();
+
+    let failed = attempts.iter().filter(|a| !a.ok).count();
+    eprintln!("{} connections across the control-plane restart, {failed} failed", attempts.len());
+    assert!(attempts.len() > 100);
+    assert_eq!(failed, 0, "{:?}", attempts.iter().find(|a| !a.ok));
+    // The resubscription carried what the daemon held.
+    let resub = cp.subscriptions().into_iter().rev().find(|s| s.type_url == ADDRESS_TYPE).unwrap();
+    assert_eq!(resub.initial_resource_versions.get("s1"), Some(&held_before), "{resub:?}");
+    assert!(resub.initial_resource_versions.contains_key("s3"));
+    assert!(cp.violations().is_empty(), "{:?}", cp.violations());
+    drop(server);
+}
+
+/// A self-signed CA and a server certificate for 127.0.0.1 signed by it.
+fn certs() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec!["istiod.test".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn tls_with_a_wrong_ca_or_a_missing_token_is_refused_with_a_clear_error() {
+    let rt = runtime();
+    let (ca, cert, key) = certs();
+    let (other_ca, _, _) = certs();
+    let dir = std::env::temp_dir().join(format!("kmesh-xds-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let (ca_file, other_ca_file, token_file, wrong_token_file) = (
+        write("ca.pem", &ca),
+        write("other-ca.pem", &other_ca),
+        write("token", "s3cret\n"),
+        write("wrong", "nope"),
+    );
+
+    let cp = ControlPlane::new().with_token("s3cret");
+    let tls =
+        tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(&cert, &key));
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), Some(tls))).unwrap();
+    let opts = |ca: &std::path::Path, token: Option<&std::path::Path>| {
+        let mut o = XdsOptions::new(&server.addr.to_string(), NodeInfo::default());
+        o.ca_file = Some(ca.to_owned());
+        o.tls_server_name = Some("istiod.test".into());
+        o.token_file = token.map(|t| t.to_owned());
+        o
+    };
+
+    let ok = rt.block_on(probe(&opts(&ca_file, Some(&token_file))));
+    assert!(ok.is_ok(), "{:?}", ok.err());
+
+    let e = rt.block_on(probe(&opts(&other_ca_file, Some(&token_file)))).unwrap_err();
+    eprintln!("wrong CA: {e}");
+    assert!(matches!(e, XdsError::Connect { .. } | XdsError::Refused { .. }), "{e:?}");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+
+    let e = rt.block_on(probe(&opts(&ca_file, Some(&dir.join("absent-token"))))).unwrap_err();
+    eprintln!("missing token: {e}");
+    assert!(matches!(e, XdsError::Token { .. }) && e.to_string().contains("absent-token"), "{e}");
+
+    let e = rt.block_on(probe(&opts(&ca_file, Some(&wrong_token_file)))).unwrap_err();
+    eprintln!("wrong token: {e}");
+    assert!(e.to_string().contains("bearer token"), "{e}");
+
+    let e = rt.block_on(probe(&opts(&dir.join("absent-ca.pem"), Some(&token_file)))).unwrap_err();
+    assert!(matches!(e, XdsError::Ca { .. }), "{e}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
