@@ -272,8 +272,11 @@ pub fn compile(
     classes.insert(0, node_loc.clone());
     let mut used_classes = BTreeSet::new();
     for (cookie, e) in enrolled {
-        let loc =
-            e.workload.as_ref().and_then(|uid| model.workloads.get(uid)).map(ClientLocality::of_workload);
+        let loc = e
+            .workload
+            .as_ref()
+            .and_then(|uid| model.workloads.get(uid))
+            .map(|w| ClientLocality::of_workload(w));
         let class_id = match loc {
             Some(l) if l != node_loc => {
                 let id = ids.classes.get_or_alloc(&l);

@@ -92,9 +92,9 @@ pub enum XdsError {
 /// A parsed resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Parsed {
-    Workload(Workload),
-    Service(Service),
-    Policy(Policy),
+    Workload(Arc<Workload>),
+    Service(Arc<Service>),
+    Policy(Arc<Policy>),
 }
 
 /// Everything received, by type and resource name, with versions.
@@ -189,11 +189,11 @@ pub fn handle_response(
             }
             let parsed = if type_url == ADDRESS_TYPE {
                 decode_address(&any.value).map(|a| match a {
-                    AddressResource::Workload(w) => Parsed::Workload(w),
-                    AddressResource::Service(s) => Parsed::Service(s),
+                    AddressResource::Workload(w) => Parsed::Workload(Arc::new(w)),
+                    AddressResource::Service(s) => Parsed::Service(Arc::new(s)),
                 })
             } else {
-                decode_authorization(&any.value).map(Parsed::Policy)
+                decode_authorization(&any.value).map(|p| Parsed::Policy(Arc::new(p)))
             };
             match parsed {
                 Ok(p) => {
@@ -445,7 +445,7 @@ mod tests {
         .workloads
         .remove(uid)
         .unwrap();
-        encode_address(&AddressResource::Workload(w))
+        encode_address(&AddressResource::Workload((*w).clone()))
     }
 
     #[test]
@@ -520,7 +520,7 @@ mod tests {
         let resp = DeltaDiscoveryResponse {
             type_url: ADDRESS_TYPE.into(),
             nonce: "n".into(),
-            resources: vec![res("w", ADDRESS_TYPE, encode_address(&AddressResource::Workload(w)))],
+            resources: vec![res("w", ADDRESS_TYPE, encode_address(&AddressResource::Workload((*w).clone())))],
             ..Default::default()
         };
         let node = NodeInfo { name: "node-7".into(), ..Default::default() };

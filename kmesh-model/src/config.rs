@@ -311,7 +311,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
         if model.services.contains_key(&key) {
             return Err(invalid(format!("{f}.hostname"), format!("service {key} is defined twice")));
         }
-        model.services.insert(key, svc);
+        model.services.insert(key, std::sync::Arc::new(svc));
     }
 
     let mut owners: BTreeMap<(String, IpAddr), String> = BTreeMap::new();
@@ -368,7 +368,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
         }
         model.workloads.insert(
             w.uid.clone(),
-            Workload {
+            std::sync::Arc::new(Workload {
                 uid: w.uid,
                 name: w.name,
                 namespace: w.namespace,
@@ -383,7 +383,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                 capacity: w.capacity,
                 authorization_policies: Vec::new(),
                 services,
-            },
+            }),
         );
     }
     Ok(model)

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -136,17 +137,17 @@ impl Service {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Model {
     pub node: NodeInfo,
-    /// By uid.
-    pub workloads: BTreeMap<String, Workload>,
+    /// By uid. Entries are shared (`Arc`), so copies of a model made per update are cheap.
+    pub workloads: BTreeMap<String, Arc<Workload>>,
     /// By `namespace/hostname`.
-    pub services: BTreeMap<String, Service>,
+    pub services: BTreeMap<String, Arc<Service>>,
     /// Authorization policies by `namespace/name`.
-    pub policies: BTreeMap<String, Policy>,
+    pub policies: BTreeMap<String, Arc<Policy>>,
 }
 
 impl Model {
     pub fn workload_by_address(&self, ip: IpAddr) -> Option<&Workload> {
-        self.workloads.values().find(|w| w.addresses.contains(&ip))
+        self.workloads.values().map(|w| w.as_ref()).find(|w| w.addresses.contains(&ip))
     }
 }
 

@@ -385,16 +385,16 @@ mod tests {
     fn the_example_config_round_trips_through_protos() {
         let m = config::parse(include_str!("../../config/example.yaml")).unwrap();
         for w in m.workloads.values() {
-            let bytes = encode_address(&AddressResource::Workload(w.clone()));
-            assert_eq!(decode_address(&bytes).unwrap(), AddressResource::Workload(w.clone()));
+            let bytes = encode_address(&AddressResource::Workload((**w).clone()));
+            assert_eq!(decode_address(&bytes).unwrap(), AddressResource::Workload((**w).clone()));
         }
         for s in m.services.values() {
-            let mut expect = s.clone();
+            let mut expect = (**s).clone();
             // Istio's Service ports carry no L4 protocol: everything from xDS is TCP.
             for p in &mut expect.ports {
                 p.protocol = Protocol::Tcp;
             }
-            let bytes = encode_address(&AddressResource::Service(s.clone()));
+            let bytes = encode_address(&AddressResource::Service((**s).clone()));
             assert_eq!(decode_address(&bytes).unwrap(), AddressResource::Service(expect));
         }
     }

@@ -1,0 +1,175 @@
+//! Control-plane scale benchmark (not a test): the real daemon binary against the in-repo delta
+//! ADS server on loopback. Prints, for N services with M endpoints each (default 10,000 x 10):
+//! the time from the push to every map written, the time for one endpoint change to reach the
+//! kernel, and the daemon's peak RSS and CPU seconds.
+//!
+//!   cargo build --release --bins --examples && target/release/examples/xds_bench [N] [M]
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use kmesh_daemon::admin;
+use kmesh_daemon::model::*;
+use kmesh_model::xds::{AddressResource, encode_address};
+use kmesh_proto::ADDRESS_TYPE;
+use kmesh_testbed::{Testbed, with_default_signals};
+use kmesh_xds_server::ControlPlane;
+
+fn metric(admin_addr: SocketAddr, name: &str) -> f64 {
+    admin::request(admin_addr, "GET", "/metrics", None)
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())))
+        .unwrap_or(-1.0)
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if f() {
+            return Ok(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    bail!("timed out waiting for {what}")
+}
+
+/// (peak RSS in MiB, CPU seconds) of a process.
+fn usage(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (hwm_kb / 1024.0, ticks / hz)
+}
+
+fn workload(svc: usize, ep: usize, m: usize) -> Workload {
+    let n = (svc * m + ep) as u32 + 1;
+    let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + n);
+    let mut services = BTreeMap::new();
+    services.insert(format!("bench/svc-{svc}.bench.svc.cluster.local"), vec![]);
+    Workload {
+        uid: format!("Kubernetes//Pod/bench/svc-{svc}-{ep}"),
+        name: format!("svc-{svc}-{ep}"),
+        namespace: "bench".into(),
+        addresses: vec![IpAddr::V4(addr)],
+        node: format!("node-{}", ep % 3),
+        network: String::new(),
+        cluster_id: "Kubernetes".into(),
+        locality: Locality { region: "r".into(), zone: format!("z{}", ep % 3), subzone: String::new() },
+        status: HealthStatus::Healthy,
+        service_account: "default".into(),
+        trust_domain: "cluster.local".into(),
+        capacity: None,
+        authorization_policies: vec![],
+        services,
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let n = args.first().copied().unwrap_or(10_000);
+    let m = args.get(1).copied().unwrap_or(10);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let bed = Testbed::new().context("needs root")?;
+    let cp = ControlPlane::new();
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse()?, None))?;
+
+    let exe = std::env::current_exe()?;
+    let bin = exe.parent().and_then(|d| d.parent()).map(|d| d.join("kmesh-daemon")).context("daemon path")?;
+    let pins = PathBuf::from(format!("/sys/fs/bpf/kmesh-bench-{}", std::process::id()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let admin_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let mut child = with_default_signals(&mut Command::new(&bin))
+        .args(["run", "--xds-address", &server.addr.to_string(), "--xds-plaintext", "--node-name", "node-0"])
+        .arg("--cgroup")
+        .arg(bed.cgroup())
+        .arg("--bpffs")
+        .arg(&pins)
+        .args(["--admin", &admin_addr.to_string(), "--uninstall-on-exit"])
+        .env("KMESH_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting kmesh-daemon")?;
+    let pid = child.id();
+    let r = (|| -> anyhow::Result<()> {
+        wait_until("readiness", Duration::from_secs(20), || {
+            admin::request(admin_addr, "GET", "/debug/ready", None).is_ok()
+        })?;
+        let (rss0, cpu0) = usage(pid);
+
+        // Build the resources outside the timed region.
+        let t = Instant::now();
+        let mut res = BTreeMap::new();
+        for s in 0..n {
+            let svc = Service {
+                name: format!("svc-{s}"),
+                namespace: "bench".into(),
+                hostname: format!("svc-{s}.bench.svc.cluster.local"),
+                addresses: vec![IpAddr::V4(Ipv4Addr::from(
+                    u32::from(Ipv4Addr::new(10, 96, 0, 0)) + s as u32 + 1,
+                ))],
+                ports: vec![ServicePort { service_port: 80, target_port: 8080, protocol: Protocol::Tcp }],
+                load_balancing: LoadBalancing::default(),
+            };
+            res.insert(svc.key(), encode_address(&AddressResource::Service(svc)));
+            for e in 0..m {
+                let w = workload(s, e, m);
+                res.insert(w.uid.clone(), encode_address(&AddressResource::Workload(w)));
+            }
+        }
+        println!("built {} resources ({n} services x {m} endpoints) in {:.2?}", res.len(), t.elapsed());
+
+        let t0 = Instant::now();
+        cp.replace_all(ADDRESS_TYPE, res);
+        let full = wait_until("all maps written", Duration::from_secs(600), || {
+            metric(admin_addr, "kmesh_map_entries{map=\"FRONTENDS\"}") == n as f64
+                && metric(admin_addr, "kmesh_map_entries{map=\"ENDPOINTS\"}") == (n * m) as f64
+        })?;
+        let _ = t0;
+        let (rss1, cpu1) = usage(pid);
+
+        // One endpoint goes: the service's table switches to a new generation without it.
+        let victim = workload(n / 2, 0, m).uid;
+        let t1 = Instant::now();
+        cp.remove(ADDRESS_TYPE, &[victim.as_str()]);
+        let one = wait_until("one endpoint change", Duration::from_secs(60), || {
+            metric(admin_addr, "kmesh_map_entries{map=\"ENDPOINTS\"}") == (n * m - 1) as f64
+        })?;
+        let _ = t1;
+        let (rss2, cpu2) = usage(pid);
+
+        println!();
+        println!("| measure | value |");
+        println!("|---|---|");
+        println!("| services x endpoints | {n} x {m} ({} workloads) |", n * m);
+        println!("| push -> all maps written | {:.2} s |", full.as_secs_f64());
+        println!("| one endpoint removed -> in the kernel | {:.1} ms |", one.as_secs_f64() * 1000.0);
+        println!("| daemon CPU for the full push | {:.2} s |", cpu1 - cpu0);
+        println!("| daemon CPU for the one change | {:.3} s |", cpu2 - cpu1);
+        println!("| daemon RSS before the push | {rss0:.1} MiB |");
+        println!("| daemon peak RSS (VmHWM) | {:.1} MiB |", rss1.max(rss2));
+        println!(
+            "| map entries | frontends {}, tables {}, endpoints {}, backends {} |",
+            metric(admin_addr, "kmesh_map_entries{map=\"FRONTENDS\"}"),
+            metric(admin_addr, "kmesh_map_entries{map=\"LB_TABLES\"}"),
+            metric(admin_addr, "kmesh_map_entries{map=\"ENDPOINTS\"}"),
+            metric(admin_addr, "kmesh_map_entries{map=\"BACKENDS\"}")
+        );
+        Ok(())
+    })();
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    drop(server);
+    r
+}
