@@ -128,6 +128,13 @@ impl<K: Ord + Clone> IdPool<K> {
         });
     }
 
+    /// Forgets one name.
+    pub fn release(&mut self, k: &K) {
+        if let Some(id) = self.ids.remove(k) {
+            self.in_use.remove(&id);
+        }
+    }
+
     /// Keeps ids of unknown owners out of circulation (see `reserved`).
     pub fn reserve(&mut self, ids: impl IntoIterator<Item = u32>) {
         self.reserved.extend(ids);
@@ -148,7 +155,7 @@ impl<K: Ord + Clone> IdPool<K> {
 #[derive(Clone, Debug, Default)]
 pub struct Ids {
     pub services: IdPool<String>,
-    pub backends: IdPool<(String, IpAddr)>,
+    pub backends: IdPool<BackendKey>,
     pub classes: IdPool<ClientLocality>,
 }
 
@@ -254,63 +261,190 @@ struct Member<'a> {
     backend_id: u32,
 }
 
-/// Compiles the model and the enrolled namespaces into map contents. `prev` is what the maps
-/// hold now: a table whose slots did not change keeps its generation, a changed one gets the
-/// next generation so that it can be switched to atomically.
-pub fn compile(
-    model: &Model,
-    enrolled: &BTreeMap<u64, Enrollment>,
-    ids: &mut Ids,
-    prev: &MapState,
-) -> MapState {
-    let mut out = MapState::default();
+/// Backends are per service (`(service id, workload uid, address)`), so that every map entry
+/// belongs to exactly one service and a service can be recompiled alone.
+pub type BackendKey = (u32, String, IpAddr);
 
-    // Client locality classes: class 0 is the node; every other distinct client locality of an
-    // enrolled workload gets its own class.
-    let node_loc = ClientLocality::of_node(&model.node);
-    let mut classes: BTreeMap<u32, ClientLocality> = BTreeMap::new();
-    classes.insert(0, node_loc.clone());
-    let mut used_classes = BTreeSet::new();
-    for (cookie, e) in enrolled {
-        let loc = e
-            .workload
-            .as_ref()
-            .and_then(|uid| model.workloads.get(uid))
-            .map(|w| ClientLocality::of_workload(w));
-        let class_id = match loc {
-            Some(l) if l != node_loc => {
-                let id = ids.classes.get_or_alloc(&l);
-                used_classes.insert(l.clone());
-                classes.insert(id, l);
-                id
+/// The compiler's memory between compilations: the entries of each service and the index of
+/// which workloads back it, so that a change to a few workloads or services recompiles only the
+/// services they touch.
+#[derive(Clone, Debug, Default)]
+pub struct Compiler {
+    pub ids: Ids,
+    /// Service key -> uids of the workloads that list it.
+    members: BTreeMap<String, BTreeSet<String>>,
+    /// Client locality classes (0: the node).
+    classes: BTreeMap<u32, ClientLocality>,
+    /// Workloads whose locality defines a class (enrolled clients).
+    class_workloads: BTreeSet<String>,
+    /// Service key -> the entries compiled for it.
+    fragments: BTreeMap<String, MapState>,
+    netns: BTreeMap<u64, NetnsValue>,
+}
+
+impl Compiler {
+    pub fn with_ids(ids: Ids) -> Self {
+        Self { ids, ..Default::default() }
+    }
+
+    /// Compiles everything. `prev` is what the maps hold now: a table whose slots did not change
+    /// keeps its generation, a changed one gets the next generation so that it can be switched
+    /// to atomically.
+    pub fn full(&mut self, model: &Model, enrolled: &BTreeMap<u64, Enrollment>, prev: &MapState) -> MapState {
+        // Client locality classes: class 0 is the node; every other distinct client locality of
+        // an enrolled workload gets its own class.
+        let node_loc = ClientLocality::of_node(&model.node);
+        self.classes = BTreeMap::from([(0, node_loc.clone())]);
+        self.class_workloads.clear();
+        self.netns.clear();
+        let mut used_classes = BTreeSet::new();
+        for (cookie, e) in enrolled {
+            if let Some(uid) = &e.workload {
+                self.class_workloads.insert(uid.clone());
             }
-            _ => 0,
-        };
-        out.netns.insert(*cookie, NetnsValue { class_id, _reserved: 0 });
-    }
-    ids.classes.retain(&used_classes);
-
-    // Which workloads back which service.
-    let mut members_of: BTreeMap<&str, Vec<&Workload>> = BTreeMap::new();
-    for w in model.workloads.values() {
-        for key in w.services.keys() {
-            members_of.entry(key.as_str()).or_default().push(w);
+            let loc = e
+                .workload
+                .as_ref()
+                .and_then(|uid| model.workloads.get(uid))
+                .map(|w| ClientLocality::of_workload(w));
+            let class_id = match loc {
+                Some(l) if l != node_loc => {
+                    let id = self.ids.classes.get_or_alloc(&l);
+                    used_classes.insert(l.clone());
+                    self.classes.insert(id, l);
+                    id
+                }
+                _ => 0,
+            };
+            self.netns.insert(*cookie, NetnsValue { class_id, _reserved: 0 });
         }
+        self.ids.classes.retain(&used_classes);
+
+        self.members.clear();
+        for w in model.workloads.values() {
+            for key in w.services.keys() {
+                self.members.entry(key.clone()).or_default().insert(w.uid.clone());
+            }
+        }
+
+        self.fragments.clear();
+        let mut used_services = BTreeSet::new();
+        let mut used_backends = BTreeSet::new();
+        for (key, svc) in &model.services {
+            if let Some(frag) = self.compile_service(model, key, svc, prev, &mut used_backends) {
+                used_services.insert(key.clone());
+                self.fragments.insert(key.clone(), frag);
+            }
+        }
+        self.ids.services.retain(&used_services);
+        self.ids.backends.retain(&used_backends);
+        self.state()
     }
 
-    let mut used_services = BTreeSet::new();
-    let mut used_backends = BTreeSet::new();
-    for (key, svc) in &model.services {
+    /// The full map contents: the union of every service's entries and the enrolled namespaces.
+    pub fn state(&self) -> MapState {
+        let mut out = MapState { netns: self.netns.clone(), ..Default::default() };
+        for f in self.fragments.values() {
+            out.frontends.extend(f.frontends.iter().map(|(k, v)| (*k, *v)));
+            out.tables.extend(f.tables.iter().map(|(k, v)| (*k, *v)));
+            out.endpoints.extend(f.endpoints.iter().map(|(k, v)| (*k, *v)));
+            out.backends.extend(f.backends.iter().map(|(k, v)| (*k, *v)));
+            out.ports.extend(f.ports.iter().map(|(k, v)| (*k, *v)));
+        }
+        out
+    }
+
+    /// Recompiles only the services that changed between `old` and `new`, or that changed
+    /// workloads back (before or after), and returns what to write and delete. Returns `None`
+    /// when a full compilation is needed: the node changed, or a workload that gives an enrolled
+    /// client its locality changed.
+    pub fn incremental(&mut self, old: &Model, new: &Model) -> Option<Diff> {
+        if old.node != new.node {
+            return None;
+        }
+        let changed_w = changed_keys(&old.workloads, &new.workloads);
+        if changed_w.iter().any(|uid| self.class_workloads.contains(uid)) {
+            return None;
+        }
+        let mut affected = changed_keys(&old.services, &new.services);
+        for uid in &changed_w {
+            for w in [old.workloads.get(uid), new.workloads.get(uid)].into_iter().flatten() {
+                affected.extend(w.services.keys().cloned());
+            }
+        }
+        // Backend keys each affected service may hold now, before the index changes.
+        let old_backends: BTreeMap<String, BTreeSet<BackendKey>> =
+            affected.iter().map(|k| (k.clone(), self.backend_keys(old, k))).collect();
+        for uid in &changed_w {
+            if let Some(w) = old.workloads.get(uid) {
+                for key in w.services.keys() {
+                    if let Some(set) = self.members.get_mut(key) {
+                        set.remove(uid);
+                    }
+                }
+            }
+            if let Some(w) = new.workloads.get(uid) {
+                for key in w.services.keys() {
+                    self.members.entry(key.clone()).or_default().insert(uid.clone());
+                }
+            }
+        }
+        let mut d = Diff::default();
+        for key in affected {
+            let prev = self.fragments.remove(&key).unwrap_or_default();
+            let mut used_backends = BTreeSet::new();
+            let next = match new.services.get(&key) {
+                Some(svc) => self.compile_service(new, &key, svc, &prev, &mut used_backends),
+                None => None,
+            };
+            for k in old_backends[&key].difference(&used_backends) {
+                self.ids.backends.release(k);
+            }
+            if next.is_none() {
+                self.ids.services.release(&key);
+            }
+            let next = next.unwrap_or_default();
+            d.merge(diff(&prev, &next));
+            if next != MapState::default() {
+                self.fragments.insert(key.clone(), next);
+            }
+            if self.members.get(&key).is_some_and(|m| m.is_empty()) {
+                self.members.remove(&key);
+            }
+        }
+        Some(d)
+    }
+
+    /// The backend id keys a service may hold: its current members' addresses in `model`.
+    fn backend_keys(&self, model: &Model, key: &str) -> BTreeSet<BackendKey> {
+        let Some(sid) = self.ids.services.get(&key.to_string()) else { return BTreeSet::new() };
+        self.members
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|uid| model.workloads.get(uid))
+            .flat_map(|w| w.addresses.iter().map(move |a| (sid, w.uid.clone(), *a)))
+            .collect()
+    }
+
+    /// Compiles one service; `None` when it has no frontends (passthrough, no address or port).
+    fn compile_service(
+        &mut self,
+        model: &Model,
+        key: &str,
+        svc: &Service,
+        prev: &MapState,
+        used_backends: &mut BTreeSet<BackendKey>,
+    ) -> Option<MapState> {
         if svc.load_balancing.mode == LbMode::Passthrough || svc.addresses.is_empty() || svc.ports.is_empty()
         {
-            continue;
+            return None;
         }
-        let service_id = ids.services.get_or_alloc(key);
-        used_services.insert(key.clone());
+        let mut out = MapState::default();
+        let service_id = self.ids.services.get_or_alloc(&key.to_string());
         let lb = &svc.load_balancing;
         let locality = is_locality_aware(lb);
 
-        // Frontends.
         for addr in &svc.addresses {
             for p in &svc.ports {
                 let target = if p.target_port != 0 { p.target_port } else { p.service_port };
@@ -330,12 +464,12 @@ pub fn compile(
             }
         }
 
-        let candidates: Vec<&Workload> = members_of
-            .get(key.as_str())
-            .map(|v| v.as_slice())
-            .unwrap_or(&[])
-            .iter()
-            .copied()
+        let candidates: Vec<&Workload> = self
+            .members
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|uid| model.workloads.get(uid).map(|w| w.as_ref()))
             .filter(|w| w.status == HealthStatus::Healthy || lb.health_policy == HealthPolicy::AllowAll)
             .collect();
 
@@ -345,8 +479,8 @@ pub fn compile(
             let mut members = Vec::new();
             for w in &candidates {
                 let Some(addr) = w.addresses.iter().find(|a| family_of(a) == family) else { continue };
-                let bkey = (w.uid.clone(), *addr);
-                let backend_id = ids.backends.get_or_alloc(&bkey);
+                let bkey = (service_id, w.uid.clone(), *addr);
+                let backend_id = self.ids.backends.get_or_alloc(&bkey);
                 used_backends.insert(bkey);
                 out.backends.insert(backend_id, BackendValue { addr: addr_words(*addr), _reserved: 0 });
                 members.push(Member { workload: w, backend_id });
@@ -373,9 +507,9 @@ pub fn compile(
                 ws.any(|w| Some(w) != first)
             };
             let class_list: Vec<(u32, &ClientLocality)> = if locality {
-                classes.iter().map(|(id, l)| (*id, l)).collect()
+                self.classes.iter().map(|(id, l)| (*id, l)).collect()
             } else {
-                vec![(0, &node_loc)]
+                vec![(0, &self.classes[&0])]
             };
             for (class_id, client) in class_list {
                 let mut levels: [Vec<(u32, u32)>; LEVELS] = Default::default();
@@ -388,14 +522,45 @@ pub fn compile(
                 emit_table(&mut out, prev, tkey, lb.mode == LbMode::Strict && locality, weighted, &levels);
             }
         }
+        // Backends (and their port overrides) that no slot references, e.g. excluded by STRICT,
+        // are not written.
+        let referenced: BTreeSet<u32> = out.endpoints.values().map(|e| e.backend_id).collect();
+        out.backends.retain(|id, _| referenced.contains(id));
+        out.ports.retain(|k, _| referenced.contains(&k.backend_id));
+        Some(out)
     }
-    // Backends (and their port overrides) that no slot references, e.g. excluded by STRICT,
-    // are not written.
-    let referenced: BTreeSet<u32> = out.endpoints.values().map(|e| e.backend_id).collect();
-    out.backends.retain(|id, _| referenced.contains(id));
-    out.ports.retain(|k, _| referenced.contains(&k.backend_id));
-    ids.services.retain(&used_services);
-    ids.backends.retain(&used_backends);
+}
+
+/// Keys whose entries differ between two maps of shared entries (pointer-equal entries are
+/// unchanged without comparing them).
+fn changed_keys<T: PartialEq>(
+    a: &BTreeMap<String, std::sync::Arc<T>>,
+    b: &BTreeMap<String, std::sync::Arc<T>>,
+) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (k, v) in a {
+        match b.get(k) {
+            Some(w) if std::sync::Arc::ptr_eq(v, w) || v == w => {}
+            _ => {
+                out.insert(k.clone());
+            }
+        }
+    }
+    out.extend(b.keys().filter(|k| !a.contains_key(*k)).cloned());
+    out
+}
+
+/// Compiles the model and the enrolled namespaces into map contents from scratch (see
+/// [`Compiler::full`]).
+pub fn compile(
+    model: &Model,
+    enrolled: &BTreeMap<u64, Enrollment>,
+    ids: &mut Ids,
+    prev: &MapState,
+) -> MapState {
+    let mut c = Compiler::with_ids(std::mem::take(ids));
+    let out = c.full(model, enrolled, prev);
+    *ids = c.ids;
     out
 }
 
@@ -476,6 +641,22 @@ impl Diff {
             && self.del_endpoints.is_empty()
             && self.del_backends.is_empty()
             && self.del_ports.is_empty()
+    }
+
+    /// Adds another diff over disjoint keys.
+    pub fn merge(&mut self, o: Diff) {
+        self.set.netns.extend(o.set.netns);
+        self.set.frontends.extend(o.set.frontends);
+        self.set.tables.extend(o.set.tables);
+        self.set.endpoints.extend(o.set.endpoints);
+        self.set.backends.extend(o.set.backends);
+        self.set.ports.extend(o.set.ports);
+        self.del_netns.extend(o.del_netns);
+        self.del_frontends.extend(o.del_frontends);
+        self.del_tables.extend(o.del_tables);
+        self.del_endpoints.extend(o.del_endpoints);
+        self.del_backends.extend(o.del_backends);
+        self.del_ports.extend(o.del_ports);
     }
 
     pub fn writes(&self) -> usize {

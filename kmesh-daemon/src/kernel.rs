@@ -14,7 +14,7 @@ use aya::{Ebpf, EbpfLoader, Pod};
 use kmesh_common::*;
 use serde::Serialize;
 
-use crate::compile::{MapCounts, MapState, diff};
+use crate::compile::{Diff, MapCounts, MapState, diff};
 
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmesh-ebpf"));
@@ -393,9 +393,21 @@ impl Dataplane {
         })
     }
 
-    /// Checks that a transition to `next` fits the capacities.
-    pub fn check_capacity(&self, next: &MapState) -> Result<MapCounts, KernelError> {
-        let peak = self.applied.peak_counts(next);
+    /// Checks that applying `d` fits the capacities: every new key is written before any old
+    /// one is deleted.
+    pub fn check_capacity(&self, d: &Diff) -> Result<MapCounts, KernelError> {
+        fn new_keys<K: Ord, V>(cur: &BTreeMap<K, V>, set: &BTreeMap<K, V>) -> usize {
+            cur.len() + set.keys().filter(|k| !cur.contains_key(k)).count()
+        }
+        let (a, s) = (&self.applied, &d.set);
+        let peak = MapCounts {
+            netns: new_keys(&a.netns, &s.netns),
+            frontends: new_keys(&a.frontends, &s.frontends),
+            tables: new_keys(&a.tables, &s.tables),
+            endpoints: new_keys(&a.endpoints, &s.endpoints),
+            backends: new_keys(&a.backends, &s.backends),
+            ports: new_keys(&a.ports, &s.ports),
+        };
         for ((map, needed), (_, capacity)) in peak.as_array().into_iter().zip(self.capacities.by_name()) {
             if needed > capacity as usize {
                 let flag = format!("{}-capacity", map.to_ascii_lowercase().replace('_', "-"));
@@ -410,8 +422,13 @@ impl Dataplane {
     /// follows keys that exist. A transition that does not fit is refused before any write; a
     /// write that fails undoes the writes before it.
     pub fn apply(&mut self, next: MapState) -> Result<ApplyReport, KernelError> {
-        self.check_capacity(&next)?;
         let d = diff(&self.applied, &next);
+        self.apply_diff(d)
+    }
+
+    /// Applies a diff against what the maps hold (see [`apply`](Self::apply) for the order).
+    pub fn apply_diff(&mut self, d: Diff) -> Result<ApplyReport, KernelError> {
+        self.check_capacity(&d)?;
         let old = &self.applied;
 
         let mut u_backends = Vec::new();
@@ -445,8 +462,33 @@ impl Dataplane {
         remove_all(&mut self.endpoints, "ENDPOINTS", &d.del_endpoints);
         remove_all(&mut self.ports, "PORTS", &d.del_ports);
         remove_all(&mut self.backends, "BACKENDS", &d.del_backends);
-        self.applied = next;
-        Ok(ApplyReport { writes: d.writes(), deletes: d.deletes() })
+        let report = ApplyReport { writes: d.writes(), deletes: d.deletes() };
+        let a = &mut self.applied;
+        a.netns.extend(d.set.netns);
+        a.frontends.extend(d.set.frontends);
+        a.tables.extend(d.set.tables);
+        a.endpoints.extend(d.set.endpoints);
+        a.backends.extend(d.set.backends);
+        a.ports.extend(d.set.ports);
+        for k in &d.del_netns {
+            a.netns.remove(k);
+        }
+        for k in &d.del_frontends {
+            a.frontends.remove(k);
+        }
+        for k in &d.del_tables {
+            a.tables.remove(k);
+        }
+        for k in &d.del_endpoints {
+            a.endpoints.remove(k);
+        }
+        for k in &d.del_backends {
+            a.backends.remove(k);
+        }
+        for k in &d.del_ports {
+            a.ports.remove(k);
+        }
+        Ok(report)
     }
 
     /// Sums of the per-CPU counters of the connect programs, indexed by `kmesh_common::stat`.

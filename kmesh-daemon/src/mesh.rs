@@ -1,12 +1,13 @@
 //! The daemon's state: the model, the enrolled namespaces and the loaded data plane, kept in
-//! step. Every change is compiled and applied whole; if the kernel refuses it, the previous
-//! model and enrollments stay in force, in memory and in the maps.
+//! step. A change to workloads or services recompiles only the services it touches; a change
+//! of the node or of client localities recompiles everything. If the kernel refuses a change,
+//! the previous model and enrollments stay in force, in memory and in the maps.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::compile::{Enrollment, Ids, compile};
+use crate::compile::{Compiler, Enrollment, Ids};
 use crate::kernel::{ApplyReport, Dataplane, KernelError};
 use crate::model::Model;
 
@@ -14,6 +15,8 @@ use crate::model::Model;
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Counters {
     pub applies: u64,
+    /// Applies that recompiled only the services a change touched.
+    pub incremental_applies: u64,
     pub apply_errors: u64,
     /// By map name.
     pub map_full_errors: BTreeMap<String, u64>,
@@ -24,7 +27,10 @@ pub struct Mesh {
     dp: Dataplane,
     model: Model,
     enrolled: BTreeMap<u64, Enrollment>,
-    ids: Ids,
+    compiler: Compiler,
+    /// The maps may hold entries the compiler does not know (adopted from an earlier run, or
+    /// left by a failed apply): the next change must be a full compilation.
+    needs_full: bool,
     pub counters: Counters,
 }
 
@@ -33,8 +39,15 @@ impl Mesh {
     /// NETNS map) stay enrolled.
     pub fn new(dp: Dataplane) -> Self {
         let enrolled = dp.applied().netns.keys().map(|c| (*c, Enrollment::default())).collect();
-        let ids = Ids::adopting(dp.applied());
-        Self { dp, model: Model::default(), enrolled, ids, counters: Counters::default() }
+        let compiler = Compiler::with_ids(Ids::adopting(dp.applied()));
+        Self {
+            dp,
+            model: Model::default(),
+            enrolled,
+            compiler,
+            needs_full: true,
+            counters: Counters::default(),
+        }
     }
 
     pub fn model(&self) -> &Model {
@@ -49,29 +62,58 @@ impl Mesh {
         &self.dp
     }
 
+    fn record(&mut self, r: &Result<ApplyReport, KernelError>, incremental: bool) {
+        match r {
+            Ok(_) => {
+                self.counters.applies += 1;
+                if incremental {
+                    self.counters.incremental_applies += 1;
+                }
+            }
+            Err(e) => {
+                self.counters.apply_errors += 1;
+                if let KernelError::MapFull { map, .. } = e {
+                    *self.counters.map_full_errors.entry(map.to_string()).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    /// Compiles and applies `model` with `enrolled`, incrementally when possible. On error the
+    /// compiler is brought back to the state in force.
     fn sync(
         &mut self,
         model: &Model,
         enrolled: &BTreeMap<u64, Enrollment>,
     ) -> Result<ApplyReport, KernelError> {
-        let mut ids = self.ids.clone();
-        let next = compile(model, enrolled, &mut ids, self.dp.applied());
-        match self.dp.apply(next) {
-            Ok(r) => {
-                // The maps now hold only entries with ids from the pool.
-                ids.release_reserved();
-                self.ids = ids;
-                self.counters.applies += 1;
-                Ok(r)
+        let incremental = if !self.needs_full && *enrolled == self.enrolled {
+            self.compiler.incremental(&self.model, model)
+        } else {
+            None
+        };
+        let is_incremental = incremental.is_some();
+        let r = match incremental {
+            Some(d) => self.dp.apply_diff(d),
+            None => {
+                let next = self.compiler.full(model, enrolled, self.dp.applied());
+                self.dp.apply(next)
             }
-            Err(e) => {
-                self.counters.apply_errors += 1;
-                if let KernelError::MapFull { map, .. } = &e {
-                    *self.counters.map_full_errors.entry(map.to_string()).or_default() += 1;
-                }
-                Err(e)
+        };
+        self.record(&r, is_incremental);
+        match &r {
+            Ok(_) => {
+                // The maps now hold only entries with ids from the pool.
+                self.compiler.ids.release_reserved();
+                self.needs_full = false;
+            }
+            Err(_) => {
+                // The kernel side rolled back; rebuild the compiler's memory of what is in force.
+                let (old_model, old_enrolled) = (self.model.clone(), self.enrolled.clone());
+                let _ = self.compiler.full(&old_model, &old_enrolled, self.dp.applied());
+                self.needs_full = true;
             }
         }
+        r
     }
 
     /// Replaces the model. On error nothing changes.

@@ -165,12 +165,14 @@ pub struct Handled {
 /// named in a NACK. `apply` is called with the resulting model; if it fails, the response is
 /// NACKed whole and the previous state is kept. Pure apart from `apply`.
 pub fn handle_response(
-    state: &XdsState,
+    state: XdsState,
     node: &NodeInfo,
     resp: &DeltaDiscoveryResponse,
     apply: impl FnOnce(Model) -> Result<(), String>,
 ) -> Handled {
-    let mut next = state.clone();
+    let mut next = state;
+    // Previous entries of what this response changes, to put back if the apply fails.
+    let mut undo: Vec<(String, Option<(String, Parsed)>)> = Vec::new();
     let mut rejected = Vec::new();
     let type_url = resp.type_url.as_str();
     let known = type_url == ADDRESS_TYPE || type_url == AUTHORIZATION_TYPE;
@@ -197,13 +199,16 @@ pub fn handle_response(
             };
             match parsed {
                 Ok(p) => {
-                    items.insert(r.name.clone(), (r.version.clone(), p));
+                    let old = items.insert(r.name.clone(), (r.version.clone(), p));
+                    undo.push((r.name.clone(), old));
                 }
                 Err(e) => rejected.push(format!("{}: {e}", r.name)),
             }
         }
         for name in &resp.removed_resources {
-            items.remove(name);
+            if let Some(old) = items.remove(name) {
+                undo.push((name.clone(), Some(old)));
+            }
         }
     }
     let applied = if known { apply(next.model(node)) } else { Ok(()) };
@@ -215,7 +220,14 @@ pub fn handle_response(
         }
         Err(e) => {
             rejected.push(format!("the data plane refused the update: {e}"));
-            (state.clone(), Some(rejected.join("; ")))
+            let items = next.by_type.entry(type_url.to_string()).or_default();
+            for (name, old) in undo.into_iter().rev() {
+                match old {
+                    Some(v) => items.insert(name, v),
+                    None => items.remove(&name),
+                };
+            }
+            (next, Some(rejected.join("; ")))
         }
     };
     let reply = DeltaDiscoveryRequest {
@@ -357,11 +369,11 @@ async fn run_stream(o: &XdsOptions, shared: &Arc<Shared>, state: &mut XdsState) 
         };
         let node = o.node.clone();
         let shared2 = shared.clone();
-        let st = state.clone();
+        let st = std::mem::take(state);
         let started = std::time::Instant::now();
         let (n_res, n_rm) = (resp.resources.len(), resp.removed_resources.len());
         let handled = tokio::task::spawn_blocking(move || {
-            handle_response(&st, &node, &resp, |model| {
+            handle_response(st, &node, &resp, |model| {
                 let mut mesh = shared2.mesh.lock().unwrap_or_else(|p| p.into_inner());
                 mesh.set_model(model).map(|_| ()).map_err(|e| e.to_string())
             })
@@ -457,7 +469,7 @@ mod tests {
             ..Default::default()
         };
         let mut seen = None;
-        let h = handle_response(&XdsState::default(), &NodeInfo::default(), &resp, |m| {
+        let h = handle_response(XdsState::default(), &NodeInfo::default(), &resp, |m| {
             seen = Some(m);
             Ok(())
         });
@@ -478,7 +490,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let h = handle_response(&XdsState::default(), &NodeInfo::default(), &resp, |m| {
+        let h = handle_response(XdsState::default(), &NodeInfo::default(), &resp, |m| {
             assert!(m.workloads.contains_key("good"));
             Ok(())
         });
@@ -495,17 +507,17 @@ mod tests {
             resources: vec![res("a", ADDRESS_TYPE, workload("a")), res("b", ADDRESS_TYPE, workload("b"))],
             ..Default::default()
         };
-        let s1 = handle_response(&XdsState::default(), &NodeInfo::default(), &add, |_| Ok(())).state;
+        let s1 = handle_response(XdsState::default(), &NodeInfo::default(), &add, |_| Ok(())).state;
         let rm = DeltaDiscoveryResponse {
             type_url: ADDRESS_TYPE.into(),
             nonce: "n2".into(),
             removed_resources: vec!["a".into()],
             ..Default::default()
         };
-        let refused = handle_response(&s1, &NodeInfo::default(), &rm, |_| Err("map full".into()));
+        let refused = handle_response(s1.clone(), &NodeInfo::default(), &rm, |_| Err("map full".into()));
         assert!(refused.reply.error_detail.unwrap().message.contains("map full"));
         assert_eq!(refused.state.len(), 2, "old state kept");
-        let ok = handle_response(&s1, &NodeInfo::default(), &rm, |m| {
+        let ok = handle_response(s1, &NodeInfo::default(), &rm, |m| {
             assert!(!m.workloads.contains_key("a"));
             Ok(())
         });
@@ -524,7 +536,7 @@ mod tests {
             ..Default::default()
         };
         let node = NodeInfo { name: "node-7".into(), ..Default::default() };
-        let h = handle_response(&XdsState::default(), &node, &resp, |_| Ok(()));
+        let h = handle_response(XdsState::default(), &node, &resp, |_| Ok(()));
         assert_eq!(h.state.model(&node).node.locality.zone, "z");
     }
 }

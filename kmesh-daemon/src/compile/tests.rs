@@ -190,7 +190,8 @@ fn per_workload_target_ports_override_only_when_they_differ() {
     let (s, ids) = compile_fresh(&m, &no_clients());
     assert_eq!(s.ports.len(), 1);
     let (k, v) = s.ports.iter().next().unwrap();
-    let b = ids.backends.get(&("b".to_string(), "10.244.0.3".parse().unwrap())).unwrap();
+    let sid = ids.services.get(&SVC.to_string()).unwrap();
+    let b = ids.backends.get(&(sid, "b".to_string(), "10.244.0.3".parse().unwrap())).unwrap();
     assert_eq!(k.backend_id, b);
     assert_eq!(u16::from_be(v.target_port), 9999);
 }
@@ -329,4 +330,163 @@ fn an_adopting_pool_never_reuses_ids_of_adopted_entries() {
     }
     assert!(new.backends.keys().all(|id| !old.backends.contains_key(id)));
     assert!(new.frontends.values().all(|f| old.frontends.values().all(|o| o.service_id != f.service_id)));
+}
+
+/// What a map state means to a connect(): for every frontend, the backend addresses at each
+/// level of the class-0 table of its family (ids and generations do not matter).
+type View = BTreeMap<(IpAddr, u16, u8), (u16, u32, Vec<BTreeSet<IpAddr>>)>;
+
+fn view(s: &MapState) -> View {
+    let mut out = BTreeMap::new();
+    for (fk, fv) in &s.frontends {
+        let addr = words_addr(fk.addr);
+        let family = if addr.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 };
+        let tkey = TableKey { service_id: fv.service_id, class_id: 0, family, _pad: [0; 3] };
+        let t = s.tables.get(&tkey).copied().unwrap_or_default();
+        let levels = (0..LEVELS)
+            .map(|level| {
+                (0..t.counts[level])
+                    .map(|index| {
+                        let e = s.endpoints[&EndpointKey {
+                            service_id: fv.service_id,
+                            class_id: 0,
+                            generation: t.generation,
+                            family,
+                            level: level as u8,
+                            _pad: 0,
+                            index,
+                        }];
+                        words_addr(s.backends[&e.backend_id].addr)
+                    })
+                    .collect()
+            })
+            .collect();
+        out.insert((addr, u16::from_be(fk.port), fk.proto), (fv.flags, t.flags, levels));
+    }
+    out
+}
+
+/// Every key a reader can follow exists.
+fn assert_consistent(s: &MapState) {
+    for fv in s.frontends.values() {
+        assert!(s.tables.keys().any(|k| k.service_id == fv.service_id), "frontend without a table");
+    }
+    for (tk, t) in &s.tables {
+        for level in 0..LEVELS {
+            for index in 0..t.counts[level] {
+                let ek = EndpointKey {
+                    service_id: tk.service_id,
+                    class_id: tk.class_id,
+                    generation: t.generation,
+                    family: tk.family,
+                    level: level as u8,
+                    _pad: 0,
+                    index,
+                };
+                let e = s.endpoints.get(&ek).expect("slot of a table");
+                assert!(s.backends.contains_key(&e.backend_id), "slot without a backend");
+            }
+        }
+    }
+}
+
+fn apply_diff(s: &mut MapState, d: Diff) {
+    s.frontends.extend(d.set.frontends);
+    s.tables.extend(d.set.tables);
+    s.endpoints.extend(d.set.endpoints);
+    s.backends.extend(d.set.backends);
+    s.ports.extend(d.set.ports);
+    s.netns.extend(d.set.netns);
+    for k in d.del_frontends {
+        s.frontends.remove(&k);
+    }
+    for k in d.del_tables {
+        s.tables.remove(&k);
+    }
+    for k in d.del_endpoints {
+        s.endpoints.remove(&k);
+    }
+    for k in d.del_backends {
+        s.backends.remove(&k);
+    }
+    for k in d.del_ports {
+        s.ports.remove(&k);
+    }
+}
+
+#[test]
+fn incremental_compilation_matches_a_full_one_through_random_changes() {
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let svc_key = |i: u64| format!("default/s{i}.default.svc.cluster.local");
+    let mut model = Model::default();
+    let mut compiler = Compiler::default();
+    let mut kernel = compiler.full(&model, &BTreeMap::new(), &MapState::default());
+    let mut busiest = 0;
+    for step in 0..400 {
+        let mut m = model.clone();
+        match next(6) {
+            // A service appears or changes.
+            0 | 1 => {
+                let i = next(8);
+                let lb = if next(2) == 0 { "{}" } else { "{routing_preference: [ZONE], mode: FAILOVER}" };
+                let text = format!(
+                    "services: [{{name: s{i}, namespace: default, hostname: s{i}.default.svc.cluster.local, addresses: [10.96.0.{i}], ports: [{{service_port: {}, target_port: 8080}}], load_balancing: {lb}}}]",
+                    80 + next(3)
+                );
+                let s = config::parse(&text).unwrap().services.into_values().next().unwrap();
+                m.services.insert(svc_key(i), s);
+            }
+            // A service goes.
+            2 => {
+                m.services.remove(&svc_key(next(8)));
+            }
+            // A workload appears, moves or changes health.
+            3 | 4 => {
+                let i = next(30);
+                let status = if next(4) == 0 { "UNHEALTHY" } else { "HEALTHY" };
+                let text = format!(
+                    "workloads: [{{uid: w{i}, name: w{i}, namespace: default, addresses: [10.244.1.{}], status: {status}, locality: {{zone: z{}}}, services: {{\"{}\": [], \"{}\": []}}}}]",
+                    i + 1,
+                    next(2),
+                    svc_key(next(8)),
+                    svc_key(next(8))
+                );
+                let w = config::parse(&text).unwrap().workloads.into_values().next().unwrap();
+                m.workloads.insert(format!("w{i}"), w);
+            }
+            // A workload goes.
+            _ => {
+                m.workloads.remove(&format!("w{}", next(30)));
+            }
+        }
+        let d = compiler.incremental(&model, &m).expect("no node or client change");
+        apply_diff(&mut kernel, d);
+        assert_consistent(&kernel);
+        assert_eq!(kernel, compiler.state(), "step {step}: bookkeeping drifted");
+        let mut ids = Ids::default();
+        let fresh = compile(&m, &BTreeMap::new(), &mut ids, &MapState::default());
+        assert_eq!(
+            view(&kernel),
+            view(&fresh),
+            "step {step}: incremental result differs from a full compile"
+        );
+        busiest = busiest.max(kernel.endpoints.len());
+        model = m;
+    }
+    assert!(busiest >= 6, "the random walk never built a real mesh (max {busiest} slots)");
+    // Ids of everything removed were given back: every backend id still held belongs to a
+    // workload that still lists a service that still exists.
+    assert_eq!(compiler.ids.services.iter().count(), model.services.len());
+    let sids: BTreeMap<u32, &String> = compiler.ids.services.iter().map(|(k, v)| (*v, k)).collect();
+    for ((sid, uid, addr), _) in compiler.ids.backends.iter() {
+        let key = sids.get(sid).expect("backend id of a removed service");
+        let w = model.workloads.get(uid).expect("backend id of a removed workload");
+        assert!(w.services.contains_key(*key) && w.addresses.contains(addr), "stale backend id {uid} {addr}");
+    }
 }
