@@ -195,6 +195,87 @@ pub mod stat {
 }
 
 // ---------------------------------------------------------------------------------------------
+// L4 authorization, decided by the sk_lookup program in the destination pod's namespace:
+// AUTHZ_DEST[dst addr] -> dest id; IDENTITY[src addr] -> identity; AUTHZ_REGION (LPM)
+// [dest id, src addr] -> CIDR region; AUTHZ_VERDICT[dest id, identity, region, port].
+// ---------------------------------------------------------------------------------------------
+
+/// A source address that belongs to no workload.
+pub const IDENTITY_UNKNOWN: u32 = 0;
+/// Any workload identity that no policy of the destination tells apart.
+pub const IDENTITY_OTHER: u32 = 1;
+/// Any destination port that no policy of the destination names.
+pub const PORT_OTHER: u16 = 0;
+
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DENY: u8 = 2;
+
+/// Value of `AUTHZ_DEST`, keyed by a destination workload address (16-byte layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DestValue {
+    /// Changes whenever the destination's compiled policy changes (switched atomically).
+    pub dest_id: u32,
+    pub _reserved: u32,
+}
+
+/// Key of the `AUTHZ_REGION` LPM trie: the dest id (big-endian) then the source address bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RegionKey {
+    pub dest_id_be: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VerdictKey {
+    pub dest_id: u32,
+    pub identity: u32,
+    pub region: u32,
+    /// Destination port, host order; `PORT_OTHER` for ports no policy names.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VerdictValue {
+    /// `VERDICT_ALLOW` or `VERDICT_DENY`.
+    pub action: u8,
+    /// What dry-run policies would have decided, when it differs (else 0).
+    pub dry_action: u8,
+    pub _pad: u16,
+    /// The policy that decided (0: the default: allow, or deny because no ALLOW policy matched).
+    pub policy_id: u32,
+    pub dry_policy_id: u32,
+}
+
+/// Key of `AUTHZ_COUNTS`: decisions per policy and action.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CountKey {
+    pub policy_id: u32,
+    pub action: u32,
+}
+
+/// A denial (or a dry-run difference), sent to user space for the log.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuthzEvent {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub policy_id: u32,
+    pub action: u8,
+    pub dry_action: u8,
+    pub proto: u8,
+    pub _pad: u8,
+    pub dry_policy_id: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
 // Selection helpers: pure, bounded, used by the kernel and unit-tested on the host.
 // ---------------------------------------------------------------------------------------------
 
@@ -263,6 +344,12 @@ mod pod {
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for PortValue {}
+    unsafe impl aya::Pod for DestValue {}
+    unsafe impl aya::Pod for RegionKey {}
+    unsafe impl aya::Pod for VerdictKey {}
+    unsafe impl aya::Pod for VerdictValue {}
+    unsafe impl aya::Pod for CountKey {}
+    unsafe impl aya::Pod for AuthzEvent {}
 }
 
 // Sizes are part of the pinned layout: a change here must bump MAP_LAYOUT_VERSION.
@@ -277,6 +364,12 @@ const _: () = {
     assert!(core::mem::size_of::<BackendValue>() == 20);
     assert!(core::mem::size_of::<PortKey>() == 12);
     assert!(core::mem::size_of::<PortValue>() == 4);
+    assert!(core::mem::size_of::<DestValue>() == 8);
+    assert!(core::mem::size_of::<RegionKey>() == 20);
+    assert!(core::mem::size_of::<VerdictKey>() == 16);
+    assert!(core::mem::size_of::<VerdictValue>() == 12);
+    assert!(core::mem::size_of::<CountKey>() == 8);
+    assert!(core::mem::size_of::<AuthzEvent>() == 48);
 };
 
 #[cfg(test)]

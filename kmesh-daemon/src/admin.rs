@@ -131,6 +131,10 @@ async fn metrics(State(s): State<AppState>) -> Response {
             "# HELP kmesh_config_errors_total Config files refused by validation.\n# TYPE kmesh_config_errors_total counter\nkmesh_config_errors_total {}\n",
             m.counters.config_errors
         );
+        t += "# HELP kmesh_authz_decisions_total Connections allowed or denied, by deciding policy.\n# TYPE kmesh_authz_decisions_total counter\n";
+        for (policy, action, n) in m.authz_decisions() {
+            t += &format!("kmesh_authz_decisions_total{{policy=\"{policy}\",action=\"{action}\"}} {n}\n");
+        }
         t += &format!("# HELP kmesh_ready Programs attached and configuration applied.\n# TYPE kmesh_ready gauge\nkmesh_ready {}\n", ready as u8);
         if let Ok(st) = dp.stats() {
             t += "# HELP kmesh_connect_total connect() calls of enrolled sockets by outcome.\n# TYPE kmesh_connect_total counter\n";
@@ -183,6 +187,7 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let workload = req.workload.clone();
+    let path2 = path.clone();
     let r = with_mesh(&s, move |m| {
         if let Some(w) = &workload
             && !m.model().workloads.contains_key(w)
@@ -191,7 +196,7 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
                 tracing::warn!(workload = %w, "enrolled with a workload the config does not know (yet); node locality applies until it appears");
             }
         }
-        m.enroll(cookie, workload)
+        m.enroll(cookie, Some(&path2), workload)
     })
     .await;
     match r {

@@ -139,12 +139,32 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     };
 
+    // Each denial is logged with source, destination and the deciding policy.
+    let denials = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                let s = shared.clone();
+                let lines = tokio::task::spawn_blocking(move || {
+                    s.mesh.lock().unwrap_or_else(|p| p.into_inner()).drain_denials()
+                })
+                .await
+                .unwrap_or_default();
+                for l in lines {
+                    tracing::warn!(target: "kmesh::authz", "{l}");
+                }
+            }
+        })
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
         r = server => { r??; }
     }
+    denials.abort();
     let _ = stop_tx.send(true);
     let _ = source_task.await;
     drop(shared);

@@ -7,13 +7,16 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use aya::maps::IterableMap as _;
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf};
+use aya::programs::SkLookup;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader, Pod};
 use kmesh_common::*;
 use serde::Serialize;
 
+use crate::authz::AuthzState;
 use crate::compile::{Diff, MapCounts, MapState, diff};
 
 /// The eBPF object built by build.rs.
@@ -21,6 +24,11 @@ pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 
 /// The programs and the hook each one attaches to.
 pub const PROGRAMS: [&str; 2] = ["kmesh_connect4", "kmesh_connect6"];
+/// The authorization program, attached to each enrolled network namespace.
+pub const AUTHZ_PROGRAM: &str = "kmesh_authz";
+/// Maps with fixed capacities (pinned next to the others).
+const FIXED_MAPS: [&str; 7] =
+    ["STATS", "AUTHZ_DEST", "IDENTITY", "AUTHZ_REGION", "AUTHZ_VERDICT", "AUTHZ_COUNTS", "AUTHZ_EVENTS"];
 
 /// Map capacities (max entries). The defaults hold 100k frontends and 200k endpoints with room
 /// for make-before-break transitions; hash maps are not preallocated, so unused capacity costs
@@ -132,7 +140,6 @@ pub struct ApplyReport {
 
 /// Loaded programs, their maps and links, and what the maps hold.
 pub struct Dataplane {
-    _ebpf: Ebpf,
     netns: HashMap<MapData, u64, NetnsValue>,
     frontends: HashMap<MapData, FrontendKey, FrontendValue>,
     tables: HashMap<MapData, TableKey, TableValue>,
@@ -140,6 +147,14 @@ pub struct Dataplane {
     backends: HashMap<MapData, u32, BackendValue>,
     ports: HashMap<MapData, PortKey, PortValue>,
     stats: PerCpuArray<MapData, u64>,
+    authz_dest: HashMap<MapData, [u32; 4], DestValue>,
+    identity: HashMap<MapData, [u32; 4], u32>,
+    authz_region: LpmTrie<MapData, RegionKey, u32>,
+    authz_verdict: HashMap<MapData, VerdictKey, VerdictValue>,
+    authz_counts: PerCpuHashMap<MapData, CountKey, u64>,
+    authz_events: RingBuf<MapData>,
+    authz_applied: AuthzState,
+    ebpf: Ebpf,
     _links: Vec<PinnedLink>,
     pin_dir: PathBuf,
     capacities: Capacities,
@@ -270,6 +285,11 @@ impl Dataplane {
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
+        let fixed: Vec<(&'static str, PathBuf)> =
+            FIXED_MAPS.iter().map(|n| (*n, dir.join("maps").join(n))).collect();
+        for (name, path) in &fixed {
+            loader.map_pin_path(name, path.as_path());
+        }
         let mut ebpf = loader.load(EBPF_OBJ).map_err(KernelError::Load)?;
 
         let netns = take(&mut ebpf, "NETNS")?;
@@ -281,6 +301,27 @@ impl Dataplane {
         let stats_map = ebpf.take_map("STATS").ok_or(KernelError::MissingMap("STATS"))?;
         let stats = PerCpuArray::try_from(stats_map)
             .map_err(|source| KernelError::MapType { name: "STATS", source })?;
+        let authz_dest = take(&mut ebpf, "AUTHZ_DEST")?;
+        let identity = take(&mut ebpf, "IDENTITY")?;
+        let m = ebpf.take_map("AUTHZ_REGION").ok_or(KernelError::MissingMap("AUTHZ_REGION"))?;
+        let authz_region =
+            LpmTrie::try_from(m).map_err(|source| KernelError::MapType { name: "AUTHZ_REGION", source })?;
+        let authz_verdict = take(&mut ebpf, "AUTHZ_VERDICT")?;
+        let m = ebpf.take_map("AUTHZ_COUNTS").ok_or(KernelError::MissingMap("AUTHZ_COUNTS"))?;
+        let authz_counts = PerCpuHashMap::try_from(m)
+            .map_err(|source| KernelError::MapType { name: "AUTHZ_COUNTS", source })?;
+        let m = ebpf.take_map("AUTHZ_EVENTS").ok_or(KernelError::MissingMap("AUTHZ_EVENTS"))?;
+        let authz_events =
+            RingBuf::try_from(m).map_err(|source| KernelError::MapType { name: "AUTHZ_EVENTS", source })?;
+        {
+            let name = AUTHZ_PROGRAM;
+            let prog: &mut SkLookup = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
+                .try_into()
+                .map_err(|source| KernelError::Program { name, source })?;
+            prog.load().map_err(|source| KernelError::Program { name, source })?;
+        }
 
         let cgroup = fs::File::open(&opts.cgroup)
             .map_err(|source| KernelError::Cgroup { path: opts.cgroup.clone(), source })?;
@@ -317,7 +358,14 @@ impl Dataplane {
         }
 
         let mut dp = Self {
-            _ebpf: ebpf,
+            ebpf,
+            authz_dest,
+            identity,
+            authz_region,
+            authz_verdict,
+            authz_counts,
+            authz_events,
+            authz_applied: AuthzState::default(),
             netns,
             frontends,
             tables,
@@ -333,6 +381,7 @@ impl Dataplane {
         };
         dp.capacities = dp.pinned_capacities();
         dp.applied = dp.read_state()?;
+        dp.authz_applied = dp.read_authz()?;
         Ok(dp)
     }
 
@@ -502,6 +551,136 @@ impl Dataplane {
             *slot = v.iter().sum();
         }
         Ok(out)
+    }
+}
+
+impl Dataplane {
+    /// What the authorization maps hold now.
+    pub fn read_authz(&self) -> Result<AuthzState, KernelError> {
+        let mut s = AuthzState {
+            dest: read_all(&self.authz_dest, "AUTHZ_DEST")?,
+            identity: read_all(&self.identity, "IDENTITY")?,
+            verdict: read_all(&self.authz_verdict, "AUTHZ_VERDICT")?,
+            ..Default::default()
+        };
+        for item in self.authz_region.iter() {
+            let (k, v) = item.map_err(|source| KernelError::Read { map: "AUTHZ_REGION", source })?;
+            s.region.insert((k.data(), k.prefix_len()), v);
+        }
+        for k in self.authz_counts.keys() {
+            let k = k.map_err(|source| KernelError::Read { map: "AUTHZ_COUNTS", source })?;
+            s.counts.insert(k);
+        }
+        Ok(s)
+    }
+
+    /// Makes the authorization maps hold `next`: the lookups a destination follows are written
+    /// before the destination switches to them, and removed after.
+    pub fn apply_authz(&mut self, next: AuthzState) -> Result<(), KernelError> {
+        let old = std::mem::take(&mut self.authz_applied);
+        let r = self.write_authz(&old, &next);
+        self.authz_applied = match r {
+            Ok(()) => next,
+            Err(_) => self.read_authz().unwrap_or(old),
+        };
+        r
+    }
+
+    fn write_authz(&mut self, old: &AuthzState, next: &AuthzState) -> Result<(), KernelError> {
+        fn w(map: &'static str) -> impl Fn(MapError) -> KernelError {
+            move |source| KernelError::Write { map, source }
+        }
+        for (k, v) in &next.identity {
+            if old.identity.get(k) != Some(v) {
+                self.identity.insert(k, v, 0).map_err(w("IDENTITY"))?;
+            }
+        }
+        for ((k, len), v) in &next.region {
+            if old.region.get(&(*k, *len)) != Some(v) {
+                self.authz_region.insert(&LpmKey::new(*len, *k), v, 0).map_err(w("AUTHZ_REGION"))?;
+            }
+        }
+        for (k, v) in &next.verdict {
+            if old.verdict.get(k) != Some(v) {
+                self.authz_verdict.insert(k, v, 0).map_err(w("AUTHZ_VERDICT"))?;
+            }
+        }
+        let cpus = aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1);
+        for k in next.counts.difference(&old.counts) {
+            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| KernelError::Pin {
+                path: PathBuf::from("AUTHZ_COUNTS"),
+                reason: e.to_string(),
+            })?;
+            self.authz_counts.insert(k, zeros, 0).map_err(w("AUTHZ_COUNTS"))?;
+        }
+        for (k, v) in &next.dest {
+            if old.dest.get(k) != Some(v) {
+                self.authz_dest.insert(k, v, 0).map_err(w("AUTHZ_DEST"))?;
+            }
+        }
+        // Deletions, roots first.
+        for k in old.dest.keys().filter(|k| !next.dest.contains_key(*k)) {
+            let _ = self.authz_dest.remove(k);
+        }
+        for k in old.verdict.keys().filter(|k| !next.verdict.contains_key(*k)) {
+            let _ = self.authz_verdict.remove(k);
+        }
+        for (k, len) in old.region.keys().filter(|k| !next.region.contains_key(*k)) {
+            let _ = self.authz_region.remove(&LpmKey::new(*len, *k));
+        }
+        for k in old.identity.keys().filter(|k| !next.identity.contains_key(*k)) {
+            let _ = self.identity.remove(k);
+        }
+        for k in old.counts.difference(&next.counts) {
+            let _ = self.authz_counts.remove(k);
+        }
+        Ok(())
+    }
+
+    /// Attaches the authorization program to a network namespace (idempotent).
+    pub fn attach_authz(&mut self, cookie: u64, netns: &Path) -> Result<(), KernelError> {
+        let pin = layout_dir(&self.pin_dir).join("links").join(format!("authz_{cookie}"));
+        if pin.exists() {
+            return Ok(());
+        }
+        let name = AUTHZ_PROGRAM;
+        let ns =
+            fs::File::open(netns).map_err(|source| KernelError::Cgroup { path: netns.to_owned(), source })?;
+        let prog: &mut SkLookup = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
+            .try_into()
+            .map_err(|source| KernelError::Program { name, source })?;
+        let id = prog.attach(&ns).map_err(|source| KernelError::Program { name, source })?;
+        let link = prog.take_link(id).map_err(|source| KernelError::Program { name, source })?;
+        let fd: FdLink = link.into();
+        // The pin keeps the link, and so the program, in place once the fd is closed.
+        fd.pin(&pin).map_err(|e| KernelError::Pin { path: pin.clone(), reason: e.to_string() })?;
+        Ok(())
+    }
+
+    /// Detaches the authorization program from a namespace.
+    pub fn detach_authz(&mut self, cookie: u64) {
+        let pin = layout_dir(&self.pin_dir).join("links").join(format!("authz_{cookie}"));
+        let _ = fs::remove_file(pin);
+    }
+
+    /// Decisions per (policy id, action) since the counters were created.
+    pub fn authz_counts(&self) -> BTreeMap<CountKey, u64> {
+        self.authz_counts.iter().filter_map(Result::ok).map(|(k, v)| (k, v.iter().sum())).collect()
+    }
+
+    /// Denials (and dry-run differences) the kernel reported since the last call.
+    pub fn drain_authz_events(&mut self) -> Vec<AuthzEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.authz_events.next() {
+            if item.len() >= std::mem::size_of::<AuthzEvent>() {
+                // SAFETY: the kernel wrote an AuthzEvent; read it unaligned from the ring.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<AuthzEvent>()) });
+            }
+        }
+        out
     }
 }
 

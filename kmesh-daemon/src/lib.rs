@@ -8,6 +8,7 @@
 pub use kmesh_model::{config, model};
 
 pub mod admin;
+pub mod authz;
 pub mod compile;
 pub mod daemon;
 pub mod kernel;

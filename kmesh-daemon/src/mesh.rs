@@ -7,7 +7,12 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::compile::{Compiler, Enrollment, Ids};
+use std::path::Path;
+
+use kmesh_common::{AuthzEvent, VERDICT_ALLOW, VERDICT_DENY};
+
+use crate::authz::AuthzCompiler;
+use crate::compile::{Compiler, Enrollment, Ids, words_addr};
 use crate::kernel::{ApplyReport, Dataplane, KernelError};
 use crate::model::Model;
 
@@ -28,6 +33,7 @@ pub struct Mesh {
     model: Model,
     enrolled: BTreeMap<u64, Enrollment>,
     compiler: Compiler,
+    authz: AuthzCompiler,
     /// The maps may hold entries the compiler does not know (adopted from an earlier run, or
     /// left by a failed apply): the next change must be a full compilation.
     needs_full: bool,
@@ -45,6 +51,7 @@ impl Mesh {
             model: Model::default(),
             enrolled,
             compiler,
+            authz: AuthzCompiler::default(),
             needs_full: true,
             counters: Counters::default(),
         }
@@ -99,6 +106,12 @@ impl Mesh {
                 self.dp.apply(next)
             }
         };
+        // Policies follow the same model: recompiled (destinations whose decisions did not
+        // change keep their entries) and applied after the load-balancing maps.
+        let r = r.and_then(|rep| {
+            let a = self.authz.compile(model);
+            self.dp.apply_authz(a).map(|_| rep)
+        });
         self.record(&r, is_incremental);
         match &r {
             Ok(_) => {
@@ -124,14 +137,82 @@ impl Mesh {
         Ok(r)
     }
 
-    /// Puts a network namespace in the mesh; `workload` (a uid) gives its pods' locality.
-    pub fn enroll(&mut self, cookie: u64, workload: Option<String>) -> Result<ApplyReport, KernelError> {
+    /// Puts a network namespace in the mesh: its sockets are load-balanced, and connections
+    /// into it are authorized (when `netns` is given). `workload` (a uid) gives its pods'
+    /// locality.
+    pub fn enroll(
+        &mut self,
+        cookie: u64,
+        netns: Option<&Path>,
+        workload: Option<String>,
+    ) -> Result<ApplyReport, KernelError> {
         let mut enrolled = self.enrolled.clone();
         enrolled.insert(cookie, Enrollment { workload });
         let model = self.model.clone();
         let r = self.sync(&model, &enrolled)?;
+        if let Some(path) = netns {
+            self.dp.attach_authz(cookie, path)?;
+        }
         self.enrolled = enrolled;
         Ok(r)
+    }
+
+    /// Log lines for the denials (and dry-run differences) since the last call.
+    pub fn drain_denials(&mut self) -> Vec<String> {
+        let events: Vec<AuthzEvent> = self.dp.drain_authz_events();
+        events.iter().map(|e| self.describe(e)).collect()
+    }
+
+    fn policy_label(&self, id: u32, action: u8) -> String {
+        match (id, action) {
+            (0, VERDICT_DENY) => "default deny (no ALLOW policy matched)".to_string(),
+            (0, _) => "default allow".to_string(),
+            (id, _) => self.authz.policy_name(id).unwrap_or_else(|| format!("policy #{id}")),
+        }
+    }
+
+    fn describe(&self, e: &AuthzEvent) -> String {
+        let who = |a: [u32; 4], port: u16| {
+            let ip = words_addr(a);
+            let sa = std::net::SocketAddr::new(ip, port);
+            match self.model.workload_by_address(ip) {
+                Some(w) => format!("{sa} ({}/{})", w.namespace, w.name),
+                None => format!("{sa} (outside the mesh)"),
+            }
+        };
+        let verb = |a: u8| if a == VERDICT_ALLOW { "allow" } else { "deny" };
+        let mut line = format!(
+            "{} connection src={} dst={} policy={}",
+            if e.action == VERDICT_DENY { "denied" } else { "allowed" },
+            who(e.src, e.src_port),
+            who(e.dst, e.dst_port),
+            self.policy_label(e.policy_id, e.action)
+        );
+        if e.dry_action != 0 {
+            line += &format!(
+                "; dry-run would {} (policy={})",
+                verb(e.dry_action),
+                self.policy_label(e.dry_policy_id, e.dry_action)
+            );
+        }
+        line
+    }
+
+    /// Decisions by policy and action: (policy, "allow"|"deny", count).
+    pub fn authz_decisions(&self) -> Vec<(String, &'static str, u64)> {
+        self.dp
+            .authz_counts()
+            .into_iter()
+            .map(|(k, n)| {
+                let action = if k.action == VERDICT_ALLOW as u32 { "allow" } else { "deny" };
+                let policy = if k.policy_id == 0 {
+                    "default".to_string()
+                } else {
+                    self.authz.policy_name(k.policy_id).unwrap_or_else(|| format!("#{}", k.policy_id))
+                };
+                (policy, action, n)
+            })
+            .collect()
     }
 
     /// Takes a namespace out of the mesh. Returns false if it was not enrolled.
@@ -143,6 +224,7 @@ impl Mesh {
         enrolled.remove(&cookie);
         let model = self.model.clone();
         self.sync(&model, &enrolled)?;
+        self.dp.detach_authz(cookie);
         self.enrolled = enrolled;
         Ok(true)
     }

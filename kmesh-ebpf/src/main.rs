@@ -5,14 +5,16 @@
 //! socket; no packet is ever NATed. Everything else passes unchanged. All decisions that can be
 //! made ahead of time (health, locality levels, weights, port mappings) are compiled into the
 //! maps by the daemon; this file only follows the lookup chain described in `kmesh_common`.
+//!
+//! `sk_lookup` (`kmesh_authz`) enforces L4 authorization in the destination pod's namespace.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
 use aya_ebpf::{
     EbpfContext as _,
-    btf_maps::{HashMap, PerCpuArray},
+    btf_maps::{HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_set_retval},
-    macros::{btf_map, cgroup_sock_addr},
-    programs::SockAddrContext,
+    macros::{btf_map, cgroup_sock_addr, sk_lookup},
+    programs::{SkLookupContext, SockAddrContext},
 };
 use kmesh_common::*;
 
@@ -35,6 +37,22 @@ static BACKENDS: HashMap<u32, BackendValue, 262144, NO_PREALLOC> = HashMap::new(
 static PORTS: HashMap<PortKey, PortValue, 262144, NO_PREALLOC> = HashMap::new();
 #[btf_map]
 static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
+
+// L4 authorization (see kmesh_common): decided when a new connection looks up its socket in
+// the destination pod's namespace. SK_DROP there makes the kernel answer a TCP SYN with a
+// reset, so a denied client fails at once with ECONNREFUSED and the server never sees it.
+#[btf_map]
+static AUTHZ_DEST: HashMap<[u32; 4], DestValue, 262144, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+static IDENTITY: HashMap<[u32; 4], u32, 524288, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+static AUTHZ_REGION: LpmTrie<RegionKey, u32, 262144> = LpmTrie::new();
+#[btf_map]
+static AUTHZ_VERDICT: HashMap<VerdictKey, VerdictValue, 1048576, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+static AUTHZ_COUNTS: PerCpuHashMap<CountKey, u64, 65536, NO_PREALLOC> = PerCpuHashMap::new();
+#[btf_map]
+static AUTHZ_EVENTS: RingBuf<(), { 256 * 1024 }> = RingBuf::new();
 
 #[inline(always)]
 fn count(idx: u32) {
@@ -192,6 +210,93 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
             1
         }
     }
+}
+
+#[inline(always)]
+fn verdict(dest_id: u32, identity: u32, region: u32, port: u16) -> Option<VerdictValue> {
+    let key = VerdictKey { dest_id, identity, region, port, _pad: 0 };
+    unsafe { AUTHZ_VERDICT.get(key) }.copied()
+}
+
+#[inline(always)]
+fn count_decision(policy_id: u32, action: u8) {
+    let key = CountKey { policy_id, action: action as u32 };
+    if let Some(p) = AUTHZ_COUNTS.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot of a per-CPU value.
+        unsafe { *p += 1 };
+    }
+}
+
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+
+#[sk_lookup]
+pub fn kmesh_authz(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // Every context field is read once, at a constant offset (volatile keeps the compiler from
+    // merging the IPv4 and IPv6 reads into a computed offset, which the verifier rejects).
+    use core::ptr::read_volatile as rv;
+    let (family, proto) = unsafe { (rv(&(*l).family), rv(&(*l).protocol)) };
+    let (r4, l4) = unsafe { (rv(&(*l).remote_ip4), rv(&(*l).local_ip4)) };
+    let r6 = unsafe {
+        [rv(&(*l).remote_ip6[0]), rv(&(*l).remote_ip6[1]), rv(&(*l).remote_ip6[2]), rv(&(*l).remote_ip6[3])]
+    };
+    let l6 = unsafe {
+        [rv(&(*l).local_ip6[0]), rv(&(*l).local_ip6[1]), rv(&(*l).local_ip6[2]), rv(&(*l).local_ip6[3])]
+    };
+    let (src, dst) = if family == 2 {
+        (v4_mapped(r4), v4_mapped(l4))
+    } else if family == 10 {
+        (r6, l6)
+    } else {
+        return SK_PASS;
+    };
+    let Some(d) = (unsafe { AUTHZ_DEST.get(dst) }) else { return SK_PASS };
+    let dest_id = d.dest_id;
+    let port = unsafe { (*l).local_port } as u16;
+    let identity = unsafe { IDENTITY.get(src) }.copied().unwrap_or(IDENTITY_UNKNOWN);
+    let mut rkey = RegionKey { dest_id_be: dest_id.to_be_bytes(), addr: [0; 16] };
+    let mut i = 0;
+    while i < 4 {
+        let b = src[i].to_ne_bytes();
+        rkey.addr[i * 4] = b[0];
+        rkey.addr[i * 4 + 1] = b[1];
+        rkey.addr[i * 4 + 2] = b[2];
+        rkey.addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    let region = AUTHZ_REGION.get(&Key { prefix_len: 160, data: rkey }).copied().unwrap_or(0);
+    let other = if identity == IDENTITY_UNKNOWN { IDENTITY_UNKNOWN } else { IDENTITY_OTHER };
+    let v = match verdict(dest_id, identity, region, port) {
+        Some(v) => v,
+        None => match verdict(dest_id, identity, region, PORT_OTHER) {
+            Some(v) => v,
+            None => match verdict(dest_id, other, region, port) {
+                Some(v) => v,
+                None => match verdict(dest_id, other, region, PORT_OTHER) {
+                    Some(v) => v,
+                    None => return SK_PASS,
+                },
+            },
+        },
+    };
+    count_decision(v.policy_id, v.action);
+    if v.action == VERDICT_DENY || v.dry_action != 0 {
+        let ev = AuthzEvent {
+            src,
+            dst,
+            src_port: u16::from_be(unsafe { (*l).remote_port }),
+            dst_port: port,
+            policy_id: v.policy_id,
+            action: v.action,
+            dry_action: v.dry_action,
+            proto: proto as u8,
+            _pad: 0,
+            dry_policy_id: v.dry_policy_id,
+        };
+        let _ = AUTHZ_EVENTS.output_untyped::<AuthzEvent>(&ev, 0);
+    }
+    if v.action == VERDICT_DENY { SK_DROP } else { SK_PASS }
 }
 
 #[cfg(target_arch = "bpf")]

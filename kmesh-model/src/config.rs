@@ -41,6 +41,87 @@ pub struct ConfigFile {
     pub workloads: Vec<WorkloadSpec>,
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
+    #[serde(default)]
+    pub policies: Vec<PolicySpec>,
+}
+
+/// An L4 authorization policy (Istio's `istio.security.Authorization`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub scope: Option<String>,
+    #[serde(default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    #[serde(default)]
+    pub clauses: Vec<ClauseSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClauseSpec {
+    #[serde(default)]
+    pub matches: Vec<MatchSpec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    #[serde(default)]
+    pub namespaces: Vec<StringMatchSpec>,
+    #[serde(default)]
+    pub not_namespaces: Vec<StringMatchSpec>,
+    #[serde(default)]
+    pub principals: Vec<StringMatchSpec>,
+    #[serde(default)]
+    pub not_principals: Vec<StringMatchSpec>,
+    #[serde(default)]
+    pub source_ips: Vec<String>,
+    #[serde(default)]
+    pub not_source_ips: Vec<String>,
+    #[serde(default)]
+    pub destination_ips: Vec<String>,
+    #[serde(default)]
+    pub not_destination_ips: Vec<String>,
+    #[serde(default)]
+    pub destination_ports: Vec<u32>,
+    #[serde(default)]
+    pub not_destination_ports: Vec<u32>,
+    #[serde(default)]
+    pub service_accounts: Vec<ServiceAccountSpec>,
+    #[serde(default)]
+    pub not_service_accounts: Vec<ServiceAccountSpec>,
+}
+
+/// Exactly one of `exact`, `prefix`, `suffix`, `presence`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StringMatchSpec {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub suffix: Option<String>,
+    pub presence: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAccountSpec {
+    #[serde(default)]
+    pub namespace: String,
+    pub service_account: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -96,6 +177,9 @@ pub struct WorkloadSpec {
     pub capacity: Option<u32>,
     #[serde(default)]
     pub services: BTreeMap<String, Vec<PortSpec>>,
+    /// Selector-based policies that apply to this workload, as `namespace/name`.
+    #[serde(default)]
+    pub authorization_policies: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -381,12 +465,114 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                 service_account: w.service_account,
                 trust_domain: w.trust_domain,
                 capacity: w.capacity,
-                authorization_policies: Vec::new(),
+                authorization_policies: w.authorization_policies,
                 services,
             }),
         );
     }
+    for (i, p) in file.policies.into_iter().enumerate() {
+        let policy = policy(&format!("policies[{i}]"), p)?;
+        let key = policy.key();
+        if model.policies.insert(key.clone(), std::sync::Arc::new(policy)).is_some() {
+            return Err(invalid(format!("policies[{i}].name"), format!("policy {key} is defined twice")));
+        }
+    }
     Ok(model)
+}
+
+fn cidr(field: &str, v: &str) -> Result<Cidr, ConfigError> {
+    let (a, len) = match v.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (v, None),
+    };
+    let addr = ip(field, a)?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(l) => match l.parse::<u8>() {
+            Ok(n) if n <= max => n,
+            _ => return Err(invalid(field, format!("{v:?}: prefix length must be 0-{max}"))),
+        },
+    };
+    Ok(Cidr { addr, len })
+}
+
+fn string_match(field: &str, m: &StringMatchSpec) -> Result<StringMatch, ConfigError> {
+    let n = [m.exact.is_some(), m.prefix.is_some(), m.suffix.is_some(), m.presence.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if n != 1 {
+        return Err(invalid(field, "give exactly one of exact, prefix, suffix, presence"));
+    }
+    Ok(if let Some(s) = &m.exact {
+        StringMatch::Exact(s.clone())
+    } else if let Some(s) = &m.prefix {
+        StringMatch::Prefix(s.clone())
+    } else if let Some(s) = &m.suffix {
+        StringMatch::Suffix(s.clone())
+    } else {
+        StringMatch::Presence
+    })
+}
+
+const POLICY_SCOPES: &[(&str, PolicyScope)] = &[
+    ("GLOBAL", PolicyScope::Global),
+    ("NAMESPACE", PolicyScope::Namespace),
+    ("WORKLOAD_SELECTOR", PolicyScope::WorkloadSelector),
+];
+const ACTIONS: &[(&str, PolicyAction)] = &[("ALLOW", PolicyAction::Allow), ("DENY", PolicyAction::Deny)];
+
+fn policy(f: &str, p: PolicySpec) -> Result<Policy, ConfigError> {
+    required(&format!("{f}.name"), &p.name)?;
+    required(&format!("{f}.namespace"), &p.namespace)?;
+    let scope = match &p.scope {
+        None => PolicyScope::Global,
+        Some(s) => enum_value(&format!("{f}.scope"), s, POLICY_SCOPES)?,
+    };
+    let action = match &p.action {
+        None => PolicyAction::Allow,
+        Some(a) => enum_value(&format!("{f}.action"), a, ACTIONS)?,
+    };
+    let mut rules = Vec::new();
+    for (ri, r) in p.rules.iter().enumerate() {
+        let mut clauses = Vec::new();
+        for (ci, c) in r.clauses.iter().enumerate() {
+            let mut matches = Vec::new();
+            for (mi, m) in c.matches.iter().enumerate() {
+                let mf = format!("{f}.rules[{ri}].clauses[{ci}].matches[{mi}]");
+                let sm = |name: &str, v: &[StringMatchSpec]| -> Result<Vec<StringMatch>, ConfigError> {
+                    v.iter().enumerate().map(|(i, m)| string_match(&format!("{mf}.{name}[{i}]"), m)).collect()
+                };
+                let cs = |name: &str, v: &[String]| -> Result<Vec<Cidr>, ConfigError> {
+                    v.iter().enumerate().map(|(i, c)| cidr(&format!("{mf}.{name}[{i}]"), c)).collect()
+                };
+                let ps = |name: &str, v: &[u32]| -> Result<Vec<u16>, ConfigError> {
+                    v.iter().enumerate().map(|(i, p)| port(&format!("{mf}.{name}[{i}]"), *p, false)).collect()
+                };
+                let sas = |v: &[ServiceAccountSpec]| -> Vec<(String, String)> {
+                    v.iter().map(|s| (s.namespace.clone(), s.service_account.clone())).collect()
+                };
+                matches.push(PolicyMatch {
+                    namespaces: sm("namespaces", &m.namespaces)?,
+                    not_namespaces: sm("not_namespaces", &m.not_namespaces)?,
+                    principals: sm("principals", &m.principals)?,
+                    not_principals: sm("not_principals", &m.not_principals)?,
+                    source_ips: cs("source_ips", &m.source_ips)?,
+                    not_source_ips: cs("not_source_ips", &m.not_source_ips)?,
+                    destination_ips: cs("destination_ips", &m.destination_ips)?,
+                    not_destination_ips: cs("not_destination_ips", &m.not_destination_ips)?,
+                    destination_ports: ps("destination_ports", &m.destination_ports)?,
+                    not_destination_ports: ps("not_destination_ports", &m.not_destination_ports)?,
+                    service_accounts: sas(&m.service_accounts),
+                    not_service_accounts: sas(&m.not_service_accounts),
+                });
+            }
+            clauses.push(Clause { matches });
+        }
+        rules.push(Rule { clauses });
+    }
+    Ok(Policy { name: p.name, namespace: p.namespace, scope, action, rules, dry_run: p.dry_run })
 }
 
 #[cfg(test)]

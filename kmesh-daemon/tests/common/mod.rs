@@ -96,8 +96,9 @@ impl Env {
 
     /// Enrolls a pod, telling the mesh which workload it is.
     pub fn enroll(&mut self, pod: &str, workload: Option<&str>) {
-        let cookie = netns::cookie_of(&self.bed.pod(pod).netns_path()).expect("cookie");
-        self.mesh().enroll(cookie, workload.map(str::to_string)).expect("enroll");
+        let path = self.bed.pod(pod).netns_path();
+        let cookie = netns::cookie_of(&path).expect("cookie");
+        self.mesh().enroll(cookie, Some(&path), workload.map(str::to_string)).expect("enroll");
     }
 
     pub fn connect(&self, from: &str, target: &str, n: u32) -> Vec<Attempt> {

@@ -1,0 +1,581 @@
+//! L4 authorization: Istio's semantics, compiled per destination workload address into kernel
+//! lookups, so that no connection needs a user-space round trip.
+//!
+//! The identity of a source is a function of its address (the workload that owns it), so a
+//! destination's decision depends only on: the source's identity, which of the policies' CIDRs
+//! contain the source address (its "region"), and the destination port. The compiler evaluates
+//! Istio's rules for every identity the destination's policies tell apart, every region and
+//! every port they name, and writes one verdict per combination; identities and ports that no
+//! policy singles out share a fallback row. The kernel (`kmesh_authz`, sk_lookup) does four hash
+//! lookups and one LPM lookup at most, in the destination pod's namespace, before the SYN finds
+//! its listener.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use kmesh_common::*;
+use serde::Serialize;
+
+use crate::compile::{IdPool, addr_words};
+use crate::model::*;
+
+/// Who a source is: `(trust domain, namespace, service account)`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Identity {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl Identity {
+    pub fn of(w: &Workload) -> Self {
+        Self {
+            trust_domain: if w.trust_domain.is_empty() {
+                "cluster.local".into()
+            } else {
+                w.trust_domain.clone()
+            },
+            namespace: w.namespace.clone(),
+            service_account: if w.service_account.is_empty() {
+                "default".into()
+            } else {
+                w.service_account.clone()
+            },
+        }
+    }
+
+    pub fn principal(&self) -> String {
+        format!("spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+    }
+}
+
+fn string_matches(m: &StringMatch, v: &str) -> bool {
+    match m {
+        StringMatch::Exact(s) => v == s,
+        StringMatch::Prefix(s) => v.starts_with(s.as_str()),
+        StringMatch::Suffix(s) => v.ends_with(s.as_str()),
+        StringMatch::Presence => !v.is_empty(),
+    }
+}
+
+pub fn cidr_contains(c: &Cidr, ip: IpAddr) -> bool {
+    match (c.addr, ip) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => {
+            let mask = if c.len == 0 { 0 } else { u32::MAX << (32 - c.len as u32) };
+            u32::from(n) & mask == u32::from(a) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) => {
+            let mask = if c.len == 0 { 0 } else { u128::MAX << (128 - c.len as u32) };
+            u128::from(n) & mask == u128::from(a) & mask
+        }
+        _ => false,
+    }
+}
+
+/// One connection as the rules see it. `identity` is `None` for a source address that belongs
+/// to no workload: it matches no positive identity condition and every `not_` one.
+pub struct Conn<'a> {
+    pub identity: Option<&'a Identity>,
+    /// Whether the source address is in a CIDR (answered per region at compile time).
+    pub in_cidr: &'a dyn Fn(&Cidr) -> bool,
+    pub dst: IpAddr,
+    /// `None`: a port that no policy names.
+    pub port: Option<u16>,
+}
+
+fn match_holds(m: &PolicyMatch, c: &Conn) -> bool {
+    let id = c.identity;
+    let any_ns = |l: &[StringMatch]| id.is_some_and(|i| l.iter().any(|s| string_matches(s, &i.namespace)));
+    let any_pr = |l: &[StringMatch]| id.is_some_and(|i| l.iter().any(|s| string_matches(s, &i.principal())));
+    let any_sa = |l: &[(String, String)]| {
+        id.is_some_and(|i| l.iter().any(|(ns, sa)| *ns == i.namespace && *sa == i.service_account))
+    };
+    let any_src = |l: &[Cidr]| l.iter().any(|x| (c.in_cidr)(x));
+    let any_dst = |l: &[Cidr]| l.iter().any(|x| cidr_contains(x, c.dst));
+    let any_port = |l: &[u16]| c.port.is_some_and(|p| l.contains(&p));
+    (m.namespaces.is_empty() || any_ns(&m.namespaces))
+        && (m.not_namespaces.is_empty() || !any_ns(&m.not_namespaces))
+        && (m.principals.is_empty() || any_pr(&m.principals))
+        && (m.not_principals.is_empty() || !any_pr(&m.not_principals))
+        && (m.service_accounts.is_empty() || any_sa(&m.service_accounts))
+        && (m.not_service_accounts.is_empty() || !any_sa(&m.not_service_accounts))
+        && (m.source_ips.is_empty() || any_src(&m.source_ips))
+        && (m.not_source_ips.is_empty() || !any_src(&m.not_source_ips))
+        && (m.destination_ips.is_empty() || any_dst(&m.destination_ips))
+        && (m.not_destination_ips.is_empty() || !any_dst(&m.not_destination_ips))
+        && (m.destination_ports.is_empty() || any_port(&m.destination_ports))
+        && (m.not_destination_ports.is_empty() || !any_port(&m.not_destination_ports))
+}
+
+/// A policy matches when any rule does; a rule when all its clauses do; a clause when any of
+/// its matches does. A policy without rules matches nothing.
+pub fn policy_matches(p: &Policy, c: &Conn) -> bool {
+    p.rules.iter().any(|r| r.clauses.iter().all(|cl| cl.matches.iter().any(|m| match_holds(m, c))))
+}
+
+/// Istio's decision: DENY policies first; then, if any ALLOW policy applies, one must match;
+/// with none, allow. Returns the action and the deciding policy's index (None: the default).
+pub fn decide(policies: &[&Policy], c: &Conn, include_dry_run: bool) -> (u8, Option<usize>) {
+    let enforced = |p: &&Policy| include_dry_run || !p.dry_run;
+    for (i, p) in policies.iter().enumerate() {
+        if enforced(p) && p.action == PolicyAction::Deny && policy_matches(p, c) {
+            return (VERDICT_DENY, Some(i));
+        }
+    }
+    let mut any_allow = false;
+    for (i, p) in policies.iter().enumerate() {
+        if enforced(p) && p.action == PolicyAction::Allow {
+            any_allow = true;
+            if policy_matches(p, c) {
+                return (VERDICT_ALLOW, Some(i));
+            }
+        }
+    }
+    if any_allow { (VERDICT_DENY, None) } else { (VERDICT_ALLOW, None) }
+}
+
+/// The policies that apply to a workload, in a stable order.
+pub fn applicable<'a>(model: &'a Model, w: &Workload) -> Vec<&'a Policy> {
+    model
+        .policies
+        .values()
+        .map(|p| p.as_ref())
+        .filter(|p| match p.scope {
+            PolicyScope::Global => true,
+            PolicyScope::Namespace => p.namespace == w.namespace,
+            PolicyScope::WorkloadSelector => w.authorization_policies.contains(&p.key()),
+        })
+        .collect()
+}
+
+/// The contents of the authorization maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuthzState {
+    pub dest: BTreeMap<[u32; 4], DestValue>,
+    pub identity: BTreeMap<[u32; 4], u32>,
+    /// (key, prefix length) -> region
+    pub region: BTreeMap<(RegionKey, u32), u32>,
+    pub verdict: BTreeMap<VerdictKey, VerdictValue>,
+    pub counts: BTreeSet<CountKey>,
+}
+
+/// What one destination address compiles to, without its dest id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct DestContent {
+    regions: Vec<(Cidr, u32)>,
+    /// (identity, region, port) -> verdict
+    rows: BTreeMap<(u32, u32, u16), VerdictValue>,
+}
+
+/// Ids that must stay stable across compilations.
+#[derive(Clone, Debug, Default)]
+pub struct AuthzCompiler {
+    pub policy_ids: IdPool<String>,
+    identity_ids: IdPool<Identity>,
+    /// Destination address -> (dest id, what it was compiled to).
+    dests: BTreeMap<[u32; 4], (u32, DestContent)>,
+    next_dest_id: u32,
+}
+
+impl AuthzCompiler {
+    /// Policy key by id, for logs and metrics.
+    pub fn policy_name(&self, id: u32) -> Option<String> {
+        self.policy_ids.iter().find(|(_, v)| **v == id).map(|(k, _)| k.clone())
+    }
+
+    pub fn compile(&mut self, model: &Model) -> AuthzState {
+        let mut out = AuthzState::default();
+        // Identities of every workload address (ids from 2: 0 unknown, 1 "any other").
+        let mut identities: BTreeMap<Identity, u32> = BTreeMap::new();
+        let mut used = BTreeSet::new();
+        for w in model.workloads.values() {
+            let ident = Identity::of(w);
+            let id = self.identity_ids.get_or_alloc(&ident) + 1;
+            used.insert(ident.clone());
+            identities.insert(ident, id);
+            for a in &w.addresses {
+                out.identity.insert(addr_words(*a), id);
+            }
+        }
+        self.identity_ids.retain(&used);
+
+        let used_policies: BTreeSet<String> = model.policies.keys().cloned().collect();
+        self.policy_ids.retain(&used_policies);
+        for key in model.policies.keys() {
+            let id = self.policy_ids.get_or_alloc(key);
+            for action in [VERDICT_ALLOW, VERDICT_DENY] {
+                out.counts.insert(CountKey { policy_id: id, action: action as u32 });
+            }
+        }
+        for action in [VERDICT_ALLOW, VERDICT_DENY] {
+            out.counts.insert(CountKey { policy_id: 0, action: action as u32 });
+        }
+
+        let other = Identity {
+            trust_domain: "\u{0}".into(),
+            namespace: "\u{0}other".into(),
+            service_account: "\u{0}other".into(),
+        };
+        let mut dests = BTreeMap::new();
+        for w in model.workloads.values() {
+            let policies = applicable(model, w);
+            if policies.is_empty() {
+                continue;
+            }
+            let ids: Vec<u32> = policies.iter().map(|p| self.policy_ids.get(&p.key()).unwrap_or(0)).collect();
+            // The CIDRs that tell sources apart, and the ports the policies name.
+            let mut cidrs: Vec<Cidr> = Vec::new();
+            let mut ports: BTreeSet<u16> = BTreeSet::new();
+            for m in policies.iter().flat_map(|p| &p.rules).flat_map(|r| &r.clauses).flat_map(|c| &c.matches)
+            {
+                for c in m.source_ips.iter().chain(&m.not_source_ips) {
+                    let c = normalize(c);
+                    if !cidrs.contains(&c) {
+                        cidrs.push(c);
+                    }
+                }
+                ports.extend(m.destination_ports.iter().chain(&m.not_destination_ports));
+            }
+            let port_list: Vec<Option<u16>> =
+                std::iter::once(None).chain(ports.iter().copied().map(Some)).collect();
+            for addr in &w.addresses {
+                let mut rows = BTreeMap::new();
+                let row_for = |ident: Option<&Identity>, key: u32, rows: &mut BTreeMap<_, _>| {
+                    let mut row = BTreeMap::new();
+                    for region in 0..=cidrs.len() {
+                        // Region r > 0 is "inside cidrs[r-1] and no more specific listed CIDR":
+                        // an address there is in every listed CIDR that contains cidrs[r-1].
+                        let inner = region.checked_sub(1).map(|r| cidrs[r]);
+                        let in_cidr =
+                            |c: &Cidr| inner.is_some_and(|i| c.len <= i.len && cidr_contains(c, i.addr));
+                        for port in &port_list {
+                            let conn = Conn { identity: ident, in_cidr: &in_cidr, dst: *addr, port: *port };
+                            let (action, by) = decide(&policies, &conn, false);
+                            let (dry, dry_by) = decide(&policies, &conn, true);
+                            let mut v = VerdictValue {
+                                action,
+                                policy_id: by.map(|i| ids[i]).unwrap_or(0),
+                                ..Default::default()
+                            };
+                            if dry != action {
+                                v.dry_action = dry;
+                                v.dry_policy_id = dry_by.map(|i| ids[i]).unwrap_or(0);
+                            }
+                            row.insert((region as u32, port.unwrap_or(PORT_OTHER)), v);
+                        }
+                    }
+                    for ((r, p), v) in &row {
+                        rows.insert((key, *r, *p), *v);
+                    }
+                    row
+                };
+                row_for(None, IDENTITY_UNKNOWN, &mut rows);
+                let other_row = row_for(Some(&other), IDENTITY_OTHER, &mut rows);
+                for (ident, id) in &identities {
+                    let mut mine = BTreeMap::new();
+                    let row = row_for(Some(ident), *id, &mut mine);
+                    if row != other_row {
+                        rows.extend(mine);
+                    }
+                }
+                let regions = cidrs.iter().enumerate().map(|(i, c)| (*c, i as u32 + 1)).collect();
+                dests.insert(addr_words(*addr), DestContent { regions, rows });
+            }
+        }
+
+        // A destination whose content changed gets a new dest id: its new entries are written
+        // next to the old ones and the switch is one update of AUTHZ_DEST.
+        let mut next_dests = BTreeMap::new();
+        for (addr, content) in dests {
+            let id = match self.dests.get(&addr) {
+                Some((id, old)) if *old == content => *id,
+                _ => {
+                    self.next_dest_id = self.next_dest_id.wrapping_add(1).max(1);
+                    self.next_dest_id
+                }
+            };
+            out.dest.insert(addr, DestValue { dest_id: id, _reserved: 0 });
+            for (cidr, region) in &content.regions {
+                let words = addr_words(cidr.addr);
+                let mut bytes = [0u8; 16];
+                for (i, w) in words.iter().enumerate() {
+                    bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+                }
+                let len = if cidr.addr.is_ipv4() { 96 + cidr.len as u32 } else { cidr.len as u32 };
+                out.region
+                    .insert((RegionKey { dest_id_be: id.to_be_bytes(), addr: bytes }, 32 + len), *region);
+            }
+            for ((identity, region, port), v) in &content.rows {
+                out.verdict.insert(
+                    VerdictKey { dest_id: id, identity: *identity, region: *region, port: *port, _pad: 0 },
+                    *v,
+                );
+            }
+            next_dests.insert(addr, (id, content));
+        }
+        self.dests = next_dests;
+        out
+    }
+}
+
+/// A CIDR with its host bits cleared.
+fn normalize(c: &Cidr) -> Cidr {
+    let addr = match c.addr {
+        IpAddr::V4(a) => {
+            let mask = if c.len == 0 { 0 } else { u32::MAX << (32 - c.len as u32) };
+            IpAddr::V4((u32::from(a) & mask).into())
+        }
+        IpAddr::V6(a) => {
+            let mask = if c.len == 0 { 0 } else { u128::MAX << (128 - c.len as u32) };
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
+    };
+    Cidr { addr, len: c.len }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    fn model(policies: &str) -> Model {
+        config::parse(&format!(
+            "workloads:
+  - {{uid: server, name: server, namespace: prod, service_account: web, addresses: [10.244.0.10], authorization_policies: [prod/sel]}}
+  - {{uid: friend, name: friend, namespace: prod, service_account: api, addresses: [10.244.0.20]}}
+  - {{uid: stranger, name: stranger, namespace: dev, service_account: default, addresses: [10.244.0.30]}}
+policies:
+{policies}"
+        ))
+        .unwrap()
+    }
+
+    /// The verdict the kernel would reach for src -> server:port, following its fallbacks.
+    fn kernel_verdict(s: &AuthzState, src: &str, port: u16) -> Option<VerdictValue> {
+        let dst = addr_words("10.244.0.10".parse().unwrap());
+        let d = s.dest.get(&dst)?;
+        let src_ip: IpAddr = src.parse().unwrap();
+        let ident = s.identity.get(&addr_words(src_ip)).copied().unwrap_or(IDENTITY_UNKNOWN);
+        // Longest matching prefix among this destination's regions.
+        let region = s
+            .region
+            .iter()
+            .filter(|((k, _), _)| k.dest_id_be == d.dest_id.to_be_bytes())
+            .filter(|((k, len), _)| {
+                let words: [u32; 4] = std::array::from_fn(|i| {
+                    u32::from_ne_bytes([
+                        k.addr[i * 4],
+                        k.addr[i * 4 + 1],
+                        k.addr[i * 4 + 2],
+                        k.addr[i * 4 + 3],
+                    ])
+                });
+                let net = crate::compile::words_addr(words);
+                let l = if net.is_ipv4() { len - 32 - 96 } else { len - 32 };
+                cidr_contains(&Cidr { addr: net, len: l as u8 }, src_ip)
+            })
+            .max_by_key(|((_, len), _)| *len)
+            .map(|(_, r)| *r)
+            .unwrap_or(0);
+        let other = if ident == IDENTITY_UNKNOWN { IDENTITY_UNKNOWN } else { IDENTITY_OTHER };
+        let key = |identity, port| VerdictKey { dest_id: d.dest_id, identity, region, port, _pad: 0 };
+        [key(ident, port), key(ident, PORT_OTHER), key(other, port), key(other, PORT_OTHER)]
+            .iter()
+            .find_map(|k| s.verdict.get(k).copied())
+    }
+
+    fn allowed(policies: &str, src: &str, port: u16) -> bool {
+        let s = AuthzCompiler::default().compile(&model(policies));
+        match kernel_verdict(&s, src, port) {
+            None => true,
+            Some(v) => v.action == VERDICT_ALLOW,
+        }
+    }
+
+    #[test]
+    fn no_policy_allows_everything_and_writes_nothing() {
+        let s = AuthzCompiler::default().compile(&model("  []"));
+        assert!(s.dest.is_empty() && s.verdict.is_empty());
+        assert!(allowed("  []", "10.244.0.30", 80));
+    }
+
+    #[test]
+    fn compiled_lookups_agree_with_the_rules() {
+        let cases: &[(&str, &str, u16, bool)] = &[
+            // DENY from namespace dev.
+            (
+                "  - {name: d, namespace: prod, action: DENY, rules: [{clauses: [{matches: [{namespaces: [{exact: dev}]}]}]}]}",
+                "10.244.0.30",
+                80,
+                false,
+            ),
+            (
+                "  - {name: d, namespace: prod, action: DENY, rules: [{clauses: [{matches: [{namespaces: [{exact: dev}]}]}]}]}",
+                "10.244.0.20",
+                80,
+                true,
+            ),
+            // ALLOW only service account api: everyone else denied, unknown sources too.
+            (
+                "  - {name: a, namespace: prod, rules: [{clauses: [{matches: [{service_accounts: [{namespace: prod, service_account: api}]}]}]}]}",
+                "10.244.0.20",
+                80,
+                true,
+            ),
+            (
+                "  - {name: a, namespace: prod, rules: [{clauses: [{matches: [{service_accounts: [{namespace: prod, service_account: api}]}]}]}]}",
+                "10.244.0.30",
+                80,
+                false,
+            ),
+            (
+                "  - {name: a, namespace: prod, rules: [{clauses: [{matches: [{service_accounts: [{namespace: prod, service_account: api}]}]}]}]}",
+                "192.168.9.9",
+                80,
+                false,
+            ),
+            // not_ forms: unknown sources satisfy not_ identity conditions.
+            (
+                "  - {name: a, namespace: prod, rules: [{clauses: [{matches: [{not_namespaces: [{prefix: de}]}]}]}]}",
+                "192.168.9.9",
+                80,
+                true,
+            ),
+            (
+                "  - {name: a, namespace: prod, rules: [{clauses: [{matches: [{not_namespaces: [{prefix: de}]}]}]}]}",
+                "10.244.0.30",
+                80,
+                false,
+            ),
+            // CIDRs, nested: deny 10.244.0.0/24 except allow-listed /30 via an ALLOW with not_source_ips.
+            (
+                "  - {name: d, namespace: prod, action: DENY, rules: [{clauses: [{matches: [{source_ips: [\"10.244.0.0/24\"], not_source_ips: [\"10.244.0.20/30\"]}]}]}]}",
+                "10.244.0.30",
+                80,
+                false,
+            ),
+            (
+                "  - {name: d, namespace: prod, action: DENY, rules: [{clauses: [{matches: [{source_ips: [\"10.244.0.0/24\"], not_source_ips: [\"10.244.0.20/30\"]}]}]}]}",
+                "10.244.0.21",
+                80,
+                true,
+            ),
+            (
+                "  - {name: d, namespace: prod, action: DENY, rules: [{clauses: [{matches: [{source_ips: [\"10.244.0.0/24\"], not_source_ips: [\"10.244.0.20/30\"]}]}]}]}",
+                "10.244.1.1",
+                80,
+                true,
+            ),
+            // Ports: only 8080 allowed.
+            (
+                "  - {name: a, namespace: prod, rules: [{clauses: [{matches: [{destination_ports: [8080]}]}]}]}",
+                "10.244.0.30",
+                8080,
+                true,
+            ),
+            (
+                "  - {name: a, namespace: prod, rules: [{clauses: [{matches: [{destination_ports: [8080]}]}]}]}",
+                "10.244.0.30",
+                9090,
+                false,
+            ),
+            // Principals by suffix.
+            (
+                "  - {name: a, namespace: prod, rules: [{clauses: [{matches: [{principals: [{suffix: /sa/api}]}]}]}]}",
+                "10.244.0.20",
+                80,
+                true,
+            ),
+            (
+                "  - {name: a, namespace: prod, rules: [{clauses: [{matches: [{principals: [{suffix: /sa/api}]}]}]}]}",
+                "10.244.0.30",
+                80,
+                false,
+            ),
+            // Presence: any identity, but not an unknown source.
+            (
+                "  - {name: a, namespace: prod, rules: [{clauses: [{matches: [{principals: [{presence: {}}]}]}]}]}",
+                "10.244.0.30",
+                80,
+                true,
+            ),
+            (
+                "  - {name: a, namespace: prod, rules: [{clauses: [{matches: [{principals: [{presence: {}}]}]}]}]}",
+                "192.168.9.9",
+                80,
+                false,
+            ),
+            // Scope: a selector policy not listed by the server does not apply; another namespace's neither.
+            (
+                "  - {name: other, namespace: prod, scope: WORKLOAD_SELECTOR, action: DENY, rules: [{clauses: [{matches: [{}]}]}]}",
+                "10.244.0.30",
+                80,
+                true,
+            ),
+            (
+                "  - {name: sel, namespace: prod, scope: WORKLOAD_SELECTOR, action: DENY, rules: [{clauses: [{matches: [{}]}]}]}",
+                "10.244.0.30",
+                80,
+                false,
+            ),
+            (
+                "  - {name: ns, namespace: dev, scope: NAMESPACE, action: DENY, rules: [{clauses: [{matches: [{}]}]}]}",
+                "10.244.0.30",
+                80,
+                true,
+            ),
+            // DENY wins over ALLOW.
+            (
+                "  - {name: a, namespace: prod, rules: [{clauses: [{matches: [{}]}]}]}\n  - {name: d, namespace: prod, action: DENY, rules: [{clauses: [{matches: [{namespaces: [{exact: dev}]}]}]}]}",
+                "10.244.0.30",
+                80,
+                false,
+            ),
+            // Dry run: evaluated, never enforced.
+            (
+                "  - {name: d, namespace: prod, action: DENY, dry_run: true, rules: [{clauses: [{matches: [{}]}]}]}",
+                "10.244.0.30",
+                80,
+                true,
+            ),
+            // An ALLOW policy without rules matches nothing: default deny.
+            ("  - {name: a, namespace: prod}", "10.244.0.20", 80, false),
+        ];
+        for (i, (p, src, port, expect)) in cases.iter().enumerate() {
+            assert_eq!(allowed(p, src, *port), *expect, "case {i}: {p} from {src}:{port}");
+        }
+    }
+
+    #[test]
+    fn dry_run_differences_are_reported() {
+        let s = AuthzCompiler::default().compile(&model(
+            "  - {name: d, namespace: prod, action: DENY, dry_run: true, rules: [{clauses: [{matches: [{}]}]}]}",
+        ));
+        let v = kernel_verdict(&s, "10.244.0.30", 80).unwrap();
+        assert_eq!((v.action, v.dry_action), (VERDICT_ALLOW, VERDICT_DENY));
+        assert_ne!(v.dry_policy_id, 0);
+    }
+
+    #[test]
+    fn unchanged_destinations_keep_their_id_and_changed_ones_switch() {
+        let mut c = AuthzCompiler::default();
+        let p1 = "  - {name: d, namespace: prod, action: DENY, rules: [{clauses: [{matches: [{namespaces: [{exact: dev}]}]}]}]}";
+        let a = c.compile(&model(p1));
+        let b = c.compile(&model(p1));
+        assert_eq!(a, b);
+        let p2 = "  - {name: d, namespace: prod, action: DENY, rules: [{clauses: [{matches: [{namespaces: [{exact: prod}]}]}]}]}";
+        let d = c.compile(&model(p2));
+        let id = |s: &AuthzState| s.dest.values().next().unwrap().dest_id;
+        assert_ne!(id(&a), id(&d));
+    }
+
+    #[test]
+    fn identities_no_policy_singles_out_share_the_fallback_row() {
+        let s = AuthzCompiler::default().compile(&model(
+            "  - {name: d, namespace: prod, action: DENY, rules: [{clauses: [{matches: [{namespaces: [{exact: dev}]}]}]}]}",
+        ));
+        // Rows: unknown, other, and dev's identity only (prod identities behave like "other").
+        let identities: BTreeSet<u32> = s.verdict.keys().map(|k| k.identity).collect();
+        assert_eq!(identities.len(), 3, "{identities:?}");
+    }
+}
