@@ -244,3 +244,42 @@ fn tls_with_a_wrong_ca_or_a_missing_token_is_refused_with_a_clear_error() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn authorization_resources_from_xds_are_enforced() {
+    if !root_or_skip("authorization_resources_from_xds_are_enforced") {
+        return;
+    }
+    use kmesh_proto::istio::security as ps;
+    use prost::Message;
+    let rt = runtime();
+    let bed = bed();
+    let scratch = Scratch::new();
+    let cp = ControlPlane::new();
+    cp.replace_all(ADDRESS_TYPE, resources(&bed, &["s1"]));
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let d = start_daemon(&scratch, &bed, server.addr);
+    // The server pod is enrolled: connections into it are authorized.
+    let req = serde_json::json!({ "netns": bed.pod("s1").netns_path(), "workload": "s1" }).to_string();
+    kmesh_daemon::admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
+    let s1 = SocketAddr::new(bed.pod("s1").ipv4.into(), 8080);
+    assert!(bed.pod("client").connect(s1, 1, false).unwrap()[0].ok);
+
+    let deny_all = ps::Authorization {
+        name: "deny-all".into(),
+        namespace: "default".into(),
+        scope: ps::Scope::Namespace as i32,
+        action: ps::Action::Deny as i32,
+        rules: vec![ps::Rule { clauses: vec![ps::Clause { matches: vec![ps::Match::default()] }] }],
+        dry_run: false,
+    };
+    cp.set(AUTHORIZATION_TYPE, [("default/deny-all".to_string(), deny_all.encode_to_vec())]);
+    wait_for("the DENY policy in force", || !bed.pod("client").connect(s1, 1, false).unwrap()[0].ok);
+    let a = bed.pod("client").connect(s1, 3, false).unwrap();
+    assert!(a.iter().all(|a| a.errno == Some(libc::ECONNREFUSED)), "{a:?}");
+    assert!(d.metric("kmesh_authz_decisions_total{policy=\"default/deny-all\",action=\"deny\"}") >= 3.0);
+
+    cp.remove(AUTHORIZATION_TYPE, &["default/deny-all"]);
+    wait_for("the policy removed", || bed.pod("client").connect(s1, 1, false).unwrap()[0].ok);
+    assert!(cp.violations().is_empty() && cp.nacks().is_empty(), "{:?} {:?}", cp.violations(), cp.nacks());
+}
