@@ -562,6 +562,9 @@ pub struct Attempt {
     pub error: Option<String>,
     /// CLOCK_MONOTONIC when connect() was called.
     pub start_ns: u64,
+    /// From connect() to the server's first line (or the error), in microseconds.
+    #[serde(default)]
+    pub elapsed_us: u64,
 }
 
 pub fn parse_attempts(text: &str) -> Result<Vec<Attempt>> {

@@ -243,6 +243,7 @@ fn connect(
                 errno: None,
                 error: None,
                 start_ns,
+                elapsed_us: (monotonic_ns() - start_ns) / 1000,
             },
             Err(e) => Attempt {
                 ok: false,
@@ -251,6 +252,7 @@ fn connect(
                 errno: e.raw_os_error(),
                 error: Some(e.to_string()),
                 start_ns,
+                elapsed_us: (monotonic_ns() - start_ns) / 1000,
             },
         };
         serde_json::to_writer(&mut out, &a)?;
