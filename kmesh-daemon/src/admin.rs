@@ -131,6 +131,10 @@ async fn metrics(State(s): State<AppState>) -> Response {
             "# HELP kmesh_config_errors_total Config files refused by validation.\n# TYPE kmesh_config_errors_total counter\nkmesh_config_errors_total {}\n",
             m.counters.config_errors
         );
+        t += &format!(
+            "# HELP kmesh_pins_missing bpffs pins found missing and not restorable.\n# TYPE kmesh_pins_missing gauge\nkmesh_pins_missing {}\n# HELP kmesh_pins_restored_total bpffs map pins restored after removal by hand.\n# TYPE kmesh_pins_restored_total counter\nkmesh_pins_restored_total {}\n",
+            m.counters.pins_missing, m.counters.pins_restored
+        );
         t += "# HELP kmesh_authz_decisions_total Connections allowed or denied, by deciding policy.\n# TYPE kmesh_authz_decisions_total counter\n";
         for (policy, action, n) in m.authz_decisions() {
             t += &format!("kmesh_authz_decisions_total{{policy=\"{policy}\",action=\"{action}\"}} {n}\n");

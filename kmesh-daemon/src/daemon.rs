@@ -139,6 +139,34 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     };
 
+    // Pins removed by hand are detected, reported and (for maps) restored.
+    let pins_check = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                let s = shared.clone();
+                let (missing, restored) = tokio::task::spawn_blocking(move || {
+                    let mut m = s.mesh.lock().unwrap_or_else(|p| p.into_inner());
+                    let missing = m.dataplane().missing_pins();
+                    let restored = if missing.is_empty() { Vec::new() } else { m.dataplane().repin_maps() };
+                    m.counters.pins_missing = missing.len() as u64 - restored.len() as u64;
+                    m.counters.pins_restored += restored.len() as u64;
+                    (missing, restored)
+                })
+                .await
+                .unwrap_or_default();
+                if !missing.is_empty() {
+                    tracing::error!(
+                        ?missing,
+                        ?restored,
+                        "bpffs pins were removed by hand; maps are pinned again, programs stay attached while the daemon runs (restart it to pin links again)"
+                    );
+                }
+            }
+        })
+    };
     // Each denial is logged with source, destination and the deciding policy.
     let denials = {
         let shared = shared.clone();
@@ -165,6 +193,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         r = server => { r??; }
     }
     denials.abort();
+    pins_check.abort();
     let _ = stop_tx.send(true);
     let _ = source_task.await;
     drop(shared);

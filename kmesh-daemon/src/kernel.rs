@@ -684,6 +684,43 @@ impl Dataplane {
     }
 }
 
+impl Dataplane {
+    /// Pins of maps and links that should exist under the pin directory but do not (removed by
+    /// hand, or the bpffs unmounted). Maps and programs keep working while this process holds
+    /// them; a restart would start from empty maps.
+    pub fn missing_pins(&self) -> Vec<PathBuf> {
+        let dir = layout_dir(&self.pin_dir);
+        let maps = self.capacities.by_name().into_iter().map(|(n, _)| n).chain(FIXED_MAPS);
+        let mut out: Vec<PathBuf> = maps.map(|n| dir.join("maps").join(n)).filter(|p| !p.exists()).collect();
+        out.extend(PROGRAMS.iter().map(|n| dir.join("links").join(n)).filter(|p| !p.exists()));
+        out
+    }
+
+    /// Pins again every map whose pin is missing; returns what was restored. Link pins cannot
+    /// be restored from here: the programs stay attached while the daemon runs.
+    pub fn repin_maps(&self) -> Vec<PathBuf> {
+        let dir = layout_dir(&self.pin_dir).join("maps");
+        let _ = fs::create_dir_all(&dir);
+        let mut restored = Vec::new();
+        let mut pin = |name: &str, m: &MapData| {
+            let p = dir.join(name);
+            if !p.exists() && m.pin(&p).is_ok() {
+                restored.push(p);
+            }
+        };
+        pin("NETNS", self.netns.map());
+        pin("FRONTENDS", self.frontends.map());
+        pin("LB_TABLES", self.tables.map());
+        pin("ENDPOINTS", self.endpoints.map());
+        pin("BACKENDS", self.backends.map());
+        pin("PORTS", self.ports.map());
+        pin("AUTHZ_DEST", self.authz_dest.map());
+        pin("IDENTITY", self.identity.map());
+        pin("AUTHZ_VERDICT", self.authz_verdict.map());
+        restored
+    }
+}
+
 /// Removes every pin under `pin_dir`: links (which detaches the programs once no process
 /// holds them) and maps. Returns the paths removed.
 pub fn uninstall(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {

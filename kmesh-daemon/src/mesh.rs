@@ -26,6 +26,9 @@ pub struct Counters {
     /// By map name.
     pub map_full_errors: BTreeMap<String, u64>,
     pub config_errors: u64,
+    /// Pins found missing at the last check and not restored.
+    pub pins_missing: u64,
+    pub pins_restored: u64,
 }
 
 pub struct Mesh {

@@ -57,6 +57,16 @@ enum Cmd {
         #[arg(long = "udp")]
         udp: Vec<u16>,
     },
+    /// Agent: hold one TCP connection open for SECS seconds, exchanging a line every
+    /// INTERVAL_MS; print one JSON line with the outcome.
+    Hold {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 30)]
+        secs: u64,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
     /// Agent: connect to a target COUNT times and print one JSON line per attempt.
     Connect {
         #[arg(long)]
@@ -97,6 +107,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Serve { name, tcp, udp } => serve(name, tcp, udp),
+        Cmd::Hold { target, secs, interval_ms } => hold(target, secs, interval_ms),
         Cmd::Connect { target, count, udp, timeout_ms, interval_us, duration_ms } => {
             connect(target, count, udp, Duration::from_millis(timeout_ms), interval_us, duration_ms)
         }
@@ -128,6 +139,42 @@ fn up(pods: Vec<String>, secs: u64) -> anyhow::Result<()> {
         bed.name()
     );
     std::thread::sleep(Duration::from_secs(secs));
+    Ok(())
+}
+
+fn hold(target: SocketAddr, secs: u64, interval_ms: u64) -> anyhow::Result<()> {
+    die_with_parent();
+    let started = Instant::now();
+    let mut exchanges = 0u64;
+    let r = (|| -> std::io::Result<String> {
+        let s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut reader = BufReader::new(s.try_clone()?);
+        let mut server = String::new();
+        reader.read_line(&mut server)?;
+        let mut w = s;
+        while started.elapsed() < Duration::from_secs(secs) {
+            let msg = format!("ping {exchanges}\n");
+            w.write_all(msg.as_bytes())?;
+            let mut back = String::new();
+            reader.read_line(&mut back)?;
+            if back != msg {
+                return Err(std::io::Error::other(format!("echo mismatch: {back:?}")));
+            }
+            exchanges += 1;
+            std::thread::sleep(Duration::from_millis(interval_ms));
+        }
+        Ok(server.trim().to_string())
+    })();
+    let line = match r {
+        Ok(server) => {
+            serde_json::json!({"ok": true, "server": server, "exchanges": exchanges, "secs": started.elapsed().as_secs_f64()})
+        }
+        Err(e) => {
+            serde_json::json!({"ok": false, "error": e.to_string(), "exchanges": exchanges, "secs": started.elapsed().as_secs_f64()})
+        }
+    };
+    println!("{line}");
     Ok(())
 }
 
