@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use kmesh_daemon::config;
-use kmesh_daemon::kernel::{self, Capacities, Dataplane, LoadOptions};
+use kmesh_daemon::kernel::{self, Dataplane, LoadOptions};
 use kmesh_daemon::mesh::Mesh;
 use kmesh_daemon::netns;
 use kmesh_testbed::{ClientOptions, PodSpec, Testbed, parse_attempts};
@@ -52,11 +52,7 @@ fn main() -> anyhow::Result<()> {
             .status()?;
     }
     let pins = PathBuf::from(format!("/sys/fs/bpf/kmesh-authz-bench-{}", std::process::id()));
-    let dp = Dataplane::load(&LoadOptions {
-        cgroup: bed.cgroup().to_owned(),
-        pin_dir: pins.clone(),
-        capacities: Capacities::default(),
-    })?;
+    let dp = Dataplane::load(&LoadOptions::new(bed.cgroup().to_owned(), pins.clone()))?;
     let mut mesh = Mesh::new(dp);
     let workloads = format!(
         "workloads:\n  - {{uid: client, name: client, namespace: bench, service_account: load, addresses: [{}]}}\n  - {{uid: server, name: server, namespace: prod, service_account: web, addresses: [{}]}}\n",

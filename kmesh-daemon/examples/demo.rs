@@ -178,6 +178,8 @@ fn run() -> anyhow::Result<()> {
         .arg("--bpffs")
         .arg(&pins)
         .args(["--admin", &admin_addr.to_string(), "--poll-ms", "100", "--uninstall-on-exit"])
+        .arg("--state-file")
+        .arg(dir.join("state.json"))
         // Denials are logged one line each at warn; the demo shows their counters instead.
         .env("KMESH_LOG", "warn,kmesh::authz=off")
         .stdin(Stdio::null())

@@ -97,6 +97,8 @@ fn main() -> anyhow::Result<()> {
         .arg("--bpffs")
         .arg(&pins)
         .args(["--admin", &admin_addr.to_string(), "--uninstall-on-exit"])
+        .arg("--state-file")
+        .arg(std::env::temp_dir().join(format!("kmesh-bench-{}-state.json", std::process::id())))
         .env("KMESH_LOG", "warn")
         .stdin(Stdio::null())
         .spawn()

@@ -11,7 +11,7 @@ use anyhow::Context;
 
 use crate::admin::{self, Shared};
 use crate::config;
-use crate::kernel::{self, Capacities, Dataplane, LoadOptions};
+use crate::kernel::{self, Dataplane, LoadOptions};
 use crate::mesh::Mesh;
 use crate::xds::{self, XdsOptions};
 
@@ -31,16 +31,19 @@ pub struct RunOptions {
     pub admin_addr: SocketAddr,
     pub poll: Duration,
     pub uninstall_on_exit: bool,
+    /// Where enrollments are saved across restarts and upgrades.
+    pub state_file: Option<PathBuf>,
 }
 
 impl RunOptions {
     pub fn new(source: Source, cgroup: PathBuf, pin_dir: PathBuf) -> Self {
         Self {
             source,
-            load: LoadOptions { cgroup, pin_dir, capacities: Capacities::default() },
+            load: LoadOptions::new(cgroup, pin_dir),
             admin_addr: "127.0.0.1:15200".parse().unwrap(),
             poll: Duration::from_millis(500),
             uninstall_on_exit: false,
+            state_file: None,
         }
     }
 }
@@ -103,8 +106,22 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let dp = Dataplane::load(&opts.load).context("loading the data plane")?;
     tracing::info!(cgroup = %opts.load.cgroup.display(), pins = %kernel::layout_dir(&opts.load.pin_dir).display(),
         adopted = dp.adopted(), "programs attached");
+    let mut mesh = Mesh::new(dp);
+    if let Some(sf) = &opts.state_file {
+        match std::fs::read(sf) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(saved) => mesh.restore(saved),
+                Err(e) => {
+                    tracing::error!(path = %sf.display(), error = %e, "state file unreadable; enrollments not restored")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::error!(path = %sf.display(), error = %e, "cannot read the state file"),
+        }
+        mesh.set_state_file(sf.clone());
+    }
     let shared = Arc::new(Shared {
-        mesh: Mutex::new(Mesh::new(dp)),
+        mesh: Mutex::new(mesh),
         ready: Default::default(),
         config_error: Mutex::new(None),
         config_path: match &opts.source {
@@ -149,6 +166,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 let s = shared.clone();
                 let (missing, restored) = tokio::task::spawn_blocking(move || {
                     let mut m = s.mesh.lock().unwrap_or_else(|p| p.into_inner());
+                    for c in m.prune_gone_namespaces() {
+                        tracing::info!(cookie = c, "a pod's network namespace is gone: unenrolled");
+                    }
                     let missing = m.dataplane().missing_pins();
                     let restored = if missing.is_empty() { Vec::new() } else { m.dataplane().repin_maps() };
                     m.counters.pins_missing = missing.len() as u64 - restored.len() as u64;

@@ -129,6 +129,15 @@ pub struct LoadOptions {
     /// bpffs directory under which maps and links are pinned.
     pub pin_dir: PathBuf,
     pub capacities: Capacities,
+    /// Map layout version the pins are kept under (`MAP_LAYOUT_VERSION`; tests set another to
+    /// play an older release).
+    pub layout_version: u32,
+}
+
+impl LoadOptions {
+    pub fn new(cgroup: PathBuf, pin_dir: PathBuf) -> Self {
+        Self { cgroup, pin_dir, capacities: Capacities::default(), layout_version: MAP_LAYOUT_VERSION }
+    }
 }
 
 /// What one [`Dataplane::apply`] did.
@@ -157,6 +166,10 @@ pub struct Dataplane {
     ebpf: Ebpf,
     _links: Vec<PinnedLink>,
     pin_dir: PathBuf,
+    /// `<pin_dir>/v<layout version>`.
+    dir: PathBuf,
+    /// Pin directories of other layout versions, retired once this one is in force.
+    old_layouts: Vec<PathBuf>,
     capacities: Capacities,
     applied: MapState,
     adopted: bool,
@@ -174,7 +187,27 @@ fn is_bpffs(path: &Path) -> bool {
 
 /// The versioned directory inside the pin dir that holds this layout's pins.
 pub fn layout_dir(pin_dir: &Path) -> PathBuf {
-    pin_dir.join(format!("v{MAP_LAYOUT_VERSION}"))
+    layout_dir_of(pin_dir, MAP_LAYOUT_VERSION)
+}
+
+fn layout_dir_of(pin_dir: &Path, version: u32) -> PathBuf {
+    pin_dir.join(format!("v{version}"))
+}
+
+/// Pin directories of other layout versions under `pin_dir` (left by an older or newer
+/// daemon).
+pub fn other_layouts(pin_dir: &Path, version: u32) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(pin_dir) else { return Vec::new() };
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix('v').and_then(|v| v.parse::<u32>().ok()).is_some_and(|v| v != version)
+        })
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    out
 }
 
 fn is_not_found(e: &MapError) -> bool {
@@ -270,7 +303,8 @@ impl Dataplane {
         if !is_bpffs(&opts.pin_dir) && !is_bpffs(parent) {
             return Err(KernelError::NotBpffs { path: opts.pin_dir.clone() });
         }
-        let dir = layout_dir(&opts.pin_dir);
+        let dir = layout_dir_of(&opts.pin_dir, opts.layout_version);
+        let old_layouts = other_layouts(&opts.pin_dir, opts.layout_version);
         for d in [dir.join("maps"), dir.join("links")] {
             fs::create_dir_all(&d).map_err(|source| KernelError::PinDir { path: d.clone(), source })?;
         }
@@ -375,6 +409,8 @@ impl Dataplane {
             stats,
             _links: links,
             pin_dir: opts.pin_dir.clone(),
+            dir: dir.clone(),
+            old_layouts,
             capacities: opts.capacities,
             applied: MapState::default(),
             adopted,
@@ -410,6 +446,27 @@ impl Dataplane {
             backends: max(&self.backends, "BACKENDS", c.backends),
             ports: max(&self.ports, "PORTS", c.ports),
         }
+    }
+
+    /// Pin directories of other layout versions found at load.
+    pub fn old_layouts(&self) -> &[PathBuf] {
+        &self.old_layouts
+    }
+
+    /// Removes the pins of other layout versions: their links go (detaching the old programs,
+    /// which ran next to this version's until now) and their maps are freed. Call once this
+    /// version's maps hold the configuration.
+    pub fn retire_old_layouts(&mut self) -> Vec<PathBuf> {
+        let mut done = Vec::new();
+        for d in std::mem::take(&mut self.old_layouts) {
+            match uninstall(&d) {
+                Ok(_) => done.push(d),
+                Err(e) => {
+                    tracing::error!(dir = %d.display(), error = %e, "cannot remove an old layout's pins")
+                }
+            }
+        }
+        done
     }
 
     /// True when maps pinned by an earlier run were adopted.
@@ -639,7 +696,7 @@ impl Dataplane {
 
     /// Attaches the authorization program to a network namespace (idempotent).
     pub fn attach_authz(&mut self, cookie: u64, netns: &Path) -> Result<(), KernelError> {
-        let pin = layout_dir(&self.pin_dir).join("links").join(format!("authz_{cookie}"));
+        let pin = self.dir.join("links").join(format!("authz_{cookie}"));
         if pin.exists() {
             return Ok(());
         }
@@ -662,7 +719,7 @@ impl Dataplane {
 
     /// Detaches the authorization program from a namespace.
     pub fn detach_authz(&mut self, cookie: u64) {
-        let pin = layout_dir(&self.pin_dir).join("links").join(format!("authz_{cookie}"));
+        let pin = self.dir.join("links").join(format!("authz_{cookie}"));
         let _ = fs::remove_file(pin);
     }
 
@@ -689,7 +746,7 @@ impl Dataplane {
     /// hand, or the bpffs unmounted). Maps and programs keep working while this process holds
     /// them; a restart would start from empty maps.
     pub fn missing_pins(&self) -> Vec<PathBuf> {
-        let dir = layout_dir(&self.pin_dir);
+        let dir = &self.dir;
         let maps = self.capacities.by_name().into_iter().map(|(n, _)| n).chain(FIXED_MAPS);
         let mut out: Vec<PathBuf> = maps.map(|n| dir.join("maps").join(n)).filter(|p| !p.exists()).collect();
         out.extend(PROGRAMS.iter().map(|n| dir.join("links").join(n)).filter(|p| !p.exists()));
@@ -699,7 +756,7 @@ impl Dataplane {
     /// Pins again every map whose pin is missing; returns what was restored. Link pins cannot
     /// be restored from here: the programs stay attached while the daemon runs.
     pub fn repin_maps(&self) -> Vec<PathBuf> {
-        let dir = layout_dir(&self.pin_dir).join("maps");
+        let dir = self.dir.join("maps");
         let _ = fs::create_dir_all(&dir);
         let mut restored = Vec::new();
         let mut pin = |name: &str, m: &MapData| {

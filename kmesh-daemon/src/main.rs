@@ -144,6 +144,14 @@ enum Cmd {
         /// keeps flowing while the daemon restarts).
         #[arg(long)]
         uninstall_on_exit: bool,
+        /// Where enrolled namespaces are saved, so that a restarted or upgraded daemon keeps
+        /// them with their workloads and authorization.
+        #[arg(long, default_value = "/run/kmesh/state.json")]
+        state_file: PathBuf,
+        /// Pin under this map layout version instead of the built-in one (tests use it to
+        /// play an older release).
+        #[arg(long, hide = true)]
+        map_layout_version: Option<u32>,
         #[command(flatten)]
         caps: CapacityArgs,
     },
@@ -189,7 +197,18 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run { config, xds, cgroup, bpffs, admin, poll_ms, uninstall_on_exit, caps } => {
+        Cmd::Run {
+            config,
+            xds,
+            cgroup,
+            bpffs,
+            admin,
+            poll_ms,
+            uninstall_on_exit,
+            state_file,
+            map_layout_version,
+            caps,
+        } => {
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => cgroup2_mount()?,
@@ -203,6 +222,10 @@ fn main() -> anyhow::Result<()> {
             opts.admin_addr = admin;
             opts.poll = Duration::from_millis(poll_ms.max(50));
             opts.uninstall_on_exit = uninstall_on_exit;
+            opts.state_file = Some(state_file);
+            if let Some(v) = map_layout_version {
+                opts.load.layout_version = v;
+            }
             opts.load.capacities = Capacities {
                 netns: caps.netns_capacity,
                 frontends: caps.frontends_capacity,

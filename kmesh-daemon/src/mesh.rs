@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kmesh_common::{AuthzEvent, VERDICT_ALLOW, VERDICT_DENY};
 
@@ -15,6 +15,14 @@ use crate::authz::AuthzCompiler;
 use crate::compile::{Compiler, Enrollment, Ids, words_addr};
 use crate::kernel::{ApplyReport, Dataplane, KernelError};
 use crate::model::Model;
+
+/// One enrollment as saved in the state file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SavedEnrollment {
+    pub netns_cookie: u64,
+    pub netns: PathBuf,
+    pub workload: Option<String>,
+}
 
 /// Counters the operator surface exports.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -37,6 +45,13 @@ pub struct Mesh {
     enrolled: BTreeMap<u64, Enrollment>,
     compiler: Compiler,
     authz: AuthzCompiler,
+    /// Namespace paths of enrollments (for authorization links and liveness checks).
+    paths: BTreeMap<u64, PathBuf>,
+    /// Where enrollments are saved, so that a restarted or upgraded daemon knows them.
+    state_file: Option<PathBuf>,
+    /// A configuration has been applied since start: before that, an enrollment is only
+    /// recorded (applying it against an empty model would wipe adopted entries).
+    has_model: bool,
     /// The maps may hold entries the compiler does not know (adopted from an earlier run, or
     /// left by a failed apply): the next change must be a full compilation.
     needs_full: bool,
@@ -55,6 +70,9 @@ impl Mesh {
             enrolled,
             compiler,
             authz: AuthzCompiler::default(),
+            paths: BTreeMap::new(),
+            state_file: None,
+            has_model: false,
             needs_full: true,
             counters: Counters::default(),
         }
@@ -137,7 +155,82 @@ impl Mesh {
         let enrolled = self.enrolled.clone();
         let r = self.sync(&model, &enrolled)?;
         self.model = model;
+        self.has_model = true;
+        // This layout's maps now hold the configuration: pins of another layout version (an
+        // upgrade from an older daemon) can go, detaching the programs that used them.
+        for d in self.dp.retire_old_layouts() {
+            tracing::info!(dir = %d.display(), "retired the pins of another map layout version");
+        }
         Ok(r)
+    }
+
+    /// Saves enrollments to `path` from now on.
+    pub fn set_state_file(&mut self, path: PathBuf) {
+        self.state_file = Some(path);
+        self.save();
+    }
+
+    fn save(&self) {
+        let Some(path) = &self.state_file else { return };
+        let entries: Vec<SavedEnrollment> = self
+            .paths
+            .iter()
+            .map(|(c, p)| SavedEnrollment {
+                netns_cookie: *c,
+                netns: p.clone(),
+                workload: self.enrolled.get(c).and_then(|e| e.workload.clone()),
+            })
+            .collect();
+        let r = (|| -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&entries)?)?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(e) = r {
+            tracing::error!(path = %path.display(), error = %e, "cannot save enrollments");
+        }
+    }
+
+    /// Takes back enrollments saved by an earlier daemon: those whose namespace still exists
+    /// with the same cookie are kept (with their workload) and their authorization attached;
+    /// the others are pods that are gone and are dropped.
+    pub fn restore(&mut self, saved: Vec<SavedEnrollment>) {
+        for s in saved {
+            match crate::netns::cookie_of(&s.netns) {
+                Ok(c) if c == s.netns_cookie => {
+                    self.enrolled.insert(c, Enrollment { workload: s.workload });
+                    if let Err(e) = self.dp.attach_authz(c, &s.netns) {
+                        tracing::error!(netns = %s.netns.display(), error = %e, "cannot attach authorization");
+                    }
+                    self.paths.insert(c, s.netns);
+                }
+                _ => {
+                    tracing::info!(netns = %s.netns.display(), "enrolled namespace is gone; dropping it");
+                    self.enrolled.remove(&s.netns_cookie);
+                    self.dp.detach_authz(s.netns_cookie);
+                }
+            }
+        }
+        self.save();
+    }
+
+    /// Unenrolls namespaces whose pod is gone (path removed or reused). Returns their cookies.
+    pub fn prune_gone_namespaces(&mut self) -> Vec<u64> {
+        let gone: Vec<u64> = self
+            .paths
+            .iter()
+            .filter(|(c, p)| crate::netns::cookie_of(p).ok() != Some(**c))
+            .map(|(c, _)| *c)
+            .collect();
+        for c in &gone {
+            if let Err(e) = self.unenroll(*c) {
+                tracing::error!(cookie = c, error = %e, "cannot unenroll a namespace that is gone");
+            }
+        }
+        gone
     }
 
     /// Puts a network namespace in the mesh: its sockets are load-balanced, and connections
@@ -151,12 +244,18 @@ impl Mesh {
     ) -> Result<ApplyReport, KernelError> {
         let mut enrolled = self.enrolled.clone();
         enrolled.insert(cookie, Enrollment { workload });
-        let model = self.model.clone();
-        let r = self.sync(&model, &enrolled)?;
+        let r = if self.has_model {
+            let model = self.model.clone();
+            self.sync(&model, &enrolled)?
+        } else {
+            ApplyReport::default()
+        };
         if let Some(path) = netns {
             self.dp.attach_authz(cookie, path)?;
+            self.paths.insert(cookie, path.to_owned());
         }
         self.enrolled = enrolled;
+        self.save();
         Ok(r)
     }
 
@@ -226,9 +325,13 @@ impl Mesh {
         let mut enrolled = self.enrolled.clone();
         enrolled.remove(&cookie);
         let model = self.model.clone();
-        self.sync(&model, &enrolled)?;
+        if self.has_model {
+            self.sync(&model, &enrolled)?;
+        }
         self.dp.detach_authz(cookie);
+        self.paths.remove(&cookie);
         self.enrolled = enrolled;
+        self.save();
         Ok(true)
     }
 }

@@ -205,3 +205,60 @@ fn pins_removed_by_hand_are_detected_reported_and_restored() {
     // Traffic never noticed.
     assert_eq!(connect(&bed, 30).len(), 3);
 }
+
+#[test]
+fn upgrade_from_another_layout_keeps_traffic_and_retires_the_old_pins() {
+    if !root_or_skip("upgrade_from_another_layout_keeps_traffic_and_retires_the_old_pins") {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let bed = bed();
+    let scratch = Scratch::new();
+    scratch.write_config(&echo_config(&bed, &["s1", "s2", "s3"], "{}"));
+    // The "old release": same code, pins under layout v0.
+    let mut old = Daemon::start(&scratch.config(), &bed, &scratch.pins, &["--map-layout-version", "0"]);
+    wait_for("readiness", || old.get("/debug/ready").is_ok());
+    let req =
+        serde_json::json!({ "netns": bed.pod("client").netns_path(), "workload": "client" }).to_string();
+    admin::request(old.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
+    assert_eq!(connect(&bed, 30).len(), 3);
+
+    let opts = kmesh_testbed::ClientOptions {
+        count: 1_000_000,
+        duration_ms: 6000,
+        interval_us: 1000,
+        ..Default::default()
+    };
+    let mut loop_child = bed
+        .pod("client")
+        .connect_command(format!("{VIP}:80").parse().unwrap(), &opts)
+        .unwrap()
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = loop_child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        BufReader::new(out).lines().map(|l| l.unwrap() + "\n").collect::<String>()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+
+    // Upgrade: the old daemon goes (SIGKILL), the new one builds layout v1 and retires v0.
+    let mut c = old.child.take().unwrap();
+    c.kill().unwrap();
+    c.wait().unwrap();
+    let new = Daemon::start(&scratch.config(), &bed, &scratch.pins, &[]);
+    wait_for("readiness of the new version", || new.get("/debug/ready").is_ok());
+    wait_for("the old layout retired", || !scratch.pins.join("v0").exists());
+    assert!(scratch.pins.join("v1/maps/FRONTENDS").exists());
+    loop_child.wait().unwrap();
+    let attempts = kmesh_testbed::parse_attempts(&reader.join().unwrap()).unwrap();
+    let failed = attempts.iter().filter(|a| !a.ok).count();
+    eprintln!("upgrade figure: {} connections across the upgrade, {failed} failed", attempts.len());
+    assert!(attempts.len() > 500);
+    assert_eq!(failed, 0, "{:?}", attempts.iter().find(|a| !a.ok));
+    // The enrollment (from the state file) survived into the new layout.
+    assert_eq!(connect(&bed, 30).len(), 3);
+    let dump: serde_json::Value = serde_json::from_str(&new.get("/debug/config_dump").unwrap()).unwrap();
+    assert_eq!(dump["enrolled"][0]["workload"], "client", "{}", dump["enrolled"]);
+}

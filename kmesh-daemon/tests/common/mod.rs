@@ -32,6 +32,11 @@ pub fn root_or_skip(test: &str) -> bool {
 
 static N: AtomicU32 = AtomicU32::new(0);
 
+/// The state file a test daemon using `pins` keeps its enrollments in.
+pub fn state_file_for(pins: &Path) -> PathBuf {
+    std::env::temp_dir().join(format!("{}-state.json", pins.file_name().unwrap().to_string_lossy()))
+}
+
 /// A fresh pin directory for this test; pin directories of test processes that died are
 /// removed on the way.
 pub fn pin_dir() -> PathBuf {
@@ -69,9 +74,8 @@ impl Env {
         }
         let pin_dir = pin_dir();
         let dp = Dataplane::load(&LoadOptions {
-            cgroup: bed.cgroup().to_owned(),
-            pin_dir: pin_dir.clone(),
             capacities,
+            ..LoadOptions::new(bed.cgroup().to_owned(), pin_dir.clone())
         });
         let dp = dp.unwrap_or_else(|e| {
             let _ = kernel::uninstall(&pin_dir);
@@ -190,6 +194,8 @@ impl Daemon {
             .arg("--bpffs")
             .arg(pins)
             .args(["--admin", &admin.to_string(), "--poll-ms", "100"])
+            .arg("--state-file")
+            .arg(state_file_for(pins))
             .env("KMESH_LOG", "info")
             .stdin(Stdio::null())
             .spawn()
@@ -282,6 +288,7 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = kmesh_daemon::kernel::uninstall(&self.pins);
+        let _ = std::fs::remove_file(state_file_for(&self.pins));
     }
 }
 
