@@ -218,6 +218,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let _ = source_task.await;
     drop(shared);
     if opts.uninstall_on_exit {
+        if let Some(sf) = &opts.state_file {
+            let _ = std::fs::remove_file(sf);
+        }
         let removed = kernel::uninstall(&opts.load.pin_dir)?;
         tracing::info!(pins = removed.len(), "uninstalled: programs detached, maps removed");
     } else {

@@ -174,6 +174,9 @@ enum Cmd {
     Uninstall {
         #[arg(long, default_value = "/sys/fs/bpf/kmesh")]
         bpffs: PathBuf,
+        /// The daemon's state file, removed too.
+        #[arg(long, default_value = "/run/kmesh/state.json")]
+        state_file: PathBuf,
     },
 }
 
@@ -264,10 +267,13 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Uninstall { bpffs } => {
+        Cmd::Uninstall { bpffs, state_file } => {
             let removed =
                 kernel::uninstall(&bpffs).with_context(|| format!("removing {}", bpffs.display()))?;
             println!("removed {} pins and directories under {}", removed.len(), bpffs.display());
+            if std::fs::remove_file(&state_file).is_ok() {
+                println!("removed {}", state_file.display());
+            }
             Ok(())
         }
     }
