@@ -172,23 +172,22 @@ pub struct EnrollRequest {
 }
 
 impl EnrollRequest {
-    fn path(&self) -> Result<PathBuf, String> {
-        match (&self.netns, self.pid) {
-            (Some(p), None) => Ok(p.clone()),
-            (None, Some(pid)) => Ok(netns::path_of_pid(pid)),
-            _ => Err("give exactly one of `netns` (a path) and `pid`".into()),
-        }
+    /// The namespace's path and cookie, or what is wrong with the request.
+    fn namespace(&self) -> Result<(PathBuf, u64), String> {
+        let path = match (&self.netns, self.pid) {
+            (Some(p), None) => p.clone(),
+            (None, Some(pid)) => netns::path_of_pid(pid),
+            _ => return Err("give exactly one of `netns` (a path) and `pid`".into()),
+        };
+        let cookie = netns::cookie_of(&path).map_err(|e| e.to_string())?;
+        Ok((path, cookie))
     }
 }
 
 async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Response {
-    let path = match req.path() {
-        Ok(p) => p,
+    let (path, cookie) = match req.namespace() {
+        Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let cookie = match netns::cookie_of(&path) {
-        Ok(c) => c,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let workload = req.workload.clone();
     let path2 = path.clone();
@@ -213,13 +212,9 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
 }
 
 async fn unenroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Response {
-    let path = match req.path() {
-        Ok(p) => p,
+    let (path, cookie) = match req.namespace() {
+        Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let cookie = match netns::cookie_of(&path) {
-        Ok(c) => c,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     match with_mesh(&s, move |m| m.unenroll(cookie)).await {
         Ok(removed) => {

@@ -2,12 +2,10 @@
 //! real TCP from testbed pods. Needs root.
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::Instant;
 
 use common::*;
-use kmesh_testbed::{ClientOptions, PodSpec, monotonic_ns, parse_attempts};
+use kmesh_testbed::{ClientOptions, PodSpec, monotonic_ns};
 
 const SERVER: &str = "10.244.0.2";
 const C_PROD: &str = "10.244.0.3";
@@ -186,17 +184,8 @@ fn policy_changes_decide_the_very_next_connection() {
     }
     let mut env = env();
     let opts = ClientOptions { count: 100_000, duration_ms: 3000, interval_us: 500, ..Default::default() };
-    let mut child = env
-        .pod("c-dev")
-        .connect_command(format!("{SERVER}:8080").parse().unwrap(), &opts)
-        .unwrap()
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        BufReader::new(out).lines().map(|l| l.unwrap() + "\n").collect::<String>()
-    });
+    let child =
+        env.pod("c-dev").connect_background(format!("{SERVER}:8080").parse().unwrap(), &opts).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(800));
     let t_add_start = monotonic_ns();
     env.apply(&config(&deny("{namespaces: [{exact: dev}]}")));
@@ -205,8 +194,7 @@ fn policy_changes_decide_the_very_next_connection() {
     let t_rm_start = monotonic_ns();
     env.apply(&config("  []"));
     let t_rm = monotonic_ns();
-    child.wait().unwrap();
-    let a = parse_attempts(&reader.join().unwrap()).unwrap();
+    let a = child.finish().unwrap();
     let before: Vec<_> = a.iter().filter(|x| x.start_ns < t_add_start).collect();
     let during: Vec<_> = a.iter().filter(|x| x.start_ns >= t_add && x.start_ns < t_rm_start).collect();
     let after: Vec<_> = a.iter().filter(|x| x.start_ns >= t_rm).collect();

@@ -114,7 +114,6 @@ fn sigkill_restarts_lose_no_connection() {
     if !root_or_skip("sigkill_restarts_lose_no_connection") {
         return;
     }
-    use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let bed = bed();
     let scratch = Scratch::new();
@@ -142,17 +141,8 @@ fn sigkill_restarts_lose_no_connection() {
         interval_us: 1000,
         ..Default::default()
     };
-    let mut loop_child = bed
-        .pod("client")
-        .connect_command(format!("{VIP}:80").parse().unwrap(), &opts)
-        .unwrap()
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = loop_child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        BufReader::new(out).lines().map(|l| l.unwrap() + "\n").collect::<String>()
-    });
+    let loop_child =
+        bed.pod("client").connect_background(format!("{VIP}:80").parse().unwrap(), &opts).unwrap();
 
     // SIGKILL the daemon five times; each new one adopts the pins (the first one upgrades).
     for i in 0..5 {
@@ -167,8 +157,7 @@ fn sigkill_restarts_lose_no_connection() {
             wait_for("the v0 layout retired", || !scratch.pins.join("v0").exists());
         }
     }
-    loop_child.wait().unwrap();
-    let attempts = kmesh_testbed::parse_attempts(&reader.join().unwrap()).unwrap();
+    let attempts = loop_child.finish().unwrap();
     let failed = attempts.iter().filter(|a| !a.ok).count();
     let misrouted =
         attempts.iter().filter(|a| a.ok && !matches!(a.server.as_deref(), Some("s1" | "s2" | "s3"))).count();

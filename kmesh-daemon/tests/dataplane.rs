@@ -3,13 +3,11 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
-use std::process::Stdio;
 
 use common::*;
 use kmesh_daemon::kernel::{Capacities, KernelError};
-use kmesh_testbed::{ClientOptions, PodSpec, monotonic_ns, parse_attempts};
+use kmesh_testbed::{ClientOptions, PodSpec, monotonic_ns};
 
 const VIP: &str = "10.96.0.10";
 
@@ -314,28 +312,12 @@ fn removing_a_backend_under_load_loses_nothing() {
 
     // A client opening connections back to back for 3 s (bounded count and time).
     let opts = ClientOptions { count: 200_000, duration_ms: 3000, ..Default::default() };
-    let mut child = env
-        .pod("client")
-        .connect_command(format!("{VIP}:80").parse().unwrap(), &opts)
-        .unwrap()
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        for line in BufReader::new(stdout).lines() {
-            text.push_str(&line.unwrap());
-            text.push('\n');
-        }
-        text
-    });
+    let child = env.pod("client").connect_background(format!("{VIP}:80").parse().unwrap(), &opts).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1000));
     let cfg = echo_config(&env, "{}", &[("s3", "absent")]);
     env.apply(&cfg);
     let applied_ns = monotonic_ns();
-    child.wait().unwrap();
-    let attempts = parse_attempts(&reader.join().unwrap()).unwrap();
+    let attempts = child.finish().unwrap();
 
     let failed = attempts.iter().filter(|a| !a.ok).count();
     let before = attempts.iter().filter(|a| a.start_ns < applied_ns).count();

@@ -3,9 +3,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -13,7 +11,7 @@ use kmesh_daemon::model::NodeInfo;
 use kmesh_daemon::xds::{XdsError, XdsOptions, probe};
 use kmesh_model::config;
 use kmesh_proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
-use kmesh_testbed::{ClientOptions, Testbed, parse_attempts};
+use kmesh_testbed::{ClientOptions, Testbed};
 use kmesh_xds_server::{ControlPlane, ServerHandle, address_resources};
 
 fn resources(bed: &Testbed, backends: &[&str]) -> BTreeMap<String, Vec<u8>> {
@@ -141,17 +139,7 @@ fn control_plane_restart_resumes_with_versions_and_traffic_never_stops() {
 
     // A client connecting back to back through the whole outage (bounded: 4 s).
     let opts = ClientOptions { count: 500_000, duration_ms: 4000, interval_us: 200, ..Default::default() };
-    let mut child = bed
-        .pod("client")
-        .connect_command(format!("{VIP}:80").parse().unwrap(), &opts)
-        .unwrap()
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        BufReader::new(out).lines().map(|l| l.unwrap() + "\n").collect::<String>()
-    });
+    let child = bed.pod("client").connect_background(format!("{VIP}:80").parse().unwrap(), &opts).unwrap();
 
     std::thread::sleep(Duration::from_millis(500));
     rt.block_on(server.stop());
@@ -163,8 +151,7 @@ fn control_plane_restart_resumes_with_versions_and_traffic_never_stops() {
     let server = rt.block_on(cp.spawn(addr, None)).unwrap();
     wait_for("the reconnection", || cp.streams_opened() > opened);
     wait_for("s3 removed after the resync", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 2.0);
-    child.wait().unwrap();
-    let attempts = parse_attempts(&reader.join().unwrap()).unwrap();
+    let attempts = child.finish().unwrap();
 
     let failed = attempts.iter().filter(|a| !a.ok).count();
     eprintln!("{} connections across the control-plane restart, {failed} failed", attempts.len());

@@ -529,6 +529,43 @@ impl Pod {
     }
 }
 
+/// The agent client running in the background (see [`Pod::connect_background`]).
+pub struct BackgroundClient {
+    child: Child,
+    reader: std::thread::JoinHandle<String>,
+}
+
+impl BackgroundClient {
+    /// Waits for the client to finish (it is bounded by count and duration) and returns every
+    /// attempt it made.
+    pub fn finish(mut self) -> Result<Vec<Attempt>> {
+        self.child.wait().map_err(io("waiting for the agent client"))?;
+        let text = self.reader.join().map_err(|_| Error::Agent("output reader panicked".into()))?;
+        parse_attempts(&text)
+    }
+}
+
+impl Pod {
+    /// Starts the agent client in the background, collecting its report as it goes.
+    pub fn connect_background(&self, target: SocketAddr, o: &ClientOptions) -> Result<BackgroundClient> {
+        let mut child = self
+            .connect_command(target, o)?
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(io("starting the agent client"))?;
+        let out = child.stdout.take().expect("piped");
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            for line in BufReader::new(out).lines().map_while(std::result::Result::ok) {
+                text.push_str(&line);
+                text.push('\n');
+            }
+            text
+        });
+        Ok(BackgroundClient { child, reader })
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
     pub count: u32,
