@@ -17,6 +17,10 @@
 /// keeps its pins under a directory named after it.
 pub const MAP_LAYOUT_VERSION: u32 = 1;
 
+/// Names of the load-balancing maps, in the order user space lists them everywhere (map
+/// counts, capacities, pins).
+pub const LB_MAP_NAMES: [&str; 6] = ["NETNS", "FRONTENDS", "LB_TABLES", "ENDPOINTS", "BACKENDS", "PORTS"];
+
 /// Number of locality priority levels. Level 0 is the best match; a service with N routing
 /// preference scopes uses levels 0..=N (N <= 6), a service without locality uses level 0 only.
 pub const LEVELS: usize = 8;

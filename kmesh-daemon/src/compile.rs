@@ -37,14 +37,8 @@ pub struct MapCounts {
 
 impl MapCounts {
     pub fn as_array(&self) -> [(&'static str, usize); 6] {
-        [
-            ("NETNS", self.netns),
-            ("FRONTENDS", self.frontends),
-            ("LB_TABLES", self.tables),
-            ("ENDPOINTS", self.endpoints),
-            ("BACKENDS", self.backends),
-            ("PORTS", self.ports),
-        ]
+        let n = [self.netns, self.frontends, self.tables, self.endpoints, self.backends, self.ports];
+        std::array::from_fn(|i| (LB_MAP_NAMES[i], n[i]))
     }
 }
 

@@ -58,14 +58,8 @@ impl Default for Capacities {
 
 impl Capacities {
     fn by_name(&self) -> [(&'static str, u32); 6] {
-        [
-            ("NETNS", self.netns),
-            ("FRONTENDS", self.frontends),
-            ("LB_TABLES", self.tables),
-            ("ENDPOINTS", self.endpoints),
-            ("BACKENDS", self.backends),
-            ("PORTS", self.ports),
-        ]
+        let n = [self.netns, self.frontends, self.tables, self.endpoints, self.backends, self.ports];
+        std::array::from_fn(|i| (LB_MAP_NAMES[i], n[i]))
     }
 }
 

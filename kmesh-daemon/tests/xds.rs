@@ -97,10 +97,7 @@ fn a_malformed_resource_is_nacked_by_name_and_the_rest_applied() {
     if !root_or_skip("a_malformed_resource_is_nacked_by_name_and_the_rest_applied") {
         return;
     }
-    let rt = runtime();
-    let bed = bed();
-    let scratch = Scratch::new();
-    let cp = ControlPlane::new();
+    let (rt, bed, scratch, cp) = (runtime(), bed(), Scratch::new(), ControlPlane::new());
     cp.replace_all(ADDRESS_TYPE, resources(&bed, &["s1"]));
     let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
     let d = start_daemon(&scratch, &bed, server.addr);
@@ -239,10 +236,7 @@ fn authorization_resources_from_xds_are_enforced() {
     }
     use kmesh_proto::istio::security as ps;
     use prost::Message;
-    let rt = runtime();
-    let bed = bed();
-    let scratch = Scratch::new();
-    let cp = ControlPlane::new();
+    let (rt, bed, scratch, cp) = (runtime(), bed(), Scratch::new(), ControlPlane::new());
     cp.replace_all(ADDRESS_TYPE, resources(&bed, &["s1"]));
     let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
     let d = start_daemon(&scratch, &bed, server.addr);
