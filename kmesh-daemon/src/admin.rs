@@ -37,6 +37,8 @@ pub fn router(state: AppState) -> Router {
         .route("/debug/ready", get(ready))
         .route("/debug/config_dump", get(config_dump))
         .route("/metrics", get(metrics))
+        .route("/debug/bpf_maps", get(bpf_maps))
+        .route("/debug/loggers", get(get_loggers).post(set_loggers))
         .route("/v1/enroll", post(enroll))
         .route("/v1/unenroll", post(unenroll))
         .with_state(state)
@@ -89,6 +91,29 @@ async fn config_dump(State(s): State<AppState>) -> Response {
     })
     .await;
     Json(dump).into_response()
+}
+
+async fn bpf_maps(State(s): State<AppState>) -> Response {
+    match with_mesh(&s, |m| m.dump_maps()).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn get_loggers() -> Response {
+    Json(serde_json::json!({ "filter": crate::logging::current() })).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct LoggersRequest {
+    filter: String,
+}
+
+async fn set_loggers(Json(req): Json<LoggersRequest>) -> Response {
+    match crate::logging::set(&req.filter) {
+        Ok(()) => Json(serde_json::json!({ "filter": crate::logging::current() })).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
 }
 
 /// Prometheus text format.

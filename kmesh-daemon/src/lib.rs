@@ -12,6 +12,7 @@ pub mod authz;
 pub mod compile;
 pub mod daemon;
 pub mod kernel;
+pub mod logging;
 pub mod mesh;
 pub mod netns;
 pub mod xds;

@@ -192,12 +192,7 @@ fn cgroup2_mount() -> anyhow::Result<PathBuf> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KMESH_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    kmesh_daemon::logging::init();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run {

@@ -259,6 +259,80 @@ impl Mesh {
         Ok(r)
     }
 
+    /// What the kernel maps hold now, decoded into names: per frontend, the service and the
+    /// backends at each locality level of each table.
+    pub fn dump_maps(&self) -> Result<serde_json::Value, KernelError> {
+        use kmesh_common::{EndpointKey, LEVELS, PROTO_UDP};
+        let s = self.dp.read_state()?;
+        let names: BTreeMap<u32, &String> = self.compiler.ids.services.iter().map(|(k, v)| (*v, k)).collect();
+        let who = |a: [u32; 4]| {
+            let ip = words_addr(a);
+            match self.model.workload_by_address(ip) {
+                Some(w) => format!("{ip} ({}/{})", w.namespace, w.name),
+                None => ip.to_string(),
+            }
+        };
+        let mut frontends = Vec::new();
+        for (fk, fv) in &s.frontends {
+            let proto = if fk.proto == PROTO_UDP { "UDP" } else { "TCP" };
+            let mut tables = Vec::new();
+            for (tk, t) in s.tables.range(
+                kmesh_common::TableKey { service_id: fv.service_id, class_id: 0, family: 0, _pad: [0; 3] }..,
+            ) {
+                if tk.service_id != fv.service_id {
+                    break;
+                }
+                let levels: Vec<Vec<String>> = (0..LEVELS)
+                    .filter(|l| t.counts[*l] > 0)
+                    .map(|level| {
+                        (0..t.counts[level])
+                            .filter_map(|index| {
+                                let ek = EndpointKey {
+                                    service_id: tk.service_id,
+                                    class_id: tk.class_id,
+                                    generation: t.generation,
+                                    family: tk.family,
+                                    level: level as u8,
+                                    _pad: 0,
+                                    index,
+                                };
+                                let e = s.endpoints.get(&ek)?;
+                                s.backends.get(&e.backend_id).map(|b| who(b.addr))
+                            })
+                            .collect()
+                    })
+                    .collect();
+                tables.push(serde_json::json!({
+                    "client_class": tk.class_id,
+                    "family": if tk.family == kmesh_common::FAMILY_V4 { "IPv4" } else { "IPv6" },
+                    "generation": t.generation,
+                    "strict": t.flags & kmesh_common::TBL_F_STRICT != 0,
+                    "weighted": t.flags & kmesh_common::TBL_F_WEIGHTED != 0,
+                    "levels": levels,
+                }));
+            }
+            frontends.push(serde_json::json!({
+                "frontend": format!("{}/{proto}", std::net::SocketAddr::new(words_addr(fk.addr), u16::from_be(fk.port))),
+                "service": names.get(&fv.service_id).map(|s| s.as_str()).unwrap_or("?"),
+                "target_port": u16::from_be(fv.target_port),
+                "tables": tables,
+            }));
+        }
+        let netns: Vec<_> = s
+            .netns
+            .iter()
+            .map(|(c, v)| {
+                serde_json::json!({
+                    "netns_cookie": c,
+                    "netns": self.paths.get(c),
+                    "workload": self.enrolled.get(c).and_then(|e| e.workload.clone()),
+                    "client_class": v.class_id,
+                })
+            })
+            .collect();
+        Ok(serde_json::json!({ "frontends": frontends, "enrolled": netns, "entries": s.counts() }))
+    }
+
     /// Log lines for the denials (and dry-run differences) since the last call.
     pub fn drain_denials(&mut self) -> Vec<String> {
         let events: Vec<AuthzEvent> = self.dp.drain_authz_events();

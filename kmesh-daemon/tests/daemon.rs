@@ -226,3 +226,63 @@ fn pins_removed_by_hand_are_detected_reported_and_restored() {
     // Traffic never noticed.
     assert_eq!(connect(&bed, 30).len(), 3);
 }
+
+#[test]
+fn kmeshctl_round_trips_each_command() {
+    if !root_or_skip("kmeshctl_round_trips_each_command") {
+        return;
+    }
+    let bed = bed();
+    let scratch = Scratch::new();
+    scratch.write_config(&echo_config(&bed, &["s1", "s2"], "{}"));
+    let d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &[]);
+    wait_for("readiness", || d.get("/debug/ready").is_ok());
+    let req =
+        serde_json::json!({ "netns": bed.pod("client").netns_path(), "workload": "client" }).to_string();
+    admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
+    let ctl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kmeshctl"))
+            .args(["--admin", &d.admin.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, _) = ctl(&["version"]);
+    assert!(ok && out.contains("kmesh-daemon 0.1.0 (map layout v1)"), "{out}");
+
+    let (ok, out, _) = ctl(&["dump", "maps"]);
+    assert!(ok, "{out}");
+    let s1 = bed.pod("s1").ipv4;
+    assert!(
+        out.contains(&format!("{VIP}:80/TCP\t{SVC_KEY}")) && out.contains(&format!("{s1} (default/s1)")),
+        "{out}"
+    );
+    assert!(out.contains("client"), "enrolled workload listed: {out}");
+    let (ok, out, _) = ctl(&["dump", "maps", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(ok && v["frontends"][0]["tables"][0]["levels"][0].as_array().unwrap().len() == 2, "{v}");
+
+    let (ok, out, _) = ctl(&["dump", "config"]);
+    assert!(ok && out.contains("s2\tdefault") && out.contains(SVC_KEY), "{out}");
+
+    let (ok, out, _) = ctl(&["log"]);
+    assert!(ok && out.trim() == "info", "{out}");
+    let (ok, out, _) = ctl(&["log", "debug,kmesh::authz=warn"]);
+    assert!(ok && out.contains("debug,kmesh::authz=warn"), "{out}");
+    assert_eq!(ctl(&["log"]).1.trim(), "debug,kmesh::authz=warn");
+    let (ok, _, err) = ctl(&["log", "info,[[bad"]);
+    assert!(!ok && err.contains("invalid log filter"), "{err}");
+
+    // Errors a person can act on.
+    let out = Command::new(env!("CARGO_BIN_EXE_kmeshctl"))
+        .args(["--admin", "127.0.0.1:1", "version"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is kmesh-daemon running"));
+}
