@@ -280,6 +280,53 @@ pub struct AuthzEvent {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Connection telemetry: sockops reports each TCP connection of an enrolled pod when it is
+// established and when it closes, through a ring buffer.
+// ---------------------------------------------------------------------------------------------
+
+pub const CONN_OPEN: u32 = 1;
+pub const CONN_CLOSE: u32 = 2;
+/// The socket is the client side (it called connect()).
+pub const DIR_OUTBOUND: u32 = 1;
+/// The socket is the server side (it was accepted).
+pub const DIR_INBOUND: u32 = 2;
+
+/// Per-socket state, keyed by socket cookie (`CONN_META`, LRU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnMeta {
+    pub start_ns: u64,
+    /// The service address the client dialled, when connect() rewrote it.
+    pub orig_dst: [u32; 4],
+    pub orig_port: u16,
+    pub has_orig: u16,
+    pub direction: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEvent {
+    pub kind: u32,
+    pub direction: u32,
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub orig_port: u16,
+    pub has_orig: u16,
+    pub orig_dst: [u32; 4],
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    pub duration_ns: u64,
+    pub retrans: u32,
+    pub lost: u32,
+    pub srtt_us: u32,
+    pub min_rtt_us: u32,
+    pub state: u32,
+    pub _pad: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
 // Selection helpers: pure, bounded, used by the kernel and unit-tested on the host.
 // ---------------------------------------------------------------------------------------------
 
@@ -354,6 +401,8 @@ mod pod {
     unsafe impl aya::Pod for VerdictValue {}
     unsafe impl aya::Pod for CountKey {}
     unsafe impl aya::Pod for AuthzEvent {}
+    unsafe impl aya::Pod for ConnMeta {}
+    unsafe impl aya::Pod for ConnEvent {}
 }
 
 // Sizes are part of the pinned layout: a change here must bump MAP_LAYOUT_VERSION.
@@ -374,6 +423,8 @@ const _: () = {
     assert!(core::mem::size_of::<VerdictValue>() == 12);
     assert!(core::mem::size_of::<CountKey>() == 8);
     assert!(core::mem::size_of::<AuthzEvent>() == 48);
+    assert!(core::mem::size_of::<ConnMeta>() == 32);
+    assert!(core::mem::size_of::<ConnEvent>() == 112);
 };
 
 #[cfg(test)]

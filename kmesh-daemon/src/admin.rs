@@ -164,6 +164,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
         for (policy, action, n) in m.authz_decisions() {
             t += &format!("kmesh_authz_decisions_total{{policy=\"{policy}\",action=\"{action}\"}} {n}\n");
         }
+        t += &m.telemetry.render();
         t += &format!("# HELP kmesh_ready Programs attached and configuration applied.\n# TYPE kmesh_ready gauge\nkmesh_ready {}\n", ready as u8);
         if let Ok(st) = dp.stats() {
             t += "# HELP kmesh_connect_total connect() calls of enrolled sockets by outcome.\n# TYPE kmesh_connect_total counter\n";

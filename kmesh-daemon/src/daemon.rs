@@ -195,13 +195,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             loop {
                 tick.tick().await;
                 let s = shared.clone();
-                let lines = tokio::task::spawn_blocking(move || {
-                    s.mesh.lock().unwrap_or_else(|p| p.into_inner()).drain_denials()
+                let (denials, access) = tokio::task::spawn_blocking(move || {
+                    let mut m = s.mesh.lock().unwrap_or_else(|p| p.into_inner());
+                    (m.drain_denials(), m.drain_telemetry())
                 })
                 .await
                 .unwrap_or_default();
-                for l in lines {
+                for l in denials {
                     tracing::warn!(target: "kmesh::authz", "{l}");
+                }
+                for l in access {
+                    tracing::info!(target: "kmesh::accesslog", "{l}");
                 }
             }
         })

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use aya::maps::IterableMap as _;
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf};
+use aya::programs::CgroupAttachMode;
 use aya::programs::SkLookup;
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader, Pod};
 use kmesh_common::*;
 use serde::Serialize;
@@ -24,11 +24,48 @@ pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 
 /// The programs and the hook each one attaches to.
 pub const PROGRAMS: [&str; 2] = ["kmesh_connect4", "kmesh_connect6"];
+/// The telemetry program (sock_ops), attached to the cgroup next to the connect programs.
+pub const TELEMETRY_PROGRAM: &str = "kmesh_sockops";
 /// The authorization program, attached to each enrolled network namespace.
 pub const AUTHZ_PROGRAM: &str = "kmesh_authz";
 /// Maps with fixed capacities (pinned next to the others).
-const FIXED_MAPS: [&str; 7] =
-    ["STATS", "AUTHZ_DEST", "IDENTITY", "AUTHZ_REGION", "AUTHZ_VERDICT", "AUTHZ_COUNTS", "AUTHZ_EVENTS"];
+const FIXED_MAPS: [&str; 9] = [
+    "STATS",
+    "AUTHZ_DEST",
+    "IDENTITY",
+    "AUTHZ_REGION",
+    "AUTHZ_VERDICT",
+    "AUTHZ_COUNTS",
+    "AUTHZ_EVENTS",
+    "CONN_META",
+    "TELEMETRY",
+];
+
+/// Loads a cgroup program (connect4/6 or sock_ops) and attaches it with a bpf_link.
+fn attach_to_cgroup(
+    p: &mut aya::programs::Program,
+    name: &'static str,
+    cgroup: &fs::File,
+) -> Result<FdLink, KernelError> {
+    let err = |source| KernelError::Program { name, source };
+    let pin_err = |e: aya::programs::links::LinkError| KernelError::Pin {
+        path: PathBuf::from(name),
+        reason: e.to_string(),
+    };
+    match p {
+        aya::programs::Program::CgroupSockAddr(prog) => {
+            prog.load().map_err(err)?;
+            let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+            prog.take_link(id).map_err(err)?.try_into().map_err(pin_err)
+        }
+        aya::programs::Program::SockOps(prog) => {
+            prog.load().map_err(err)?;
+            let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+            prog.take_link(id).map_err(err)?.try_into().map_err(pin_err)
+        }
+        _ => Err(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded }),
+    }
+}
 
 /// Map capacities (max entries). The defaults hold 100k frontends and 200k endpoints with room
 /// for make-before-break transitions; hash maps are not preallocated, so unused capacity costs
@@ -156,6 +193,7 @@ pub struct Dataplane {
     authz_verdict: HashMap<MapData, VerdictKey, VerdictValue>,
     authz_counts: PerCpuHashMap<MapData, CountKey, u64>,
     authz_events: RingBuf<MapData>,
+    telemetry: RingBuf<MapData>,
     authz_applied: AuthzState,
     ebpf: Ebpf,
     _links: Vec<PinnedLink>,
@@ -341,6 +379,9 @@ impl Dataplane {
         let m = ebpf.take_map("AUTHZ_EVENTS").ok_or(KernelError::MissingMap("AUTHZ_EVENTS"))?;
         let authz_events =
             RingBuf::try_from(m).map_err(|source| KernelError::MapType { name: "AUTHZ_EVENTS", source })?;
+        let m = ebpf.take_map("TELEMETRY").ok_or(KernelError::MissingMap("TELEMETRY"))?;
+        let telemetry =
+            RingBuf::try_from(m).map_err(|source| KernelError::MapType { name: "TELEMETRY", source })?;
         {
             let name = AUTHZ_PROGRAM;
             let prog: &mut SkLookup = ebpf
@@ -354,25 +395,16 @@ impl Dataplane {
         let cgroup = fs::File::open(&opts.cgroup)
             .map_err(|source| KernelError::Cgroup { path: opts.cgroup.clone(), source })?;
         let mut links = Vec::new();
-        for name in PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
+        for name in PROGRAMS.into_iter().chain([TELEMETRY_PROGRAM]) {
+            let p = ebpf
                 .program_mut(name)
-                .ok_or(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
-                .try_into()
-                .map_err(|source| KernelError::Program { name, source })?;
-            prog.load().map_err(|source| KernelError::Program { name, source })?;
+                .ok_or(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
+            let fd = attach_to_cgroup(p, name, &cgroup)?;
             // A bpf_link on a cgroup always coexists with other links (link_create takes no
             // ALLOW_MULTI flag: mode Single passes 0). A restarted daemon attaches its new
             // program next to the old one and then replaces the old link's pin, so the hook is
             // never empty. Two programs in a row are harmless: the second sees a backend
             // address, not a frontend.
-            let id = prog
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| KernelError::Program { name, source })?;
-            let link = prog.take_link(id).map_err(|source| KernelError::Program { name, source })?;
-            let fd: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
-                KernelError::Pin { path: dir.join("links").join(name), reason: e.to_string() }
-            })?;
             let final_path = dir.join("links").join(name);
             let tmp = dir.join("links").join(format!("{name}_new")); // bpffs names take no dots
             let _ = fs::remove_file(&tmp);
@@ -393,6 +425,7 @@ impl Dataplane {
             authz_verdict,
             authz_counts,
             authz_events,
+            telemetry,
             authz_applied: AuthzState::default(),
             netns,
             frontends,
@@ -722,6 +755,18 @@ impl Dataplane {
         self.authz_counts.iter().filter_map(Result::ok).map(|(k, v)| (k, v.iter().sum())).collect()
     }
 
+    /// Connection open and close events since the last call.
+    pub fn drain_telemetry(&mut self) -> Vec<ConnEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.telemetry.next() {
+            if item.len() >= std::mem::size_of::<ConnEvent>() {
+                // SAFETY: the kernel wrote a ConnEvent; read it unaligned from the ring.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ConnEvent>()) });
+            }
+        }
+        out
+    }
+
     /// Denials (and dry-run differences) the kernel reported since the last call.
     pub fn drain_authz_events(&mut self) -> Vec<AuthzEvent> {
         let mut out = Vec::new();
@@ -743,7 +788,13 @@ impl Dataplane {
         let dir = &self.dir;
         let maps = self.capacities.by_name().into_iter().map(|(n, _)| n).chain(FIXED_MAPS);
         let mut out: Vec<PathBuf> = maps.map(|n| dir.join("maps").join(n)).filter(|p| !p.exists()).collect();
-        out.extend(PROGRAMS.iter().map(|n| dir.join("links").join(n)).filter(|p| !p.exists()));
+        out.extend(
+            PROGRAMS
+                .iter()
+                .chain(&[TELEMETRY_PROGRAM])
+                .map(|n| dir.join("links").join(n))
+                .filter(|p| !p.exists()),
+        );
         out
     }
 

@@ -15,4 +15,5 @@ pub mod kernel;
 pub mod logging;
 pub mod mesh;
 pub mod netns;
+pub mod telemetry;
 pub mod xds;

@@ -56,6 +56,7 @@ pub struct Mesh {
     /// left by a failed apply): the next change must be a full compilation.
     needs_full: bool,
     pub counters: Counters,
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 impl Mesh {
@@ -75,6 +76,7 @@ impl Mesh {
             has_model: false,
             needs_full: true,
             counters: Counters::default(),
+            telemetry: Default::default(),
         }
     }
 
@@ -331,6 +333,12 @@ impl Mesh {
             })
             .collect();
         Ok(serde_json::json!({ "frontends": frontends, "enrolled": netns, "entries": s.counts() }))
+    }
+
+    /// Turns the kernel's connection events into metrics; returns access-log lines.
+    pub fn drain_telemetry(&mut self) -> Vec<String> {
+        let events = self.dp.drain_telemetry();
+        events.iter().filter_map(|e| self.telemetry.record(e, &self.model)).collect()
     }
 
     /// Log lines for the denials (and dry-run differences) since the last call.

@@ -363,3 +363,55 @@ fn a_full_map_is_refused_whole_and_the_previous_state_stays() {
     assert_eq!(env.mesh().dataplane().read_state().unwrap(), before, "nothing changed in the kernel");
     assert!(env.connect("client", &format!("{VIP}:80"), 10).iter().all(|a| a.ok));
 }
+
+#[test]
+fn connection_telemetry_counts_exact_bytes_with_istio_labels() {
+    if !root_or_skip("connection_telemetry_counts_exact_bytes_with_istio_labels") {
+        return;
+    }
+    let mut env = Env::new(&three_backends_two_zones());
+    start_servers(&env, &[8080], &[]);
+    let cfg = echo_config(&env, "{}", &[("s2", "absent"), ("s3", "absent")]);
+    env.apply(&cfg);
+    env.enroll("client", Some("client"));
+    env.enroll("s1", Some("s1"));
+    let _ = env.mesh().drain_telemetry();
+    // 3 connections through the VIP, each sending 1,000 bytes and receiving them back after
+    // the server's 3-byte name line ("s1\n").
+    let opts = ClientOptions { count: 3, send_bytes: 1000, ..Default::default() };
+    let a = env
+        .pod("client")
+        .connect_background(format!("{VIP}:80").parse().unwrap(), &opts)
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert!(a.iter().all(|a| a.ok), "{a:?}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let lines = env.mesh().drain_telemetry();
+    eprintln!("{}", lines.join("\n"));
+    let series = env.mesh().telemetry.series.clone();
+    let find = |reporter: &str| {
+        series
+            .iter()
+            .find(|(l, _)| {
+                l.reporter == reporter && l.source_workload == "client" && l.destination_workload == "s1"
+            })
+            .map(|(l, c)| (l.clone(), *c))
+            .unwrap_or_else(|| panic!("no {reporter} series in {series:#?}"))
+    };
+    let (src_labels, src) = find("source");
+    assert_eq!((src.opened, src.closed), (3, 3), "{src:?}");
+    assert_eq!(src.received_bytes, 3 * 1000, "client to server");
+    assert_eq!(src.sent_bytes, 3 * 1003, "server to client");
+    assert_eq!(src_labels.destination_service, "echo.default.svc.cluster.local");
+    assert_eq!(src_labels.source_principal, "spiffe://cluster.local/ns/default/sa/client");
+    let (_, dst) = find("destination");
+    assert_eq!((dst.opened, dst.closed, dst.received_bytes, dst.sent_bytes), (3, 3, 3000, 3009), "{dst:?}");
+    // One access-log line per closed connection and side.
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("direction=outbound") && l.contains("sent_bytes=1000 received_bytes=1003"))
+    );
+}

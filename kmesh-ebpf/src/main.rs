@@ -11,10 +11,12 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    btf_maps::{HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_set_retval},
-    macros::{btf_map, cgroup_sock_addr, sk_lookup},
-    programs::{SkLookupContext, SockAddrContext},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
+    },
+    macros::{btf_map, cgroup_sock_addr, sk_lookup, sock_ops},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use kmesh_common::*;
 
@@ -53,6 +55,21 @@ static AUTHZ_VERDICT: HashMap<VerdictKey, VerdictValue, 1048576, NO_PREALLOC> = 
 static AUTHZ_COUNTS: PerCpuHashMap<CountKey, u64, 65536, NO_PREALLOC> = PerCpuHashMap::new();
 #[btf_map]
 static AUTHZ_EVENTS: RingBuf<(), { 256 * 1024 }> = RingBuf::new();
+
+// Telemetry: per-socket state (LRU, so sockets that never establish cannot fill it) and the
+// events user space turns into metrics and access logs.
+#[btf_map]
+static CONN_META: LruHashMap<u64, ConnMeta, 262144> = LruHashMap::new();
+#[btf_map]
+static TELEMETRY: RingBuf<(), { 1024 * 1024 }> = RingBuf::new();
+
+/// Remembers the service address a client dialled, for the telemetry of its connection.
+#[inline(always)]
+fn remember_orig(ctx: &SockAddrContext, addr: [u32; 4], port: u16) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let meta = ConnMeta { orig_dst: addr, orig_port: u16::from_be(port), has_orig: 1, ..Default::default() };
+    let _ = CONN_META.insert(cookie, meta, 0);
+}
 
 #[inline(always)]
 fn count(idx: u32) {
@@ -173,6 +190,7 @@ pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
         Verdict::Pass => 1,
         Verdict::Refuse(errno) => refuse(errno),
         Verdict::Rewrite(addr, target) => {
+            remember_orig(&ctx, v4_mapped(ip4), port);
             if !is_v4_mapped(&addr) {
                 // An IPv6 backend in an IPv4 table is a compiler bug; never misroute.
                 count(stat::INCONSISTENT);
@@ -200,6 +218,7 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
         Verdict::Pass => 1,
         Verdict::Refuse(errno) => refuse(errno),
         Verdict::Rewrite(new, target) => {
+            remember_orig(&ctx, addr, port);
             unsafe {
                 (*sa).user_ip6[0] = new[0];
                 (*sa).user_ip6[1] = new[1];
@@ -297,6 +316,81 @@ pub fn kmesh_authz(ctx: SkLookupContext) -> u32 {
         let _ = AUTHZ_EVENTS.output_untyped::<AuthzEvent>(&ev, 0);
     }
     if v.action == VERDICT_DENY { SK_DROP } else { SK_PASS }
+}
+
+const SOCK_OPS_ACTIVE_ESTABLISHED: u32 = 4;
+const SOCK_OPS_PASSIVE_ESTABLISHED: u32 = 5;
+const SOCK_OPS_STATE: u32 = 10;
+const SOCK_OPS_STATE_CB_FLAG: u32 = 4;
+const TCP_CLOSE: u32 = 7;
+
+#[inline(always)]
+fn conn_event(ctx: &SockOpsContext, kind: u32, meta: &ConnMeta) -> ConnEvent {
+    use core::ptr::read_volatile as rv;
+    let o = ctx.ops;
+    // Every field is read unconditionally at a constant offset (see kmesh_authz).
+    let (family, l4, r4) = unsafe { (rv(&(*o).family), rv(&(*o).local_ip4), rv(&(*o).remote_ip4)) };
+    let l6 = unsafe {
+        [rv(&(*o).local_ip6[0]), rv(&(*o).local_ip6[1]), rv(&(*o).local_ip6[2]), rv(&(*o).local_ip6[3])]
+    };
+    let r6 = unsafe {
+        [rv(&(*o).remote_ip6[0]), rv(&(*o).remote_ip6[1]), rv(&(*o).remote_ip6[2]), rv(&(*o).remote_ip6[3])]
+    };
+    let (local, remote) = if family == 2 { (v4_mapped(l4), v4_mapped(r4)) } else { (l6, r6) };
+    let now = unsafe { bpf_ktime_get_ns() };
+    unsafe {
+        ConnEvent {
+            kind,
+            direction: meta.direction,
+            local,
+            remote,
+            local_port: rv(&(*o).local_port) as u16,
+            remote_port: u32::from_be(rv(&(*o).remote_port)) as u16,
+            orig_port: meta.orig_port,
+            has_orig: meta.has_orig,
+            orig_dst: meta.orig_dst,
+            sent_bytes: rv(&(*o).bytes_acked),
+            received_bytes: rv(&(*o).bytes_received),
+            duration_ns: now.saturating_sub(meta.start_ns),
+            retrans: rv(&(*o).total_retrans),
+            lost: rv(&(*o).lost_out),
+            srtt_us: rv(&(*o).srtt_us) >> 3,
+            min_rtt_us: rv(&(*o).rtt_min),
+            state: rv(&(*o).state),
+            _pad: 0,
+        }
+    }
+}
+
+#[sock_ops]
+pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op == SOCK_OPS_ACTIVE_ESTABLISHED || op == SOCK_OPS_PASSIVE_ESTABLISHED {
+        let ns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+        if unsafe { NETNS.get(ns) }.is_none() {
+            return 0;
+        }
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        let mut meta = unsafe { CONN_META.get(cookie) }.copied().unwrap_or_default();
+        meta.start_ns = unsafe { bpf_ktime_get_ns() };
+        meta.direction = if op == SOCK_OPS_ACTIVE_ESTABLISHED { DIR_OUTBOUND } else { DIR_INBOUND };
+        let _ = CONN_META.insert(cookie, meta, 0);
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG) as i32);
+        let ev = conn_event(&ctx, CONN_OPEN, &meta);
+        let _ = TELEMETRY.output_untyped::<ConnEvent>(&ev, 0);
+    } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        let Some(meta) = (unsafe { CONN_META.get(cookie) }).copied() else { return 0 };
+        if meta.direction == 0 {
+            return 0;
+        }
+        let mut ev = conn_event(&ctx, CONN_CLOSE, &meta);
+        // The state the socket left: user space needs it to tell data bytes from SYN/FIN.
+        ev.state = ctx.arg(0);
+        let _ = TELEMETRY.output_untyped::<ConnEvent>(&ev, 0);
+        let _ = CONN_META.remove(cookie);
+    }
+    0
 }
 
 #[cfg(target_arch = "bpf")]

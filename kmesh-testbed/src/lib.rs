@@ -524,6 +524,9 @@ impl Pod {
         if o.udp {
             c.arg("--udp");
         }
+        if o.send_bytes > 0 {
+            c.args(["--send", &o.send_bytes.to_string()]);
+        }
         c.stdin(Stdio::null());
         Ok(c)
     }
@@ -575,11 +578,13 @@ pub struct ClientOptions {
     pub interval_us: u64,
     /// Stop after this long even if `count` is not reached (0: no limit).
     pub duration_ms: u64,
+    /// TCP: after the server's name line, send this many bytes and read them echoed back.
+    pub send_bytes: u32,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        Self { count: 1, udp: false, timeout_ms: 2000, interval_us: 0, duration_ms: 0 }
+        Self { count: 1, udp: false, timeout_ms: 2000, interval_us: 0, duration_ms: 0, send_bytes: 0 }
     }
 }
 

@@ -82,6 +82,9 @@ enum Cmd {
         /// Stop after this long even if COUNT is not reached (0: no limit).
         #[arg(long, default_value_t = 0)]
         duration_ms: u64,
+        /// TCP: after the server's name line, send this many bytes and read the echo.
+        #[arg(long, default_value_t = 0)]
+        send: u32,
     },
 }
 
@@ -108,8 +111,8 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Serve { name, tcp, udp } => serve(name, tcp, udp),
         Cmd::Hold { target, secs, interval_ms } => hold(target, secs, interval_ms),
-        Cmd::Connect { target, count, udp, timeout_ms, interval_us, duration_ms } => {
-            connect(target, count, udp, Duration::from_millis(timeout_ms), interval_us, duration_ms)
+        Cmd::Connect { target, count, udp, timeout_ms, interval_us, duration_ms, send } => {
+            connect(target, count, udp, Duration::from_millis(timeout_ms), interval_us, duration_ms, send)
         }
     }
 }
@@ -236,14 +239,20 @@ fn echo(mut s: TcpStream, name: &str) {
     }
 }
 
-fn attempt_tcp(target: SocketAddr, timeout: Duration) -> std::io::Result<(String, SocketAddr)> {
+fn attempt_tcp(target: SocketAddr, timeout: Duration, send: u32) -> std::io::Result<(String, SocketAddr)> {
     let s = TcpStream::connect_timeout(&target, timeout)?;
     let peer = s.peer_addr()?;
     s.set_read_timeout(Some(timeout))?;
+    let mut reader = BufReader::new(&s);
     let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line)?;
+    reader.read_line(&mut line)?;
     if line.is_empty() {
         return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before answering"));
+    }
+    if send > 0 {
+        (&s).write_all(&vec![b'x'; send as usize])?;
+        let mut back = vec![0u8; send as usize];
+        reader.read_exact(&mut back)?;
     }
     Ok((line.trim().to_string(), peer))
 }
@@ -268,6 +277,7 @@ fn connect(
     timeout: Duration,
     interval_us: u64,
     duration_ms: u64,
+    send: u32,
 ) -> anyhow::Result<()> {
     die_with_parent();
     let deadline = (duration_ms > 0).then(|| Instant::now() + Duration::from_millis(duration_ms));
@@ -281,7 +291,7 @@ fn connect(
             std::thread::sleep(Duration::from_micros(interval_us));
         }
         let start_ns = monotonic_ns();
-        let r = if udp { attempt_udp(target, timeout) } else { attempt_tcp(target, timeout) };
+        let r = if udp { attempt_udp(target, timeout) } else { attempt_tcp(target, timeout, send) };
         let a = match r {
             Ok((server, peer)) => Attempt {
                 ok: true,
