@@ -46,7 +46,35 @@ fn union_len<K: Ord, V>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> usize {
     a.len() + b.keys().filter(|k| !a.contains_key(k)).count()
 }
 
+/// The key of slot `index` at `level` of a table's `generation`.
+pub fn slot_key(t: &TableKey, generation: u32, level: u8, index: u32) -> EndpointKey {
+    EndpointKey {
+        service_id: t.service_id,
+        class_id: t.class_id,
+        generation,
+        family: t.family,
+        level,
+        _pad: 0,
+        index,
+    }
+}
+
 impl MapState {
+    /// Where a table's slots lead, level by level: the backend address of each slot, `None`
+    /// for a slot or backend that is missing (what a connect() following the table can reach).
+    pub fn table_levels(&self, tk: &TableKey, t: &TableValue) -> Vec<Vec<Option<[u32; 4]>>> {
+        (0..LEVELS)
+            .map(|level| {
+                (0..t.counts[level])
+                    .map(|index| {
+                        let e = self.endpoints.get(&slot_key(tk, t.generation, level as u8, index))?;
+                        self.backends.get(&e.backend_id).map(|b| b.addr)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     pub fn counts(&self) -> MapCounts {
         MapCounts {
             netns: self.netns.len(),
@@ -584,15 +612,7 @@ fn emit_table(
         }
         t.weights[level] = cum;
     }
-    let slot_key = |generation: u32, level: u8, index: u32| EndpointKey {
-        service_id: tkey.service_id,
-        class_id: tkey.class_id,
-        generation,
-        family: tkey.family,
-        level,
-        _pad: 0,
-        index,
-    };
+    let slot_key = |generation: u32, level: u8, index: u32| slot_key(&tkey, generation, level, index);
     t.generation = match prev.tables.get(&tkey) {
         Some(p) => {
             let same = p.flags == t.flags

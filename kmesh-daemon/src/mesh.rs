@@ -264,7 +264,7 @@ impl Mesh {
     /// What the kernel maps hold now, decoded into names: per frontend, the service and the
     /// backends at each locality level of each table.
     pub fn dump_maps(&self) -> Result<serde_json::Value, KernelError> {
-        use kmesh_common::{EndpointKey, LEVELS, PROTO_UDP};
+        use kmesh_common::PROTO_UDP;
         let s = self.dp.read_state()?;
         let names: BTreeMap<u32, &String> = self.compiler.ids.services.iter().map(|(k, v)| (*v, k)).collect();
         let who = |a: [u32; 4]| {
@@ -284,24 +284,12 @@ impl Mesh {
                 if tk.service_id != fv.service_id {
                     break;
                 }
-                let levels: Vec<Vec<String>> = (0..LEVELS)
-                    .filter(|l| t.counts[*l] > 0)
-                    .map(|level| {
-                        (0..t.counts[level])
-                            .filter_map(|index| {
-                                let ek = EndpointKey {
-                                    service_id: tk.service_id,
-                                    class_id: tk.class_id,
-                                    generation: t.generation,
-                                    family: tk.family,
-                                    level: level as u8,
-                                    _pad: 0,
-                                    index,
-                                };
-                                let e = s.endpoints.get(&ek)?;
-                                s.backends.get(&e.backend_id).map(|b| who(b.addr))
-                            })
-                            .collect()
+                let levels: Vec<Vec<String>> = s
+                    .table_levels(tk, t)
+                    .into_iter()
+                    .filter(|l| !l.is_empty())
+                    .map(|l| {
+                        l.into_iter().map(|a| a.map(who).unwrap_or_else(|| "(missing)".into())).collect()
                     })
                     .collect();
                 tables.push(serde_json::json!({

@@ -35,23 +35,9 @@ fn no_clients() -> BTreeMap<u64, Enrollment> {
 /// Backend addresses per level of the one table with this class and family.
 fn levels(s: &MapState, class_id: u32, family: u8) -> Vec<Vec<IpAddr>> {
     let (k, t) = s.tables.iter().find(|(k, _)| k.class_id == class_id && k.family == family).expect("table");
-    (0..LEVELS)
-        .map(|level| {
-            (0..t.counts[level])
-                .map(|index| {
-                    let e = s.endpoints[&EndpointKey {
-                        service_id: k.service_id,
-                        class_id,
-                        generation: t.generation,
-                        family,
-                        level: level as u8,
-                        _pad: 0,
-                        index,
-                    }];
-                    words_addr(s.backends[&e.backend_id].addr)
-                })
-                .collect()
-        })
+    s.table_levels(k, t)
+        .into_iter()
+        .map(|l| l.into_iter().map(|a| words_addr(a.expect("reachable slot"))).collect())
         .collect()
 }
 
@@ -343,23 +329,10 @@ fn view(s: &MapState) -> View {
         let family = if addr.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 };
         let tkey = TableKey { service_id: fv.service_id, class_id: 0, family, _pad: [0; 3] };
         let t = s.tables.get(&tkey).copied().unwrap_or_default();
-        let levels = (0..LEVELS)
-            .map(|level| {
-                (0..t.counts[level])
-                    .map(|index| {
-                        let e = s.endpoints[&EndpointKey {
-                            service_id: fv.service_id,
-                            class_id: 0,
-                            generation: t.generation,
-                            family,
-                            level: level as u8,
-                            _pad: 0,
-                            index,
-                        }];
-                        words_addr(s.backends[&e.backend_id].addr)
-                    })
-                    .collect()
-            })
+        let levels = s
+            .table_levels(&tkey, &t)
+            .into_iter()
+            .map(|l| l.into_iter().map(|a| words_addr(a.expect("reachable slot"))).collect())
             .collect();
         out.insert((addr, u16::from_be(fk.port), fk.proto), (fv.flags, t.flags, levels));
     }
@@ -372,20 +345,8 @@ fn assert_consistent(s: &MapState) {
         assert!(s.tables.keys().any(|k| k.service_id == fv.service_id), "frontend without a table");
     }
     for (tk, t) in &s.tables {
-        for level in 0..LEVELS {
-            for index in 0..t.counts[level] {
-                let ek = EndpointKey {
-                    service_id: tk.service_id,
-                    class_id: tk.class_id,
-                    generation: t.generation,
-                    family: tk.family,
-                    level: level as u8,
-                    _pad: 0,
-                    index,
-                };
-                let e = s.endpoints.get(&ek).expect("slot of a table");
-                assert!(s.backends.contains_key(&e.backend_id), "slot without a backend");
-            }
+        for level in s.table_levels(tk, t) {
+            assert!(level.iter().all(Option::is_some), "a slot or its backend is missing");
         }
     }
 }
