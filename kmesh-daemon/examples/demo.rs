@@ -178,6 +178,7 @@ fn run() -> anyhow::Result<()> {
         .arg("--bpffs")
         .arg(&pins)
         .args(["--admin", &admin_addr.to_string(), "--poll-ms", "100", "--uninstall-on-exit"])
+        .args(["--metrics-addr", "127.0.0.1:0"])
         .arg("--state-file")
         .arg(dir.join("state.json"))
         // Denials are logged one line each at warn; the demo shows their counters instead.

@@ -96,7 +96,7 @@ fn main() -> anyhow::Result<()> {
         .arg(bed.cgroup())
         .arg("--bpffs")
         .arg(&pins)
-        .args(["--admin", &admin_addr.to_string(), "--uninstall-on-exit"])
+        .args(["--admin", &admin_addr.to_string(), "--uninstall-on-exit", "--metrics-addr", "off"])
         .arg("--state-file")
         .arg(std::env::temp_dir().join(format!("kmesh-bench-{}-state.json", std::process::id())))
         .env("KMESH_LOG", "warn")

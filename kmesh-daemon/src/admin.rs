@@ -31,6 +31,11 @@ pub struct Shared {
 
 pub type AppState = Arc<Shared>;
 
+/// The Prometheus scrape endpoint, as Kmesh serves it (`:15020/status/metric`, and `/metrics`).
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new().route("/status/metric", get(metrics)).route("/metrics", get(metrics)).with_state(state)
+}
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/version", get(version))

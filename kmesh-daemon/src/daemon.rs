@@ -29,6 +29,8 @@ pub struct RunOptions {
     pub source: Source,
     pub load: LoadOptions,
     pub admin_addr: SocketAddr,
+    /// Where Prometheus scrapes `/status/metric` (`None`: only the admin API's `/metrics`).
+    pub metrics_addr: Option<SocketAddr>,
     pub poll: Duration,
     pub uninstall_on_exit: bool,
     /// Where enrollments are saved across restarts and upgrades.
@@ -41,6 +43,7 @@ impl RunOptions {
             source,
             load: LoadOptions::new(cgroup, pin_dir),
             admin_addr: "127.0.0.1:15200".parse().unwrap(),
+            metrics_addr: None,
             poll: Duration::from_millis(500),
             uninstall_on_exit: false,
             state_file: None,
@@ -136,6 +139,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     tracing::info!(addr = %opts.admin_addr, "admin API listening");
     let app = admin::router(shared.clone());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let metrics_server = match opts.metrics_addr {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint to {addr}"))?;
+            tracing::info!(addr = %l.local_addr()?, "metrics at /status/metric");
+            let app = admin::metrics_router(shared.clone());
+            Some(tokio::spawn(async move { axum::serve(l, app).await }))
+        }
+        None => None,
+    };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let source_task = match &opts.source {
@@ -217,6 +231,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         r = server => { r??; }
     }
     denials.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     pins_check.abort();
     let _ = stop_tx.send(true);
     let _ = source_task.await;

@@ -137,6 +137,9 @@ enum Cmd {
         /// Admin API address (loopback by default).
         #[arg(long, default_value = "127.0.0.1:15200", env = "KMESH_ADMIN_ADDR")]
         admin: SocketAddr,
+        /// Prometheus scrape endpoint (`/status/metric`, as Kmesh); `off` to disable.
+        #[arg(long, default_value = "0.0.0.0:15020")]
+        metrics_addr: String,
         /// How often to check the config file for changes.
         #[arg(long, default_value_t = 500)]
         poll_ms: u64,
@@ -205,6 +208,7 @@ fn main() -> anyhow::Result<()> {
             uninstall_on_exit,
             state_file,
             map_layout_version,
+            metrics_addr,
             caps,
         } => {
             let cgroup = match cgroup {
@@ -221,6 +225,12 @@ fn main() -> anyhow::Result<()> {
             opts.poll = Duration::from_millis(poll_ms.max(50));
             opts.uninstall_on_exit = uninstall_on_exit;
             opts.state_file = Some(state_file);
+            opts.metrics_addr = match metrics_addr.as_str() {
+                "off" => None,
+                a => Some(
+                    a.parse().with_context(|| format!("--metrics-addr {a:?} is not ADDRESS:PORT or off"))?,
+                ),
+            };
             if let Some(v) = map_layout_version {
                 opts.load.layout_version = v;
             }

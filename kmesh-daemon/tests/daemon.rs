@@ -235,7 +235,9 @@ fn kmeshctl_round_trips_each_command() {
     let bed = bed();
     let scratch = Scratch::new();
     scratch.write_config(&echo_config(&bed, &["s1", "s2"], "{}"));
-    let d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &["--metrics-addr", &metrics.to_string()]);
     wait_for("readiness", || d.get("/debug/ready").is_ok());
     let req =
         serde_json::json!({ "netns": bed.pod("client").netns_path(), "workload": "client" }).to_string();
@@ -252,6 +254,10 @@ fn kmeshctl_round_trips_each_command() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
+    // The Prometheus endpoint Kmesh users scrape.
+    let m = admin::request(metrics, "GET", "/status/metric", None).unwrap();
+    assert!(m.contains("kmesh_ready 1") && m.contains("kmesh_map_entries{map=\"FRONTENDS\"} 1"), "{m}");
+
     let (ok, out, _) = ctl(&["version"]);
     assert!(ok && out.contains("kmesh-daemon 0.1.0 (map layout v1)"), "{out}");
 

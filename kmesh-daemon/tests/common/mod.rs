@@ -194,6 +194,7 @@ impl Daemon {
             .arg("--bpffs")
             .arg(pins)
             .args(["--admin", &admin.to_string(), "--poll-ms", "100"])
+            .args(if args.contains(&"--metrics-addr") { &[][..] } else { &["--metrics-addr", "off"][..] })
             .arg("--state-file")
             .arg(state_file_for(pins))
             .env("KMESH_LOG", "info")
