@@ -75,6 +75,34 @@ impl MapState {
             .collect()
     }
 
+    /// Takes `d` in: what a map holds after `d` was written to it.
+    pub fn apply(&mut self, d: Diff) {
+        self.netns.extend(d.set.netns);
+        self.frontends.extend(d.set.frontends);
+        self.tables.extend(d.set.tables);
+        self.endpoints.extend(d.set.endpoints);
+        self.backends.extend(d.set.backends);
+        self.ports.extend(d.set.ports);
+        for k in &d.del_netns {
+            self.netns.remove(k);
+        }
+        for k in &d.del_frontends {
+            self.frontends.remove(k);
+        }
+        for k in &d.del_tables {
+            self.tables.remove(k);
+        }
+        for k in &d.del_endpoints {
+            self.endpoints.remove(k);
+        }
+        for k in &d.del_backends {
+            self.backends.remove(k);
+        }
+        for k in &d.del_ports {
+            self.ports.remove(k);
+        }
+    }
+
     pub fn counts(&self) -> MapCounts {
         MapCounts {
             netns: self.netns.len(),

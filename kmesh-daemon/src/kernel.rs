@@ -273,6 +273,20 @@ fn read_all<K: Pod + Ord, V: Pod>(
     Ok(out)
 }
 
+/// Every record of type `T` waiting in a ring buffer (the kernel writes them with
+/// `output_untyped::<T>`).
+fn drain<T: Pod>(ring: &mut RingBuf<MapData>) -> Vec<T> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<T>() {
+            // SAFETY: T is Pod and the record holds at least size_of::<T>() bytes; the ring
+            // gives no alignment, so read unaligned.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<T>()) });
+        }
+    }
+    out
+}
+
 /// One write that may need undoing.
 enum Undo<K, V> {
     Restore(K, V),
@@ -529,18 +543,7 @@ impl Dataplane {
     /// Checks that applying `d` fits the capacities: every new key is written before any old
     /// one is deleted.
     pub fn check_capacity(&self, d: &Diff) -> Result<MapCounts, KernelError> {
-        fn new_keys<K: Ord, V>(cur: &BTreeMap<K, V>, set: &BTreeMap<K, V>) -> usize {
-            cur.len() + set.keys().filter(|k| !cur.contains_key(k)).count()
-        }
-        let (a, s) = (&self.applied, &d.set);
-        let peak = MapCounts {
-            netns: new_keys(&a.netns, &s.netns),
-            frontends: new_keys(&a.frontends, &s.frontends),
-            tables: new_keys(&a.tables, &s.tables),
-            endpoints: new_keys(&a.endpoints, &s.endpoints),
-            backends: new_keys(&a.backends, &s.backends),
-            ports: new_keys(&a.ports, &s.ports),
-        };
+        let peak = self.applied.peak_counts(&d.set);
         for ((map, needed), (_, capacity)) in peak.as_array().into_iter().zip(self.capacities.by_name()) {
             if needed > capacity as usize {
                 let flag = format!("{}-capacity", map.to_ascii_lowercase().replace('_', "-"));
@@ -596,31 +599,7 @@ impl Dataplane {
         remove_all(&mut self.ports, "PORTS", &d.del_ports);
         remove_all(&mut self.backends, "BACKENDS", &d.del_backends);
         let report = ApplyReport { writes: d.writes(), deletes: d.deletes() };
-        let a = &mut self.applied;
-        a.netns.extend(d.set.netns);
-        a.frontends.extend(d.set.frontends);
-        a.tables.extend(d.set.tables);
-        a.endpoints.extend(d.set.endpoints);
-        a.backends.extend(d.set.backends);
-        a.ports.extend(d.set.ports);
-        for k in &d.del_netns {
-            a.netns.remove(k);
-        }
-        for k in &d.del_frontends {
-            a.frontends.remove(k);
-        }
-        for k in &d.del_tables {
-            a.tables.remove(k);
-        }
-        for k in &d.del_endpoints {
-            a.endpoints.remove(k);
-        }
-        for k in &d.del_backends {
-            a.backends.remove(k);
-        }
-        for k in &d.del_ports {
-            a.ports.remove(k);
-        }
+        self.applied.apply(d);
         Ok(report)
     }
 
@@ -757,26 +736,12 @@ impl Dataplane {
 
     /// Connection open and close events since the last call.
     pub fn drain_telemetry(&mut self) -> Vec<ConnEvent> {
-        let mut out = Vec::new();
-        while let Some(item) = self.telemetry.next() {
-            if item.len() >= std::mem::size_of::<ConnEvent>() {
-                // SAFETY: the kernel wrote a ConnEvent; read it unaligned from the ring.
-                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ConnEvent>()) });
-            }
-        }
-        out
+        drain(&mut self.telemetry)
     }
 
     /// Denials (and dry-run differences) the kernel reported since the last call.
     pub fn drain_authz_events(&mut self) -> Vec<AuthzEvent> {
-        let mut out = Vec::new();
-        while let Some(item) = self.authz_events.next() {
-            if item.len() >= std::mem::size_of::<AuthzEvent>() {
-                // SAFETY: the kernel wrote an AuthzEvent; read it unaligned from the ring.
-                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<AuthzEvent>()) });
-            }
-        }
-        out
+        drain(&mut self.authz_events)
     }
 }
 

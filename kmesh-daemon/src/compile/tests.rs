@@ -351,30 +351,6 @@ fn assert_consistent(s: &MapState) {
     }
 }
 
-fn apply_diff(s: &mut MapState, d: Diff) {
-    s.frontends.extend(d.set.frontends);
-    s.tables.extend(d.set.tables);
-    s.endpoints.extend(d.set.endpoints);
-    s.backends.extend(d.set.backends);
-    s.ports.extend(d.set.ports);
-    s.netns.extend(d.set.netns);
-    for k in d.del_frontends {
-        s.frontends.remove(&k);
-    }
-    for k in d.del_tables {
-        s.tables.remove(&k);
-    }
-    for k in d.del_endpoints {
-        s.endpoints.remove(&k);
-    }
-    for k in d.del_backends {
-        s.backends.remove(&k);
-    }
-    for k in d.del_ports {
-        s.ports.remove(&k);
-    }
-}
-
 #[test]
 fn incremental_compilation_matches_a_full_one_through_random_changes() {
     let mut rng = 0x2545_f491_4f6c_dd1du64;
@@ -427,7 +403,7 @@ fn incremental_compilation_matches_a_full_one_through_random_changes() {
             }
         }
         let d = compiler.incremental(&model, &m).expect("no node or client change");
-        apply_diff(&mut kernel, d);
+        kernel.apply(d);
         assert_consistent(&kernel);
         assert_eq!(kernel, compiler.state(), "step {step}: bookkeeping drifted");
         let mut ids = Ids::default();
