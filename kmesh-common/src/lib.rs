@@ -15,7 +15,7 @@
 
 /// Layout version of the maps below. Bumped whenever a key or value changes shape; the daemon
 /// keeps its pins under a directory named after it.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// Names of the load-balancing maps, in the order user space lists them everywhere (map
 /// counts, capacities, pins).
@@ -195,6 +195,10 @@ pub mod stat {
     pub const PASSED: u32 = 4;
     /// Tables were inconsistent even after retrying: passed unchanged.
     pub const INCONSISTENT: u32 = 5;
+    /// Telemetry events lost because the `TELEMETRY` ring buffer was full.
+    pub const TELEMETRY_LOST: u32 = 6;
+    /// Authorization events (denials, dry-run matches) lost because `AUTHZ_EVENTS` was full.
+    pub const AUTHZ_EVENTS_LOST: u32 = 7;
     pub const COUNT: u32 = 8;
 }
 
@@ -286,6 +290,22 @@ pub struct AuthzEvent {
 
 pub const CONN_OPEN: u32 = 1;
 pub const CONN_CLOSE: u32 = 2;
+/// A periodic report of a connection still open (counters so far).
+pub const CONN_REPORT: u32 = 3;
+/// A client connection that never established (refused, reset or timed out in SYN_SENT).
+pub const CONN_FAILED: u32 = 4;
+/// Close from FIN_WAIT2 without the peer's FIN (an orphaned socket going to TIME_WAIT as
+/// soon as its own FIN is acknowledged): `bytes_received` holds no FIN.
+pub const EV_NO_PEER_FIN: u32 = 1;
+
+// TELEMETRY_CONF: an array the daemon writes, read by the sock_ops program.
+/// Index of the flags word.
+pub const TCONF_FLAGS: u32 = 0;
+/// Index of the report interval of open connections, in nanoseconds.
+pub const TCONF_INTERVAL_NS: u32 = 1;
+pub const TCONF_COUNT: u32 = 2;
+/// Flag: connection telemetry on (off: the program returns at once).
+pub const TFLAG_ON: u64 = 1;
 /// The socket is the client side (it called connect()).
 pub const DIR_OUTBOUND: u32 = 1;
 /// The socket is the server side (it was accepted).
@@ -296,11 +316,17 @@ pub const DIR_INBOUND: u32 = 2;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnMeta {
     pub start_ns: u64,
+    /// When the last open or periodic report of this connection was sent.
+    pub last_report_ns: u64,
     /// The service address the client dialled, when connect() rewrote it.
     pub orig_dst: [u32; 4],
     pub orig_port: u16,
     pub has_orig: u16,
     pub direction: u32,
+    /// `rcv_nxt` when the socket entered FIN_WAIT2 (tells, at close, whether the peer's FIN
+    /// arrived after that).
+    pub rcv_nxt_fin_wait2: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -323,7 +349,10 @@ pub struct ConnEvent {
     pub srtt_us: u32,
     pub min_rtt_us: u32,
     pub state: u32,
-    pub _pad: u32,
+    /// `EV_*` flags.
+    pub flags: u32,
+    /// Socket cookie: ties an open, its reports and its close together.
+    pub cookie: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -423,8 +452,8 @@ const _: () = {
     assert!(core::mem::size_of::<VerdictValue>() == 12);
     assert!(core::mem::size_of::<CountKey>() == 8);
     assert!(core::mem::size_of::<AuthzEvent>() == 48);
-    assert!(core::mem::size_of::<ConnMeta>() == 32);
-    assert!(core::mem::size_of::<ConnEvent>() == 112);
+    assert!(core::mem::size_of::<ConnMeta>() == 48);
+    assert!(core::mem::size_of::<ConnEvent>() == 120);
 };
 
 #[cfg(test)]

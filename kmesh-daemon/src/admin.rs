@@ -13,11 +13,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kmesh_common::stat;
 use serde::{Deserialize, Serialize};
 
 use crate::mesh::Mesh;
+use crate::metrics::XdsHealth;
 use crate::netns;
+use crate::telemetry::LogFormat;
 
 /// What the handlers share with the daemon loop.
 pub struct Shared {
@@ -27,6 +28,7 @@ pub struct Shared {
     /// The last configuration error, if the file currently on disk was refused.
     pub config_error: Mutex<Option<String>>,
     pub config_path: PathBuf,
+    pub xds: XdsHealth,
 }
 
 pub type AppState = Arc<Shared>;
@@ -44,6 +46,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/debug/bpf_maps", get(bpf_maps))
         .route("/debug/loggers", get(get_loggers).post(set_loggers))
+        .route("/debug/monitoring", get(get_monitoring).post(set_monitoring))
+        .route("/debug/authz", get(authz_status))
         .route("/v1/enroll", post(enroll))
         .route("/v1/unenroll", post(unenroll))
         .with_state(state)
@@ -121,73 +125,73 @@ async fn set_loggers(Json(req): Json<LoggersRequest>) -> Response {
     }
 }
 
-/// Prometheus text format.
+/// Prometheus (OpenMetrics text format).
 async fn metrics(State(s): State<AppState>) -> Response {
     let ready = s.ready.load(Ordering::SeqCst);
-    let text = with_mesh(&s, move |m| {
-        let mut t = String::new();
-        let dp = m.dataplane();
-        t += "# HELP kmesh_map_entries Entries the daemon keeps in each BPF map.\n# TYPE kmesh_map_entries gauge\n";
-        let caps = dp.capacities();
-        let cap_of = |name: &str| match name {
-            "NETNS" => caps.netns,
-            "FRONTENDS" => caps.frontends,
-            "LB_TABLES" => caps.tables,
-            "ENDPOINTS" => caps.endpoints,
-            "BACKENDS" => caps.backends,
-            _ => caps.ports,
-        };
-        for (name, n) in dp.applied().counts().as_array() {
-            t += &format!("kmesh_map_entries{{map=\"{name}\"}} {n}\n");
-        }
-        t += "# HELP kmesh_map_capacity Max entries of each BPF map.\n# TYPE kmesh_map_capacity gauge\n";
-        for (name, _) in dp.applied().counts().as_array() {
-            t += &format!("kmesh_map_capacity{{map=\"{name}\"}} {}\n", cap_of(name));
-        }
-        t += "# HELP kmesh_map_full_errors_total Configurations refused because a map would overflow.\n# TYPE kmesh_map_full_errors_total counter\n";
-        for (name, _) in dp.applied().counts().as_array() {
-            let n = m.counters.map_full_errors.get(name).copied().unwrap_or(0);
-            t += &format!("kmesh_map_full_errors_total{{map=\"{name}\"}} {n}\n");
-        }
-        t += &format!(
-            "# HELP kmesh_config_applies_total Successful applies of configuration or enrollment.\n# TYPE kmesh_config_applies_total counter\nkmesh_config_applies_total {}\n",
-            m.counters.applies
-        );
-        t += &format!(
-            "# HELP kmesh_apply_errors_total Applies refused by the kernel side.\n# TYPE kmesh_apply_errors_total counter\nkmesh_apply_errors_total {}\n",
-            m.counters.apply_errors
-        );
-        t += &format!(
-            "# HELP kmesh_config_errors_total Config files refused by validation.\n# TYPE kmesh_config_errors_total counter\nkmesh_config_errors_total {}\n",
-            m.counters.config_errors
-        );
-        t += &format!(
-            "# HELP kmesh_pins_missing bpffs pins found missing and not restorable.\n# TYPE kmesh_pins_missing gauge\nkmesh_pins_missing {}\n# HELP kmesh_pins_restored_total bpffs map pins restored after removal by hand.\n# TYPE kmesh_pins_restored_total counter\nkmesh_pins_restored_total {}\n",
-            m.counters.pins_missing, m.counters.pins_restored
-        );
-        t += "# HELP kmesh_authz_decisions_total Connections allowed or denied, by deciding policy.\n# TYPE kmesh_authz_decisions_total counter\n";
-        for (policy, action, n) in m.authz_decisions() {
-            t += &format!("kmesh_authz_decisions_total{{policy=\"{policy}\",action=\"{action}\"}} {n}\n");
-        }
-        t += &m.telemetry.render();
-        t += &format!("# HELP kmesh_ready Programs attached and configuration applied.\n# TYPE kmesh_ready gauge\nkmesh_ready {}\n", ready as u8);
-        if let Ok(st) = dp.stats() {
-            t += "# HELP kmesh_connect_total connect() calls of enrolled sockets by outcome.\n# TYPE kmesh_connect_total counter\n";
-            for (idx, name) in [
-                (stat::REWRITTEN, "rewritten"),
-                (stat::PASSED, "passed"),
-                (stat::NO_ENDPOINT, "no_endpoint"),
-                (stat::STRICT_NO_MATCH, "strict_no_match"),
-                (stat::RETRIED, "retried"),
-                (stat::INCONSISTENT, "inconsistent"),
-            ] {
-                t += &format!("kmesh_connect_total{{result=\"{name}\"}} {}\n", st[idx as usize]);
+    let s2 = s.clone();
+    let text = with_mesh(&s, move |m| crate::metrics::render(m, ready, &s2.xds)).await;
+    ([("content-type", crate::metrics::CONTENT_TYPE)], text).into_response()
+}
+
+async fn get_monitoring(State(s): State<AppState>) -> Response {
+    Json(with_mesh(&s, |m| m.monitoring()).await).into_response()
+}
+
+/// Body of POST /debug/monitoring: the switches to change (others keep their value).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitoringRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log_format: Option<LogFormat>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_metrics: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_metrics: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_metrics: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_interval_ms: Option<u64>,
+}
+
+async fn set_monitoring(State(s): State<AppState>, body: axum::body::Bytes) -> Response {
+    let req: MonitoringRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad monitoring request: {e}")),
+    };
+    if req.report_interval_ms.is_some_and(|ms| ms < 100) {
+        return error(StatusCode::BAD_REQUEST, "report_interval_ms must be at least 100");
+    }
+    let r = with_mesh(&s, move |m| {
+        let mut next = m.telemetry.settings.clone();
+        let set = |v: Option<bool>, f: &mut bool| {
+            if let Some(v) = v {
+                *f = v;
             }
+        };
+        set(req.access_log, &mut next.access_log);
+        set(req.service_metrics, &mut next.service_metrics);
+        set(req.workload_metrics, &mut next.workload_metrics);
+        set(req.connection_metrics, &mut next.connection_metrics);
+        if let Some(f) = req.access_log_format {
+            next.access_log_format = f;
         }
-        t
+        let interval = req.report_interval_ms.map(Duration::from_millis);
+        m.set_monitoring(next, interval).map(|_| m.monitoring())
     })
     .await;
-    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+    match r {
+        Ok(v) => {
+            tracing::info!(settings = %v["settings"], "monitoring switched");
+            Json(v).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn authz_status(State(s): State<AppState>) -> Response {
+    Json(with_mesh(&s, |m| m.authz_status()).await).into_response()
 }
 
 /// Body of /v1/enroll and /v1/unenroll: the namespace by path or by a pid inside it.

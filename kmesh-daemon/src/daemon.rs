@@ -35,6 +35,10 @@ pub struct RunOptions {
     pub uninstall_on_exit: bool,
     /// Where enrollments are saved across restarts and upgrades.
     pub state_file: Option<PathBuf>,
+    /// Access logs and metric families at start (switchable at runtime).
+    pub monitoring: crate::telemetry::Monitoring,
+    /// How often open connections report their counters.
+    pub report_interval: Duration,
 }
 
 impl RunOptions {
@@ -47,6 +51,8 @@ impl RunOptions {
             poll: Duration::from_millis(500),
             uninstall_on_exit: false,
             state_file: None,
+            monitoring: Default::default(),
+            report_interval: kernel::DEFAULT_REPORT_INTERVAL,
         }
     }
 }
@@ -110,6 +116,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     tracing::info!(cgroup = %opts.load.cgroup.display(), pins = %kernel::layout_dir(&opts.load.pin_dir).display(),
         adopted = dp.adopted(), "programs attached");
     let mut mesh = Mesh::new(dp);
+    mesh.set_monitoring(opts.monitoring.clone(), Some(opts.report_interval))
+        .context("switching telemetry")?;
     if let Some(sf) = &opts.state_file {
         match std::fs::read(sf) {
             Ok(bytes) => match serde_json::from_slice(&bytes) {
@@ -131,7 +139,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             Source::File(p) => p.clone(),
             Source::Xds(x) => PathBuf::from(format!("xds://{}", x.address)),
         },
+        xds: Default::default(),
     });
+    shared.xds.enabled.store(matches!(opts.source, Source::Xds(_)), Ordering::Relaxed);
 
     let listener = tokio::net::TcpListener::bind(opts.admin_addr)
         .await

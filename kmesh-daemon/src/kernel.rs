@@ -26,10 +26,12 @@ pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 pub const PROGRAMS: [&str; 2] = ["kmesh_connect4", "kmesh_connect6"];
 /// The telemetry program (sock_ops), attached to the cgroup next to the connect programs.
 pub const TELEMETRY_PROGRAM: &str = "kmesh_sockops";
+/// How often an open connection reports its counters unless configured otherwise.
+pub const DEFAULT_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// The authorization program, attached to each enrolled network namespace.
 pub const AUTHZ_PROGRAM: &str = "kmesh_authz";
 /// Maps with fixed capacities (pinned next to the others).
-const FIXED_MAPS: [&str; 9] = [
+const FIXED_MAPS: [&str; 10] = [
     "STATS",
     "AUTHZ_DEST",
     "IDENTITY",
@@ -39,6 +41,7 @@ const FIXED_MAPS: [&str; 9] = [
     "AUTHZ_EVENTS",
     "CONN_META",
     "TELEMETRY",
+    "TELEMETRY_CONF",
 ];
 
 /// Loads a cgroup program (connect4/6 or sock_ops) and attaches it with a bpf_link.
@@ -194,6 +197,7 @@ pub struct Dataplane {
     authz_counts: PerCpuHashMap<MapData, CountKey, u64>,
     authz_events: RingBuf<MapData>,
     telemetry: RingBuf<MapData>,
+    telemetry_conf: aya::maps::Array<MapData, u64>,
     authz_applied: AuthzState,
     ebpf: Ebpf,
     _links: Vec<PinnedLink>,
@@ -396,6 +400,19 @@ impl Dataplane {
         let m = ebpf.take_map("TELEMETRY").ok_or(KernelError::MissingMap("TELEMETRY"))?;
         let telemetry =
             RingBuf::try_from(m).map_err(|source| KernelError::MapType { name: "TELEMETRY", source })?;
+        let m = ebpf.take_map("TELEMETRY_CONF").ok_or(KernelError::MissingMap("TELEMETRY_CONF"))?;
+        let telemetry_conf = aya::maps::Array::try_from(m)
+            .map_err(|source| KernelError::MapType { name: "TELEMETRY_CONF", source })?;
+        let mut telemetry_conf: aya::maps::Array<MapData, u64> = telemetry_conf;
+        // A fresh map (no interval yet): telemetry on, reports every 5 s, before any program
+        // is attached. An adopted map keeps what the operator last set.
+        if telemetry_conf.get(&TCONF_INTERVAL_NS, 0).unwrap_or(0) == 0 {
+            let err = |source| KernelError::Write { map: "TELEMETRY_CONF", source };
+            telemetry_conf
+                .set(TCONF_INTERVAL_NS, DEFAULT_REPORT_INTERVAL.as_nanos() as u64, 0)
+                .map_err(err)?;
+            telemetry_conf.set(TCONF_FLAGS, TFLAG_ON, 0).map_err(err)?;
+        }
         {
             let name = AUTHZ_PROGRAM;
             let prog: &mut SkLookup = ebpf
@@ -440,6 +457,7 @@ impl Dataplane {
             authz_counts,
             authz_events,
             telemetry,
+            telemetry_conf,
             authz_applied: AuthzState::default(),
             netns,
             frontends,
@@ -604,6 +622,23 @@ impl Dataplane {
     }
 
     /// Sums of the per-CPU counters of the connect programs, indexed by `kmesh_common::stat`.
+    /// Turns connection telemetry in the kernel on or off and sets how often open connections
+    /// report. Off, the programs return at once (no per-socket state, no events).
+    pub fn set_telemetry(&mut self, on: bool, interval: std::time::Duration) -> Result<(), KernelError> {
+        let err = |source| KernelError::Write { map: "TELEMETRY_CONF", source };
+        let ns = (interval.as_nanos() as u64).max(1_000_000);
+        self.telemetry_conf.set(TCONF_INTERVAL_NS, ns, 0).map_err(err)?;
+        self.telemetry_conf.set(TCONF_FLAGS, if on { TFLAG_ON } else { 0 }, 0).map_err(err)
+    }
+
+    /// Whether telemetry is on in the kernel, and the report interval.
+    pub fn telemetry_conf(&self) -> Result<(bool, std::time::Duration), KernelError> {
+        let err = |source| KernelError::Read { map: "TELEMETRY_CONF", source };
+        let flags = self.telemetry_conf.get(&TCONF_FLAGS, 0).map_err(err)?;
+        let ns = self.telemetry_conf.get(&TCONF_INTERVAL_NS, 0).map_err(err)?;
+        Ok((flags & TFLAG_ON != 0, std::time::Duration::from_nanos(ns)))
+    }
+
     pub fn stats(&self) -> Result<[u64; stat::COUNT as usize], KernelError> {
         let mut out = [0u64; stat::COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
@@ -721,6 +756,16 @@ impl Dataplane {
         // The pin keeps the link, and so the program, in place once the fd is closed.
         fd.pin(&pin).map_err(|e| KernelError::Pin { path: pin.clone(), reason: e.to_string() })?;
         Ok(())
+    }
+
+    /// Whether the authorization program is attached to a namespace (its link is pinned).
+    pub fn authz_attached(&self, cookie: u64) -> bool {
+        self.dir.join("links").join(format!("authz_{cookie}")).exists()
+    }
+
+    /// What the authorization maps hold, as last applied.
+    pub fn authz_applied(&self) -> &AuthzState {
+        &self.authz_applied
     }
 
     /// Detaches the authorization program from a namespace.

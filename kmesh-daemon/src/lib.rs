@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod kernel;
 pub mod logging;
 pub mod mesh;
+pub mod metrics;
 pub mod netns;
 pub mod telemetry;
 pub mod xds;

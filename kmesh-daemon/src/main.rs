@@ -11,6 +11,7 @@ use kmesh_daemon::config;
 use kmesh_daemon::daemon::{self, RunOptions, Source};
 use kmesh_daemon::kernel::{self, Capacities};
 use kmesh_daemon::model::{Locality, NodeInfo};
+use kmesh_daemon::telemetry::{LogFormat, Monitoring};
 use kmesh_daemon::xds::XdsOptions;
 
 #[derive(Parser)]
@@ -157,6 +158,8 @@ enum Cmd {
         map_layout_version: Option<u32>,
         #[command(flatten)]
         caps: CapacityArgs,
+        #[command(flatten)]
+        monitoring: MonitoringArgs,
     },
     /// Put a network namespace in the mesh.
     Enroll {
@@ -181,6 +184,26 @@ enum Cmd {
         #[arg(long, default_value = "/run/kmesh/state.json")]
         state_file: PathBuf,
     },
+}
+
+/// Connection telemetry at start; `kmeshctl monitoring` switches it at runtime.
+#[derive(Debug, clap::Args)]
+struct MonitoringArgs {
+    /// Access log: one line per closed or failed connection, as `text` or `json`, or `off`.
+    #[arg(long, default_value = "text", value_parser = ["text", "json", "off"])]
+    access_log: String,
+    /// `kmesh_tcp_*` metrics by destination service.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    service_metrics: bool,
+    /// `kmesh_tcp_workload_*` metrics by destination workload.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    workload_metrics: bool,
+    /// `kmesh_tcp_connection_*`: one series per open connection (high cardinality).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    connection_metrics: bool,
+    /// How often open connections report their counters, in milliseconds.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    report_interval_ms: u64,
 }
 
 fn cgroup2_mount() -> anyhow::Result<PathBuf> {
@@ -210,6 +233,7 @@ fn main() -> anyhow::Result<()> {
             map_layout_version,
             metrics_addr,
             caps,
+            monitoring,
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -234,6 +258,18 @@ fn main() -> anyhow::Result<()> {
             if let Some(v) = map_layout_version {
                 opts.load.layout_version = v;
             }
+            opts.monitoring = Monitoring {
+                access_log: monitoring.access_log != "off",
+                access_log_format: if monitoring.access_log == "json" {
+                    LogFormat::Json
+                } else {
+                    LogFormat::Text
+                },
+                service_metrics: monitoring.service_metrics,
+                workload_metrics: monitoring.workload_metrics,
+                connection_metrics: monitoring.connection_metrics,
+            };
+            opts.report_interval = Duration::from_millis(monitoring.report_interval_ms);
             opts.load.capacities = Capacities {
                 netns: caps.netns_capacity,
                 frontends: caps.frontends_capacity,

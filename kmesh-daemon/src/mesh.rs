@@ -57,6 +57,10 @@ pub struct Mesh {
     needs_full: bool,
     pub counters: Counters,
     pub telemetry: crate::telemetry::Telemetry,
+    /// Bumped whenever the model changes (telemetry re-indexes names then).
+    model_gen: u64,
+    /// How often open connections report their counters.
+    report_interval: std::time::Duration,
 }
 
 impl Mesh {
@@ -77,6 +81,8 @@ impl Mesh {
             needs_full: true,
             counters: Counters::default(),
             telemetry: Default::default(),
+            model_gen: 0,
+            report_interval: crate::kernel::DEFAULT_REPORT_INTERVAL,
         }
     }
 
@@ -157,6 +163,7 @@ impl Mesh {
         let enrolled = self.enrolled.clone();
         let r = self.sync(&model, &enrolled)?;
         self.model = model;
+        self.model_gen += 1;
         self.has_model = true;
         // This layout's maps now hold the configuration: pins of another layout version (an
         // upgrade from an older daemon) can go, detaching the programs that used them.
@@ -326,7 +333,64 @@ impl Mesh {
     /// Turns the kernel's connection events into metrics; returns access-log lines.
     pub fn drain_telemetry(&mut self) -> Vec<String> {
         let events = self.dp.drain_telemetry();
-        events.iter().filter_map(|e| self.telemetry.record(e, &self.model)).collect()
+        events.iter().filter_map(|e| self.telemetry.record(e, &self.model, self.model_gen)).collect()
+    }
+
+    /// Switches access logs and metric families; the kernel collects events only while
+    /// something uses them.
+    pub fn set_monitoring(
+        &mut self,
+        m: crate::telemetry::Monitoring,
+        report_interval: Option<std::time::Duration>,
+    ) -> Result<(), KernelError> {
+        let interval = report_interval.unwrap_or(self.report_interval);
+        self.dp.set_telemetry(m.kernel_on(), interval)?;
+        self.report_interval = interval;
+        self.telemetry.settings = m;
+        Ok(())
+    }
+
+    /// What `kmeshctl monitoring` shows.
+    pub fn monitoring(&self) -> serde_json::Value {
+        let (kernel_on, interval) = self.dp.telemetry_conf().unwrap_or_default();
+        let stats = self.dp.stats().unwrap_or_default();
+        serde_json::json!({
+            "settings": self.telemetry.settings,
+            "kernel_telemetry": kernel_on,
+            "report_interval_ms": interval.as_millis() as u64,
+            "events_received": self.telemetry.events,
+            "events_lost": stats[kmesh_common::stat::TELEMETRY_LOST as usize],
+            "open_connections": self.telemetry.open_connections(),
+        })
+    }
+
+    /// What `kmeshctl authz` shows: where authorization is enforced and what it decided.
+    pub fn authz_status(&self) -> serde_json::Value {
+        let enforced: Vec<serde_json::Value> = self
+            .enrolled
+            .iter()
+            .map(|(c, e)| {
+                serde_json::json!({
+                    "netns_cookie": c,
+                    "netns": self.paths.get(c),
+                    "workload": e.workload,
+                    "enforced": self.dp.authz_attached(*c),
+                })
+            })
+            .collect();
+        let decisions: Vec<serde_json::Value> = self
+            .authz_decisions()
+            .into_iter()
+            .map(|(policy, action, n)| serde_json::json!({"policy": policy, "action": action, "connections": n}))
+            .collect();
+        let stats = self.dp.stats().unwrap_or_default();
+        serde_json::json!({
+            "policies": self.model.policies.keys().collect::<Vec<_>>(),
+            "destinations": self.dp.authz_applied().dest.len(),
+            "namespaces": enforced,
+            "decisions": decisions,
+            "events_lost": stats[kmesh_common::stat::AUTHZ_EVENTS_LOST as usize],
+        })
     }
 
     /// Log lines for the denials (and dry-run differences) since the last call.

@@ -1,55 +1,473 @@
-//! Connection telemetry: kernel open/close events turned into Istio-style TCP metrics and
-//! access-log lines, with names taken from the model.
+//! Connection telemetry: kernel open/report/close events turned into Istio-labelled TCP
+//! metrics (Kmesh's service, workload and per-connection families, with the
+//! `prometheus-client` crate) and access-log lines, with names taken from the model.
+//!
+//! The kernel sends cumulative counters per socket (at establishment, every report interval
+//! while the connection is busy, and at close); this module keeps the last values it saw per
+//! socket cookie and adds the differences to the counters, so totals move while a long-lived
+//! connection is open and are exact when it closes.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
-use kmesh_common::{CONN_CLOSE, CONN_OPEN, ConnEvent, DIR_OUTBOUND};
+use kmesh_common::{
+    CONN_CLOSE, CONN_FAILED, CONN_OPEN, CONN_REPORT, ConnEvent, DIR_OUTBOUND, EV_NO_PEER_FIN,
+};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
 
 use crate::authz::Identity;
 use crate::compile::words_addr;
-use crate::model::Model;
+use crate::model::{Model, Service, Workload};
 
-/// Istio's standard labels (the TCP subset Kmesh reports).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Labels {
-    pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_service: String,
+/// What is collected and reported; switchable at runtime (`kmeshctl monitoring`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Monitoring {
+    /// One line per closed (or failed) connection.
+    pub access_log: bool,
+    pub access_log_format: LogFormat,
+    /// `kmesh_tcp_*` by source workload and destination service.
+    pub service_metrics: bool,
+    /// `kmesh_tcp_workload_*` by source and destination workload.
+    pub workload_metrics: bool,
+    /// `kmesh_tcp_connection_*`: one series per open connection (high cardinality).
+    pub connection_metrics: bool,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    pub opened: u64,
-    pub closed: u64,
-    /// Bytes from the destination to the source (Istio: "sent during response").
-    pub sent_bytes: u64,
-    /// Bytes from the source to the destination (Istio: "received during request").
-    pub received_bytes: u64,
-    pub retrans: u64,
-    pub packet_loss: u64,
-}
-
-#[derive(Debug, Default)]
-pub struct Telemetry {
-    pub series: BTreeMap<Labels, Counters>,
-    pub events: u64,
-}
-
-fn who(model: &Model, addr: [u32; 4]) -> (String, String, String) {
-    match model.workload_by_address(words_addr(addr)) {
-        Some(w) => (w.name.clone(), w.namespace.clone(), Identity::of(w).principal()),
-        None => ("unknown".into(), "unknown".into(), "unknown".into()),
+impl Default for Monitoring {
+    fn default() -> Self {
+        Self {
+            access_log: true,
+            access_log_format: LogFormat::Text,
+            service_metrics: true,
+            workload_metrics: true,
+            connection_metrics: false,
+        }
     }
 }
 
-/// A metric family: name, help text, and the counter it reads.
-type Family = (&'static str, &'static str, fn(&Counters) -> u64);
+impl Monitoring {
+    /// The kernel collects events only when something uses them.
+    pub fn kernel_on(&self) -> bool {
+        self.access_log || self.service_metrics || self.workload_metrics || self.connection_metrics
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Istio's labels for the source side.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+}
+
+/// Istio's labels for the destination workload.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct DestinationLabels {
+    pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+}
+
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct ServiceDestination {
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
+}
+
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct PodDestination {
+    pub destination_pod_address: String,
+    pub destination_pod_namespace: String,
+    pub destination_pod_name: String,
+}
+
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct Protocol {
+    pub request_protocol: String,
+    pub response_flags: String,
+    pub connection_security_policy: String,
+}
+
+/// Labels of `kmesh_tcp_*` (by destination service).
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub reporter: String,
+    #[prometheus(flatten)]
+    pub source: SourceLabels,
+    #[prometheus(flatten)]
+    pub service: ServiceDestination,
+    #[prometheus(flatten)]
+    pub destination: DestinationLabels,
+    #[prometheus(flatten)]
+    pub protocol: Protocol,
+}
+
+/// Labels of `kmesh_tcp_workload_*` (by destination pod).
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct WorkloadLabels {
+    pub reporter: String,
+    #[prometheus(flatten)]
+    pub source: SourceLabels,
+    #[prometheus(flatten)]
+    pub pod: PodDestination,
+    #[prometheus(flatten)]
+    pub destination: DestinationLabels,
+    #[prometheus(flatten)]
+    pub protocol: Protocol,
+}
+
+/// Labels of `kmesh_tcp_connection_*` (one open connection).
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub reporter: String,
+    /// When the connection was established (RFC 3339, UTC).
+    pub start_time: String,
+    pub source_address: String,
+    pub destination_address: String,
+    #[prometheus(flatten)]
+    pub source: SourceLabels,
+    #[prometheus(flatten)]
+    pub service: ServiceDestination,
+    #[prometheus(flatten)]
+    pub pod: PodDestination,
+    #[prometheus(flatten)]
+    pub destination: DestinationLabels,
+    #[prometheus(flatten)]
+    pub protocol: Protocol,
+}
+
+/// The counters of one label set, by direction as Istio names them.
+#[derive(Clone, Debug)]
+pub struct TcpFamilies<
+    L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+> {
+    pub opened: Family<L, Counter>,
+    pub closed: Family<L, Counter>,
+    pub failed: Family<L, Counter>,
+    /// Bytes from the destination to the source (Istio: "sent during response").
+    pub sent: Family<L, Counter>,
+    /// Bytes from the source to the destination (Istio: "received during request").
+    pub received: Family<L, Counter>,
+    pub retrans: Family<L, Counter>,
+    pub packet_loss: Family<L, Counter>,
+}
+
+impl<L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static> Default
+    for TcpFamilies<L>
+{
+    fn default() -> Self {
+        Self {
+            opened: Family::default(),
+            closed: Family::default(),
+            failed: Family::default(),
+            sent: Family::default(),
+            received: Family::default(),
+            retrans: Family::default(),
+            packet_loss: Family::default(),
+        }
+    }
+}
+
+impl<L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static>
+    TcpFamilies<L>
+{
+    fn add(&self, l: &L, d: &Progress) {
+        if d.from_dst > 0 {
+            self.sent.get_or_create(l).inc_by(d.from_dst);
+        }
+        if d.from_src > 0 {
+            self.received.get_or_create(l).inc_by(d.from_src);
+        }
+        // Created at 0 so that a series shows for every connection's labels.
+        self.retrans.get_or_create(l).inc_by(d.retrans);
+        self.packet_loss.get_or_create(l).inc_by(d.lost);
+    }
+
+    /// Registers under `prefix` (`kmesh_tcp` or `kmesh_tcp_workload`); the crate appends
+    /// `_total` to counters.
+    fn register(&self, r: &mut Registry, prefix: &str, what: &str) {
+        r.register(
+            format!("{prefix}_connections_opened"),
+            format!("TCP connections opened, by {what}"),
+            self.opened.clone(),
+        );
+        r.register(
+            format!("{prefix}_connections_closed"),
+            format!("TCP connections closed, by {what}"),
+            self.closed.clone(),
+        );
+        r.register(
+            format!("{prefix}_connections_failed"),
+            format!("TCP connections that never established (refused, reset or timed out), by {what}"),
+            self.failed.clone(),
+        );
+        r.register(
+            format!("{prefix}_sent_bytes"),
+            format!("Bytes sent during response (destination to source), by {what}"),
+            self.sent.clone(),
+        );
+        r.register(
+            format!("{prefix}_received_bytes"),
+            format!("Bytes received during request (source to destination), by {what}"),
+            self.received.clone(),
+        );
+        r.register(
+            format!("{prefix}_retrans"),
+            format!("Retransmitted TCP segments, by {what}"),
+            self.retrans.clone(),
+        );
+        r.register(
+            format!("{prefix}_packet_loss"),
+            format!("TCP segments the sender marked lost at report time, by {what}"),
+            self.packet_loss.clone(),
+        );
+    }
+}
+
+/// Per-connection counters (`kmesh_tcp_connection_*`), one series per open connection.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionFamilies {
+    pub sent: Family<ConnectionLabels, Counter>,
+    pub received: Family<ConnectionLabels, Counter>,
+    pub retrans: Family<ConnectionLabels, Counter>,
+    pub packet_lost: Family<ConnectionLabels, Counter>,
+}
+
+impl ConnectionFamilies {
+    fn add(&self, l: &ConnectionLabels, d: &Progress) {
+        self.sent.get_or_create(l).inc_by(d.from_dst);
+        self.received.get_or_create(l).inc_by(d.from_src);
+        self.retrans.get_or_create(l).inc_by(d.retrans);
+        self.packet_lost.get_or_create(l).inc_by(d.lost);
+    }
+
+    fn remove(&self, l: &ConnectionLabels) {
+        self.sent.remove(l);
+        self.received.remove(l);
+        self.retrans.remove(l);
+        self.packet_lost.remove(l);
+    }
+}
+
+/// Counters of one connection as last seen (source/destination view), or a difference.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub from_src: u64,
+    pub from_dst: u64,
+    pub retrans: u64,
+    pub lost: u64,
+}
+
+impl Progress {
+    fn since(&self, last: &Progress) -> Progress {
+        Progress {
+            from_src: self.from_src.saturating_sub(last.from_src),
+            from_dst: self.from_dst.saturating_sub(last.from_dst),
+            retrans: self.retrans.saturating_sub(last.retrans),
+            lost: self.lost.saturating_sub(last.lost),
+        }
+    }
+
+    /// Counters only grow (the kernel's lost count is momentary: keep the highest seen).
+    fn max(&self, o: &Progress) -> Progress {
+        Progress {
+            from_src: self.from_src.max(o.from_src),
+            from_dst: self.from_dst.max(o.from_dst),
+            retrans: self.retrans.max(o.retrans),
+            lost: self.lost.max(o.lost),
+        }
+    }
+}
+
+/// A connection between its open and its close.
+#[derive(Clone, Debug)]
+struct OpenConn {
+    service: ServiceLabels,
+    workload: WorkloadLabels,
+    connection: ConnectionLabels,
+    last: Progress,
+}
+
+/// One access-log record (a closed or failed connection).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AccessLog {
+    pub src: String,
+    pub src_workload: String,
+    pub src_namespace: String,
+    pub dst: String,
+    pub dst_workload: String,
+    pub dst_namespace: String,
+    pub service: String,
+    pub direction: &'static str,
+    /// `closed`, or `failed` for a client connection that never established.
+    pub state: &'static str,
+    /// Bytes this socket sent and received.
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    pub retrans: u32,
+    pub packet_loss: u32,
+    pub srtt_us: u32,
+    pub min_rtt_us: u32,
+    pub duration_ms: f64,
+}
+
+impl AccessLog {
+    pub fn render(&self, format: LogFormat) -> String {
+        match format {
+            LogFormat::Json => serde_json::to_string(self).unwrap_or_default(),
+            LogFormat::Text => format!(
+                "src={} src_workload={}/{} dst={} dst_workload={}/{} service={} direction={} state={} sent_bytes={} received_bytes={} retrans={} packet_loss={} srtt={}us min_rtt={}us duration={:.3}ms",
+                self.src,
+                self.src_namespace,
+                self.src_workload,
+                self.dst,
+                self.dst_namespace,
+                self.dst_workload,
+                self.service,
+                self.direction,
+                self.state,
+                self.sent_bytes,
+                self.received_bytes,
+                self.retrans,
+                self.packet_loss,
+                self.srtt_us,
+                self.min_rtt_us,
+                self.duration_ms
+            ),
+        }
+    }
+}
+
+/// The model's workloads by address and services by (VIP, port), rebuilt when the model
+/// changes (events arrive at connection rate; a scan of the model per event would not scale).
+#[derive(Debug, Default)]
+struct Index {
+    generation: u64,
+    workloads: HashMap<IpAddr, Arc<Workload>>,
+    services: HashMap<(IpAddr, u16), Arc<Service>>,
+}
+
+impl Index {
+    fn build(model: &Model, generation: u64) -> Self {
+        let mut workloads = HashMap::new();
+        for w in model.workloads.values() {
+            for a in &w.addresses {
+                workloads.entry(*a).or_insert_with(|| w.clone());
+            }
+        }
+        let mut services = HashMap::new();
+        for s in model.services.values() {
+            for a in &s.addresses {
+                for p in &s.ports {
+                    services.entry((*a, p.service_port)).or_insert_with(|| s.clone());
+                }
+            }
+        }
+        Self { generation, workloads, services }
+    }
+}
+
+/// Open connections tracked at most (the kernel's `CONN_META` holds 262,144); beyond this,
+/// connections without an event for 10 minutes are forgotten.
+const MAX_OPEN: usize = 524_288;
+
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    pub settings: Monitoring,
+    pub service: TcpFamilies<ServiceLabels>,
+    pub workload: TcpFamilies<WorkloadLabels>,
+    pub connection: ConnectionFamilies,
+    open: HashMap<u64, (OpenConn, std::time::Instant)>,
+    index: Index,
+    /// Events received from the kernel.
+    pub events: u64,
+}
+
+/// Unknown peers get Istio's "unknown".
+fn or_unknown(s: &str) -> String {
+    if s.is_empty() { "unknown".into() } else { s.to_string() }
+}
+
+fn source_labels(w: Option<&Workload>) -> SourceLabels {
+    let Some(w) = w else {
+        return SourceLabels {
+            source_workload: "unknown".into(),
+            source_canonical_service: "unknown".into(),
+            source_canonical_revision: "unknown".into(),
+            source_workload_namespace: "unknown".into(),
+            source_principal: "unknown".into(),
+            source_app: "unknown".into(),
+            source_version: "unknown".into(),
+            source_cluster: "unknown".into(),
+        };
+    };
+    let d = destination_labels(Some(w));
+    SourceLabels {
+        source_workload: d.destination_workload,
+        source_canonical_service: d.destination_canonical_service,
+        source_canonical_revision: d.destination_canonical_revision,
+        source_workload_namespace: d.destination_workload_namespace,
+        source_principal: d.destination_principal,
+        source_app: d.destination_app,
+        source_version: d.destination_version,
+        source_cluster: d.destination_cluster,
+    }
+}
+
+fn destination_labels(w: Option<&Workload>) -> DestinationLabels {
+    let Some(w) = w else {
+        let u = || "unknown".to_string();
+        return DestinationLabels {
+            destination_workload: u(),
+            destination_canonical_service: u(),
+            destination_canonical_revision: u(),
+            destination_workload_namespace: u(),
+            destination_principal: u(),
+            destination_app: u(),
+            destination_version: u(),
+            destination_cluster: u(),
+        };
+    };
+    let workload = if w.workload_name.is_empty() { or_unknown(&w.name) } else { w.workload_name.clone() };
+    let canonical = if w.canonical_name.is_empty() { workload.clone() } else { w.canonical_name.clone() };
+    let revision =
+        if w.canonical_revision.is_empty() { "latest".into() } else { w.canonical_revision.clone() };
+    DestinationLabels {
+        destination_workload: workload,
+        destination_canonical_service: canonical.clone(),
+        destination_canonical_revision: revision.clone(),
+        destination_workload_namespace: or_unknown(&w.namespace),
+        destination_principal: Identity::of(w).principal(),
+        destination_app: canonical,
+        destination_version: revision,
+        destination_cluster: or_unknown(&w.cluster_id),
+    }
+}
 
 // TCP states (include/net/tcp_states.h).
 const FIN_WAIT2: u32 = 5;
@@ -58,117 +476,360 @@ const CLOSE_WAIT: u32 = 8;
 const LAST_ACK: u32 = 9;
 const CLOSING: u32 = 11;
 
-/// Data bytes (sent, received) of a closed connection. The kernel's `bytes_acked` also counts
-/// the SYN (on the side that sent it, i.e. the client) and an acknowledged FIN, and
+/// Data bytes (sent, received) of a connection. The kernel's `bytes_acked` also counts the
+/// SYN (on the side that sent it, i.e. the client) and an acknowledged FIN, and
 /// `bytes_received` counts a received FIN; which FINs were exchanged follows from the state
-/// the socket was in when it closed.
+/// the socket closed from, or for a report, the state it is in.
 pub fn data_bytes(e: &ConnEvent) -> (u64, u64) {
     let syn = u64::from(e.direction == DIR_OUTBOUND);
-    let fin_acked = u64::from(matches!(e.state, FIN_WAIT2 | TIME_WAIT | LAST_ACK | CLOSING));
-    let fin_received = u64::from(matches!(e.state, FIN_WAIT2 | TIME_WAIT | CLOSE_WAIT | LAST_ACK | CLOSING));
+    let (fin_acked, fin_received) = if e.kind == CONN_CLOSE {
+        (
+            matches!(e.state, FIN_WAIT2 | TIME_WAIT | LAST_ACK | CLOSING),
+            matches!(e.state, FIN_WAIT2 | TIME_WAIT | CLOSE_WAIT | LAST_ACK | CLOSING)
+                && e.flags & EV_NO_PEER_FIN == 0,
+        )
+    } else {
+        // Reports come only from ESTABLISHED (no FIN either way) and CLOSE_WAIT (the peer's
+        // FIN received, ours not sent).
+        (false, e.state == CLOSE_WAIT)
+    };
+    let (fin_acked, fin_received) = (u64::from(fin_acked), u64::from(fin_received));
     (e.sent_bytes.saturating_sub(syn + fin_acked), e.received_bytes.saturating_sub(fin_received))
 }
 
+/// Wall-clock time of an event that happened `ago` before now, in RFC 3339 (UTC, seconds).
+fn rfc3339_ago(ago: std::time::Duration) -> String {
+    let t = std::time::SystemTime::now().checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH);
+    let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 impl Telemetry {
-    /// Records one event; returns the access-log line of a closed connection.
-    pub fn record(&mut self, e: &ConnEvent, model: &Model) -> Option<String> {
-        self.events += 1;
+    /// The service a connection was for: the VIP the client dialled, else the destination
+    /// workload's service whose target port was reached.
+    fn service_of(&self, e: &ConnEvent, dst: Option<&Workload>, dst_port: u16) -> Option<Arc<Service>> {
+        if e.has_orig != 0
+            && let Some(s) = self.index.services.get(&(words_addr(e.orig_dst), e.orig_port))
+        {
+            return Some(s.clone());
+        }
+        let w = dst?;
+        let services = self.index.services.values();
+        for s in services {
+            if let Some(maps) = w.services.get(&s.key()) {
+                let hit = s.ports.iter().any(|p| {
+                    let target = maps
+                        .iter()
+                        .find(|m| m.service_port == p.service_port && m.target_port != 0)
+                        .map(|m| m.target_port)
+                        .unwrap_or(if p.target_port != 0 { p.target_port } else { p.service_port });
+                    target == dst_port
+                });
+                if hit {
+                    return Some(s.clone());
+                }
+            }
+        }
+        None
+    }
+
+    fn labels(&self, e: &ConnEvent) -> OpenConn {
         let outbound = e.direction == DIR_OUTBOUND;
         let (src, src_port, dst, dst_port) = if outbound {
             (e.local, e.local_port, e.remote, e.remote_port)
         } else {
             (e.remote, e.remote_port, e.local, e.local_port)
         };
-        let (sw, sns, sp) = who(model, src);
-        let (dw, dns, dp) = who(model, dst);
-        let service = if e.has_orig != 0 {
-            let vip = words_addr(e.orig_dst);
-            model
-                .services
-                .values()
-                .find(|s| s.addresses.contains(&vip) && s.ports.iter().any(|p| p.service_port == e.orig_port))
-                .map(|s| s.hostname.clone())
-                .unwrap_or_else(|| "unknown".into())
-        } else {
-            "unknown".into()
+        let (src_ip, dst_ip) = (words_addr(src), words_addr(dst));
+        let sw = self.index.workloads.get(&src_ip).map(|w| w.as_ref());
+        let dw = self.index.workloads.get(&dst_ip).map(|w| w.as_ref());
+        let svc = self.service_of(e, dw, dst_port);
+        let reporter = if outbound { "source" } else { "destination" }.to_string();
+        let source = source_labels(sw);
+        let destination = destination_labels(dw);
+        let service = match &svc {
+            Some(s) => ServiceDestination {
+                destination_service: s.hostname.clone(),
+                destination_service_namespace: s.namespace.clone(),
+                destination_service_name: s.name.clone(),
+            },
+            None => ServiceDestination {
+                destination_service: "unknown".into(),
+                destination_service_namespace: "unknown".into(),
+                destination_service_name: "unknown".into(),
+            },
         };
-        let labels = Labels {
-            reporter: if outbound { "source" } else { "destination" },
-            source_workload: sw.clone(),
-            source_workload_namespace: sns.clone(),
-            source_principal: sp,
-            destination_workload: dw.clone(),
-            destination_workload_namespace: dns.clone(),
-            destination_principal: dp,
-            destination_service: service.clone(),
+        let pod = PodDestination {
+            destination_pod_address: dst_ip.to_string(),
+            destination_pod_namespace: dw.map(|w| w.namespace.clone()).unwrap_or_else(|| "unknown".into()),
+            destination_pod_name: dw.map(|w| or_unknown(&w.name)).unwrap_or_else(|| "unknown".into()),
         };
-        let (sent, received) = data_bytes(e);
-        // From the socket's point of view: what it received is what its peer sent.
-        let (from_src, from_dst) = if outbound { (sent, received) } else { (received, sent) };
-        let c = self.series.entry(labels).or_default();
+        let protocol = Protocol {
+            request_protocol: "tcp".into(),
+            response_flags: "-".into(),
+            connection_security_policy: "none".into(),
+        };
+        OpenConn {
+            connection: ConnectionLabels {
+                reporter: reporter.clone(),
+                start_time: rfc3339_ago(std::time::Duration::from_nanos(e.duration_ns)),
+                source_address: SocketAddr::new(src_ip, src_port).to_string(),
+                destination_address: SocketAddr::new(dst_ip, dst_port).to_string(),
+                source: source.clone(),
+                service: service.clone(),
+                pod: pod.clone(),
+                destination: destination.clone(),
+                protocol: protocol.clone(),
+            },
+            service: ServiceLabels {
+                reporter: reporter.clone(),
+                source: source.clone(),
+                service,
+                destination: destination.clone(),
+                protocol: protocol.clone(),
+            },
+            workload: WorkloadLabels { reporter, source, pod, destination, protocol },
+            last: Progress::default(),
+        }
+    }
+
+    /// Records one event (`generation` changes whenever `model` does); returns the
+    /// access-log line of a closed or failed connection when access logs are on.
+    pub fn record(&mut self, e: &ConnEvent, model: &Model, generation: u64) -> Option<String> {
+        self.events += 1;
+        if self.index.generation != generation
+            || (self.index.workloads.is_empty() && !model.workloads.is_empty())
+        {
+            self.index = Index::build(model, generation);
+        }
+        let s = self.settings.clone();
         match e.kind {
             CONN_OPEN => {
-                c.opened += 1;
+                let c = self.labels(e);
+                if s.service_metrics {
+                    self.service.opened.get_or_create(&c.service).inc();
+                }
+                if s.workload_metrics {
+                    self.workload.opened.get_or_create(&c.workload).inc();
+                }
+                if s.connection_metrics {
+                    self.connection.add(&c.connection, &Progress::default());
+                }
+                if self.open.len() >= MAX_OPEN {
+                    let horizon = std::time::Duration::from_secs(600);
+                    self.open.retain(|_, (_, seen)| seen.elapsed() < horizon);
+                }
+                self.open.insert(e.cookie, (c, std::time::Instant::now()));
                 None
             }
-            CONN_CLOSE => {
-                c.closed += 1;
-                c.sent_bytes += from_dst;
-                c.received_bytes += from_src;
-                c.retrans += e.retrans as u64;
-                c.packet_loss += e.lost as u64;
-                Some(format!(
-                    "src={} src_workload={sns}/{sw} dst={} dst_workload={dns}/{dw} service={service} direction={} state=closed sent_bytes={} received_bytes={} retrans={} packet_loss={} srtt={}us min_rtt={}us duration={:.3}ms",
-                    SocketAddr::new(words_addr(src), src_port),
-                    SocketAddr::new(words_addr(dst), dst_port),
-                    if outbound { "outbound" } else { "inbound" },
-                    sent,
-                    received,
-                    e.retrans,
-                    e.lost,
-                    e.srtt_us,
-                    e.min_rtt_us,
-                    e.duration_ns as f64 / 1e6
-                ))
+            CONN_REPORT | CONN_CLOSE => {
+                let closing = e.kind == CONN_CLOSE;
+                let (sent, received) = data_bytes(e);
+                let outbound = e.direction == DIR_OUTBOUND;
+                // From the socket's point of view: what it received is what its peer sent.
+                let (from_src, from_dst) = if outbound { (sent, received) } else { (received, sent) };
+                let now = Progress { from_src, from_dst, retrans: e.retrans as u64, lost: e.lost as u64 };
+                // An open missed (daemon restarted): count the connection from its start.
+                let (mut c, _) = match self.open.remove(&e.cookie) {
+                    Some(c) => c,
+                    None => (self.labels(e), std::time::Instant::now()),
+                };
+                let delta = now.since(&c.last);
+                if s.service_metrics {
+                    self.service.add(&c.service, &delta);
+                }
+                if s.workload_metrics {
+                    self.workload.add(&c.workload, &delta);
+                }
+                if closing {
+                    if s.service_metrics {
+                        self.service.closed.get_or_create(&c.service).inc();
+                    }
+                    if s.workload_metrics {
+                        self.workload.closed.get_or_create(&c.workload).inc();
+                    }
+                    self.connection.remove(&c.connection);
+                    return s.access_log.then(|| self.access_log(e, &c, "closed", sent, received));
+                }
+                if s.connection_metrics {
+                    self.connection.add(&c.connection, &delta);
+                }
+                c.last = now.max(&c.last);
+                self.open.insert(e.cookie, (c, std::time::Instant::now()));
+                None
+            }
+            CONN_FAILED => {
+                let c = match self.open.remove(&e.cookie) {
+                    Some((c, _)) => c,
+                    None => self.labels(e),
+                };
+                if s.service_metrics {
+                    self.service.failed.get_or_create(&c.service).inc();
+                }
+                if s.workload_metrics {
+                    self.workload.failed.get_or_create(&c.workload).inc();
+                }
+                self.connection.remove(&c.connection);
+                s.access_log.then(|| self.access_log(e, &c, "failed", 0, 0))
             }
             _ => None,
         }
     }
 
-    /// The counters in Prometheus text format.
-    pub fn render(&self) -> String {
-        let families: [Family; 6] = [
-            ("kmesh_tcp_connections_opened_total", "TCP connections opened", |c| c.opened),
-            ("kmesh_tcp_connections_closed_total", "TCP connections closed", |c| c.closed),
-            ("kmesh_tcp_sent_bytes_total", "Bytes sent during response (destination to source)", |c| {
-                c.sent_bytes
-            }),
-            (
-                "kmesh_tcp_received_bytes_total",
-                "Bytes received during request (source to destination)",
-                |c| c.received_bytes,
-            ),
-            ("kmesh_tcp_retrans_total", "Retransmitted segments", |c| c.retrans),
-            ("kmesh_tcp_packet_loss_total", "Segments considered lost", |c| c.packet_loss),
-        ];
-        let mut t = String::new();
-        for (name, help, get) in families {
-            t += &format!("# HELP {name} {help}.\n# TYPE {name} counter\n");
-            for (l, c) in &self.series {
-                t += &format!(
-                    "{name}{{reporter=\"{}\",source_workload=\"{}\",source_workload_namespace=\"{}\",source_principal=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_principal=\"{}\",destination_service=\"{}\",request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"none\"}} {}\n",
-                    l.reporter,
-                    l.source_workload,
-                    l.source_workload_namespace,
-                    l.source_principal,
-                    l.destination_workload,
-                    l.destination_workload_namespace,
-                    l.destination_principal,
-                    l.destination_service,
-                    get(c)
-                );
-            }
+    fn access_log(
+        &self,
+        e: &ConnEvent,
+        c: &OpenConn,
+        state: &'static str,
+        sent: u64,
+        received: u64,
+    ) -> String {
+        let l = &c.service;
+        AccessLog {
+            src: c.connection.source_address.clone(),
+            src_workload: l.source.source_workload.clone(),
+            src_namespace: l.source.source_workload_namespace.clone(),
+            dst: c.connection.destination_address.clone(),
+            dst_workload: l.destination.destination_workload.clone(),
+            dst_namespace: l.destination.destination_workload_namespace.clone(),
+            service: l.service.destination_service.clone(),
+            direction: if e.direction == DIR_OUTBOUND { "outbound" } else { "inbound" },
+            state,
+            sent_bytes: sent,
+            received_bytes: received,
+            retrans: e.retrans,
+            packet_loss: e.lost,
+            srtt_us: e.srtt_us,
+            min_rtt_us: e.min_rtt_us,
+            duration_ms: (e.duration_ns as f64 / 1e3).round() / 1e3,
         }
+        .render(self.settings.access_log_format)
+    }
+
+    /// Connections currently tracked between open and close.
+    pub fn open_connections(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Adds the TCP families to a registry.
+    pub fn register(&self, r: &mut Registry) {
+        if self.settings.service_metrics {
+            self.service.register(r, "kmesh_tcp", "source workload and destination service");
+        }
+        if self.settings.workload_metrics {
+            self.workload.register(r, "kmesh_tcp_workload", "source and destination workload");
+        }
+        if !self.settings.connection_metrics {
+            return;
+        }
+        let c = &self.connection;
+        r.register(
+            "kmesh_tcp_connection_sent_bytes",
+            "Bytes sent during response on an open connection",
+            c.sent.clone(),
+        );
+        r.register(
+            "kmesh_tcp_connection_received_bytes",
+            "Bytes received during request on an open connection",
+            c.received.clone(),
+        );
+        r.register(
+            "kmesh_tcp_connection_retrans",
+            "Retransmitted segments on an open connection",
+            c.retrans.clone(),
+        );
+        r.register(
+            "kmesh_tcp_connection_packet_lost",
+            "Segments marked lost on an open connection (highest seen)",
+            c.packet_lost.clone(),
+        );
+    }
+
+    /// The TCP families in Prometheus text format (what `/status/metric` serves of them).
+    pub fn render(&self) -> String {
+        let mut r = Registry::default();
+        self.register(&mut r);
+        let mut t = String::new();
+        let _ = prometheus_client::encoding::text::encode_registry(&mut t, &r);
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_of_a_known_instant() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        // 2000-03-01T00:00:00Z = 951868800.
+        let ago = now - std::time::Duration::from_secs(951_868_800);
+        assert_eq!(rfc3339_ago(ago), "2000-03-01T00:00:00Z");
+    }
+
+    fn ev(kind: u32, sent: u64, received: u64, state: u32) -> ConnEvent {
+        ConnEvent {
+            kind,
+            direction: DIR_OUTBOUND,
+            sent_bytes: sent,
+            received_bytes: received,
+            state,
+            cookie: 7,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reports_add_differences_and_the_close_completes_them() {
+        let model = Model::default();
+        let mut t = Telemetry::default();
+        t.record(&ev(CONN_OPEN, 1, 0, 1), &model, 1);
+        t.record(&ev(CONN_REPORT, 101, 50, 1), &model, 1);
+        t.record(&ev(CONN_REPORT, 301, 60, 1), &model, 1);
+        // Closed from TIME_WAIT: SYN and our FIN acked, their FIN received.
+        let line = t.record(&ev(CONN_CLOSE, 302, 61, TIME_WAIT), &model, 1).unwrap();
+        assert!(line.contains("sent_bytes=300 received_bytes=60"), "{line}");
+        let text = t.render();
+        assert!(text.contains("kmesh_tcp_received_bytes_total{reporter=\"source\""), "{text}");
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("{name}{{")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+        };
+        // Client to server (received during request) 300, server to client 60.
+        assert_eq!(value("kmesh_tcp_received_bytes_total"), 300);
+        assert_eq!(value("kmesh_tcp_sent_bytes_total"), 60);
+        assert_eq!(value("kmesh_tcp_workload_received_bytes_total"), 300);
+        assert_eq!(value("kmesh_tcp_connections_closed_total"), 1);
+        assert_eq!(t.open_connections(), 0);
+    }
+
+    #[test]
+    fn json_access_log_and_switches() {
+        let model = Model::default();
+        let mut t = Telemetry::default();
+        t.settings.access_log_format = LogFormat::Json;
+        t.record(&ev(CONN_OPEN, 1, 0, 1), &model, 1);
+        let line = t.record(&ev(CONN_CLOSE, 11, 5, 7), &model, 1).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!((v["sent_bytes"].as_u64(), v["state"].as_str()), (Some(10), Some("closed")), "{v}");
+        t.settings.access_log = false;
+        t.settings.service_metrics = false;
+        assert!(t.record(&ev(CONN_FAILED, 0, 0, 2), &model, 1).is_none());
+        assert!(!t.render().contains("kmesh_tcp_connections_failed_total{"), "service family off");
+        assert!(t.render().contains("kmesh_tcp_workload_connections_failed_total{"), "workload family on");
     }
 }

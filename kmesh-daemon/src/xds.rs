@@ -355,6 +355,7 @@ pub async fn probe(o: &XdsOptions) -> Result<DeltaDiscoveryResponse, XdsError> {
 /// One stream: connect, subscribe, handle responses until the stream ends.
 async fn run_stream(o: &XdsOptions, shared: &Arc<Shared>, state: &mut XdsState) -> Result<(), XdsError> {
     let (tx, mut stream) = open(o, state).await?;
+    shared.xds.connected.store(true, Ordering::Relaxed);
     let mut synced = std::collections::BTreeSet::new();
     loop {
         let resp = match stream.message().await {
@@ -382,6 +383,7 @@ async fn run_stream(o: &XdsOptions, shared: &Arc<Shared>, state: &mut XdsState) 
         .expect("apply task panicked");
         *state = handled.state;
         let nack = handled.reply.error_detail.is_some();
+        if nack { &shared.xds.nacks } else { &shared.xds.acks }.fetch_add(1, Ordering::Relaxed);
         if nack {
             tracing::warn!(type_url = %handled.reply.type_url, rejected = ?handled.rejected, "NACK");
             *shared.config_error.lock().unwrap() = Some(handled.rejected.join("; "));
@@ -410,6 +412,8 @@ pub async fn run(o: XdsOptions, shared: Arc<Shared>, mut shutdown: tokio::sync::
             r = run_stream(&o, &shared, &mut state) => r,
             _ = shutdown.changed() => return,
         };
+        shared.xds.connected.store(false, Ordering::Relaxed);
+        shared.xds.disconnects.fetch_add(1, Ordering::Relaxed);
         match r {
             Ok(_) => {}
             Err(e) => {

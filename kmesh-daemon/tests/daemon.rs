@@ -259,7 +259,7 @@ fn kmeshctl_round_trips_each_command() {
     assert!(m.contains("kmesh_ready 1") && m.contains("kmesh_map_entries{map=\"FRONTENDS\"} 1"), "{m}");
 
     let (ok, out, _) = ctl(&["version"]);
-    assert!(ok && out.contains("kmesh-daemon 0.1.0 (map layout v1)"), "{out}");
+    assert!(ok && out.contains("kmesh-daemon 0.1.0 (map layout v2)"), "{out}");
 
     let (ok, out, _) = ctl(&["dump", "maps"]);
     assert!(ok, "{out}");
@@ -283,6 +283,35 @@ fn kmeshctl_round_trips_each_command() {
     assert_eq!(ctl(&["log"]).1.trim(), "debug,kmesh::authz=warn");
     let (ok, _, err) = ctl(&["log", "info,[[bad"]);
     assert!(!ok && err.contains("invalid log filter"), "{err}");
+
+    // Monitoring: show, switch families, and turn the kernel side off and on.
+    let (ok, out, _) = ctl(&["monitoring"]);
+    assert!(ok && out.contains("access log\ton (text)") && out.contains("connection metrics\toff"), "{out}");
+    let (ok, out, _) = ctl(&["monitoring", "--access-log-format", "json", "--connection-metrics", "on"]);
+    assert!(ok && out.contains("access log\ton (json)") && out.contains("connection metrics\ton"), "{out}");
+    let events = |d: &Daemon| d.metric("kmesh_telemetry_events_total");
+    assert_eq!(connect(&bed, 5).values().sum::<u32>(), 5);
+    wait_for("telemetry events", || events(&d) >= 10.0);
+    let (ok, out, _) = ctl(&["monitoring", "--all", "off", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(ok && v["kernel_telemetry"] == false && v["settings"]["access_log"] == false, "{v}");
+    let before = events(&d);
+    assert_eq!(connect(&bed, 5).values().sum::<u32>(), 5);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(events(&d), before, "no events while telemetry is off");
+    let (ok, out, _) = ctl(&["monitoring", "--all", "on"]);
+    assert!(ok && out.contains("kernel telemetry\ton"), "{out}");
+    assert_eq!(connect(&bed, 5).values().sum::<u32>(), 5);
+    wait_for("events again", || events(&d) >= before + 10.0);
+    let (ok, _, err) = ctl(&["monitoring", "--report-interval-ms", "5"]);
+    assert!(!ok && err.contains("at least 100"), "{err}");
+
+    // Authorization status: the enrolled namespace, enforced.
+    let (ok, out, _) = ctl(&["authz"]);
+    assert!(ok && out.contains("client\tyes") && out.contains("policies in force\t0"), "{out}");
+    let (ok, out, _) = ctl(&["authz", "status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(ok && v["namespaces"][0]["enforced"] == true, "{v}");
 
     // Errors a person can act on.
     let out = Command::new(env!("CARGO_BIN_EXE_kmeshctl"))

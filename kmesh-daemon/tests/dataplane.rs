@@ -364,6 +364,15 @@ fn a_full_map_is_refused_whole_and_the_previous_state_stays() {
     assert!(env.connect("client", &format!("{VIP}:80"), 10).iter().all(|a| a.ok));
 }
 
+/// The value of the series of `name` whose labels include every `label="value"` pair.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 #[test]
 fn connection_telemetry_counts_exact_bytes_with_istio_labels() {
     if !root_or_skip("connection_telemetry_counts_exact_bytes_with_istio_labels") {
@@ -371,7 +380,9 @@ fn connection_telemetry_counts_exact_bytes_with_istio_labels() {
     }
     let mut env = Env::new(&three_backends_two_zones());
     start_servers(&env, &[8080], &[]);
-    let cfg = echo_config(&env, "{}", &[("s2", "absent"), ("s3", "absent")]);
+    let labels =
+        ", workload_name: s1-deploy, canonical_name: echo-app, canonical_revision: v2, cluster_id: c1";
+    let cfg = echo_config(&env, "{}", &[("s1", labels), ("s2", "absent"), ("s3", "absent")]);
     env.apply(&cfg);
     env.enroll("client", Some("client"));
     env.enroll("s1", Some("s1"));
@@ -386,32 +397,159 @@ fn connection_telemetry_counts_exact_bytes_with_istio_labels() {
         .finish()
         .unwrap();
     assert!(a.iter().all(|a| a.ok), "{a:?}");
+    // 20 that only read the name line and close at once (the client's socket, orphaned in
+    // FIN_WAIT2, closes before or after the server's FIN: both must count 3 bytes).
+    assert!(env.connect("client", &format!("{VIP}:80"), 20).iter().all(|a| a.ok));
+    // And one connection to a port nobody listens on: refused, so it never establishes.
+    let s1 = env.pod("s1").ipv4;
+    assert!(env.connect("client", &format!("{s1}:9"), 1).iter().all(|a| !a.ok));
     std::thread::sleep(std::time::Duration::from_millis(300));
     let lines = env.mesh().drain_telemetry();
     eprintln!("{}", lines.join("\n"));
-    let series = env.mesh().telemetry.series.clone();
-    let find = |reporter: &str| {
-        series
-            .iter()
-            .find(|(l, _)| {
-                l.reporter == reporter && l.source_workload == "client" && l.destination_workload == "s1"
-            })
-            .map(|(l, c)| (l.clone(), *c))
-            .unwrap_or_else(|| panic!("no {reporter} series in {series:#?}"))
+    let text = env.mesh().telemetry.render();
+    let src = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("destination_workload", "s1-deploy"),
+        ("destination_service", "echo.default.svc.cluster.local"),
+    ];
+    let get = |name: &str, l: &[(&str, &str)]| {
+        sample(&text, name, l).unwrap_or_else(|| panic!("{name} {l:?} in\n{text}"))
     };
-    let (src_labels, src) = find("source");
-    assert_eq!((src.opened, src.closed), (3, 3), "{src:?}");
-    assert_eq!(src.received_bytes, 3 * 1000, "client to server");
-    assert_eq!(src.sent_bytes, 3 * 1003, "server to client");
-    assert_eq!(src_labels.destination_service, "echo.default.svc.cluster.local");
-    assert_eq!(src_labels.source_principal, "spiffe://cluster.local/ns/default/sa/client");
-    let (_, dst) = find("destination");
-    assert_eq!((dst.opened, dst.closed, dst.received_bytes, dst.sent_bytes), (3, 3, 3000, 3009), "{dst:?}");
-    // One access-log line per closed connection and side.
-    assert_eq!(lines.len(), 6, "{lines:?}");
+    assert_eq!(get("kmesh_tcp_connections_opened_total", &src), 23);
+    assert_eq!(get("kmesh_tcp_connections_closed_total", &src), 23);
+    assert_eq!(get("kmesh_tcp_received_bytes_total", &src), 3 * 1000, "client to server");
+    assert_eq!(get("kmesh_tcp_sent_bytes_total", &src), 3 * 1003 + 20 * 3, "server to client");
+    // Istio's labels, filled from the model.
+    let full = [
+        ("source_principal", "spiffe://cluster.local/ns/default/sa/client"),
+        ("destination_principal", "spiffe://cluster.local/ns/default/sa/s1"),
+        ("destination_app", "echo-app"),
+        ("destination_version", "v2"),
+        ("destination_canonical_service", "echo-app"),
+        ("destination_cluster", "c1"),
+        ("destination_service_name", "echo"),
+        ("destination_service_namespace", "default"),
+        ("request_protocol", "tcp"),
+        ("connection_security_policy", "none"),
+    ];
+    assert_eq!(get("kmesh_tcp_connections_opened_total", &[&src[..], &full[..]].concat()), 23);
+    // The destination side reports the same, and knows the service from the target port.
+    let dst = [
+        ("reporter", "destination"),
+        ("source_workload", "client"),
+        ("destination_service", "echo.default.svc.cluster.local"),
+    ];
+    assert_eq!(get("kmesh_tcp_received_bytes_total", &dst), 3000);
+    assert_eq!(get("kmesh_tcp_sent_bytes_total", &dst), 3009 + 60);
+    // The workload family: by destination pod.
+    let pod = [
+        ("reporter", "source"),
+        ("destination_pod_name", "s1"),
+        ("destination_pod_address", &s1.to_string()),
+    ];
+    assert_eq!(get("kmesh_tcp_workload_connections_opened_total", &pod), 23);
+    assert_eq!(get("kmesh_tcp_workload_received_bytes_total", &pod), 3000);
+    // The refused connection: failed, for the workload (no service: dialled by pod address).
+    assert_eq!(get("kmesh_tcp_workload_connections_failed_total", &pod), 1);
+    assert_eq!(get("kmesh_tcp_retrans_total", &src), 0);
+    // One access-log line per closed connection and side, plus the failed one.
+    assert_eq!(lines.len(), 2 * 23 + 1, "{lines:?}");
     assert!(
         lines
             .iter()
             .any(|l| l.contains("direction=outbound") && l.contains("sent_bytes=1000 received_bytes=1003"))
     );
+    assert!(
+        lines.iter().any(|l| l.contains(&format!("dst={s1}:9")) && l.contains("state=failed")),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn long_lived_connections_report_before_they_close() {
+    if !root_or_skip("long_lived_connections_report_before_they_close") {
+        return;
+    }
+    let mut env = Env::new(&three_backends_two_zones());
+    start_servers(&env, &[8080], &[]);
+    let cfg = echo_config(&env, "{}", &[("s2", "absent"), ("s3", "absent")]);
+    env.apply(&cfg);
+    env.enroll("client", Some("client"));
+    let mut m = env.mesh().telemetry.settings.clone();
+    m.connection_metrics = true;
+    env.mesh().set_monitoring(m, Some(std::time::Duration::from_millis(300))).unwrap();
+    // One connection exchanging a line every 50 ms for 3 s.
+    let mut hold = env.pod("client").command(kmesh_testbed::agent_path().unwrap());
+    hold.args(["hold", "--target", &format!("{VIP}:80"), "--secs", "3", "--interval-ms", "50"]);
+    let child = hold.stdout(std::process::Stdio::piped()).stdin(std::process::Stdio::null()).spawn().unwrap();
+    let src = [("reporter", "source"), ("destination_workload", "s1")];
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let _ = env.mesh().drain_telemetry();
+        let text = env.mesh().telemetry.render();
+        seen.push((
+            sample(&text, "kmesh_tcp_received_bytes_total", &src).unwrap_or(0),
+            sample(&text, "kmesh_tcp_connection_received_bytes_total", &src),
+            sample(&text, "kmesh_tcp_connections_closed_total", &src).unwrap_or(0),
+        ));
+    }
+    eprintln!("while open (service bytes, connection series, closed): {seen:?}");
+    assert!(seen.iter().all(|(_, _, closed)| *closed == 0), "still open: {seen:?}");
+    assert!(seen.windows(2).filter(|w| w[1].0 > w[0].0).count() >= 3, "counters move while open: {seen:?}");
+    assert!(
+        seen.iter().all(|(b, c, _)| c == &Some(*b)),
+        "one connection series with the same bytes: {seen:?}"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"ok\":true"), "{out:?}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let lines = env.mesh().drain_telemetry();
+    let text = env.mesh().telemetry.render();
+    assert_eq!(sample(&text, "kmesh_tcp_connections_closed_total", &src), Some(1));
+    assert_eq!(
+        sample(&text, "kmesh_tcp_connection_received_bytes_total", &src),
+        None,
+        "series gone at close"
+    );
+    // The total equals what the access log says the client sent.
+    let line = lines.iter().find(|l| l.contains("direction=outbound")).expect("access log line");
+    let sent: u64 = line.split("sent_bytes=").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert_eq!(sample(&text, "kmesh_tcp_received_bytes_total", &src), Some(sent), "{line}");
+}
+
+#[test]
+fn a_full_ring_buffer_counts_every_lost_event() {
+    if !root_or_skip("a_full_ring_buffer_counts_every_lost_event") {
+        return;
+    }
+    let mut env = Env::new(&three_backends_two_zones());
+    start_servers(&env, &[8080], &[]);
+    let cfg = echo_config(&env, "{}", &[("s2", "absent"), ("s3", "absent")]);
+    env.apply(&cfg);
+    env.enroll("client", Some("client"));
+    env.enroll("s1", Some("s1"));
+    let _ = env.mesh().drain_telemetry();
+    let lost_before = env.mesh().dataplane().stats().unwrap()[kmesh_common::stat::TELEMETRY_LOST as usize];
+    let events_before = env.mesh().telemetry.events;
+    // Nobody drains while 3,000 connections make 4 events each (open and close on both
+    // sides): 12,000 events of 128 bytes do not fit in the 1 MiB ring.
+    let n = 3000;
+    let opts = ClientOptions { count: n, ..Default::default() };
+    let a = env
+        .pod("client")
+        .connect_background(format!("{VIP}:80").parse().unwrap(), &opts)
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert_eq!(a.iter().filter(|a| a.ok).count(), n as usize);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = env.mesh().drain_telemetry();
+    let received = env.mesh().telemetry.events - events_before;
+    let lost =
+        env.mesh().dataplane().stats().unwrap()[kmesh_common::stat::TELEMETRY_LOST as usize] - lost_before;
+    eprintln!("{received} events received, {lost} lost");
+    assert!(lost > 0, "the ring overflowed");
+    assert_eq!(received + lost, 4 * u64::from(n), "every event is either received or counted lost");
 }

@@ -11,7 +11,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
     },
@@ -62,10 +62,21 @@ static AUTHZ_EVENTS: RingBuf<(), { 256 * 1024 }> = RingBuf::new();
 static CONN_META: LruHashMap<u64, ConnMeta, 262144> = LruHashMap::new();
 #[btf_map]
 static TELEMETRY: RingBuf<(), { 1024 * 1024 }> = RingBuf::new();
+/// Written by the daemon: on/off and the report interval of open connections.
+#[btf_map]
+static TELEMETRY_CONF: Array<u64, { TCONF_COUNT as usize }> = Array::new();
+
+#[inline(always)]
+fn telemetry_on() -> bool {
+    TELEMETRY_CONF.get(TCONF_FLAGS).is_some_and(|f| *f & TFLAG_ON != 0)
+}
 
 /// Remembers the service address a client dialled, for the telemetry of its connection.
 #[inline(always)]
 fn remember_orig(ctx: &SockAddrContext, addr: [u32; 4], port: u16) {
+    if !telemetry_on() {
+        return;
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let meta = ConnMeta { orig_dst: addr, orig_port: u16::from_be(port), has_orig: 1, ..Default::default() };
     let _ = CONN_META.insert(cookie, meta, 0);
@@ -313,19 +324,28 @@ pub fn kmesh_authz(ctx: SkLookupContext) -> u32 {
             _pad: 0,
             dry_policy_id: v.dry_policy_id,
         };
-        let _ = AUTHZ_EVENTS.output_untyped::<AuthzEvent>(&ev, 0);
+        if AUTHZ_EVENTS.output_untyped::<AuthzEvent>(&ev, 0).is_err() {
+            count(stat::AUTHZ_EVENTS_LOST);
+        }
     }
     if v.action == VERDICT_DENY { SK_DROP } else { SK_PASS }
 }
 
+const SOCK_OPS_TCP_CONNECT: u32 = 3;
 const SOCK_OPS_ACTIVE_ESTABLISHED: u32 = 4;
 const SOCK_OPS_PASSIVE_ESTABLISHED: u32 = 5;
 const SOCK_OPS_STATE: u32 = 10;
+const SOCK_OPS_RTT: u32 = 12;
 const SOCK_OPS_STATE_CB_FLAG: u32 = 4;
+const SOCK_OPS_RTT_CB_FLAG: u32 = 8;
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_SYN_SENT: u32 = 2;
+const TCP_CLOSE_WAIT: u32 = 8;
+const TCP_FIN_WAIT2: u32 = 5;
 const TCP_CLOSE: u32 = 7;
 
 #[inline(always)]
-fn conn_event(ctx: &SockOpsContext, kind: u32, meta: &ConnMeta) -> ConnEvent {
+fn conn_event(ctx: &SockOpsContext, kind: u32, meta: &ConnMeta, cookie: u64, now: u64) -> ConnEvent {
     use core::ptr::read_volatile as rv;
     let o = ctx.ops;
     // Every field is read unconditionally at a constant offset (see kmesh_authz).
@@ -337,7 +357,6 @@ fn conn_event(ctx: &SockOpsContext, kind: u32, meta: &ConnMeta) -> ConnEvent {
         [rv(&(*o).remote_ip6[0]), rv(&(*o).remote_ip6[1]), rv(&(*o).remote_ip6[2]), rv(&(*o).remote_ip6[3])]
     };
     let (local, remote) = if family == 2 { (v4_mapped(l4), v4_mapped(r4)) } else { (l6, r6) };
-    let now = unsafe { bpf_ktime_get_ns() };
     unsafe {
         ConnEvent {
             kind,
@@ -357,37 +376,94 @@ fn conn_event(ctx: &SockOpsContext, kind: u32, meta: &ConnMeta) -> ConnEvent {
             srtt_us: rv(&(*o).srtt_us) >> 3,
             min_rtt_us: rv(&(*o).rtt_min),
             state: rv(&(*o).state),
-            _pad: 0,
+            flags: 0,
+            cookie,
         }
     }
 }
 
+#[inline(always)]
+fn emit(ev: &ConnEvent) {
+    if TELEMETRY.output_untyped::<ConnEvent>(ev, 0).is_err() {
+        count(stat::TELEMETRY_LOST);
+    }
+}
+
+/// Connection telemetry of enrolled pods: a client socket is tracked from connect(), a server
+/// socket from the accept; each reports when established, every `TCONF_INTERVAL_NS` while
+/// acknowledgements flow, and when it closes (or fails to establish).
 #[sock_ops]
 pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
+    if !telemetry_on() {
+        return 0;
+    }
     let op = ctx.op();
-    if op == SOCK_OPS_ACTIVE_ESTABLISHED || op == SOCK_OPS_PASSIVE_ESTABLISHED {
+    if op == SOCK_OPS_TCP_CONNECT || op == SOCK_OPS_PASSIVE_ESTABLISHED {
         let ns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
         if unsafe { NETNS.get(ns) }.is_none() {
             return 0;
         }
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        let now = unsafe { bpf_ktime_get_ns() };
+        // connect() may already have stored the service address the client dialled.
         let mut meta = unsafe { CONN_META.get(cookie) }.copied().unwrap_or_default();
-        meta.start_ns = unsafe { bpf_ktime_get_ns() };
-        meta.direction = if op == SOCK_OPS_ACTIVE_ESTABLISHED { DIR_OUTBOUND } else { DIR_INBOUND };
+        meta.start_ns = now;
+        meta.last_report_ns = now;
+        meta.direction = if op == SOCK_OPS_TCP_CONNECT { DIR_OUTBOUND } else { DIR_INBOUND };
         let _ = CONN_META.insert(cookie, meta, 0);
-        let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG) as i32);
-        let ev = conn_event(&ctx, CONN_OPEN, &meta);
-        let _ = TELEMETRY.output_untyped::<ConnEvent>(&ev, 0);
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG | SOCK_OPS_RTT_CB_FLAG) as i32);
+        if op == SOCK_OPS_PASSIVE_ESTABLISHED {
+            emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, now));
+        }
+    } else if op == SOCK_OPS_ACTIVE_ESTABLISHED {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        let Some(m) = CONN_META.get_ptr_mut(cookie) else { return 0 };
+        let now = unsafe { bpf_ktime_get_ns() };
+        unsafe { (*m).last_report_ns = now };
+        let meta = unsafe { *m };
+        if meta.direction == DIR_OUTBOUND {
+            emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, now));
+        }
+    } else if op == SOCK_OPS_RTT {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        let Some(m) = CONN_META.get_ptr_mut(cookie) else { return 0 };
+        let now = unsafe { bpf_ktime_get_ns() };
+        let interval = TELEMETRY_CONF.get(TCONF_INTERVAL_NS).copied().unwrap_or(5_000_000_000);
+        let meta = unsafe { *m };
+        if meta.direction == 0 || now.saturating_sub(meta.last_report_ns) < interval {
+            return 0;
+        }
+        // Only while no FIN of ours can be in flight: in the closing states the kernel may
+        // have counted its acknowledgement before the state changes, and user space could
+        // not tell data bytes from it. The close event follows soon and is exact.
+        let state = unsafe { core::ptr::read_volatile(&(*ctx.ops).state) };
+        if state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT {
+            return 0;
+        }
+        unsafe { (*m).last_report_ns = now };
+        emit(&conn_event(&ctx, CONN_REPORT, &meta, cookie, now));
+    } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_FIN_WAIT2 {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        if let Some(m) = CONN_META.get_ptr_mut(cookie) {
+            unsafe { (*m).rcv_nxt_fin_wait2 = core::ptr::read_volatile(&(*ctx.ops).rcv_nxt) };
+        }
     } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         let Some(meta) = (unsafe { CONN_META.get(cookie) }).copied() else { return 0 };
         if meta.direction == 0 {
             return 0;
         }
-        let mut ev = conn_event(&ctx, CONN_CLOSE, &meta);
+        let from = ctx.arg(0);
+        let rcv_nxt = unsafe { core::ptr::read_volatile(&(*ctx.ops).rcv_nxt) };
+        let now = unsafe { bpf_ktime_get_ns() };
+        let kind = if from == TCP_SYN_SENT { CONN_FAILED } else { CONN_CLOSE };
+        let mut ev = conn_event(&ctx, kind, &meta, cookie, now);
         // The state the socket left: user space needs it to tell data bytes from SYN/FIN.
-        ev.state = ctx.arg(0);
-        let _ = TELEMETRY.output_untyped::<ConnEvent>(&ev, 0);
+        ev.state = from;
+        if from == TCP_FIN_WAIT2 && rcv_nxt == meta.rcv_nxt_fin_wait2 {
+            ev.flags |= EV_NO_PEER_FIN;
+        }
+        emit(&ev);
         let _ = CONN_META.remove(cookie);
     }
     0

@@ -158,6 +158,12 @@ pub struct WorkloadSpec {
     #[serde(default)]
     pub namespace: String,
     #[serde(default)]
+    pub workload_name: String,
+    #[serde(default)]
+    pub canonical_name: String,
+    #[serde(default)]
+    pub canonical_revision: String,
+    #[serde(default)]
     pub addresses: Vec<String>,
     #[serde(default)]
     pub node: String,
@@ -456,6 +462,9 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                 uid: w.uid,
                 name: w.name,
                 namespace: w.namespace,
+                workload_name: w.workload_name,
+                canonical_name: w.canonical_name,
+                canonical_revision: w.canonical_revision,
                 addresses,
                 node: w.node,
                 network: w.network,

@@ -45,6 +45,12 @@ pub struct Workload {
     pub uid: String,
     pub name: String,
     pub namespace: String,
+    /// The owning workload (deployment) name; telemetry's `*_workload` label (falls back to
+    /// `name`).
+    pub workload_name: String,
+    /// `service.istio.io/canonical-name` / `-revision` (telemetry's app and version labels).
+    pub canonical_name: String,
+    pub canonical_revision: String,
     pub addresses: Vec<IpAddr>,
     pub node: String,
     pub network: String,

@@ -24,6 +24,7 @@ fn err(field: impl Into<String>, problem: impl Into<String>) -> ResourceError {
 
 /// One `istio.workload.Address` resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // one per resource while decoding; boxing buys nothing
 pub enum AddressResource {
     Workload(Workload),
     Service(Service),
@@ -110,6 +111,9 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
         uid: w.uid,
         name: w.name,
         namespace: w.namespace,
+        workload_name: w.workload_name,
+        canonical_name: w.canonical_name,
+        canonical_revision: w.canonical_revision,
         addresses,
         node: w.node,
         network: w.network,
@@ -280,6 +284,9 @@ pub fn workload_to_proto(w: &Workload) -> pw::Workload {
         uid: w.uid.clone(),
         name: w.name.clone(),
         namespace: w.namespace.clone(),
+        workload_name: w.workload_name.clone(),
+        canonical_name: w.canonical_name.clone(),
+        canonical_revision: w.canonical_revision.clone(),
         addresses: w.addresses.iter().map(ip_bytes).collect(),
         node: w.node.clone(),
         network: w.network.clone(),

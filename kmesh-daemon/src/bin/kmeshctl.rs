@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use kmesh_daemon::admin;
+use kmesh_daemon::telemetry::LogFormat;
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -42,6 +43,59 @@ enum Cmd {
     },
     /// Show the log filter, or set it (EnvFilter syntax: `debug`, `info,kmesh::authz=warn`).
     Log { filter: Option<String> },
+    /// Show connection telemetry, or switch access logs and metric families on or off.
+    ///
+    /// Without options: what is on, the report interval, events received and lost. With
+    /// `--all off` the kernel stops collecting entirely.
+    Monitoring {
+        /// Every switch below at once.
+        #[arg(long, value_enum)]
+        all: Option<Switch>,
+        /// One line per closed or failed connection.
+        #[arg(long, value_enum)]
+        access_log: Option<Switch>,
+        /// Access-log lines as text or JSON.
+        #[arg(long, value_enum)]
+        access_log_format: Option<Format>,
+        /// `kmesh_tcp_*` by destination service.
+        #[arg(long, value_enum)]
+        service_metrics: Option<Switch>,
+        /// `kmesh_tcp_workload_*` by destination workload.
+        #[arg(long, value_enum)]
+        workload_metrics: Option<Switch>,
+        /// `kmesh_tcp_connection_*`: one series per open connection.
+        #[arg(long, value_enum)]
+        connection_metrics: Option<Switch>,
+        /// How often open connections report their counters (at least 100).
+        #[arg(long)]
+        report_interval_ms: Option<u64>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Authorization: where it is enforced, the policies in force and what they decided.
+    Authz {
+        #[arg(value_enum, default_value = "status")]
+        action: AuthzAction,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AuthzAction {
+    Status,
 }
 
 fn get(admin_addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
@@ -82,8 +136,94 @@ fn main() -> anyhow::Result<()> {
             let v: Value = serde_json::from_str(&r)?;
             println!("log filter is now {}", v["filter"].as_str().unwrap_or("?"));
         }
+        Cmd::Monitoring {
+            all,
+            access_log,
+            access_log_format,
+            service_metrics,
+            workload_metrics,
+            connection_metrics,
+            report_interval_ms,
+            output,
+        } => {
+            let on = |s: Option<Switch>| s.or(all).map(|s| matches!(s, Switch::On));
+            let req = admin::MonitoringRequest {
+                access_log: on(access_log),
+                access_log_format: access_log_format.map(|f| match f {
+                    Format::Text => LogFormat::Text,
+                    Format::Json => LogFormat::Json,
+                }),
+                service_metrics: on(service_metrics),
+                workload_metrics: on(workload_metrics),
+                connection_metrics: on(connection_metrics),
+                report_interval_ms,
+            };
+            let body = serde_json::to_string(&req)?;
+            let v: Value = if body == "{}" {
+                get(cli.admin, "/debug/monitoring")?
+            } else {
+                serde_json::from_str(&admin::request(cli.admin, "POST", "/debug/monitoring", Some(&body))?)?
+            };
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table => print_monitoring(&v),
+            }
+        }
+        Cmd::Authz { action: AuthzAction::Status, output } => {
+            let v = get(cli.admin, "/debug/authz")?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table => print_authz(&v),
+            }
+        }
     }
     Ok(())
+}
+
+fn on_off(v: &Value) -> &'static str {
+    if v.as_bool() == Some(true) { "on" } else { "off" }
+}
+
+fn print_monitoring(v: &Value) {
+    let s = &v["settings"];
+    println!("kernel telemetry\t{}", on_off(&v["kernel_telemetry"]));
+    println!("access log\t{} ({})", on_off(&s["access_log"]), s["access_log_format"].as_str().unwrap_or("?"));
+    println!("service metrics\t{}", on_off(&s["service_metrics"]));
+    println!("workload metrics\t{}", on_off(&s["workload_metrics"]));
+    println!("connection metrics\t{}", on_off(&s["connection_metrics"]));
+    println!("report interval\t{} ms", v["report_interval_ms"]);
+    println!("open connections\t{}", v["open_connections"]);
+    println!("events received\t{}", v["events_received"]);
+    println!("events lost\t{}", v["events_lost"]);
+}
+
+fn print_authz(v: &Value) {
+    let policies: Vec<&str> =
+        v["policies"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    println!("policies in force\t{}\t{}", policies.len(), policies.join(", "));
+    println!("destinations with rules\t{}", v["destinations"]);
+    println!("events lost\t{}", v["events_lost"]);
+    println!("\nNAMESPACE\tWORKLOAD\tENFORCED");
+    for n in v["namespaces"].as_array().into_iter().flatten() {
+        println!(
+            "{}\t{}\t{}",
+            n["netns"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("cookie {}", n["netns_cookie"])),
+            n["workload"].as_str().unwrap_or("-"),
+            if n["enforced"].as_bool() == Some(true) { "yes" } else { "no" }
+        );
+    }
+    println!("\nPOLICY\tACTION\tCONNECTIONS");
+    for d in v["decisions"].as_array().into_iter().flatten() {
+        println!(
+            "{}\t{}\t{}",
+            d["policy"].as_str().unwrap_or("?"),
+            d["action"].as_str().unwrap_or("?"),
+            d["connections"]
+        );
+    }
 }
 
 fn print_config(v: &Value) {

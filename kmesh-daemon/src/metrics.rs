@@ -1,0 +1,182 @@
+//! The Prometheus exposition: daemon health (maps, applies, xDS, authorization, telemetry
+//! events) read from the daemon's state at scrape time, plus the TCP families the telemetry
+//! keeps, encoded by `prometheus-client` in the OpenMetrics text format.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use kmesh_common::stat;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::mesh::Mesh;
+
+/// The OpenMetrics text content type.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The xDS client's state, kept by the stream loop.
+#[derive(Debug, Default)]
+pub struct XdsHealth {
+    pub enabled: AtomicBool,
+    pub connected: AtomicBool,
+    pub acks: AtomicU64,
+    pub nacks: AtomicU64,
+    pub disconnects: AtomicU64,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn gauges(r: &mut Registry, name: &str, help: &str, rows: impl IntoIterator<Item = (Labels, u64)>) {
+    let f: Family<Labels, Gauge> = Family::default();
+    for (l, v) in rows {
+        f.get_or_create(&l).set(v as i64);
+    }
+    r.register(name, help, f);
+}
+
+/// A counter family whose values are read from elsewhere (the kernel, the mesh's counters).
+fn counters(r: &mut Registry, name: &str, help: &str, rows: impl IntoIterator<Item = (Labels, u64)>) {
+    let f: Family<Labels, Counter> = Family::default();
+    for (l, v) in rows {
+        f.get_or_create(&l).inc_by(v);
+    }
+    r.register(name, help, f);
+}
+
+fn counter(r: &mut Registry, name: &str, help: &str, v: u64) {
+    let c: Counter = Counter::default();
+    c.inc_by(v);
+    r.register(name, help, c);
+}
+
+fn gauge(r: &mut Registry, name: &str, help: &str, v: u64) {
+    let g: Gauge = Gauge::default();
+    g.set(v as i64);
+    r.register(name, help, g);
+}
+
+/// Everything `/status/metric` and the admin `/metrics` serve.
+pub fn render(m: &Mesh, ready: bool, xds: &XdsHealth) -> String {
+    let mut r = Registry::default();
+    let dp = m.dataplane();
+    let counts = dp.applied().counts();
+    let caps = dp.capacities();
+    let cap_of = |name: &str| match name {
+        "NETNS" => caps.netns,
+        "FRONTENDS" => caps.frontends,
+        "LB_TABLES" => caps.tables,
+        "ENDPOINTS" => caps.endpoints,
+        "BACKENDS" => caps.backends,
+        _ => caps.ports,
+    };
+    let by_map = |v: &dyn Fn(&str, usize) -> u64| -> Vec<(Labels, u64)> {
+        counts.as_array().iter().map(|(name, n)| (vec![("map", name.to_string())], v(name, *n))).collect()
+    };
+    gauge(&mut r, "kmesh_ready", "Programs attached and configuration applied", ready as u64);
+    gauges(&mut r, "kmesh_map_entries", "Entries the daemon keeps in each BPF map", by_map(&|_, n| n as u64));
+    gauges(
+        &mut r,
+        "kmesh_map_capacity",
+        "Max entries of each BPF map",
+        by_map(&|name, _| u64::from(cap_of(name))),
+    );
+    counters(
+        &mut r,
+        "kmesh_map_full_errors",
+        "Configurations refused because a map would overflow",
+        by_map(&|name, _| m.counters.map_full_errors.get(name).copied().unwrap_or(0)),
+    );
+    counter(
+        &mut r,
+        "kmesh_config_applies",
+        "Successful applies of configuration or enrollment",
+        m.counters.applies,
+    );
+    counter(&mut r, "kmesh_apply_errors", "Applies refused by the kernel side", m.counters.apply_errors);
+    counter(&mut r, "kmesh_config_errors", "Config files refused by validation", m.counters.config_errors);
+    gauge(
+        &mut r,
+        "kmesh_pins_missing",
+        "bpffs pins found missing and not restorable",
+        m.counters.pins_missing,
+    );
+    counter(
+        &mut r,
+        "kmesh_pins_restored",
+        "bpffs map pins restored after removal by hand",
+        m.counters.pins_restored,
+    );
+    if xds.enabled.load(Ordering::Relaxed) {
+        gauge(
+            &mut r,
+            "kmesh_xds_connected",
+            "1 while the xDS stream to the control plane is up",
+            xds.connected.load(Ordering::Relaxed) as u64,
+        );
+        counters(
+            &mut r,
+            "kmesh_xds_responses",
+            "xDS responses from the control plane, by what the daemon answered",
+            [
+                (vec![("result", "ack".to_string())], xds.acks.load(Ordering::Relaxed)),
+                (vec![("result", "nack".to_string())], xds.nacks.load(Ordering::Relaxed)),
+            ],
+        );
+        counter(
+            &mut r,
+            "kmesh_xds_disconnects",
+            "xDS streams lost or refused",
+            xds.disconnects.load(Ordering::Relaxed),
+        );
+    }
+    counters(
+        &mut r,
+        "kmesh_authz_decisions",
+        "Connections allowed or denied, by deciding policy",
+        m.authz_decisions()
+            .into_iter()
+            .map(|(policy, action, n)| (vec![("policy", policy), ("action", action.to_string())], n)),
+    );
+    if let Ok(st) = dp.stats() {
+        counters(
+            &mut r,
+            "kmesh_connect",
+            "connect() calls of enrolled sockets by outcome",
+            [
+                (stat::REWRITTEN, "rewritten"),
+                (stat::PASSED, "passed"),
+                (stat::NO_ENDPOINT, "no_endpoint"),
+                (stat::STRICT_NO_MATCH, "strict_no_match"),
+                (stat::RETRIED, "retried"),
+                (stat::INCONSISTENT, "inconsistent"),
+            ]
+            .map(|(idx, name)| (vec![("result", name.to_string())], st[idx as usize])),
+        );
+        counters(
+            &mut r,
+            "kmesh_events_lost",
+            "Kernel events dropped because a ring buffer was full",
+            [
+                (vec![("ring", "TELEMETRY".to_string())], st[stat::TELEMETRY_LOST as usize]),
+                (vec![("ring", "AUTHZ_EVENTS".to_string())], st[stat::AUTHZ_EVENTS_LOST as usize]),
+            ],
+        );
+    }
+    counter(
+        &mut r,
+        "kmesh_telemetry_events",
+        "Connection events received from the kernel",
+        m.telemetry.events,
+    );
+    gauge(
+        &mut r,
+        "kmesh_telemetry_open_connections",
+        "Connections of enrolled pods tracked between open and close",
+        m.telemetry.open_connections() as u64,
+    );
+    m.telemetry.register(&mut r);
+    let mut t = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut t, &r);
+    t
+}
