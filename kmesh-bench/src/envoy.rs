@@ -1,0 +1,98 @@
+//! Envoy bootstrap configs for the sidecar paths: an HTTP listener (http_connection_manager
+//! with the router filter, as Istio's sidecar uses for HTTP ports) and a TCP listener
+//! (tcp_proxy, as for opaque TCP ports) for the bulk transfer.
+
+use std::net::SocketAddr;
+
+/// One Envoy: where it listens and where each listener forwards.
+pub struct EnvoySpec {
+    pub admin: SocketAddr,
+    pub http_listen: SocketAddr,
+    pub http_upstream: SocketAddr,
+    pub tcp_listen: SocketAddr,
+    pub tcp_upstream: SocketAddr,
+}
+
+fn addr(a: SocketAddr) -> String {
+    format!("{{socket_address: {{address: \"{}\", port_value: {}}}}}", a.ip(), a.port())
+}
+
+fn cluster(name: &str, to: SocketAddr) -> String {
+    format!(
+        "  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: {name}
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {a}}}}}]}}]
+",
+        a = addr(to)
+    )
+}
+
+/// The bootstrap YAML.
+pub fn bootstrap(s: &EnvoySpec) -> String {
+    format!(
+        "admin:
+  address: {admin}
+static_resources:
+  listeners:
+  - name: http
+    address: {http}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: http
+          codec_type: AUTO
+          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: [\"*\"]
+              routes:
+              - match: {{prefix: \"/\"}}
+                route: {{cluster: http_upstream}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  - name: tcp
+    address: {tcp}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcp
+          cluster: tcp_upstream
+  clusters:
+{c1}{c2}",
+        admin = addr(s.admin),
+        http = addr(s.http_listen),
+        tcp = addr(s.tcp_listen),
+        c1 = cluster("http_upstream", s.http_upstream),
+        c2 = cluster("tcp_upstream", s.tcp_upstream),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_names_both_listeners_and_clusters() {
+        let y = bootstrap(&EnvoySpec {
+            admin: "127.0.0.1:15000".parse().unwrap(),
+            http_listen: "127.0.0.1:15001".parse().unwrap(),
+            http_upstream: "10.244.0.2:8080".parse().unwrap(),
+            tcp_listen: "127.0.0.1:15002".parse().unwrap(),
+            tcp_upstream: "10.244.0.2:5201".parse().unwrap(),
+        });
+        assert!(y.contains("port_value: 15001"));
+        assert!(y.contains("address: \"10.244.0.2\", port_value: 8080"));
+        assert!(y.contains("cluster: tcp_upstream"));
+        assert_eq!(y.matches("- name: ").count(), 8); // 2 listeners, 2 filters, 1 host, 1 http filter, 2 clusters
+    }
+}

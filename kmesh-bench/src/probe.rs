@@ -1,0 +1,184 @@
+//! The in-repo client, run inside a client pod (`kmesh-bench probe`).
+//!
+//! `connect` mode times the connect() system call alone, in a loop of socket / connect / close
+//! (SO_LINGER 0, so closes send a reset and leave no TIME_WAIT behind). That is where every
+//! service path does its work: the eBPF program rewrites the address inside connect(), and
+//! iptables or nftables rewrite the SYN that connect() sends. `http` mode times a whole short
+//! transaction: socket, connect, one request, the full response, close.
+
+use std::io::Write;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::stats::quantile_sorted;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProbeResult {
+    pub count: u64,
+    pub errors: u64,
+    /// errno of the first failure, if any.
+    pub first_errno: Option<i32>,
+    /// Where the first socket ended up connected (after any rewrite done in connect()).
+    pub peer: Option<String>,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+}
+
+struct Fd(i32);
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: we own the descriptor.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+        sin_zero: [0; 8],
+    }
+}
+
+/// One socket connected to `target`, and the time connect() took.
+fn connect_once(target: &libc::sockaddr_in) -> Result<(Fd, Duration), i32> {
+    // SAFETY: plain socket calls on values we own; lengths match the structures passed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(errno());
+        }
+        let fd = Fd(fd);
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        libc::setsockopt(
+            fd.0,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        );
+        let t0 = Instant::now();
+        let r = libc::connect(
+            fd.0,
+            (target as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let dt = t0.elapsed();
+        if r != 0 {
+            return Err(errno());
+        }
+        Ok((fd, dt))
+    }
+}
+
+fn peer_of(fd: &Fd) -> Option<String> {
+    // SAFETY: out buffer of the right size.
+    unsafe {
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if libc::getpeername(fd.0, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) != 0 {
+            return None;
+        }
+        let ip = std::net::Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+        Some(format!("{ip}:{}", u16::from_be(sa.sin_port)))
+    }
+}
+
+/// A request and its full response over a connected socket; false when the answer is not a
+/// 200 with a body.
+fn transact(fd: &Fd) -> bool {
+    let req = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
+    // SAFETY: the descriptor is open; ManuallyDrop keeps the File from closing it.
+    let mut f =
+        std::mem::ManuallyDrop::new(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd.0) });
+    if f.write_all(req).is_err() {
+        return false;
+    }
+    let mut buf = Vec::with_capacity(512);
+    if std::io::Read::read_to_end(&mut *f, &mut buf).is_err() {
+        return false;
+    }
+    buf.starts_with(b"HTTP/1.1 200") && buf.windows(4).any(|w| w == b"\r\n\r\n")
+}
+
+/// Runs the loop for `duration` (at most `max` samples) and summarises it.
+pub fn run(target: SocketAddr, http: bool, duration: Duration, max: usize) -> ProbeResult {
+    let SocketAddr::V4(t) = target else {
+        return ProbeResult { errors: 1, first_errno: Some(libc::EAFNOSUPPORT), ..Default::default() };
+    };
+    let sa = sockaddr(t);
+    let mut samples: Vec<u32> = Vec::with_capacity(max.min(1 << 20));
+    let mut res = ProbeResult::default();
+    let t_end = Instant::now() + duration;
+    while Instant::now() < t_end && samples.len() < max {
+        let t0 = Instant::now();
+        match connect_once(&sa) {
+            Ok((fd, dt)) => {
+                if res.peer.is_none() {
+                    res.peer = peer_of(&fd);
+                }
+                if http {
+                    if !transact(&fd) {
+                        res.errors += 1;
+                        continue;
+                    }
+                    drop(fd);
+                    samples.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+                } else {
+                    samples.push(dt.as_nanos().min(u32::MAX as u128) as u32);
+                }
+            }
+            Err(e) => {
+                res.errors += 1;
+                res.first_errno.get_or_insert(e);
+                // A path that refuses fails fast; do not spin.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    samples.sort_unstable();
+    res.count = samples.len() as u64;
+    let us = |q| quantile_sorted(&samples, q).map(|ns| ns as f64 / 1000.0).unwrap_or(0.0);
+    res.p50_us = us(0.5);
+    res.p90_us = us(0.9);
+    res.p99_us = us(0.99);
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn probes_a_loopback_server() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let srv = std::thread::spawn(move || {
+            for s in l.incoming().take(3) {
+                let mut s = s.unwrap();
+                let mut b = [0u8; 256];
+                let _ = s.read(&mut b);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            }
+        });
+        let r = run(addr, true, Duration::from_secs(5), 3);
+        assert_eq!((r.count, r.errors), (3, 0), "{r:?}");
+        assert_eq!(r.peer.as_deref(), Some(addr.to_string().as_str()));
+        assert!(r.p50_us > 0.0 && r.p50_us <= r.p99_us);
+        srv.join().unwrap();
+        // Nothing listens there any more: every attempt fails with ECONNREFUSED.
+        let r = run(addr, false, Duration::from_millis(20), 1000);
+        assert_eq!(r.count, 0);
+        assert_eq!(r.first_errno, Some(libc::ECONNREFUSED));
+    }
+}

