@@ -35,7 +35,8 @@ pub struct Monitoring {
     pub service_metrics: bool,
     /// `kmesh_tcp_workload_*` by source and destination workload.
     pub workload_metrics: bool,
-    /// `kmesh_tcp_connection_*`: one series per open connection (high cardinality).
+    /// `kmesh_tcp_connection_*`: one series per long-lived connection (from its first
+    /// periodic report until it closes; high cardinality).
     pub connection_metrics: bool,
 }
 
@@ -193,19 +194,42 @@ impl<L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send +
     }
 }
 
+/// The counters of one label set, taken out of the families once: counting an event then
+/// costs an atomic add, not a hash of two dozen label strings.
+#[derive(Clone, Debug, Default)]
+struct Handles {
+    opened: Counter,
+    closed: Counter,
+    failed: Counter,
+    sent: Counter,
+    received: Counter,
+    retrans: Counter,
+    packet_loss: Counter,
+}
+
+impl Handles {
+    fn add(&self, d: &Progress) {
+        self.sent.inc_by(d.from_dst);
+        self.received.inc_by(d.from_src);
+        self.retrans.inc_by(d.retrans);
+        self.packet_loss.inc_by(d.lost);
+    }
+}
+
 impl<L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static>
     TcpFamilies<L>
 {
-    fn add(&self, l: &L, d: &Progress) {
-        if d.from_dst > 0 {
-            self.sent.get_or_create(l).inc_by(d.from_dst);
+    /// The series of `l` (created at 0 in every family).
+    fn handles(&self, l: &L) -> Handles {
+        Handles {
+            opened: self.opened.get_or_create_owned(l),
+            closed: self.closed.get_or_create_owned(l),
+            failed: self.failed.get_or_create_owned(l),
+            sent: self.sent.get_or_create_owned(l),
+            received: self.received.get_or_create_owned(l),
+            retrans: self.retrans.get_or_create_owned(l),
+            packet_loss: self.packet_loss.get_or_create_owned(l),
         }
-        if d.from_src > 0 {
-            self.received.get_or_create(l).inc_by(d.from_src);
-        }
-        // Created at 0 so that a series shows for every connection's labels.
-        self.retrans.get_or_create(l).inc_by(d.retrans);
-        self.packet_loss.get_or_create(l).inc_by(d.lost);
     }
 
     /// Registers under `prefix` (`kmesh_tcp` or `kmesh_tcp_workload`); the crate appends
@@ -304,13 +328,28 @@ impl Progress {
     }
 }
 
+/// What every connection between the same peers (and for the same service) shares.
+#[derive(Debug)]
+struct Peers {
+    service: ServiceLabels,
+    workload: WorkloadLabels,
+    by_service: Handles,
+    by_workload: Handles,
+}
+
+/// Direction, source address, destination address and port, dialled service address and port.
+type PeersKey = (u32, IpAddr, IpAddr, u16, IpAddr, u16);
+
 /// A connection between its open and its close.
 #[derive(Clone, Debug)]
 struct OpenConn {
-    service: ServiceLabels,
-    workload: WorkloadLabels,
-    connection: ConnectionLabels,
+    peers: Arc<Peers>,
+    src: SocketAddr,
+    dst: SocketAddr,
+    /// Its `kmesh_tcp_connection_*` series, when that family is on.
+    connection: Option<ConnectionLabels>,
     last: Progress,
+    seen: std::time::Instant,
 }
 
 /// One access-log record (a closed or failed connection).
@@ -402,8 +441,10 @@ pub struct Telemetry {
     pub service: TcpFamilies<ServiceLabels>,
     pub workload: TcpFamilies<WorkloadLabels>,
     pub connection: ConnectionFamilies,
-    open: HashMap<u64, (OpenConn, std::time::Instant)>,
+    open: HashMap<u64, OpenConn>,
     index: Index,
+    /// Labels and counters by peers, valid for one model generation.
+    peers: HashMap<PeersKey, Arc<Peers>>,
     /// Events received from the kernel.
     pub events: u64,
 }
@@ -544,7 +585,9 @@ impl Telemetry {
         None
     }
 
-    fn labels(&self, e: &ConnEvent) -> OpenConn {
+    /// The connection an event is about: its peers' labels and counters (cached), addresses
+    /// and, when that family is on, its own series.
+    fn conn(&mut self, e: &ConnEvent) -> OpenConn {
         let outbound = e.direction == DIR_OUTBOUND;
         let (src, src_port, dst, dst_port) = if outbound {
             (e.local, e.local_port, e.remote, e.remote_port)
@@ -552,6 +595,55 @@ impl Telemetry {
             (e.remote, e.remote_port, e.local, e.local_port)
         };
         let (src_ip, dst_ip) = (words_addr(src), words_addr(dst));
+        let orig = if e.has_orig != 0 { words_addr(e.orig_dst) } else { IpAddr::from([0u8; 16]) };
+        let key = (e.direction, src_ip, dst_ip, dst_port, orig, e.orig_port);
+        let peers = match self.peers.get(&key) {
+            Some(p) => p.clone(),
+            None => {
+                let p = Arc::new(self.peers_of(e, outbound, src_ip, dst_ip, dst_port));
+                if self.peers.len() >= MAX_OPEN {
+                    self.peers.clear();
+                }
+                self.peers.insert(key, p.clone());
+                p
+            }
+        };
+        let (src, dst) = (SocketAddr::new(src_ip, src_port), SocketAddr::new(dst_ip, dst_port));
+        OpenConn {
+            peers,
+            src,
+            dst,
+            connection: None,
+            last: Progress::default(),
+            seen: std::time::Instant::now(),
+        }
+    }
+
+    /// The `kmesh_tcp_connection_*` labels of a connection (given to long-lived connections
+    /// at their first report: short ones never pay for a series of their own).
+    fn connection_labels(c: &OpenConn, e: &ConnEvent) -> ConnectionLabels {
+        let p = &c.peers;
+        ConnectionLabels {
+            reporter: p.service.reporter.clone(),
+            start_time: rfc3339_ago(std::time::Duration::from_nanos(e.duration_ns)),
+            source_address: c.src.to_string(),
+            destination_address: c.dst.to_string(),
+            source: p.service.source.clone(),
+            service: p.service.service.clone(),
+            pod: p.workload.pod.clone(),
+            destination: p.service.destination.clone(),
+            protocol: p.service.protocol.clone(),
+        }
+    }
+
+    fn peers_of(
+        &self,
+        e: &ConnEvent,
+        outbound: bool,
+        src_ip: IpAddr,
+        dst_ip: IpAddr,
+        dst_port: u16,
+    ) -> Peers {
         let sw = self.index.workloads.get(&src_ip).map(|w| w.as_ref());
         let dw = self.index.workloads.get(&dst_ip).map(|w| w.as_ref());
         let svc = self.service_of(e, dw, dst_port);
@@ -580,27 +672,19 @@ impl Telemetry {
             response_flags: "-".into(),
             connection_security_policy: "none".into(),
         };
-        OpenConn {
-            connection: ConnectionLabels {
-                reporter: reporter.clone(),
-                start_time: rfc3339_ago(std::time::Duration::from_nanos(e.duration_ns)),
-                source_address: SocketAddr::new(src_ip, src_port).to_string(),
-                destination_address: SocketAddr::new(dst_ip, dst_port).to_string(),
-                source: source.clone(),
-                service: service.clone(),
-                pod: pod.clone(),
-                destination: destination.clone(),
-                protocol: protocol.clone(),
-            },
-            service: ServiceLabels {
-                reporter: reporter.clone(),
-                source: source.clone(),
-                service,
-                destination: destination.clone(),
-                protocol: protocol.clone(),
-            },
-            workload: WorkloadLabels { reporter, source, pod, destination, protocol },
-            last: Progress::default(),
+        let service = ServiceLabels {
+            reporter: reporter.clone(),
+            source: source.clone(),
+            service,
+            destination: destination.clone(),
+            protocol: protocol.clone(),
+        };
+        let workload = WorkloadLabels { reporter, source, pod, destination, protocol };
+        Peers {
+            by_service: self.service.handles(&service),
+            by_workload: self.workload.handles(&workload),
+            service,
+            workload,
         }
     }
 
@@ -612,76 +696,80 @@ impl Telemetry {
             || (self.index.workloads.is_empty() && !model.workloads.is_empty())
         {
             self.index = Index::build(model, generation);
+            self.peers.clear();
         }
-        let s = self.settings.clone();
+        let (by_service, by_workload) = (self.settings.service_metrics, self.settings.workload_metrics);
+        // An open missed (daemon restarted, or telemetry switched on since): the connection
+        // counts from its start.
+        let mut c = match self.open.remove(&e.cookie) {
+            Some(c) if e.kind != CONN_OPEN => c,
+            _ => self.conn(e),
+        };
+        c.seen = std::time::Instant::now();
         match e.kind {
             CONN_OPEN => {
-                let c = self.labels(e);
-                if s.service_metrics {
-                    self.service.opened.get_or_create(&c.service).inc();
+                if by_service {
+                    c.peers.by_service.opened.inc();
                 }
-                if s.workload_metrics {
-                    self.workload.opened.get_or_create(&c.workload).inc();
-                }
-                if s.connection_metrics {
-                    self.connection.add(&c.connection, &Progress::default());
+                if by_workload {
+                    c.peers.by_workload.opened.inc();
                 }
                 if self.open.len() >= MAX_OPEN {
                     let horizon = std::time::Duration::from_secs(600);
-                    self.open.retain(|_, (_, seen)| seen.elapsed() < horizon);
+                    self.open.retain(|_, c| c.seen.elapsed() < horizon);
                 }
-                self.open.insert(e.cookie, (c, std::time::Instant::now()));
+                self.open.insert(e.cookie, c);
                 None
             }
             CONN_REPORT | CONN_CLOSE => {
-                let closing = e.kind == CONN_CLOSE;
                 let (sent, received) = data_bytes(e);
-                let outbound = e.direction == DIR_OUTBOUND;
                 // From the socket's point of view: what it received is what its peer sent.
-                let (from_src, from_dst) = if outbound { (sent, received) } else { (received, sent) };
+                let (from_src, from_dst) =
+                    if e.direction == DIR_OUTBOUND { (sent, received) } else { (received, sent) };
                 let now = Progress { from_src, from_dst, retrans: e.retrans as u64, lost: e.lost as u64 };
-                // An open missed (daemon restarted): count the connection from its start.
-                let (mut c, _) = match self.open.remove(&e.cookie) {
-                    Some(c) => c,
-                    None => (self.labels(e), std::time::Instant::now()),
-                };
                 let delta = now.since(&c.last);
-                if s.service_metrics {
-                    self.service.add(&c.service, &delta);
+                if by_service {
+                    c.peers.by_service.add(&delta);
                 }
-                if s.workload_metrics {
-                    self.workload.add(&c.workload, &delta);
+                if by_workload {
+                    c.peers.by_workload.add(&delta);
                 }
-                if closing {
-                    if s.service_metrics {
-                        self.service.closed.get_or_create(&c.service).inc();
+                if e.kind == CONN_CLOSE {
+                    if by_service {
+                        c.peers.by_service.closed.inc();
                     }
-                    if s.workload_metrics {
-                        self.workload.closed.get_or_create(&c.workload).inc();
+                    if by_workload {
+                        c.peers.by_workload.closed.inc();
                     }
-                    self.connection.remove(&c.connection);
-                    return s.access_log.then(|| self.access_log(e, &c, "closed", sent, received));
+                    if let Some(l) = &c.connection {
+                        self.connection.remove(l);
+                    }
+                    return self
+                        .settings
+                        .access_log
+                        .then(|| self.access_log(e, &c, "closed", sent, received));
                 }
-                if s.connection_metrics {
-                    self.connection.add(&c.connection, &delta);
+                if self.settings.connection_metrics && c.connection.is_none() {
+                    c.connection = Some(Self::connection_labels(&c, e));
+                }
+                if let Some(l) = &c.connection {
+                    self.connection.add(l, &delta);
                 }
                 c.last = now.max(&c.last);
-                self.open.insert(e.cookie, (c, std::time::Instant::now()));
+                self.open.insert(e.cookie, c);
                 None
             }
             CONN_FAILED => {
-                let c = match self.open.remove(&e.cookie) {
-                    Some((c, _)) => c,
-                    None => self.labels(e),
-                };
-                if s.service_metrics {
-                    self.service.failed.get_or_create(&c.service).inc();
+                if by_service {
+                    c.peers.by_service.failed.inc();
                 }
-                if s.workload_metrics {
-                    self.workload.failed.get_or_create(&c.workload).inc();
+                if by_workload {
+                    c.peers.by_workload.failed.inc();
                 }
-                self.connection.remove(&c.connection);
-                s.access_log.then(|| self.access_log(e, &c, "failed", 0, 0))
+                if let Some(l) = &c.connection {
+                    self.connection.remove(l);
+                }
+                self.settings.access_log.then(|| self.access_log(e, &c, "failed", 0, 0))
             }
             _ => None,
         }
@@ -695,12 +783,12 @@ impl Telemetry {
         sent: u64,
         received: u64,
     ) -> String {
-        let l = &c.service;
+        let l = &c.peers.service;
         AccessLog {
-            src: c.connection.source_address.clone(),
+            src: c.src.to_string(),
             src_workload: l.source.source_workload.clone(),
             src_namespace: l.source.source_workload_namespace.clone(),
-            dst: c.connection.destination_address.clone(),
+            dst: c.dst.to_string(),
             dst_workload: l.destination.destination_workload.clone(),
             dst_namespace: l.destination.destination_workload_namespace.clone(),
             service: l.service.destination_service.clone(),
