@@ -163,7 +163,11 @@ fn run() -> anyhow::Result<()> {
     let pins = PathBuf::from(format!("/sys/fs/bpf/kmesh-demo-{}", std::process::id()));
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let admin_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let metrics_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let bin = daemon_bin()?;
+    let log_path = dir.join("daemon.log");
+    let log = std::fs::File::create(&log_path)?;
     println!(
         "\nstarting: kmesh-daemon run --config {} --cgroup {} --bpffs {} --admin {admin_addr} --uninstall-on-exit",
         cfg.display(),
@@ -178,12 +182,15 @@ fn run() -> anyhow::Result<()> {
         .arg("--bpffs")
         .arg(&pins)
         .args(["--admin", &admin_addr.to_string(), "--poll-ms", "100", "--uninstall-on-exit"])
-        .args(["--metrics-addr", "127.0.0.1:0"])
+        .args(["--metrics-addr", &metrics_addr.to_string(), "--access-log", "off"])
         .arg("--state-file")
         .arg(dir.join("state.json"))
         // Denials are logged one line each at warn; the demo shows their counters instead.
-        .env("KMESH_LOG", "warn,kmesh::authz=off")
+        // Access-log lines (switched on in step 7) go to the log file like the rest.
+        .env("KMESH_LOG", "warn,kmesh::authz=off,kmesh::accesslog=info")
         .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
         .spawn()
         .context("starting kmesh-daemon")?;
     *daemon_child.lock().unwrap() = Some(child);
@@ -257,6 +264,58 @@ fn run() -> anyhow::Result<()> {
             || (l.starts_with("kmesh_authz_decisions_total") && !l.ends_with(" 0"))
     }) {
         println!("  {l}");
+    }
+
+    // 7. Telemetry: access logs switched on at runtime, then a known exchange.
+    println!(
+        "\n  7. telemetry: kmeshctl monitoring --access-log on, then 4 connections sending 1,000 bytes each"
+    );
+    let ctl = bin.with_file_name("kmeshctl");
+    // The daemon drains kernel events every 200 ms: let step 6's go by before switching.
+    std::thread::sleep(Duration::from_millis(500));
+    let out = Command::new(&ctl)
+        .args(["--admin", &admin_addr.to_string(), "monitoring", "--access-log", "on"])
+        .output()?;
+    if !out.status.success() {
+        bail!("kmeshctl monitoring failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let opts = kmesh_testbed::ClientOptions { count: 4, send_bytes: 1000, ..Default::default() };
+    let a = bed.pod("client").connect_background(format!("{VIP}:80").parse()?, &opts)?.finish()?;
+    println!(
+        "    {} answered, {} refused by s3's policy",
+        a.iter().filter(|a| a.ok).count(),
+        a.iter().filter(|a| !a.ok).count()
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    println!("    access log (the daemon's log, target kmesh::accesslog), client side:");
+    for l in std::fs::read_to_string(&log_path)?
+        .lines()
+        .filter(|l| l.contains("accesslog") && l.contains("direction=outbound"))
+    {
+        if let Some(i) = l.find("src=") {
+            println!("      {}", &l[i..]);
+        }
+    }
+    let scrape = admin::request(metrics_addr, "GET", "/status/metric", None)?;
+    println!("\nfrom the Prometheus endpoint (GET {metrics_addr}/status/metric), the client's side of echo:");
+    let mut shown = 0;
+    for l in scrape.lines().filter(|l| {
+        l.starts_with("kmesh_tcp_")
+            && !l.starts_with("kmesh_tcp_workload")
+            && l.contains("reporter=\"source\"")
+            && !l.ends_with(" 0")
+    }) {
+        if shown == 0 {
+            println!("  {l}");
+        } else {
+            let (name, rest) = l.split_once('{').unwrap_or((l, ""));
+            let dst = rest.split(',').find(|kv| kv.starts_with("destination_workload=")).unwrap_or("");
+            println!(
+                "  {name}{{reporter=\"source\",source_workload=\"client\",{dst},...}} {}",
+                l.rsplit(' ').next().unwrap_or("")
+            );
+        }
+        shown += 1;
     }
 
     // Cleanup: the daemon uninstalls on SIGTERM, the testbed on drop.

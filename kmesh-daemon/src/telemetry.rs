@@ -799,7 +799,8 @@ impl Telemetry {
             retrans: e.retrans,
             packet_loss: e.lost,
             srtt_us: e.srtt_us,
-            min_rtt_us: e.min_rtt_us,
+            // No RTT sample yet (a connection that never established): the kernel keeps ~0.
+            min_rtt_us: if e.min_rtt_us == u32::MAX { 0 } else { e.min_rtt_us },
             duration_ms: (e.duration_ns as f64 / 1e3).round() / 1e3,
         }
         .render(self.settings.access_log_format)
