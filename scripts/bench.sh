@@ -67,11 +67,12 @@ if ! envoy=$(envoy_path) || ! "$envoy" --version 2>/dev/null | grep -q "/$ENVOY_
 fi
 export KMESH_BENCH_ENVOY="$envoy"
 
-# 3. Build: the daemon (with its eBPF programs) and the benchmark.
+# 3. Build: the daemon (with its eBPF programs) and the benchmark, as test.sh and demo.sh build
+#    (same packages and features, so after either of them this is a no-op).
 target=${CARGO_TARGET_DIR:-target}
 mkdir -p "$target"
 log "building (the first build takes a few minutes)"
-if ! cargo build --release -p kmesh-daemon -p kmesh-bench --bins >"$target/bench-build.log" 2>&1; then
+if ! cargo build --release --bins --examples >"$target/bench-build.log" 2>&1; then
   tail -n 40 "$target/bench-build.log" >&2
   echo "[bench.sh] build failed (log: $target/bench-build.log)" >&2
   exit 1

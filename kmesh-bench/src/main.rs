@@ -45,7 +45,7 @@ enum Cmd {
         smoke: bool,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
-        /// Interleaved rounds (default 4, smoke 1; 0 skips the request and bulk tests).
+        /// Interleaved rounds (default 6, smoke 1; 0 skips the request and bulk tests).
         #[arg(long)]
         rounds: Option<usize>,
         /// Seconds per wrk and iperf3 run (default 2, smoke 1).
@@ -54,7 +54,7 @@ enum Cmd {
         /// Milliseconds per in-repo probe run (default 1000, smoke 200).
         #[arg(long)]
         probe_ms: Option<u64>,
-        /// Service counts for the scale test, comma-separated (default 10,1000,10000,100000;
+        /// Service counts for the scale test, comma-separated (default 10,1000,10000,50000,100000;
         /// smoke 10,1000).
         #[arg(long, value_delimiter = ',')]
         scale: Option<Vec<usize>>,
@@ -138,10 +138,14 @@ fn main() -> anyhow::Result<()> {
         } => {
             let opts = bench::Options {
                 smoke,
-                rounds: rounds.unwrap_or(if smoke { 1 } else { 4 }),
+                rounds: rounds.unwrap_or(if smoke { 1 } else { 6 }),
                 seconds: seconds.unwrap_or(if smoke { 1 } else { 2 }).max(1),
                 probe_ms: probe_ms.unwrap_or(if smoke { 200 } else { 1000 }).max(10),
-                scale: scale.unwrap_or(if smoke { vec![10, 1000] } else { vec![10, 1000, 10_000, 100_000] }),
+                scale: scale.unwrap_or(if smoke {
+                    vec![10, 1000]
+                } else {
+                    vec![10, 1000, 10_000, 50_000, 100_000]
+                }),
                 scale_rounds: scale_rounds.unwrap_or(if smoke { 1 } else { 3 }).max(1),
                 base_services: base_services.max(1),
                 nginx_workers: nginx_workers.max(1),
