@@ -119,7 +119,7 @@ fn sigkill_restarts_lose_no_connection() {
     let scratch = Scratch::new();
     scratch.write_config(&echo_config(&bed, &["s1", "s2", "s3"], "{}"));
     // The first daemon plays the previous release: its pins are under map layout v0, so the
-    // first restart is also an upgrade to v1.
+    // first restart is also an upgrade to the built-in layout.
     let mut d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &["--map-layout-version", "0"]);
     wait_for("readiness", || d.get("/debug/ready").is_ok());
     let req =
@@ -170,13 +170,14 @@ fn sigkill_restarts_lose_no_connection() {
         long_ok += 1;
     }
     eprintln!(
-        "restart figure: 5 SIGKILL restarts (the first an upgrade v0 -> v1) in 30 s: {} connections attempted, {failed} failed, {misrouted} misrouted; {long_ok}/3 long connections intact",
+        "restart figure: 5 SIGKILL restarts (the first an upgrade v0 -> v{}) in 30 s: {} connections attempted, {failed} failed, {misrouted} misrouted; {long_ok}/3 long connections intact",
+        kmesh_common::MAP_LAYOUT_VERSION,
         attempts.len()
     );
     assert!(attempts.len() > 1000);
     assert_eq!(failed, 0, "{:?}", attempts.iter().find(|a| !a.ok));
     assert_eq!(misrouted, 0);
-    assert!(scratch.pins.join("v1/maps/FRONTENDS").exists());
+    assert!(scratch.pins.join(format!("v{}/maps/FRONTENDS", kmesh_common::MAP_LAYOUT_VERSION)).exists());
     // The enrollment, with its workload, came through every restart (state file).
     let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap();
     assert_eq!(dump["enrolled"][0]["workload"], "client", "{}", dump["enrolled"]);
@@ -217,11 +218,11 @@ fn pins_removed_by_hand_are_detected_reported_and_restored() {
     let req = serde_json::json!({ "netns": bed.pod("client").netns_path() }).to_string();
     admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
 
-    let v1 = scratch.pins.join("v1");
-    std::fs::remove_file(v1.join("maps/FRONTENDS")).unwrap();
-    std::fs::remove_file(v1.join("links/kmesh_connect4")).unwrap();
+    let dir = scratch.pins.join(format!("v{}", kmesh_common::MAP_LAYOUT_VERSION));
+    std::fs::remove_file(dir.join("maps/FRONTENDS")).unwrap();
+    std::fs::remove_file(dir.join("links/kmesh_connect4")).unwrap();
     wait_for("the map pin restored", || d.metric("kmesh_pins_restored_total") >= 1.0);
-    assert!(v1.join("maps/FRONTENDS").exists());
+    assert!(dir.join("maps/FRONTENDS").exists());
     assert_eq!(d.metric("kmesh_pins_missing"), 1.0, "the link pin is reported missing");
     // Traffic never noticed.
     assert_eq!(connect(&bed, 30).len(), 3);
