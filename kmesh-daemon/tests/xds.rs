@@ -116,6 +116,10 @@ fn a_malformed_resource_is_nacked_by_name_and_the_rest_applied() {
     let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap();
     assert!(dump["config_error"].as_str().unwrap().contains("broken"), "{dump}");
     assert!(cp.violations().is_empty(), "{:?}", cp.violations());
+    // The operator sees it in the scrape too.
+    assert_eq!(d.metric("kmesh_xds_responses_total{result=\"nack\"}"), cp.nacks().len() as f64);
+    assert!(d.metric("kmesh_xds_responses_total{result=\"ack\"}") >= 1.0);
+    assert_eq!(d.metric("kmesh_xds_connected"), 1.0);
 }
 
 #[test]
@@ -144,6 +148,8 @@ fn control_plane_restart_resumes_with_versions_and_traffic_never_stops() {
     cp.remove(ADDRESS_TYPE, &["s3"]);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(d.metric("kmesh_map_entries{map=\"BACKENDS\"}"), 3.0, "nothing flushed while disconnected");
+    assert_eq!(d.metric("kmesh_xds_connected"), 0.0, "the scrape says the control plane is gone");
+    assert!(d.metric("kmesh_xds_disconnects_total") >= 1.0);
     let opened = cp.streams_opened();
     let server = rt.block_on(cp.spawn(addr, None)).unwrap();
     wait_for("the reconnection", || cp.streams_opened() > opened);
