@@ -46,9 +46,20 @@ pub struct Options {
     pub envoy_bin: PathBuf,
     pub iptables_full_chains: usize,
     pub nft_full_chains: usize,
+    /// Only these request tests / paths (empty: all), for focused comparisons.
+    pub only_tests: Vec<String>,
+    pub only_paths: Vec<String>,
 }
 
 impl Options {
+    pub fn wants_test(&self, t: &str) -> bool {
+        self.only_tests.is_empty() || self.only_tests.iter().any(|x| x == t)
+    }
+
+    pub fn wants_path(&self, p: &str) -> bool {
+        self.only_paths.is_empty() || self.only_paths.iter().any(|x| x == p)
+    }
+
     pub fn method(&self) -> Method {
         Method {
             rounds: self.rounds,
@@ -547,7 +558,7 @@ pub fn run(opts: &Options, res: &mut Results, daemon_slot: DaemonSlot) -> anyhow
     for l in env.validate()? {
         log(format!("  {l}"));
     }
-    let paths = env.paths();
+    let paths: Vec<PathDef> = env.paths().into_iter().filter(|p| opts.wants_path(p.id)).collect();
 
     // Warm-up: caches, Envoy's upstream pools, nginx workers.
     for p in &paths {
@@ -560,7 +571,7 @@ pub fn run(opts: &Options, res: &mut Results, daemon_slot: DaemonSlot) -> anyhow
     for round in 0..opts.rounds {
         let t_round = Instant::now();
         let order: Vec<&PathDef> = (0..n).map(|i| &paths[(i + round) % n]).collect();
-        for (test, _, conns) in TESTS {
+        for (test, _, conns) in TESTS.into_iter().filter(|t| opts.wants_test(t.0)) {
             for p in &order {
                 let mut s = if test == "txn-c1" {
                     env.run_txn(p, opts.probe_ms)
@@ -574,7 +585,7 @@ pub fn run(opts: &Options, res: &mut Results, daemon_slot: DaemonSlot) -> anyhow
                 res.samples.push(s);
             }
         }
-        for p in &order {
+        for p in order.iter().filter(|_| opts.wants_test("bulk")) {
             let mut s = env.run_bulk(p, opts.seconds).with_context(|| format!("bulk over {}", p.id))?;
             s.round = round;
             s.test = "bulk".into();

