@@ -298,13 +298,13 @@ fn run() -> anyhow::Result<()> {
     }
     let scrape = admin::request(metrics_addr, "GET", "/status/metric", None)?;
     println!("\nfrom the Prometheus endpoint (GET {metrics_addr}/status/metric), the client's side of echo:");
-    let mut shown = 0;
-    for l in scrape.lines().filter(|l| {
+    let client_side = scrape.lines().filter(|l| {
         l.starts_with("kmesh_tcp_")
             && !l.starts_with("kmesh_tcp_workload")
             && l.contains("reporter=\"source\"")
             && !l.ends_with(" 0")
-    }) {
+    });
+    for (shown, l) in client_side.enumerate() {
         if shown == 0 {
             println!("  {l}");
         } else {
@@ -315,7 +315,6 @@ fn run() -> anyhow::Result<()> {
                 l.rsplit(' ').next().unwrap_or("")
             );
         }
-        shown += 1;
     }
 
     // Cleanup: the daemon uninstalls on SIGTERM, the testbed on drop.

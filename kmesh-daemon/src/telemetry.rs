@@ -235,41 +235,22 @@ impl<L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send +
     /// Registers under `prefix` (`kmesh_tcp` or `kmesh_tcp_workload`); the crate appends
     /// `_total` to counters.
     fn register(&self, r: &mut Registry, prefix: &str, what: &str) {
-        r.register(
-            format!("{prefix}_connections_opened"),
-            format!("TCP connections opened, by {what}"),
-            self.opened.clone(),
-        );
-        r.register(
-            format!("{prefix}_connections_closed"),
-            format!("TCP connections closed, by {what}"),
-            self.closed.clone(),
-        );
-        r.register(
-            format!("{prefix}_connections_failed"),
-            format!("TCP connections that never established (refused, reset or timed out), by {what}"),
-            self.failed.clone(),
-        );
-        r.register(
-            format!("{prefix}_sent_bytes"),
-            format!("Bytes sent during response (destination to source), by {what}"),
-            self.sent.clone(),
-        );
-        r.register(
-            format!("{prefix}_received_bytes"),
-            format!("Bytes received during request (source to destination), by {what}"),
-            self.received.clone(),
-        );
-        r.register(
-            format!("{prefix}_retrans"),
-            format!("Retransmitted TCP segments, by {what}"),
-            self.retrans.clone(),
-        );
-        r.register(
-            format!("{prefix}_packet_loss"),
-            format!("TCP segments the sender marked lost at report time, by {what}"),
-            self.packet_loss.clone(),
-        );
+        let families = [
+            ("connections_opened", "TCP connections opened", &self.opened),
+            ("connections_closed", "TCP connections closed", &self.closed),
+            (
+                "connections_failed",
+                "TCP connections that never established (refused, reset or timed out)",
+                &self.failed,
+            ),
+            ("sent_bytes", "Bytes sent during response (destination to source)", &self.sent),
+            ("received_bytes", "Bytes received during request (source to destination)", &self.received),
+            ("retrans", "Retransmitted TCP segments", &self.retrans),
+            ("packet_loss", "TCP segments the sender marked lost at report time", &self.packet_loss),
+        ];
+        for (name, help, family) in families {
+            r.register(format!("{prefix}_{name}"), format!("{help}, by {what}"), family.clone());
+        }
     }
 }
 
@@ -455,19 +436,7 @@ fn or_unknown(s: &str) -> String {
 }
 
 fn source_labels(w: Option<&Workload>) -> SourceLabels {
-    let Some(w) = w else {
-        return SourceLabels {
-            source_workload: "unknown".into(),
-            source_canonical_service: "unknown".into(),
-            source_canonical_revision: "unknown".into(),
-            source_workload_namespace: "unknown".into(),
-            source_principal: "unknown".into(),
-            source_app: "unknown".into(),
-            source_version: "unknown".into(),
-            source_cluster: "unknown".into(),
-        };
-    };
-    let d = destination_labels(Some(w));
+    let d = destination_labels(w);
     SourceLabels {
         source_workload: d.destination_workload,
         source_canonical_service: d.destination_canonical_service,

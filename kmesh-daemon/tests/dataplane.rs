@@ -373,20 +373,27 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Servers on s1 only (`s1_extra` in its workload entry), the echo service, the client and s1
+/// enrolled, no event pending.
+fn telemetry_env(s1_extra: &str) -> Env {
+    let mut env = Env::new(&three_backends_two_zones());
+    start_servers(&env, &[8080], &[]);
+    let cfg = echo_config(&env, "{}", &[("s1", s1_extra), ("s2", "absent"), ("s3", "absent")]);
+    env.apply(&cfg);
+    env.enroll("client", Some("client"));
+    env.enroll("s1", Some("s1"));
+    let _ = env.mesh().drain_telemetry();
+    env
+}
+
 #[test]
 fn connection_telemetry_counts_exact_bytes_with_istio_labels() {
     if !root_or_skip("connection_telemetry_counts_exact_bytes_with_istio_labels") {
         return;
     }
-    let mut env = Env::new(&three_backends_two_zones());
-    start_servers(&env, &[8080], &[]);
-    let labels =
-        ", workload_name: s1-deploy, canonical_name: echo-app, canonical_revision: v2, cluster_id: c1";
-    let cfg = echo_config(&env, "{}", &[("s1", labels), ("s2", "absent"), ("s3", "absent")]);
-    env.apply(&cfg);
-    env.enroll("client", Some("client"));
-    env.enroll("s1", Some("s1"));
-    let _ = env.mesh().drain_telemetry();
+    let mut env = telemetry_env(
+        ", workload_name: s1-deploy, canonical_name: echo-app, canonical_revision: v2, cluster_id: c1",
+    );
     // 3 connections through the VIP, each sending 1,000 bytes and receiving them back after
     // the server's 3-byte name line ("s1\n").
     let opts = ClientOptions { count: 3, send_bytes: 1000, ..Default::default() };
@@ -471,11 +478,7 @@ fn long_lived_connections_report_before_they_close() {
     if !root_or_skip("long_lived_connections_report_before_they_close") {
         return;
     }
-    let mut env = Env::new(&three_backends_two_zones());
-    start_servers(&env, &[8080], &[]);
-    let cfg = echo_config(&env, "{}", &[("s2", "absent"), ("s3", "absent")]);
-    env.apply(&cfg);
-    env.enroll("client", Some("client"));
+    let mut env = telemetry_env("");
     let mut m = env.mesh().telemetry.settings.clone();
     m.connection_metrics = true;
     env.mesh().set_monitoring(m, Some(std::time::Duration::from_millis(300))).unwrap();
@@ -524,13 +527,7 @@ fn a_full_ring_buffer_counts_every_lost_event() {
     if !root_or_skip("a_full_ring_buffer_counts_every_lost_event") {
         return;
     }
-    let mut env = Env::new(&three_backends_two_zones());
-    start_servers(&env, &[8080], &[]);
-    let cfg = echo_config(&env, "{}", &[("s2", "absent"), ("s3", "absent")]);
-    env.apply(&cfg);
-    env.enroll("client", Some("client"));
-    env.enroll("s1", Some("s1"));
-    let _ = env.mesh().drain_telemetry();
+    let mut env = telemetry_env("");
     let lost_before = env.mesh().dataplane().stats().unwrap()[kmesh_common::stat::TELEMETRY_LOST as usize];
     let events_before = env.mesh().telemetry.events;
     // Nobody drains while 3,000 connections make 4 events each (open and close on both
