@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::results::{PATHS, Results, TESTS, path_label};
+use crate::results::{PATHS, Results, Sample, TESTS, m_cpu10k, m_gbps, m_p50, m_rps, path_label};
 use crate::stats::ratio;
 
 fn f(v: Option<f64>, digits: usize) -> String {
@@ -69,7 +69,7 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
     let _ = writeln!(s, "## Ratios against direct\n");
     let _ = writeln!(
         s,
-        "Medians of {} interleaved rounds; each cell is the value and, in parentheses, the ratio to the direct path (for latency and CPU lower is better, for throughput higher is better).\n",
+        "Medians of {} interleaved rounds; each cell is the value and, in parentheses, its ratio to the direct path, paired: the median over rounds of the ratio within each round, where the two paths ran back to back (for latency and CPU lower is better, for throughput higher is better).\n",
         r.method.rounds
     );
     let _ = writeln!(
@@ -78,18 +78,22 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|");
     for (p, label) in PATHS {
-        let cell = |t: &str, get: &dyn Fn(&crate::results::Summary) -> Option<f64>, d: usize, unit: &str| {
+        let cell = |t: &str,
+                    get: &dyn Fn(&crate::results::Summary) -> Option<f64>,
+                    m: fn(&Sample) -> f64,
+                    d: usize,
+                    unit: &str| {
             let v = get(&sc(t, p));
-            format!("{}{unit} ({})", f(v, d), x(ratio(v, get(&sc(t, "direct")))))
+            format!("{}{unit} ({})", f(v, d), x(r.paired(t, p, "direct", m)))
         };
         let _ = writeln!(
             s,
             "| {label} | {} | {} | {} | {} | {} |",
-            cell("short-c1", &|s| s.p50_us, 0, " us"),
-            cell("txn-c1", &|s| s.p50_us, 0, " us"),
-            cell("keepalive-c16", &|s| s.rps, 0, ""),
-            cell("short-c16", &|s| s.cpu10k_total, 2, " s"),
-            cell("bulk", &|s| s.gbps, 1, ""),
+            cell("short-c1", &|s| s.p50_us, m_p50, 0, " us"),
+            cell("txn-c1", &|s| s.p50_us, m_p50, 0, " us"),
+            cell("keepalive-c16", &|s| s.rps, m_rps, 0, ""),
+            cell("short-c16", &|s| s.cpu10k_total, m_cpu10k, 2, " s"),
+            cell("bulk", &|s| s.gbps, m_gbps, 1, ""),
         );
     }
     let mut points: Vec<usize> = r.scale.iter().map(|s| s.services).collect();
@@ -112,7 +116,7 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
         let _ = write!(s, "| {} |", path_label(p));
         for n in &points {
             let v = r.connect_p50(*n, p);
-            let _ = write!(s, " {} us ({}) |", f(v, 1), x(ratio(v, r.connect_p50(*n, "direct"))));
+            let _ = write!(s, " {} us ({}) |", f(v, 1), x(r.connect_paired(*n, p, "direct")));
         }
         s.push('\n');
     }
@@ -131,14 +135,14 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
     let _ = writeln!(s, "| target | measured | |\n|---|---|---|");
     let within = |v: Option<f64>, tol: f64| v.map(|v| (v - 1.0).abs() <= tol);
     let at_least = |v: Option<f64>, min: f64| v.map(|v| v >= min);
-    let k_short = ratio(sc("short-c1", "kmesh").p50_us, sc("short-c1", "direct").p50_us);
-    let k_txn = ratio(sc("txn-c1", "kmesh").p50_us, sc("txn-c1", "direct").p50_us);
-    let k_cpu = ratio(sc("short-c16", "kmesh").cpu10k_total, sc("short-c16", "direct").cpu10k_total);
-    let k_ka = ratio(sc("keepalive-c16", "kmesh").rps, sc("keepalive-c16", "direct").rps);
-    let k_bulk = ratio(sc("bulk", "kmesh").gbps, sc("bulk", "direct").gbps);
-    let e_short = ratio(sc("short-c1", "envoy-both").p50_us, sc("short-c1", "kmesh").p50_us);
-    let e_cpu = ratio(sc("short-c16", "envoy-both").cpu10k_total, sc("short-c16", "kmesh").cpu10k_total);
-    let e_ka = ratio(sc("keepalive-c16", "kmesh").rps, sc("keepalive-c16", "envoy-both").rps);
+    let k_short = r.paired("short-c1", "kmesh", "direct", m_p50);
+    let k_txn = r.paired("txn-c1", "kmesh", "direct", m_p50);
+    let k_cpu = r.paired("short-c16", "kmesh", "direct", m_cpu10k);
+    let k_ka = r.paired("keepalive-c16", "kmesh", "direct", m_rps);
+    let k_bulk = r.paired("bulk", "kmesh", "direct", m_gbps);
+    let e_short = r.paired("short-c1", "envoy-both", "kmesh", m_p50);
+    let e_cpu = r.paired("short-c16", "envoy-both", "kmesh", m_cpu10k);
+    let e_ka = r.paired("keepalive-c16", "kmesh", "envoy-both", m_rps);
     let rows: Vec<(String, String, Option<bool>)> = vec![
         ("kmesh vs direct, short-connection p50 within 5%".into(), x(k_short), within(k_short, 0.05)),
         (
@@ -165,17 +169,21 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
         let _ = writeln!(s, "| {t} | {v} | {} |", verdict(ok));
     }
     if let (Some(lo), Some(hi)) = (points.first(), points.last()) {
-        let flat = ratio(r.connect_p50(*hi, "kmesh"), r.connect_p50(*lo, "kmesh"));
+        // Each point normalised by direct at the same point (paired within rounds), so that a
+        // change of the machine's state between points does not pass for growth.
+        let flat = ratio(r.connect_paired(*hi, "kmesh", "direct"), r.connect_paired(*lo, "kmesh", "direct"));
+        let raw = ratio(r.connect_p50(*hi, "kmesh"), r.connect_p50(*lo, "kmesh"));
         let _ = writeln!(
             s,
-            "| kmesh connect() flat from {} to {} services, within 10% | {} | {} |",
+            "| kmesh connect() flat from {} to {} services, within 10% (each point relative to direct at that point; raw p50 ratio {}) | {} | {} |",
             services_label(*lo),
             services_label(*hi),
+            x(raw),
             x(flat),
             verdict(within(flat, 0.10))
         );
         for n in points.iter().filter(|n| **n >= 50_000) {
-            let v = ratio(r.connect_p50(*n, "iptables"), r.connect_p50(*n, "kmesh"));
+            let v = r.connect_paired(*n, "iptables", "kmesh");
             let _ = writeln!(
                 s,
                 "| iptables / kmesh connect() p50 at {} services, at least 50x (the target is at 50,000) | {} | {} |",
@@ -268,7 +276,7 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
                 f(v.cpu10k_server, 3),
                 f(v.cpu10k_proxy, 3),
                 f(v.cpu10k_total, 3),
-                x(ratio(v.cpu10k_total, sc(t, "direct").cpu10k_total)),
+                x(r.paired(t, p, "direct", m_cpu10k)),
                 f(v.cpu10k_machine, 3)
             );
         }
@@ -278,7 +286,7 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
     let _ = writeln!(s, "| path | Gbit/s | vs direct |\n|---|---|---|");
     for (p, pl) in PATHS {
         let v = sc("bulk", p).gbps;
-        let _ = writeln!(s, "| {pl} | {} | {} |", f(v, 2), x(ratio(v, sc("bulk", "direct").gbps)));
+        let _ = writeln!(s, "| {pl} | {} | {} |", f(v, 2), x(r.paired("bulk", p, "direct", m_gbps)));
     }
 
     // Scale.
@@ -406,7 +414,7 @@ const METHOD: &str = "\
 
 In the Envoy paths a \"short connection\" is short between the application and its sidecar; Envoy keeps its upstream connections alive, as in Istio.
 
-**Rounds.** {rounds} rounds; in each round every test runs over every path in turn, starting at a different path each round, so that drift (other load, thermal, caches) hits all paths alike. Figures are medians over rounds of each round's figure; ratios are ratios of medians. A warm-up run over every path precedes the rounds, and one request over every path is checked first (the mesh path must show the server pod as its socket's peer, proof that connect() was rewritten).
+**Rounds.** {rounds} rounds; in each round every test runs over every path in turn, starting at a different path each round, so that drift (other load, thermal, caches) hits all paths alike. Figures are medians over rounds of each round's figure; ratios are paired: the ratio of two paths' figures within each round (they ran back to back), then the median over rounds, so that a change of the machine's state between rounds (which on 2 shared cores moves every path at once, e.g. keep-alive latency at 1 client jumping between about 25 and 80 us for every path at once) cancels out. A warm-up run over every path precedes the rounds, and one request over every path is checked first (the mesh path must show the server pod as its socket's peer, proof that connect() was rewritten).
 
 **Request tests.** wrk 4.1 in the client pod, {secs} s per run, `--latency` percentiles: short connections (`Connection: close`: a new TCP connection per request, closed by the server) and keep-alive, with 1 client (`-t1 -c1`) and 16 clients (`-t2 -c16`). wrk starts its latency clock when the connection is writable, so its short-connection latency does not include connect(); the in-repo client (`kmesh-bench probe --http`, one client, {probe_ms} ms) times the whole transaction: socket, connect(), request, full response, close.
 

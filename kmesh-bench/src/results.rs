@@ -138,7 +138,59 @@ pub struct Summary {
     pub cpu10k_machine: Option<f64>,
 }
 
+/// Per-sample figures that ratios are taken of.
+pub fn m_p50(s: &Sample) -> f64 {
+    s.p50_us
+}
+pub fn m_rps(s: &Sample) -> f64 {
+    s.rps
+}
+pub fn m_gbps(s: &Sample) -> f64 {
+    s.gbps
+}
+/// Client + server + proxy CPU seconds per 10,000 requests.
+pub fn m_cpu10k(s: &Sample) -> f64 {
+    if s.requests == 0 {
+        return f64::NAN;
+    }
+    (s.cpu_client_s + s.cpu_server_s + s.cpu_proxy_s) / s.requests as f64 * 1e4
+}
+
 impl Results {
+    /// Paired ratio `a / b` of one test: the median over rounds of the ratio of the two paths'
+    /// figures in the same round (both ran back to back, so drift between rounds cancels).
+    pub fn paired(&self, test: &str, a: &str, b: &str, f: fn(&Sample) -> f64) -> Option<f64> {
+        let ratios: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|s| s.test == test && s.path == a)
+            .filter_map(|sa| {
+                let sb =
+                    self.samples.iter().find(|s| s.test == test && s.path == b && s.round == sa.round)?;
+                let (va, vb) = (f(sa), f(sb));
+                (va > 0.0 && vb > 0.0).then(|| va / vb)
+            })
+            .collect();
+        median(&ratios)
+    }
+
+    /// Paired ratio of connect() p50 between two paths at one scale point.
+    pub fn connect_paired(&self, services: usize, a: &str, b: &str) -> Option<f64> {
+        let at = |p: &str, round: usize| {
+            self.scale
+                .iter()
+                .find(|s| s.services == services && s.path == p && s.round == round && s.count > 0)
+                .map(|s| s.p50_us)
+        };
+        let ratios: Vec<f64> = self
+            .scale
+            .iter()
+            .filter(|s| s.services == services && s.path == a)
+            .filter_map(|sa| Some(at(a, sa.round)? / at(b, sa.round)?))
+            .collect();
+        median(&ratios)
+    }
+
     pub fn summary(&self, test: &str, path: &str) -> Summary {
         let v: Vec<&Sample> = self.samples.iter().filter(|s| s.test == test && s.path == path).collect();
         let m = |f: &dyn Fn(&Sample) -> f64| median(&v.iter().map(|s| f(s)).collect::<Vec<_>>());
@@ -217,5 +269,18 @@ mod tests {
         assert!((s.cpu10k_total.unwrap() - 3.0).abs() < 1e-9);
         assert_eq!(s.gbps, None);
         assert_eq!(r.summary("short-c16", "kmesh").rps, None);
+        // Paired ratios: per round, then the median.
+        for (round, rps) in [(0, 50.0), (1, 300.0), (2, 400.0)] {
+            r.samples.push(Sample {
+                round,
+                test: "short-c16".into(),
+                path: "kmesh".into(),
+                rps,
+                ..Default::default()
+            });
+        }
+        // Rounds: 50/100, 300/300, 400/200 -> median 1.0 (the ratio of medians would be 1.5).
+        assert_eq!(r.paired("short-c16", "kmesh", "direct", m_rps), Some(1.0));
+        assert_eq!(r.paired("short-c16", "nobody", "direct", m_rps), None);
     }
 }
