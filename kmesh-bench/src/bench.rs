@@ -124,7 +124,7 @@ impl Drop for Env {
 
 fn sysctl(pod: &Pod, kv: &[&str]) {
     // Per-namespace settings; a missing key (e.g. conntrack not loaded yet) is not fatal.
-    let _ = Command::new("ip").args(["netns", "exec", &pod.netns, "sysctl", "-q", "-w"]).args(kv).output();
+    let _ = pod.sysctl(kv);
 }
 
 fn spawn_logged(mut cmd: Command, log: &Path) -> anyhow::Result<Child> {
@@ -331,33 +331,25 @@ impl Env {
     /// Loads `n` services into iptables (c-ipt pod); seconds taken.
     fn program_iptables(&self, n: usize, full: usize) -> anyhow::Result<f64> {
         let text = rules::iptables_restore(&rules::services(n, self.server_ip), full);
-        let file = self.dir.join("iptables.rules");
-        std::fs::write(&file, text)?;
-        let pod = self.bed.pod("c-ipt");
-        let t0 = Instant::now();
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &pod.netns, "iptables-restore"]).arg(&file);
-        run_bounded(&mut c, Duration::from_secs(300))?;
-        let dt = t0.elapsed().as_secs_f64();
-        sysctl(
-            pod,
-            &[
-                "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1",
-                "net.netfilter.nf_conntrack_tcp_timeout_close=1",
-            ],
-        );
-        Ok(dt)
+        self.load_rules("c-ipt", "iptables.rules", &text, &["iptables-restore"])
     }
 
     /// Loads `n` services into nftables (c-nft pod); seconds taken.
     fn program_nft(&self, n: usize, full: usize) -> anyhow::Result<f64> {
         let text = rules::nft_script(&rules::services(n, self.server_ip), full);
-        let file = self.dir.join("kube-proxy.nft");
+        self.load_rules("c-nft", "kube-proxy.nft", &text, &["nft", "-f"])
+    }
+
+    /// Writes `text` to `file` and loads it with `loader FILE` inside `pod`; seconds the
+    /// loader took. Conntrack then forgets closed connections at once, as the short-connection
+    /// tests would otherwise fill its table.
+    fn load_rules(&self, pod: &str, file: &str, text: &str, loader: &[&str]) -> anyhow::Result<f64> {
+        let file = self.dir.join(file);
         std::fs::write(&file, text)?;
-        let pod = self.bed.pod("c-nft");
+        let pod = self.bed.pod(pod);
         let t0 = Instant::now();
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &pod.netns, "nft", "-f"]).arg(&file);
+        c.args(["netns", "exec", &pod.netns]).args(loader).arg(&file);
         run_bounded(&mut c, Duration::from_secs(300))?;
         let dt = t0.elapsed().as_secs_f64();
         sysctl(

@@ -36,11 +36,7 @@ fn main() -> anyhow::Result<()> {
     let client = bed.add_pod(PodSpec::new("client", "node-a", "zone-a"))?;
     let server = bed.add_pod(PodSpec::new("server", "node-a", "zone-a"))?;
     bed.serve(&server, &[8080], &[])?;
-    for (k, v) in [("net.ipv4.tcp_tw_reuse", "1"), ("net.ipv4.ip_local_port_range", "10000 65000")] {
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &client.netns, "sysctl", "-qw", &format!("{k}={v}")])
-            .status()?;
-    }
+    client.for_many_short_connections()?;
     let pins = PathBuf::from(format!("/sys/fs/bpf/kmesh-telemetry-bench-{}", std::process::id()));
     let dp = Dataplane::load(&LoadOptions::new(bed.cgroup().to_owned(), pins.clone()))?;
     let mesh = Arc::new(Mutex::new(Mesh::new(dp)));
