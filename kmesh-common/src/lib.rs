@@ -311,7 +311,7 @@ pub const DIR_OUTBOUND: u32 = 1;
 /// The socket is the server side (it was accepted).
 pub const DIR_INBOUND: u32 = 2;
 
-/// Per-socket state, keyed by socket cookie (`CONN_META`, LRU).
+/// Per-socket telemetry state (`CONN_META`, socket-local storage: it lives and dies with the socket).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnMeta {

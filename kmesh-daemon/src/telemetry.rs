@@ -412,8 +412,8 @@ impl Index {
     }
 }
 
-/// Open connections tracked at most (the kernel's `CONN_META` holds 262,144); beyond this,
-/// connections without an event for 10 minutes are forgotten.
+/// Open connections tracked at most: only a close event lost to a full ring buffer leaves one
+/// behind; beyond this, connections without an event for 10 minutes are forgotten.
 const MAX_OPEN: usize = 524_288;
 
 #[derive(Debug, Default)]

@@ -11,9 +11,10 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage, lpm_trie::Key},
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
+        bpf_sk_storage_get,
     },
     macros::{btf_map, cgroup_sock_addr, sk_lookup, sock_ops},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
@@ -56,10 +57,10 @@ static AUTHZ_COUNTS: PerCpuHashMap<CountKey, u64, 65536, NO_PREALLOC> = PerCpuHa
 #[btf_map]
 static AUTHZ_EVENTS: RingBuf<(), { 256 * 1024 }> = RingBuf::new();
 
-// Telemetry: per-socket state (LRU, so sockets that never establish cannot fill it) and the
-// events user space turns into metrics and access logs.
+// Telemetry: per-socket state (socket-local storage: no key lookup, no capacity, freed with
+// the socket) and the events user space turns into metrics and access logs.
 #[btf_map]
-static CONN_META: LruHashMap<u64, ConnMeta, 262144> = LruHashMap::new();
+static CONN_META: SkStorage<ConnMeta> = SkStorage::new();
 #[btf_map]
 static TELEMETRY: RingBuf<(), { 1024 * 1024 }> = RingBuf::new();
 /// Written by the daemon: on/off and the report interval of open connections.
@@ -77,10 +78,30 @@ fn remember_orig(ctx: &SockAddrContext, addr: [u32; 4], port: u16) {
     if !telemetry_on() {
         return;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let meta = ConnMeta { orig_dst: addr, orig_port: u16::from_be(port), has_orig: 1, ..Default::default() };
-    let _ = CONN_META.insert(cookie, meta, 0);
+    let m = unsafe { CONN_META.get_or_insert_ptr_mut(ctx, None) };
+    if !m.is_null() {
+        unsafe {
+            (*m).orig_dst = addr;
+            (*m).orig_port = u16::from_be(port);
+            (*m).has_orig = 1;
+        }
+    }
 }
+
+/// The telemetry state of a sock_ops program's socket (created empty when `create`).
+#[inline(always)]
+fn sock_meta(ctx: &SockOpsContext, create: bool) -> Option<*mut ConnMeta> {
+    let sk = unsafe { core::ptr::read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
+    if sk.is_null() {
+        return None;
+    }
+    let map = core::ptr::from_ref(&CONN_META).cast_mut().cast();
+    let flags = if create { BPF_SK_STORAGE_GET_F_CREATE } else { 0 };
+    let m = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), flags) }.cast::<ConnMeta>();
+    if m.is_null() { None } else { Some(m) }
+}
+
+const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
 
 #[inline(always)]
 fn count(idx: u32) {
@@ -403,30 +424,30 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         if unsafe { NETNS.get(ns) }.is_none() {
             return 0;
         }
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        let Some(m) = sock_meta(&ctx, true) else { return 0 };
         let now = unsafe { bpf_ktime_get_ns() };
         // connect() may already have stored the service address the client dialled.
-        let mut meta = unsafe { CONN_META.get(cookie) }.copied().unwrap_or_default();
+        let mut meta = unsafe { *m };
         meta.start_ns = now;
         meta.last_report_ns = now;
         meta.direction = if op == SOCK_OPS_TCP_CONNECT { DIR_OUTBOUND } else { DIR_INBOUND };
-        let _ = CONN_META.insert(cookie, meta, 0);
+        unsafe { *m = meta };
         let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG | SOCK_OPS_RTT_CB_FLAG) as i32);
         if op == SOCK_OPS_PASSIVE_ESTABLISHED {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
             emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, now));
         }
     } else if op == SOCK_OPS_ACTIVE_ESTABLISHED {
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        let Some(m) = CONN_META.get_ptr_mut(cookie) else { return 0 };
+        let Some(m) = sock_meta(&ctx, false) else { return 0 };
         let now = unsafe { bpf_ktime_get_ns() };
         unsafe { (*m).last_report_ns = now };
         let meta = unsafe { *m };
         if meta.direction == DIR_OUTBOUND {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
             emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, now));
         }
     } else if op == SOCK_OPS_RTT {
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        let Some(m) = CONN_META.get_ptr_mut(cookie) else { return 0 };
+        let Some(m) = sock_meta(&ctx, false) else { return 0 };
         let now = unsafe { bpf_ktime_get_ns() };
         let interval = TELEMETRY_CONF.get(TCONF_INTERVAL_NS).copied().unwrap_or(5_000_000_000);
         let meta = unsafe { *m };
@@ -441,18 +462,19 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
             return 0;
         }
         unsafe { (*m).last_report_ns = now };
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         emit(&conn_event(&ctx, CONN_REPORT, &meta, cookie, now));
     } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_FIN_WAIT2 {
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        if let Some(m) = CONN_META.get_ptr_mut(cookie) {
+        if let Some(m) = sock_meta(&ctx, false) {
             unsafe { (*m).rcv_nxt_fin_wait2 = core::ptr::read_volatile(&(*ctx.ops).rcv_nxt) };
         }
     } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE {
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        let Some(meta) = (unsafe { CONN_META.get(cookie) }).copied() else { return 0 };
+        let Some(m) = sock_meta(&ctx, false) else { return 0 };
+        let meta = unsafe { *m };
         if meta.direction == 0 {
             return 0;
         }
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         let from = ctx.arg(0);
         let rcv_nxt = unsafe { core::ptr::read_volatile(&(*ctx.ops).rcv_nxt) };
         let now = unsafe { bpf_ktime_get_ns() };
@@ -464,7 +486,8 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
             ev.flags |= EV_NO_PEER_FIN;
         }
         emit(&ev);
-        let _ = CONN_META.remove(cookie);
+        // Reported once; the storage goes with the socket.
+        unsafe { (*m).direction = 0 };
     }
     0
 }
