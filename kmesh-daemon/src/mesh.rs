@@ -164,6 +164,7 @@ impl Mesh {
         let r = self.sync(&model, &enrolled)?;
         self.model = model;
         self.model_gen += 1;
+        self.telemetry.model_changed(&self.model, self.model_gen);
         self.has_model = true;
         // This layout's maps now hold the configuration: pins of another layout version (an
         // upgrade from an older daemon) can go, detaching the programs that used them.

@@ -220,6 +220,20 @@ impl<L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send +
     TcpFamilies<L>
 {
     /// The series of `l` (created at 0 in every family).
+    fn remove(&self, l: &L) {
+        for f in [
+            &self.opened,
+            &self.closed,
+            &self.failed,
+            &self.sent,
+            &self.received,
+            &self.retrans,
+            &self.packet_loss,
+        ] {
+            f.remove(l);
+        }
+    }
+
     fn handles(&self, l: &L) -> Handles {
         Handles {
             opened: self.opened.get_or_create_owned(l),
@@ -316,7 +330,12 @@ struct Peers {
     workload: WorkloadLabels,
     by_service: Handles,
     by_workload: Handles,
+    /// Uids of the source and destination workloads (None: not in the mesh).
+    owners: Owners,
 }
+
+/// The workloads a series is about: when one leaves the model, so does the series.
+type Owners = (Option<String>, Option<String>);
 
 /// Direction, source address, destination address and port, dialled service address and port.
 type PeersKey = (u32, IpAddr, IpAddr, u16, IpAddr, u16);
@@ -426,6 +445,9 @@ pub struct Telemetry {
     index: Index,
     /// Labels and counters by peers, valid for one model generation.
     peers: HashMap<PeersKey, Arc<Peers>>,
+    /// Every label set with a series, and the workload pairs that produced it.
+    service_owners: HashMap<ServiceLabels, std::collections::HashSet<Owners>>,
+    workload_owners: HashMap<WorkloadLabels, std::collections::HashSet<Owners>>,
     /// Events received from the kernel.
     pub events: u64,
 }
@@ -573,6 +595,8 @@ impl Telemetry {
                 if self.peers.len() >= MAX_OPEN {
                     self.peers.clear();
                 }
+                self.service_owners.entry(p.service.clone()).or_default().insert(p.owners.clone());
+                self.workload_owners.entry(p.workload.clone()).or_default().insert(p.owners.clone());
                 self.peers.insert(key, p.clone());
                 p
             }
@@ -632,7 +656,8 @@ impl Telemetry {
             },
         };
         let pod = PodDestination {
-            destination_pod_address: dst_ip.to_string(),
+            // Only pods of the mesh: a label per outside address would grow without bound.
+            destination_pod_address: dw.map(|_| dst_ip.to_string()).unwrap_or_else(|| "unknown".into()),
             destination_pod_namespace: dw.map(|w| w.namespace.clone()).unwrap_or_else(|| "unknown".into()),
             destination_pod_name: dw.map(|w| or_unknown(&w.name)).unwrap_or_else(|| "unknown".into()),
         };
@@ -654,6 +679,7 @@ impl Telemetry {
             by_workload: self.workload.handles(&workload),
             service,
             workload,
+            owners: (sw.map(|w| w.uid.clone()), dw.map(|w| w.uid.clone())),
         }
     }
 
@@ -664,8 +690,7 @@ impl Telemetry {
         if self.index.generation != generation
             || (self.index.workloads.is_empty() && !model.workloads.is_empty())
         {
-            self.index = Index::build(model, generation);
-            self.peers.clear();
+            self.model_changed(model, generation);
         }
         let (by_service, by_workload) = (self.settings.service_metrics, self.settings.workload_metrics);
         // An open missed (daemon restarted, or telemetry switched on since): the connection
@@ -775,6 +800,32 @@ impl Telemetry {
         .render(self.settings.access_log_format)
     }
 
+    /// Re-indexes names, and deletes the series of workloads that left the model (as Kmesh
+    /// does): a cluster with pod churn would otherwise grow its scrape forever.
+    pub fn model_changed(&mut self, model: &Model, generation: u64) {
+        self.index = Index::build(model, generation);
+        self.peers.clear();
+        let live = |o: &Owners| {
+            [&o.0, &o.1].iter().all(|u| u.as_ref().is_none_or(|u| model.workloads.contains_key(u)))
+        };
+        let families = &self.service;
+        self.service_owners.retain(|labels, owners| {
+            owners.retain(live);
+            if owners.is_empty() {
+                families.remove(labels);
+            }
+            !owners.is_empty()
+        });
+        let families = &self.workload;
+        self.workload_owners.retain(|labels, owners| {
+            owners.retain(live);
+            if owners.is_empty() {
+                families.remove(labels);
+            }
+            !owners.is_empty()
+        });
+    }
+
     /// Connections currently tracked between open and close.
     pub fn open_connections(&self) -> usize {
         self.open.len()
@@ -873,6 +924,41 @@ mod tests {
         assert_eq!(value("kmesh_tcp_workload_received_bytes_total"), 300);
         assert_eq!(value("kmesh_tcp_connections_closed_total"), 1);
         assert_eq!(t.open_connections(), 0);
+    }
+
+    #[test]
+    fn series_of_a_workload_that_left_the_model_are_deleted() {
+        let yaml = |with_s2: bool| {
+            let mut y = String::from(
+                "workloads:\n  - {uid: c, name: c, namespace: d, addresses: [10.0.0.1]}\n  - {uid: s1, name: s1, namespace: d, addresses: [10.0.0.2]}\n",
+            );
+            if with_s2 {
+                y += "  - {uid: s2, name: s2, namespace: d, addresses: [10.0.0.3]}\n";
+            }
+            crate::config::parse(&y).unwrap()
+        };
+        let to = |ip: [u8; 4], cookie: u64, kind: u32| ConnEvent {
+            kind,
+            direction: DIR_OUTBOUND,
+            local: crate::compile::addr_words(IpAddr::from([10, 0, 0, 1])),
+            remote: crate::compile::addr_words(IpAddr::from(ip)),
+            remote_port: 80,
+            cookie,
+            sent_bytes: 1,
+            ..Default::default()
+        };
+        let mut t = Telemetry::default();
+        let m = yaml(true);
+        for (ip, cookie) in [([10, 0, 0, 2], 1), ([10, 0, 0, 3], 2), ([10, 0, 0, 9], 3)] {
+            t.record(&to(ip, cookie, CONN_OPEN), &m, 1);
+        }
+        let text = t.render();
+        assert!(text.contains("destination_pod_name=\"s2\"") && text.contains("destination_workload=\"s2\""));
+        assert!(!text.contains("10.0.0.9"), "no series per outside address: {text}");
+        t.model_changed(&yaml(false), 2);
+        let text = t.render();
+        assert!(!text.contains("\"s2\""), "s2's series went with it: {text}");
+        assert!(text.contains("destination_pod_name=\"s1\"") && text.contains("destination_workload=\"s1\""));
     }
 
     #[test]
