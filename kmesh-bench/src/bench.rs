@@ -605,28 +605,22 @@ pub fn run(opts: &Options, res: &mut Results, daemon_slot: DaemonSlot) -> anyhow
     for &svcs in &opts.scale {
         let t_point = Instant::now();
         let mut failed: Vec<&str> = Vec::new();
-        match env.program_iptables(svcs, opts.iptables_full_chains) {
-            Ok(s) => res.control_plane.push(ControlPoint {
-                services: svcs,
-                path: "iptables".into(),
-                program_s: s,
-                ..Default::default()
-            }),
-            Err(e) => {
-                failed.push("iptables");
-                res.notes.push(format!("iptables with {svcs} services could not be loaded: {e:#}"));
-            }
-        }
-        match env.program_nft(svcs, opts.nft_full_chains) {
-            Ok(s) => res.control_plane.push(ControlPoint {
-                services: svcs,
-                path: "nftables".into(),
-                program_s: s,
-                ..Default::default()
-            }),
-            Err(e) => {
-                failed.push("nftables");
-                res.notes.push(format!("nftables with {svcs} services could not be loaded: {e:#}"));
+        let loaded = [
+            ("iptables", env.program_iptables(svcs, opts.iptables_full_chains)),
+            ("nftables", env.program_nft(svcs, opts.nft_full_chains)),
+        ];
+        for (path, r) in loaded {
+            match r {
+                Ok(s) => res.control_plane.push(ControlPoint {
+                    services: svcs,
+                    path: path.into(),
+                    program_s: s,
+                    ..Default::default()
+                }),
+                Err(e) => {
+                    failed.push(path);
+                    res.notes.push(format!("{path} with {svcs} services could not be loaded: {e:#}"));
+                }
             }
         }
         match env.start_daemon(svcs) {

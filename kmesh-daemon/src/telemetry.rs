@@ -334,6 +334,15 @@ struct Peers {
     owners: Owners,
 }
 
+impl Peers {
+    /// The counter sets the switches in force count into.
+    fn counting(&self, m: &Monitoring) -> impl Iterator<Item = &Handles> {
+        [(m.service_metrics, &self.by_service), (m.workload_metrics, &self.by_workload)]
+            .into_iter()
+            .filter_map(|(on, h)| on.then_some(h))
+    }
+}
+
 /// The workloads a series is about: when one leaves the model, so does the series.
 type Owners = (Option<String>, Option<String>);
 
@@ -692,7 +701,6 @@ impl Telemetry {
         {
             self.model_changed(model, generation);
         }
-        let (by_service, by_workload) = (self.settings.service_metrics, self.settings.workload_metrics);
         // An open missed (daemon restarted, or telemetry switched on since): the connection
         // counts from its start.
         let mut c = match self.open.remove(&e.cookie) {
@@ -702,11 +710,8 @@ impl Telemetry {
         c.seen = std::time::Instant::now();
         match e.kind {
             CONN_OPEN => {
-                if by_service {
-                    c.peers.by_service.opened.inc();
-                }
-                if by_workload {
-                    c.peers.by_workload.opened.inc();
+                for h in c.peers.counting(&self.settings) {
+                    h.opened.inc();
                 }
                 if self.open.len() >= MAX_OPEN {
                     let horizon = std::time::Duration::from_secs(600);
@@ -722,18 +727,12 @@ impl Telemetry {
                     if e.direction == DIR_OUTBOUND { (sent, received) } else { (received, sent) };
                 let now = Progress { from_src, from_dst, retrans: e.retrans as u64, lost: e.lost as u64 };
                 let delta = now.since(&c.last);
-                if by_service {
-                    c.peers.by_service.add(&delta);
-                }
-                if by_workload {
-                    c.peers.by_workload.add(&delta);
+                for h in c.peers.counting(&self.settings) {
+                    h.add(&delta);
                 }
                 if e.kind == CONN_CLOSE {
-                    if by_service {
-                        c.peers.by_service.closed.inc();
-                    }
-                    if by_workload {
-                        c.peers.by_workload.closed.inc();
+                    for h in c.peers.counting(&self.settings) {
+                        h.closed.inc();
                     }
                     if let Some(l) = &c.connection {
                         self.connection.remove(l);
@@ -754,11 +753,8 @@ impl Telemetry {
                 None
             }
             CONN_FAILED => {
-                if by_service {
-                    c.peers.by_service.failed.inc();
-                }
-                if by_workload {
-                    c.peers.by_workload.failed.inc();
+                for h in c.peers.counting(&self.settings) {
+                    h.failed.inc();
                 }
                 if let Some(l) = &c.connection {
                     self.connection.remove(l);
