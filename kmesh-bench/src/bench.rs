@@ -653,18 +653,7 @@ pub fn run(opts: &Options, res: &mut Results, daemon_slot: DaemonSlot) -> anyhow
                         r.first_errno
                     ));
                 }
-                res.scale.push(ScaleSample {
-                    services: svcs,
-                    path: path.into(),
-                    round,
-                    count: r.count,
-                    errors: r.errors,
-                    first_errno: r.first_errno,
-                    peer: r.peer,
-                    p50_us: r.p50_us,
-                    p90_us: r.p90_us,
-                    p99_us: r.p99_us,
-                });
+                res.scale.push(ScaleSample { services: svcs, path: path.into(), round, probe: r });
             }
         }
         let line: Vec<String> = probes

@@ -176,8 +176,18 @@ mod tests {
         assert_eq!(r.peer.as_deref(), Some(addr.to_string().as_str()));
         assert!(r.p50_us > 0.0 && r.p50_us <= r.p99_us);
         srv.join().unwrap();
-        // Nothing listens there any more: every attempt fails with ECONNREFUSED.
-        let r = run(addr, false, Duration::from_millis(20), 1000);
+        // A port held by a bound socket that does not listen (a freed port could be taken by
+        // a test running alongside): every attempt fails with ECONNREFUSED.
+        // SAFETY: plain socket calls on a descriptor this test owns; `sa` outlives the calls.
+        let fd = Fd(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) });
+        let mut sa = sockaddr(SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0));
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        unsafe {
+            assert_eq!(libc::bind(fd.0, std::ptr::from_ref(&sa).cast(), len), 0);
+            assert_eq!(libc::getsockname(fd.0, std::ptr::from_mut(&mut sa).cast(), &mut len), 0);
+        }
+        let held = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, u16::from_be(sa.sin_port)));
+        let r = run(held, false, Duration::from_millis(20), 1000);
         assert_eq!(r.count, 0);
         assert_eq!(r.first_errno, Some(libc::ECONNREFUSED));
     }

@@ -295,7 +295,7 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
     for n in &points {
         for p in ["direct", "kmesh", "iptables", "nftables"] {
             let count: u64 =
-                r.scale.iter().filter(|x| x.services == *n && x.path == p).map(|x| x.count).sum();
+                r.scale.iter().filter(|x| x.services == *n && x.path == p).map(|x| x.probe.count).sum();
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} |",

@@ -92,13 +92,9 @@ pub struct ScaleSample {
     pub services: usize,
     pub path: String,
     pub round: usize,
-    pub count: u64,
-    pub errors: u64,
-    pub first_errno: Option<i32>,
-    pub peer: Option<String>,
-    pub p50_us: f64,
-    pub p90_us: f64,
-    pub p99_us: f64,
+    /// The probe's figures (flattened: the JSON keeps one level).
+    #[serde(flatten)]
+    pub probe: crate::probe::ProbeResult,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -179,8 +175,8 @@ impl Results {
         let at = |p: &str, round: usize| {
             self.scale
                 .iter()
-                .find(|s| s.services == services && s.path == p && s.round == round && s.count > 0)
-                .map(|s| s.p50_us)
+                .find(|s| s.services == services && s.path == p && s.round == round && s.probe.count > 0)
+                .map(|s| s.probe.p50_us)
         };
         let ratios: Vec<f64> = self
             .scale
@@ -224,8 +220,8 @@ impl Results {
         let v: Vec<f64> = self
             .scale
             .iter()
-            .filter(|s| s.services == services && s.path == path && s.count > 0)
-            .map(|s| s.p50_us)
+            .filter(|s| s.services == services && s.path == path && s.probe.count > 0)
+            .map(|s| s.probe.p50_us)
             .collect();
         median(&v)
     }
@@ -234,8 +230,8 @@ impl Results {
         let v: Vec<f64> = self
             .scale
             .iter()
-            .filter(|s| s.services == services && s.path == path && s.count > 0)
-            .map(|s| s.p99_us)
+            .filter(|s| s.services == services && s.path == path && s.probe.count > 0)
+            .map(|s| s.probe.p99_us)
             .collect();
         median(&v)
     }

@@ -220,6 +220,21 @@ impl<L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send +
     TcpFamilies<L>
 {
     /// The series of `l` (created at 0 in every family).
+    /// Forgets the workload pairs that are not `live`, and the series no pair produces any more.
+    fn prune(
+        &self,
+        owners: &mut HashMap<L, std::collections::HashSet<Owners>>,
+        live: impl Fn(&Owners) -> bool,
+    ) {
+        owners.retain(|labels, pairs| {
+            pairs.retain(&live);
+            if pairs.is_empty() {
+                self.remove(labels);
+            }
+            !pairs.is_empty()
+        });
+    }
+
     fn remove(&self, l: &L) {
         for f in [
             &self.opened,
@@ -804,22 +819,8 @@ impl Telemetry {
         let live = |o: &Owners| {
             [&o.0, &o.1].iter().all(|u| u.as_ref().is_none_or(|u| model.workloads.contains_key(u)))
         };
-        let families = &self.service;
-        self.service_owners.retain(|labels, owners| {
-            owners.retain(live);
-            if owners.is_empty() {
-                families.remove(labels);
-            }
-            !owners.is_empty()
-        });
-        let families = &self.workload;
-        self.workload_owners.retain(|labels, owners| {
-            owners.retain(live);
-            if owners.is_empty() {
-                families.remove(labels);
-            }
-            !owners.is_empty()
-        });
+        self.service.prune(&mut self.service_owners, live);
+        self.workload.prune(&mut self.workload_owners, live);
     }
 
     /// Connections currently tracked between open and close.
