@@ -21,6 +21,7 @@ fn main() {
                 addresses: vec![IpAddr::V4(Ipv4Addr::from(0x0a60_0000u32 + s as u32 + 1))],
                 ports: vec![ServicePort { service_port: 80, target_port: 8080, protocol: Protocol::Tcp }],
                 load_balancing: LoadBalancing::default(),
+                ..Default::default()
             }),
         );
         for e in 0..m {
@@ -47,6 +48,7 @@ fn main() {
                     capacity: None,
                     authorization_policies: vec![],
                     services,
+                    ..Default::default()
                 }),
             );
         }

@@ -76,6 +76,7 @@ fn workload(svc: usize, ep: usize, m: usize) -> Workload {
         capacity: None,
         authorization_policies: vec![],
         services,
+        ..Default::default()
     }
 }
 
@@ -126,6 +127,7 @@ fn main() -> anyhow::Result<()> {
                 ))],
                 ports: vec![ServicePort { service_port: 80, target_port: 8080, protocol: Protocol::Tcp }],
                 load_balancing: LoadBalancing::default(),
+                ..Default::default()
             };
             res.insert(svc.key(), encode_address(&AddressResource::Service(svc)));
             for e in 0..m {

@@ -58,20 +58,6 @@ fn string_matches(m: &StringMatch, v: &str) -> bool {
     }
 }
 
-pub fn cidr_contains(c: &Cidr, ip: IpAddr) -> bool {
-    match (c.addr, ip) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => {
-            let mask = if c.len == 0 { 0 } else { u32::MAX << (32 - c.len as u32) };
-            u32::from(n) & mask == u32::from(a) & mask
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let mask = if c.len == 0 { 0 } else { u128::MAX << (128 - c.len as u32) };
-            u128::from(n) & mask == u128::from(a) & mask
-        }
-        _ => false,
-    }
-}
-
 /// One connection as the rules see it. `identity` is `None` for a source address that belongs
 /// to no workload: it matches no positive identity condition and every `not_` one.
 pub struct Conn<'a> {
@@ -91,7 +77,7 @@ fn match_holds(m: &PolicyMatch, c: &Conn) -> bool {
         id.is_some_and(|i| l.iter().any(|(ns, sa)| *ns == i.namespace && *sa == i.service_account))
     };
     let any_src = |l: &[Cidr]| l.iter().any(|x| (c.in_cidr)(x));
-    let any_dst = |l: &[Cidr]| l.iter().any(|x| cidr_contains(x, c.dst));
+    let any_dst = |l: &[Cidr]| l.iter().any(|x| x.contains(c.dst));
     let any_port = |l: &[u16]| c.port.is_some_and(|p| l.contains(&p));
     (m.namespaces.is_empty() || any_ns(&m.namespaces))
         && (m.not_namespaces.is_empty() || !any_ns(&m.not_namespaces))
@@ -188,7 +174,9 @@ impl AuthzCompiler {
         // Identities of every workload address (ids from 2: 0 unknown, 1 "any other").
         let mut identities: BTreeMap<Identity, u32> = BTreeMap::new();
         let mut used = BTreeSet::new();
-        for w in model.workloads.values() {
+        // A host-network workload's address is the node's: traffic from it may come from any
+        // process on the node, so it carries no identity, and nothing is policed there.
+        for w in model.workloads.values().filter(|w| !w.is_host_network()) {
             let ident = Identity::of(w);
             let id = self.identity_ids.get_or_alloc(&ident) + 1;
             used.insert(ident.clone());
@@ -217,7 +205,7 @@ impl AuthzCompiler {
             service_account: "\u{0}other".into(),
         };
         let mut dests = BTreeMap::new();
-        for w in model.workloads.values() {
+        for w in model.workloads.values().filter(|w| !w.is_host_network()) {
             let policies = applicable(model, w);
             if policies.is_empty() {
                 continue;
@@ -229,7 +217,7 @@ impl AuthzCompiler {
             for m in policies.iter().flat_map(|p| &p.rules).flat_map(|r| &r.clauses).flat_map(|c| &c.matches)
             {
                 for c in m.source_ips.iter().chain(&m.not_source_ips) {
-                    let c = normalize(c);
+                    let c = c.network();
                     if !cidrs.contains(&c) {
                         cidrs.push(c);
                     }
@@ -246,8 +234,7 @@ impl AuthzCompiler {
                         // Region r > 0 is "inside cidrs[r-1] and no more specific listed CIDR":
                         // an address there is in every listed CIDR that contains cidrs[r-1].
                         let inner = region.checked_sub(1).map(|r| cidrs[r]);
-                        let in_cidr =
-                            |c: &Cidr| inner.is_some_and(|i| c.len <= i.len && cidr_contains(c, i.addr));
+                        let in_cidr = |c: &Cidr| inner.is_some_and(|i| c.len <= i.len && c.contains(i.addr));
                         for port in &port_list {
                             let conn = Conn { identity: ident, in_cidr: &in_cidr, dst: *addr, port: *port };
                             let (action, by) = decide(&policies, &conn, false);
@@ -318,21 +305,6 @@ impl AuthzCompiler {
     }
 }
 
-/// A CIDR with its host bits cleared.
-fn normalize(c: &Cidr) -> Cidr {
-    let addr = match c.addr {
-        IpAddr::V4(a) => {
-            let mask = if c.len == 0 { 0 } else { u32::MAX << (32 - c.len as u32) };
-            IpAddr::V4((u32::from(a) & mask).into())
-        }
-        IpAddr::V6(a) => {
-            let mask = if c.len == 0 { 0 } else { u128::MAX << (128 - c.len as u32) };
-            IpAddr::V6((u128::from(a) & mask).into())
-        }
-    };
-    Cidr { addr, len: c.len }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,7 +344,7 @@ policies:
                 });
                 let net = crate::compile::words_addr(words);
                 let l = if net.is_ipv4() { len - 32 - 96 } else { len - 32 };
-                cidr_contains(&Cidr { addr: net, len: l as u8 }, src_ip)
+                Cidr { addr: net, len: l as u8 }.contains(src_ip)
             })
             .max_by_key(|((_, len), _)| *len)
             .map(|(_, r)| *r)

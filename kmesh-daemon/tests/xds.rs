@@ -259,6 +259,7 @@ fn authorization_resources_from_xds_are_enforced() {
         action: ps::Action::Deny as i32,
         rules: vec![ps::Rule { clauses: vec![ps::Clause { matches: vec![ps::Match::default()] }] }],
         dry_run: false,
+        extensions: vec![],
     };
     cp.set(AUTHORIZATION_TYPE, [("default/deny-all".to_string(), deny_all.encode_to_vec())]);
     wait_for("the DENY policy in force", || !bed.pod("client").connect(s1, 1, false).unwrap()[0].ok);

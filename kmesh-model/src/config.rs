@@ -186,6 +186,9 @@ pub struct WorkloadSpec {
     /// Selector-based policies that apply to this workload, as `namespace/name`.
     #[serde(default)]
     pub authorization_policies: Vec<String>,
+    /// `STANDARD` (default) or `HOST_NETWORK`.
+    #[serde(default)]
+    pub network_mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,6 +289,8 @@ fn enum_value<T: Copy>(field: &str, v: &str, table: &[(&str, T)]) -> Result<T, C
     })
 }
 
+const NETWORK_MODES: &[(&str, NetworkMode)] =
+    &[("STANDARD", NetworkMode::Standard), ("HOST_NETWORK", NetworkMode::HostNetwork)];
 const SCOPES: &[(&str, Scope)] = &[
     ("REGION", Scope::Region),
     ("ZONE", Scope::Zone),
@@ -344,19 +349,49 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
     let mut model = Model { node, ..Default::default() };
 
     // Services first, so that frontend conflicts are reported against the service list.
-    let mut frontends: BTreeMap<(IpAddr, u16, Protocol), String> = BTreeMap::new();
+    let mut frontends: BTreeMap<(Cidr, u16, Protocol), String> = BTreeMap::new();
     for (i, s) in file.services.into_iter().enumerate() {
         let f = format!("services[{i}]");
         required(&format!("{f}.name"), &s.name)?;
         required(&format!("{f}.namespace"), &s.namespace)?;
         required(&format!("{f}.hostname"), &s.hostname)?;
         let mut addresses = Vec::new();
+        let mut address_ranges = Vec::new();
         for (j, a) in s.addresses.iter().enumerate() {
-            let addr = ip(&format!("{f}.addresses[{j}]"), a)?;
-            if addresses.contains(&addr) {
-                return Err(invalid(format!("{f}.addresses[{j}]"), format!("{a} is listed twice")));
+            let af = format!("{f}.addresses[{j}]");
+            match a.split_once('/') {
+                // A range; a full-length prefix is a single address.
+                Some((net, len)) => {
+                    let addr = ip(&af, net)?;
+                    let max = if addr.is_ipv4() { 32 } else { 128 };
+                    let len: u8 = match len.trim().parse() {
+                        Ok(l) if l <= max => l,
+                        _ => return Err(invalid(af, format!("{len:?} is not a prefix length (0-{max})"))),
+                    };
+                    let r = Cidr { addr, len };
+                    if r.network() != r {
+                        let n = r.network();
+                        return Err(invalid(
+                            af,
+                            format!("{a} has bits set past the prefix (did you mean {n}?)"),
+                        ));
+                    }
+                    if len == max && !addresses.contains(&addr) {
+                        addresses.push(addr);
+                    } else if len < max && !address_ranges.contains(&r) {
+                        address_ranges.push(r);
+                    } else {
+                        return Err(invalid(af, format!("{a} is listed twice")));
+                    }
+                }
+                None => {
+                    let addr = ip(&af, a)?;
+                    if addresses.contains(&addr) {
+                        return Err(invalid(af, format!("{a} is listed twice")));
+                    }
+                    addresses.push(addr);
+                }
             }
-            addresses.push(addr);
         }
         let mut ports = Vec::new();
         let mut seen = BTreeSet::new();
@@ -381,13 +416,17 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             namespace: s.namespace,
             hostname: s.hostname,
             addresses,
+            address_ranges,
             ports,
             load_balancing: lb,
+            unused: BTreeMap::new(),
         };
         let key = svc.key();
-        for a in &svc.addresses {
+        let claimed =
+            svc.addresses.iter().map(|a| Cidr { addr: *a, len: if a.is_ipv4() { 32 } else { 128 } });
+        for a in claimed.chain(svc.address_ranges.iter().copied()) {
             for p in &svc.ports {
-                if let Some(other) = frontends.insert((*a, p.service_port, p.protocol), key.clone()) {
+                if let Some(other) = frontends.insert((a, p.service_port, p.protocol), key.clone()) {
                     return Err(invalid(
                         format!("{f}.addresses"),
                         format!(
@@ -413,11 +452,18 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
         if model.workloads.contains_key(&w.uid) {
             return Err(invalid(format!("{f}.uid"), format!("uid {:?} is used twice", w.uid)));
         }
+        let network_mode = match w.network_mode.as_deref() {
+            None => NetworkMode::Standard,
+            Some(m) => enum_value(&format!("{f}.network_mode"), m, NETWORK_MODES)?,
+        };
         let mut addresses = Vec::new();
         for (j, a) in w.addresses.iter().enumerate() {
             let af = format!("{f}.addresses[{j}]");
             let addr = ip(&af, a)?;
-            if let Some(other) = owners.insert((w.network.clone(), addr), w.uid.clone()) {
+            // Host-network pods share the node's address with each other.
+            if network_mode == NetworkMode::Standard
+                && let Some(other) = owners.insert((w.network.clone(), addr), w.uid.clone())
+            {
                 return Err(invalid(af, format!("{a} already belongs to workload {other:?}")));
             }
             addresses.push(addr);
@@ -476,6 +522,8 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                 capacity: w.capacity,
                 authorization_policies: w.authorization_policies,
                 services,
+                network_mode,
+                unused: BTreeMap::new(),
             }),
         );
     }
@@ -581,7 +629,15 @@ fn policy(f: &str, p: PolicySpec) -> Result<Policy, ConfigError> {
         }
         rules.push(Rule { clauses });
     }
-    Ok(Policy { name: p.name, namespace: p.namespace, scope, action, rules, dry_run: p.dry_run })
+    Ok(Policy {
+        name: p.name,
+        namespace: p.namespace,
+        scope,
+        action,
+        rules,
+        dry_run: p.dry_run,
+        unused: BTreeMap::new(),
+    })
 }
 
 #[cfg(test)]
@@ -713,5 +769,47 @@ workloads:
     #[test]
     fn empty_file_is_an_empty_mesh() {
         assert_eq!(parse("").unwrap(), Model::default());
+    }
+
+    #[test]
+    fn host_network_workloads_and_service_ranges() {
+        let m = parse(
+            "services: [{name: a, namespace: n, hostname: a, addresses: [10.96.0.1, 240.1.0.0/16, 10.96.0.2/32], ports: [{service_port: 80}]}]
+workloads:
+  - {uid: h1, name: h1, namespace: n, addresses: [192.168.1.5], network_mode: HOST_NETWORK}
+  - {uid: h2, name: h2, namespace: n, addresses: [192.168.1.5], network_mode: host_network}",
+        )
+        .unwrap();
+        let s = &m.services["n/a"];
+        assert_eq!(s.addresses.len(), 2);
+        assert_eq!(s.address_ranges, [Cidr { addr: "240.1.0.0".parse().unwrap(), len: 16 }]);
+        assert!(m.workloads["h1"].is_host_network() && m.workloads["h2"].is_host_network());
+        for (text, field, says) in [
+            (
+                "services: [{name: a, namespace: n, hostname: a, addresses: [240.1.0.1/16], ports: [{service_port: 80}]}]",
+                "services[0].addresses[0]",
+                "did you mean 240.1.0.0/16",
+            ),
+            (
+                "services: [{name: a, namespace: n, hostname: a, addresses: [240.1.0.0/33], ports: [{service_port: 80}]}]",
+                "services[0].addresses[0]",
+                "not a prefix length",
+            ),
+            (
+                "services: [{name: a, namespace: n, hostname: a, addresses: [240.1.0.0/16], ports: [{service_port: 80}]},
+                            {name: b, namespace: n, hostname: b, addresses: [240.1.0.0/16], ports: [{service_port: 80}]}]",
+                "services[1].addresses",
+                "already a frontend of service n/a",
+            ),
+            ("workloads: [{uid: u, name: a, namespace: n, network_mode: BRIDGE}]", "workloads[0].network_mode", "BRIDGE"),
+            (
+                "workloads: [{uid: u, name: a, namespace: n, addresses: [10.0.0.1]}, {uid: v, name: b, namespace: n, addresses: [10.0.0.1]}]",
+                "workloads[1].addresses[0]",
+                "already belongs",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(says), "{text}: {e}");
+        }
     }
 }

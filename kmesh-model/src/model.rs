@@ -40,7 +40,19 @@ pub struct PortMapping {
     pub target_port: u16,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// Istio `NetworkMode`: how a workload's pod is networked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum NetworkMode {
+    #[default]
+    Standard,
+    /// The pod runs in the node's network namespace: its address is the node's, shared with
+    /// every other host-network pod and the node itself. Such a workload can back a service,
+    /// but it is never enrolled, and its address says nothing about who is connecting
+    /// (authorization gives the node's address no identity from it and polices nothing there).
+    HostNetwork,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Workload {
     pub uid: String,
     pub name: String,
@@ -65,6 +77,17 @@ pub struct Workload {
     pub authorization_policies: Vec<String>,
     /// Services this workload backs, keyed `namespace/hostname`, with per-workload port maps.
     pub services: BTreeMap<String, Vec<PortMapping>>,
+    pub network_mode: NetworkMode,
+    /// Fields of the workload API this data plane received but does not act on yet (waypoint,
+    /// tunnel protocol, extensions, ...), by field name, rendered for the config dump.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub unused: BTreeMap<String, String>,
+}
+
+impl Workload {
+    pub fn is_host_network(&self) -> bool {
+        self.network_mode == NetworkMode::HostNetwork
+    }
 }
 
 /// L4 protocol of a service port. Istio's API has none (its ports are TCP); the local config
@@ -122,14 +145,23 @@ pub struct LoadBalancing {
     pub health_policy: HealthPolicy,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Service {
     pub name: String,
     pub namespace: String,
     pub hostname: String,
+    /// Virtual addresses (exact).
     pub addresses: Vec<IpAddr>,
+    /// Virtual address ranges (Istio `NetworkAddress` with a prefix `length` shorter than the
+    /// address): a connection to any address inside one is balanced like one to a VIP. An
+    /// exact VIP of any service wins over a range; among ranges, the longest prefix wins.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub address_ranges: Vec<Cidr>,
     pub ports: Vec<ServicePort>,
     pub load_balancing: LoadBalancing,
+    /// Fields received but not acted on yet, as in [`Workload::unused`].
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub unused: BTreeMap<String, String>,
 }
 
 impl Service {
@@ -152,6 +184,7 @@ pub struct Model {
 }
 
 impl Model {
+    /// The workload with this address. A host-network workload's address is the node's.
     pub fn workload_by_address(&self, ip: IpAddr) -> Option<&Workload> {
         self.workloads.values().map(|w| w.as_ref()).find(|w| w.addresses.contains(&ip))
     }
@@ -227,10 +260,37 @@ pub enum StringMatch {
 }
 
 /// An address range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Cidr {
     pub addr: IpAddr,
     pub len: u8,
+}
+
+impl Cidr {
+    /// The same range with the bits past the prefix cleared.
+    pub fn network(self) -> Cidr {
+        let addr = match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len.min(32))).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.len.min(128))).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        };
+        Cidr { addr, len: self.len }
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4() && Cidr { addr: ip, len: self.len }.network() == self.network()
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -268,6 +328,9 @@ pub struct Policy {
     pub action: PolicyAction,
     pub rules: Vec<Rule>,
     pub dry_run: bool,
+    /// Fields received but not acted on yet (extensions), as in [`Workload::unused`].
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub unused: BTreeMap<String, String>,
 }
 
 impl Policy {

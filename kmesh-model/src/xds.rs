@@ -107,6 +107,47 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
         services.insert(key, maps);
     }
     let locality = w.locality.map(|l| Locality { region: l.region, zone: l.zone, subzone: l.subzone });
+    let mut unused = BTreeMap::new();
+    let network_mode = match pw::NetworkMode::try_from(w.network_mode) {
+        Ok(pw::NetworkMode::Standard) => NetworkMode::Standard,
+        Ok(pw::NetworkMode::HostNetwork) => NetworkMode::HostNetwork,
+        Err(_) => {
+            // A mode newer than this data plane: treated as a standard pod, and shown.
+            unused.insert("network_mode".into(), format!("unknown value {}", w.network_mode));
+            NetworkMode::Standard
+        }
+    };
+    let mut keep = |field: &str, value: String| {
+        unused.insert(field.to_string(), value);
+    };
+    if !w.hostname.is_empty() {
+        keep("hostname", w.hostname.clone());
+    }
+    if w.tunnel_protocol != 0 {
+        keep(
+            "tunnel_protocol",
+            enum_name(pw::TunnelProtocol::try_from(w.tunnel_protocol), w.tunnel_protocol),
+        );
+    }
+    if let Some(g) = &w.waypoint {
+        keep("waypoint", gateway(g));
+    }
+    if let Some(g) = &w.network_gateway {
+        keep("network_gateway", gateway(g));
+    }
+    if w.workload_type != 0 {
+        keep("workload_type", enum_name(pw::WorkloadType::try_from(w.workload_type), w.workload_type));
+    }
+    if w.native_tunnel {
+        keep("native_tunnel", "true".into());
+    }
+    if let Some(t) = &w.application_tunnel {
+        let p = enum_name(pw::application_tunnel::Protocol::try_from(t.protocol), t.protocol);
+        keep("application_tunnel", format!("{p} port {}", t.port));
+    }
+    if !w.extensions.is_empty() {
+        keep("extensions", extension_names(&w.extensions));
+    }
     Ok(Workload {
         uid: w.uid,
         name: w.name,
@@ -125,7 +166,37 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
         capacity,
         authorization_policies: w.authorization_policies,
         services,
+        network_mode,
+        unused,
     })
+}
+
+/// An enum value by its proto name, or its number when this data plane does not know it.
+fn enum_name<E: std::fmt::Debug>(v: Result<E, prost::UnknownEnumValue>, raw: i32) -> String {
+    match v {
+        Ok(e) => format!("{e:?}"),
+        Err(_) => format!("unknown value {raw}"),
+    }
+}
+
+fn network_address(a: &pw::NetworkAddress) -> String {
+    let addr = ip("", &a.address).map(|i| i.to_string()).unwrap_or_else(|e| e.problem);
+    let len = a.length.map(|l| format!("/{l}")).unwrap_or_default();
+    if a.network.is_empty() { format!("{addr}{len}") } else { format!("{}/{addr}{len}", a.network) }
+}
+
+fn gateway(g: &pw::GatewayAddress) -> String {
+    use pw::gateway_address::Destination as D;
+    let dest = match &g.destination {
+        Some(D::Hostname(h)) => format!("{}/{}", h.namespace, h.hostname),
+        Some(D::Address(a)) => network_address(a),
+        None => "-".into(),
+    };
+    if g.hbone_mtls_port != 0 { format!("{dest} (HBONE port {})", g.hbone_mtls_port) } else { dest }
+}
+
+fn extension_names(e: &[pw::Extension]) -> String {
+    e.iter().map(|x| x.name.as_str()).collect::<Vec<_>>().join(",")
 }
 
 pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
@@ -133,10 +204,29 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
     required("Service.namespace", &s.namespace)?;
     required("Service.hostname", &s.hostname)?;
     let mut addresses = Vec::new();
+    let mut address_ranges = Vec::new();
     for (i, a) in s.addresses.iter().enumerate() {
         let addr = ip(&format!("Service.addresses[{i}].address"), &a.address)?;
-        if !addresses.contains(&addr) {
-            addresses.push(addr);
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        match a.length {
+            Some(l) if l > max => {
+                return Err(err(
+                    format!("Service.addresses[{i}].length"),
+                    format!("{l} is longer than {max}"),
+                ));
+            }
+            Some(l) if l < max => {
+                // A range: the bits past the prefix do not matter.
+                let r = Cidr { addr, len: l as u8 }.network();
+                if !address_ranges.contains(&r) {
+                    address_ranges.push(r);
+                }
+            }
+            _ => {
+                if !addresses.contains(&addr) {
+                    addresses.push(addr);
+                }
+            }
         }
     }
     let mut ports = Vec::new();
@@ -191,13 +281,65 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
             LoadBalancing { routing_preference: prefs, mode, health_policy }
         }
     };
+    let mut unused = BTreeMap::new();
+    let mut keep = |field: &str, value: String| {
+        unused.insert(field.to_string(), value);
+    };
+    if !s.subject_alt_names.is_empty() {
+        keep("subject_alt_names", s.subject_alt_names.join(","));
+    }
+    if let Some(g) = &s.waypoint {
+        keep("waypoint", gateway(g));
+    }
+    if s.ip_families != 0 {
+        keep("ip_families", enum_name(pw::IpFamilies::try_from(s.ip_families), s.ip_families));
+    }
+    if !s.extensions.is_empty() {
+        keep("extensions", extension_names(&s.extensions));
+    }
+    if s.canonical {
+        keep("canonical", "true".into());
+    }
+    if s.ingress_use_waypoint {
+        keep("ingress_use_waypoint", "true".into());
+    }
+    if !s.weighted_waypoints.is_empty() {
+        let ws: Vec<String> = s
+            .weighted_waypoints
+            .iter()
+            .map(|w| {
+                format!("{}={}", w.destination.as_ref().map(gateway).unwrap_or_else(|| "-".into()), w.weight)
+            })
+            .collect();
+        keep("weighted_waypoints", ws.join(","));
+    }
+    if s.visibility != 0 {
+        keep("visibility", enum_name(pw::service::Visibility::try_from(s.visibility), s.visibility));
+    }
+    let protocols: Vec<String> = s
+        .ports
+        .iter()
+        .filter(|p| p.app_protocol != 0)
+        .map(|p| {
+            format!(
+                "{}={}",
+                p.service_port,
+                enum_name(pw::AppProtocol::try_from(p.app_protocol), p.app_protocol)
+            )
+        })
+        .collect();
+    if !protocols.is_empty() {
+        keep("app_protocol", protocols.join(","));
+    }
     Ok(Service {
         name: s.name,
         namespace: s.namespace,
         hostname: s.hostname,
         addresses,
+        address_ranges,
         ports,
         load_balancing,
+        unused,
     })
 }
 
@@ -235,12 +377,22 @@ pub fn policy_from_proto(p: ps::Authorization) -> Result<Policy, ResourceError> 
         Err(_) => return Err(err("Authorization.action", format!("unknown value {}", p.action))),
     };
     let mut rules = Vec::new();
+    let mut unused = BTreeMap::new();
+    if !p.extensions.is_empty() {
+        unused.insert("extensions".to_string(), extension_names(&p.extensions));
+    }
     for (ri, r) in p.rules.iter().enumerate() {
         let mut clauses = Vec::new();
         for (ci, c) in r.clauses.iter().enumerate() {
             let mut matches = Vec::new();
             for (mi, m) in c.matches.iter().enumerate() {
                 let f = format!("Authorization.rules[{ri}].clauses[{ci}].matches[{mi}]");
+                if !m.extensions.is_empty() {
+                    unused.insert(
+                        format!("rules[{ri}].clauses[{ci}].matches[{mi}].extensions"),
+                        extension_names(&m.extensions),
+                    );
+                }
                 let sm = |name: &str, v: &[ps::StringMatch]| -> Result<Vec<StringMatch>, ResourceError> {
                     v.iter().enumerate().map(|(i, m)| string_match(&format!("{f}.{name}[{i}]"), m)).collect()
                 };
@@ -272,7 +424,7 @@ pub fn policy_from_proto(p: ps::Authorization) -> Result<Policy, ResourceError> 
         }
         rules.push(Rule { clauses });
     }
-    Ok(Policy { name: p.name, namespace: p.namespace, scope, action, rules, dry_run: p.dry_run })
+    Ok(Policy { name: p.name, namespace: p.namespace, scope, action, rules, dry_run: p.dry_run, unused })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -303,6 +455,10 @@ pub fn workload_to_proto(w: &Workload) -> pw::Workload {
         service_account: w.service_account.clone(),
         trust_domain: w.trust_domain.clone(),
         capacity: w.capacity,
+        network_mode: match w.network_mode {
+            NetworkMode::Standard => pw::NetworkMode::Standard as i32,
+            NetworkMode::HostNetwork => pw::NetworkMode::HostNetwork as i32,
+        },
         authorization_policies: w.authorization_policies.clone(),
         services: w
             .services
@@ -333,7 +489,12 @@ pub fn service_to_proto(s: &Service) -> pw::Service {
         addresses: s
             .addresses
             .iter()
-            .map(|a| pw::NetworkAddress { network: String::new(), address: ip_bytes(a) })
+            .map(|a| pw::NetworkAddress { network: String::new(), address: ip_bytes(a), length: None })
+            .chain(s.address_ranges.iter().map(|r| pw::NetworkAddress {
+                network: String::new(),
+                address: ip_bytes(&r.addr),
+                length: Some(r.len.into()),
+            }))
             .collect(),
         ports: s
             .ports
@@ -432,6 +593,7 @@ mod tests {
         let sm =
             |s: &str| ps::StringMatch { match_type: Some(ps::string_match::MatchType::Prefix(s.into())) };
         let p = ps::Authorization {
+            extensions: vec![],
             name: "deny-x".into(),
             namespace: "default".into(),
             scope: ps::Scope::Namespace as i32,
@@ -465,5 +627,117 @@ mod tests {
         bad.rules[0].clauses[0].matches[0].source_ips[0].length = 33;
         let e = policy_from_proto(bad).unwrap_err();
         assert_eq!(e.field, "Authorization.rules[0].clauses[0].matches[0].source_ips[0].length");
+    }
+
+    /// Bytes as upstream's protos put them on the wire, built by hand (not by this crate's
+    /// generated code): `Address{workload: Workload{uid: "u", network_mode: HOST_NETWORK,
+    /// capacity: {value: 5}}}`.
+    fn upstream_host_network_workload() -> Vec<u8> {
+        let mut w = vec![0xa2, 0x01, 1, b'u']; // uid = 20, LEN
+        w.extend([0xc8, 0x01, 1]); // network_mode = 25, VARINT, HOST_NETWORK
+        w.extend([0xda, 0x01, 2, 0x08, 5]); // capacity = 27, LEN, UInt32Value{value = 1: 5}
+        let mut a = vec![0x0a, w.len() as u8]; // Address.workload = 1, LEN
+        a.extend(w);
+        a
+    }
+
+    #[test]
+    fn capacity_is_field_27_and_network_mode_field_25_as_upstream() {
+        let AddressResource::Workload(w) = decode_address(&upstream_host_network_workload()).unwrap() else {
+            panic!("not a workload")
+        };
+        assert_eq!(w.capacity, Some(5));
+        assert_eq!(w.network_mode, NetworkMode::HostNetwork);
+        assert!(w.is_host_network());
+        // And back: our encoding is upstream's.
+        let back = encode_address(&AddressResource::Workload(w));
+        assert_eq!(
+            decode_address(&back).unwrap(),
+            decode_address(&upstream_host_network_workload()).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_service_address_with_a_prefix_length_is_a_range() {
+        let na = |a: Vec<u8>, length: Option<u32>| pw::NetworkAddress {
+            network: String::new(),
+            address: a,
+            length,
+        };
+        let s = pw::Service {
+            name: "s".into(),
+            namespace: "n".into(),
+            hostname: "h".into(),
+            addresses: vec![
+                na(vec![10, 96, 0, 1], None),
+                na(vec![10, 96, 0, 2], Some(32)),
+                na(vec![240, 1, 2, 99], Some(24)),
+            ],
+            ..Default::default()
+        };
+        let m = service_from_proto(s.clone()).unwrap();
+        assert_eq!(m.addresses, ["10.96.0.1".parse::<IpAddr>().unwrap(), "10.96.0.2".parse().unwrap()]);
+        assert_eq!(m.address_ranges, [Cidr { addr: "240.1.2.0".parse().unwrap(), len: 24 }]);
+        let again = service_from_proto(service_to_proto(&m)).unwrap();
+        assert_eq!(again, m);
+        let mut bad = s;
+        bad.addresses[2].length = Some(33);
+        assert_eq!(service_from_proto(bad).unwrap_err().field, "Service.addresses[2].length");
+    }
+
+    #[test]
+    fn fields_not_acted_on_are_kept_not_rejected() {
+        let gw = pw::GatewayAddress {
+            destination: Some(pw::gateway_address::Destination::Hostname(pw::NamespacedHostname {
+                namespace: "istio-system".into(),
+                hostname: "waypoint.istio-system.svc.cluster.local".into(),
+            })),
+            hbone_mtls_port: 15008,
+        };
+        let w = pw::Workload {
+            uid: "u".into(),
+            tunnel_protocol: pw::TunnelProtocol::LegacyIstioMtls as i32,
+            waypoint: Some(gw.clone()),
+            native_tunnel: true,
+            application_tunnel: Some(pw::ApplicationTunnel { protocol: 1, port: 15088 }),
+            extensions: vec![pw::Extension { name: "x.example".into(), config: None }],
+            network_mode: 7,
+            ..Default::default()
+        };
+        let m = workload_from_proto(w).unwrap();
+        assert_eq!(m.unused["tunnel_protocol"], "LegacyIstioMtls");
+        assert_eq!(
+            m.unused["waypoint"],
+            "istio-system/waypoint.istio-system.svc.cluster.local (HBONE port 15008)"
+        );
+        assert_eq!(m.unused["application_tunnel"], "Proxy port 15088");
+        assert_eq!(m.unused["extensions"], "x.example");
+        assert_eq!(m.unused["network_mode"], "unknown value 7");
+        assert_eq!(m.network_mode, NetworkMode::Standard);
+        let s = pw::Service {
+            name: "s".into(),
+            namespace: "n".into(),
+            hostname: "h".into(),
+            canonical: true,
+            visibility: pw::service::Visibility::Namespace as i32,
+            weighted_waypoints: vec![pw::WeightedWaypoint { destination: Some(gw), weight: 3 }],
+            ports: vec![pw::Port {
+                service_port: 443,
+                target_port: 8443,
+                app_protocol: pw::AppProtocol::Tls as i32,
+            }],
+            ..Default::default()
+        };
+        let m = service_from_proto(s).unwrap();
+        assert_eq!(m.unused["visibility"], "Namespace");
+        assert_eq!(m.unused["app_protocol"], "443=Tls");
+        assert_eq!(m.unused["canonical"], "true");
+        assert!(m.unused["weighted_waypoints"].ends_with("=3"));
+        let p = ps::Authorization {
+            name: "p".into(),
+            extensions: vec![pw::Extension { name: "e".into(), config: None }],
+            ..Default::default()
+        };
+        assert_eq!(policy_from_proto(p).unwrap().unused["extensions"], "e");
     }
 }

@@ -30,3 +30,64 @@ pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authori
 pub use envoy_types::pb::google::protobuf as envoy_struct;
 /// The `google.protobuf.Any` that Envoy's `Resource` carries.
 pub use envoy_types::pb::google::protobuf::Any;
+
+/// The compiled `FileDescriptorSet` of this crate's protos (encoded), for checks against
+/// upstream's definitions.
+pub const DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
+
+/// One line per message field and enum value of the given packages, sorted: the wire contract
+/// in a form a test can compare with upstream's. Fields read
+/// `field <message>.<name> = <number> <label> <type>[ <type name>][ oneof <name>]`,
+/// enum values `value <enum>.<name> = <number>`.
+pub fn wire_contract(packages: &[&str]) -> Vec<String> {
+    wire_contract_of(DESCRIPTOR_SET, packages).expect("the build script wrote a valid set")
+}
+
+/// [`wire_contract`] of any encoded `FileDescriptorSet`.
+pub fn wire_contract_of(descriptor_set: &[u8], packages: &[&str]) -> Result<Vec<String>, prost::DecodeError> {
+    use prost::Message;
+    use prost_types::{DescriptorProto, EnumDescriptorProto, FileDescriptorSet};
+    fn enums(out: &mut Vec<String>, scope: &str, es: &[EnumDescriptorProto]) {
+        for e in es {
+            for v in &e.value {
+                out.push(format!("value {scope}.{}.{} = {}", e.name(), v.name(), v.number()));
+            }
+        }
+    }
+    fn messages(out: &mut Vec<String>, scope: &str, ms: &[DescriptorProto]) {
+        for m in ms {
+            let full = format!("{scope}.{}", m.name());
+            for f in &m.field {
+                let label =
+                    if f.proto3_optional() { "optional".to_string() } else { format!("{:?}", f.label()) };
+                let mut line = format!("field {full}.{} = {} {label} {:?}", f.name(), f.number(), f.r#type());
+                if !f.type_name().is_empty() {
+                    line.push(' ');
+                    line.push_str(f.type_name());
+                }
+                if let Some(i) = f.oneof_index
+                    && !f.proto3_optional()
+                {
+                    line.push_str(&format!(" oneof {}", m.oneof_decl[i as usize].name()));
+                }
+                out.push(line);
+            }
+            for r in &m.reserved_range {
+                out.push(format!("reserved {full} {}..{}", r.start(), r.end()));
+            }
+            for n in &m.reserved_name {
+                out.push(format!("reserved {full} {n:?}"));
+            }
+            enums(out, &full, &m.enum_type);
+            messages(out, &full, &m.nested_type);
+        }
+    }
+    let set = FileDescriptorSet::decode(descriptor_set)?;
+    let mut out = Vec::new();
+    for file in set.file.iter().filter(|f| packages.contains(&f.package())) {
+        enums(&mut out, file.package(), &file.enum_type);
+        messages(&mut out, file.package(), &file.message_type);
+    }
+    out.sort();
+    Ok(out)
+}
