@@ -84,10 +84,18 @@ async fn with_mesh<T: Send + 'static>(s: &AppState, f: impl FnOnce(&mut Mesh) ->
 async fn config_dump(State(s): State<AppState>) -> Response {
     let err = s.config_error.lock().unwrap().clone();
     let path = s.config_path.clone();
+    let xds = s.xds.enabled.load(Ordering::Relaxed).then(|| {
+        serde_json::json!({
+            "node_id": s.xds.node_id.get(),
+            "connected": s.xds.connected.load(Ordering::Relaxed),
+            "last_error": s.xds.last_error.lock().unwrap().clone(),
+        })
+    });
     let dump = with_mesh(&s, move |m| {
         serde_json::json!({
             "config_path": path,
             "config_error": err,
+            "xds": xds,
             "model": m.model(),
             "enrolled": m.enrolled().iter().map(|(c, e)| serde_json::json!({"netns_cookie": c, "workload": e.workload})).collect::<Vec<_>>(),
             "maps": {

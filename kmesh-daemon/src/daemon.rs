@@ -175,7 +175,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             })
         }
         Source::Xds(x) => {
-            tracing::info!(address = %x.address, tls = x.ca_file.is_some(), node_id = %x.node_id, "taking configuration from xDS");
+            tracing::info!(address = %x.address, tls = x.ca_file.is_some(), node_id = %x.identity.node_id(), "taking configuration from xDS");
             tokio::spawn(xds::run((**x).clone(), shared.clone(), stop_rx))
         }
     };

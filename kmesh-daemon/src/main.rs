@@ -12,7 +12,7 @@ use kmesh_daemon::daemon::{self, RunOptions, Source};
 use kmesh_daemon::kernel::{self, Capacities};
 use kmesh_daemon::model::{Locality, NodeInfo};
 use kmesh_daemon::telemetry::{LogFormat, Monitoring};
-use kmesh_daemon::xds::XdsOptions;
+use kmesh_daemon::xds::{ProxyIdentity, XdsOptions};
 
 #[derive(Parser)]
 #[command(
@@ -75,8 +75,8 @@ struct XdsArgs {
 }
 
 impl XdsArgs {
-    fn options(&self) -> Option<XdsOptions> {
-        let address = self.xds_address.as_ref()?;
+    fn options(&self) -> anyhow::Result<Option<XdsOptions>> {
+        let Some(address) = self.xds_address.as_ref() else { return Ok(None) };
         let node = NodeInfo {
             name: self.node_name.clone(),
             locality: Locality {
@@ -86,7 +86,10 @@ impl XdsArgs {
             },
             ..Default::default()
         };
-        let mut o = XdsOptions::new(address, node);
+        let identity = ProxyIdentity::from_env()?;
+        // The cluster a node is in is what the control plane is told (locality scope CLUSTER).
+        let node = NodeInfo { cluster_id: identity.cluster_id.clone(), ..node };
+        let mut o = XdsOptions::new(address, node, identity);
         if !self.xds_plaintext {
             o.ca_file = Some(self.xds_ca_file.clone());
             o.token_file = Some(
@@ -97,7 +100,7 @@ impl XdsArgs {
         }
         o.tls_server_name = self.xds_server_name.clone();
         o.backoff_max = Duration::from_millis(self.xds_backoff_max_ms.max(100));
-        Some(o)
+        Ok(Some(o))
     }
 }
 
@@ -239,7 +242,7 @@ fn main() -> anyhow::Result<()> {
                 Some(c) => c,
                 None => cgroup2_mount()?,
             };
-            let source = match (config, xds.options()) {
+            let source = match (config, xds.options()?) {
                 (Some(c), None) => Source::File(c),
                 (None, Some(x)) => Source::Xds(Box::new(x)),
                 _ => anyhow::bail!("give exactly one of --config and --xds-address"),

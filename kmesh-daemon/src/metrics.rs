@@ -23,6 +23,10 @@ pub struct XdsHealth {
     pub acks: AtomicU64,
     pub nacks: AtomicU64,
     pub disconnects: AtomicU64,
+    /// The Node id sent (set once the client starts).
+    pub node_id: std::sync::OnceLock<String>,
+    /// Why the last stream ended or could not open (cleared by the next response).
+    pub last_error: std::sync::Mutex<Option<String>>,
 }
 
 type Labels = Vec<(&'static str, String)>;

@@ -35,7 +35,8 @@ pub struct XdsOptions {
     pub tls_server_name: Option<String>,
     /// A bearer token file (re-read on every connection), e.g. a projected service account token.
     pub token_file: Option<PathBuf>,
-    pub node_id: String,
+    /// The Node id and metadata sent.
+    pub identity: ProxyIdentity,
     /// This node, for locality; its locality is filled from the xDS workloads on it when empty.
     pub node: NodeInfo,
     pub backoff_initial: Duration,
@@ -43,13 +44,14 @@ pub struct XdsOptions {
 }
 
 impl XdsOptions {
-    pub fn new(address: &str, node: NodeInfo) -> Self {
+    /// Options for `address`, with the given identity (usually [`ProxyIdentity::from_env`]).
+    pub fn new(address: &str, node: NodeInfo, identity: ProxyIdentity) -> Self {
         Self {
             address: address.to_string(),
             ca_file: None,
             tls_server_name: None,
             token_file: None,
-            node_id: default_node_id(),
+            identity,
             node,
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(15),
@@ -57,12 +59,105 @@ impl XdsOptions {
     }
 }
 
-/// `<role>~<pod ip>~<pod>.<ns>~<ns>.svc.cluster.local` from the pod's downward-API variables.
-pub fn default_node_id() -> String {
-    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
-    let (ip, pod, ns) =
-        (env("POD_IP", "127.0.0.1"), env("POD_NAME", "kmesh-daemon"), env("POD_NAMESPACE", "kmesh-system"));
-    format!("kmesh~{ip}~{pod}.{ns}~{ns}.svc.cluster.local")
+/// Who this daemon says it is to the control plane: the Node id and metadata istiod reads.
+///
+/// The id is `ztunnel~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`. istiod accepts
+/// only the proxy types `sidecar`, `router`, `waypoint` and `ztunnel`; this daemon is a
+/// node-level data plane for the workload API, which is what `ztunnel` means to istiod (Kmesh
+/// sends the same in its workload mode, and ztunnel itself does): istiod serves it the
+/// `Address` and `Authorization` types and treats it as per-node, not as a pod's sidecar.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyIdentity {
+    /// `INSTANCE_IP` (the pod's, which is the node's for a host-network DaemonSet); a
+    /// comma-separated list is accepted. `INSTANCE_IPS` in the metadata.
+    pub instance_ips: Vec<std::net::IpAddr>,
+    /// `POD_NAME`.
+    pub pod_name: String,
+    /// `POD_NAMESPACE`.
+    pub pod_namespace: String,
+    /// `NODE_NAME`.
+    pub node_name: String,
+    /// `CLUSTER_ID` (istiod's default cluster name, `Kubernetes`, when unset).
+    pub cluster_id: String,
+    /// `SERVICE_ACCOUNT`, when set.
+    pub service_account: String,
+}
+
+/// The proxy type istiod knows this kind of data plane by.
+pub const PROXY_TYPE: &str = "ztunnel";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{var}={value:?} is not an IP address (set it from the pod's status.podIP)")]
+pub struct IdentityError {
+    pub var: &'static str,
+    pub value: String,
+}
+
+impl ProxyIdentity {
+    /// From the variables the DaemonSet sets through the downward API. `POD_IP` is read when
+    /// `INSTANCE_IP` is unset (older deployments of this project set it); with neither,
+    /// 127.0.0.1 (local use).
+    pub fn from_env() -> Result<Self, IdentityError> {
+        Self::from_vars(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
+    }
+
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, IdentityError> {
+        let (name, raw) = match (var("INSTANCE_IP"), var("POD_IP")) {
+            (Some(v), _) => ("INSTANCE_IP", v),
+            (None, Some(v)) => ("POD_IP", v),
+            (None, None) => ("INSTANCE_IP", "127.0.0.1".to_string()),
+        };
+        let mut instance_ips = Vec::new();
+        for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let ip = part.parse().map_err(|_| IdentityError { var: name, value: raw.clone() })?;
+            instance_ips.push(ip);
+        }
+        if instance_ips.is_empty() {
+            return Err(IdentityError { var: name, value: raw });
+        }
+        Ok(Self {
+            instance_ips,
+            pod_name: var("POD_NAME").unwrap_or_else(|| "kmesh-daemon".into()),
+            pod_namespace: var("POD_NAMESPACE").unwrap_or_else(|| "kmesh-system".into()),
+            node_name: var("NODE_NAME").unwrap_or_default(),
+            cluster_id: var("CLUSTER_ID").unwrap_or_else(|| "Kubernetes".into()),
+            service_account: var("SERVICE_ACCOUNT").unwrap_or_default(),
+        })
+    }
+
+    pub fn node_id(&self) -> String {
+        let (ip, pod, ns) = (self.instance_ips[0], &self.pod_name, &self.pod_namespace);
+        format!("{PROXY_TYPE}~{ip}~{pod}.{ns}~{ns}.svc.cluster.local")
+    }
+
+    /// The `Node` of the first request: id, metadata as istiod's `NodeMetadata` reads it
+    /// (strings; `INSTANCE_IPS` comma-separated), and the user agent.
+    pub fn node(&self) -> Node {
+        use kmesh_proto::envoy_struct::{Struct, Value, value::Kind};
+        let s = |v: &str| Value { kind: Some(Kind::StringValue(v.to_string())) };
+        let ips: Vec<String> = self.instance_ips.iter().map(|i| i.to_string()).collect();
+        let mut fields = std::collections::BTreeMap::new();
+        fields.insert("NAME".to_string(), s(&self.pod_name));
+        fields.insert("NAMESPACE".to_string(), s(&self.pod_namespace));
+        fields.insert("INSTANCE_IPS".to_string(), s(&ips.join(",")));
+        fields.insert("NODE_NAME".to_string(), s(&self.node_name));
+        fields.insert("CLUSTER_ID".to_string(), s(&self.cluster_id));
+        if !self.service_account.is_empty() {
+            fields.insert("SERVICE_ACCOUNT".to_string(), s(&self.service_account));
+        }
+        // Informational: istiod keeps keys it does not know in the proxy's raw metadata.
+        fields.insert("DATAPLANE_MODE".to_string(), s("kmesh"));
+        Node {
+            id: self.node_id(),
+            cluster: self.cluster_id.clone(),
+            metadata: Some(Struct { fields: fields.into_iter().collect() }),
+            user_agent_name: "kmesh-rs".into(),
+            user_agent_version_type: Some(kmesh_proto::core::node::UserAgentVersionType::UserAgentVersion(
+                env!("CARGO_PKG_VERSION").into(),
+            )),
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -252,25 +347,6 @@ fn subscribe(type_url: &str, state: &XdsState, node: Option<Node>) -> DeltaDisco
     }
 }
 
-fn node_message(o: &XdsOptions) -> Node {
-    use kmesh_proto::envoy_struct::{Struct, Value, value::Kind};
-    let s = |v: &str| Value { kind: Some(Kind::StringValue(v.to_string())) };
-    let mut fields = std::collections::BTreeMap::new();
-    fields.insert("NODE_NAME".to_string(), s(&o.node.name));
-    fields.insert("CLUSTER_ID".to_string(), s(&o.node.cluster_id));
-    fields.insert(
-        "NAMESPACE".to_string(),
-        s(&std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "kmesh-system".into())),
-    );
-    fields.insert("ISTIO_META_DATAPLANE".to_string(), s("kmesh-rs"));
-    Node {
-        id: o.node_id.clone(),
-        cluster: o.node.cluster_id.clone(),
-        metadata: Some(Struct { fields: fields.into_iter().collect() }),
-        ..Default::default()
-    }
-}
-
 async fn channel(o: &XdsOptions) -> Result<Channel, XdsError> {
     let bad = |reason: String| XdsError::Address { address: o.address.clone(), reason };
     let scheme = if o.ca_file.is_some() { "https" } else { "http" };
@@ -328,14 +404,14 @@ async fn open(
         .max_decoding_message_size(usize::MAX);
 
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
-    tx.send(subscribe(ADDRESS_TYPE, state, Some(node_message(o)))).await.expect("receiver alive");
+    tx.send(subscribe(ADDRESS_TYPE, state, Some(o.identity.node()))).await.expect("receiver alive");
     tx.send(subscribe(AUTHORIZATION_TYPE, state, None)).await.expect("receiver alive");
     let stream = client
         .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .map_err(|status| XdsError::Refused { address: o.address.clone(), status })?
         .into_inner();
-    tracing::info!(address = %o.address, node_id = %o.node_id, "xDS stream open");
+    tracing::info!(address = %o.address, node_id = %o.identity.node_id(), "xDS stream open");
     Ok((tx, stream))
 }
 
@@ -355,7 +431,6 @@ pub async fn probe(o: &XdsOptions) -> Result<DeltaDiscoveryResponse, XdsError> {
 /// One stream: connect, subscribe, handle responses until the stream ends.
 async fn run_stream(o: &XdsOptions, shared: &Arc<Shared>, state: &mut XdsState) -> Result<(), XdsError> {
     let (tx, mut stream) = open(o, state).await?;
-    shared.xds.connected.store(true, Ordering::Relaxed);
     let mut synced = std::collections::BTreeSet::new();
     loop {
         let resp = match stream.message().await {
@@ -368,6 +443,11 @@ async fn run_stream(o: &XdsOptions, shared: &Arc<Shared>, state: &mut XdsState) 
             }
             Err(status) => return Err(XdsError::Stream { address: o.address.clone(), status }),
         };
+        // Connected means the control plane answers, not merely that the stream opened: istiod
+        // refuses a node it does not accept with an error in place of the first response.
+        if !shared.xds.connected.swap(true, Ordering::Relaxed) {
+            *shared.xds.last_error.lock().unwrap() = None;
+        }
         let node = o.node.clone();
         let shared2 = shared.clone();
         let st = std::mem::take(state);
@@ -405,6 +485,7 @@ async fn run_stream(o: &XdsOptions, shared: &Arc<Shared>, state: &mut XdsState) 
 /// Runs the client until `shutdown` flips to true. The kernel keeps the last good state while
 /// the control plane is away.
 pub async fn run(o: XdsOptions, shared: Arc<Shared>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let _ = shared.xds.node_id.set(o.identity.node_id());
     let mut state = XdsState::default();
     let mut backoff = o.backoff_initial;
     loop {
@@ -417,6 +498,7 @@ pub async fn run(o: XdsOptions, shared: Arc<Shared>, mut shutdown: tokio::sync::
         match r {
             Ok(_) => {}
             Err(e) => {
+                *shared.xds.last_error.lock().unwrap() = Some(e.to_string());
                 if matches!(e, XdsError::Stream { .. }) {
                     backoff = o.backoff_initial;
                 }
@@ -542,5 +624,44 @@ mod tests {
         let node = NodeInfo { name: "node-7".into(), ..Default::default() };
         let h = handle_response(XdsState::default(), &node, &resp, |_| Ok(()));
         assert_eq!(h.state.model(&node).node.locality.zone, "z");
+    }
+
+    #[test]
+    fn the_node_is_what_istiod_accepts_with_the_metadata_it_reads() {
+        let vars = [
+            ("INSTANCE_IP", "10.1.2.3"),
+            ("POD_IP", "10.9.9.9"),
+            ("POD_NAME", "kmesh-abcde"),
+            ("POD_NAMESPACE", "kmesh-system"),
+            ("NODE_NAME", "node-7"),
+            ("CLUSTER_ID", "east"),
+            ("SERVICE_ACCOUNT", "kmesh"),
+        ];
+        let get = |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        let id = ProxyIdentity::from_vars(get).unwrap();
+        let node = id.node();
+        assert_eq!(node.id, "ztunnel~10.1.2.3~kmesh-abcde.kmesh-system~kmesh-system.svc.cluster.local");
+        let (kind, ips) = kmesh_xds_server::parse_node(&node).unwrap();
+        assert_eq!((kind.as_str(), ips), ("ztunnel", vec!["10.1.2.3".parse().unwrap()]));
+        let meta = node.metadata.unwrap().fields;
+        let field = |k: &str| match &meta[k].kind {
+            Some(kmesh_proto::envoy_struct::value::Kind::StringValue(s)) => s.clone(),
+            other => panic!("{k}: {other:?}"),
+        };
+        assert_eq!(field("INSTANCE_IPS"), "10.1.2.3");
+        assert_eq!(field("NAME"), "kmesh-abcde");
+        assert_eq!(field("NAMESPACE"), "kmesh-system");
+        assert_eq!(field("NODE_NAME"), "node-7");
+        assert_eq!(field("CLUSTER_ID"), "east");
+        assert_eq!(field("SERVICE_ACCOUNT"), "kmesh");
+
+        // POD_IP is the fallback; a list is accepted; garbage is an error naming the variable.
+        let only_pod_ip = |k: &str| (k == "POD_IP").then(|| "10.9.9.9,fd00::9".to_string());
+        let id = ProxyIdentity::from_vars(only_pod_ip).unwrap();
+        assert_eq!(id.instance_ips.len(), 2);
+        assert_eq!(id.cluster_id, "Kubernetes");
+        let bad = |k: &str| (k == "INSTANCE_IP").then(|| "10.1.2".to_string());
+        let e = ProxyIdentity::from_vars(bad).unwrap_err().to_string();
+        assert!(e.starts_with("INSTANCE_IP=\"10.1.2\" is not an IP address"), "{e}");
     }
 }

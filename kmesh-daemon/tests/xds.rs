@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use kmesh_daemon::model::NodeInfo;
-use kmesh_daemon::xds::{XdsError, XdsOptions, probe};
+use kmesh_daemon::xds::{ProxyIdentity, XdsError, XdsOptions, probe};
 use kmesh_model::config;
 use kmesh_proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 use kmesh_testbed::{ClientOptions, Testbed};
@@ -206,7 +206,8 @@ fn tls_with_a_wrong_ca_or_a_missing_token_is_refused_with_a_clear_error() {
         tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(&cert, &key));
     let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), Some(tls))).unwrap();
     let opts = |ca: &std::path::Path, token: Option<&std::path::Path>| {
-        let mut o = XdsOptions::new(&server.addr.to_string(), NodeInfo::default());
+        let identity = ProxyIdentity::from_vars(|_| None).unwrap();
+        let mut o = XdsOptions::new(&server.addr.to_string(), NodeInfo::default(), identity);
         o.ca_file = Some(ca.to_owned());
         o.tls_server_name = Some("istiod.test".into());
         o.token_file = token.map(|t| t.to_owned());

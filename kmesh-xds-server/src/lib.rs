@@ -40,6 +40,44 @@ pub fn address_resources(m: &kmesh_model::model::Model) -> BTreeMap<String, Vec<
     out
 }
 
+/// The proxy types istiod accepts in a Node id.
+pub const NODE_TYPES: [&str; 4] = ["sidecar", "router", "waypoint", "ztunnel"];
+
+/// A Node id and metadata as istiod reads them: `<type>~<ip>~<id>~<domain>`, a known proxy
+/// type, and a valid address in the metadata's `INSTANCE_IPS` (comma-separated) or else in the
+/// id. Errors carry istiod's own messages, which it sends as the stream's `InvalidArgument`
+/// status.
+pub fn parse_node(node: &kmesh_proto::core::Node) -> Result<(String, Vec<std::net::IpAddr>), String> {
+    use kmesh_proto::envoy_struct::value::Kind;
+    let id = &node.id;
+    let parts: Vec<&str> = id.split('~').collect();
+    if parts.len() != 4 {
+        return Err(format!("missing parts in the service node {id:?}"));
+    }
+    if !NODE_TYPES.contains(&parts[0]) {
+        return Err(format!(
+            "invalid node type (valid types: [{}]) in the service node {id:?}",
+            NODE_TYPES.join(" ")
+        ));
+    }
+    let from_metadata =
+        node.metadata.as_ref().and_then(|m| m.fields.get("INSTANCE_IPS")).and_then(|v| match &v.kind {
+            Some(Kind::StringValue(s)) => {
+                let ips: Result<Vec<std::net::IpAddr>, _> = s.split(',').map(|p| p.trim().parse()).collect();
+                ips.ok().filter(|v| !v.is_empty())
+            }
+            _ => None,
+        });
+    let ips = match from_metadata {
+        Some(ips) => ips,
+        None => match parts[1].parse() {
+            Ok(ip) => vec![ip],
+            Err(_) => return Err("no valid IP address in the service node id or metadata".into()),
+        },
+    };
+    Ok((parts[0].to_string(), ips))
+}
+
 /// What a client said about one response.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ack {
@@ -69,6 +107,8 @@ struct State {
     subscriptions: Vec<Subscription>,
     violations: Vec<String>,
     streams_opened: u64,
+    /// The Node of each stream's first request.
+    nodes: Vec<kmesh_proto::core::Node>,
 }
 
 /// The control plane. Cheap to clone; every clone is the same server.
@@ -174,6 +214,11 @@ impl ControlPlane {
 
     pub fn violations(&self) -> Vec<String> {
         self.state.lock().unwrap().violations.clone()
+    }
+
+    /// The Node each stream opened with, accepted or not.
+    pub fn nodes(&self) -> Vec<kmesh_proto::core::Node> {
+        self.state.lock().unwrap().nodes.clone()
     }
 
     pub fn streams_opened(&self) -> u64 {
@@ -413,13 +458,14 @@ impl ControlPlane {
         req: DeltaDiscoveryRequest,
     ) -> Result<Vec<DeltaDiscoveryResponse>, Status> {
         if st.node.is_none() {
-            let id = req.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
-            if id.is_empty() {
+            let Some(node) = req.node.as_ref().filter(|n| !n.id.is_empty()) else {
                 return Err(
                     self.violation("the first request of a stream must carry a Node with an id".into())
                 );
-            }
-            st.node = Some(id);
+            };
+            self.state.lock().unwrap().nodes.push(node.clone());
+            parse_node(node).map_err(|e| self.violation(e))?;
+            st.node = Some(node.id.clone());
         }
         let node = st.node.clone().unwrap_or_default();
         if !TYPES.contains(&req.type_url.as_str()) {
@@ -478,5 +524,43 @@ impl ControlPlane {
             }
         };
         Ok(vec![resp])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kmesh_proto::core::Node;
+    use kmesh_proto::envoy_struct::{Struct, Value, value::Kind};
+
+    fn node(id: &str, instance_ips: Option<&str>) -> Node {
+        let fields = instance_ips
+            .map(|v| ("INSTANCE_IPS".to_string(), Value { kind: Some(Kind::StringValue(v.into())) }))
+            .into_iter()
+            .collect();
+        Node { id: id.into(), metadata: Some(Struct { fields }), ..Default::default() }
+    }
+
+    #[test]
+    fn node_ids_are_checked_as_istiod_checks_them() {
+        let ok =
+            parse_node(&node("ztunnel~10.0.0.5~kmesh-x.kmesh-system~kmesh-system.svc.cluster.local", None));
+        assert_eq!(ok.unwrap(), ("ztunnel".to_string(), vec!["10.0.0.5".parse().unwrap()]));
+        // Metadata wins over the id's address.
+        let (_, ips) =
+            parse_node(&node("sidecar~x~a.b~b.svc.cluster.local", Some("10.0.0.6,fd00::6"))).unwrap();
+        assert_eq!(ips.len(), 2);
+        assert_eq!(
+            parse_node(&node("kmesh~10.0.0.5~a.b~b.svc.cluster.local", None)).unwrap_err(),
+            "invalid node type (valid types: [sidecar router waypoint ztunnel]) in the service node \"kmesh~10.0.0.5~a.b~b.svc.cluster.local\""
+        );
+        assert_eq!(
+            parse_node(&node("ztunnel~10.0.0.5~a.b", None)).unwrap_err(),
+            "missing parts in the service node \"ztunnel~10.0.0.5~a.b\""
+        );
+        assert_eq!(
+            parse_node(&node("ztunnel~nope~a.b~b.svc.cluster.local", Some("also-nope"))).unwrap_err(),
+            "no valid IP address in the service node id or metadata"
+        );
     }
 }
