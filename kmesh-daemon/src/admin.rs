@@ -232,19 +232,40 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
         Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
+    // The node's own namespace is where host-network pods (and the node's processes) live:
+    // putting it in the mesh would redirect the node's own connections.
+    if netns::current_cookie().is_ok_and(|own| own == cookie) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} is the node's own network namespace (a host-network pod's): it is never enrolled",
+                path.display()
+            ),
+        );
+    }
     let workload = req.workload.clone();
     let path2 = path.clone();
     let r = with_mesh(&s, move |m| {
-        if let Some(w) = &workload
-            && !m.model().workloads.contains_key(w)
-        {
-            {
-                tracing::warn!(workload = %w, "enrolled with a workload the config does not know (yet); node locality applies until it appears");
+        if let Some(w) = &workload {
+            match m.model().workloads.get(w) {
+                Some(known) if known.is_host_network() => {
+                    return Err(format!(
+                        "workload {w:?} is a host-network pod: it runs in the node's namespace and is never enrolled"
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    tracing::warn!(workload = %w, "enrolled with a workload the config does not know (yet); node locality applies until it appears");
+                }
             }
         }
-        m.enroll(cookie, Some(&path2), workload)
+        Ok(m.enroll(cookie, Some(&path2), workload))
     })
     .await;
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
     match r {
         Ok(_) => {
             tracing::info!(netns = %path.display(), cookie, "enrolled");

@@ -550,4 +550,24 @@ policies:
         let identities: BTreeSet<u32> = s.verdict.keys().map(|k| k.identity).collect();
         assert_eq!(identities.len(), 3, "{identities:?}");
     }
+
+    #[test]
+    fn a_host_network_workload_gives_the_node_address_no_identity_and_is_not_policed() {
+        let m = config::parse(
+            "workloads:
+  - {uid: server, name: server, namespace: prod, service_account: web, addresses: [10.244.0.10]}
+  - {uid: agent, name: agent, namespace: prod, service_account: api, addresses: [192.168.0.7], network_mode: HOST_NETWORK, authorization_policies: [prod/deny-all]}
+policies:
+  - {name: allow-api, namespace: prod, scope: NAMESPACE, action: ALLOW, rules: [{clauses: [{matches: [{principals: [{exact: spiffe://cluster.local/ns/prod/sa/api}]}]}]}]}
+  - {name: deny-all, namespace: prod, scope: WORKLOAD_SELECTOR, action: DENY, rules: [{clauses: [{matches: [{}]}]}]}",
+        )
+        .unwrap();
+        let s = AuthzCompiler::default().compile(&m);
+        let node = addr_words("192.168.0.7".parse().unwrap());
+        assert!(!s.identity.contains_key(&node), "the node's address took the agent's identity");
+        assert!(!s.dest.contains_key(&node), "the node's address is policed as the agent");
+        assert!(s.dest.contains_key(&addr_words("10.244.0.10".parse().unwrap())));
+        // So the server's ALLOW for the agent's service account does not admit the node.
+        assert_eq!(kernel_verdict(&s, "192.168.0.7", 80).map(|v| v.action), Some(VERDICT_DENY));
+    }
 }

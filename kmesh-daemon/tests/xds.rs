@@ -88,7 +88,7 @@ fn initial_sync_updates_and_removals_reach_the_kernel() {
         subs.iter().any(|s| s.type_url == ADDRESS_TYPE)
             && subs.iter().any(|s| s.type_url == AUTHORIZATION_TYPE)
     );
-    assert!(subs[0].node.starts_with("kmesh~"), "node id {}", subs[0].node);
+    assert!(subs[0].node.starts_with("ztunnel~"), "node id {}", subs[0].node);
     drop(server);
 }
 
@@ -271,4 +271,146 @@ fn authorization_resources_from_xds_are_enforced() {
     cp.remove(AUTHORIZATION_TYPE, &["default/deny-all"]);
     wait_for("the policy removed", || bed.pod("client").connect(s1, 1, false).unwrap()[0].ok);
     assert!(cp.violations().is_empty() && cp.nacks().is_empty(), "{:?} {:?}", cp.violations(), cp.nacks());
+}
+
+/// What istiod sends and the project's own control plane got wrong before: a host-network
+/// workload (network_mode, field 25), a capacity (field 27) and a service address range
+/// (NetworkAddress.length). All are ACKed; the capacity weights the spread; the host-network
+/// workload is never enrolled and its address (the node's) carries no identity.
+#[test]
+fn host_network_workloads_capacities_and_address_ranges_from_istio() {
+    if !root_or_skip("host_network_workloads_capacities_and_address_ranges_from_istio") {
+        return;
+    }
+    use kmesh_proto::istio::security as ps;
+    use prost::Message;
+    let (rt, bed, scratch, cp) = (runtime(), bed(), Scratch::new(), ControlPlane::new());
+    // The client pod is not a workload here: it plays the node's own processes, at the address
+    // of a host-network pod (the node's address) whose service account is `hostsa`.
+    let client_ip = bed.pod("client").ipv4;
+    let workloads = format!(
+        "{}{}  - {{uid: hostnet, name: hostnet, namespace: default, addresses: [{client_ip}], node: node-a, service_account: hostsa, network_mode: HOST_NETWORK}}\n",
+        workload(bed.pod("s1"), &[(SVC_KEY, "[]")], ", capacity: 3"),
+        workload(bed.pod("s2"), &[(SVC_KEY, "[]")], ", capacity: 1"),
+    );
+    let text = config(
+        "zone-a",
+        &service(&format!("[{VIP}, 10.97.0.0/24]"), "[{service_port: 80, target_port: 8080}]", "{}"),
+        &workloads,
+    );
+    let model = config::parse(&text).unwrap();
+    cp.replace_all(ADDRESS_TYPE, address_resources(&model));
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let d = start_daemon(&scratch, &bed, server.addr);
+    assert!(cp.nacks().is_empty(), "a real istiod's resources were refused: {:?}", cp.nacks());
+    assert!(cp.violations().is_empty(), "{:?}", cp.violations());
+
+    // The dump shows what arrived, with the host-network mode and the range.
+    let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap();
+    assert_eq!(dump["model"]["workloads"]["hostnet"]["network_mode"], "HostNetwork", "{dump}");
+    assert_eq!(dump["model"]["workloads"]["s1"]["capacity"], 3);
+    assert_eq!(dump["model"]["services"][SVC_KEY]["address_ranges"][0]["len"], 24, "{dump}");
+    assert!(dump["xds"]["node_id"].as_str().unwrap().starts_with("ztunnel~"), "{dump}");
+    assert_eq!(dump["xds"]["connected"], true);
+
+    // A host-network pod is never enrolled, by its workload or by the node's namespace.
+    let req = serde_json::json!({ "netns": bed.pod("s3").netns_path(), "workload": "hostnet" }).to_string();
+    let e = kmesh_daemon::admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap_err().to_string();
+    assert!(e.contains("host-network") && e.contains("never enrolled"), "{e}");
+    let req = serde_json::json!({ "netns": "/proc/self/ns/net" }).to_string();
+    let e = kmesh_daemon::admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap_err().to_string();
+    assert!(e.contains("node's own network namespace"), "{e}");
+    assert_eq!(dump["enrolled"].as_array().unwrap().len(), 0);
+
+    // Capacity 3 : 1 (field 27). With equal weights 200/200 would give chi-square ~133.
+    enroll_plain(&d, &bed);
+    let s = connect(&bed, 400);
+    let obs = [s.get("s1").copied().unwrap_or(0), s.get("s2").copied().unwrap_or(0)];
+    assert_eq!(obs[0] + obs[1], 400, "{s:?}");
+    let chi = chi_square(&obs, &[300.0, 100.0]);
+    assert!(chi < 10.83, "spread {s:?} is not 3:1 (chi-square {chi:.1}, 1 dof, p = 0.001)");
+
+    // The range is carried but not balanced yet: a connection into it is left as dialled
+    // (no route from the pod: ENETUNREACH, nothing leaves the machine).
+    let a = bed.pod("client").connect("10.97.0.7:80".parse().unwrap(), 2, false).unwrap();
+    assert!(a.iter().all(|a| a.errno == Some(libc::ENETUNREACH)), "{a:?}");
+
+    // The node's address carries no identity: an ALLOW for `hostsa` does not admit it.
+    let req = serde_json::json!({ "netns": bed.pod("s1").netns_path(), "workload": "s1" }).to_string();
+    kmesh_daemon::admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
+    let s1 = SocketAddr::new(bed.pod("s1").ipv4.into(), 8080);
+    assert!(bed.pod("client").connect(s1, 1, false).unwrap()[0].ok);
+    let only_hostsa = ps::Authorization {
+        name: "only-hostsa".into(),
+        namespace: "default".into(),
+        scope: ps::Scope::Namespace as i32,
+        action: ps::Action::Allow as i32,
+        rules: vec![ps::Rule {
+            clauses: vec![ps::Clause {
+                matches: vec![ps::Match {
+                    principals: vec![ps::StringMatch {
+                        match_type: Some(ps::string_match::MatchType::Exact(
+                            "spiffe://cluster.local/ns/default/sa/hostsa".into(),
+                        )),
+                    }],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        ..Default::default()
+    };
+    cp.set(AUTHORIZATION_TYPE, [("default/only-hostsa".to_string(), only_hostsa.encode_to_vec())]);
+    wait_for("the ALLOW policy in force", || !bed.pod("client").connect(s1, 1, false).unwrap()[0].ok);
+    let a = bed.pod("client").connect(s1, 3, false).unwrap();
+    assert!(a.iter().all(|a| a.errno == Some(libc::ECONNREFUSED)), "{a:?}");
+    assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
+}
+
+fn enroll_plain(d: &Daemon, bed: &Testbed) {
+    let req = serde_json::json!({ "netns": bed.pod("client").netns_path() }).to_string();
+    kmesh_daemon::admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
+}
+
+/// A control plane that does not accept the daemon's node (here an istiod from before ambient,
+/// which knew only sidecar and router) refuses the stream with its reason: the daemon logs it,
+/// reports `kmesh_xds_connected 0`, shows the reason in the config dump, and keeps retrying.
+#[test]
+fn a_refused_node_is_reported_not_hidden() {
+    if !root_or_skip("a_refused_node_is_reported_not_hidden") {
+        return;
+    }
+    let (rt, bed, scratch) = (runtime(), bed(), Scratch::new());
+    let cp = ControlPlane::new().with_node_types(&["sidecar", "router"]);
+    cp.replace_all(ADDRESS_TYPE, resources(&bed, &["s1"]));
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let d = Daemon::start_with(
+        &[
+            "--xds-address",
+            &server.addr.to_string(),
+            "--xds-plaintext",
+            "--node-name",
+            "node-a",
+            "--xds-backoff-max-ms",
+            "300",
+        ],
+        &bed,
+        &scratch.pins,
+    );
+    let reason = || -> Option<String> {
+        let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/config_dump").ok()?).ok()?;
+        dump["xds"]["last_error"].as_str().map(str::to_string)
+    };
+    wait_for("the refusal in the config dump", || reason().is_some_and(|r| r.contains("invalid node type")));
+    let r = reason().unwrap();
+    assert!(r.contains("valid types: [sidecar router]") && r.contains("\"ztunnel~"), "{r}");
+    assert_eq!(d.metric("kmesh_xds_connected"), 0.0);
+    assert!(d.get("/debug/ready").is_err(), "ready without a configuration");
+    wait_for("a retry", || cp.streams_opened() >= 2);
+    // What the daemon said about itself, as istiod reads it.
+    let node = &cp.nodes()[0];
+    let meta = &node.metadata.as_ref().unwrap().fields;
+    for k in ["NAME", "NAMESPACE", "INSTANCE_IPS", "NODE_NAME", "CLUSTER_ID"] {
+        assert!(meta.contains_key(k), "metadata lacks {k}: {meta:?}");
+    }
+    assert!(cp.violations().iter().all(|v| v.contains("invalid node type")), "{:?}", cp.violations());
 }

@@ -48,16 +48,25 @@ pub const NODE_TYPES: [&str; 4] = ["sidecar", "router", "waypoint", "ztunnel"];
 /// id. Errors carry istiod's own messages, which it sends as the stream's `InvalidArgument`
 /// status.
 pub fn parse_node(node: &kmesh_proto::core::Node) -> Result<(String, Vec<std::net::IpAddr>), String> {
+    parse_node_as(node, &NODE_TYPES)
+}
+
+/// [`parse_node`] for a control plane that knows only `types` (istiod before ambient knew only
+/// `sidecar` and `router`).
+pub fn parse_node_as(
+    node: &kmesh_proto::core::Node,
+    types: &[&str],
+) -> Result<(String, Vec<std::net::IpAddr>), String> {
     use kmesh_proto::envoy_struct::value::Kind;
     let id = &node.id;
     let parts: Vec<&str> = id.split('~').collect();
     if parts.len() != 4 {
         return Err(format!("missing parts in the service node {id:?}"));
     }
-    if !NODE_TYPES.contains(&parts[0]) {
+    if !types.contains(&parts[0]) {
         return Err(format!(
             "invalid node type (valid types: [{}]) in the service node {id:?}",
-            NODE_TYPES.join(" ")
+            types.join(" ")
         ));
     }
     let from_metadata =
@@ -120,6 +129,8 @@ pub struct ControlPlane {
     /// Bumped to close every open stream.
     broken: watch::Sender<u64>,
     token: Option<String>,
+    /// The proxy types accepted in node ids.
+    node_types: Vec<&'static str>,
 }
 
 impl Default for ControlPlane {
@@ -135,7 +146,14 @@ impl ControlPlane {
             changed: watch::channel(0).0,
             broken: watch::channel(0).0,
             token: None,
+            node_types: NODE_TYPES.to_vec(),
         }
+    }
+
+    /// Accepts only these proxy types in node ids, as an older istiod would.
+    pub fn with_node_types(mut self, types: &[&'static str]) -> Self {
+        self.node_types = types.to_vec();
+        self
     }
 
     /// Requires `authorization: Bearer <token>` on every stream.
@@ -464,7 +482,7 @@ impl ControlPlane {
                 );
             };
             self.state.lock().unwrap().nodes.push(node.clone());
-            parse_node(node).map_err(|e| self.violation(e))?;
+            parse_node_as(node, &self.node_types).map_err(|e| self.violation(e))?;
             st.node = Some(node.id.clone());
         }
         let node = st.node.clone().unwrap_or_default();
