@@ -535,6 +535,78 @@ pub fn service_to_proto(s: &Service) -> pw::Service {
     }
 }
 
+pub fn policy_to_proto(p: &Policy) -> ps::Authorization {
+    use ps::string_match::MatchType as T;
+    let sm = |v: &[StringMatch]| -> Vec<ps::StringMatch> {
+        v.iter()
+            .map(|m| ps::StringMatch {
+                match_type: Some(match m {
+                    StringMatch::Exact(s) => T::Exact(s.clone()),
+                    StringMatch::Prefix(s) => T::Prefix(s.clone()),
+                    StringMatch::Suffix(s) => T::Suffix(s.clone()),
+                    StringMatch::Presence => T::Presence(()),
+                }),
+            })
+            .collect()
+    };
+    let cs = |v: &[Cidr]| -> Vec<ps::Address> {
+        v.iter().map(|c| ps::Address { address: ip_bytes(&c.addr), length: c.len.into() }).collect()
+    };
+    let ports = |v: &[u16]| -> Vec<u32> { v.iter().map(|p| u32::from(*p)).collect() };
+    let sas = |v: &[(String, String)]| -> Vec<ps::ServiceAccountMatch> {
+        v.iter()
+            .map(|(n, s)| ps::ServiceAccountMatch { namespace: n.clone(), service_account: s.clone() })
+            .collect()
+    };
+    let rules = p
+        .rules
+        .iter()
+        .map(|r| ps::Rule {
+            clauses: r
+                .clauses
+                .iter()
+                .map(|c| ps::Clause {
+                    matches: c
+                        .matches
+                        .iter()
+                        .map(|m| ps::Match {
+                            namespaces: sm(&m.namespaces),
+                            not_namespaces: sm(&m.not_namespaces),
+                            principals: sm(&m.principals),
+                            not_principals: sm(&m.not_principals),
+                            source_ips: cs(&m.source_ips),
+                            not_source_ips: cs(&m.not_source_ips),
+                            destination_ips: cs(&m.destination_ips),
+                            not_destination_ips: cs(&m.not_destination_ips),
+                            destination_ports: ports(&m.destination_ports),
+                            not_destination_ports: ports(&m.not_destination_ports),
+                            service_accounts: sas(&m.service_accounts),
+                            not_service_accounts: sas(&m.not_service_accounts),
+                            extensions: vec![],
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+        .collect();
+    ps::Authorization {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        scope: (match p.scope {
+            PolicyScope::Global => ps::Scope::Global,
+            PolicyScope::Namespace => ps::Scope::Namespace,
+            PolicyScope::WorkloadSelector => ps::Scope::WorkloadSelector,
+        }) as i32,
+        action: (match p.action {
+            PolicyAction::Allow => ps::Action::Allow,
+            PolicyAction::Deny => ps::Action::Deny,
+        }) as i32,
+        rules,
+        dry_run: p.dry_run,
+        extensions: vec![],
+    }
+}
+
 /// Encodes a workload or service as the bytes of an `istio.workload.Address`.
 pub fn encode_address(r: &AddressResource) -> Vec<u8> {
     let t = match r {
@@ -739,5 +811,30 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(policy_from_proto(p).unwrap().unused["extensions"], "e");
+    }
+
+    #[test]
+    fn policies_round_trip_through_protos() {
+        let m = config::parse(
+            "policies:
+  - name: p
+    namespace: prod
+    scope: WORKLOAD_SELECTOR
+    action: DENY
+    dry_run: true
+    rules:
+      - clauses:
+          - matches:
+              - namespaces: [{prefix: dev}]
+                not_principals: [{exact: spiffe://cluster.local/ns/a/sa/b}, {presence: {}}]
+                source_ips: [10.0.0.0/8]
+                not_destination_ips: [\"fd00::/64\"]
+                destination_ports: [80, 443]
+                service_accounts: [{namespace: a, service_account: b}]",
+        )
+        .unwrap();
+        let p = &m.policies["prod/p"];
+        let bytes = policy_to_proto(p).encode_to_vec();
+        assert_eq!(decode_authorization(&bytes).unwrap(), **p);
     }
 }

@@ -40,6 +40,15 @@ pub fn address_resources(m: &kmesh_model::model::Model) -> BTreeMap<String, Vec<
     out
 }
 
+/// The `Authorization` resources of a model, named `namespace/name` as istiod names them.
+pub fn authorization_resources(m: &kmesh_model::model::Model) -> BTreeMap<String, Vec<u8>> {
+    use prost::Message;
+    m.policies
+        .iter()
+        .map(|(k, p)| (k.clone(), kmesh_model::xds::policy_to_proto(p).encode_to_vec()))
+        .collect()
+}
+
 /// The proxy types istiod accepts in a Node id.
 pub const NODE_TYPES: [&str; 4] = ["sidecar", "router", "waypoint", "ztunnel"];
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use kmesh_model::config;
-use kmesh_proto::ADDRESS_TYPE;
-use kmesh_xds_server::{ControlPlane, address_resources};
+use kmesh_proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+use kmesh_xds_server::{ControlPlane, address_resources, authorization_resources};
 
 #[derive(Parser)]
 #[command(
@@ -46,7 +46,13 @@ async fn main() -> anyhow::Result<()> {
                 match config::parse(&text) {
                     Ok(m) => {
                         cp2.replace_all(ADDRESS_TYPE, address_resources(&m));
-                        tracing::info!(workloads = m.workloads.len(), services = m.services.len(), "serving");
+                        cp2.replace_all(AUTHORIZATION_TYPE, authorization_resources(&m));
+                        tracing::info!(
+                            workloads = m.workloads.len(),
+                            services = m.services.len(),
+                            policies = m.policies.len(),
+                            "serving"
+                        );
                     }
                     Err(e) => tracing::error!(error = %e, "config refused; still serving the previous one"),
                 }
