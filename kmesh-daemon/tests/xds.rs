@@ -12,7 +12,7 @@ use kmesh_daemon::xds::{ProxyIdentity, XdsError, XdsOptions, probe};
 use kmesh_model::config;
 use kmesh_proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 use kmesh_testbed::{ClientOptions, Testbed};
-use kmesh_xds_server::{ControlPlane, ServerHandle, address_resources};
+use kmesh_xds_server::{ControlPlane, ServerHandle, address_resources, authorization_resources};
 
 fn resources(bed: &Testbed, backends: &[&str]) -> BTreeMap<String, Vec<u8>> {
     address_resources(&config::parse(&echo_config(bed, backends, "{}")).unwrap())
@@ -38,9 +38,18 @@ fn start_daemon(scratch: &Scratch, bed: &Testbed, cp: SocketAddr) -> Daemon {
 }
 
 fn enroll(d: &Daemon, bed: &Testbed) {
-    let req =
-        serde_json::json!({ "netns": bed.pod("client").netns_path(), "workload": "client" }).to_string();
-    kmesh_daemon::admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
+    enroll_as(d, bed, "client", Some("client")).unwrap();
+}
+
+/// Enrolls `pod`'s namespace, as `workload` when given; the admin API's answer.
+fn enroll_as(
+    d: &Daemon,
+    bed: &Testbed,
+    pod: &str,
+    workload: Option<&str>,
+) -> Result<String, kmesh_daemon::admin::ClientError> {
+    let req = serde_json::json!({ "netns": bed.pod(pod).netns_path(), "workload": workload }).to_string();
+    kmesh_daemon::admin::request(d.admin, "POST", "/v1/enroll", Some(&req))
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -248,8 +257,7 @@ fn authorization_resources_from_xds_are_enforced() {
     let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
     let d = start_daemon(&scratch, &bed, server.addr);
     // The server pod is enrolled: connections into it are authorized.
-    let req = serde_json::json!({ "netns": bed.pod("s1").netns_path(), "workload": "s1" }).to_string();
-    kmesh_daemon::admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
+    enroll_as(&d, &bed, "s1", Some("s1")).unwrap();
     let s1 = SocketAddr::new(bed.pod("s1").ipv4.into(), 8080);
     assert!(bed.pod("client").connect(s1, 1, false).unwrap()[0].ok);
 
@@ -282,8 +290,6 @@ fn host_network_workloads_capacities_and_address_ranges_from_istio() {
     if !root_or_skip("host_network_workloads_capacities_and_address_ranges_from_istio") {
         return;
     }
-    use kmesh_proto::istio::security as ps;
-    use prost::Message;
     let (rt, bed, scratch, cp) = (runtime(), bed(), Scratch::new(), ControlPlane::new());
     // The client pod is not a workload here: it plays the node's own processes, at the address
     // of a host-network pod (the node's address) whose service account is `hostsa`.
@@ -314,16 +320,16 @@ fn host_network_workloads_capacities_and_address_ranges_from_istio() {
     assert_eq!(dump["xds"]["connected"], true);
 
     // A host-network pod is never enrolled, by its workload or by the node's namespace.
-    let req = serde_json::json!({ "netns": bed.pod("s3").netns_path(), "workload": "hostnet" }).to_string();
-    let e = kmesh_daemon::admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap_err().to_string();
+    let e = enroll_as(&d, &bed, "s3", Some("hostnet")).unwrap_err().to_string();
     assert!(e.contains("host-network") && e.contains("never enrolled"), "{e}");
     let req = serde_json::json!({ "netns": "/proc/self/ns/net" }).to_string();
     let e = kmesh_daemon::admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap_err().to_string();
     assert!(e.contains("node's own network namespace"), "{e}");
+    let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap();
     assert_eq!(dump["enrolled"].as_array().unwrap().len(), 0);
 
     // Capacity 3 : 1 (field 27). With equal weights 200/200 would give chi-square ~133.
-    enroll_plain(&d, &bed);
+    enroll_as(&d, &bed, "client", None).unwrap();
     let s = connect(&bed, 400);
     let obs = [s.get("s1").copied().unwrap_or(0), s.get("s2").copied().unwrap_or(0)];
     assert_eq!(obs[0] + obs[1], 400, "{s:?}");
@@ -336,39 +342,19 @@ fn host_network_workloads_capacities_and_address_ranges_from_istio() {
     assert!(a.iter().all(|a| a.errno == Some(libc::ENETUNREACH)), "{a:?}");
 
     // The node's address carries no identity: an ALLOW for `hostsa` does not admit it.
-    let req = serde_json::json!({ "netns": bed.pod("s1").netns_path(), "workload": "s1" }).to_string();
-    kmesh_daemon::admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
+    enroll_as(&d, &bed, "s1", Some("s1")).unwrap();
     let s1 = SocketAddr::new(bed.pod("s1").ipv4.into(), 8080);
     assert!(bed.pod("client").connect(s1, 1, false).unwrap()[0].ok);
-    let only_hostsa = ps::Authorization {
-        name: "only-hostsa".into(),
-        namespace: "default".into(),
-        scope: ps::Scope::Namespace as i32,
-        action: ps::Action::Allow as i32,
-        rules: vec![ps::Rule {
-            clauses: vec![ps::Clause {
-                matches: vec![ps::Match {
-                    principals: vec![ps::StringMatch {
-                        match_type: Some(ps::string_match::MatchType::Exact(
-                            "spiffe://cluster.local/ns/default/sa/hostsa".into(),
-                        )),
-                    }],
-                    ..Default::default()
-                }],
-            }],
-        }],
-        ..Default::default()
-    };
-    cp.set(AUTHORIZATION_TYPE, [("default/only-hostsa".to_string(), only_hostsa.encode_to_vec())]);
+    let policy = config::parse(
+        "policies: [{name: only-hostsa, namespace: default, scope: NAMESPACE, action: ALLOW,
+                     rules: [{clauses: [{matches: [{principals: [{exact: spiffe://cluster.local/ns/default/sa/hostsa}]}]}]}]}]",
+    )
+    .unwrap();
+    cp.replace_all(AUTHORIZATION_TYPE, authorization_resources(&policy));
     wait_for("the ALLOW policy in force", || !bed.pod("client").connect(s1, 1, false).unwrap()[0].ok);
     let a = bed.pod("client").connect(s1, 3, false).unwrap();
     assert!(a.iter().all(|a| a.errno == Some(libc::ECONNREFUSED)), "{a:?}");
     assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
-}
-
-fn enroll_plain(d: &Daemon, bed: &Testbed) {
-    let req = serde_json::json!({ "netns": bed.pod("client").netns_path() }).to_string();
-    kmesh_daemon::admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
 }
 
 /// A control plane that does not accept the daemon's node (here an istiod from before ambient,
