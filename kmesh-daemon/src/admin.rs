@@ -89,6 +89,7 @@ async fn config_dump(State(s): State<AppState>) -> Response {
             "node_id": s.xds.node_id.get(),
             "connected": s.xds.connected.load(Ordering::Relaxed),
             "last_error": s.xds.last_error.lock().unwrap().clone(),
+            "waiting_for": s.xds.waiting_for.lock().unwrap().clone(),
         })
     });
     let dump = with_mesh(&s, move |m| {

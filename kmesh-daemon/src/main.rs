@@ -72,6 +72,10 @@ struct XdsArgs {
     /// Longest pause between reconnection attempts, in milliseconds.
     #[arg(long, default_value_t = 15_000)]
     xds_backoff_max_ms: u64,
+    /// Largest xDS response accepted, in bytes; a bigger one ends the stream with an error
+    /// (the configuration held stays in force).
+    #[arg(long, default_value_t = kmesh_daemon::xds::DEFAULT_MAX_MESSAGE_BYTES)]
+    xds_max_message_bytes: usize,
 }
 
 impl XdsArgs {
@@ -100,6 +104,7 @@ impl XdsArgs {
         }
         o.tls_server_name = self.xds_server_name.clone();
         o.backoff_max = Duration::from_millis(self.xds_backoff_max_ms.max(100));
+        o.max_message_bytes = self.xds_max_message_bytes.max(4096);
         Ok(Some(o))
     }
 }

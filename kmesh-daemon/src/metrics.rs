@@ -27,6 +27,9 @@ pub struct XdsHealth {
     pub node_id: std::sync::OnceLock<String>,
     /// Why the last stream ended or could not open (cleared by the next response).
     pub last_error: std::sync::Mutex<Option<String>>,
+    /// Subscribed types that have not answered yet on the current stream: until they have,
+    /// nothing received on it is applied.
+    pub waiting_for: std::sync::Mutex<Vec<String>>,
 }
 
 type Labels = Vec<(&'static str, String)>;

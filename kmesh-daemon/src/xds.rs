@@ -41,7 +41,14 @@ pub struct XdsOptions {
     pub node: NodeInfo,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// The largest response accepted; a bigger one ends the stream with an error naming the
+    /// limit (the state held stays in force).
+    pub max_message_bytes: usize,
 }
+
+/// The default for [`XdsOptions::max_message_bytes`]: room for a cluster of 100k services in
+/// one push (about 60 MiB), with a bound on what a broken control plane can make us hold.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 << 20;
 
 impl XdsOptions {
     /// Options for `address`, with the given identity (usually [`ProxyIdentity::from_env`]).
@@ -55,6 +62,7 @@ impl XdsOptions {
             node,
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(15),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -182,6 +190,8 @@ pub enum XdsError {
     Refused { address: String, status: tonic::Status },
     #[error("stream to {address} ended: {status}")]
     Stream { address: String, status: tonic::Status },
+    #[error("applying an xDS update failed unexpectedly: {detail}")]
+    Apply { detail: String },
 }
 
 /// A parsed resource.
@@ -248,6 +258,9 @@ impl XdsState {
     }
 }
 
+/// The types the client subscribes to (both wildcard), in the order it subscribes.
+pub const SUBSCRIBED: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
+
 /// The outcome of one response: the state to keep and the ACK or NACK to send.
 pub struct Handled {
     pub state: XdsState,
@@ -256,76 +269,60 @@ pub struct Handled {
     pub rejected: Vec<String>,
 }
 
-/// Applies one response to `state`: valid resources and removals are taken; bad resources are
-/// named in a NACK. `apply` is called with the resulting model; if it fails, the response is
-/// NACKed whole and the previous state is kept. Pure apart from `apply`.
-pub fn handle_response(
-    state: XdsState,
-    node: &NodeInfo,
-    resp: &DeltaDiscoveryResponse,
-    apply: impl FnOnce(Model) -> Result<(), String>,
-) -> Handled {
-    let mut next = state;
-    // Previous entries of what this response changes, to put back if the apply fails.
-    let mut undo: Vec<(String, Option<(String, Parsed)>)> = Vec::new();
+/// The outcome of several responses applied as one: the state to keep and, per response in
+/// order, the ACK or NACK to send and what it rejected.
+pub struct HandledBatch {
+    pub state: XdsState,
+    pub replies: Vec<(DeltaDiscoveryRequest, Vec<String>)>,
+}
+
+/// Previous entries of what one response changed, to put back if the apply fails.
+type Undo = Vec<(String, String, Option<(String, Parsed)>)>;
+
+/// Takes one response's valid resources and removals into `state`; returns what it rejected.
+fn merge(state: &mut XdsState, resp: &DeltaDiscoveryResponse, undo: &mut Undo) -> Vec<String> {
     let mut rejected = Vec::new();
     let type_url = resp.type_url.as_str();
-    let known = type_url == ADDRESS_TYPE || type_url == AUTHORIZATION_TYPE;
-    if !known {
+    if !SUBSCRIBED.contains(&type_url) {
         rejected.push(format!("type {type_url:?} was not subscribed"));
-    } else {
-        let items = next.by_type.entry(type_url.to_string()).or_default();
-        for r in &resp.resources {
-            let Some(any) = &r.resource else {
-                rejected.push(format!("{}: resource body missing", r.name));
-                continue;
-            };
-            if any.type_url != type_url {
-                rejected.push(format!("{}: body is {:?}, expected {type_url}", r.name, any.type_url));
-                continue;
-            }
-            let parsed = if type_url == ADDRESS_TYPE {
-                decode_address(&any.value).map(|a| match a {
-                    AddressResource::Workload(w) => Parsed::Workload(Arc::new(w)),
-                    AddressResource::Service(s) => Parsed::Service(Arc::new(s)),
-                })
-            } else {
-                decode_authorization(&any.value).map(|p| Parsed::Policy(Arc::new(p)))
-            };
-            match parsed {
-                Ok(p) => {
-                    let old = items.insert(r.name.clone(), (r.version.clone(), p));
-                    undo.push((r.name.clone(), old));
-                }
-                Err(e) => rejected.push(format!("{}: {e}", r.name)),
-            }
+        return rejected;
+    }
+    let items = state.by_type.entry(type_url.to_string()).or_default();
+    for r in &resp.resources {
+        let Some(any) = &r.resource else {
+            rejected.push(format!("{}: resource body missing", r.name));
+            continue;
+        };
+        if any.type_url != type_url {
+            rejected.push(format!("{}: body is {:?}, expected {type_url}", r.name, any.type_url));
+            continue;
         }
-        for name in &resp.removed_resources {
-            if let Some(old) = items.remove(name) {
-                undo.push((name.clone(), Some(old)));
+        let parsed = if type_url == ADDRESS_TYPE {
+            decode_address(&any.value).map(|a| match a {
+                AddressResource::Workload(w) => Parsed::Workload(Arc::new(w)),
+                AddressResource::Service(s) => Parsed::Service(Arc::new(s)),
+            })
+        } else {
+            decode_authorization(&any.value).map(|p| Parsed::Policy(Arc::new(p)))
+        };
+        match parsed {
+            Ok(p) => {
+                let old = items.insert(r.name.clone(), (r.version.clone(), p));
+                undo.push((type_url.to_string(), r.name.clone(), old));
             }
+            Err(e) => rejected.push(format!("{}: {e}", r.name)),
         }
     }
-    let applied = if known { apply(next.model(node)) } else { Ok(()) };
-    let (state, error) = match applied {
-        Ok(()) if rejected.is_empty() => (next, None),
-        Ok(()) => {
-            let msg = format!("{} resource(s) rejected: {}", rejected.len(), rejected.join("; "));
-            (next, Some(msg))
+    for name in &resp.removed_resources {
+        if let Some(old) = items.remove(name) {
+            undo.push((type_url.to_string(), name.clone(), Some(old)));
         }
-        Err(e) => {
-            rejected.push(format!("the data plane refused the update: {e}"));
-            let items = next.by_type.entry(type_url.to_string()).or_default();
-            for (name, old) in undo.into_iter().rev() {
-                match old {
-                    Some(v) => items.insert(name, v),
-                    None => items.remove(&name),
-                };
-            }
-            (next, Some(rejected.join("; ")))
-        }
-    };
-    let reply = DeltaDiscoveryRequest {
+    }
+    rejected
+}
+
+fn reply_to(resp: &DeltaDiscoveryResponse, error: Option<String>) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
         type_url: resp.type_url.clone(),
         response_nonce: resp.nonce.clone(),
         error_detail: error.map(|message| kmesh_proto::rpc::Status {
@@ -334,8 +331,105 @@ pub fn handle_response(
             details: vec![],
         }),
         ..Default::default()
-    };
-    Handled { state, reply, rejected }
+    }
+}
+
+/// Applies several responses to `state` as one change: valid resources and removals of each
+/// are taken, bad resources are named in that response's NACK, and `apply` is called once with
+/// the resulting model. If it fails, every response is NACKed and the previous state is kept.
+/// Pure apart from `apply`.
+pub fn handle_batch(
+    state: XdsState,
+    node: &NodeInfo,
+    resps: &[DeltaDiscoveryResponse],
+    apply: impl FnOnce(Model) -> Result<(), String>,
+) -> HandledBatch {
+    let mut next = state;
+    let mut undo = Undo::new();
+    let rejected: Vec<Vec<String>> = resps.iter().map(|r| merge(&mut next, r, &mut undo)).collect();
+    let any_known = resps.iter().any(|r| SUBSCRIBED.contains(&r.type_url.as_str()));
+    let applied = if any_known { apply(next.model(node)) } else { Ok(()) };
+    if let Err(e) = &applied {
+        for (type_url, name, old) in undo.into_iter().rev() {
+            let items = next.by_type.entry(type_url).or_default();
+            match old {
+                Some(v) => items.insert(name, v),
+                None => items.remove(&name),
+            };
+        }
+        let replies = resps
+            .iter()
+            .zip(rejected)
+            .map(|(resp, mut rejected)| {
+                rejected.push(format!("the data plane refused the update: {e}"));
+                (reply_to(resp, Some(rejected.join("; "))), rejected)
+            })
+            .collect();
+        return HandledBatch { state: next, replies };
+    }
+    let replies = resps
+        .iter()
+        .zip(rejected)
+        .map(|(resp, rejected)| {
+            let error = (!rejected.is_empty())
+                .then(|| format!("{} resource(s) rejected: {}", rejected.len(), rejected.join("; ")));
+            (reply_to(resp, error), rejected)
+        })
+        .collect();
+    HandledBatch { state: next, replies }
+}
+
+/// Applies one response to `state` (see [`handle_batch`]).
+pub fn handle_response(
+    state: XdsState,
+    node: &NodeInfo,
+    resp: &DeltaDiscoveryResponse,
+    apply: impl FnOnce(Model) -> Result<(), String>,
+) -> Handled {
+    let mut b = handle_batch(state, node, std::slice::from_ref(resp), apply);
+    let (reply, rejected) = b.replies.pop().expect("one reply per response");
+    Handled { state: b.state, reply, rejected }
+}
+
+/// Which responses of a stream are applied when: nothing is applied until every subscribed
+/// type has answered once on this stream, so that a model missing a whole type (no policies
+/// yet, or no services yet) never withdraws what the kernel enforces. Until then responses
+/// are held, unanswered; the first apply takes them all at once.
+#[derive(Debug, Default)]
+pub struct InitialSync {
+    seen: std::collections::BTreeSet<String>,
+    held: Vec<DeltaDiscoveryResponse>,
+    done: bool,
+}
+
+impl InitialSync {
+    /// Takes a response; returns the responses to apply now (none while the sync is partial).
+    pub fn take(&mut self, resp: DeltaDiscoveryResponse) -> Vec<DeltaDiscoveryResponse> {
+        if self.done {
+            return vec![resp];
+        }
+        if SUBSCRIBED.contains(&resp.type_url.as_str()) {
+            self.seen.insert(resp.type_url.clone());
+        }
+        self.held.push(resp);
+        if SUBSCRIBED.iter().all(|t| self.seen.contains(*t)) {
+            self.done = true;
+            return std::mem::take(&mut self.held);
+        }
+        Vec::new()
+    }
+
+    /// The subscribed types that have not answered yet.
+    pub fn waiting_for(&self) -> Vec<&'static str> {
+        if self.done {
+            return Vec::new();
+        }
+        SUBSCRIBED.iter().copied().filter(|t| !self.seen.contains(*t)).collect()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
 }
 
 fn subscribe(type_url: &str, state: &XdsState, node: Option<Node>) -> DeltaDiscoveryRequest {
@@ -401,7 +495,7 @@ async fn open(
             }
             Ok(req)
         })
-        .max_decoding_message_size(usize::MAX);
+        .max_decoding_message_size(o.max_message_bytes);
 
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
     tx.send(subscribe(ADDRESS_TYPE, state, Some(o.identity.node()))).await.expect("receiver alive");
@@ -428,10 +522,16 @@ pub async fn probe(o: &XdsOptions) -> Result<DeltaDiscoveryResponse, XdsError> {
     }
 }
 
-/// One stream: connect, subscribe, handle responses until the stream ends.
-async fn run_stream(o: &XdsOptions, shared: &Arc<Shared>, state: &mut XdsState) -> Result<(), XdsError> {
+/// One stream: connect, subscribe, handle responses until the stream ends. `synced` is set
+/// once the stream's initial sync has been applied (the stream was healthy).
+async fn run_stream(
+    o: &XdsOptions,
+    shared: &Arc<Shared>,
+    state: &mut XdsState,
+    synced: &mut bool,
+) -> Result<(), XdsError> {
     let (tx, mut stream) = open(o, state).await?;
-    let mut synced = std::collections::BTreeSet::new();
+    let mut initial = InitialSync::default();
     loop {
         let resp = match stream.message().await {
             Ok(Some(r)) => r,
@@ -448,36 +548,56 @@ async fn run_stream(o: &XdsOptions, shared: &Arc<Shared>, state: &mut XdsState) 
         if !shared.xds.connected.swap(true, Ordering::Relaxed) {
             *shared.xds.last_error.lock().unwrap() = None;
         }
+        let type_url = resp.type_url.clone();
+        let batch = initial.take(resp);
+        *shared.xds.waiting_for.lock().unwrap() =
+            initial.waiting_for().into_iter().map(String::from).collect();
+        if batch.is_empty() {
+            tracing::info!(%type_url, waiting_for = ?initial.waiting_for(),
+                "xDS response held: nothing is applied until every subscribed type has answered");
+            continue;
+        }
         let node = o.node.clone();
         let shared2 = shared.clone();
         let st = std::mem::take(state);
         let started = std::time::Instant::now();
-        let (n_res, n_rm) = (resp.resources.len(), resp.removed_resources.len());
+        let n_res: usize = batch.iter().map(|r| r.resources.len()).sum();
+        let n_rm: usize = batch.iter().map(|r| r.removed_resources.len()).sum();
         let handled = tokio::task::spawn_blocking(move || {
-            handle_response(st, &node, &resp, |model| {
+            handle_batch(st, &node, &batch, |model| {
                 let mut mesh = shared2.mesh.lock().unwrap_or_else(|p| p.into_inner());
                 mesh.set_model(model).map(|_| ()).map_err(|e| e.to_string())
             })
         })
-        .await
-        .expect("apply task panicked");
+        .await;
+        let handled = match handled {
+            Ok(h) => h,
+            Err(e) => {
+                // A bug, not bad input: the state is lost with the task, so the next stream
+                // subscribes from scratch and the control plane sends everything again.
+                tracing::error!(error = %e, "the xDS apply task failed; reconnecting for a full resync");
+                return Err(XdsError::Apply { detail: e.to_string() });
+            }
+        };
         *state = handled.state;
-        let nack = handled.reply.error_detail.is_some();
-        if nack { &shared.xds.nacks } else { &shared.xds.acks }.fetch_add(1, Ordering::Relaxed);
-        if nack {
-            tracing::warn!(type_url = %handled.reply.type_url, rejected = ?handled.rejected, "NACK");
-            *shared.config_error.lock().unwrap() = Some(handled.rejected.join("; "));
-        } else {
-            *shared.config_error.lock().unwrap() = None;
+        let mut errors = Vec::new();
+        for (reply, rejected) in handled.replies {
+            let nack = reply.error_detail.is_some();
+            if nack { &shared.xds.nacks } else { &shared.xds.acks }.fetch_add(1, Ordering::Relaxed);
+            if nack {
+                tracing::warn!(type_url = %reply.type_url, ?rejected, "NACK");
+                errors.extend(rejected);
+            }
+            if tx.send(reply).await.is_err() {
+                return Ok(());
+            }
         }
-        tracing::info!(type_url = %handled.reply.type_url, resources = n_res, removed = n_rm, nack,
+        *shared.config_error.lock().unwrap() = (!errors.is_empty()).then(|| errors.join("; "));
+        tracing::info!(%type_url, resources = n_res, removed = n_rm, nack = !errors.is_empty(),
             elapsed_ms = started.elapsed().as_millis() as u64, held = state.len(), "xDS response applied");
-        synced.insert(handled.reply.type_url.clone());
-        if synced.contains(ADDRESS_TYPE) && synced.contains(AUTHORIZATION_TYPE) {
+        if initial.is_done() {
+            *synced = true;
             shared.ready.store(true, Ordering::SeqCst);
-        }
-        if tx.send(handled.reply).await.is_err() {
-            return Ok(());
         }
     }
 }
@@ -489,22 +609,22 @@ pub async fn run(o: XdsOptions, shared: Arc<Shared>, mut shutdown: tokio::sync::
     let mut state = XdsState::default();
     let mut backoff = o.backoff_initial;
     loop {
+        let mut synced = false;
         let r = tokio::select! {
-            r = run_stream(&o, &shared, &mut state) => r,
+            r = run_stream(&o, &shared, &mut state, &mut synced) => r,
             _ = shutdown.changed() => return,
         };
         shared.xds.connected.store(false, Ordering::Relaxed);
         shared.xds.disconnects.fetch_add(1, Ordering::Relaxed);
-        match r {
-            Ok(_) => {}
-            Err(e) => {
-                *shared.xds.last_error.lock().unwrap() = Some(e.to_string());
-                if matches!(e, XdsError::Stream { .. }) {
-                    backoff = o.backoff_initial;
-                }
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, held = state.len(),
-                    "xDS disconnected; the data plane keeps the last good state");
-            }
+        // Only a stream that got as far as its initial sync counts as healthy: a control plane
+        // that accepts streams and then fails them keeps the backoff growing.
+        if synced {
+            backoff = o.backoff_initial;
+        }
+        if let Err(e) = r {
+            *shared.xds.last_error.lock().unwrap() = Some(e.to_string());
+            tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, held = state.len(),
+                "xDS disconnected; the data plane keeps the last good state");
         }
         // Full jitter in [backoff/2, backoff].
         let nanos = std::time::SystemTime::now()
@@ -608,6 +728,42 @@ mod tests {
             Ok(())
         });
         assert_eq!(ok.state.len(), 1);
+    }
+
+    #[test]
+    fn nothing_is_applied_until_every_type_has_answered_then_all_at_once() {
+        let r = |t: &str, n: &str| DeltaDiscoveryResponse {
+            type_url: t.into(),
+            nonce: n.into(),
+            ..Default::default()
+        };
+        let mut sync = InitialSync::default();
+        assert!(sync.take(r(ADDRESS_TYPE, "a1")).is_empty());
+        assert!(sync.take(r(ADDRESS_TYPE, "a2")).is_empty(), "a second Address response is held too");
+        assert_eq!(sync.waiting_for(), [AUTHORIZATION_TYPE]);
+        let batch = sync.take(r(AUTHORIZATION_TYPE, "z1"));
+        let nonces: Vec<_> = batch.iter().map(|r| r.nonce.as_str()).collect();
+        assert_eq!(nonces, ["a1", "a2", "z1"]);
+        assert!(sync.is_done() && sync.waiting_for().is_empty());
+        assert_eq!(sync.take(r(ADDRESS_TYPE, "a3")).len(), 1, "after the sync each response goes alone");
+
+        // A batch the data plane refuses: each response NACKed, nothing of any kept.
+        let add = DeltaDiscoveryResponse {
+            resources: vec![res("a", ADDRESS_TYPE, workload("a"))],
+            ..r(ADDRESS_TYPE, "n1")
+        };
+        let pol = DeltaDiscoveryResponse { ..r(AUTHORIZATION_TYPE, "n2") };
+        let mut calls = 0;
+        let b = handle_batch(XdsState::default(), &NodeInfo::default(), &[add, pol], |m| {
+            calls += 1;
+            assert!(m.workloads.contains_key("a"));
+            Err("map full".into())
+        });
+        assert_eq!(calls, 1, "one apply for the batch");
+        assert!(b.state.is_empty());
+        assert_eq!(b.replies.len(), 2);
+        assert!(b.replies.iter().all(|(r, _)| r.error_detail.as_ref().unwrap().message.contains("map full")));
+        assert_eq!(b.replies[1].0.response_nonce, "n2");
     }
 
     #[test]

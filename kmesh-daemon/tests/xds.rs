@@ -245,6 +245,24 @@ fn tls_with_a_wrong_ca_or_a_missing_token_is_refused_with_a_clear_error() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Issue 13, item 7: a response bigger than the configured bound ends the stream with an
+/// error that says so, instead of being buffered whatever its size.
+#[test]
+fn a_response_over_the_size_bound_is_refused_with_a_clear_error() {
+    let rt = runtime();
+    let cp = ControlPlane::new();
+    cp.set(ADDRESS_TYPE, (0..64).map(|i| (format!("w{i}"), vec![0x0a; 200])));
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let identity = ProxyIdentity::from_vars(|_| None).unwrap();
+    let mut o = XdsOptions::new(&server.addr.to_string(), NodeInfo::default(), identity);
+    assert!(rt.block_on(probe(&o)).is_ok(), "the default bound takes it");
+    o.max_message_bytes = 8192;
+    let e = rt.block_on(probe(&o)).unwrap_err();
+    eprintln!("over the bound: {e}");
+    assert!(matches!(e, XdsError::Stream { .. }), "{e:?}");
+    assert!(e.to_string().contains("too large"), "{e}");
+}
+
 #[test]
 fn authorization_resources_from_xds_are_enforced() {
     if !root_or_skip("authorization_resources_from_xds_are_enforced") {
@@ -399,4 +417,100 @@ fn a_refused_node_is_reported_not_hidden() {
         assert!(meta.contains_key(k), "metadata lacks {k}: {meta:?}");
     }
     assert!(cp.violations().iter().all(|v| v.contains("invalid node type")), "{:?}", cp.violations());
+}
+
+/// Issue 13, item 1: a DENY policy stays in force through SIGKILL restarts in xDS mode (the
+/// first also an upgrade of the map layout), whichever type the control plane answers first.
+/// Nothing the new daemon receives is applied until both types have arrived, so neither the
+/// policy (Addresses first) nor the services (Authorization first) are withdrawn meanwhile.
+#[test]
+fn policy_and_services_survive_xds_restarts_whichever_type_arrives_first() {
+    if !root_or_skip("policy_and_services_survive_xds_restarts_whichever_type_arrives_first") {
+        return;
+    }
+    let (rt, bed, scratch, cp) = (runtime(), bed(), Scratch::new(), ControlPlane::new());
+    // The VIP is backed by s2 and s3; s1 is enrolled and denies every connection into it.
+    let mut w = workload(bed.pod("client"), &[], "") + &workload(bed.pod("s1"), &[], "");
+    for s in ["s2", "s3"] {
+        w += &workload(bed.pod(s), &[(SVC_KEY, "[]")], "");
+    }
+    let svc = service(&format!("[{VIP}]"), "[{service_port: 80, target_port: 8080}]", "{}");
+    let text = config("zone-a", &svc, &w)
+        + "policies:\n  - {name: deny-all, namespace: default, action: DENY, rules: [{clauses: [{matches: [{}]}]}]}\n";
+    let model = config::parse(&text).unwrap();
+    cp.replace_all(ADDRESS_TYPE, address_resources(&model));
+    cp.replace_all(AUTHORIZATION_TYPE, authorization_resources(&model));
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let args = |layout: Option<&str>| {
+        let mut a = vec![
+            "--xds-address".to_string(),
+            server.addr.to_string(),
+            "--xds-plaintext".into(),
+            "--node-name".into(),
+            "node-a".into(),
+            "--xds-backoff-max-ms".into(),
+            "500".into(),
+        ];
+        if let Some(v) = layout {
+            a.extend(["--map-layout-version".to_string(), v.to_string()]);
+        }
+        a
+    };
+    let start = |layout: Option<&str>| {
+        let a = args(layout);
+        Daemon::start_with(&a.iter().map(String::as_str).collect::<Vec<_>>(), &bed, &scratch.pins)
+    };
+    // The first daemon plays the previous release (map layout v0).
+    let mut d = start(Some("0"));
+    wait_for("readiness", || d.get("/debug/ready").is_ok());
+    enroll_as(&d, &bed, "client", Some("client")).unwrap();
+    enroll_as(&d, &bed, "s1", Some("s1")).unwrap();
+    let s1: SocketAddr = SocketAddr::new(bed.pod("s1").ipv4.into(), 8080);
+    wait_for("the DENY policy in force", || !bed.pod("client").connect(s1, 1, false).unwrap()[0].ok);
+
+    for held in [AUTHORIZATION_TYPE, ADDRESS_TYPE] {
+        let opts =
+            ClientOptions { count: 100_000, duration_ms: 5000, interval_us: 2000, ..Default::default() };
+        let denied = bed.pod("client").connect_background(s1, &opts).unwrap();
+        let vip = bed.pod("client").connect_background(format!("{VIP}:80").parse().unwrap(), &opts).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let mut c = d.child.take().unwrap();
+        c.kill().unwrap(); // SIGKILL
+        c.wait().unwrap();
+        cp.hold(held);
+        let opened = cp.streams_opened();
+        d = start(None);
+        wait_for("the new stream", || cp.streams_opened() > opened);
+        // The other type has been answered; the held one has not.
+        wait_for("the partial sync", || {
+            let dump: serde_json::Value =
+                serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap();
+            dump["xds"]["waiting_for"] == serde_json::json!([held])
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(d.get("/debug/ready").is_err(), "not ready before every type has answered");
+        cp.release(held);
+        wait_for("readiness after the full sync", || d.get("/debug/ready").is_ok());
+        let (denied, vip) = (denied.finish().unwrap(), vip.finish().unwrap());
+        let admitted = denied.iter().filter(|a| a.ok).count();
+        let failed = vip.iter().filter(|a| !a.ok).count();
+        eprintln!(
+            "restart with {held} answered last: {} connections on the denied path, {admitted} admitted; {} through the VIP, {failed} failed",
+            denied.len(),
+            vip.len()
+        );
+        assert!(denied.len() > 100 && vip.len() > 100);
+        assert_eq!(admitted, 0, "the DENY policy was withdrawn during the restart");
+        assert_eq!(
+            failed,
+            0,
+            "the service was withdrawn during the restart: {:?}",
+            vip.iter().find(|a| !a.ok)
+        );
+        assert!(
+            !scratch.pins.join("v0").exists(),
+            "the old layout is retired once the full sync is in force"
+        );
+    }
+    assert!(cp.violations().is_empty() && cp.nacks().is_empty(), "{:?} {:?}", cp.violations(), cp.nacks());
 }

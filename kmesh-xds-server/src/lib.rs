@@ -127,6 +127,8 @@ struct State {
     streams_opened: u64,
     /// The Node of each stream's first request.
     nodes: Vec<kmesh_proto::core::Node>,
+    /// Types whose subscriptions are not answered until released (see [`ControlPlane::hold`]).
+    held: BTreeSet<String>,
 }
 
 /// The control plane. Cheap to clone; every clone is the same server.
@@ -163,6 +165,23 @@ impl ControlPlane {
     pub fn with_node_types(mut self, types: &[&'static str]) -> Self {
         self.node_types = types.to_vec();
         self
+    }
+
+    /// Leaves new subscriptions to `type_url` unanswered until [`release`](Self::release): a
+    /// control plane slow to compute one type, so that a client sees the types arrive in the
+    /// order a test chooses.
+    pub fn hold(&self, type_url: &str) {
+        self.state.lock().unwrap().held.insert(type_url.to_string());
+    }
+
+    /// Answers the subscriptions held back by [`hold`](Self::hold).
+    pub fn release(&self, type_url: &str) {
+        self.state.lock().unwrap().held.remove(type_url);
+        self.bump();
+    }
+
+    fn is_held(&self, type_url: &str) -> bool {
+        self.state.lock().unwrap().held.contains(type_url)
     }
 
     /// Requires `authorization: Bearer <token>` on every stream.
@@ -383,6 +402,8 @@ struct StreamState {
     subscribed: BTreeSet<String>,
     /// nonce -> type, for responses not yet ACKed or NACKed.
     pending: BTreeMap<String, String>,
+    /// Subscriptions not answered yet (their type is held).
+    owed: BTreeSet<String>,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
@@ -425,6 +446,7 @@ impl AggregatedDiscoveryService for ControlPlane {
                 sent: BTreeMap::new(),
                 subscribed: BTreeSet::new(),
                 pending: BTreeMap::new(),
+                owed: BTreeSet::new(),
             };
             loop {
                 tokio::select! {
@@ -446,7 +468,11 @@ impl AggregatedDiscoveryService for ControlPlane {
                     r = changed.changed() => {
                         if r.is_err() { break; }
                         for t in st.subscribed.clone() {
-                            if let Some(resp) = cp.push(&mut st, &t)
+                            if cp.is_held(&t) && st.owed.contains(&t) {
+                                continue;
+                            }
+                            let first = st.owed.remove(&t);
+                            if let Some(resp) = cp.answer(&mut st, &t, first)
                                 && tx.send(Ok(resp)).await.is_err()
                             {
                                 return;
@@ -541,16 +567,25 @@ impl ControlPlane {
             initial_resource_versions: initial.clone(),
         });
         st.sent.insert(req.type_url.clone(), initial);
-        // Like istiod, answer every new subscription, even when there is nothing to send.
-        let resp = match self.push(st, &req.type_url) {
-            Some(r) => r,
-            None => {
-                let r = self.empty_response(&req.type_url);
-                st.pending.insert(r.nonce.clone(), req.type_url.clone());
-                r
+        if self.is_held(&req.type_url) {
+            st.owed.insert(req.type_url.clone());
+            return Ok(Vec::new());
+        }
+        Ok(self.answer(st, &req.type_url, true).into_iter().collect())
+    }
+
+    /// What brings `st` up to date for `type_url`; the first answer to a subscription is sent
+    /// even when there is nothing to send, as istiod does.
+    fn answer(&self, st: &mut StreamState, type_url: &str, first: bool) -> Option<DeltaDiscoveryResponse> {
+        match self.push(st, type_url) {
+            Some(r) => Some(r),
+            None if first => {
+                let r = self.empty_response(type_url);
+                st.pending.insert(r.nonce.clone(), type_url.to_string());
+                Some(r)
             }
-        };
-        Ok(vec![resp])
+            None => None,
+        }
     }
 }
 
