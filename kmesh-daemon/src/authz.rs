@@ -161,12 +161,47 @@ pub struct AuthzCompiler {
     /// Destination address -> (dest id, what it was compiled to).
     dests: BTreeMap<[u32; 4], (u32, DestContent)>,
     next_dest_id: u32,
+    /// Identity ids by address found in the maps at start (an earlier run's): an address keeps
+    /// its id, so the verdict rows still in force read it as they did.
+    adopted_identity: BTreeMap<[u32; 4], u32>,
 }
 
 impl AuthzCompiler {
     /// Policy key by id, for logs and metrics.
     pub fn policy_name(&self, id: u32) -> Option<String> {
         self.policy_ids.iter().find(|(_, v)| **v == id).map(|(k, _)| k.clone())
+    }
+
+    /// A compiler for a daemon that found `applied` in the maps (a restart): addresses keep
+    /// their identity ids, and no destination or policy id still used by an entry is handed
+    /// out again, so every write of the first apply lands next to the entries in force instead
+    /// of changing what they mean.
+    pub fn adopting(applied: &AuthzState) -> Self {
+        let mut c = Self::default();
+        let dest_ids = applied
+            .dest
+            .values()
+            .map(|d| d.dest_id)
+            .chain(applied.verdict.keys().map(|k| k.dest_id))
+            .chain(applied.region.keys().map(|(k, _)| u32::from_be_bytes(k.dest_id_be)));
+        c.next_dest_id = dest_ids.max().unwrap_or(0);
+        c.identity_ids.reserve(applied.identity.values().filter(|id| **id > IDENTITY_OTHER).map(|id| id - 1));
+        c.adopted_identity = applied.identity.clone();
+        let policies = applied
+            .verdict
+            .values()
+            .flat_map(|v| [v.policy_id, v.dry_policy_id])
+            .chain(applied.counts.iter().map(|k| k.policy_id))
+            .filter(|id| *id != 0);
+        c.policy_ids.reserve(policies);
+        c
+    }
+
+    /// Called once the first apply is in force: adopted ids no longer constrain anything.
+    pub fn release_adopted(&mut self) {
+        self.adopted_identity.clear();
+        self.identity_ids.release_reserved();
+        self.policy_ids.release_reserved();
     }
 
     pub fn compile(&mut self, model: &Model) -> AuthzState {
@@ -178,6 +213,14 @@ impl AuthzCompiler {
         // process on the node, so it carries no identity, and nothing is policed there.
         for w in model.workloads.values().filter(|w| !w.is_host_network()) {
             let ident = Identity::of(w);
+            if self.identity_ids.get(&ident).is_none() {
+                let adopted = w.addresses.iter().filter_map(|a| self.adopted_identity.get(&addr_words(*a)));
+                for id in adopted.copied().filter(|id| *id > IDENTITY_OTHER).collect::<Vec<_>>() {
+                    if self.identity_ids.claim(&ident, id - 1) {
+                        break;
+                    }
+                }
+            }
             let id = self.identity_ids.get_or_alloc(&ident) + 1;
             used.insert(ident.clone());
             identities.insert(ident, id);
@@ -361,6 +404,46 @@ policies:
         match kernel_verdict(&s, src, port) {
             None => true,
             Some(v) => v.action == VERDICT_ALLOW,
+        }
+    }
+
+    /// Issue 13, item 5: a restarted daemon's first apply goes from the maps an earlier run
+    /// left to its own compilation. Written in `Dataplane::write_authz`'s order (identities,
+    /// regions and verdict rows, then destinations), every source keeps the verdict in force
+    /// until its destination switches, and has the new one after.
+    #[test]
+    fn a_restarted_compiler_writes_next_to_the_entries_in_force() {
+        let policy = "  - {name: a, namespace: prod, rules: [{clauses: [{matches: [{service_accounts: [{namespace: prod, service_account: api}]}]}]}]}\n";
+        let before = model(policy);
+        let old = AuthzCompiler::default().compile(&before);
+        // While the daemon was down a workload appeared whose uid sorts first, so a fresh
+        // compiler would hand it the id `friend` has in the maps.
+        let mut after = before.clone();
+        let text = "workloads: [{uid: a-new, name: a-new, namespace: prod, service_account: zz, addresses: [10.244.0.40]}]";
+        let w = config::parse(text).unwrap().workloads.remove("a-new").unwrap();
+        after.workloads.insert("a-new".into(), w);
+        let next = AuthzCompiler::adopting(&old).compile(&after);
+
+        // Halfway: every lookup row of `next` written, destinations not switched yet.
+        let mut half = old.clone();
+        half.identity.extend(next.identity.clone());
+        half.region.extend(next.region.clone());
+        half.verdict.extend(next.verdict.clone());
+        for (src, want) in [("10.244.0.20", true), ("10.244.0.30", false), ("192.168.9.9", false)] {
+            let v = |s: &AuthzState| kernel_verdict(s, src, 80).map(|v| v.action == VERDICT_ALLOW);
+            assert_eq!(v(&old), Some(want), "{src} before");
+            assert_eq!(v(&half), Some(want), "{src} while the first apply is halfway");
+            assert_eq!(v(&next), Some(want), "{src} after");
+        }
+        assert_eq!(kernel_verdict(&next, "10.244.0.40", 80).map(|v| v.action), Some(VERDICT_DENY));
+        for (addr, id) in &old.identity {
+            assert_eq!(next.identity.get(addr), Some(id), "an address keeps its identity id");
+        }
+        let old_dests: BTreeSet<u32> = old.dest.values().map(|d| d.dest_id).collect();
+        for (k, v) in &next.verdict {
+            if old.verdict.get(k) != Some(v) {
+                assert!(!old_dests.contains(&k.dest_id), "{k:?} rewrites a row a destination in force reads");
+            }
         }
     }
 

@@ -166,6 +166,17 @@ impl<K: Ord + Clone> IdPool<K> {
         id
     }
 
+    /// Gives `k` the id `id` if nothing holds it (an id adopted from an earlier run whose owner
+    /// is now known). Returns false, changing nothing, when `k` has an id or `id` is taken.
+    pub fn claim(&mut self, k: &K, id: u32) -> bool {
+        if id == 0 || self.ids.contains_key(k) || self.in_use.contains(&id) {
+            return false;
+        }
+        self.ids.insert(k.clone(), id);
+        self.in_use.insert(id);
+        true
+    }
+
     /// Forgets every name not in `keep`.
     pub fn retain(&mut self, keep: &BTreeSet<K>) {
         let in_use = &mut self.in_use;

@@ -135,6 +135,8 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Netns(crate::netns::NetnsError),
     #[error("cannot pin {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
     #[error(
@@ -736,26 +738,61 @@ impl Dataplane {
     }
 
     /// Attaches the authorization program to a network namespace (idempotent).
+    ///
+    /// A link pinned by an earlier run of this layout gets this daemon's program in its place
+    /// atomically (BPF_LINK_UPDATE), so a restart or a new build always enforces with the
+    /// program it ships. A pinned link that cannot be updated (its namespace was recreated) is
+    /// replaced by a new link: attached first, then its pin moved over the old one.
     pub fn attach_authz(&mut self, cookie: u64, netns: &Path) -> Result<(), KernelError> {
         let pin = self.dir.join("links").join(format!("authz_{cookie}"));
-        if pin.exists() {
-            return Ok(());
-        }
         let name = AUTHZ_PROGRAM;
-        let ns =
-            fs::File::open(netns).map_err(|source| KernelError::Cgroup { path: netns.to_owned(), source })?;
         let prog: &mut SkLookup = self
             .ebpf
             .program_mut(name)
             .ok_or(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
             .try_into()
             .map_err(|source| KernelError::Program { name, source })?;
+        if pin.exists() {
+            use std::os::fd::AsFd;
+            let fd = prog.fd().map_err(|source| KernelError::Program { name, source })?;
+            match sys::replace_link_program(&pin, fd.as_fd()) {
+                Ok(()) => return Ok(()),
+                Err(e) => tracing::warn!(pin = %pin.display(), error = %e,
+                    "cannot update the pinned authorization link; attaching a new one"),
+            }
+        }
+        let ns = crate::netns::open_netns(netns).map_err(KernelError::Netns)?;
         let id = prog.attach(&ns).map_err(|source| KernelError::Program { name, source })?;
         let link = prog.take_link(id).map_err(|source| KernelError::Program { name, source })?;
         let fd: FdLink = link.into();
-        // The pin keeps the link, and so the program, in place once the fd is closed.
-        fd.pin(&pin).map_err(|e| KernelError::Pin { path: pin.clone(), reason: e.to_string() })?;
+        // The pin keeps the link, and so the program, in place once the fd is closed. Pinned
+        // next to the old pin and renamed over it: the namespace is never left without one.
+        let tmp = self.dir.join("links").join(format!("authz_{cookie}_new"));
+        let _ = fs::remove_file(&tmp);
+        fd.pin(&tmp).map_err(|e| KernelError::Pin { path: tmp.clone(), reason: e.to_string() })?;
+        fs::rename(&tmp, &pin).map_err(|e| KernelError::Pin { path: pin.clone(), reason: e.to_string() })?;
         Ok(())
+    }
+
+    /// The id of the program a namespace's authorization link runs, and of the program this
+    /// daemon loaded (equal once [`attach_authz`](Self::attach_authz) has run for it).
+    pub fn authz_program_ids(&self, cookie: u64) -> Result<(u32, u32), KernelError> {
+        let name = AUTHZ_PROGRAM;
+        let pin = self.dir.join("links").join(format!("authz_{cookie}"));
+        let link = PinnedLink::from_pin(&pin)
+            .map_err(|e| KernelError::Pin { path: pin.clone(), reason: e.to_string() })?;
+        let linked = FdLink::from(link)
+            .info()
+            .map_err(|e| KernelError::Pin { path: pin.clone(), reason: e.to_string() })?
+            .program_id();
+        let prog: &SkLookup = self
+            .ebpf
+            .program(name)
+            .ok_or(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
+            .try_into()
+            .map_err(|source| KernelError::Program { name, source })?;
+        let loaded = prog.info().map_err(|source| KernelError::Program { name, source })?.id();
+        Ok((linked, loaded))
     }
 
     /// Whether the authorization program is attached to a namespace (its link is pinned).
@@ -811,24 +848,47 @@ impl Dataplane {
     /// Pins again every map whose pin is missing; returns what was restored. Link pins cannot
     /// be restored from here: the programs stay attached while the daemon runs.
     pub fn repin_maps(&self) -> Vec<PathBuf> {
+        use std::os::fd::{AsFd, BorrowedFd};
         let dir = self.dir.join("maps");
         let _ = fs::create_dir_all(&dir);
+        fn fd(m: &MapData) -> BorrowedFd<'_> {
+            m.fd().as_fd()
+        }
+        let mut maps: Vec<(&str, BorrowedFd<'_>)> = vec![
+            ("NETNS", fd(self.netns.map())),
+            ("FRONTENDS", fd(self.frontends.map())),
+            ("LB_TABLES", fd(self.tables.map())),
+            ("ENDPOINTS", fd(self.endpoints.map())),
+            ("BACKENDS", fd(self.backends.map())),
+            ("PORTS", fd(self.ports.map())),
+            ("STATS", fd(self.stats.map())),
+            ("AUTHZ_DEST", fd(self.authz_dest.map())),
+            ("IDENTITY", fd(self.identity.map())),
+            ("AUTHZ_REGION", fd(self.authz_region.map())),
+            ("AUTHZ_VERDICT", fd(self.authz_verdict.map())),
+            ("AUTHZ_COUNTS", fd(self.authz_counts.map())),
+            ("AUTHZ_EVENTS", self.authz_events.as_fd()),
+            ("TELEMETRY", self.telemetry.as_fd()),
+            ("TELEMETRY_CONF", fd(self.telemetry_conf.map())),
+        ];
+        let conn_meta = self.ebpf.map("CONN_META").and_then(|m| match m {
+            aya::maps::Map::SkStorage(d) => Some(d),
+            _ => None,
+        });
+        if let Some(d) = conn_meta {
+            maps.push(("CONN_META", d.fd().as_fd()));
+        }
         let mut restored = Vec::new();
-        let mut pin = |name: &str, m: &MapData| {
+        for (name, fd) in maps {
             let p = dir.join(name);
-            if !p.exists() && m.pin(&p).is_ok() {
-                restored.push(p);
+            if p.exists() {
+                continue;
             }
-        };
-        pin("NETNS", self.netns.map());
-        pin("FRONTENDS", self.frontends.map());
-        pin("LB_TABLES", self.tables.map());
-        pin("ENDPOINTS", self.endpoints.map());
-        pin("BACKENDS", self.backends.map());
-        pin("PORTS", self.ports.map());
-        pin("AUTHZ_DEST", self.authz_dest.map());
-        pin("IDENTITY", self.identity.map());
-        pin("AUTHZ_VERDICT", self.authz_verdict.map());
+            match sys::pin(fd, &p) {
+                Ok(()) => restored.push(p),
+                Err(e) => tracing::error!(map = name, error = %e, "cannot pin the map again"),
+            }
+        }
         restored
     }
 }
@@ -857,4 +917,73 @@ pub fn uninstall(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     fs::remove_dir(pin_dir)?;
     removed.push(pin_dir.to_owned());
     Ok(removed)
+}
+
+/// The two bpf() commands aya does not expose: pinning any fd (ring buffers included) and
+/// swapping the program of an existing link.
+mod sys {
+    use std::ffi::CString;
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+
+    /// `union bpf_attr` as the object commands read it (pathname, bpf_fd, file_flags), padded.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        _pad: [u64; 6],
+    }
+
+    /// `union bpf_attr` as BPF_LINK_UPDATE reads it.
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+        _pad: [u64; 6],
+    }
+
+    fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+        // SAFETY: attr is a valid, fully initialised bpf_attr prefix of the given size.
+        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, std::mem::size_of::<T>()) };
+        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+    }
+
+    fn c_path(p: &Path) -> io::Result<CString> {
+        CString::new(p.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    }
+
+    /// Pins the bpf object behind `fd` at `path`.
+    pub fn pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+        let c = c_path(path)?;
+        let attr =
+            ObjAttr { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, ..Default::default() };
+        bpf(BPF_OBJ_PIN, &attr).map(|_| ())
+    }
+
+    /// Swaps the program of the link pinned at `pin` for `prog` in one step: the hook never
+    /// runs without a program, nor with both.
+    pub fn replace_link_program(pin: &Path, prog: BorrowedFd<'_>) -> io::Result<()> {
+        let c = c_path(pin)?;
+        let attr = ObjAttr { pathname: c.as_ptr() as u64, ..Default::default() };
+        let fd = bpf(BPF_OBJ_GET, &attr)?;
+        // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+        let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let attr = LinkUpdateAttr {
+            link_fd: link.as_raw_fd() as u32,
+            new_prog_fd: prog.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        bpf(BPF_LINK_UPDATE, &attr).map(|_| ())
+    }
 }

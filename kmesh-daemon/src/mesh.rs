@@ -69,12 +69,13 @@ impl Mesh {
     pub fn new(dp: Dataplane) -> Self {
         let enrolled = dp.applied().netns.keys().map(|c| (*c, Enrollment::default())).collect();
         let compiler = Compiler::with_ids(Ids::adopting(dp.applied()));
+        let authz = AuthzCompiler::adopting(dp.authz_applied());
         Self {
             dp,
             model: Model::default(),
             enrolled,
             compiler,
-            authz: AuthzCompiler::default(),
+            authz,
             paths: BTreeMap::new(),
             state_file: None,
             has_model: false,
@@ -146,6 +147,7 @@ impl Mesh {
             Ok(_) => {
                 // The maps now hold only entries with ids from the pool.
                 self.compiler.ids.release_reserved();
+                self.authz.release_adopted();
                 self.needs_full = false;
             }
             Err(_) => {
@@ -376,6 +378,9 @@ impl Mesh {
                     "netns": self.paths.get(c),
                     "workload": e.workload,
                     "enforced": self.dp.authz_attached(*c),
+                    "program": self.dp.authz_program_ids(*c).ok().map(|(linked, loaded)| {
+                        serde_json::json!({"linked": linked, "loaded": loaded})
+                    }),
                 })
             })
             .collect();
