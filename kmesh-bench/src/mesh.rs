@@ -115,6 +115,8 @@ pub fn admin_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)>
 pub struct Daemon {
     child: Child,
     pub admin: SocketAddr,
+    /// The admin socket (enrollment).
+    pub socket: PathBuf,
     pub bpffs: PathBuf,
     pub log: PathBuf,
     bin: PathBuf,
@@ -154,6 +156,8 @@ impl Daemon {
             .arg("--bpffs")
             .arg(bpffs)
             .args(["--admin", &admin.to_string(), "--metrics-addr", "off", "--poll-ms", "100"])
+            .arg("--admin-socket")
+            .arg(dir.join("kmesh-admin.sock"))
             .arg("--uninstall-on-exit")
             // Telemetry as shipped (metrics by service and by workload) but no access log:
             // the Envoys here log nothing either, as in Istio's default profile.
@@ -169,7 +173,9 @@ impl Daemon {
             .stderr(logf2)
             .spawn()
             .map_err(io(format!("starting {}", bin.display())))?;
-        let mut d = Self { child, admin, bpffs: bpffs.to_path_buf(), log, bin, ready_after: Duration::ZERO };
+        let socket = dir.join("kmesh-admin.sock");
+        let mut d =
+            Self { child, admin, socket, bpffs: bpffs.to_path_buf(), log, bin, ready_after: Duration::ZERO };
         loop {
             if let Ok(Some(st)) = d.child.try_wait() {
                 return Err(MeshError::Exited(st, d.log.display().to_string()));
@@ -195,7 +201,8 @@ impl Daemon {
             .arg("enroll")
             .arg("--netns")
             .arg(netns)
-            .args(["--workload", uid, "--admin", &self.admin.to_string()])
+            .args(["--workload", uid, "--admin-socket"])
+            .arg(&self.socket)
             .output()
             .map_err(io("running kmesh-daemon enroll"))?;
         if !out.status.success() {

@@ -163,16 +163,18 @@ fn run() -> anyhow::Result<()> {
     let pins = PathBuf::from(format!("/sys/fs/bpf/kmesh-demo-{}", std::process::id()));
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let admin_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let socket = dir.join("admin.sock");
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let metrics_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let bin = daemon_bin()?;
     let log_path = dir.join("daemon.log");
     let log = std::fs::File::create(&log_path)?;
     println!(
-        "\nstarting: kmesh-daemon run --config {} --cgroup {} --bpffs {} --admin {admin_addr} --uninstall-on-exit",
+        "\nstarting: kmesh-daemon run --config {} --cgroup {} --bpffs {} --admin {admin_addr} --admin-socket {} --uninstall-on-exit",
         cfg.display(),
         bed.cgroup().display(),
-        pins.display()
+        pins.display(),
+        socket.display()
     );
     let child = with_default_signals(&mut Command::new(&bin))
         .args(["run", "--config"])
@@ -182,6 +184,8 @@ fn run() -> anyhow::Result<()> {
         .arg("--bpffs")
         .arg(&pins)
         .args(["--admin", &admin_addr.to_string(), "--poll-ms", "100", "--uninstall-on-exit"])
+        .arg("--admin-socket")
+        .arg(&socket)
         .args(["--metrics-addr", &metrics_addr.to_string(), "--access-log", "off"])
         .arg("--state-file")
         .arg(dir.join("state.json"))
@@ -207,7 +211,8 @@ fn run() -> anyhow::Result<()> {
         let out = Command::new(&bin)
             .args(["enroll", "--netns"])
             .arg(bed.pod(pod).netns_path())
-            .args(["--workload", pod, "--admin", &admin_addr.to_string()])
+            .args(["--workload", pod, "--admin-socket"])
+            .arg(&socket)
             .output()?;
         if !out.status.success() {
             bail!("enroll failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -274,7 +279,9 @@ fn run() -> anyhow::Result<()> {
     // The daemon drains kernel events every 200 ms: let step 6's go by before switching.
     std::thread::sleep(Duration::from_millis(500));
     let out = Command::new(&ctl)
-        .args(["--admin", &admin_addr.to_string(), "monitoring", "--access-log", "on"])
+        .args(["--admin", &admin_addr.to_string(), "--admin-socket"])
+        .arg(&socket)
+        .args(["monitoring", "--access-log", "on"])
         .output()?;
     if !out.status.success() {
         bail!("kmeshctl monitoring failed: {}", String::from_utf8_lossy(&out.stderr));

@@ -101,6 +101,8 @@ fn main() -> anyhow::Result<()> {
         .arg("--bpffs")
         .arg(&pins)
         .args(["--admin", &admin_addr.to_string(), "--uninstall-on-exit", "--metrics-addr", "off"])
+        .arg("--admin-socket")
+        .arg(std::env::temp_dir().join(format!("kmesh-bench-{}-admin.sock", std::process::id())))
         .arg("--state-file")
         .arg(std::env::temp_dir().join(format!("kmesh-bench-{}-state.json", std::process::id())))
         .env("KMESH_LOG", "warn")

@@ -1,9 +1,13 @@
-//! The admin API (loopback by default): readiness, config dump, metrics, and enrollment of
-//! network namespaces. Also a small blocking client for the CLI.
+//! The admin API, on two listeners. A Unix socket only root can open (`/run/kmesh/admin.sock`)
+//! serves everything, including what changes the data plane: enrollment, log levels,
+//! monitoring switches. The loopback TCP address serves only what reads state (readiness,
+//! config dump, metrics, maps, authorization status), so that a local process or a
+//! host-network pod that can reach 127.0.0.1 cannot take a pod out of the mesh or silence
+//! its logs. Also a small blocking client for the CLI.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,6 +42,7 @@ pub fn metrics_router(state: AppState) -> Router {
     Router::new().route("/status/metric", get(metrics)).route("/metrics", get(metrics)).with_state(state)
 }
 
+/// Everything, for the root-only Unix socket.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/version", get(version))
@@ -51,6 +56,53 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/enroll", post(enroll))
         .route("/v1/unenroll", post(unenroll))
         .with_state(state)
+}
+
+/// What reads state, for the loopback address; the mutating endpoints answer 403 there,
+/// naming the socket that serves them.
+pub fn read_only_router(state: AppState, socket: &Path) -> Router {
+    let msg = format!(
+        "this endpoint changes the data plane and is served only on the admin socket {} (root only); use `kmeshctl --admin-socket` or `kmesh-daemon enroll --admin-socket`",
+        socket.display()
+    );
+    let refuse = move || {
+        let msg = msg.clone();
+        async move { error(StatusCode::FORBIDDEN, msg) }
+    };
+    Router::new()
+        .route("/version", get(version))
+        .route("/debug/ready", get(ready))
+        .route("/debug/config_dump", get(config_dump))
+        .route("/metrics", get(metrics))
+        .route("/debug/bpf_maps", get(bpf_maps))
+        .route("/debug/loggers", get(get_loggers).post(refuse.clone()))
+        .route("/debug/monitoring", get(get_monitoring).post(refuse.clone()))
+        .route("/debug/authz", get(authz_status))
+        .route("/v1/enroll", post(refuse.clone()))
+        .route("/v1/unenroll", post(refuse))
+        .with_state(state)
+}
+
+/// Binds the admin socket at `path`: its directory is created root-only (0700) if missing, a
+/// stale socket left by an earlier run is replaced, and the socket itself is 0600.
+pub fn bind_socket(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket; not replacing it", path.display()),
+            ));
+        }
+        Err(_) => {}
+    }
+    let l = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
 }
 
 async fn version() -> impl IntoResponse {
@@ -216,20 +268,26 @@ pub struct EnrollRequest {
 }
 
 impl EnrollRequest {
-    /// The namespace's path and cookie, or what is wrong with the request.
-    fn namespace(&self) -> Result<(PathBuf, u64), String> {
+    /// The namespace's path and cookie, or what is wrong with the request. The path is opened
+    /// on a blocking thread (never on an async worker), without blocking, and must be a
+    /// network namespace.
+    async fn namespace(&self) -> Result<(PathBuf, u64), String> {
         let path = match (&self.netns, self.pid) {
             (Some(p), None) => p.clone(),
             (None, Some(pid)) => netns::path_of_pid(pid),
             _ => return Err("give exactly one of `netns` (a path) and `pid`".into()),
         };
-        let cookie = netns::cookie_of(&path).map_err(|e| e.to_string())?;
+        let p = path.clone();
+        let cookie = tokio::task::spawn_blocking(move || netns::cookie_of(&p))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
         Ok((path, cookie))
     }
 }
 
 async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Response {
-    let (path, cookie) = match req.namespace() {
+    let (path, cookie) = match req.namespace().await {
         Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
@@ -277,7 +335,7 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
 }
 
 async fn unenroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Response {
-    let (path, cookie) = match req.namespace() {
+    let (path, cookie) = match req.namespace().await {
         Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
@@ -290,17 +348,56 @@ async fn unenroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> 
     }
 }
 
+/// Where the client sends a request: the loopback address (reads) or the admin socket.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "{a}"),
+            Endpoint::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(a: SocketAddr) -> Self {
+        Endpoint::Tcp(a)
+    }
+}
+
+impl From<&Path> for Endpoint {
+    fn from(p: &Path) -> Self {
+        Endpoint::Unix(p.to_owned())
+    }
+}
+
+impl From<&PathBuf> for Endpoint {
+    fn from(p: &PathBuf) -> Self {
+        Endpoint::Unix(p.clone())
+    }
+}
+
+/// The admin socket's default path.
+pub const DEFAULT_SOCKET: &str = "/run/kmesh/admin.sock";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the daemon's admin API at {addr}: {source} (is kmesh-daemon running?)")]
+    #[error(
+        "cannot reach the daemon's admin API at {addr}: {source} (is kmesh-daemon running? the admin socket needs root)"
+    )]
     Connect {
-        addr: SocketAddr,
+        addr: String,
         #[source]
         source: std::io::Error,
     },
     #[error("admin API at {addr}: {source}")]
     Io {
-        addr: SocketAddr,
+        addr: String,
         #[source]
         source: std::io::Error,
     },
@@ -310,21 +407,39 @@ pub enum ClientError {
     Malformed,
 }
 
+trait Conn: Read + Write {}
+impl<T: Read + Write> Conn for T {}
+
 /// A minimal HTTP/1.1 request to the admin API; returns the body of a 2xx answer.
 pub fn request(
-    addr: SocketAddr,
+    to: impl Into<Endpoint>,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> Result<String, ClientError> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|source| ClientError::Connect { addr, source })?;
-    let io = |source| ClientError::Io { addr, source };
-    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(io)?;
+    let to = to.into();
+    let addr = to.to_string();
+    let timeout = Some(Duration::from_secs(60));
+    let mut s: Box<dyn Conn> = match &to {
+        Endpoint::Tcp(a) => {
+            let s = TcpStream::connect_timeout(a, Duration::from_secs(3))
+                .map_err(|source| ClientError::Connect { addr: addr.clone(), source })?;
+            s.set_read_timeout(timeout).map_err(|source| ClientError::Io { addr: addr.clone(), source })?;
+            Box::new(s)
+        }
+        Endpoint::Unix(p) => {
+            let s = std::os::unix::net::UnixStream::connect(p)
+                .map_err(|source| ClientError::Connect { addr: addr.clone(), source })?;
+            s.set_read_timeout(timeout).map_err(|source| ClientError::Io { addr: addr.clone(), source })?;
+            Box::new(s)
+        }
+    };
+    let io = |source| ClientError::Io { addr: addr.clone(), source };
     let body = body.unwrap_or("");
+    let host = if matches!(to, Endpoint::Tcp(_)) { addr.as_str() } else { "localhost" };
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .map_err(io)?;

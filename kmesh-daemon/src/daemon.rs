@@ -28,7 +28,10 @@ pub enum Source {
 pub struct RunOptions {
     pub source: Source,
     pub load: LoadOptions,
+    /// Loopback address of the read-only admin API.
     pub admin_addr: SocketAddr,
+    /// The root-only Unix socket serving the whole admin API (enrollment included).
+    pub admin_socket: PathBuf,
     /// Where Prometheus scrapes `/status/metric` (`None`: only the admin API's `/metrics`).
     pub metrics_addr: Option<SocketAddr>,
     pub poll: Duration,
@@ -47,6 +50,7 @@ impl RunOptions {
             source,
             load: LoadOptions::new(cgroup, pin_dir),
             admin_addr: "127.0.0.1:15200".parse().unwrap(),
+            admin_socket: PathBuf::from(admin::DEFAULT_SOCKET),
             metrics_addr: None,
             poll: Duration::from_millis(500),
             uninstall_on_exit: false,
@@ -146,9 +150,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.admin_addr)
         .await
         .with_context(|| format!("binding the admin API to {}", opts.admin_addr))?;
-    tracing::info!(addr = %opts.admin_addr, "admin API listening");
-    let app = admin::router(shared.clone());
+    tracing::info!(addr = %opts.admin_addr, "admin API listening (read-only)");
+    let app = admin::read_only_router(shared.clone(), &opts.admin_socket);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let socket = admin::bind_socket(&opts.admin_socket)
+        .with_context(|| format!("binding the admin socket {}", opts.admin_socket.display()))?;
+    tracing::info!(socket = %opts.admin_socket.display(), "admin API listening (full, root only)");
+    let app = admin::router(shared.clone());
+    let socket_server = tokio::spawn(async move { axum::serve(socket, app).await });
     let metrics_server = match opts.metrics_addr {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
@@ -239,7 +248,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
         r = server => { r??; }
+        r = socket_server => { r??; }
     }
+    let _ = std::fs::remove_file(&opts.admin_socket);
     denials.abort();
     if let Some(m) = metrics_server {
         m.abort();

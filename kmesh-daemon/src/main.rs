@@ -117,9 +117,9 @@ struct Target {
     /// A process whose network namespace is meant.
     #[arg(long)]
     pid: Option<u32>,
-    /// Admin API of the daemon.
-    #[arg(long, default_value = "127.0.0.1:15200", env = "KMESH_ADMIN_ADDR")]
-    admin: SocketAddr,
+    /// The daemon's admin socket (enrollment is served only there; needs root).
+    #[arg(long, default_value = admin::DEFAULT_SOCKET, env = "KMESH_ADMIN_SOCKET")]
+    admin_socket: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -143,9 +143,14 @@ enum Cmd {
         /// bpffs directory for pinned maps and links.
         #[arg(long, default_value = "/sys/fs/bpf/kmesh")]
         bpffs: PathBuf,
-        /// Admin API address (loopback by default).
-        #[arg(long, default_value = "127.0.0.1:15200", env = "KMESH_ADMIN_ADDR")]
+        /// Address of the read-only admin API (loopback by default). Not read from the
+        /// environment: `KMESH_ADMIN_ADDR` tells the CLI where a daemon is, and setting it for
+        /// `kmeshctl` must not move the daemon.
+        #[arg(long, default_value = "127.0.0.1:15200")]
         admin: SocketAddr,
+        /// The root-only Unix socket serving the whole admin API, enrollment included.
+        #[arg(long, default_value = admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
         /// Prometheus scrape endpoint (`/status/metric`, as Kmesh); `off` to disable.
         #[arg(long, default_value = "0.0.0.0:15020")]
         metrics_addr: String,
@@ -235,6 +240,7 @@ fn main() -> anyhow::Result<()> {
             cgroup,
             bpffs,
             admin,
+            admin_socket,
             poll_ms,
             uninstall_on_exit,
             state_file,
@@ -254,6 +260,7 @@ fn main() -> anyhow::Result<()> {
             };
             let mut opts = RunOptions::new(source, cgroup, bpffs);
             opts.admin_addr = admin;
+            opts.admin_socket = admin_socket;
             opts.poll = Duration::from_millis(poll_ms.max(50));
             opts.uninstall_on_exit = uninstall_on_exit;
             opts.state_file = Some(state_file);
@@ -294,15 +301,23 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Enroll { target, workload } => {
             let req = EnrollRequest { netns: target.netns, pid: target.pid, workload };
-            let body =
-                admin::request(target.admin, "POST", "/v1/enroll", Some(&serde_json::to_string(&req)?))?;
+            let body = admin::request(
+                &target.admin_socket,
+                "POST",
+                "/v1/enroll",
+                Some(&serde_json::to_string(&req)?),
+            )?;
             println!("{body}");
             Ok(())
         }
         Cmd::Unenroll { target } => {
             let req = EnrollRequest { netns: target.netns, pid: target.pid, workload: None };
-            let body =
-                admin::request(target.admin, "POST", "/v1/unenroll", Some(&serde_json::to_string(&req)?))?;
+            let body = admin::request(
+                &target.admin_socket,
+                "POST",
+                "/v1/unenroll",
+                Some(&serde_json::to_string(&req)?),
+            )?;
             println!("{body}");
             Ok(())
         }

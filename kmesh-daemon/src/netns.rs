@@ -19,6 +19,8 @@ pub enum NetnsError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is not a network namespace (give /run/netns/NAME or /proc/PID/ns/net)")]
+    NotNetns { path: PathBuf },
     #[error("cannot read the cookie of network namespace {path}: {source}")]
     Cookie {
         path: PathBuf,
@@ -60,11 +62,31 @@ pub fn current_cookie() -> std::io::Result<u64> {
     }
 }
 
+/// `ioctl(NS_GET_NSTYPE)`: the kind of namespace an nsfs file is.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+/// Opens `path` as a network namespace: without blocking (a FIFO or a device given as a path
+/// cannot stall the caller) and refusing anything that is not a network namespace.
+pub fn open_netns(path: &Path) -> Result<File, NetnsError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| NetnsError::Open { path: path.into(), source })?;
+    // SAFETY: an ioctl without arguments on a descriptor owned here.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(NetnsError::NotNetns { path: path.into() });
+    }
+    Ok(file)
+}
+
 /// Cookie of the network namespace at `path` (a `/run/netns/NAME` bind mount or
 /// `/proc/PID/ns/net`). Enters it on a short-lived thread, so the caller's own namespace is
 /// never changed.
 pub fn cookie_of(path: &Path) -> Result<u64, NetnsError> {
-    let file = File::open(path).map_err(|source| NetnsError::Open { path: path.into(), source })?;
+    let file = open_netns(path)?;
     let p = path.to_owned();
     std::thread::spawn(move || {
         // SAFETY: setns on this thread only, with a namespace fd we own.

@@ -26,7 +26,8 @@ fn daemon_follows_its_config_file_and_keeps_the_last_good_one() {
     let out = Command::new(DAEMON)
         .args(["enroll", "--netns"])
         .arg(bed.pod("client").netns_path())
-        .args(["--workload", "client", "--admin", &d.admin.to_string()])
+        .args(["--workload", "client", "--admin-socket"])
+        .arg(&d.socket)
         .output()
         .unwrap();
     assert!(out.status.success(), "enroll: {}", String::from_utf8_lossy(&out.stderr));
@@ -66,7 +67,7 @@ fn traffic_keeps_flowing_across_a_daemon_restart_and_uninstall_removes_everythin
     let mut d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &[]);
     wait_for("readiness", || d.get("/debug/ready").is_ok());
     let req = serde_json::json!({ "netns": bed.pod("client").netns_path() }).to_string();
-    admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
+    admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap();
     assert_eq!(connect(&bed, 30).len(), 3);
 
     // Daemon gone: programs and maps stay, so does the balancing.
@@ -97,14 +98,50 @@ fn enroll_errors_are_clear() {
     let scratch = Scratch::new();
     scratch.write_config(&echo_config(&bed, &["s1"], "{}"));
     let d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &[]);
-    let e = admin::request(d.admin, "POST", "/v1/enroll", Some(r#"{"netns": "/run/netns/does-not-exist"}"#))
-        .unwrap_err()
-        .to_string();
+    let e =
+        admin::request(&d.socket, "POST", "/v1/enroll", Some(r#"{"netns": "/run/netns/does-not-exist"}"#))
+            .unwrap_err()
+            .to_string();
     assert!(e.contains("400") && e.contains("does-not-exist"), "{e}");
-    let e = admin::request(d.admin, "POST", "/v1/enroll", Some("{}")).unwrap_err().to_string();
+    let e = admin::request(&d.socket, "POST", "/v1/enroll", Some("{}")).unwrap_err().to_string();
     assert!(e.contains("exactly one of"), "{e}");
+    // Issue 13, item 4: paths that are not network namespaces are refused by name, and a FIFO
+    // (which a blocking open would wait on forever) does not stall the daemon.
+    let fifo = scratch.dir.join("a-fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for p in [fifo.clone(), scratch.config(), "/proc/self/ns/uts".into()] {
+        let req = serde_json::json!({ "netns": p }).to_string();
+        let t = std::time::Instant::now();
+        let e = admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap_err().to_string();
+        assert!(e.contains("400") && e.contains("is not a network namespace"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(2), "{} took {:?}", p.display(), t.elapsed());
+    }
+    // The loopback address is read-only: every mutating endpoint is refused there, naming the
+    // socket, and nothing changed.
+    let req = serde_json::json!({ "netns": bed.pod("client").netns_path() }).to_string();
+    admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap();
+    for (path, body) in [
+        ("/v1/unenroll", req.as_str()),
+        ("/v1/enroll", req.as_str()),
+        ("/debug/loggers", r#"{"filter": "off"}"#),
+        ("/debug/monitoring", r#"{"access_log": "off"}"#),
+    ] {
+        let e = admin::request(d.admin, "POST", path, Some(body)).unwrap_err().to_string();
+        assert!(e.contains("403") && e.contains(d.socket.to_str().unwrap()), "{path}: {e}");
+    }
+    let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap();
+    assert_eq!(dump["enrolled"].as_array().unwrap().len(), 1, "still enrolled");
+    assert_eq!(connect(&bed, 10).get("s1"), Some(&10));
+    // The socket is root's alone.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!((meta.permissions().mode() & 0o777, meta.uid()), (0o600, 0));
     // The CLI without a daemon says so.
-    let out = Command::new(DAEMON).args(["enroll", "--pid", "1", "--admin", "127.0.0.1:1"]).output().unwrap();
+    let out = Command::new(DAEMON)
+        .args(["enroll", "--pid", "1", "--admin-socket", "/nonexistent/admin.sock"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is kmesh-daemon running"));
 }
@@ -124,7 +161,7 @@ fn sigkill_restarts_lose_no_connection() {
     wait_for("readiness", || d.get("/debug/ready").is_ok());
     let req =
         serde_json::json!({ "netns": bed.pod("client").netns_path(), "workload": "client" }).to_string();
-    admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
+    admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap();
 
     // Three long connections through the VIP, exchanging a line every 100 ms for 30 s...
     let holds: Vec<_> = (0..3)
@@ -196,7 +233,7 @@ fn a_deleted_pod_is_unenrolled() {
     wait_for("readiness", || d.get("/debug/ready").is_ok());
     for pod in ["client", "gone"] {
         let req = serde_json::json!({ "netns": bed.pod(pod).netns_path() }).to_string();
-        admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
+        admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap();
     }
     assert_eq!(d.metric("kmesh_map_entries{map=\"NETNS\"}"), 2.0);
     // The pod is deleted (its namespace goes) while the mesh holds it.
@@ -216,16 +253,75 @@ fn pins_removed_by_hand_are_detected_reported_and_restored() {
     let d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &[]);
     wait_for("readiness", || d.get("/debug/ready").is_ok());
     let req = serde_json::json!({ "netns": bed.pod("client").netns_path() }).to_string();
-    admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
+    admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap();
 
+    // Every map pin removed (issue 13, item 5: all of them come back, not 9 of 16).
     let dir = scratch.pins.join(format!("v{}", kmesh_common::MAP_LAYOUT_VERSION));
-    std::fs::remove_file(dir.join("maps/FRONTENDS")).unwrap();
+    let names = |d: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    };
+    let maps = names(&dir.join("maps"));
+    assert_eq!(maps.len(), 16, "{maps:?}");
+    for m in &maps {
+        std::fs::remove_file(dir.join("maps").join(m)).unwrap();
+    }
     std::fs::remove_file(dir.join("links/kmesh_connect4")).unwrap();
-    wait_for("the map pin restored", || d.metric("kmesh_pins_restored_total") >= 1.0);
-    assert!(dir.join("maps/FRONTENDS").exists());
+    wait_for("the map pins restored", || d.metric("kmesh_pins_restored_total") >= 16.0);
+    assert_eq!(names(&dir.join("maps")), maps);
     assert_eq!(d.metric("kmesh_pins_missing"), 1.0, "the link pin is reported missing");
     // Traffic never noticed.
     assert_eq!(connect(&bed, 30).len(), 3);
+}
+
+/// Issue 13, item 5: a restarted daemon enforces with its own authorization program, swapped
+/// into the namespace's existing link in one step, and the policy holds throughout.
+#[test]
+fn a_restart_swaps_in_its_own_authorization_program() {
+    if !root_or_skip("a_restart_swaps_in_its_own_authorization_program") {
+        return;
+    }
+    let bed = bed();
+    let scratch = Scratch::new();
+    let text = echo_config(&bed, &["s2", "s3"], "{}")
+        + &workload(bed.pod("s1"), &[], "")
+        + "policies:\n  - {name: deny-all, namespace: default, action: DENY, rules: [{clauses: [{matches: [{}]}]}]}\n";
+    scratch.write_config(&text);
+    let mut d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &[]);
+    wait_for("readiness", || d.get("/debug/ready").is_ok());
+    let req = serde_json::json!({ "netns": bed.pod("s1").netns_path(), "workload": "s1" }).to_string();
+    admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap();
+    let s1: std::net::SocketAddr = std::net::SocketAddr::new(bed.pod("s1").ipv4.into(), 8080);
+    assert!(!bed.pod("client").connect(s1, 1, false).unwrap()[0].ok, "denied");
+    let program = |d: &Daemon| {
+        let v: serde_json::Value = serde_json::from_str(&d.get("/debug/authz").unwrap()).unwrap();
+        let p = &v["namespaces"][0]["program"];
+        (p["linked"].as_u64().unwrap(), p["loaded"].as_u64().unwrap())
+    };
+    let (linked, loaded) = program(&d);
+    assert_eq!(linked, loaded);
+
+    let opts = kmesh_testbed::ClientOptions {
+        count: 100_000,
+        duration_ms: 3000,
+        interval_us: 1000,
+        ..Default::default()
+    };
+    let denied = bed.pod("client").connect_background(s1, &opts).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut c = d.child.take().unwrap();
+    c.kill().unwrap();
+    c.wait().unwrap();
+    let d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &[]);
+    wait_for("readiness", || d.get("/debug/ready").is_ok());
+    let (linked2, loaded2) = program(&d);
+    assert_ne!(loaded2, loaded, "a new daemon loads its own program");
+    assert_eq!(linked2, loaded2, "the namespace's link runs the new daemon's program");
+    let a = denied.finish().unwrap();
+    assert!(a.len() > 100);
+    assert_eq!(a.iter().filter(|a| a.ok).count(), 0, "a connection was admitted during the restart");
 }
 
 #[test]
@@ -242,10 +338,11 @@ fn kmeshctl_round_trips_each_command() {
     wait_for("readiness", || d.get("/debug/ready").is_ok());
     let req =
         serde_json::json!({ "netns": bed.pod("client").netns_path(), "workload": "client" }).to_string();
-    admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap();
+    admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap();
     let ctl = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_kmeshctl"))
-            .args(["--admin", &d.admin.to_string()])
+            .args(["--admin", &d.admin.to_string(), "--admin-socket"])
+            .arg(&d.socket)
             .args(args)
             .output()
             .unwrap();

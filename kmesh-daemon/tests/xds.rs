@@ -49,7 +49,7 @@ fn enroll_as(
     workload: Option<&str>,
 ) -> Result<String, kmesh_daemon::admin::ClientError> {
     let req = serde_json::json!({ "netns": bed.pod(pod).netns_path(), "workload": workload }).to_string();
-    kmesh_daemon::admin::request(d.admin, "POST", "/v1/enroll", Some(&req))
+    kmesh_daemon::admin::request(&d.socket, "POST", "/v1/enroll", Some(&req))
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -341,7 +341,8 @@ fn host_network_workloads_capacities_and_address_ranges_from_istio() {
     let e = enroll_as(&d, &bed, "s3", Some("hostnet")).unwrap_err().to_string();
     assert!(e.contains("host-network") && e.contains("never enrolled"), "{e}");
     let req = serde_json::json!({ "netns": "/proc/self/ns/net" }).to_string();
-    let e = kmesh_daemon::admin::request(d.admin, "POST", "/v1/enroll", Some(&req)).unwrap_err().to_string();
+    let e =
+        kmesh_daemon::admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap_err().to_string();
     assert!(e.contains("node's own network namespace"), "{e}");
     let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap();
     assert_eq!(dump["enrolled"].as_array().unwrap().len(), 0);

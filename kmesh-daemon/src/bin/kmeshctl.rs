@@ -10,9 +10,13 @@ use serde_json::Value;
 #[derive(Parser)]
 #[command(name = "kmeshctl", version, about = "Inspect and control a kmesh-daemon through its admin API")]
 struct Cli {
-    /// Admin API of the daemon.
+    /// The daemon's read-only admin API (what the show/dump commands read).
     #[arg(long, global = true, default_value = "127.0.0.1:15200", env = "KMESH_ADMIN_ADDR")]
     admin: SocketAddr,
+    /// The daemon's admin socket, for the commands that change something (log levels,
+    /// monitoring switches); it is root-only.
+    #[arg(long, global = true, default_value = admin::DEFAULT_SOCKET, env = "KMESH_ADMIN_SOCKET")]
+    admin_socket: std::path::PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -132,7 +136,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Log { filter: Some(f) } => {
             let body = serde_json::json!({ "filter": f }).to_string();
-            let r = admin::request(cli.admin, "POST", "/debug/loggers", Some(&body))?;
+            let r = admin::request(&cli.admin_socket, "POST", "/debug/loggers", Some(&body))?;
             let v: Value = serde_json::from_str(&r)?;
             println!("log filter is now {}", v["filter"].as_str().unwrap_or("?"));
         }
@@ -162,7 +166,12 @@ fn main() -> anyhow::Result<()> {
             let v: Value = if body == "{}" {
                 get(cli.admin, "/debug/monitoring")?
             } else {
-                serde_json::from_str(&admin::request(cli.admin, "POST", "/debug/monitoring", Some(&body))?)?
+                serde_json::from_str(&admin::request(
+                    &cli.admin_socket,
+                    "POST",
+                    "/debug/monitoring",
+                    Some(&body),
+                )?)?
             };
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),

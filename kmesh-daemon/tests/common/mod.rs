@@ -171,7 +171,10 @@ pub const DAEMON: &str = env!("CARGO_BIN_EXE_kmesh-daemon");
 
 pub struct Daemon {
     pub child: Option<Child>,
+    /// The read-only loopback admin API.
     pub admin: SocketAddr,
+    /// The admin socket (everything, enrollment included).
+    pub socket: PathBuf,
 }
 
 impl Daemon {
@@ -186,6 +189,7 @@ impl Daemon {
     pub fn start_with(args: &[&str], bed: &Testbed, pins: &Path) -> Daemon {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let socket = std::env::temp_dir().join(format!("kmesh-test-admin-{port}.sock"));
         let child = Command::new(DAEMON)
             .arg("run")
             .args(args)
@@ -194,6 +198,8 @@ impl Daemon {
             .arg("--bpffs")
             .arg(pins)
             .args(["--admin", &admin.to_string(), "--poll-ms", "100"])
+            .arg("--admin-socket")
+            .arg(&socket)
             .args(if args.contains(&"--metrics-addr") { &[][..] } else { &["--metrics-addr", "off"][..] })
             .arg("--state-file")
             .arg(state_file_for(pins))
@@ -201,7 +207,7 @@ impl Daemon {
             .stdin(Stdio::null())
             .spawn()
             .expect("start kmesh-daemon");
-        let d = Daemon { child: Some(child), admin };
+        let d = Daemon { child: Some(child), admin, socket };
         wait_for("the admin API", || admin::request(admin, "GET", "/version", None).is_ok());
         d
     }
@@ -242,6 +248,7 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
