@@ -134,6 +134,24 @@ pub fn applicable<'a>(model: &'a Model, w: &Workload) -> Vec<&'a Policy> {
         .collect()
 }
 
+/// The most verdict rows one destination address may compile to. Rows grow as (identities a
+/// policy singles out + 2) x (source ranges + 1) x (ports named + 1); a configuration past this
+/// is refused whole, naming the policies, instead of filling the verdict map for one pod.
+pub const MAX_ROWS_PER_DESTINATION: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "policies {policies:?} on workload {workload} compile to {rows} verdict rows per address \
+     (identities they single out x source ranges x ports), over the bound of {bound}: narrow them \
+     (fewer distinct principals, source ranges or ports per workload)",
+    bound = MAX_ROWS_PER_DESTINATION
+)]
+pub struct AuthzError {
+    pub workload: String,
+    pub policies: Vec<String>,
+    pub rows: usize,
+}
+
 /// The contents of the authorization maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AuthzState {
@@ -204,7 +222,9 @@ impl AuthzCompiler {
         self.policy_ids.release_reserved();
     }
 
-    pub fn compile(&mut self, model: &Model) -> AuthzState {
+    /// Compiles the policies of `model`. On error the compiler is unchanged only if the caller
+    /// restores a clone (the daemon does): ids may have been handed out.
+    pub fn compile(&mut self, model: &Model) -> Result<AuthzState, AuthzError> {
         let mut out = AuthzState::default();
         // Identities of every workload address (ids from 2: 0 unknown, 1 "any other").
         let mut identities: BTreeMap<Identity, u32> = BTreeMap::new();
@@ -308,6 +328,13 @@ impl AuthzCompiler {
                         rows.extend(mine);
                     }
                 }
+                if rows.len() > MAX_ROWS_PER_DESTINATION {
+                    return Err(AuthzError {
+                        workload: format!("{}/{}", w.namespace, w.name),
+                        policies: policies.iter().map(|p| p.key()).collect(),
+                        rows: rows.len(),
+                    });
+                }
                 let regions = cidrs.iter().enumerate().map(|(i, c)| (*c, i as u32 + 1)).collect();
                 dests.insert(addr_words(*addr), DestContent { regions, rows });
             }
@@ -344,7 +371,7 @@ impl AuthzCompiler {
             next_dests.insert(addr, (id, content));
         }
         self.dests = next_dests;
-        out
+        Ok(out)
     }
 }
 
@@ -400,7 +427,7 @@ policies:
     }
 
     fn allowed(policies: &str, src: &str, port: u16) -> bool {
-        let s = AuthzCompiler::default().compile(&model(policies));
+        let s = AuthzCompiler::default().compile(&model(policies)).unwrap();
         match kernel_verdict(&s, src, port) {
             None => true,
             Some(v) => v.action == VERDICT_ALLOW,
@@ -415,14 +442,14 @@ policies:
     fn a_restarted_compiler_writes_next_to_the_entries_in_force() {
         let policy = "  - {name: a, namespace: prod, rules: [{clauses: [{matches: [{service_accounts: [{namespace: prod, service_account: api}]}]}]}]}\n";
         let before = model(policy);
-        let old = AuthzCompiler::default().compile(&before);
+        let old = AuthzCompiler::default().compile(&before).unwrap();
         // While the daemon was down a workload appeared whose uid sorts first, so a fresh
         // compiler would hand it the id `friend` has in the maps.
         let mut after = before.clone();
         let text = "workloads: [{uid: a-new, name: a-new, namespace: prod, service_account: zz, addresses: [10.244.0.40]}]";
         let w = config::parse(text).unwrap().workloads.remove("a-new").unwrap();
         after.workloads.insert("a-new".into(), w);
-        let next = AuthzCompiler::adopting(&old).compile(&after);
+        let next = AuthzCompiler::adopting(&old).compile(&after).unwrap();
 
         // Halfway: every lookup row of `next` written, destinations not switched yet.
         let mut half = old.clone();
@@ -447,9 +474,29 @@ policies:
         }
     }
 
+    /// Issue 13, item 2: rows per destination are bounded; past the bound the configuration is
+    /// refused with an error naming the policy and the workload.
+    #[test]
+    fn a_policy_compiling_past_the_row_bound_is_refused_by_name() {
+        let cidrs: Vec<String> = (0..255).map(|i| format!("\"10.1.0.{i}/32\"")).collect();
+        let ports: Vec<String> = (1..=128).map(|p| p.to_string()).collect();
+        let policy = format!(
+            "  - {{name: huge, namespace: prod, action: DENY, rules: [{{clauses: [{{matches: [{{source_ips: [{}], destination_ports: [{}]}}]}}]}}]}}",
+            cidrs.join(", "),
+            ports.join(", ")
+        );
+        let e = AuthzCompiler::default().compile(&model(&policy)).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("[\"prod/huge\"]") && msg.contains("on workload prod/"), "{msg}");
+        assert!(e.rows > MAX_ROWS_PER_DESTINATION, "{msg}");
+        // Just under the bound compiles.
+        let policy = policy.replace(", 128]", "]");
+        assert!(AuthzCompiler::default().compile(&model(&policy)).is_ok());
+    }
+
     #[test]
     fn no_policy_allows_everything_and_writes_nothing() {
-        let s = AuthzCompiler::default().compile(&model("  []"));
+        let s = AuthzCompiler::default().compile(&model("  []")).unwrap();
         assert!(s.dest.is_empty() && s.verdict.is_empty());
         assert!(allowed("  []", "10.244.0.30", 80));
     }
@@ -605,7 +652,7 @@ policies:
     fn dry_run_differences_are_reported() {
         let s = AuthzCompiler::default().compile(&model(
             "  - {name: d, namespace: prod, action: DENY, dry_run: true, rules: [{clauses: [{matches: [{}]}]}]}",
-        ));
+        )).unwrap();
         let v = kernel_verdict(&s, "10.244.0.30", 80).unwrap();
         assert_eq!((v.action, v.dry_action), (VERDICT_ALLOW, VERDICT_DENY));
         assert_ne!(v.dry_policy_id, 0);
@@ -615,11 +662,11 @@ policies:
     fn unchanged_destinations_keep_their_id_and_changed_ones_switch() {
         let mut c = AuthzCompiler::default();
         let p1 = "  - {name: d, namespace: prod, action: DENY, rules: [{clauses: [{matches: [{namespaces: [{exact: dev}]}]}]}]}";
-        let a = c.compile(&model(p1));
-        let b = c.compile(&model(p1));
+        let a = c.compile(&model(p1)).unwrap();
+        let b = c.compile(&model(p1)).unwrap();
         assert_eq!(a, b);
         let p2 = "  - {name: d, namespace: prod, action: DENY, rules: [{clauses: [{matches: [{namespaces: [{exact: prod}]}]}]}]}";
-        let d = c.compile(&model(p2));
+        let d = c.compile(&model(p2)).unwrap();
         let id = |s: &AuthzState| s.dest.values().next().unwrap().dest_id;
         assert_ne!(id(&a), id(&d));
     }
@@ -628,7 +675,7 @@ policies:
     fn identities_no_policy_singles_out_share_the_fallback_row() {
         let s = AuthzCompiler::default().compile(&model(
             "  - {name: d, namespace: prod, action: DENY, rules: [{clauses: [{matches: [{namespaces: [{exact: dev}]}]}]}]}",
-        ));
+        )).unwrap();
         // Rows: unknown, other, and dev's identity only (prod identities behave like "other").
         let identities: BTreeSet<u32> = s.verdict.keys().map(|k| k.identity).collect();
         assert_eq!(identities.len(), 3, "{identities:?}");
@@ -645,7 +692,7 @@ policies:
   - {name: deny-all, namespace: prod, scope: WORKLOAD_SELECTOR, action: DENY, rules: [{clauses: [{matches: [{}]}]}]}",
         )
         .unwrap();
-        let s = AuthzCompiler::default().compile(&m);
+        let s = AuthzCompiler::default().compile(&m).unwrap();
         let node = addr_words("192.168.0.7".parse().unwrap());
         assert!(!s.identity.contains_key(&node), "the node's address took the agent's identity");
         assert!(!s.dest.contains_key(&node), "the node's address is policed as the agent");

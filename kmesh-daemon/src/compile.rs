@@ -42,7 +42,8 @@ impl MapCounts {
     }
 }
 
-fn union_len<K: Ord, V>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> usize {
+/// How many keys two states hold together (the peak of a make-before-break transition).
+pub fn union_len<K: Ord, V>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> usize {
     a.len() + b.keys().filter(|k| !a.contains_key(k)).count()
 }
 

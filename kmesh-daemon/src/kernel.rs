@@ -17,7 +17,7 @@ use kmesh_common::*;
 use serde::Serialize;
 
 use crate::authz::AuthzState;
-use crate::compile::{Diff, MapCounts, MapState, diff};
+use crate::compile::{Diff, MapCounts, MapState, diff, union_len};
 
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmesh-ebpf"));
@@ -71,8 +71,9 @@ fn attach_to_cgroup(
 }
 
 /// Map capacities (max entries). The defaults hold 100k frontends and 200k endpoints with room
-/// for make-before-break transitions; hash maps are not preallocated, so unused capacity costs
-/// no memory.
+/// for make-before-break transitions. Hash maps are created without preallocation, so an empty
+/// entry costs nothing; the kernel still reserves per-map bookkeeping sized by the capacity
+/// (about 70 MiB for these defaults), which the README's sizing section shows how to trim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Capacities {
     pub netns: u32,
@@ -81,6 +82,14 @@ pub struct Capacities {
     pub endpoints: u32,
     pub backends: u32,
     pub ports: u32,
+    /// Authorization: destinations with a policy (one per workload address).
+    pub authz_dest: u32,
+    /// Authorization: addresses with a known identity.
+    pub identity: u32,
+    /// Authorization: source ranges named by policies, per destination.
+    pub authz_region: u32,
+    /// Authorization: compiled verdict rows.
+    pub authz_verdict: u32,
 }
 
 impl Default for Capacities {
@@ -92,15 +101,33 @@ impl Default for Capacities {
             endpoints: 1_048_576,
             backends: 524_288,
             ports: 524_288,
+            authz_dest: 262_144,
+            identity: 524_288,
+            authz_region: 262_144,
+            authz_verdict: 1_048_576,
         }
     }
 }
+
+/// The authorization maps whose capacity is configurable, in the order of
+/// [`Capacities::authz_by_name`].
+pub const AUTHZ_MAP_NAMES: [&str; 4] = ["AUTHZ_DEST", "IDENTITY", "AUTHZ_REGION", "AUTHZ_VERDICT"];
 
 impl Capacities {
     fn by_name(&self) -> [(&'static str, u32); 6] {
         let n = [self.netns, self.frontends, self.tables, self.endpoints, self.backends, self.ports];
         std::array::from_fn(|i| (LB_MAP_NAMES[i], n[i]))
     }
+
+    fn authz_by_name(&self) -> [(&'static str, u32); 4] {
+        let n = [self.authz_dest, self.identity, self.authz_region, self.authz_verdict];
+        std::array::from_fn(|i| (AUTHZ_MAP_NAMES[i], n[i]))
+    }
+}
+
+/// The command-line flag (without its dashes) that sets a map's capacity.
+pub fn capacity_flag(map: &str) -> String {
+    format!("{}-capacity", map.to_ascii_lowercase().replace('_', "-"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +164,8 @@ pub enum KernelError {
     },
     #[error(transparent)]
     Netns(crate::netns::NetnsError),
+    #[error(transparent)]
+    Policy(#[from] crate::authz::AuthzError),
     #[error("cannot pin {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
     #[error(
@@ -332,6 +361,35 @@ fn rollback<K: Pod, V: Pod>(m: &mut HashMap<MapData, K, V>, undo: &mut Vec<Undo<
     }
 }
 
+/// Undo records of one load-balancing write phase.
+#[derive(Default)]
+struct LbUndo {
+    backends: Vec<Undo<u32, BackendValue>>,
+    ports: Vec<Undo<PortKey, PortValue>>,
+    endpoints: Vec<Undo<EndpointKey, EndpointValue>>,
+    tables: Vec<Undo<TableKey, TableValue>>,
+    frontends: Vec<Undo<FrontendKey, FrontendValue>>,
+    netns: Vec<Undo<u64, NetnsValue>>,
+}
+
+/// Undo records of one authorization write phase.
+#[derive(Default)]
+struct AuthzUndo {
+    identity: Vec<Undo<[u32; 4], u32>>,
+    region: Vec<Undo<(RegionKey, u32), u32>>,
+    verdict: Vec<Undo<VerdictKey, VerdictValue>>,
+    counts: Vec<CountKey>,
+    dest: Vec<Undo<[u32; 4], DestValue>>,
+}
+
+/// The entries of `next` that `old` lacks or holds with another value.
+fn changed_of<K: Ord + Copy, V: PartialEq + Copy>(
+    old: &BTreeMap<K, V>,
+    next: &BTreeMap<K, V>,
+) -> BTreeMap<K, V> {
+    next.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, v)| (*k, *v)).collect()
+}
+
 fn remove_all<K: Pod>(m: &mut HashMap<MapData, K, impl Pod>, name: &'static str, keys: &[K]) -> usize {
     let mut failed = 0;
     for k in keys {
@@ -365,7 +423,7 @@ impl Dataplane {
         let pins: Vec<(&'static str, PathBuf)> =
             opts.capacities.by_name().iter().map(|(n, _)| (*n, dir.join("maps").join(n))).collect();
         let mut loader = EbpfLoader::new();
-        for (name, cap) in opts.capacities.by_name() {
+        for (name, cap) in opts.capacities.by_name().into_iter().chain(opts.capacities.authz_by_name()) {
             loader.map_max_entries(name, cap);
         }
         for (name, path) in &pins {
@@ -484,8 +542,8 @@ impl Dataplane {
 
     /// The capacities the maps really have: an adopted map keeps the one it was created with.
     fn pinned_capacities(&self) -> Capacities {
-        fn max<K: Pod, V: Pod>(m: &HashMap<MapData, K, V>, name: &str, requested: u32) -> u32 {
-            match m.map().info() {
+        fn max(m: &MapData, name: &str, requested: u32) -> u32 {
+            match m.info() {
                 Ok(info) if info.max_entries() != requested => {
                     tracing::warn!(
                         map = name,
@@ -500,12 +558,16 @@ impl Dataplane {
         }
         let c = self.capacities;
         Capacities {
-            netns: max(&self.netns, "NETNS", c.netns),
-            frontends: max(&self.frontends, "FRONTENDS", c.frontends),
-            tables: max(&self.tables, "LB_TABLES", c.tables),
-            endpoints: max(&self.endpoints, "ENDPOINTS", c.endpoints),
-            backends: max(&self.backends, "BACKENDS", c.backends),
-            ports: max(&self.ports, "PORTS", c.ports),
+            netns: max(self.netns.map(), "NETNS", c.netns),
+            frontends: max(self.frontends.map(), "FRONTENDS", c.frontends),
+            tables: max(self.tables.map(), "LB_TABLES", c.tables),
+            endpoints: max(self.endpoints.map(), "ENDPOINTS", c.endpoints),
+            backends: max(self.backends.map(), "BACKENDS", c.backends),
+            ports: max(self.ports.map(), "PORTS", c.ports),
+            authz_dest: max(self.authz_dest.map(), "AUTHZ_DEST", c.authz_dest),
+            identity: max(self.identity.map(), "IDENTITY", c.identity),
+            authz_region: max(self.authz_region.map(), "AUTHZ_REGION", c.authz_region),
+            authz_verdict: max(self.authz_verdict.map(), "AUTHZ_VERDICT", c.authz_verdict),
         }
     }
 
@@ -566,7 +628,7 @@ impl Dataplane {
         let peak = self.applied.peak_counts(&d.set);
         for ((map, needed), (_, capacity)) in peak.as_array().into_iter().zip(self.capacities.by_name()) {
             if needed > capacity as usize {
-                let flag = format!("{}-capacity", map.to_ascii_lowercase().replace('_', "-"));
+                let flag = capacity_flag(map);
                 return Err(KernelError::MapFull { map, flag, needed, capacity });
             }
         }
@@ -582,45 +644,84 @@ impl Dataplane {
         self.apply_diff(d)
     }
 
-    /// Applies a diff against what the maps hold (see [`apply`](Self::apply) for the order).
+    /// Applies a diff against what the maps hold (see [`apply`](Self::apply) for the order);
+    /// the authorization maps keep what they hold.
     pub fn apply_diff(&mut self, d: Diff) -> Result<ApplyReport, KernelError> {
-        self.check_capacity(&d)?;
-        let old = &self.applied;
+        let authz = self.authz_applied.clone();
+        self.apply_all(d, authz)
+    }
 
-        let mut u_backends = Vec::new();
-        let mut u_ports = Vec::new();
-        let mut u_endpoints = Vec::new();
-        let mut u_tables = Vec::new();
-        let mut u_frontends = Vec::new();
-        let mut u_netns = Vec::new();
-        let r = (|| {
-            upsert(&mut self.backends, "BACKENDS", &old.backends, &d.set.backends, &mut u_backends)?;
-            upsert(&mut self.ports, "PORTS", &old.ports, &d.set.ports, &mut u_ports)?;
-            upsert(&mut self.endpoints, "ENDPOINTS", &old.endpoints, &d.set.endpoints, &mut u_endpoints)?;
-            upsert(&mut self.tables, "LB_TABLES", &old.tables, &d.set.tables, &mut u_tables)?;
-            upsert(&mut self.frontends, "FRONTENDS", &old.frontends, &d.set.frontends, &mut u_frontends)?;
-            upsert(&mut self.netns, "NETNS", &old.netns, &d.set.netns, &mut u_netns)
-        })();
-        if let Err(e) = r {
-            // Undo in the reverse order of writing: roots first.
-            rollback(&mut self.netns, &mut u_netns);
-            rollback(&mut self.frontends, &mut u_frontends);
-            rollback(&mut self.tables, &mut u_tables);
-            rollback(&mut self.endpoints, &mut u_endpoints);
-            rollback(&mut self.ports, &mut u_ports);
-            rollback(&mut self.backends, &mut u_backends);
+    /// One transaction across every map family: the load-balancing diff `d` and the
+    /// authorization state `authz`. Both are checked against the capacities before any write;
+    /// then every new entry is written (load balancing leaves first, then authorization lookups
+    /// before the destinations that switch to them), and only then is anything deleted (roots
+    /// first). A write that fails undoes every write before it, in both families, and nothing
+    /// is deleted: the maps hold exactly what they held.
+    pub fn apply_all(&mut self, d: Diff, authz: AuthzState) -> Result<ApplyReport, KernelError> {
+        self.check_capacity(&d)?;
+        self.check_authz_capacity(&authz)?;
+        let mut lb = LbUndo::default();
+        if let Err(e) = self.write_lb(&d, &mut lb) {
+            self.rollback_lb(&mut lb);
             return Err(e);
         }
-
+        let old_authz = std::mem::take(&mut self.authz_applied);
+        let mut az = AuthzUndo::default();
+        if let Err(e) = self.write_authz(&old_authz, &authz, &mut az) {
+            self.rollback_authz(&mut az);
+            self.rollback_lb(&mut lb);
+            self.authz_applied = old_authz;
+            return Err(e);
+        }
         remove_all(&mut self.netns, "NETNS", &d.del_netns);
         remove_all(&mut self.frontends, "FRONTENDS", &d.del_frontends);
         remove_all(&mut self.tables, "LB_TABLES", &d.del_tables);
         remove_all(&mut self.endpoints, "ENDPOINTS", &d.del_endpoints);
         remove_all(&mut self.ports, "PORTS", &d.del_ports);
         remove_all(&mut self.backends, "BACKENDS", &d.del_backends);
+        self.delete_authz(&old_authz, &authz);
         let report = ApplyReport { writes: d.writes(), deletes: d.deletes() };
         self.applied.apply(d);
+        self.authz_applied = authz;
         Ok(report)
+    }
+
+    /// Checks that going to `next` fits the authorization maps: entries of both states are
+    /// present at the peak.
+    pub fn check_authz_capacity(&self, next: &AuthzState) -> Result<(), KernelError> {
+        let old = &self.authz_applied;
+        let peaks = [
+            union_len(&old.dest, &next.dest),
+            union_len(&old.identity, &next.identity),
+            union_len(&old.region, &next.region),
+            union_len(&old.verdict, &next.verdict),
+        ];
+        for (needed, (map, capacity)) in peaks.into_iter().zip(self.capacities.authz_by_name()) {
+            if needed > capacity as usize {
+                return Err(KernelError::MapFull { map, flag: capacity_flag(map), needed, capacity });
+            }
+        }
+        Ok(())
+    }
+
+    fn write_lb(&mut self, d: &Diff, u: &mut LbUndo) -> Result<(), KernelError> {
+        let old = &self.applied;
+        upsert(&mut self.backends, "BACKENDS", &old.backends, &d.set.backends, &mut u.backends)?;
+        upsert(&mut self.ports, "PORTS", &old.ports, &d.set.ports, &mut u.ports)?;
+        upsert(&mut self.endpoints, "ENDPOINTS", &old.endpoints, &d.set.endpoints, &mut u.endpoints)?;
+        upsert(&mut self.tables, "LB_TABLES", &old.tables, &d.set.tables, &mut u.tables)?;
+        upsert(&mut self.frontends, "FRONTENDS", &old.frontends, &d.set.frontends, &mut u.frontends)?;
+        upsert(&mut self.netns, "NETNS", &old.netns, &d.set.netns, &mut u.netns)
+    }
+
+    /// Undoes in the reverse order of writing: roots first.
+    fn rollback_lb(&mut self, u: &mut LbUndo) {
+        rollback(&mut self.netns, &mut u.netns);
+        rollback(&mut self.frontends, &mut u.frontends);
+        rollback(&mut self.tables, &mut u.tables);
+        rollback(&mut self.endpoints, &mut u.endpoints);
+        rollback(&mut self.ports, &mut u.ports);
+        rollback(&mut self.backends, &mut u.backends);
     }
 
     /// Sums of the per-CPU counters of the connect programs, indexed by `kmesh_common::stat`.
@@ -674,51 +775,81 @@ impl Dataplane {
         Ok(s)
     }
 
-    /// Makes the authorization maps hold `next`: the lookups a destination follows are written
-    /// before the destination switches to them, and removed after.
+    /// Makes the authorization maps hold `next` (a transaction of its own; see
+    /// [`apply_all`](Self::apply_all)).
     pub fn apply_authz(&mut self, next: AuthzState) -> Result<(), KernelError> {
-        let old = std::mem::take(&mut self.authz_applied);
-        let r = self.write_authz(&old, &next);
-        self.authz_applied = match r {
-            Ok(()) => next,
-            Err(_) => self.read_authz().unwrap_or(old),
-        };
-        r
+        self.apply_all(Diff::default(), next).map(|_| ())
     }
 
-    fn write_authz(&mut self, old: &AuthzState, next: &AuthzState) -> Result<(), KernelError> {
-        fn w(map: &'static str) -> impl Fn(MapError) -> KernelError {
-            move |source| KernelError::Write { map, source }
-        }
-        for (k, v) in &next.identity {
-            if old.identity.get(k) != Some(v) {
-                self.identity.insert(k, v, 0).map_err(w("IDENTITY"))?;
-            }
-        }
+    /// Writes what `next` adds or changes: the lookups a destination follows before the
+    /// destination switches to them. Records how to undo each write.
+    fn write_authz(
+        &mut self,
+        old: &AuthzState,
+        next: &AuthzState,
+        u: &mut AuthzUndo,
+    ) -> Result<(), KernelError> {
+        upsert(
+            &mut self.identity,
+            "IDENTITY",
+            &old.identity,
+            &changed_of(&old.identity, &next.identity),
+            &mut u.identity,
+        )?;
         for ((k, len), v) in &next.region {
-            if old.region.get(&(*k, *len)) != Some(v) {
-                self.authz_region.insert(&LpmKey::new(*len, *k), v, 0).map_err(w("AUTHZ_REGION"))?;
+            let prev = old.region.get(&(*k, *len));
+            if prev == Some(v) {
+                continue;
             }
+            self.authz_region
+                .insert(&LpmKey::new(*len, *k), v, 0)
+                .map_err(|source| KernelError::Write { map: "AUTHZ_REGION", source })?;
+            u.region.push(match prev {
+                Some(p) => Undo::Restore((*k, *len), *p),
+                None => Undo::Remove((*k, *len)),
+            });
         }
-        for (k, v) in &next.verdict {
-            if old.verdict.get(k) != Some(v) {
-                self.authz_verdict.insert(k, v, 0).map_err(w("AUTHZ_VERDICT"))?;
-            }
-        }
+        upsert(
+            &mut self.authz_verdict,
+            "AUTHZ_VERDICT",
+            &old.verdict,
+            &changed_of(&old.verdict, &next.verdict),
+            &mut u.verdict,
+        )?;
         let cpus = aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1);
         for k in next.counts.difference(&old.counts) {
             let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| KernelError::Pin {
                 path: PathBuf::from("AUTHZ_COUNTS"),
                 reason: e.to_string(),
             })?;
-            self.authz_counts.insert(k, zeros, 0).map_err(w("AUTHZ_COUNTS"))?;
+            self.authz_counts
+                .insert(k, zeros, 0)
+                .map_err(|source| KernelError::Write { map: "AUTHZ_COUNTS", source })?;
+            u.counts.push(*k);
         }
-        for (k, v) in &next.dest {
-            if old.dest.get(k) != Some(v) {
-                self.authz_dest.insert(k, v, 0).map_err(w("AUTHZ_DEST"))?;
+        upsert(&mut self.authz_dest, "AUTHZ_DEST", &old.dest, &changed_of(&old.dest, &next.dest), &mut u.dest)
+    }
+
+    fn rollback_authz(&mut self, u: &mut AuthzUndo) {
+        rollback(&mut self.authz_dest, &mut u.dest);
+        for k in u.counts.drain(..) {
+            let _ = self.authz_counts.remove(&k);
+        }
+        rollback(&mut self.authz_verdict, &mut u.verdict);
+        while let Some(x) = u.region.pop() {
+            let r = match x {
+                Undo::Restore((k, len), v) => self.authz_region.insert(&LpmKey::new(len, k), v, 0),
+                Undo::Remove((k, len)) => self.authz_region.remove(&LpmKey::new(len, k)),
+            };
+            if let Err(e) = r {
+                tracing::error!(error = %e, "rollback write failed");
             }
         }
-        // Deletions, roots first.
+        rollback(&mut self.identity, &mut u.identity);
+    }
+
+    /// Deletes what `next` no longer has, roots first.
+    fn delete_authz(&mut self, old: &AuthzState, next: &AuthzState) {
         for k in old.dest.keys().filter(|k| !next.dest.contains_key(*k)) {
             let _ = self.authz_dest.remove(k);
         }
@@ -734,7 +865,6 @@ impl Dataplane {
         for k in old.counts.difference(&next.counts) {
             let _ = self.authz_counts.remove(k);
         }
-        Ok(())
     }
 
     /// Attaches the authorization program to a network namespace (idempotent).

@@ -39,6 +39,18 @@ struct CapacityArgs {
     backends_capacity: u32,
     #[arg(long, default_value_t = Capacities::default().ports)]
     ports_capacity: u32,
+    /// Authorization: destinations (workload addresses) with a policy.
+    #[arg(long, default_value_t = Capacities::default().authz_dest)]
+    authz_dest_capacity: u32,
+    /// Authorization: addresses with a known identity.
+    #[arg(long, default_value_t = Capacities::default().identity)]
+    identity_capacity: u32,
+    /// Authorization: source ranges policies name, per destination.
+    #[arg(long, default_value_t = Capacities::default().authz_region)]
+    authz_region_capacity: u32,
+    /// Authorization: compiled verdict rows.
+    #[arg(long, default_value_t = Capacities::default().authz_verdict)]
+    authz_verdict_capacity: u32,
 }
 
 #[derive(Args)]
@@ -292,6 +304,10 @@ fn main() -> anyhow::Result<()> {
                 endpoints: caps.endpoints_capacity,
                 backends: caps.backends_capacity,
                 ports: caps.ports_capacity,
+                authz_dest: caps.authz_dest_capacity,
+                identity: caps.identity_capacity,
+                authz_region: caps.authz_region_capacity,
+                authz_verdict: caps.authz_verdict_capacity,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -116,32 +116,35 @@ impl Mesh {
         }
     }
 
-    /// Compiles and applies `model` with `enrolled`, incrementally when possible. On error the
-    /// compiler is brought back to the state in force.
+    /// Compiles and applies `model` with `enrolled`, incrementally when possible, as one
+    /// transaction across the load-balancing and authorization maps (see
+    /// [`Dataplane::apply_all`]). On error the maps hold what they held and both compilers are
+    /// brought back to the state in force.
     fn sync(
         &mut self,
         model: &Model,
         enrolled: &BTreeMap<u64, Enrollment>,
     ) -> Result<ApplyReport, KernelError> {
+        let saved_authz = self.authz.clone();
         let incremental = if !self.needs_full && *enrolled == self.enrolled {
             self.compiler.incremental(&self.model, model)
         } else {
             None
         };
         let is_incremental = incremental.is_some();
-        let r = match incremental {
-            Some(d) => self.dp.apply_diff(d),
-            None => {
-                let next = self.compiler.full(model, enrolled, self.dp.applied());
-                self.dp.apply(next)
+        let r = match self.authz.compile(model) {
+            Err(e) => Err(KernelError::from(e)),
+            Ok(authz) => {
+                let d = match incremental {
+                    Some(d) => d,
+                    None => {
+                        let next = self.compiler.full(model, enrolled, self.dp.applied());
+                        crate::compile::diff(self.dp.applied(), &next)
+                    }
+                };
+                self.dp.apply_all(d, authz)
             }
         };
-        // Policies follow the same model: recompiled (destinations whose decisions did not
-        // change keep their entries) and applied after the load-balancing maps.
-        let r = r.and_then(|rep| {
-            let a = self.authz.compile(model);
-            self.dp.apply_authz(a).map(|_| rep)
-        });
         self.record(&r, is_incremental);
         match &r {
             Ok(_) => {
@@ -151,7 +154,8 @@ impl Mesh {
                 self.needs_full = false;
             }
             Err(_) => {
-                // The kernel side rolled back; rebuild the compiler's memory of what is in force.
+                // Rebuild the compilers' memory of what is in force.
+                self.authz = saved_authz;
                 let (old_model, old_enrolled) = (self.model.clone(), self.enrolled.clone());
                 let _ = self.compiler.full(&old_model, &old_enrolled, self.dp.applied());
                 self.needs_full = true;

@@ -364,6 +364,47 @@ fn a_full_map_is_refused_whole_and_the_previous_state_stays() {
     assert!(env.connect("client", &format!("{VIP}:80"), 10).iter().all(|a| a.ok));
 }
 
+/// Issue 13, item 2: one apply is one transaction across the load-balancing and the
+/// authorization maps. A change that removes a backend and adds a policy whose verdict rows do
+/// not fit is refused before any write: the backend stays in the kernel and in the model.
+#[test]
+fn a_change_whose_policy_does_not_fit_changes_no_map_of_either_family() {
+    if !root_or_skip("a_change_whose_policy_does_not_fit_changes_no_map_of_either_family") {
+        return;
+    }
+    let caps = Capacities { authz_verdict: 8, ..Capacities::default() };
+    let mut env = Env::with_capacities(&three_backends_two_zones(), caps);
+    start_servers(&env, &[8080], &[]);
+    env.apply(&echo_config(&env, "{}", &[]));
+    env.enroll("client", None);
+    let before = env.mesh().dataplane().read_state().unwrap();
+    let authz_before = env.mesh().dataplane().read_authz().unwrap();
+
+    // s3 leaves the service, and a DENY on port 9090 for every pod of the namespace arrives:
+    // 4 destinations x 2 identity rows x 2 ports = 16 verdict rows, capacity 8.
+    let text = echo_config(&env, "{}", &[("s3", "absent")])
+        + "policies:\n  - {name: no-9090, namespace: default, action: DENY, rules: [{clauses: [{matches: [{destination_ports: [9090]}]}]}]}\n";
+    let model = kmesh_daemon::config::parse(&text).unwrap();
+    let err = env.mesh().set_model(model).unwrap_err();
+    eprintln!("refused: {err}");
+    assert!(matches!(err, KernelError::MapFull { map: "AUTHZ_VERDICT", capacity: 8, .. }), "{err}");
+    assert!(err.to_string().contains("--authz-verdict-capacity"), "{err}");
+    assert_eq!(
+        env.mesh().dataplane().read_state().unwrap(),
+        before,
+        "the load-balancing maps did not change"
+    );
+    assert_eq!(env.mesh().dataplane().read_authz().unwrap(), authz_before, "nor did the authorization maps");
+    assert!(env.mesh().model().workloads.contains_key("s3"), "the model is the one in force");
+    let s = spread(&env.connect("client", &format!("{VIP}:80"), 60));
+    assert!(s.contains_key("s3"), "s3 still receives connections: {s:?}");
+
+    // The same change without the policy goes through, and the next apply is consistent.
+    env.apply(&echo_config(&env, "{}", &[("s3", "absent")]));
+    let s = spread(&env.connect("client", &format!("{VIP}:80"), 30));
+    assert!(!s.contains_key("s3"), "{s:?}");
+}
+
 /// The value of the series of `name` whose labels include every `label="value"` pair.
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
     text.lines()
