@@ -15,7 +15,7 @@
 
 /// Layout version of the maps below. Bumped whenever a key or value changes shape; the daemon
 /// keeps its pins under a directory named after it.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Names of the load-balancing maps, in the order user space lists them everywhere (map
 /// counts, capacities, pins).
@@ -37,6 +37,49 @@ pub const PROTO_UDP: u8 = 17;
 pub const ERRNO_NO_ENDPOINT: i32 = 111; // ECONNREFUSED
 /// The connect() errno when a STRICT locality service has no endpoint in the client's locality.
 pub const ERRNO_STRICT_NO_MATCH: i32 = 113; // EHOSTUNREACH
+/// The connect() errno when the destination is a service frontend but the tables behind it
+/// could not be read consistently (an update raced the lookup twice, or an entry was missing):
+/// the connection is refused, never passed on unchanged to whatever route the VIP has, and a
+/// retry gets the tables as they are now.
+pub const ERRNO_INCONSISTENT: i32 = 11; // EAGAIN
+
+/// A check of a map key: FNV-1a over its 32-bit words, never 0. Every load-balancing value
+/// carries the check of the key it was written under. Hash maps without preallocation hand a
+/// freed element to the next insert at once on this kernel (the BPF memory allocator does not
+/// wait for an RCU grace period), so a program that found a key may read the bytes of another
+/// entry; it copies the value and compares the check before using it.
+#[inline(always)]
+pub fn key_check<K>(key: &K) -> u32 {
+    let n = core::mem::size_of::<K>() / 4;
+    let p = (key as *const K).cast::<u32>();
+    let mut h: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < n {
+        // SAFETY: i < size_of::<K>() / 4 words of a live value; unaligned reads are allowed.
+        h = (h ^ unsafe { core::ptr::read_unaligned(p.add(i)) }).wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    h | 1
+}
+
+/// Values that carry the check of their key (see [`key_check`]).
+macro_rules! checked {
+    ($($value:ty => $key:ty),* $(,)?) => {$(
+        impl $value {
+            /// This value with the check of `key` set.
+            #[inline(always)]
+            pub fn sealed(mut self, key: &$key) -> Self {
+                self.check = key_check(key);
+                self
+            }
+            /// Whether this value was written under `key`.
+            #[inline(always)]
+            pub fn belongs_to(&self, key: &$key) -> bool {
+                self.check == key_check(key)
+            }
+        }
+    )*};
+}
 
 /// The three words that prefix a v4-mapped IPv6 address, in `user_ip6` layout.
 pub const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_be(0x0000_ffff)];
@@ -63,7 +106,8 @@ pub const fn is_v4_mapped(a: &[u32; 4]) -> bool {
 pub struct NetnsValue {
     /// Locality class of the pods in this namespace (0: the node's own locality).
     pub class_id: u32,
-    pub _reserved: u32,
+    /// [`key_check`] of the cookie.
+    pub check: u32,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -90,6 +134,8 @@ pub struct FrontendValue {
     /// Target port used unless `PORTS` has a per-backend override, network byte order.
     pub target_port: u16,
     pub flags: u16,
+    /// [`key_check`] of the frontend key.
+    pub check: u32,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -121,6 +167,8 @@ pub struct TableValue {
     pub counts: [u32; LEVELS],
     /// Sum of the weights at each level (only meaningful with `TBL_F_WEIGHTED`).
     pub weights: [u32; LEVELS],
+    /// [`key_check`] of the table key.
+    pub check: u32,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -145,6 +193,8 @@ pub struct EndpointValue {
     pub backend_id: u32,
     /// Sum of the weights of slots 0..=index at this level (weighted tables only).
     pub cum_weight: u32,
+    /// [`key_check`] of the endpoint key.
+    pub check: u32,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -156,7 +206,8 @@ pub struct EndpointValue {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendValue {
     pub addr: [u32; 4],
-    pub _reserved: u32,
+    /// [`key_check`] of the backend id.
+    pub check: u32,
 }
 
 #[repr(C)]
@@ -175,6 +226,8 @@ pub struct PortValue {
     /// Target port on that backend, network byte order.
     pub target_port: u16,
     pub _pad: u16,
+    /// [`key_check`] of the port key.
+    pub check: u32,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -193,13 +246,17 @@ pub mod stat {
     pub const RETRIED: u32 = 3;
     /// Enrolled socket whose destination is not a frontend: passed unchanged.
     pub const PASSED: u32 = 4;
-    /// Tables were inconsistent even after retrying: passed unchanged.
+    /// A frontend's tables were inconsistent even after retrying (or an entry was missing):
+    /// connect() refused with `ERRNO_INCONSISTENT`.
     pub const INCONSISTENT: u32 = 5;
     /// Telemetry events lost because the `TELEMETRY` ring buffer was full.
     pub const TELEMETRY_LOST: u32 = 6;
     /// Authorization events (denials, dry-run matches) lost because `AUTHZ_EVENTS` was full.
     pub const AUTHZ_EVENTS_LOST: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// A destination with policies had no verdict row for a connection (an inconsistency):
+    /// the connection was dropped, not admitted.
+    pub const AUTHZ_INCONSISTENT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -434,18 +491,27 @@ mod pod {
     unsafe impl aya::Pod for ConnEvent {}
 }
 
+checked! {
+    NetnsValue => u64,
+    FrontendValue => FrontendKey,
+    TableValue => TableKey,
+    EndpointValue => EndpointKey,
+    BackendValue => u32,
+    PortValue => PortKey,
+}
+
 // Sizes are part of the pinned layout: a change here must bump MAP_LAYOUT_VERSION.
 const _: () = {
     assert!(core::mem::size_of::<NetnsValue>() == 8);
     assert!(core::mem::size_of::<FrontendKey>() == 20);
-    assert!(core::mem::size_of::<FrontendValue>() == 8);
+    assert!(core::mem::size_of::<FrontendValue>() == 12);
     assert!(core::mem::size_of::<TableKey>() == 12);
-    assert!(core::mem::size_of::<TableValue>() == 8 + 8 * LEVELS);
+    assert!(core::mem::size_of::<TableValue>() == 12 + 8 * LEVELS);
     assert!(core::mem::size_of::<EndpointKey>() == 20);
-    assert!(core::mem::size_of::<EndpointValue>() == 8);
+    assert!(core::mem::size_of::<EndpointValue>() == 12);
     assert!(core::mem::size_of::<BackendValue>() == 20);
     assert!(core::mem::size_of::<PortKey>() == 12);
-    assert!(core::mem::size_of::<PortValue>() == 4);
+    assert!(core::mem::size_of::<PortValue>() == 8);
     assert!(core::mem::size_of::<DestValue>() == 8);
     assert!(core::mem::size_of::<RegionKey>() == 20);
     assert!(core::mem::size_of::<VerdictKey>() == 16);
@@ -465,6 +531,24 @@ mod tests {
         t.counts[..counts.len()].copy_from_slice(counts);
         t.weights[..weights.len()].copy_from_slice(weights);
         t
+    }
+
+    #[test]
+    fn a_value_read_under_another_key_is_told_apart() {
+        let k1 = FrontendKey {
+            addr: [0, 0, 0xffff_0000, 0x0a60_000a],
+            port: 80u16.to_be(),
+            proto: PROTO_TCP,
+            _pad: 0,
+        };
+        let k2 = FrontendKey { port: 81u16.to_be(), ..k1 };
+        let v = FrontendValue { service_id: 7, ..Default::default() }.sealed(&k1);
+        assert!(v.belongs_to(&k1) && !v.belongs_to(&k2));
+        assert!(!FrontendValue::default().belongs_to(&k1), "an unsealed value never passes");
+        let b = BackendValue::default().sealed(&3);
+        assert!(b.belongs_to(&3) && !b.belongs_to(&4));
+        let n = NetnsValue::default().sealed(&0x1_0000_0001);
+        assert!(!n.belongs_to(&0x2_0000_0001), "both words of a cookie count");
     }
 
     #[test]

@@ -378,7 +378,7 @@ impl Compiler {
                 }
                 _ => 0,
             };
-            self.netns.insert(*cookie, NetnsValue { class_id, _reserved: 0 });
+            self.netns.insert(*cookie, NetnsValue { class_id, check: 0 }.sealed(cookie));
         }
         self.ids.classes.retain(&used_classes);
 
@@ -510,19 +510,19 @@ impl Compiler {
         for addr in &svc.addresses {
             for p in &svc.ports {
                 let target = if p.target_port != 0 { p.target_port } else { p.service_port };
-                out.frontends.insert(
-                    FrontendKey {
-                        addr: addr_words(*addr),
-                        port: p.service_port.to_be(),
-                        proto: proto_of(p.protocol),
-                        _pad: 0,
-                    },
-                    FrontendValue {
-                        service_id,
-                        target_port: target.to_be(),
-                        flags: if locality { FE_F_LOCALITY } else { 0 },
-                    },
-                );
+                let fk = FrontendKey {
+                    addr: addr_words(*addr),
+                    port: p.service_port.to_be(),
+                    proto: proto_of(p.protocol),
+                    _pad: 0,
+                };
+                let fv = FrontendValue {
+                    service_id,
+                    target_port: target.to_be(),
+                    flags: if locality { FE_F_LOCALITY } else { 0 },
+                    check: 0,
+                };
+                out.frontends.insert(fk, fv.sealed(&fk));
             }
         }
 
@@ -544,7 +544,10 @@ impl Compiler {
                 let bkey = (service_id, w.uid.clone(), *addr);
                 let backend_id = self.ids.backends.get_or_alloc(&bkey);
                 used_backends.insert(bkey);
-                out.backends.insert(backend_id, BackendValue { addr: addr_words(*addr), _reserved: 0 });
+                out.backends.insert(
+                    backend_id,
+                    BackendValue { addr: addr_words(*addr), check: 0 }.sealed(&backend_id),
+                );
                 members.push(Member { workload: w, backend_id });
                 // Per-workload target ports that differ from the frontend's default.
                 for p in &svc.ports {
@@ -556,10 +559,10 @@ impl Compiler {
                         .map(|m| m.target_port)
                         .filter(|t| *t != 0);
                     if let Some(t) = mapped.filter(|t| *t != default) {
-                        out.ports.insert(
-                            PortKey { service_id, backend_id, service_port: p.service_port.to_be(), _pad: 0 },
-                            PortValue { target_port: t.to_be(), _pad: 0 },
-                        );
+                        let pk =
+                            PortKey { service_id, backend_id, service_port: p.service_port.to_be(), _pad: 0 };
+                        out.ports
+                            .insert(pk, PortValue { target_port: t.to_be(), _pad: 0, check: 0 }.sealed(&pk));
                     }
                 }
             }
@@ -647,7 +650,7 @@ fn emit_table(
             slots.push((
                 level as u8,
                 index as u32,
-                EndpointValue { backend_id: *backend_id, cum_weight: cum },
+                EndpointValue { backend_id: *backend_id, cum_weight: cum, check: 0 },
             ));
         }
         t.weights[level] = cum;
@@ -658,17 +661,19 @@ fn emit_table(
             let same = p.flags == t.flags
                 && p.counts == t.counts
                 && p.weights == t.weights
-                && slots
-                    .iter()
-                    .all(|(l, i, v)| prev.endpoints.get(&slot_key(p.generation, *l, *i)) == Some(v));
+                && slots.iter().all(|(l, i, v)| {
+                    let k = slot_key(p.generation, *l, *i);
+                    prev.endpoints.get(&k) == Some(&v.sealed(&k))
+                });
             if same { p.generation } else { p.generation.wrapping_add(1) }
         }
         None => 1,
     };
     for (level, index, v) in slots {
-        out.endpoints.insert(slot_key(t.generation, level, index), v);
+        let k = slot_key(t.generation, level, index);
+        out.endpoints.insert(k, v.sealed(&k));
     }
-    out.tables.insert(tkey, t);
+    out.tables.insert(tkey, t.sealed(&tkey));
 }
 
 /// Changes to go from one map state to another. Applied in this order: all `set` maps from

@@ -162,6 +162,12 @@ pub fn render(m: &Mesh, ready: bool, xds: &XdsHealth) -> String {
         );
         counters(
             &mut r,
+            "kmesh_authz_inconsistent",
+            "Connections into enrolled pods dropped because a destination with policies had no verdict row",
+            [(vec![], st[stat::AUTHZ_INCONSISTENT as usize])],
+        );
+        counters(
+            &mut r,
             "kmesh_events_lost",
             "Kernel events dropped because a ring buffer was full",
             [

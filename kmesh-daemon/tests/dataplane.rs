@@ -405,6 +405,53 @@ fn a_change_whose_policy_does_not_fit_changes_no_map_of_either_family() {
     assert!(!s.contains_key("s3"), "{s:?}");
 }
 
+/// Removes every entry of the pinned map `name` of `env` (an inconsistency only a bug, a hand
+/// edit or a lost write could leave).
+fn clear_pinned<K: aya::Pod, V: aya::Pod>(env: &Env, name: &str) -> usize {
+    let path = env.pin_dir.join(format!("v{}/maps/{name}", kmesh_common::MAP_LAYOUT_VERSION));
+    let data = aya::maps::MapData::from_pin(&path).unwrap();
+    let mut m: aya::maps::HashMap<_, K, V> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+    let keys: Vec<K> = m.keys().map(Result::unwrap).collect();
+    for k in &keys {
+        m.remove(k).unwrap();
+    }
+    keys.len()
+}
+
+/// Issue 13, item 6: once a destination is known to be a frontend, an inconsistency behind it
+/// refuses the connection (EAGAIN: retry) and is counted, instead of passing the VIP on to
+/// whatever route the node has; and a policed destination without verdict rows drops the
+/// connection instead of admitting it.
+#[test]
+fn inconsistent_tables_refuse_and_count_instead_of_passing() {
+    if !root_or_skip("inconsistent_tables_refuse_and_count_instead_of_passing") {
+        return;
+    }
+    let mut env = Env::new(&three_backends_two_zones());
+    start_servers(&env, &[8080], &[]);
+    let text = echo_config(&env, "{}", &[])
+        + "policies:\n  - {name: allow-all, namespace: default, rules: [{clauses: [{matches: [{}]}]}]}\n";
+    env.apply(&text);
+    env.enroll("client", Some("client"));
+    env.enroll("s1", Some("s1"));
+    let s1 = format!("{}:8080", env.pod("s1").ipv4);
+    assert!(env.connect("client", &format!("{VIP}:80"), 5).iter().all(|a| a.ok));
+    assert!(env.connect("client", &s1, 1)[0].ok, "allowed by policy");
+
+    let stat = |env: &mut Env, i: u32| env.mesh().dataplane().stats().unwrap()[i as usize];
+    let before = stat(&mut env, kmesh_common::stat::INCONSISTENT);
+    assert!(clear_pinned::<kmesh_common::TableKey, kmesh_common::TableValue>(&env, "LB_TABLES") > 0);
+    let a = env.connect("client", &format!("{VIP}:80"), 5);
+    assert!(a.iter().all(|a| a.errno == Some(libc::EAGAIN)), "{a:?}");
+    assert_eq!(stat(&mut env, kmesh_common::stat::INCONSISTENT) - before, 5);
+
+    assert!(clear_pinned::<kmesh_common::VerdictKey, kmesh_common::VerdictValue>(&env, "AUTHZ_VERDICT") > 0);
+    let a = env.connect("client", &s1, 3);
+    assert!(a.iter().all(|a| a.errno == Some(libc::ECONNREFUSED)), "dropped, not admitted: {a:?}");
+    assert_eq!(stat(&mut env, kmesh_common::stat::AUTHZ_INCONSISTENT), 3);
+}
+
 /// The value of the series of `name` whose labels include every `label="value"` pair.
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
     text.lines()

@@ -121,18 +121,33 @@ enum Verdict {
 }
 
 /// The whole decision, independent of the address family of the socket.
+///
+/// Every value is copied out of its map and checked against the key it was looked up under
+/// (`belongs_to`): an element freed by a concurrent update can be handed to another key at
+/// once, so the bytes behind a found key may belong to another entry. Once the destination is
+/// known to be a frontend, nothing is passed unchanged: a table that cannot be read
+/// consistently twice refuses the connection (`ERRNO_INCONSISTENT`) rather than letting the
+/// VIP go to whatever route the node has for it.
 #[inline(always)]
 fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, family: u8) -> Verdict {
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(ns) = (unsafe { NETNS.get(cookie) }) else {
+    let Some(ns) = (unsafe { NETNS.get(cookie) }).copied() else {
         return Verdict::Pass;
     };
+    if !ns.belongs_to(&cookie) {
+        // The namespace's entry went away under us: it is being unenrolled.
+        return Verdict::Pass;
+    }
     let client_class = ns.class_id;
     let fe_key = FrontendKey { addr, port, proto, _pad: 0 };
-    let Some(fe) = (unsafe { FRONTENDS.get(fe_key) }) else {
+    let Some(fe) = (unsafe { FRONTENDS.get(fe_key) }).copied() else {
         count(stat::PASSED);
         return Verdict::Pass;
     };
+    if !fe.belongs_to(&fe_key) {
+        count(stat::INCONSISTENT);
+        return Verdict::Refuse(ERRNO_INCONSISTENT);
+    }
     let service_id = fe.service_id;
     let default_port = fe.target_port;
     let class_id = if fe.flags & FE_F_LOCALITY != 0 { client_class } else { 0 };
@@ -143,11 +158,14 @@ fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, family: 
     let mut attempt = 0;
     while attempt < 2 {
         attempt += 1;
-        let Some(t) = (unsafe { LB_TABLES.get(tkey) }) else {
+        let Some(table) = (unsafe { LB_TABLES.get(tkey) }).copied() else {
             count(stat::INCONSISTENT);
-            return Verdict::Pass;
+            return Verdict::Refuse(ERRNO_INCONSISTENT);
         };
-        let table = *t;
+        if !table.belongs_to(&tkey) {
+            count(stat::RETRIED);
+            continue;
+        }
         let Some(level) = pick_level(&table) else {
             if table.flags & TBL_F_STRICT != 0 {
                 count(stat::STRICT_NO_MATCH);
@@ -168,32 +186,37 @@ fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, family: 
         let rand = unsafe { bpf_get_prandom_u32() };
         let slot = pick_slot(&table, level, rand, |i| {
             ekey.index = i;
-            unsafe { ENDPOINTS.get(ekey) }.map(|e| e.cum_weight)
+            unsafe { ENDPOINTS.get(ekey) }.copied().filter(|e| e.belongs_to(&ekey)).map(|e| e.cum_weight)
         });
         let Some(slot) = slot else {
             count(stat::RETRIED);
             continue;
         };
         ekey.index = slot;
-        let Some(ep) = (unsafe { ENDPOINTS.get(ekey) }) else {
+        let Some(ep) = (unsafe { ENDPOINTS.get(ekey) }).copied().filter(|e| e.belongs_to(&ekey)) else {
             count(stat::RETRIED);
             continue;
         };
         let backend_id = ep.backend_id;
-        let Some(be) = (unsafe { BACKENDS.get(backend_id) }) else {
+        let Some(be) = (unsafe { BACKENDS.get(backend_id) }).copied().filter(|b| b.belongs_to(&backend_id))
+        else {
             count(stat::RETRIED);
             continue;
         };
         let pkey = PortKey { service_id, backend_id, service_port: port, _pad: 0 };
-        let target = match unsafe { PORTS.get(pkey) } {
-            Some(p) => p.target_port,
+        let target = match unsafe { PORTS.get(pkey) }.copied() {
+            Some(p) if p.belongs_to(&pkey) => p.target_port,
+            Some(_) => {
+                count(stat::RETRIED);
+                continue;
+            }
             None => default_port,
         };
         count(stat::REWRITTEN);
         return Verdict::Rewrite(be.addr, target);
     }
     count(stat::INCONSISTENT);
-    Verdict::Pass
+    Verdict::Refuse(ERRNO_INCONSISTENT)
 }
 
 #[inline(always)]
@@ -326,7 +349,12 @@ pub fn kmesh_authz(ctx: SkLookupContext) -> u32 {
                 Some(v) => v,
                 None => match verdict(dest_id, other, region, PORT_OTHER) {
                     Some(v) => v,
-                    None => return SK_PASS,
+                    None => {
+                        // A destination with policies always has rows for unknown and other
+                        // sources: none means the maps are inconsistent. Fail closed.
+                        count(stat::AUTHZ_INCONSISTENT);
+                        return SK_DROP;
+                    }
                 },
             },
         },
