@@ -50,9 +50,8 @@ fn vip_spreads_connections_uniformly_over_three_backends() {
     env.apply(&cfg);
     env.enroll("client", Some("client"));
 
-    let a = env.connect("client", &format!("{VIP}:80"), 600);
+    let a = env.connect("client", &format!("{VIP}:80"), 2400);
     let s = spread(&a);
-    eprintln!("spread over 600 connections: {s:?}");
     assert!(a.iter().all(|a| a.ok), "failed attempts: {s:?}");
     let backends: BTreeSet<IpAddr> = ["s1", "s2", "s3"].iter().map(|p| IpAddr::V4(env.pod(p).ipv4)).collect();
     for x in &a {
@@ -60,10 +59,7 @@ fn vip_spreads_connections_uniformly_over_three_backends() {
         assert!(backends.contains(&peer.ip()) && peer.port() == 8080, "connected to {peer}");
     }
     let counts: Vec<u32> = ["s1", "s2", "s3"].iter().map(|k| s.get(*k).copied().unwrap_or(0)).collect();
-    let chi2 = chi_square(&counts, &[200.0; 3]);
-    // Two degrees of freedom: p > 0.001 <=> chi2 < 13.816.
-    eprintln!("chi-square {chi2:.2} (p > 0.001 needs < 13.816)");
-    assert!(chi2 < 13.816, "spread {counts:?} is not uniform (chi2 {chi2:.2})");
+    assert_follows(&counts, &[1.0; 3]);
 }
 
 #[test]
@@ -260,13 +256,10 @@ fn capacity_weights_shift_the_spread() {
     let cfg = echo_config(&env, "{}", &[("s1", ", capacity: 1"), ("s2", ", capacity: 3"), ("s3", "absent")]);
     env.apply(&cfg);
     env.enroll("client", None);
-    let a = env.connect("client", &format!("{VIP}:80"), 800);
+    let a = env.connect("client", &format!("{VIP}:80"), 2000);
     let s = spread(&a);
-    eprintln!("weighted 1:3 spread over 800: {s:?}");
     let counts = [*s.get("s1").unwrap_or(&0), *s.get("s2").unwrap_or(&0)];
-    let chi2 = chi_square(&counts, &[200.0, 600.0]);
-    // One degree of freedom: p > 0.001 <=> chi2 < 10.828.
-    assert!(chi2 < 10.828, "spread {counts:?} does not follow 1:3 (chi2 {chi2:.2})");
+    assert_follows(&counts, &[1.0, 3.0]);
 }
 
 #[test]
@@ -305,7 +298,13 @@ fn removing_a_backend_under_load_loses_nothing() {
         return;
     }
     let mut env = Env::new(&three_backends_two_zones());
-    start_servers(&env, &[8080], &[]);
+    let mut s3_server = 0;
+    for s in ["s1", "s2", "s3"] {
+        let pid = env.bed.serve(env.pod(s), &[8080], &[]).unwrap();
+        if s == "s3" {
+            s3_server = pid;
+        }
+    }
     let cfg = echo_config(&env, "{}", &[]);
     env.apply(&cfg);
     env.enroll("client", None);
@@ -317,6 +316,11 @@ fn removing_a_backend_under_load_loses_nothing() {
     let cfg = echo_config(&env, "{}", &[("s3", "absent")]);
     env.apply(&cfg);
     let applied_ns = monotonic_ns();
+    // The removed backend goes away for real once its in-flight exchanges (about a
+    // millisecond each) are done, as a draining pod does: a connection still routed to it
+    // after the update would fail.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    env.bed.stop(s3_server);
     let attempts = child.finish().unwrap();
 
     let failed = attempts.iter().filter(|a| !a.ok).count();

@@ -163,6 +163,44 @@ pub fn chi_square(observed: &[u32], expected: &[f64]) -> f64 {
     observed.iter().zip(expected).map(|(o, e)| (*o as f64 - e).powi(2) / e).sum()
 }
 
+/// Chi-square critical value at p = 0.001 for `df` degrees of freedom.
+fn chi_critical(df: usize) -> f64 {
+    match df {
+        1 => 10.828,
+        2 => 13.816,
+        3 => 16.266,
+        _ => panic!("no critical value for {df} degrees of freedom"),
+    }
+}
+
+/// Asserts that `observed` follows `weights` (chi-square, p = 0.001), after checking that the
+/// sample is big enough to mean something: a 10-point skew (the first bucket's share raised by
+/// 10 x (k-1)/k points, taken from the others in proportion: 40/30/30 for three equal weights,
+/// 80/20 for 3:1) must give an expected statistic at least twice the critical value, so that
+/// such a skew fails the test nearly always.
+pub fn assert_follows(observed: &[u32], weights: &[f64]) {
+    let n: u32 = observed.iter().sum();
+    let k = weights.len() as f64;
+    let total: f64 = weights.iter().sum();
+    let expected: Vec<f64> = weights.iter().map(|w| n as f64 * w / total).collect();
+    let crit = chi_critical(weights.len() - 1);
+    let moved = n as f64 * 0.10 * (k - 1.0) / k;
+    let rest = n as f64 - expected[0];
+    let skewed: Vec<f64> = expected
+        .iter()
+        .enumerate()
+        .map(|(i, e)| if i == 0 { e + moved } else { e - moved * e / rest })
+        .collect();
+    let skew_stat: f64 = skewed.iter().zip(&expected).map(|(o, e)| (o - e).powi(2) / e).sum();
+    assert!(
+        skew_stat >= 2.0 * crit,
+        "{n} samples cannot tell a 10-point skew from {weights:?} (expected statistic {skew_stat:.1}, critical {crit}): take more"
+    );
+    let chi2 = chi_square(observed, &expected);
+    eprintln!("spread {observed:?} against {weights:?}: chi-square {chi2:.2} (critical {crit} at p = 0.001)");
+    assert!(chi2 < crit, "spread {observed:?} does not follow {weights:?} (chi-square {chi2:.2} >= {crit})");
+}
+
 pub fn peer_ip(a: &Attempt) -> IpAddr {
     a.peer.as_ref().unwrap().parse::<SocketAddr>().unwrap().ip()
 }
