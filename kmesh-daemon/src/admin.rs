@@ -150,6 +150,7 @@ async fn config_dump(State(s): State<AppState>) -> Response {
             "config_error": err,
             "xds": xds,
             "model": m.model(),
+            "frontend_conflicts": m.frontend_conflicts(),
             "enrolled": m.enrolled().iter().map(|(c, e)| serde_json::json!({"netns_cookie": c, "workload": e.workload})).collect::<Vec<_>>(),
             "maps": {
                 "entries": m.dataplane().applied().counts(),

@@ -342,6 +342,19 @@ pub struct Compiler {
     /// Service key -> the entries compiled for it.
     fragments: BTreeMap<String, MapState>,
     netns: BTreeMap<u64, NetnsValue>,
+    /// Frontend -> the services whose fragments claim it. Two services may claim one address
+    /// and port (two control-plane objects naming the same VIP): the one whose key
+    /// (`namespace/hostname`) sorts first owns it, in a full compilation and an incremental one
+    /// alike, and the others are reported as conflicts.
+    claims: BTreeMap<FrontendKey, BTreeSet<String>>,
+}
+
+/// A frontend two or more services claim, and which of them owns it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FrontendConflict {
+    pub frontend: String,
+    pub owner: String,
+    pub ignored: Vec<String>,
 }
 
 impl Compiler {
@@ -400,14 +413,46 @@ impl Compiler {
         }
         self.ids.services.retain(&used_services);
         self.ids.backends.retain(&used_backends);
+        self.claims.clear();
+        for (key, f) in &self.fragments {
+            for fk in f.frontends.keys() {
+                self.claims.entry(*fk).or_default().insert(key.clone());
+            }
+        }
         self.state()
+    }
+
+    /// The value of frontend `k`: its owner's.
+    fn resolve(&self, k: &FrontendKey) -> Option<FrontendValue> {
+        let owner = self.claims.get(k)?.first()?;
+        self.fragments.get(owner)?.frontends.get(k).copied()
+    }
+
+    /// Frontends claimed by more than one service.
+    pub fn conflicts(&self) -> Vec<FrontendConflict> {
+        self.claims
+            .iter()
+            .filter(|(_, owners)| owners.len() > 1)
+            .map(|(k, owners)| {
+                let proto = if k.proto == PROTO_UDP { "UDP" } else { "TCP" };
+                let mut it = owners.iter().cloned();
+                FrontendConflict {
+                    frontend: format!(
+                        "{}/{proto}",
+                        std::net::SocketAddr::new(words_addr(k.addr), u16::from_be(k.port))
+                    ),
+                    owner: it.next().unwrap_or_default(),
+                    ignored: it.collect(),
+                }
+            })
+            .collect()
     }
 
     /// The full map contents: the union of every service's entries and the enrolled namespaces.
     pub fn state(&self) -> MapState {
         let mut out = MapState { netns: self.netns.clone(), ..Default::default() };
+        out.frontends = self.claims.keys().filter_map(|k| Some((*k, self.resolve(k)?))).collect();
         for f in self.fragments.values() {
-            out.frontends.extend(f.frontends.iter().map(|(k, v)| (*k, *v)));
             out.tables.extend(f.tables.iter().map(|(k, v)| (*k, *v)));
             out.endpoints.extend(f.endpoints.iter().map(|(k, v)| (*k, *v)));
             out.backends.extend(f.backends.iter().map(|(k, v)| (*k, *v)));
@@ -452,8 +497,26 @@ impl Compiler {
             }
         }
         let mut d = Diff::default();
+        // Frontends are resolved across services (see `claims`): what the affected services
+        // claimed before and claim after is compared owner by owner, not service by service.
+        let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
+        for key in &affected {
+            if let Some(f) = self.fragments.get(key) {
+                touched.extend(f.frontends.keys().copied());
+            }
+        }
+        let before: BTreeMap<FrontendKey, FrontendValue> =
+            touched.iter().filter_map(|k| Some((*k, self.resolve(k)?))).collect();
         for key in affected {
             let prev = self.fragments.remove(&key).unwrap_or_default();
+            for fk in prev.frontends.keys() {
+                if let Some(c) = self.claims.get_mut(fk) {
+                    c.remove(&key);
+                    if c.is_empty() {
+                        self.claims.remove(fk);
+                    }
+                }
+            }
             let mut used_backends = BTreeSet::new();
             let next = match new.services.get(&key) {
                 Some(svc) => self.compile_service(new, &key, svc, &prev, &mut used_backends),
@@ -466,12 +529,28 @@ impl Compiler {
                 self.ids.services.release(&key);
             }
             let next = next.unwrap_or_default();
+            for fk in next.frontends.keys() {
+                touched.insert(*fk);
+                self.claims.entry(*fk).or_default().insert(key.clone());
+            }
             d.merge(diff(&prev, &next));
             if next != MapState::default() {
                 self.fragments.insert(key.clone(), next);
             }
             if self.members.get(&key).is_some_and(|m| m.is_empty()) {
                 self.members.remove(&key);
+            }
+        }
+        d.set.frontends.clear();
+        d.del_frontends.clear();
+        for k in touched {
+            match (before.get(&k), self.resolve(&k)) {
+                (Some(a), Some(b)) if *a == b => {}
+                (_, Some(b)) => {
+                    d.set.frontends.insert(k, b);
+                }
+                (Some(_), None) => d.del_frontends.push(k),
+                (None, None) => {}
             }
         }
         Some(d)

@@ -345,6 +345,14 @@ fn main() -> anyhow::Result<()> {
                 m.workloads.len(),
                 m.services.len()
             );
+            let mut c = kmesh_daemon::compile::Compiler::default();
+            c.full(&m, &Default::default(), &Default::default());
+            for x in c.conflicts() {
+                println!(
+                    "warning: {} is claimed by {} and {:?}; {} owns it",
+                    x.frontend, x.owner, x.ignored, x.owner
+                );
+            }
             Ok(())
         }
         Cmd::Uninstall { bpffs, state_file } => {

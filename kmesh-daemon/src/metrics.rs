@@ -104,6 +104,12 @@ pub fn render(m: &Mesh, ready: bool, xds: &XdsHealth) -> String {
     counter(&mut r, "kmesh_config_errors", "Config files refused by validation", m.counters.config_errors);
     gauge(
         &mut r,
+        "kmesh_frontend_conflicts",
+        "Service addresses and ports claimed by more than one service (the first key owns each)",
+        m.frontend_conflicts().len() as u64,
+    );
+    gauge(
+        &mut r,
         "kmesh_pins_missing",
         "bpffs pins found missing and not restorable",
         m.counters.pins_missing,

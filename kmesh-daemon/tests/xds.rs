@@ -514,3 +514,56 @@ fn policy_and_services_survive_xds_restarts_whichever_type_arrives_first() {
     }
     assert!(cp.violations().is_empty() && cp.nacks().is_empty(), "{:?} {:?}", cp.violations(), cp.nacks());
 }
+
+/// Issue 13, item 3: two services claiming one VIP and port over xDS. The service whose key
+/// sorts first owns the frontend, whatever the order of arrival; the conflict is reported
+/// (metric, config dump); removing the other leaves the owner's frontend in place, and
+/// removing the owner hands the frontend to the other.
+#[test]
+fn a_vip_claimed_by_two_services_goes_to_the_first_key_and_survives_removals() {
+    if !root_or_skip("a_vip_claimed_by_two_services_goes_to_the_first_key_and_survives_removals") {
+        return;
+    }
+    let (rt, bed, scratch, cp) = (runtime(), bed(), Scratch::new(), ControlPlane::new());
+    const OTHER: &str = "default/zz-other.default.svc.cluster.local";
+    let mut w = workload(bed.pod("client"), &[], "");
+    for s in ["s1", "s2"] {
+        w += &workload(bed.pod(s), &[(SVC_KEY, "[]")], "");
+    }
+    w += &workload(bed.pod("s3"), &[(OTHER, "[]")], "");
+    let svcs = service(&format!("[{VIP}]"), "[{service_port: 80, target_port: 8080}]", "{}")
+        + &format!(
+            "  - {{name: zz-other, namespace: default, hostname: zz-other.default.svc.cluster.local, addresses: [{VIP}], ports: [{{service_port: 80, target_port: 8080}}]}}\n"
+        );
+    let all = address_resources(&config::parse(&config("zone-a", &svcs, &w)).unwrap());
+    // The later key arrives first, the owner in a second push.
+    let (owner_res, rest): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        all.into_iter().partition(|(k, _)| k == SVC_KEY);
+    cp.replace_all(ADDRESS_TYPE, rest);
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let d = start_daemon(&scratch, &bed, server.addr);
+    enroll(&d, &bed);
+    assert_eq!(connect(&bed, 20).get("s3"), Some(&20), "alone, the other service owns the VIP");
+    cp.set(ADDRESS_TYPE, owner_res.clone());
+    wait_for("the first key taking the VIP", || !connect(&bed, 5).contains_key("s3"));
+    let s = connect(&bed, 60);
+    assert_eq!(s.keys().cloned().collect::<Vec<_>>(), ["s1", "s2"], "{s:?}");
+    assert_eq!(d.metric("kmesh_frontend_conflicts"), 1.0);
+    let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap();
+    let c = &dump["frontend_conflicts"][0];
+    assert_eq!((c["owner"].as_str(), c["ignored"][0].as_str()), (Some(SVC_KEY), Some(OTHER)), "{dump}");
+
+    // The other service goes: the owner's frontend stays.
+    cp.remove(ADDRESS_TYPE, &[OTHER]);
+    wait_for("the conflict resolved", || d.metric("kmesh_frontend_conflicts") == 0.0);
+    let s = connect(&bed, 30);
+    assert_eq!(s.keys().cloned().collect::<Vec<_>>(), ["s1", "s2"], "{s:?}");
+
+    // Back again, then the owner goes: the frontend passes to the other service.
+    let again = address_resources(&config::parse(&config("zone-a", &svcs, &w)).unwrap());
+    cp.set(ADDRESS_TYPE, again.into_iter().filter(|(k, _)| k == OTHER));
+    wait_for("the conflict again", || d.metric("kmesh_frontend_conflicts") == 1.0);
+    cp.remove(ADDRESS_TYPE, &[SVC_KEY]);
+    wait_for("the other service taking over", || connect(&bed, 5).get("s3") == Some(&5));
+    assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
+}

@@ -348,8 +348,9 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
     };
     let mut model = Model { node, ..Default::default() };
 
-    // Services first, so that frontend conflicts are reported against the service list.
-    let mut frontends: BTreeMap<(Cidr, u16, Protocol), String> = BTreeMap::new();
+    // Two services may claim one address and port, as two control-plane objects can: the
+    // compiler gives it to the service whose key sorts first and reports the conflict (the same
+    // rule for this file and for xDS).
     for (i, s) in file.services.into_iter().enumerate() {
         let f = format!("services[{i}]");
         required(&format!("{f}.name"), &s.name)?;
@@ -422,21 +423,6 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             unused: BTreeMap::new(),
         };
         let key = svc.key();
-        let claimed =
-            svc.addresses.iter().map(|a| Cidr { addr: *a, len: if a.is_ipv4() { 32 } else { 128 } });
-        for a in claimed.chain(svc.address_ranges.iter().copied()) {
-            for p in &svc.ports {
-                if let Some(other) = frontends.insert((a, p.service_port, p.protocol), key.clone()) {
-                    return Err(invalid(
-                        format!("{f}.addresses"),
-                        format!(
-                            "{a} port {} ({:?}) is already a frontend of service {other}",
-                            p.service_port, p.protocol
-                        ),
-                    ));
-                }
-            }
-        }
         if model.services.contains_key(&key) {
             return Err(invalid(format!("{f}.hostname"), format!("service {key} is defined twice")));
         }
@@ -742,12 +728,14 @@ workloads:
     }
 
     #[test]
-    fn vip_conflicts_and_duplicate_addresses_are_rejected() {
-        let e = err(
+    fn shared_vips_are_accepted_and_duplicate_workload_addresses_rejected() {
+        // A shared VIP is resolved by the compiler (the first service key owns it), as over xDS.
+        let m = parse(
             "services: [{name: a, namespace: n, hostname: a, addresses: [10.96.0.1], ports: [{service_port: 80}]},
                         {name: b, namespace: n, hostname: b, addresses: [10.96.0.1], ports: [{service_port: 80}]}]",
-        );
-        assert!(e.contains("services[1].addresses") && e.contains("n/a"), "{e}");
+        )
+        .unwrap();
+        assert_eq!(m.services.len(), 2);
         let e = err("workloads: [{uid: a, name: a, namespace: n, addresses: [10.0.0.1]},
                          {uid: b, name: b, namespace: n, addresses: [10.0.0.1]}]");
         assert!(e.contains("workloads[1].addresses[0]"), "{e}");
@@ -796,12 +784,10 @@ workloads:
                 "not a prefix length",
             ),
             (
-                "services: [{name: a, namespace: n, hostname: a, addresses: [240.1.0.0/16], ports: [{service_port: 80}]},
-                            {name: b, namespace: n, hostname: b, addresses: [240.1.0.0/16], ports: [{service_port: 80}]}]",
-                "services[1].addresses",
-                "already a frontend of service n/a",
+                "workloads: [{uid: u, name: a, namespace: n, network_mode: BRIDGE}]",
+                "workloads[0].network_mode",
+                "BRIDGE",
             ),
-            ("workloads: [{uid: u, name: a, namespace: n, network_mode: BRIDGE}]", "workloads[0].network_mode", "BRIDGE"),
             (
                 "workloads: [{uid: u, name: a, namespace: n, addresses: [10.0.0.1]}, {uid: v, name: b, namespace: n, addresses: [10.0.0.1]}]",
                 "workloads[1].addresses[0]",

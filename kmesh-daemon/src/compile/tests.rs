@@ -365,6 +365,7 @@ fn incremental_compilation_matches_a_full_one_through_random_changes() {
     let mut compiler = Compiler::default();
     let mut kernel = compiler.full(&model, &BTreeMap::new(), &MapState::default());
     let mut busiest = 0;
+    let mut shared_vips = 0;
     for step in 0..400 {
         let mut m = model.clone();
         match next(6) {
@@ -372,8 +373,10 @@ fn incremental_compilation_matches_a_full_one_through_random_changes() {
             0 | 1 => {
                 let i = next(8);
                 let lb = if next(2) == 0 { "{}" } else { "{routing_preference: [ZONE], mode: FAILOVER}" };
+                // VIPs from a pool of three: services share them (issue 13, item 3).
                 let text = format!(
-                    "services: [{{name: s{i}, namespace: default, hostname: s{i}.default.svc.cluster.local, addresses: [10.96.0.{i}], ports: [{{service_port: {}, target_port: 8080}}], load_balancing: {lb}}}]",
+                    "services: [{{name: s{i}, namespace: default, hostname: s{i}.default.svc.cluster.local, addresses: [10.96.0.{}], ports: [{{service_port: {}, target_port: 8080}}], load_balancing: {lb}}}]",
+                    next(3),
                     80 + next(3)
                 );
                 let s = config::parse(&text).unwrap().services.into_values().next().unwrap();
@@ -389,7 +392,7 @@ fn incremental_compilation_matches_a_full_one_through_random_changes() {
                 let status = if next(4) == 0 { "UNHEALTHY" } else { "HEALTHY" };
                 let text = format!(
                     "workloads: [{{uid: w{i}, name: w{i}, namespace: default, addresses: [10.244.1.{}], status: {status}, locality: {{zone: z{}}}, services: {{\"{}\": [], \"{}\": []}}}}]",
-                    i + 1,
+                    next(12) + 1,
                     next(2),
                     svc_key(next(8)),
                     svc_key(next(8))
@@ -414,9 +417,17 @@ fn incremental_compilation_matches_a_full_one_through_random_changes() {
             "step {step}: incremental result differs from a full compile"
         );
         busiest = busiest.max(kernel.endpoints.len());
+        if !compiler.conflicts().is_empty() {
+            shared_vips += 1;
+            // The owner is the service whose key sorts first.
+            for c in compiler.conflicts() {
+                assert!(c.ignored.iter().all(|i| *i > c.owner), "{c:?}");
+            }
+        }
         model = m;
     }
     assert!(busiest >= 6, "the random walk never built a real mesh (max {busiest} slots)");
+    assert!(shared_vips > 20, "the random walk rarely shared a VIP ({shared_vips} steps)");
     // Ids of everything removed were given back: every backend id still held belongs to a
     // workload that still lists a service that still exists.
     assert_eq!(compiler.ids.services.iter().count(), model.services.len());
