@@ -244,8 +244,9 @@ impl AuthzCompiler {
             let id = self.identity_ids.get_or_alloc(&ident) + 1;
             used.insert(ident.clone());
             identities.insert(ident, id);
+            // An address two workloads list belongs to the first uid, as in telemetry.
             for a in &w.addresses {
-                out.identity.insert(addr_words(*a), id);
+                out.identity.entry(addr_words(*a)).or_insert(id);
             }
         }
         self.identity_ids.retain(&used);
@@ -336,7 +337,8 @@ impl AuthzCompiler {
                     });
                 }
                 let regions = cidrs.iter().enumerate().map(|(i, c)| (*c, i as u32 + 1)).collect();
-                dests.insert(addr_words(*addr), DestContent { regions, rows });
+                // An address two workloads list is policed as the first uid's (see identities).
+                dests.entry(addr_words(*addr)).or_insert(DestContent { regions, rows });
             }
         }
 

@@ -61,6 +61,8 @@ pub struct Mesh {
     model_gen: u64,
     /// How often open connections report their counters.
     report_interval: std::time::Duration,
+    /// Frontends claimed by more than one service in the configuration in force.
+    conflicts: Vec<crate::compile::FrontendConflict>,
 }
 
 impl Mesh {
@@ -84,6 +86,7 @@ impl Mesh {
             telemetry: Default::default(),
             model_gen: 0,
             report_interval: crate::kernel::DEFAULT_REPORT_INTERVAL,
+            conflicts: Vec::new(),
         }
     }
 
@@ -97,6 +100,11 @@ impl Mesh {
 
     pub fn dataplane(&self) -> &Dataplane {
         &self.dp
+    }
+
+    /// Frontends two or more services claim, with the service that owns each.
+    pub fn frontend_conflicts(&self) -> &[crate::compile::FrontendConflict] {
+        &self.conflicts
     }
 
     fn record(&mut self, r: &Result<ApplyReport, KernelError>, incremental: bool) {
@@ -148,6 +156,14 @@ impl Mesh {
         self.record(&r, is_incremental);
         match &r {
             Ok(_) => {
+                let conflicts = self.compiler.conflicts();
+                if conflicts != self.conflicts {
+                    for c in conflicts.iter().filter(|c| !self.conflicts.contains(c)) {
+                        tracing::warn!(frontend = %c.frontend, owner = %c.owner, ignored = ?c.ignored,
+                            "services share an address and port: the first service key owns it");
+                    }
+                    self.conflicts = conflicts;
+                }
                 // The maps now hold only entries with ids from the pool.
                 self.compiler.ids.release_reserved();
                 self.authz.release_adopted();
@@ -283,7 +299,7 @@ impl Mesh {
         let names: BTreeMap<u32, &String> = self.compiler.ids.services.iter().map(|(k, v)| (*v, k)).collect();
         let who = |a: [u32; 4]| {
             let ip = words_addr(a);
-            match self.model.workload_by_address(ip) {
+            match self.telemetry.workload_at(ip) {
                 Some(w) => format!("{ip} ({}/{})", w.namespace, w.name),
                 None => ip.to_string(),
             }
@@ -352,6 +368,10 @@ impl Mesh {
     ) -> Result<(), KernelError> {
         let interval = report_interval.unwrap_or(self.report_interval);
         self.dp.set_telemetry(m.kernel_on(), interval)?;
+        if !m.kernel_on() {
+            // No close event will come for what is open now.
+            self.telemetry.forget_open();
+        }
         self.report_interval = interval;
         self.telemetry.settings = m;
         Ok(())
@@ -368,6 +388,7 @@ impl Mesh {
             "events_received": self.telemetry.events,
             "events_lost": stats[kmesh_common::stat::TELEMETRY_LOST as usize],
             "open_connections": self.telemetry.open_connections(),
+            "open_connections_evicted": self.telemetry.open_evicted,
         })
     }
 
@@ -421,7 +442,7 @@ impl Mesh {
         let who = |a: [u32; 4], port: u16| {
             let ip = words_addr(a);
             let sa = std::net::SocketAddr::new(ip, port);
-            match self.model.workload_by_address(ip) {
+            match self.telemetry.workload_at(ip) {
                 Some(w) => format!("{sa} ({}/{})", w.namespace, w.name),
                 None => format!("{sa} (outside the mesh)"),
             }

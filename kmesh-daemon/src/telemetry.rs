@@ -431,8 +431,13 @@ impl AccessLog {
 #[derive(Debug, Default)]
 struct Index {
     generation: u64,
+    /// Address -> workload; an address two workloads list belongs to the first uid (the rule
+    /// the authorization compiler follows too).
     workloads: HashMap<IpAddr, Arc<Workload>>,
+    /// (VIP, port) -> service; a shared VIP belongs to the first service key (the compiler's
+    /// rule).
     services: HashMap<(IpAddr, u16), Arc<Service>>,
+    by_key: HashMap<String, Arc<Service>>,
 }
 
 impl Index {
@@ -444,6 +449,7 @@ impl Index {
             }
         }
         let mut services = HashMap::new();
+        let by_key = model.services.iter().map(|(k, s)| (k.clone(), s.clone())).collect();
         for s in model.services.values() {
             for a in &s.addresses {
                 for p in &s.ports {
@@ -451,13 +457,15 @@ impl Index {
                 }
             }
         }
-        Self { generation, workloads, services }
+        Self { generation, workloads, services, by_key }
     }
 }
 
 /// Open connections tracked at most: only a close event lost to a full ring buffer leaves one
-/// behind; beyond this, connections without an event for 10 minutes are forgotten.
-const MAX_OPEN: usize = 524_288;
+/// behind. At the bound, connections without an event for 10 minutes are forgotten, and if that
+/// is not enough the eighth with the oldest last event (counted in `open_evicted`): memory
+/// stays bounded whatever the kernel sends.
+pub const MAX_OPEN: usize = 524_288;
 
 #[derive(Debug, Default)]
 pub struct Telemetry {
@@ -474,6 +482,10 @@ pub struct Telemetry {
     workload_owners: HashMap<WorkloadLabels, std::collections::HashSet<Owners>>,
     /// Events received from the kernel.
     pub events: u64,
+    /// Open connections forgotten to stay within [`MAX_OPEN`].
+    pub open_evicted: u64,
+    /// The bound on open connections; 0 means [`MAX_OPEN`] (tests lower it).
+    pub max_open: usize,
 }
 
 /// Unknown peers get Istio's "unknown".
@@ -581,9 +593,10 @@ impl Telemetry {
             return Some(s.clone());
         }
         let w = dst?;
-        let services = self.index.services.values();
-        for s in services {
-            if let Some(maps) = w.services.get(&s.key()) {
+        // The destination workload's own services, in key order (a few), not every service.
+        for (key, maps) in &w.services {
+            let Some(s) = self.index.by_key.get(key) else { continue };
+            {
                 let hit = s.ports.iter().any(|p| {
                     let target = maps
                         .iter()
@@ -728,9 +741,8 @@ impl Telemetry {
                 for h in c.peers.counting(&self.settings) {
                     h.opened.inc();
                 }
-                if self.open.len() >= MAX_OPEN {
-                    let horizon = std::time::Duration::from_secs(600);
-                    self.open.retain(|_, c| c.seen.elapsed() < horizon);
+                if self.open.len() >= self.open_cap() {
+                    self.make_room();
                 }
                 self.open.insert(e.cookie, c);
                 None
@@ -828,6 +840,39 @@ impl Telemetry {
         self.open.len()
     }
 
+    /// Frees room in the open-connection table: connections silent for 10 minutes go, then, if
+    /// the table is still over seven eighths full, the oldest until it is not.
+    fn make_room(&mut self) {
+        let horizon = std::time::Duration::from_secs(600);
+        let before = self.open.len();
+        self.open.retain(|_, c| c.seen.elapsed() < horizon);
+        let target = self.open_cap() / 8 * 7;
+        if self.open.len() > target {
+            let mut seen: Vec<(std::time::Instant, u64)> =
+                self.open.iter().map(|(k, c)| (c.seen, *k)).collect();
+            let excess = self.open.len() - target;
+            seen.select_nth_unstable(excess - 1);
+            for (_, k) in &seen[..excess] {
+                self.open.remove(k);
+            }
+        }
+        self.open_evicted += (before - self.open.len()) as u64;
+    }
+
+    fn open_cap(&self) -> usize {
+        if self.max_open == 0 { MAX_OPEN } else { self.max_open.max(8) }
+    }
+
+    /// Forgets every open connection (the kernel stopped reporting: no close will come).
+    pub fn forget_open(&mut self) {
+        self.open.clear();
+    }
+
+    /// The workload an address belongs to in the model in force (indexed; see `Index`).
+    pub fn workload_at(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.index.workloads.get(&ip)
+    }
+
     /// Adds the TCP families to a registry.
     pub fn register(&self, r: &mut Registry) {
         if self.settings.service_metrics {
@@ -894,6 +939,58 @@ mod tests {
             cookie: 7,
             ..Default::default()
         }
+    }
+
+    /// Issue 13, item 7: the open-connection table is bounded whatever the kernel sends (opens
+    /// whose closes never come), and emptied when the kernel stops reporting.
+    #[test]
+    fn the_open_connection_table_is_bounded_and_forgotten_when_telemetry_stops() {
+        let model = Model::default();
+        let mut t = Telemetry { max_open: 64, ..Default::default() };
+        for cookie in 0..1000u64 {
+            t.record(&ConnEvent { cookie, ..ev(CONN_OPEN, 0, 0, 1) }, &model, 1);
+            assert!(t.open_connections() <= 64, "{} open after {cookie}", t.open_connections());
+        }
+        assert!(t.open_evicted >= 1000 - 64, "{}", t.open_evicted);
+        // The newest are kept.
+        t.record(&ConnEvent { cookie: 999, ..ev(CONN_CLOSE, 10, 0, TIME_WAIT) }, &model, 1);
+        assert!(t.open_connections() < 64);
+        t.forget_open();
+        assert_eq!(t.open_connections(), 0);
+    }
+
+    /// An address two workloads list is the first uid's, in telemetry as in authorization.
+    #[test]
+    fn a_shared_workload_address_is_the_first_uids_everywhere() {
+        let model = crate::config::parse(
+            "workloads:\n  - {uid: b, name: b, namespace: d, service_account: sb, addresses: [10.0.0.9]}\n  - {uid: a, name: a, namespace: d, service_account: sa, addresses: [10.0.0.9]}\npolicies: [{name: p, namespace: d, rules: [{clauses: [{matches: [{}]}]}]}]\n",
+        );
+        // The YAML refuses duplicates; over xDS they arrive. Build the model by hand.
+        assert!(model.is_err());
+        let one = |uid: &str, sa: &str| {
+            crate::config::parse(&format!(
+                "workloads: [{{uid: {uid}, name: {uid}, namespace: d, service_account: {sa}, addresses: [10.0.0.9]}}]"
+            ))
+            .unwrap()
+            .workloads
+            .remove(uid)
+            .unwrap()
+        };
+        let mut m = Model::default();
+        m.workloads.insert("b".into(), one("b", "sb"));
+        m.workloads.insert("a".into(), one("a", "sa"));
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let mut t = Telemetry::default();
+        t.model_changed(&m, 1);
+        assert_eq!(t.workload_at(ip).map(|w| w.uid.as_str()), Some("a"));
+        let s = crate::authz::AuthzCompiler::default().compile(&m).unwrap();
+        let id = s.identity[&crate::compile::addr_words(ip)];
+        let a_only = {
+            let mut m2 = m.clone();
+            m2.workloads.remove("b");
+            crate::authz::AuthzCompiler::default().compile(&m2).unwrap()
+        };
+        assert_eq!(id, a_only.identity[&crate::compile::addr_words(ip)], "the address carries a's identity");
     }
 
     #[test]
