@@ -357,7 +357,8 @@ fn kmeshctl_round_trips_each_command() {
     assert!(m.contains("kmesh_ready 1") && m.contains("kmesh_map_entries{map=\"FRONTENDS\"} 1"), "{m}");
 
     let (ok, out, _) = ctl(&["version"]);
-    assert!(ok && out.contains("kmesh-daemon 0.1.0 (map layout v2)"), "{out}");
+    let layout = format!("kmesh-daemon 0.1.0 (map layout v{})", kmesh_common::MAP_LAYOUT_VERSION);
+    assert!(ok && out.contains(&layout), "{out}");
 
     let (ok, out, _) = ctl(&["dump", "maps"]);
     assert!(ok, "{out}");
