@@ -59,7 +59,7 @@ fn main() -> anyhow::Result<()> {
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let lines = mesh.lock().unwrap().drain_telemetry();
+                let lines = mesh.lock().unwrap().observer().drain_telemetry();
                 std::hint::black_box(lines);
                 drain_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(200));
@@ -99,7 +99,7 @@ fn main() -> anyhow::Result<()> {
             1 => Monitoring::default(),
             _ => Monitoring { connection_metrics: true, ..Default::default() },
         };
-        mesh.lock().unwrap().set_monitoring(m, None)?;
+        mesh.lock().unwrap().observer().set_monitoring(m, None)?;
         Ok(())
     };
     let _ = run()?; // warm-up
@@ -117,7 +117,7 @@ fn main() -> anyhow::Result<()> {
     }
     stop.store(true, Ordering::Relaxed);
     let _ = drainer.join();
-    let events = mesh.lock().unwrap().telemetry.events;
+    let events = mesh.lock().unwrap().observer().telemetry.events;
     println!(
         "{n} connections per round, {rounds} interleaved rounds per mode, medians; client and server pods both enrolled"
     );

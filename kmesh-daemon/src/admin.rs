@@ -27,6 +27,8 @@ use crate::telemetry::LogFormat;
 /// What the handlers share with the daemon loop.
 pub struct Shared {
     pub mesh: Mutex<Mesh>,
+    /// The observer's lock is not the mesh's: scrapes and drains take only this one.
+    pub observer: Arc<Mutex<crate::observe::Observer>>,
     /// Programs attached and the first configuration applied.
     pub ready: AtomicBool,
     /// The last configuration error, if the file currently on disk was refused.
@@ -125,6 +127,17 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
 }
 
+/// Runs `f` on the observer off the async threads (never behind an apply).
+async fn with_observer<T: Send + 'static>(
+    s: &AppState,
+    f: impl FnOnce(&mut crate::observe::Observer) -> T + Send + 'static,
+) -> T {
+    let s = s.clone();
+    tokio::task::spawn_blocking(move || f(&mut s.observer.lock().unwrap_or_else(|p| p.into_inner())))
+        .await
+        .expect("admin task panicked")
+}
+
 /// Runs `f` on the mesh off the async threads (a large apply can take a while).
 async fn with_mesh<T: Send + 'static>(s: &AppState, f: impl FnOnce(&mut Mesh) -> T + Send + 'static) -> T {
     let s = s.clone();
@@ -191,12 +204,12 @@ async fn set_loggers(Json(req): Json<LoggersRequest>) -> Response {
 async fn metrics(State(s): State<AppState>) -> Response {
     let ready = s.ready.load(Ordering::SeqCst);
     let s2 = s.clone();
-    let text = with_mesh(&s, move |m| crate::metrics::render(m, ready, &s2.xds)).await;
+    let text = with_observer(&s, move |o| crate::metrics::render(o, ready, &s2.xds)).await;
     ([("content-type", crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 async fn get_monitoring(State(s): State<AppState>) -> Response {
-    Json(with_mesh(&s, |m| m.monitoring()).await).into_response()
+    Json(with_observer(&s, |o| o.monitoring()).await).into_response()
 }
 
 /// Body of POST /debug/monitoring: the switches to change (others keep their value).
@@ -225,7 +238,7 @@ async fn set_monitoring(State(s): State<AppState>, body: axum::body::Bytes) -> R
     if req.report_interval_ms.is_some_and(|ms| ms < 100) {
         return error(StatusCode::BAD_REQUEST, "report_interval_ms must be at least 100");
     }
-    let r = with_mesh(&s, move |m| {
+    let r = with_observer(&s, move |m| {
         let mut next = m.telemetry.settings.clone();
         let set = |v: Option<bool>, f: &mut bool| {
             if let Some(v) = v {

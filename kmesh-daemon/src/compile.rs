@@ -556,6 +556,54 @@ impl Compiler {
         Some(d)
     }
 
+    /// What an enrollment change alone needs: only NETNS entries, when every namespace that
+    /// comes or changes falls into a locality class that already has its tables, and every
+    /// class a leaving namespace used stays in use. Returns `None` when a full compilation is
+    /// needed (a new class needs its tables; a class left unused loses them).
+    pub fn enrollment(
+        &mut self,
+        model: &Model,
+        old: &BTreeMap<u64, Enrollment>,
+        new: &BTreeMap<u64, Enrollment>,
+    ) -> Option<Diff> {
+        let node_loc = ClientLocality::of_node(&model.node);
+        let class_of = |e: &Enrollment| -> Option<u32> {
+            let loc = e
+                .workload
+                .as_ref()
+                .and_then(|uid| model.workloads.get(uid))
+                .map(|w| ClientLocality::of_workload(w));
+            match loc {
+                None => Some(0),
+                Some(l) if l == node_loc => Some(0),
+                Some(l) => self.classes.iter().find(|(_, c)| **c == l).map(|(id, _)| *id),
+            }
+        };
+        let mut d = Diff::default();
+        let mut netns = self.netns.clone();
+        for (cookie, e) in new {
+            if old.get(cookie) == Some(e) {
+                continue;
+            }
+            let class_id = class_of(e)?;
+            let v = NetnsValue { class_id, check: 0 }.sealed(cookie);
+            netns.insert(*cookie, v);
+            d.set.netns.insert(*cookie, v);
+        }
+        for cookie in old.keys().filter(|c| !new.contains_key(*c)) {
+            netns.remove(cookie);
+            d.del_netns.push(*cookie);
+        }
+        // Every class with tables must still be used by someone (class 0 always is).
+        let used: BTreeSet<u32> = netns.values().map(|v| v.class_id).collect();
+        if self.classes.keys().any(|id| *id != 0 && !used.contains(id)) {
+            return None;
+        }
+        self.netns = netns;
+        self.class_workloads = new.values().filter_map(|e| e.workload.clone()).collect();
+        Some(d)
+    }
+
     /// The backend id keys a service may hold: its current members' addresses in `model`.
     fn backend_keys(&self, model: &Model, key: &str) -> BTreeSet<BackendKey> {
         let Some(sid) = self.ids.services.get(&key.to_string()) else { return BTreeSet::new() };

@@ -72,7 +72,9 @@ fn reload(shared: &Shared, last: &mut Option<Vec<u8>>) {
             }
             let mut err = shared.config_error.lock().unwrap();
             if err.is_none() {
-                shared.mesh.lock().unwrap().counters.config_errors += 1;
+                let mut m = shared.mesh.lock().unwrap();
+                m.counters.config_errors += 1;
+                m.publish();
             }
             *err = Some(format!("cannot read {}: {e}", shared.config_path.display()));
             return;
@@ -87,7 +89,11 @@ fn reload(shared: &Shared, last: &mut Option<Vec<u8>>) {
         Ok(m) => m,
         Err(e) => {
             tracing::error!(path = %shared.config_path.display(), error = %e, "config refused; the previous configuration stays in force");
-            shared.mesh.lock().unwrap().counters.config_errors += 1;
+            {
+                let mut m = shared.mesh.lock().unwrap();
+                m.counters.config_errors += 1;
+                m.publish();
+            }
             *shared.config_error.lock().unwrap() = Some(e.to_string());
             return;
         }
@@ -120,7 +126,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     tracing::info!(cgroup = %opts.load.cgroup.display(), pins = %kernel::layout_dir(&opts.load.pin_dir).display(),
         adopted = dp.adopted(), "programs attached");
     let mut mesh = Mesh::new(dp);
-    mesh.set_monitoring(opts.monitoring.clone(), Some(opts.report_interval))
+    let observer = mesh.observer_handle();
+    observer
+        .lock()
+        .unwrap()
+        .set_monitoring(opts.monitoring.clone(), Some(opts.report_interval))
         .context("switching telemetry")?;
     if let Some(sf) = &opts.state_file {
         match std::fs::read(sf) {
@@ -137,6 +147,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     let shared = Arc::new(Shared {
         mesh: Mutex::new(mesh),
+        observer,
         ready: Default::default(),
         config_error: Mutex::new(None),
         config_path: match &opts.source {
@@ -198,14 +209,19 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 tick.tick().await;
                 let s = shared.clone();
                 let (missing, restored) = tokio::task::spawn_blocking(move || {
+                    // Namespaces are entered (a thread and a setns each) without the mesh's
+                    // lock; only the unenrollment of those gone takes it.
+                    let paths = s.mesh.lock().unwrap_or_else(|p| p.into_inner()).enrolled_paths();
+                    let gone = Mesh::gone(&paths);
                     let mut m = s.mesh.lock().unwrap_or_else(|p| p.into_inner());
-                    for c in m.prune_gone_namespaces() {
+                    for c in m.unenroll_gone(&gone) {
                         tracing::info!(cookie = c, "a pod's network namespace is gone: unenrolled");
                     }
                     let missing = m.dataplane().missing_pins();
                     let restored = if missing.is_empty() { Vec::new() } else { m.dataplane().repin_maps() };
                     m.counters.pins_missing = missing.len() as u64 - restored.len() as u64;
                     m.counters.pins_restored += restored.len() as u64;
+                    m.publish();
                     (missing, restored)
                 })
                 .await
@@ -229,8 +245,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 tick.tick().await;
                 let s = shared.clone();
                 let (denials, access) = tokio::task::spawn_blocking(move || {
-                    let mut m = s.mesh.lock().unwrap_or_else(|p| p.into_inner());
-                    (m.drain_denials(), m.drain_telemetry())
+                    // The observer's lock only: a drain never waits for an apply.
+                    let mut o = s.observer.lock().unwrap_or_else(|p| p.into_inner());
+                    (o.drain_denials(), o.drain_telemetry())
                 })
                 .await
                 .unwrap_or_default();

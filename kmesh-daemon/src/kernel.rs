@@ -723,36 +723,6 @@ impl Dataplane {
         rollback(&mut self.ports, &mut u.ports);
         rollback(&mut self.backends, &mut u.backends);
     }
-
-    /// Sums of the per-CPU counters of the connect programs, indexed by `kmesh_common::stat`.
-    /// Turns connection telemetry in the kernel on or off and sets how often open connections
-    /// report. Off, the programs return at once (no per-socket state, no events).
-    pub fn set_telemetry(&mut self, on: bool, interval: std::time::Duration) -> Result<(), KernelError> {
-        let err = |source| KernelError::Write { map: "TELEMETRY_CONF", source };
-        let ns = (interval.as_nanos() as u64).max(1_000_000);
-        self.telemetry_conf.set(TCONF_INTERVAL_NS, ns, 0).map_err(err)?;
-        self.telemetry_conf.set(TCONF_FLAGS, if on { TFLAG_ON } else { 0 }, 0).map_err(err)
-    }
-
-    /// Whether telemetry is on in the kernel, and the report interval.
-    pub fn telemetry_conf(&self) -> Result<(bool, std::time::Duration), KernelError> {
-        let err = |source| KernelError::Read { map: "TELEMETRY_CONF", source };
-        let flags = self.telemetry_conf.get(&TCONF_FLAGS, 0).map_err(err)?;
-        let ns = self.telemetry_conf.get(&TCONF_INTERVAL_NS, 0).map_err(err)?;
-        Ok((flags & TFLAG_ON != 0, std::time::Duration::from_nanos(ns)))
-    }
-
-    pub fn stats(&self) -> Result<[u64; stat::COUNT as usize], KernelError> {
-        let mut out = [0u64; stat::COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            let v = self
-                .stats
-                .get(&(i as u32), 0)
-                .map_err(|source| KernelError::Read { map: "STATS", source })?;
-            *slot = v.iter().sum();
-        }
-        Ok(out)
-    }
 }
 
 impl Dataplane {
@@ -940,6 +910,50 @@ impl Dataplane {
         let pin = self.dir.join("links").join(format!("authz_{cookie}"));
         let _ = fs::remove_file(pin);
     }
+}
+
+/// The maps the kernel reports through (connection and authorization events, per-CPU
+/// counters, decision counts) and the telemetry switch: handles of their own, opened from this
+/// layout's pins, so that whoever drains and scrapes them needs no lock the data plane's
+/// writer holds. Only one `EventMaps` may drain a ring buffer.
+pub struct EventMaps {
+    telemetry: RingBuf<MapData>,
+    authz_events: RingBuf<MapData>,
+    telemetry_conf: aya::maps::Array<MapData, u64>,
+    stats: PerCpuArray<MapData, u64>,
+    authz_counts: PerCpuHashMap<MapData, CountKey, u64>,
+}
+
+impl EventMaps {
+    /// Sums of the per-CPU counters of the programs, indexed by `kmesh_common::stat`.
+    pub fn stats(&self) -> Result<[u64; stat::COUNT as usize], KernelError> {
+        let mut out = [0u64; stat::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let v = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(|source| KernelError::Read { map: "STATS", source })?;
+            *slot = v.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Turns connection telemetry in the kernel on or off and sets how often open connections
+    /// report. Off, the programs return at once (no per-socket state, no events).
+    pub fn set_telemetry(&mut self, on: bool, interval: std::time::Duration) -> Result<(), KernelError> {
+        let err = |source| KernelError::Write { map: "TELEMETRY_CONF", source };
+        let ns = (interval.as_nanos() as u64).max(1_000_000);
+        self.telemetry_conf.set(TCONF_INTERVAL_NS, ns, 0).map_err(err)?;
+        self.telemetry_conf.set(TCONF_FLAGS, if on { TFLAG_ON } else { 0 }, 0).map_err(err)
+    }
+
+    /// Whether telemetry is on in the kernel, and the report interval.
+    pub fn telemetry_conf(&self) -> Result<(bool, std::time::Duration), KernelError> {
+        let err = |source| KernelError::Read { map: "TELEMETRY_CONF", source };
+        let flags = self.telemetry_conf.get(&TCONF_FLAGS, 0).map_err(err)?;
+        let ns = self.telemetry_conf.get(&TCONF_INTERVAL_NS, 0).map_err(err)?;
+        Ok((flags & TFLAG_ON != 0, std::time::Duration::from_nanos(ns)))
+    }
 
     /// Decisions per (policy id, action) since the counters were created.
     pub fn authz_counts(&self) -> BTreeMap<CountKey, u64> {
@@ -954,6 +968,29 @@ impl Dataplane {
     /// Denials (and dry-run differences) the kernel reported since the last call.
     pub fn drain_authz_events(&mut self) -> Vec<AuthzEvent> {
         drain(&mut self.authz_events)
+    }
+}
+
+impl Dataplane {
+    /// Opens the event maps of this data plane from its pins (call once, right after load:
+    /// pins removed by hand later do not matter, the handles stay).
+    pub fn open_event_maps(&self) -> Result<EventMaps, KernelError> {
+        let open = |name: &'static str| {
+            let path = self.dir.join("maps").join(name);
+            MapData::from_pin(&path).map_err(|source| KernelError::MapType { name, source })
+        };
+        let ty = |name: &'static str| move |source| KernelError::MapType { name, source };
+        Ok(EventMaps {
+            telemetry: RingBuf::try_from(aya::maps::Map::RingBuf(open("TELEMETRY")?))
+                .map_err(ty("TELEMETRY"))?,
+            authz_events: RingBuf::try_from(aya::maps::Map::RingBuf(open("AUTHZ_EVENTS")?))
+                .map_err(ty("AUTHZ_EVENTS"))?,
+            telemetry_conf: aya::maps::Array::try_from(aya::maps::Map::Array(open("TELEMETRY_CONF")?))
+                .map_err(ty("TELEMETRY_CONF"))?,
+            stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open("STATS")?)).map_err(ty("STATS"))?,
+            authz_counts: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open("AUTHZ_COUNTS")?))
+                .map_err(ty("AUTHZ_COUNTS"))?,
+        })
     }
 }
 

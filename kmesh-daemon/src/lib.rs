@@ -3,7 +3,8 @@
 //! Data flows one way: a source (`config`: the local YAML file, in `kmesh-model`) produces a
 //! validated [`model::Model`]; [`compile`] turns the model and the enrolled namespaces into the exact
 //! contents of every BPF map and a make-before-break diff; [`kernel`] is the only module that
-//! makes bpf() calls; [`mesh`] keeps the three in step. [`admin`] is the operator's surface.
+//! makes bpf() calls; [`mesh`] keeps the three in step; [`observe`] drains and counts what the
+//! kernel reports, under its own lock. [`admin`] is the operator's surface.
 
 pub use kmesh_model::{config, model};
 
@@ -16,5 +17,6 @@ pub mod logging;
 pub mod mesh;
 pub mod metrics;
 pub mod netns;
+pub mod observe;
 pub mod telemetry;
 pub mod xds;

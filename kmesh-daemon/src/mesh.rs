@@ -9,12 +9,14 @@ use serde::Serialize;
 
 use std::path::{Path, PathBuf};
 
-use kmesh_common::{AuthzEvent, VERDICT_ALLOW, VERDICT_DENY};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::authz::AuthzCompiler;
 use crate::compile::{Compiler, Enrollment, Ids, words_addr};
 use crate::kernel::{ApplyReport, Dataplane, KernelError};
 use crate::model::Model;
+pub use crate::observe::Counters;
+use crate::observe::{Observer, Published};
 
 /// One enrollment as saved in the state file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -22,21 +24,6 @@ pub struct SavedEnrollment {
     pub netns_cookie: u64,
     pub netns: PathBuf,
     pub workload: Option<String>,
-}
-
-/// Counters the operator surface exports.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Counters {
-    pub applies: u64,
-    /// Applies that recompiled only the services a change touched.
-    pub incremental_applies: u64,
-    pub apply_errors: u64,
-    /// By map name.
-    pub map_full_errors: BTreeMap<String, u64>,
-    pub config_errors: u64,
-    /// Pins found missing at the last check and not restored.
-    pub pins_missing: u64,
-    pub pins_restored: u64,
 }
 
 pub struct Mesh {
@@ -56,11 +43,10 @@ pub struct Mesh {
     /// left by a failed apply): the next change must be a full compilation.
     needs_full: bool,
     pub counters: Counters,
-    pub telemetry: crate::telemetry::Telemetry,
+    /// Events, kernel counters and the published state (see [`crate::observe`]).
+    observer: Arc<Mutex<Observer>>,
     /// Bumped whenever the model changes (telemetry re-indexes names then).
     model_gen: u64,
-    /// How often open connections report their counters.
-    report_interval: std::time::Duration,
     /// Frontends claimed by more than one service in the configuration in force.
     conflicts: Vec<crate::compile::FrontendConflict>,
 }
@@ -69,10 +55,12 @@ impl Mesh {
     /// Wraps a loaded data plane. Namespaces enrolled by an earlier run (found in the adopted
     /// NETNS map) stay enrolled.
     pub fn new(dp: Dataplane) -> Self {
+        let maps = dp.open_event_maps().expect("the event maps of a data plane just loaded are pinned");
+        let observer = Arc::new(Mutex::new(Observer::new(maps)));
         let enrolled = dp.applied().netns.keys().map(|c| (*c, Enrollment::default())).collect();
         let compiler = Compiler::with_ids(Ids::adopting(dp.applied()));
         let authz = AuthzCompiler::adopting(dp.authz_applied());
-        Self {
+        let mesh = Self {
             dp,
             model: Model::default(),
             enrolled,
@@ -83,11 +71,36 @@ impl Mesh {
             has_model: false,
             needs_full: true,
             counters: Counters::default(),
-            telemetry: Default::default(),
+            observer,
             model_gen: 0,
-            report_interval: crate::kernel::DEFAULT_REPORT_INTERVAL,
             conflicts: Vec::new(),
-        }
+        };
+        mesh.publish();
+        mesh
+    }
+
+    /// The observer this mesh publishes to (share it: its lock is independent of the mesh's).
+    pub fn observer_handle(&self) -> Arc<Mutex<Observer>> {
+        self.observer.clone()
+    }
+
+    /// Locks the observer (briefly: drains and scrapes take it too).
+    pub fn observer(&self) -> MutexGuard<'_, Observer> {
+        self.observer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes counters and map counts for scrapes that must not wait for the mesh's lock
+    /// (done after every change made here; call it after changing `counters` from outside).
+    pub fn publish(&self) {
+        let p = Published {
+            counters: self.counters.clone(),
+            map_counts: self.dp.applied().counts(),
+            capacities: Some(self.dp.capacities()),
+            frontend_conflicts: self.conflicts.len(),
+            enrolled: self.enrolled.len(),
+            authz_destinations: self.dp.authz_applied().dest.len(),
+        };
+        self.observer().published = p;
     }
 
     pub fn model(&self) -> &Model {
@@ -177,7 +190,31 @@ impl Mesh {
                 self.needs_full = true;
             }
         }
+        self.publish();
         r
+    }
+
+    /// Applies a change of enrollments alone: only NETNS entries when the namespaces fall into
+    /// locality classes that already have tables (most enrollments), else a full compilation.
+    fn sync_enrollment(&mut self, enrolled: &BTreeMap<u64, Enrollment>) -> Result<ApplyReport, KernelError> {
+        if !self.needs_full
+            && let Some(d) = self.compiler.enrollment(&self.model, &self.enrolled, enrolled)
+        {
+            let r = self.dp.apply_diff(d);
+            self.record(&r, true);
+            match &r {
+                Ok(_) => {}
+                Err(_) => {
+                    let (old_model, old_enrolled) = (self.model.clone(), self.enrolled.clone());
+                    let _ = self.compiler.full(&old_model, &old_enrolled, self.dp.applied());
+                    self.needs_full = true;
+                }
+            }
+            self.publish();
+            return r;
+        }
+        let model = self.model.clone();
+        self.sync(&model, enrolled)
     }
 
     /// Replaces the model. On error nothing changes.
@@ -186,7 +223,8 @@ impl Mesh {
         let r = self.sync(&model, &enrolled)?;
         self.model = model;
         self.model_gen += 1;
-        self.telemetry.model_changed(&self.model, self.model_gen);
+        let names = self.authz.policy_ids.iter().map(|(k, v)| (*v, k.clone())).collect();
+        self.observer().model_changed(&self.model, self.model_gen, names);
         self.has_model = true;
         // This layout's maps now hold the configuration: pins of another layout version (an
         // upgrade from an older daemon) can go, detaching the programs that used them.
@@ -249,20 +287,35 @@ impl Mesh {
         self.save();
     }
 
-    /// Unenrolls namespaces whose pod is gone (path removed or reused). Returns their cookies.
-    pub fn prune_gone_namespaces(&mut self) -> Vec<u64> {
-        let gone: Vec<u64> = self
-            .paths
-            .iter()
-            .filter(|(c, p)| crate::netns::cookie_of(p).ok() != Some(**c))
-            .map(|(c, _)| *c)
-            .collect();
-        for c in &gone {
-            if let Err(e) = self.unenroll(*c) {
-                tracing::error!(cookie = c, error = %e, "cannot unenroll a namespace that is gone");
+    /// The enrolled namespaces' paths, to check for liveness without holding the mesh's lock
+    /// (entering each namespace takes a thread and a setns).
+    pub fn enrolled_paths(&self) -> Vec<(u64, PathBuf)> {
+        self.paths.iter().map(|(c, p)| (*c, p.clone())).collect()
+    }
+
+    /// Which of `paths` no longer lead to the namespace enrolled under their cookie (the pod is
+    /// gone, or its path was reused). Call without the mesh's lock.
+    pub fn gone(paths: &[(u64, PathBuf)]) -> Vec<u64> {
+        paths.iter().filter(|(c, p)| crate::netns::cookie_of(p).ok() != Some(*c)).map(|(c, _)| *c).collect()
+    }
+
+    /// Unenrolls namespaces found gone by [`gone`](Self::gone) (those still enrolled).
+    pub fn unenroll_gone(&mut self, gone: &[u64]) -> Vec<u64> {
+        let mut done = Vec::new();
+        for c in gone {
+            match self.unenroll(*c) {
+                Ok(true) => done.push(*c),
+                Ok(false) => {}
+                Err(e) => tracing::error!(cookie = c, error = %e, "cannot unenroll a namespace that is gone"),
             }
         }
-        gone
+        done
+    }
+
+    /// Unenrolls namespaces whose pod is gone (path removed or reused). Returns their cookies.
+    pub fn prune_gone_namespaces(&mut self) -> Vec<u64> {
+        let gone = Self::gone(&self.enrolled_paths());
+        self.unenroll_gone(&gone)
     }
 
     /// Puts a network namespace in the mesh: its sockets are load-balanced, and connections
@@ -276,18 +329,14 @@ impl Mesh {
     ) -> Result<ApplyReport, KernelError> {
         let mut enrolled = self.enrolled.clone();
         enrolled.insert(cookie, Enrollment { workload });
-        let r = if self.has_model {
-            let model = self.model.clone();
-            self.sync(&model, &enrolled)?
-        } else {
-            ApplyReport::default()
-        };
+        let r = if self.has_model { self.sync_enrollment(&enrolled)? } else { ApplyReport::default() };
         if let Some(path) = netns {
             self.dp.attach_authz(cookie, path)?;
             self.paths.insert(cookie, path.to_owned());
         }
         self.enrolled = enrolled;
         self.save();
+        self.publish();
         Ok(r)
     }
 
@@ -297,9 +346,10 @@ impl Mesh {
         use kmesh_common::PROTO_UDP;
         let s = self.dp.read_state()?;
         let names: BTreeMap<u32, &String> = self.compiler.ids.services.iter().map(|(k, v)| (*v, k)).collect();
+        let obs = self.observer();
         let who = |a: [u32; 4]| {
             let ip = words_addr(a);
-            match self.telemetry.workload_at(ip) {
+            match obs.telemetry.workload_at(ip) {
                 Some(w) => format!("{ip} ({}/{})", w.namespace, w.name),
                 None => ip.to_string(),
             }
@@ -353,45 +403,6 @@ impl Mesh {
         Ok(serde_json::json!({ "frontends": frontends, "enrolled": netns, "entries": s.counts() }))
     }
 
-    /// Turns the kernel's connection events into metrics; returns access-log lines.
-    pub fn drain_telemetry(&mut self) -> Vec<String> {
-        let events = self.dp.drain_telemetry();
-        events.iter().filter_map(|e| self.telemetry.record(e, &self.model, self.model_gen)).collect()
-    }
-
-    /// Switches access logs and metric families; the kernel collects events only while
-    /// something uses them.
-    pub fn set_monitoring(
-        &mut self,
-        m: crate::telemetry::Monitoring,
-        report_interval: Option<std::time::Duration>,
-    ) -> Result<(), KernelError> {
-        let interval = report_interval.unwrap_or(self.report_interval);
-        self.dp.set_telemetry(m.kernel_on(), interval)?;
-        if !m.kernel_on() {
-            // No close event will come for what is open now.
-            self.telemetry.forget_open();
-        }
-        self.report_interval = interval;
-        self.telemetry.settings = m;
-        Ok(())
-    }
-
-    /// What `kmeshctl monitoring` shows.
-    pub fn monitoring(&self) -> serde_json::Value {
-        let (kernel_on, interval) = self.dp.telemetry_conf().unwrap_or_default();
-        let stats = self.dp.stats().unwrap_or_default();
-        serde_json::json!({
-            "settings": self.telemetry.settings,
-            "kernel_telemetry": kernel_on,
-            "report_interval_ms": interval.as_millis() as u64,
-            "events_received": self.telemetry.events,
-            "events_lost": stats[kmesh_common::stat::TELEMETRY_LOST as usize],
-            "open_connections": self.telemetry.open_connections(),
-            "open_connections_evicted": self.telemetry.open_evicted,
-        })
-    }
-
     /// What `kmeshctl authz` shows: where authorization is enforced and what it decided.
     pub fn authz_status(&self) -> serde_json::Value {
         let enforced: Vec<serde_json::Value> = self
@@ -409,12 +420,13 @@ impl Mesh {
                 })
             })
             .collect();
-        let decisions: Vec<serde_json::Value> = self
+        let obs = self.observer();
+        let decisions: Vec<serde_json::Value> = obs
             .authz_decisions()
             .into_iter()
             .map(|(policy, action, n)| serde_json::json!({"policy": policy, "action": action, "connections": n}))
             .collect();
-        let stats = self.dp.stats().unwrap_or_default();
+        let stats = obs.stats();
         serde_json::json!({
             "policies": self.model.policies.keys().collect::<Vec<_>>(),
             "destinations": self.dp.authz_applied().dest.len(),
@@ -424,64 +436,6 @@ impl Mesh {
         })
     }
 
-    /// Log lines for the denials (and dry-run differences) since the last call.
-    pub fn drain_denials(&mut self) -> Vec<String> {
-        let events: Vec<AuthzEvent> = self.dp.drain_authz_events();
-        events.iter().map(|e| self.describe(e)).collect()
-    }
-
-    fn policy_label(&self, id: u32, action: u8) -> String {
-        match (id, action) {
-            (0, VERDICT_DENY) => "default deny (no ALLOW policy matched)".to_string(),
-            (0, _) => "default allow".to_string(),
-            (id, _) => self.authz.policy_name(id).unwrap_or_else(|| format!("policy #{id}")),
-        }
-    }
-
-    fn describe(&self, e: &AuthzEvent) -> String {
-        let who = |a: [u32; 4], port: u16| {
-            let ip = words_addr(a);
-            let sa = std::net::SocketAddr::new(ip, port);
-            match self.telemetry.workload_at(ip) {
-                Some(w) => format!("{sa} ({}/{})", w.namespace, w.name),
-                None => format!("{sa} (outside the mesh)"),
-            }
-        };
-        let verb = |a: u8| if a == VERDICT_ALLOW { "allow" } else { "deny" };
-        let mut line = format!(
-            "{} connection src={} dst={} policy={}",
-            if e.action == VERDICT_DENY { "denied" } else { "allowed" },
-            who(e.src, e.src_port),
-            who(e.dst, e.dst_port),
-            self.policy_label(e.policy_id, e.action)
-        );
-        if e.dry_action != 0 {
-            line += &format!(
-                "; dry-run would {} (policy={})",
-                verb(e.dry_action),
-                self.policy_label(e.dry_policy_id, e.dry_action)
-            );
-        }
-        line
-    }
-
-    /// Decisions by policy and action: (policy, "allow"|"deny", count).
-    pub fn authz_decisions(&self) -> Vec<(String, &'static str, u64)> {
-        self.dp
-            .authz_counts()
-            .into_iter()
-            .map(|(k, n)| {
-                let action = if k.action == VERDICT_ALLOW as u32 { "allow" } else { "deny" };
-                let policy = if k.policy_id == 0 {
-                    "default".to_string()
-                } else {
-                    self.authz.policy_name(k.policy_id).unwrap_or_else(|| format!("#{}", k.policy_id))
-                };
-                (policy, action, n)
-            })
-            .collect()
-    }
-
     /// Takes a namespace out of the mesh. Returns false if it was not enrolled.
     pub fn unenroll(&mut self, cookie: u64) -> Result<bool, KernelError> {
         if !self.enrolled.contains_key(&cookie) {
@@ -489,14 +443,14 @@ impl Mesh {
         }
         let mut enrolled = self.enrolled.clone();
         enrolled.remove(&cookie);
-        let model = self.model.clone();
         if self.has_model {
-            self.sync(&model, &enrolled)?;
+            self.sync_enrollment(&enrolled)?;
         }
         self.dp.detach_authz(cookie);
         self.paths.remove(&cookie);
         self.enrolled = enrolled;
         self.save();
+        self.publish();
         Ok(true)
     }
 }

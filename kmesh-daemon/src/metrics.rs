@@ -10,7 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::mesh::Mesh;
+use crate::observe::Observer;
 
 /// The OpenMetrics text content type.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -63,12 +63,14 @@ fn gauge(r: &mut Registry, name: &str, help: &str, v: u64) {
     r.register(name, help, g);
 }
 
-/// Everything `/status/metric` and the admin `/metrics` serve.
-pub fn render(m: &Mesh, ready: bool, xds: &XdsHealth) -> String {
+/// Everything `/status/metric` and the admin `/metrics` serve: from the observer alone (the
+/// state the mesh last published, the kernel's counters, the telemetry families), never
+/// waiting for an apply.
+pub fn render(o: &Observer, ready: bool, xds: &XdsHealth) -> String {
     let mut r = Registry::default();
-    let dp = m.dataplane();
-    let counts = dp.applied().counts();
-    let caps = dp.capacities();
+    let p = &o.published;
+    let counts = p.map_counts;
+    let caps = p.capacities.unwrap_or_default();
     let cap_of = |name: &str| match name {
         "NETNS" => caps.netns,
         "FRONTENDS" => caps.frontends,
@@ -92,33 +94,33 @@ pub fn render(m: &Mesh, ready: bool, xds: &XdsHealth) -> String {
         &mut r,
         "kmesh_map_full_errors",
         "Configurations refused because a map would overflow",
-        by_map(&|name, _| m.counters.map_full_errors.get(name).copied().unwrap_or(0)),
+        by_map(&|name, _| p.counters.map_full_errors.get(name).copied().unwrap_or(0)),
     );
     counter(
         &mut r,
         "kmesh_config_applies",
         "Successful applies of configuration or enrollment",
-        m.counters.applies,
+        p.counters.applies,
     );
-    counter(&mut r, "kmesh_apply_errors", "Applies refused by the kernel side", m.counters.apply_errors);
-    counter(&mut r, "kmesh_config_errors", "Config files refused by validation", m.counters.config_errors);
+    counter(&mut r, "kmesh_apply_errors", "Applies refused by the kernel side", p.counters.apply_errors);
+    counter(&mut r, "kmesh_config_errors", "Config files refused by validation", p.counters.config_errors);
     gauge(
         &mut r,
         "kmesh_frontend_conflicts",
         "Service addresses and ports claimed by more than one service (the first key owns each)",
-        m.frontend_conflicts().len() as u64,
+        p.frontend_conflicts as u64,
     );
     gauge(
         &mut r,
         "kmesh_pins_missing",
         "bpffs pins found missing and not restorable",
-        m.counters.pins_missing,
+        p.counters.pins_missing,
     );
     counter(
         &mut r,
         "kmesh_pins_restored",
         "bpffs map pins restored after removal by hand",
-        m.counters.pins_restored,
+        p.counters.pins_restored,
     );
     if xds.enabled.load(Ordering::Relaxed) {
         gauge(
@@ -147,11 +149,12 @@ pub fn render(m: &Mesh, ready: bool, xds: &XdsHealth) -> String {
         &mut r,
         "kmesh_authz_decisions",
         "Connections allowed or denied, by deciding policy",
-        m.authz_decisions()
+        o.authz_decisions()
             .into_iter()
             .map(|(policy, action, n)| (vec![("policy", policy), ("action", action.to_string())], n)),
     );
-    if let Ok(st) = dp.stats() {
+    {
+        let st = o.stats();
         counters(
             &mut r,
             "kmesh_connect",
@@ -186,15 +189,15 @@ pub fn render(m: &Mesh, ready: bool, xds: &XdsHealth) -> String {
         &mut r,
         "kmesh_telemetry_events",
         "Connection events received from the kernel",
-        m.telemetry.events,
+        o.telemetry.events,
     );
     gauge(
         &mut r,
         "kmesh_telemetry_open_connections",
         "Connections of enrolled pods tracked between open and close",
-        m.telemetry.open_connections() as u64,
+        o.telemetry.open_connections() as u64,
     );
-    m.telemetry.register(&mut r);
+    o.telemetry.register(&mut r);
     let mut t = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut t, &r);
     t

@@ -430,7 +430,6 @@ impl AccessLog {
 /// changes (events arrive at connection rate; a scan of the model per event would not scale).
 #[derive(Debug, Default)]
 struct Index {
-    generation: u64,
     /// Address -> workload; an address two workloads list belongs to the first uid (the rule
     /// the authorization compiler follows too).
     workloads: HashMap<IpAddr, Arc<Workload>>,
@@ -441,7 +440,7 @@ struct Index {
 }
 
 impl Index {
-    fn build(model: &Model, generation: u64) -> Self {
+    fn build(model: &Model) -> Self {
         let mut workloads = HashMap::new();
         for w in model.workloads.values() {
             for a in &w.addresses {
@@ -457,7 +456,7 @@ impl Index {
                 }
             }
         }
-        Self { generation, workloads, services, by_key }
+        Self { workloads, services, by_key }
     }
 }
 
@@ -722,13 +721,10 @@ impl Telemetry {
 
     /// Records one event (`generation` changes whenever `model` does); returns the
     /// access-log line of a closed or failed connection when access logs are on.
-    pub fn record(&mut self, e: &ConnEvent, model: &Model, generation: u64) -> Option<String> {
+    /// Takes one kernel event in; returns its access-log line when it closes a connection and
+    /// access logs are on. Names come from the model last given to [`model_changed`](Self::model_changed).
+    pub fn record(&mut self, e: &ConnEvent) -> Option<String> {
         self.events += 1;
-        if self.index.generation != generation
-            || (self.index.workloads.is_empty() && !model.workloads.is_empty())
-        {
-            self.model_changed(model, generation);
-        }
         // An open missed (daemon restarted, or telemetry switched on since): the connection
         // counts from its start.
         let mut c = match self.open.remove(&e.cookie) {
@@ -826,7 +822,8 @@ impl Telemetry {
     /// Re-indexes names, and deletes the series of workloads that left the model (as Kmesh
     /// does): a cluster with pod churn would otherwise grow its scrape forever.
     pub fn model_changed(&mut self, model: &Model, generation: u64) {
-        self.index = Index::build(model, generation);
+        let _ = generation;
+        self.index = Index::build(model);
         self.peers.clear();
         let live = |o: &Owners| {
             [&o.0, &o.1].iter().all(|u| u.as_ref().is_none_or(|u| model.workloads.contains_key(u)))
@@ -945,15 +942,14 @@ mod tests {
     /// whose closes never come), and emptied when the kernel stops reporting.
     #[test]
     fn the_open_connection_table_is_bounded_and_forgotten_when_telemetry_stops() {
-        let model = Model::default();
         let mut t = Telemetry { max_open: 64, ..Default::default() };
         for cookie in 0..1000u64 {
-            t.record(&ConnEvent { cookie, ..ev(CONN_OPEN, 0, 0, 1) }, &model, 1);
+            t.record(&ConnEvent { cookie, ..ev(CONN_OPEN, 0, 0, 1) });
             assert!(t.open_connections() <= 64, "{} open after {cookie}", t.open_connections());
         }
         assert!(t.open_evicted >= 1000 - 64, "{}", t.open_evicted);
         // The newest are kept.
-        t.record(&ConnEvent { cookie: 999, ..ev(CONN_CLOSE, 10, 0, TIME_WAIT) }, &model, 1);
+        t.record(&ConnEvent { cookie: 999, ..ev(CONN_CLOSE, 10, 0, TIME_WAIT) });
         assert!(t.open_connections() < 64);
         t.forget_open();
         assert_eq!(t.open_connections(), 0);
@@ -995,13 +991,12 @@ mod tests {
 
     #[test]
     fn reports_add_differences_and_the_close_completes_them() {
-        let model = Model::default();
         let mut t = Telemetry::default();
-        t.record(&ev(CONN_OPEN, 1, 0, 1), &model, 1);
-        t.record(&ev(CONN_REPORT, 101, 50, 1), &model, 1);
-        t.record(&ev(CONN_REPORT, 301, 60, 1), &model, 1);
+        t.record(&ev(CONN_OPEN, 1, 0, 1));
+        t.record(&ev(CONN_REPORT, 101, 50, 1));
+        t.record(&ev(CONN_REPORT, 301, 60, 1));
         // Closed from TIME_WAIT: SYN and our FIN acked, their FIN received.
-        let line = t.record(&ev(CONN_CLOSE, 302, 61, TIME_WAIT), &model, 1).unwrap();
+        let line = t.record(&ev(CONN_CLOSE, 302, 61, TIME_WAIT)).unwrap();
         assert!(line.contains("sent_bytes=300 received_bytes=60"), "{line}");
         let text = t.render();
         assert!(text.contains("kmesh_tcp_received_bytes_total{reporter=\"source\""), "{text}");
@@ -1042,9 +1037,9 @@ mod tests {
             ..Default::default()
         };
         let mut t = Telemetry::default();
-        let m = yaml(true);
+        t.model_changed(&yaml(true), 1);
         for (ip, cookie) in [([10, 0, 0, 2], 1), ([10, 0, 0, 3], 2), ([10, 0, 0, 9], 3)] {
-            t.record(&to(ip, cookie, CONN_OPEN), &m, 1);
+            t.record(&to(ip, cookie, CONN_OPEN));
         }
         let text = t.render();
         assert!(text.contains("destination_pod_name=\"s2\"") && text.contains("destination_workload=\"s2\""));
@@ -1057,16 +1052,15 @@ mod tests {
 
     #[test]
     fn json_access_log_and_switches() {
-        let model = Model::default();
         let mut t = Telemetry::default();
         t.settings.access_log_format = LogFormat::Json;
-        t.record(&ev(CONN_OPEN, 1, 0, 1), &model, 1);
-        let line = t.record(&ev(CONN_CLOSE, 11, 5, 7), &model, 1).unwrap();
+        t.record(&ev(CONN_OPEN, 1, 0, 1));
+        let line = t.record(&ev(CONN_CLOSE, 11, 5, 7)).unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!((v["sent_bytes"].as_u64(), v["state"].as_str()), (Some(10), Some("closed")), "{v}");
         t.settings.access_log = false;
         t.settings.service_metrics = false;
-        assert!(t.record(&ev(CONN_FAILED, 0, 0, 2), &model, 1).is_none());
+        assert!(t.record(&ev(CONN_FAILED, 0, 0, 2)).is_none());
         assert!(!t.render().contains("kmesh_tcp_connections_failed_total{"), "service family off");
         assert!(t.render().contains("kmesh_tcp_workload_connections_failed_total{"), "workload family on");
     }

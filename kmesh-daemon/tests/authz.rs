@@ -149,16 +149,16 @@ fn decisions_are_counted_and_denials_logged_by_policy() {
     }
     let mut env = env();
     env.apply(&config(&deny("{namespaces: [{exact: dev}]}")));
-    let _ = env.mesh().drain_denials();
+    let _ = env.mesh().observer().drain_denials();
     let denied = env.connect("c-dev", &format!("{SERVER}:8080"), 3);
     let allowed = env.connect("c-prod", &format!("{SERVER}:8080"), 2);
     assert!(denied.iter().all(|a| !a.ok) && allowed.iter().all(|a| a.ok));
-    let counts = env.mesh().authz_decisions();
+    let counts = env.mesh().observer().authz_decisions();
     let get =
         |p: &str, a: &str| counts.iter().find(|(pp, aa, _)| pp == p && *aa == a).map(|c| c.2).unwrap_or(0);
     assert_eq!(get("prod/d", "deny"), 3, "{counts:?}");
     assert_eq!(get("default", "allow"), 2, "{counts:?}");
-    let lines = env.mesh().drain_denials();
+    let lines = env.mesh().observer().drain_denials();
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(lines[0].contains(&format!("src={C_DEV}:")) && lines[0].contains("(dev/c-dev)"), "{}", lines[0]);
     assert!(
@@ -170,7 +170,7 @@ fn decisions_are_counted_and_denials_logged_by_policy() {
     // Dry run: allowed, but reported.
     env.apply(&config("  - {name: dr, namespace: prod, action: DENY, dry_run: true, rules: [{clauses: [{matches: [{}]}]}]}\n"));
     assert!(env.connect("c-dev", &format!("{SERVER}:8080"), 1)[0].ok);
-    let lines = env.mesh().drain_denials();
+    let lines = env.mesh().observer().drain_denials();
     assert!(
         lines.iter().any(|l| l.starts_with("allowed") && l.contains("dry-run would deny (policy=prod/dr)")),
         "{lines:?}"

@@ -443,7 +443,7 @@ fn inconsistent_tables_refuse_and_count_instead_of_passing() {
     assert!(env.connect("client", &format!("{VIP}:80"), 5).iter().all(|a| a.ok));
     assert!(env.connect("client", &s1, 1)[0].ok, "allowed by policy");
 
-    let stat = |env: &mut Env, i: u32| env.mesh().dataplane().stats().unwrap()[i as usize];
+    let stat = |env: &mut Env, i: u32| env.mesh().observer().stats()[i as usize];
     let before = stat(&mut env, kmesh_common::stat::INCONSISTENT);
     assert!(clear_pinned::<kmesh_common::TableKey, kmesh_common::TableValue>(&env, "LB_TABLES") > 0);
     let a = env.connect("client", &format!("{VIP}:80"), 5);
@@ -474,7 +474,7 @@ fn telemetry_env(s1_extra: &str) -> Env {
     env.apply(&cfg);
     env.enroll("client", Some("client"));
     env.enroll("s1", Some("s1"));
-    let _ = env.mesh().drain_telemetry();
+    let _ = env.mesh().observer().drain_telemetry();
     env
 }
 
@@ -503,9 +503,9 @@ fn connection_telemetry_counts_exact_bytes_with_istio_labels() {
     let s1 = env.pod("s1").ipv4;
     assert!(env.connect("client", &format!("{s1}:9"), 1).iter().all(|a| !a.ok));
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let lines = env.mesh().drain_telemetry();
+    let lines = env.mesh().observer().drain_telemetry();
     eprintln!("{}", lines.join("\n"));
-    let text = env.mesh().telemetry.render();
+    let text = env.mesh().observer().telemetry.render();
     let src = [
         ("reporter", "source"),
         ("source_workload", "client"),
@@ -571,9 +571,9 @@ fn long_lived_connections_report_before_they_close() {
         return;
     }
     let mut env = telemetry_env("");
-    let mut m = env.mesh().telemetry.settings.clone();
+    let mut m = env.mesh().observer().telemetry.settings.clone();
     m.connection_metrics = true;
-    env.mesh().set_monitoring(m, Some(std::time::Duration::from_millis(300))).unwrap();
+    env.mesh().observer().set_monitoring(m, Some(std::time::Duration::from_millis(300))).unwrap();
     // One connection exchanging a line every 50 ms for 3 s.
     let mut hold = env.pod("client").command(kmesh_testbed::agent_path().unwrap());
     hold.args(["hold", "--target", &format!("{VIP}:80"), "--secs", "3", "--interval-ms", "50"]);
@@ -582,8 +582,8 @@ fn long_lived_connections_report_before_they_close() {
     let mut seen = Vec::new();
     for _ in 0..5 {
         std::thread::sleep(std::time::Duration::from_millis(400));
-        let _ = env.mesh().drain_telemetry();
-        let text = env.mesh().telemetry.render();
+        let _ = env.mesh().observer().drain_telemetry();
+        let text = env.mesh().observer().telemetry.render();
         seen.push((
             sample(&text, "kmesh_tcp_received_bytes_total", &src).unwrap_or(0),
             sample(&text, "kmesh_tcp_connection_received_bytes_total", &src),
@@ -600,8 +600,8 @@ fn long_lived_connections_report_before_they_close() {
     let out = child.wait_with_output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"ok\":true"), "{out:?}");
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let lines = env.mesh().drain_telemetry();
-    let text = env.mesh().telemetry.render();
+    let lines = env.mesh().observer().drain_telemetry();
+    let text = env.mesh().observer().telemetry.render();
     assert_eq!(sample(&text, "kmesh_tcp_connections_closed_total", &src), Some(1));
     assert_eq!(
         sample(&text, "kmesh_tcp_connection_received_bytes_total", &src),
@@ -620,8 +620,8 @@ fn a_full_ring_buffer_counts_every_lost_event() {
         return;
     }
     let mut env = telemetry_env("");
-    let lost_before = env.mesh().dataplane().stats().unwrap()[kmesh_common::stat::TELEMETRY_LOST as usize];
-    let events_before = env.mesh().telemetry.events;
+    let lost_before = env.mesh().observer().stats()[kmesh_common::stat::TELEMETRY_LOST as usize];
+    let events_before = env.mesh().observer().telemetry.events;
     // Nobody drains while 3,000 connections make 4 events each (open and close on both
     // sides): 12,000 events of 128 bytes do not fit in the 1 MiB ring.
     let n = 3000;
@@ -634,10 +634,9 @@ fn a_full_ring_buffer_counts_every_lost_event() {
         .unwrap();
     assert_eq!(a.iter().filter(|a| a.ok).count(), n as usize);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let _ = env.mesh().drain_telemetry();
-    let received = env.mesh().telemetry.events - events_before;
-    let lost =
-        env.mesh().dataplane().stats().unwrap()[kmesh_common::stat::TELEMETRY_LOST as usize] - lost_before;
+    let _ = env.mesh().observer().drain_telemetry();
+    let received = env.mesh().observer().telemetry.events - events_before;
+    let lost = env.mesh().observer().stats()[kmesh_common::stat::TELEMETRY_LOST as usize] - lost_before;
     eprintln!("{received} events received, {lost} lost");
     assert!(lost > 0, "the ring overflowed");
     assert_eq!(received + lost, 4 * u64::from(n), "every event is either received or counted lost");

@@ -544,3 +544,51 @@ fn every_intermediate_state_of_an_apply_has_every_reachable_key() {
     }
     assert!(writes > 20, "only {writes} writes checked");
 }
+
+/// Issue 13, item 8: an enrollment into a locality class that already has tables writes one
+/// NETNS entry and nothing else, and ends where a full compilation would; a new class or a
+/// class left unused takes the full path.
+#[test]
+fn an_enrollment_into_an_existing_class_writes_only_its_namespace() {
+    let client = |uid: &str, zone: &str| {
+        format!(
+            "  - {{uid: {uid}, name: {uid}, namespace: default, addresses: [10.244.9.{}], locality: {{region: r1, zone: {zone}}}}}",
+            uid.len()
+        )
+    };
+    let w = [
+        workload("a", "10.244.0.2", "z1", ""),
+        workload("b", "10.244.0.3", "z2", ""),
+        client("c2", "z2"),
+        client("cc2", "z2"),
+        client("ccc3", "z3"),
+    ]
+    .join("\n");
+    let m = model(&echo_service("{routing_preference: [ZONE], mode: FAILOVER}"), &w);
+    let e = |list: &[(u64, Option<&str>)]| -> BTreeMap<u64, Enrollment> {
+        list.iter().map(|(c, w)| (*c, Enrollment { workload: w.map(String::from) })).collect()
+    };
+    let mut compiler = Compiler::default();
+    let e1 = e(&[(1, Some("c2"))]);
+    let mut kernel = compiler.full(&m, &e1, &MapState::default());
+
+    // Same zone as c2, and a pod without a workload (the node's class): NETNS only.
+    let e2 = e(&[(1, Some("c2")), (2, Some("cc2")), (3, None)]);
+    let d = compiler.enrollment(&m, &e1, &e2).expect("existing classes");
+    assert_eq!((d.set.netns.len(), d.writes(), d.deletes()), (2, 2, 0), "{d:?}");
+    kernel.apply(d);
+    let full = Compiler::default().full(&m, &e2, &kernel);
+    assert_eq!(view(&kernel), view(&full));
+    assert_eq!(kernel.netns.values().map(|v| v.class_id).collect::<BTreeSet<_>>().len(), 2);
+
+    // Leaving, while its class stays in use: NETNS only.
+    let e3 = e(&[(1, Some("c2")), (3, None)]);
+    let d = compiler.enrollment(&m, &e2, &e3).expect("class still in use");
+    assert_eq!((d.writes(), d.deletes()), (0, 1));
+    kernel.apply(d);
+    assert_eq!(kernel.netns.len(), 2);
+
+    // A zone with no tables yet, or the last client of a class leaving: full compilation.
+    assert!(compiler.enrollment(&m, &e3, &e(&[(1, Some("c2")), (3, None), (4, Some("ccc3"))])).is_none());
+    assert!(compiler.enrollment(&m, &e3, &e(&[(3, None)])).is_none());
+}

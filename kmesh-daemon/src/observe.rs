@@ -1,0 +1,173 @@
+//! What watches the data plane, under a lock of its own: the kernel's event rings (connection
+//! telemetry, authorization decisions), its counters, the telemetry switch, and a snapshot of
+//! the daemon's own state published after every change. A scrape or a drain takes only this
+//! lock, briefly, so it never waits for an apply (which holds the mesh's lock for as long as
+//! compiling and writing take); an apply takes it only to publish what it did.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kmesh_common::{AuthzEvent, VERDICT_ALLOW, VERDICT_DENY, stat};
+use serde::Serialize;
+
+use crate::compile::{MapCounts, words_addr};
+use crate::kernel::{Capacities, EventMaps, KernelError};
+use crate::model::Model;
+use crate::telemetry::{Monitoring, Telemetry};
+
+/// Counters the operator surface exports.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Counters {
+    pub applies: u64,
+    /// Applies that recompiled only the services a change touched.
+    pub incremental_applies: u64,
+    pub apply_errors: u64,
+    /// By map name.
+    pub map_full_errors: BTreeMap<String, u64>,
+    pub config_errors: u64,
+    /// Pins found missing at the last check and not restored.
+    pub pins_missing: u64,
+    pub pins_restored: u64,
+}
+
+/// The daemon's state as of its last change, for scrapes and dumps that must not wait.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Published {
+    pub counters: Counters,
+    pub map_counts: MapCounts,
+    pub capacities: Option<Capacities>,
+    pub frontend_conflicts: usize,
+    pub enrolled: usize,
+    pub authz_destinations: usize,
+}
+
+pub struct Observer {
+    pub telemetry: Telemetry,
+    maps: EventMaps,
+    /// Policy names by the ids the kernel reports.
+    policy_names: BTreeMap<u32, String>,
+    report_interval: Duration,
+    pub published: Published,
+}
+
+impl Observer {
+    pub fn new(maps: EventMaps) -> Self {
+        Self {
+            telemetry: Telemetry::default(),
+            maps,
+            policy_names: BTreeMap::new(),
+            report_interval: crate::kernel::DEFAULT_REPORT_INTERVAL,
+            published: Published::default(),
+        }
+    }
+
+    /// Takes a new model in (names for events and labels), with the policy ids in force.
+    pub fn model_changed(&mut self, model: &Model, generation: u64, policy_names: BTreeMap<u32, String>) {
+        self.telemetry.model_changed(model, generation);
+        self.policy_names = policy_names;
+    }
+
+    pub fn stats(&self) -> [u64; stat::COUNT as usize] {
+        self.maps.stats().unwrap_or_default()
+    }
+
+    /// Turns the kernel's connection events into metrics; returns access-log lines.
+    pub fn drain_telemetry(&mut self) -> Vec<String> {
+        let events = self.maps.drain_telemetry();
+        events.iter().filter_map(|e| self.telemetry.record(e)).collect()
+    }
+
+    /// Log lines for the denials (and dry-run differences) since the last call.
+    pub fn drain_denials(&mut self) -> Vec<String> {
+        let events: Vec<AuthzEvent> = self.maps.drain_authz_events();
+        events.iter().map(|e| self.describe(e)).collect()
+    }
+
+    /// Switches access logs and metric families; the kernel collects events only while
+    /// something uses them.
+    pub fn set_monitoring(
+        &mut self,
+        m: Monitoring,
+        report_interval: Option<Duration>,
+    ) -> Result<(), KernelError> {
+        let interval = report_interval.unwrap_or(self.report_interval);
+        self.maps.set_telemetry(m.kernel_on(), interval)?;
+        if !m.kernel_on() {
+            // No close event will come for what is open now.
+            self.telemetry.forget_open();
+        }
+        self.report_interval = interval;
+        self.telemetry.settings = m;
+        Ok(())
+    }
+
+    /// What `kmeshctl monitoring` shows.
+    pub fn monitoring(&self) -> serde_json::Value {
+        let (kernel_on, interval) = self.maps.telemetry_conf().unwrap_or_default();
+        let stats = self.stats();
+        serde_json::json!({
+            "settings": self.telemetry.settings,
+            "kernel_telemetry": kernel_on,
+            "report_interval_ms": interval.as_millis() as u64,
+            "events_received": self.telemetry.events,
+            "events_lost": stats[stat::TELEMETRY_LOST as usize],
+            "open_connections": self.telemetry.open_connections(),
+            "open_connections_evicted": self.telemetry.open_evicted,
+        })
+    }
+
+    fn policy_label(&self, id: u32, action: u8) -> String {
+        match (id, action) {
+            (0, VERDICT_DENY) => "default deny (no ALLOW policy matched)".to_string(),
+            (0, _) => "default allow".to_string(),
+            (id, _) => self.policy_names.get(&id).cloned().unwrap_or_else(|| format!("policy #{id}")),
+        }
+    }
+
+    fn describe(&self, e: &AuthzEvent) -> String {
+        let who = |a: [u32; 4], port: u16| {
+            let ip = words_addr(a);
+            let sa = std::net::SocketAddr::new(ip, port);
+            match self.telemetry.workload_at(ip) {
+                Some(w) => format!("{sa} ({}/{})", w.namespace, w.name),
+                None => format!("{sa} (outside the mesh)"),
+            }
+        };
+        let verb = |a: u8| if a == VERDICT_ALLOW { "allow" } else { "deny" };
+        let mut line = format!(
+            "{} connection src={} dst={} policy={}",
+            if e.action == VERDICT_DENY { "denied" } else { "allowed" },
+            who(e.src, e.src_port),
+            who(e.dst, e.dst_port),
+            self.policy_label(e.policy_id, e.action)
+        );
+        if e.dry_action != 0 {
+            line += &format!(
+                "; dry-run would {} (policy={})",
+                verb(e.dry_action),
+                self.policy_label(e.dry_policy_id, e.dry_action)
+            );
+        }
+        line
+    }
+
+    /// Decisions by policy and action: (policy, "allow"|"deny", count).
+    pub fn authz_decisions(&self) -> Vec<(String, &'static str, u64)> {
+        self.maps
+            .authz_counts()
+            .into_iter()
+            .map(|(k, n)| {
+                let action = if k.action == VERDICT_ALLOW as u32 { "allow" } else { "deny" };
+                let policy = if k.policy_id == 0 {
+                    "default".to_string()
+                } else {
+                    self.policy_names
+                        .get(&k.policy_id)
+                        .cloned()
+                        .unwrap_or_else(|| format!("#{}", k.policy_id))
+                };
+                (policy, action, n)
+            })
+            .collect()
+    }
+}
