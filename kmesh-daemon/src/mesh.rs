@@ -99,6 +99,7 @@ impl Mesh {
             frontend_conflicts: self.conflicts.len(),
             enrolled: self.enrolled.len(),
             authz_destinations: self.dp.authz_applied().dest.len(),
+            model_generation: self.model_gen,
         };
         self.observer().published = p;
     }
@@ -225,6 +226,7 @@ impl Mesh {
         self.model_gen += 1;
         let names = self.authz.policy_ids.iter().map(|(k, v)| (*v, k.clone())).collect();
         self.observer().model_changed(&self.model, self.model_gen, names);
+        self.publish();
         self.has_model = true;
         // This layout's maps now hold the configuration: pins of another layout version (an
         // upgrade from an older daemon) can go, detaching the programs that used them.

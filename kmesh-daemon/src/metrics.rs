@@ -106,6 +106,12 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth) -> String {
     counter(&mut r, "kmesh_config_errors", "Config files refused by validation", p.counters.config_errors);
     gauge(
         &mut r,
+        "kmesh_config_generation",
+        "Configurations (file versions or xDS updates) applied since start: which one is in force",
+        p.model_generation,
+    );
+    gauge(
+        &mut r,
         "kmesh_frontend_conflicts",
         "Service addresses and ports claimed by more than one service (the first key owns each)",
         p.frontend_conflicts as u64,

@@ -39,6 +39,8 @@ pub struct Published {
     pub frontend_conflicts: usize,
     pub enrolled: usize,
     pub authz_destinations: usize,
+    /// Models applied since start: which configuration is in force.
+    pub model_generation: u64,
 }
 
 pub struct Observer {

@@ -420,3 +420,140 @@ fn kmeshctl_round_trips_each_command() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is kmesh-daemon running"));
 }
+
+/// Issue 13, item 8: under 10,000 services, while the configuration is recompiled in full
+/// (the node's zone flips every second) and pods are enrolled and unenrolled 10 times a second,
+/// scrapes are answered without waiting for the applies and connection telemetry stays exact.
+#[test]
+fn scrapes_and_telemetry_do_not_wait_for_applies_under_10k_services() {
+    if !root_or_skip("scrapes_and_telemetry_do_not_wait_for_applies_under_10k_services") {
+        return;
+    }
+    use std::time::{Duration, Instant};
+    let bed = bed();
+    let scratch = Scratch::new();
+    let text = |zone: &str| {
+        let mut t = echo_config(&bed, &["s1", "s2", "s3"], "{}")
+            .replace("zone: zone-a}}", &format!("zone: {zone}}}}}"));
+        let mut fill = String::new();
+        for i in 0..10_000u32 {
+            fill += &format!(
+                "  - {{name: f{i}, namespace: fill, hostname: f{i}.fill.svc.cluster.local, addresses: [10.100.{}.{}], ports: [{{service_port: 80, target_port: 8080}}]}}\n",
+                i / 256,
+                i % 256
+            );
+        }
+        t = t.replacen("services:\n", &format!("services:\n{fill}"), 1);
+        // Five workloads back every filler service: 50,000 endpoint slots to compile.
+        let keys: Vec<String> =
+            (0..10_000).map(|i| format!("\"fill/f{i}.fill.svc.cluster.local\": []")).collect();
+        for w in 0..5 {
+            t += &format!(
+                "  - {{uid: fw{w}, name: fw{w}, namespace: fill, addresses: [10.244.50.{}], services: {{{}}}}}\n",
+                w + 1,
+                keys.join(", ")
+            );
+        }
+        t
+    };
+    scratch.write_config(&text("zone-a"));
+    let d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &[]);
+    let t0 = Instant::now();
+    while d.get("/debug/ready").is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.metric("kmesh_map_entries{map=\"FRONTENDS\"}") > 10_000.0);
+    let req =
+        serde_json::json!({ "netns": bed.pod("client").netns_path(), "workload": "client" }).to_string();
+    admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap();
+
+    let opts = kmesh_testbed::ClientOptions {
+        count: 100_000,
+        duration_ms: 6000,
+        interval_us: 3000,
+        ..Default::default()
+    };
+    let client = bed.pod("client").connect_background(format!("{VIP}:80").parse().unwrap(), &opts).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let applies = |d: &Daemon| d.metric("kmesh_config_generation");
+    std::thread::scope(|sc| {
+        // Full recompilations: the node's zone flips, every second.
+        let rewriter = sc.spawn(|| {
+            let mut took = Vec::new();
+            for i in 0..5 {
+                let before = applies(&d);
+                let t = Instant::now();
+                scratch.write_config(&text(if i % 2 == 0 { "zone-b" } else { "zone-a" }));
+                while applies(&d) <= before && t.elapsed() < Duration::from_secs(20) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                took.push(t.elapsed());
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            took
+        });
+        // Enrollments and unenrollments, 10 a second.
+        let stop2 = stop.clone();
+        let socket = d.socket.clone();
+        let bed = &bed;
+        sc.spawn(move || {
+            let mut i = 0u32;
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                let pod = ["s1", "s2", "s3"][(i / 2 % 3) as usize];
+                let path = if i % 2 == 0 { "/v1/enroll" } else { "/v1/unenroll" };
+                let req = serde_json::json!({ "netns": bed.pod(pod).netns_path() }).to_string();
+                admin::request(&socket, "POST", path, Some(&req)).unwrap();
+                i += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            i
+        });
+        // Scrapes every 20 ms.
+        let stop3 = stop.clone();
+        let d = &d;
+        let scraper = sc.spawn(move || {
+            let mut lat = Vec::new();
+            while !stop3.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                d.get("/metrics").unwrap();
+                lat.push(t.elapsed());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            lat
+        });
+        let took = rewriter.join().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut lat = scraper.join().unwrap();
+        lat.sort();
+        let mut took_sorted = took.clone();
+        took_sorted.sort();
+        let median_apply = took_sorted[took_sorted.len() / 2];
+        let (p50, max) = (lat[lat.len() / 2], *lat.last().unwrap());
+        eprintln!(
+            "10k services: full applies took {took:?} (median {median_apply:?}); {} scrapes meanwhile: p50 {p50:?}, max {max:?}",
+            lat.len()
+        );
+        assert!(median_apply > Duration::from_millis(100), "applies too fast to tell: {took:?}");
+        assert!(max * 2 < median_apply, "a scrape waited for an apply: max {max:?}, applies {took:?}");
+    });
+    let attempts = client.finish().unwrap();
+    let ok = attempts.iter().filter(|a| a.ok).count();
+    assert!(
+        ok > 500 && ok == attempts.len(),
+        "{} of {} connections failed",
+        attempts.len() - ok,
+        attempts.len()
+    );
+    // Every connection counted once, nothing lost.
+    std::thread::sleep(Duration::from_millis(600));
+    let text = d.get("/metrics").unwrap();
+    let opened: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("kmesh_tcp_connections_opened_total{") && l.contains("reporter=\"source\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    eprintln!("telemetry: {ok} connections made, {opened} counted by the source reporter");
+    assert_eq!(opened as usize, ok, "telemetry is not exact under applies");
+    assert_eq!(d.metric("kmesh_events_lost_total{ring=\"TELEMETRY\"}"), 0.0);
+}
