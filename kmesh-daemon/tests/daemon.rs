@@ -501,7 +501,7 @@ fn scrapes_and_telemetry_do_not_wait_for_applies_under_10k_services() {
             let mut i = 0u32;
             while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
                 let pod = ["s1", "s2", "s3"][(i / 2 % 3) as usize];
-                let path = if i % 2 == 0 { "/v1/enroll" } else { "/v1/unenroll" };
+                let path = if i.is_multiple_of(2) { "/v1/enroll" } else { "/v1/unenroll" };
                 let req = serde_json::json!({ "netns": bed.pod(pod).netns_path() }).to_string();
                 admin::request(&socket, "POST", path, Some(&req)).unwrap();
                 i += 1;
