@@ -281,7 +281,17 @@ pub const VERDICT_DENY: u8 = 2;
 pub struct DestValue {
     /// Changes whenever the destination's compiled policy changes (switched atomically).
     pub dest_id: u32,
-    pub _reserved: u32,
+    /// [`key_check`] of the destination address.
+    pub check: u32,
+}
+
+/// An `IDENTITY` value: the identity id of a source address, with the check of the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IdentityValue {
+    pub id: u32,
+    /// [`key_check`] of the address.
+    pub check: u32,
 }
 
 /// Key of the `AUTHZ_REGION` LPM trie: the dest id (big-endian) then the source address bytes.
@@ -314,6 +324,8 @@ pub struct VerdictValue {
     /// The policy that decided (0: the default: allow, or deny because no ALLOW policy matched).
     pub policy_id: u32,
     pub dry_policy_id: u32,
+    /// [`key_check`] of the verdict key.
+    pub check: u32,
 }
 
 /// Key of `AUTHZ_COUNTS`: decisions per policy and action.
@@ -485,6 +497,7 @@ mod pod {
     unsafe impl aya::Pod for RegionKey {}
     unsafe impl aya::Pod for VerdictKey {}
     unsafe impl aya::Pod for VerdictValue {}
+    unsafe impl aya::Pod for IdentityValue {}
     unsafe impl aya::Pod for CountKey {}
     unsafe impl aya::Pod for AuthzEvent {}
     unsafe impl aya::Pod for ConnMeta {}
@@ -498,6 +511,9 @@ checked! {
     EndpointValue => EndpointKey,
     BackendValue => u32,
     PortValue => PortKey,
+    DestValue => [u32; 4],
+    IdentityValue => [u32; 4],
+    VerdictValue => VerdictKey,
 }
 
 // Sizes are part of the pinned layout: a change here must bump MAP_LAYOUT_VERSION.
@@ -515,7 +531,8 @@ const _: () = {
     assert!(core::mem::size_of::<DestValue>() == 8);
     assert!(core::mem::size_of::<RegionKey>() == 20);
     assert!(core::mem::size_of::<VerdictKey>() == 16);
-    assert!(core::mem::size_of::<VerdictValue>() == 12);
+    assert!(core::mem::size_of::<VerdictValue>() == 16);
+    assert!(core::mem::size_of::<IdentityValue>() == 8);
     assert!(core::mem::size_of::<CountKey>() == 8);
     assert!(core::mem::size_of::<AuthzEvent>() == 48);
     assert!(core::mem::size_of::<ConnMeta>() == 48);
@@ -549,6 +566,11 @@ mod tests {
         assert!(b.belongs_to(&3) && !b.belongs_to(&4));
         let n = NetnsValue::default().sealed(&0x1_0000_0001);
         assert!(!n.belongs_to(&0x2_0000_0001), "both words of a cookie count");
+        let vk = VerdictKey { dest_id: 1, identity: 2, region: 0, port: 80, _pad: 0 };
+        let v = VerdictValue { action: VERDICT_DENY, ..Default::default() }.sealed(&vk);
+        assert!(v.belongs_to(&vk) && !v.belongs_to(&VerdictKey { identity: 3, ..vk }));
+        let i = IdentityValue { id: 5, check: 0 }.sealed(&[0, 0, 0xffff_0000, 1]);
+        assert!(!i.belongs_to(&[0, 0, 0xffff_0000, 2]));
     }
 
     #[test]

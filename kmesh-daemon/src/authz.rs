@@ -353,7 +353,7 @@ impl AuthzCompiler {
                     self.next_dest_id
                 }
             };
-            out.dest.insert(addr, DestValue { dest_id: id, _reserved: 0 });
+            out.dest.insert(addr, DestValue { dest_id: id, check: 0 }.sealed(&addr));
             for (cidr, region) in &content.regions {
                 let words = addr_words(cidr.addr);
                 let mut bytes = [0u8; 16];
@@ -365,10 +365,9 @@ impl AuthzCompiler {
                     .insert((RegionKey { dest_id_be: id.to_be_bytes(), addr: bytes }, 32 + len), *region);
             }
             for ((identity, region, port), v) in &content.rows {
-                out.verdict.insert(
-                    VerdictKey { dest_id: id, identity: *identity, region: *region, port: *port, _pad: 0 },
-                    *v,
-                );
+                let k =
+                    VerdictKey { dest_id: id, identity: *identity, region: *region, port: *port, _pad: 0 };
+                out.verdict.insert(k, v.sealed(&k));
             }
             next_dests.insert(addr, (id, content));
         }

@@ -222,7 +222,7 @@ pub struct Dataplane {
     ports: HashMap<MapData, PortKey, PortValue>,
     stats: PerCpuArray<MapData, u64>,
     authz_dest: HashMap<MapData, [u32; 4], DestValue>,
-    identity: HashMap<MapData, [u32; 4], u32>,
+    identity: HashMap<MapData, [u32; 4], IdentityValue>,
     authz_region: LpmTrie<MapData, RegionKey, u32>,
     authz_verdict: HashMap<MapData, VerdictKey, VerdictValue>,
     authz_counts: PerCpuHashMap<MapData, CountKey, u64>,
@@ -375,7 +375,7 @@ struct LbUndo {
 /// Undo records of one authorization write phase.
 #[derive(Default)]
 struct AuthzUndo {
-    identity: Vec<Undo<[u32; 4], u32>>,
+    identity: Vec<Undo<[u32; 4], IdentityValue>>,
     region: Vec<Undo<(RegionKey, u32), u32>>,
     verdict: Vec<Undo<VerdictKey, VerdictValue>>,
     counts: Vec<CountKey>,
@@ -730,7 +730,7 @@ impl Dataplane {
     pub fn read_authz(&self) -> Result<AuthzState, KernelError> {
         let mut s = AuthzState {
             dest: read_all(&self.authz_dest, "AUTHZ_DEST")?,
-            identity: read_all(&self.identity, "IDENTITY")?,
+            identity: read_all(&self.identity, "IDENTITY")?.into_iter().map(|(k, v)| (k, v.id)).collect(),
             verdict: read_all(&self.authz_verdict, "AUTHZ_VERDICT")?,
             ..Default::default()
         };
@@ -759,11 +759,15 @@ impl Dataplane {
         next: &AuthzState,
         u: &mut AuthzUndo,
     ) -> Result<(), KernelError> {
+        // IDENTITY holds each id with the check of its address (see `key_check`).
+        let sealed = |m: &BTreeMap<[u32; 4], u32>| -> BTreeMap<[u32; 4], IdentityValue> {
+            m.iter().map(|(k, id)| (*k, IdentityValue { id: *id, check: 0 }.sealed(k))).collect()
+        };
         upsert(
             &mut self.identity,
             "IDENTITY",
-            &old.identity,
-            &changed_of(&old.identity, &next.identity),
+            &sealed(&old.identity),
+            &sealed(&changed_of(&old.identity, &next.identity)),
             &mut u.identity,
         )?;
         for ((k, len), v) in &next.region {

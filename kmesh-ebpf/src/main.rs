@@ -47,7 +47,7 @@ static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
 #[btf_map]
 static AUTHZ_DEST: HashMap<[u32; 4], DestValue, 262144, NO_PREALLOC> = HashMap::new();
 #[btf_map]
-static IDENTITY: HashMap<[u32; 4], u32, 524288, NO_PREALLOC> = HashMap::new();
+static IDENTITY: HashMap<[u32; 4], IdentityValue, 524288, NO_PREALLOC> = HashMap::new();
 #[btf_map]
 static AUTHZ_REGION: LpmTrie<RegionKey, u32, 262144> = LpmTrie::new();
 #[btf_map]
@@ -286,10 +286,58 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
     }
 }
 
+/// A verdict row: `Ok(None)` when absent, `Err(())` when the bytes found belong to another row
+/// (a freed element handed to another key under us).
 #[inline(always)]
-fn verdict(dest_id: u32, identity: u32, region: u32, port: u16) -> Option<VerdictValue> {
+fn verdict(dest_id: u32, identity: u32, region: u32, port: u16) -> Result<Option<VerdictValue>, ()> {
     let key = VerdictKey { dest_id, identity, region, port, _pad: 0 };
-    unsafe { AUTHZ_VERDICT.get(key) }.copied()
+    match unsafe { AUTHZ_VERDICT.get(key) }.copied() {
+        None => Ok(None),
+        Some(v) if v.belongs_to(&key) => Ok(Some(v)),
+        Some(_) => Err(()),
+    }
+}
+
+/// The row that decides: this identity on this port, on any port, then the fallback identity
+/// the same way. A destination with policies always has fallback rows, so none found is an
+/// inconsistency, as is a torn read: both are `Err`.
+#[inline(always)]
+fn first_verdict(
+    dest_id: u32,
+    region: u32,
+    identity: u32,
+    other: u32,
+    port: u16,
+) -> Result<VerdictValue, ()> {
+    if let Some(v) = verdict(dest_id, identity, region, port)? {
+        return Ok(v);
+    }
+    if let Some(v) = verdict(dest_id, identity, region, PORT_OTHER)? {
+        return Ok(v);
+    }
+    if let Some(v) = verdict(dest_id, other, region, port)? {
+        return Ok(v);
+    }
+    if let Some(v) = verdict(dest_id, other, region, PORT_OTHER)? {
+        return Ok(v);
+    }
+    Err(())
+}
+
+/// The identity of a source address (`IDENTITY_UNKNOWN` when it has none); `None` when the
+/// value read twice belonged to another address.
+#[inline(always)]
+fn identity_of(src: &[u32; 4]) -> Option<u32> {
+    let mut attempt = 0;
+    while attempt < 2 {
+        attempt += 1;
+        match unsafe { IDENTITY.get(*src) }.copied() {
+            None => return Some(IDENTITY_UNKNOWN),
+            Some(x) if x.belongs_to(src) => return Some(x.id),
+            Some(_) => {}
+        }
+    }
+    None
 }
 
 #[inline(always)]
@@ -325,10 +373,31 @@ pub fn kmesh_authz(ctx: SkLookupContext) -> u32 {
     } else {
         return SK_PASS;
     };
-    let Some(d) = (unsafe { AUTHZ_DEST.get(dst) }) else { return SK_PASS };
+    // Values are copied and checked against their key (see `key_check`); a destination whose
+    // entry reads as another's twice, or a source whose identity does, is dropped.
+    let mut dest = None;
+    let mut attempt = 0;
+    while attempt < 2 {
+        attempt += 1;
+        match unsafe { AUTHZ_DEST.get(dst) }.copied() {
+            None => return SK_PASS,
+            Some(d) if d.belongs_to(&dst) => {
+                dest = Some(d);
+                break;
+            }
+            Some(_) => {}
+        }
+    }
+    let Some(d) = dest else {
+        count(stat::AUTHZ_INCONSISTENT);
+        return SK_DROP;
+    };
     let dest_id = d.dest_id;
     let port = unsafe { (*l).local_port } as u16;
-    let identity = unsafe { IDENTITY.get(src) }.copied().unwrap_or(IDENTITY_UNKNOWN);
+    let Some(identity) = identity_of(&src) else {
+        count(stat::AUTHZ_INCONSISTENT);
+        return SK_DROP;
+    };
     let mut rkey = RegionKey { dest_id_be: dest_id.to_be_bytes(), addr: [0; 16] };
     let mut i = 0;
     while i < 4 {
@@ -341,23 +410,10 @@ pub fn kmesh_authz(ctx: SkLookupContext) -> u32 {
     }
     let region = AUTHZ_REGION.get(&Key { prefix_len: 160, data: rkey }).copied().unwrap_or(0);
     let other = if identity == IDENTITY_UNKNOWN { IDENTITY_UNKNOWN } else { IDENTITY_OTHER };
-    let v = match verdict(dest_id, identity, region, port) {
-        Some(v) => v,
-        None => match verdict(dest_id, identity, region, PORT_OTHER) {
-            Some(v) => v,
-            None => match verdict(dest_id, other, region, port) {
-                Some(v) => v,
-                None => match verdict(dest_id, other, region, PORT_OTHER) {
-                    Some(v) => v,
-                    None => {
-                        // A destination with policies always has rows for unknown and other
-                        // sources: none means the maps are inconsistent. Fail closed.
-                        count(stat::AUTHZ_INCONSISTENT);
-                        return SK_DROP;
-                    }
-                },
-            },
-        },
+    let Ok(v) = first_verdict(dest_id, region, identity, other, port) else {
+        // No row, or a torn one: the maps are inconsistent. Fail closed.
+        count(stat::AUTHZ_INCONSISTENT);
+        return SK_DROP;
     };
     count_decision(v.policy_id, v.action);
     if v.action == VERDICT_DENY || v.dry_action != 0 {
