@@ -15,7 +15,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
@@ -46,18 +46,7 @@ pub fn metrics_router(state: AppState) -> Router {
 
 /// Everything, for the root-only Unix socket.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/version", get(version))
-        .route("/debug/ready", get(ready))
-        .route("/debug/config_dump", get(config_dump))
-        .route("/metrics", get(metrics))
-        .route("/debug/bpf_maps", get(bpf_maps))
-        .route("/debug/loggers", get(get_loggers).post(set_loggers))
-        .route("/debug/monitoring", get(get_monitoring).post(set_monitoring))
-        .route("/debug/authz", get(authz_status))
-        .route("/v1/enroll", post(enroll))
-        .route("/v1/unenroll", post(unenroll))
-        .with_state(state)
+    routes(state, None)
 }
 
 /// What reads state, for the loopback address; the mutating endpoints answer 403 there,
@@ -67,9 +56,14 @@ pub fn read_only_router(state: AppState, socket: &Path) -> Router {
         "this endpoint changes the data plane and is served only on the admin socket {} (root only); use `kmeshctl --admin-socket` or `kmesh-daemon enroll --admin-socket`",
         socket.display()
     );
-    let refuse = move || {
-        let msg = msg.clone();
-        async move { error(StatusCode::FORBIDDEN, msg) }
+    routes(state, Some(msg))
+}
+
+/// The one route table; with `refuse_writes`, every mutating endpoint answers 403 with it.
+fn routes(state: AppState, refuse_writes: Option<String>) -> Router {
+    let write = |m: MethodRouter<AppState>| match refuse_writes.clone() {
+        None => m,
+        Some(msg) => post(move || async move { error(StatusCode::FORBIDDEN, msg) }),
     };
     Router::new()
         .route("/version", get(version))
@@ -77,11 +71,11 @@ pub fn read_only_router(state: AppState, socket: &Path) -> Router {
         .route("/debug/config_dump", get(config_dump))
         .route("/metrics", get(metrics))
         .route("/debug/bpf_maps", get(bpf_maps))
-        .route("/debug/loggers", get(get_loggers).post(refuse.clone()))
-        .route("/debug/monitoring", get(get_monitoring).post(refuse.clone()))
+        .route("/debug/loggers", get(get_loggers).merge(write(post(set_loggers))))
+        .route("/debug/monitoring", get(get_monitoring).merge(write(post(set_monitoring))))
         .route("/debug/authz", get(authz_status))
-        .route("/v1/enroll", post(refuse.clone()))
-        .route("/v1/unenroll", post(refuse))
+        .route("/v1/enroll", write(post(enroll)))
+        .route("/v1/unenroll", write(post(unenroll)))
         .with_state(state)
 }
 

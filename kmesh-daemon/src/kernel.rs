@@ -745,12 +745,6 @@ impl Dataplane {
         Ok(s)
     }
 
-    /// Makes the authorization maps hold `next` (a transaction of its own; see
-    /// [`apply_all`](Self::apply_all)).
-    pub fn apply_authz(&mut self, next: AuthzState) -> Result<(), KernelError> {
-        self.apply_all(Diff::default(), next).map(|_| ())
-    }
-
     /// Writes what `next` adds or changes: the lookups a destination follows before the
     /// destination switches to them. Records how to undo each write.
     fn write_authz(

@@ -95,7 +95,7 @@ impl Mesh {
         let p = Published {
             counters: self.counters.clone(),
             map_counts: self.dp.applied().counts(),
-            capacities: Some(self.dp.capacities()),
+            capacities: self.dp.capacities(),
             frontend_conflicts: self.conflicts.len(),
             enrolled: self.enrolled.len(),
             authz_destinations: self.dp.authz_applied().dest.len(),
@@ -186,13 +186,19 @@ impl Mesh {
             Err(_) => {
                 // Rebuild the compilers' memory of what is in force.
                 self.authz = saved_authz;
-                let (old_model, old_enrolled) = (self.model.clone(), self.enrolled.clone());
-                let _ = self.compiler.full(&old_model, &old_enrolled, self.dp.applied());
-                self.needs_full = true;
+                self.recompile_in_force();
             }
         }
         self.publish();
         r
+    }
+
+    /// After a refused apply: the load-balancing compiler's memory goes back to the model and
+    /// enrollments in force, and the next change is a full compilation.
+    fn recompile_in_force(&mut self) {
+        let (model, enrolled) = (self.model.clone(), self.enrolled.clone());
+        let _ = self.compiler.full(&model, &enrolled, self.dp.applied());
+        self.needs_full = true;
     }
 
     /// Applies a change of enrollments alone: only NETNS entries when the namespaces fall into
@@ -203,13 +209,8 @@ impl Mesh {
         {
             let r = self.dp.apply_diff(d);
             self.record(&r, true);
-            match &r {
-                Ok(_) => {}
-                Err(_) => {
-                    let (old_model, old_enrolled) = (self.model.clone(), self.enrolled.clone());
-                    let _ = self.compiler.full(&old_model, &old_enrolled, self.dp.applied());
-                    self.needs_full = true;
-                }
+            if r.is_err() {
+                self.recompile_in_force();
             }
             self.publish();
             return r;
@@ -225,7 +226,7 @@ impl Mesh {
         self.model = model;
         self.model_gen += 1;
         let names = self.authz.policy_ids.iter().map(|(k, v)| (*v, k.clone())).collect();
-        self.observer().model_changed(&self.model, self.model_gen, names);
+        self.observer().model_changed(&self.model, names);
         self.publish();
         self.has_model = true;
         // This layout's maps now hold the configuration: pins of another layout version (an
@@ -312,12 +313,6 @@ impl Mesh {
             }
         }
         done
-    }
-
-    /// Unenrolls namespaces whose pod is gone (path removed or reused). Returns their cookies.
-    pub fn prune_gone_namespaces(&mut self) -> Vec<u64> {
-        let gone = Self::gone(&self.enrolled_paths());
-        self.unenroll_gone(&gone)
     }
 
     /// Puts a network namespace in the mesh: its sockets are load-balanced, and connections

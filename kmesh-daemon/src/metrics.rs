@@ -70,7 +70,7 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth) -> String {
     let mut r = Registry::default();
     let p = &o.published;
     let counts = p.map_counts;
-    let caps = p.capacities.unwrap_or_default();
+    let caps = p.capacities;
     let cap_of = |name: &str| match name {
         "NETNS" => caps.netns,
         "FRONTENDS" => caps.frontends,
@@ -175,11 +175,11 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth) -> String {
             ]
             .map(|(idx, name)| (vec![("result", name.to_string())], st[idx as usize])),
         );
-        counters(
+        counter(
             &mut r,
             "kmesh_authz_inconsistent",
             "Connections into enrolled pods dropped because a destination with policies had no verdict row",
-            [(vec![], st[stat::AUTHZ_INCONSISTENT as usize])],
+            st[stat::AUTHZ_INCONSISTENT as usize],
         );
         counters(
             &mut r,

@@ -35,7 +35,7 @@ pub struct Counters {
 pub struct Published {
     pub counters: Counters,
     pub map_counts: MapCounts,
-    pub capacities: Option<Capacities>,
+    pub capacities: Capacities,
     pub frontend_conflicts: usize,
     pub enrolled: usize,
     pub authz_destinations: usize,
@@ -64,8 +64,8 @@ impl Observer {
     }
 
     /// Takes a new model in (names for events and labels), with the policy ids in force.
-    pub fn model_changed(&mut self, model: &Model, generation: u64, policy_names: BTreeMap<u32, String>) {
-        self.telemetry.model_changed(model, generation);
+    pub fn model_changed(&mut self, model: &Model, policy_names: BTreeMap<u32, String>) {
+        self.telemetry.model_changed(model);
         self.policy_names = policy_names;
     }
 

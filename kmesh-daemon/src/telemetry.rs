@@ -719,8 +719,6 @@ impl Telemetry {
         }
     }
 
-    /// Records one event (`generation` changes whenever `model` does); returns the
-    /// access-log line of a closed or failed connection when access logs are on.
     /// Takes one kernel event in; returns its access-log line when it closes a connection and
     /// access logs are on. Names come from the model last given to [`model_changed`](Self::model_changed).
     pub fn record(&mut self, e: &ConnEvent) -> Option<String> {
@@ -821,8 +819,7 @@ impl Telemetry {
 
     /// Re-indexes names, and deletes the series of workloads that left the model (as Kmesh
     /// does): a cluster with pod churn would otherwise grow its scrape forever.
-    pub fn model_changed(&mut self, model: &Model, generation: u64) {
-        let _ = generation;
+    pub fn model_changed(&mut self, model: &Model) {
         self.index = Index::build(model);
         self.peers.clear();
         let live = |o: &Owners| {
@@ -977,7 +974,7 @@ mod tests {
         m.workloads.insert("a".into(), one("a", "sa"));
         let ip: IpAddr = "10.0.0.9".parse().unwrap();
         let mut t = Telemetry::default();
-        t.model_changed(&m, 1);
+        t.model_changed(&m);
         assert_eq!(t.workload_at(ip).map(|w| w.uid.as_str()), Some("a"));
         let s = crate::authz::AuthzCompiler::default().compile(&m).unwrap();
         let id = s.identity[&crate::compile::addr_words(ip)];
@@ -1037,14 +1034,14 @@ mod tests {
             ..Default::default()
         };
         let mut t = Telemetry::default();
-        t.model_changed(&yaml(true), 1);
+        t.model_changed(&yaml(true));
         for (ip, cookie) in [([10, 0, 0, 2], 1), ([10, 0, 0, 3], 2), ([10, 0, 0, 9], 3)] {
             t.record(&to(ip, cookie, CONN_OPEN));
         }
         let text = t.render();
         assert!(text.contains("destination_pod_name=\"s2\"") && text.contains("destination_workload=\"s2\""));
         assert!(!text.contains("10.0.0.9"), "no series per outside address: {text}");
-        t.model_changed(&yaml(false), 2);
+        t.model_changed(&yaml(false));
         let text = t.render();
         assert!(!text.contains("\"s2\""), "s2's series went with it: {text}");
         assert!(text.contains("destination_pod_name=\"s1\"") && text.contains("destination_workload=\"s1\""));

@@ -261,14 +261,6 @@ impl XdsState {
 /// The types the client subscribes to (both wildcard), in the order it subscribes.
 pub const SUBSCRIBED: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
 
-/// The outcome of one response: the state to keep and the ACK or NACK to send.
-pub struct Handled {
-    pub state: XdsState,
-    pub reply: DeltaDiscoveryRequest,
-    /// Resources rejected, as `name: error`.
-    pub rejected: Vec<String>,
-}
-
 /// The outcome of several responses applied as one: the state to keep and, per response in
 /// order, the ACK or NACK to send and what it rejected.
 pub struct HandledBatch {
@@ -377,18 +369,6 @@ pub fn handle_batch(
         })
         .collect();
     HandledBatch { state: next, replies }
-}
-
-/// Applies one response to `state` (see [`handle_batch`]).
-pub fn handle_response(
-    state: XdsState,
-    node: &NodeInfo,
-    resp: &DeltaDiscoveryResponse,
-    apply: impl FnOnce(Model) -> Result<(), String>,
-) -> Handled {
-    let mut b = handle_batch(state, node, std::slice::from_ref(resp), apply);
-    let (reply, rejected) = b.replies.pop().expect("one reply per response");
-    Handled { state: b.state, reply, rejected }
 }
 
 /// Which responses of a stream are applied when: nothing is applied until every subscribed
@@ -643,6 +623,23 @@ pub async fn run(o: XdsOptions, shared: Arc<Shared>, mut shutdown: tokio::sync::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The outcome of one response handled alone.
+    struct Handled {
+        state: XdsState,
+        reply: DeltaDiscoveryRequest,
+    }
+
+    fn handle_response(
+        state: XdsState,
+        node: &NodeInfo,
+        resp: &DeltaDiscoveryResponse,
+        apply: impl FnOnce(Model) -> Result<(), String>,
+    ) -> Handled {
+        let mut b = handle_batch(state, node, std::slice::from_ref(resp), apply);
+        let (reply, _) = b.replies.pop().expect("one reply per response");
+        Handled { state: b.state, reply }
+    }
     use kmesh_model::xds::encode_address;
     use kmesh_proto::discovery::Resource;
 
