@@ -14,6 +14,22 @@ cargo clippy --release --all-targets -- -D warnings
 echo "== build (binaries are used by the integration tests)"
 cargo build --release --bins --examples
 
+# The Kubernetes tests (kmesh-daemon/tests/k8s.rs) talk to a real API server: kube-apiserver,
+# etcd and a controller-manager from ../shared/k8s/, on 127.0.0.1, stopped when this script ends.
+k8s_script="$(cd .. && pwd)/shared/k8s/apiserver.sh"
+k8s_dir=""
+if [ "$(id -u)" -eq 0 ]; then
+  if [ ! -f "$k8s_script" ]; then
+    echo "no API server for the Kubernetes tests: $k8s_script is missing" >&2
+    exit 1
+  fi
+  k8s_dir=$(mktemp -d /tmp/kmesh-k8s.XXXXXX)
+  trap 'bash "$k8s_script" stop "$k8s_dir" >/dev/null 2>&1 || true; rm -rf "$k8s_dir"' EXIT
+  echo "== API server for the Kubernetes tests"
+  eval "$(bash "$k8s_script" start "$k8s_dir")"
+  export KMESH_K8S_DIR="$k8s_dir" KMESH_K8S_APISERVER_SH="$k8s_script"
+fi
+
 echo "== tests"
 set +e
 cargo test --release --no-fail-fast 2>&1 | tee target/test-output.txt

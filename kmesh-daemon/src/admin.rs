@@ -35,6 +35,8 @@ pub struct Shared {
     pub config_error: Mutex<Option<String>>,
     pub config_path: PathBuf,
     pub xds: XdsHealth,
+    /// The Kubernetes source's view (pods of this node, decisions, enrollments), when it runs.
+    pub k8s: Mutex<Option<serde_json::Value>>,
 }
 
 pub type AppState = Arc<Shared>;
@@ -151,11 +153,13 @@ async fn config_dump(State(s): State<AppState>) -> Response {
             "waiting_for": s.xds.waiting_for.lock().unwrap().clone(),
         })
     });
+    let k8s = s.k8s.lock().unwrap().clone();
     let dump = with_mesh(&s, move |m| {
         serde_json::json!({
             "config_path": path,
             "config_error": err,
             "xds": xds,
+            "kubernetes": k8s,
             "model": m.model(),
             "frontend_conflicts": m.frontend_conflicts(),
             "enrolled": m.enrolled().iter().map(|(c, e)| serde_json::json!({"netns_cookie": c, "workload": e.workload})).collect::<Vec<_>>(),

@@ -42,6 +42,8 @@ pub struct RunOptions {
     pub monitoring: crate::telemetry::Monitoring,
     /// How often open connections report their counters.
     pub report_interval: Duration,
+    /// Enroll this node's pods from the Kubernetes API server.
+    pub k8s: Option<crate::k8s::K8sOptions>,
 }
 
 impl RunOptions {
@@ -57,6 +59,7 @@ impl RunOptions {
             state_file: None,
             monitoring: Default::default(),
             report_interval: kernel::DEFAULT_REPORT_INTERVAL,
+            k8s: None,
         }
     }
 }
@@ -155,6 +158,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             Source::Xds(x) => PathBuf::from(format!("xds://{}", x.address)),
         },
         xds: Default::default(),
+        k8s: Mutex::new(None),
     });
     shared.xds.enabled.store(matches!(opts.source, Source::Xds(_)), Ordering::Relaxed);
 
@@ -182,6 +186,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_rx2 = stop_rx.clone();
     let source_task = match &opts.source {
         Source::File(_) => {
             let shared = shared.clone();
@@ -198,6 +203,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             tracing::info!(address = %x.address, tls = x.ca_file.is_some(), node_id = %x.identity.node_id(), "taking configuration from xDS");
             tokio::spawn(xds::run((**x).clone(), shared.clone(), stop_rx))
         }
+    };
+
+    let k8s_task = match &opts.k8s {
+        Some(k) => {
+            let client =
+                kmesh_k8s::watch::client(k.kubeconfig.as_deref()).await.context("Kubernetes source")?;
+            anyhow::ensure!(
+                !k.node_name.is_empty(),
+                "the Kubernetes source needs this node's name (--node-name or NODE_NAME)"
+            );
+            tracing::info!(node = %k.node_name, cluster = %k.cluster_id, "enrolling this node's pods from the Kubernetes API server");
+            let watch = kmesh_k8s::ClusterWatch::start(client, &k.node_name);
+            Some(tokio::spawn(crate::k8s::run(k.clone(), watch, shared.clone(), stop_rx2)))
+        }
+        None => None,
     };
 
     // Pins removed by hand are detected, reported and (for maps) restored.
@@ -275,6 +295,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     pins_check.abort();
     let _ = stop_tx.send(true);
     let _ = source_task.await;
+    if let Some(t) = k8s_task {
+        let _ = t.await;
+    }
     drop(shared);
     if opts.uninstall_on_exit {
         if let Some(sf) = &opts.state_file {

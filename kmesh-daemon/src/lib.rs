@@ -12,6 +12,7 @@ pub mod admin;
 pub mod authz;
 pub mod compile;
 pub mod daemon;
+pub mod k8s;
 pub mod kernel;
 pub mod logging;
 pub mod mesh;

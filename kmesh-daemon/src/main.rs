@@ -185,6 +185,8 @@ enum Cmd {
         caps: CapacityArgs,
         #[command(flatten)]
         monitoring: MonitoringArgs,
+        #[command(flatten)]
+        kube: KubeArgs,
     },
     /// Put a network namespace in the mesh.
     Enroll {
@@ -209,6 +211,21 @@ enum Cmd {
         #[arg(long, default_value = "/run/kmesh/state.json")]
         state_file: PathBuf,
     },
+}
+
+/// The Kubernetes source: this node's pods enrolled by label.
+#[derive(Debug, clap::Args)]
+struct KubeArgs {
+    /// `auto`: on when running in a pod (KUBERNETES_SERVICE_HOST is set) or given
+    /// --kubeconfig.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    kubernetes: String,
+    /// Talk to the API server with this kubeconfig instead of the pod's service account.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The cluster's id, as in Istio's workload uids (`<cluster>//Pod/<ns>/<name>`).
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
 }
 
 /// Connection telemetry at start; `kmeshctl monitoring` switches it at runtime.
@@ -260,6 +277,7 @@ fn main() -> anyhow::Result<()> {
             metrics_addr,
             caps,
             monitoring,
+            kube,
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -270,7 +288,25 @@ fn main() -> anyhow::Result<()> {
                 (None, Some(x)) => Source::Xds(Box::new(x)),
                 _ => anyhow::bail!("give exactly one of --config and --xds-address"),
             };
+            let node_name = xds.node_name.clone();
             let mut opts = RunOptions::new(source, cgroup, bpffs);
+            let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+            let k8s_on = match kube.kubernetes.as_str() {
+                "on" => true,
+                "off" => false,
+                _ => in_cluster || kube.kubeconfig.is_some(),
+            };
+            if k8s_on {
+                anyhow::ensure!(
+                    !node_name.is_empty(),
+                    "the Kubernetes source needs this node's name: give --node-name or set NODE_NAME"
+                );
+                opts.k8s = Some(kmesh_daemon::k8s::K8sOptions::new(
+                    kube.kubeconfig.clone(),
+                    &node_name,
+                    &kube.cluster_id,
+                ));
+            }
             opts.admin_addr = admin;
             opts.admin_socket = admin_socket;
             opts.poll = Duration::from_millis(poll_ms.max(50));

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::authz::AuthzCompiler;
 use crate::compile::{Compiler, Enrollment, Ids, words_addr};
 use crate::kernel::{ApplyReport, Dataplane, KernelError};
-use crate::model::Model;
+use crate::model::{Locality, Model};
 pub use crate::observe::Counters;
 use crate::observe::{Observer, Published};
 
@@ -49,6 +49,11 @@ pub struct Mesh {
     model_gen: u64,
     /// Frontends claimed by more than one service in the configuration in force.
     conflicts: Vec<crate::compile::FrontendConflict>,
+    /// This node's locality as the cluster says it (the Node's topology labels); overrides
+    /// what the configuration source says.
+    node_locality: Option<Locality>,
+    /// The node locality the configuration source gave, restored when the override goes.
+    source_locality: Locality,
 }
 
 impl Mesh {
@@ -74,6 +79,8 @@ impl Mesh {
             observer,
             model_gen: 0,
             conflicts: Vec::new(),
+            node_locality: None,
+            source_locality: Locality::default(),
         };
         mesh.publish();
         mesh
@@ -220,10 +227,15 @@ impl Mesh {
     }
 
     /// Replaces the model. On error nothing changes.
-    pub fn set_model(&mut self, model: Model) -> Result<ApplyReport, KernelError> {
+    pub fn set_model(&mut self, mut model: Model) -> Result<ApplyReport, KernelError> {
+        let source_locality = model.node.locality.clone();
+        if let Some(l) = &self.node_locality {
+            model.node.locality = l.clone();
+        }
         let enrolled = self.enrolled.clone();
         let r = self.sync(&model, &enrolled)?;
         self.model = model;
+        self.source_locality = source_locality;
         self.model_gen += 1;
         let names = self.authz.policy_ids.iter().map(|(k, v)| (*v, k.clone())).collect();
         self.observer().model_changed(&self.model, names);
@@ -235,6 +247,25 @@ impl Mesh {
             tracing::info!(dir = %d.display(), "retired the pins of another map layout version");
         }
         Ok(r)
+    }
+
+    /// Sets this node's locality from the cluster (`None`: what the configuration says). A
+    /// change recompiles what depends on it; on error the previous locality stays.
+    pub fn set_node_locality(&mut self, locality: Option<Locality>) -> Result<(), KernelError> {
+        if locality == self.node_locality {
+            return Ok(());
+        }
+        let previous = std::mem::replace(&mut self.node_locality, locality);
+        if !self.has_model {
+            return Ok(());
+        }
+        let mut model = self.model.clone();
+        model.node.locality = self.source_locality.clone();
+        if let Err(e) = self.set_model(model) {
+            self.node_locality = previous;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Saves enrollments to `path` from now on.

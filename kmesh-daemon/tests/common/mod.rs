@@ -2,6 +2,8 @@
 //! testbed's cgroup, with its own bpffs pin directory; everything is removed on drop.
 #![allow(dead_code)]
 
+pub mod k8s;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
