@@ -14,6 +14,8 @@ fi
 need_apt=()
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v pkill >/dev/null || need_apt+=(procps)
+# The Kubernetes tests run a real CNI chain: Debian's bridge + host-local, then kmesh-cni.
+[ -x /usr/lib/cni/bridge ] || need_apt+=(containernetworking-plugins)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   apt-get update -qq

@@ -37,6 +37,9 @@ pub struct Shared {
     pub xds: XdsHealth,
     /// The Kubernetes source's view (pods of this node, decisions, enrollments), when it runs.
     pub k8s: Mutex<Option<serde_json::Value>>,
+    /// More conditions of readiness, by name (the Kubernetes watches synced, the CNI plugin
+    /// chained): `/debug/ready` answers 200 only when all hold.
+    pub conditions: Mutex<Vec<(&'static str, Arc<AtomicBool>)>>,
 }
 
 pub type AppState = Arc<Shared>;
@@ -112,7 +115,17 @@ async fn version() -> impl IntoResponse {
 }
 
 async fn ready(State(s): State<AppState>) -> Response {
-    if s.ready.load(Ordering::SeqCst) {
+    let failing: Vec<&str> = s
+        .conditions
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, c)| !c.load(Ordering::SeqCst))
+        .map(|(n, _)| *n)
+        .collect();
+    if s.ready.load(Ordering::SeqCst) && !failing.is_empty() {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", failing.join(", "))).into_response()
+    } else if s.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready: configuration not applied yet\n").into_response()

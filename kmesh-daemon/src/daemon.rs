@@ -44,6 +44,8 @@ pub struct RunOptions {
     pub report_interval: Duration,
     /// Enroll this node's pods from the Kubernetes API server.
     pub k8s: Option<crate::k8s::K8sOptions>,
+    /// The CNI plugin's socket and chaining (with the Kubernetes source only).
+    pub cni: Option<crate::cni::CniOptions>,
 }
 
 impl RunOptions {
@@ -60,6 +62,7 @@ impl RunOptions {
             monitoring: Default::default(),
             report_interval: kernel::DEFAULT_REPORT_INTERVAL,
             k8s: None,
+            cni: None,
         }
     }
 }
@@ -159,6 +162,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         },
         xds: Default::default(),
         k8s: Mutex::new(None),
+        conditions: Mutex::new(Vec::new()),
     });
     shared.xds.enabled.store(matches!(opts.source, Source::Xds(_)), Ordering::Relaxed);
 
@@ -205,6 +209,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     };
 
+    let mut cni_tasks = Vec::new();
     let k8s_task = match &opts.k8s {
         Some(k) => {
             let client =
@@ -215,7 +220,33 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             );
             tracing::info!(node = %k.node_name, cluster = %k.cluster_id, "enrolling this node's pods from the Kubernetes API server");
             let watch = kmesh_k8s::ClusterWatch::start(client, &k.node_name);
-            Some(tokio::spawn(crate::k8s::run(k.clone(), watch, shared.clone(), stop_rx2)))
+            let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            {
+                let (h, s) = (watch.health.clone(), synced.clone());
+                tokio::spawn(async move {
+                    while !h.synced.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    s.store(true, Ordering::SeqCst);
+                });
+            }
+            shared.conditions.lock().unwrap().push(("kubernetes watches not synced", synced));
+            let link = Arc::new(crate::cni::CniLink::default());
+            if let Some(c) = &opts.cni {
+                let socket =
+                    crate::cni::serve(c.socket.clone(), k.cluster_id.clone(), link.clone(), shared.clone());
+                cni_tasks.push(tokio::spawn(async move {
+                    if let Err(e) = socket.await {
+                        tracing::error!(error = %e, "the CNI plugin socket failed");
+                    }
+                }));
+                if c.conf_dir.is_some() {
+                    let chained = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    shared.conditions.lock().unwrap().push(("CNI plugin not chained", chained.clone()));
+                    cni_tasks.push(tokio::spawn(crate::cni::keep_chained(c.clone(), chained)));
+                }
+            }
+            Some(tokio::spawn(crate::k8s::run(k.clone(), watch, shared.clone(), link, stop_rx2)))
         }
         None => None,
     };
@@ -297,6 +328,20 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let _ = source_task.await;
     if let Some(t) = k8s_task {
         let _ = t.await;
+    }
+    for t in cni_tasks {
+        t.abort();
+    }
+    if let Some(c) = &opts.cni {
+        // A chained plugin with no daemon behind it would fail every new pod of the node:
+        // the entry goes with the daemon (pods started meanwhile are found from their
+        // processes when it is back).
+        if let Some(dir) = &c.conf_dir {
+            for f in crate::cni::unchain_all(dir) {
+                tracing::info!(file = %f.display(), "CNI plugin unchained");
+            }
+        }
+        let _ = std::fs::remove_file(&c.socket);
     }
     drop(shared);
     if opts.uninstall_on_exit {

@@ -16,6 +16,7 @@ use kmesh_k8s::rules::{self, Decision};
 use kmesh_k8s::watch::{ClusterWatch, NodeLocality, NodeView};
 
 use crate::admin::Shared;
+use crate::cni::{CniLink, Outcome};
 use crate::mesh::Mesh;
 use crate::model::Locality;
 
@@ -94,6 +95,7 @@ fn reconcile(
     mesh: &mut Mesh,
     view: &NodeView,
     managed: &mut BTreeMap<String, Managed>,
+    link: &CniLink,
 ) -> Vec<(String, String, bool)> {
     let locality = view.locality.as_ref().map(|l: &NodeLocality| Locality {
         region: l.region.clone(),
@@ -113,12 +115,17 @@ fn reconcile(
         .filter(|p| p.decision == Decision::Enroll)
         .map(|p| (rules::workload_uid(&opts.cluster_id, &p.namespace, &p.name), p))
         .collect();
-    // Leave: not wanted any more, or another pod under the same name.
+    let hints = link.hints.lock().unwrap().clone();
+    // Leave: not wanted any more, another pod under the same name, or a new sandbox of the
+    // same pod (the CNI plugin handed over another namespace).
     let leaving: Vec<String> = managed
         .iter()
         .filter(|(uid, m)| match desired.get(*uid) {
             None => true,
-            Some(p) => m.pod_uid.as_ref().is_some_and(|u| *u != p.uid),
+            Some(p) => {
+                m.pod_uid.as_ref().is_some_and(|u| *u != p.uid)
+                    || hints.get(*uid).is_some_and(|h| *h != m.netns)
+            }
         })
         .map(|(uid, _)| uid.clone())
         .collect();
@@ -144,27 +151,33 @@ fn reconcile(
     let joining: Vec<(&String, &&kmesh_k8s::PodView)> =
         desired.iter().filter(|(uid, _)| !managed.contains_key(*uid)).collect();
     if !joining.is_empty() {
-        let wanted: BTreeSet<String> = joining.iter().map(|(_, p)| p.uid.clone()).collect();
+        // The CNI plugin's namespace first; else the pod's processes.
+        let wanted: BTreeSet<String> =
+            joining.iter().filter(|(uid, _)| !hints.contains_key(*uid)).map(|(_, p)| p.uid.clone()).collect();
         let procs = procfs::pod_processes(&opts.proc_root, &wanted);
         let own = crate::netns::current_cookie().ok();
+        let me = crate::netns::path_of_pid(std::process::id());
         for (uid, p) in joining {
-            let Some(pids) = procs.get(&p.uid) else {
-                tracing::debug!(workload = %uid, "pod in the mesh has no process yet; waiting");
-                continue;
-            };
-            let Some(path) = procfs::netns_of(
-                &opts.proc_root,
-                pids,
-                &opts.netns_dirs,
-                &crate::netns::path_of_pid(std::process::id()),
-            ) else {
-                continue;
+            let path = match hints.get(uid) {
+                Some(h) => h.clone(),
+                None => {
+                    let Some(pids) = procs.get(&p.uid) else {
+                        tracing::debug!(workload = %uid, "pod in the mesh has no process yet; waiting");
+                        continue;
+                    };
+                    let Some(path) = procfs::netns_of(&opts.proc_root, pids, &opts.netns_dirs, &me) else {
+                        continue;
+                    };
+                    path
+                }
             };
             let cookie = match crate::netns::cookie_of(&path) {
                 Ok(c) if Some(c) != own => c,
                 Ok(_) => continue,
                 Err(e) => {
-                    // The pod is being torn down (its processes exited after the scan).
+                    // The pod is being torn down (its processes exited after the scan, or the
+                    // namespace the CNI plugin gave is gone).
+                    link.hints.lock().unwrap().remove(uid);
                     tracing::debug!(workload = %uid, error = %e, "pod namespace went away before enrollment");
                     continue;
                 }
@@ -177,6 +190,20 @@ fn reconcile(
                 }
                 Err(e) => tracing::error!(workload = %uid, error = %e, "cannot enroll a pod; retrying"),
             }
+        }
+    }
+    // What the CNI plugin waits for.
+    {
+        let mut outcomes = link.outcomes.lock().unwrap();
+        outcomes.clear();
+        for p in &view.pods {
+            let uid = rules::workload_uid(&opts.cluster_id, &p.namespace, &p.name);
+            let o = match (p.decision, managed.get(&uid)) {
+                (Decision::Skip(r), _) => Outcome::Skipped(r.to_string()),
+                (Decision::Enroll, Some(m)) => Outcome::Enrolled(m.netns.clone()),
+                (Decision::Enroll, None) => Outcome::Pending,
+            };
+            outcomes.insert(uid, o);
         }
     }
     // Annotations follow what is enrolled.
@@ -212,6 +239,7 @@ pub async fn run(
     opts: K8sOptions,
     watch: ClusterWatch,
     shared: Arc<Shared>,
+    link: Arc<CniLink>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut managed = {
@@ -225,6 +253,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = watch.changed(Duration::from_secs(1)) => {}
+            _ = link.kick.notified() => {}
             _ = stop.changed() => break,
         }
         if *stop.borrow() {
@@ -234,11 +263,11 @@ pub async fn run(
             continue;
         }
         let view = watch.view();
-        let (s, o, v) = (shared.clone(), opts.clone(), view.clone());
+        let (s, o, v, l) = (shared.clone(), opts.clone(), view.clone(), link.clone());
         let mut m2 = std::mem::take(&mut managed);
         let (annotations, m2) = tokio::task::spawn_blocking(move || {
             let mut mesh = s.mesh.lock().unwrap_or_else(|p| p.into_inner());
-            let a = reconcile(&o, &mut mesh, &v, &mut m2);
+            let a = reconcile(&o, &mut mesh, &v, &mut m2, &l);
             (a, m2)
         })
         .await

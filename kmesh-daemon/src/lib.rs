@@ -10,6 +10,7 @@ pub use kmesh_model::{config, model};
 
 pub mod admin;
 pub mod authz;
+pub mod cni;
 pub mod compile;
 pub mod daemon;
 pub mod k8s;

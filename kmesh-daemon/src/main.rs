@@ -226,6 +226,23 @@ struct KubeArgs {
     /// The cluster's id, as in Istio's workload uids (`<cluster>//Pod/<ns>/<name>`).
     #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
     cluster_id: String,
+    /// Where the CNI plugin (`kmesh-cni`) hands over new pods (with the Kubernetes source).
+    #[arg(long, default_value = kmesh_cni::DEFAULT_SOCKET)]
+    cni_socket: PathBuf,
+    /// Chain the CNI plugin into the primary conflist of this directory (`/etc/cni/net.d`),
+    /// chain it again whenever it is rewritten, and take it out on exit.
+    #[arg(long)]
+    cni_conf_dir: Option<PathBuf>,
+    /// Install the plugin binary into this directory (`/opt/cni/bin`).
+    #[arg(long)]
+    cni_bin_dir: Option<PathBuf>,
+    /// The plugin binary to install (default: `kmesh-cni` next to this executable).
+    #[arg(long)]
+    cni_plugin: Option<PathBuf>,
+    /// Namespaces the plugin lets through without asking the daemon (they must start while
+    /// it is down); the daemon's own namespace (POD_NAMESPACE) is always added.
+    #[arg(long, value_delimiter = ',', default_value = "kube-system")]
+    cni_exclude_namespaces: Vec<String>,
 }
 
 /// Connection telemetry at start; `kmeshctl monitoring` switches it at runtime.
@@ -306,6 +323,24 @@ fn main() -> anyhow::Result<()> {
                     &node_name,
                     &kube.cluster_id,
                 ));
+                let mut exclude = kube.cni_exclude_namespaces.clone();
+                if let Ok(own) = std::env::var("POD_NAMESPACE")
+                    && !own.is_empty()
+                    && !exclude.contains(&own)
+                {
+                    exclude.push(own);
+                }
+                let plugin = match kube.cni_plugin.clone() {
+                    Some(p) => p,
+                    None => std::env::current_exe()?.with_file_name(kmesh_cni::PLUGIN_TYPE),
+                };
+                opts.cni = Some(kmesh_daemon::cni::CniOptions {
+                    socket: kube.cni_socket.clone(),
+                    conf_dir: kube.cni_conf_dir.clone(),
+                    bin_dir: kube.cni_bin_dir.clone(),
+                    plugin,
+                    exclude_namespaces: exclude,
+                });
             }
             opts.admin_addr = admin;
             opts.admin_socket = admin_socket;

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::k8s::{ApiServer, Kube, Sandbox, eventually, unique};
+use common::k8s::{ApiServer, CNI_PLUGINS, Kube, NetnsGuard, Sandbox, cni_exec, eventually, unique};
 use common::{Daemon, Scratch, root_or_skip};
 use kmesh_testbed::{Attempt, PodSpec, Testbed, spread};
 
@@ -84,8 +84,15 @@ fn k8s_pod<'a>(dump: &'a serde_json::Value, ns: &str, name: &str) -> &'a serde_j
 }
 
 fn start(scratch: &Scratch, bed: &Testbed, api: &ApiServer, node: &str) -> Daemon {
+    start_with(scratch, bed, api, node, &[])
+}
+
+fn start_with(scratch: &Scratch, bed: &Testbed, api: &ApiServer, node: &str, extra: &[&str]) -> Daemon {
     let kc = api.kubeconfig.display().to_string();
-    Daemon::start(&scratch.config(), bed, &scratch.pins, &["--kubeconfig", &kc, "--node-name", node])
+    let cni = scratch.dir.join("cni.sock").display().to_string();
+    let mut args = vec!["--kubeconfig", &kc, "--node-name", node, "--cni-socket", &cni];
+    args.extend(extra);
+    Daemon::start(&scratch.config(), bed, &scratch.pins, &args)
 }
 
 #[test]
@@ -251,4 +258,195 @@ fn an_api_server_outage_keeps_traffic_flowing_and_the_watches_resume() {
     assert!(all_ok(&connect(&bed, "other", ECHO, 5)));
     eventually("the daemon sees the watches streaming", 10, || dump(&d)["kubernetes"]["connected"] == true);
     assert_eq!(dump(&d)["kubernetes"]["last_error"], serde_json::Value::Null);
+}
+
+/// The primary network of the test node: Debian's bridge plugin on the testbed's bridge (in
+/// the testbed's node namespace), host-local addresses, no gateway and no routes.
+fn primary_conflist(ipam_dir: &std::path::Path) -> serde_json::Value {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "testnet",
+        "plugins": [{
+            "type": "bridge", "bridge": "br0", "isGateway": false, "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{ "subnet": "10.244.0.0/24", "rangeStart": "10.244.0.100", "rangeEnd": "10.244.0.150" }]],
+                "dataDir": ipam_dir,
+            },
+        }],
+    })
+}
+
+fn read_json(p: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn chained(conflist: &serde_json::Value) -> bool {
+    conflist["plugins"].as_array().and_then(|a| a.last()).is_some_and(|p| p["type"] == "kmesh-cni")
+}
+
+#[test]
+fn the_cni_chain_enrolls_a_pod_before_its_first_connection_and_stays_chained() {
+    if !root_or_skip("the_cni_chain_enrolls_a_pod_before_its_first_connection_and_stays_chained") {
+        return;
+    }
+    let api = ApiServer::shared();
+    let kube = Kube::new(&api);
+    let (node, ns) = (unique("node"), unique("mesh"));
+    kube.node(&node, &[]);
+    kube.namespace(&ns, &[(MODE, "kmesh")]);
+    let bed = bed(&["client"]);
+    let scratch = Scratch::new();
+    scratch.write_config(&config(&bed, &node, &ns));
+    let (net_d, bin, ipam) = (scratch.dir.join("net.d"), scratch.dir.join("bin"), scratch.dir.join("ipam"));
+    std::fs::create_dir_all(&net_d).unwrap();
+    let conflist_path = net_d.join("10-testnet.conflist");
+    let primary = primary_conflist(&ipam);
+    std::fs::write(&conflist_path, primary.to_string()).unwrap();
+    let mut d = start_with(
+        &scratch,
+        &bed,
+        &api,
+        &node,
+        &["--cni-conf-dir", net_d.to_str().unwrap(), "--cni-bin-dir", bin.to_str().unwrap()],
+    );
+    eventually("the plugin chained and installed", 10, || {
+        chained(&read_json(&conflist_path)) && bin.join("kmesh-cni").is_file()
+    });
+    eventually("ready", 10, || d.get("/debug/ready").is_ok());
+
+    // The runtime's part: the pod's namespace, then the chain, in order, each plugin given the
+    // previous one's result.
+    let _uid = kube.pod(&ns, "web", &node, &[]);
+    let netns = NetnsGuard::new(&format!("{}-cni-web", bed.name()));
+    let conflist = read_json(&conflist_path);
+    let cni_path = format!("{}:{CNI_PLUGINS}", bin.display());
+    let args =
+        format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=c0ffee");
+    let node_ns = format!("{}-node", bed.name());
+    let run_chain = |command: &str, conflist: &serde_json::Value| -> Vec<common::k8s::CniOutput> {
+        let mut plugins: Vec<serde_json::Value> = conflist["plugins"].as_array().unwrap().clone();
+        if command == "DEL" {
+            plugins.reverse();
+        }
+        let mut prev: Option<serde_json::Value> = None;
+        let mut outs = Vec::new();
+        for p in plugins {
+            let mut conf = p.clone();
+            conf["cniVersion"] = conflist["cniVersion"].clone();
+            conf["name"] = conflist["name"].clone();
+            if let Some(r) = &prev {
+                conf["prevResult"] = r.clone();
+            }
+            let ty = p["type"].as_str().unwrap();
+            let (path, in_ns) = if ty == "kmesh-cni" {
+                (bin.join(ty), None)
+            } else {
+                (std::path::Path::new(CNI_PLUGINS).join(ty), Some(node_ns.as_str()))
+            };
+            let out = cni_exec(&path, command, &conf, &netns.path(), &args, &cni_path, in_ns);
+            assert!(out.ok, "{command} {ty}: {}", out.stdout);
+            if command == "ADD" {
+                prev = Some(out.json.clone());
+            }
+            outs.push(out);
+        }
+        outs
+    };
+    let added = run_chain("ADD", &conflist);
+    let result = &added.last().unwrap().json;
+    assert_eq!(
+        result,
+        &{
+            let mut r = added[0].json.clone();
+            r["cniVersion"] = serde_json::json!("1.0.0");
+            r
+        },
+        "kmesh-cni passes the primary plugin's result through"
+    );
+    let ip = result["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap().to_string();
+    // The pod's first connections, made at once: balanced.
+    let cg = bed.cgroup().join("web");
+    std::fs::create_dir_all(&cg).unwrap();
+    let web = kmesh_testbed::Pod {
+        spec: PodSpec { ipv6: false, ..PodSpec::new("web", &node, "") },
+        netns: netns.0.clone(),
+        ipv4: ip.parse().unwrap(),
+        ipv6: None,
+        cgroup: cg,
+    };
+    let a = web.connect(ECHO.parse().unwrap(), 40, false).unwrap();
+    let s = spread(&a);
+    assert!(all_ok(&a) && s.contains_key("s1") && s.contains_key("s2"), "first connections: {s:?}");
+    kube.pod_running(&ns, "web", &ip);
+    eventually("web annotated", 20, || kube.redirection(&ns, "web").as_deref() == Some("enabled"));
+
+    // The primary plugin rewrites its file without the entry: it is chained again.
+    let rewritten = std::time::Instant::now();
+    std::fs::write(&conflist_path, primary.to_string()).unwrap();
+    eventually("chained again", 10, || chained(&read_json(&conflist_path)));
+    println!("re-chained {:?} after the primary plugin rewrote its file", rewritten.elapsed());
+
+    // A namespace that does not exist is refused by name.
+    let mut bad = conflist["plugins"][1].clone();
+    bad["cniVersion"] = serde_json::json!("1.0.0");
+    bad["name"] = serde_json::json!("testnet");
+    let out = cni_exec(
+        &bin.join("kmesh-cni"),
+        "ADD",
+        &bad,
+        std::path::Path::new("/run/netns/nope"),
+        &args,
+        &cni_path,
+        None,
+    );
+    assert!(!out.ok && out.json["code"] == 11 && out.stdout.contains("/run/netns/nope"), "{}", out.stdout);
+
+    // DEL (in reverse order) takes the pod out.
+    run_chain("DEL", &conflist);
+    assert!(none_ok(&web.connect(ECHO.parse().unwrap(), 3, false).unwrap()), "web unenrolled by DEL");
+
+    // Daemon down: the entry goes with it; a plugin still called fails closed (the kubelet
+    // retries the sandbox), DEL still succeeds.
+    d.stop();
+    assert!(!chained(&read_json(&conflist_path)), "the entry is removed when the daemon exits");
+    let out = cni_exec(&bin.join("kmesh-cni"), "ADD", &bad, &netns.path(), &args, &cni_path, None);
+    assert!(!out.ok, "{}", out.stdout);
+    assert_eq!(out.json["code"], 11, "{}", out.stdout);
+    assert!(out.json["msg"].as_str().unwrap().contains("not reachable"), "{}", out.stdout);
+    assert!(cni_exec(&bin.join("kmesh-cni"), "DEL", &bad, &netns.path(), &args, &cni_path, None).ok);
+    // Namespaces excluded from the plugin are let through even so.
+    let sys = "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns";
+    let out = cni_exec(&bin.join("kmesh-cni"), "ADD", &bad, &netns.path(), sys, &cni_path, None);
+    assert!(out.ok, "{}", out.stdout);
+
+    // Bad input gets CNI error JSON.
+    let plugin = bin.join("kmesh-cni");
+    let garbage = {
+        use std::io::Write;
+        let mut c = std::process::Command::new(&plugin)
+            .env("CNI_COMMAND", "ADD")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(b"{not json").unwrap();
+        let o = c.wait_with_output().unwrap();
+        (o.status.success(), serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap())
+    };
+    assert!(!garbage.0 && garbage.1["code"] == 6, "{:?}", garbage.1);
+    let out = cni_exec(&plugin, "FROB", &bad, &netns.path(), &args, &cni_path, None);
+    assert!(
+        !out.ok && out.json["code"] == 4 && out.json["msg"].as_str().unwrap().contains("FROB"),
+        "{}",
+        out.stdout
+    );
+    let out = cni_exec(&plugin, "ADD", &bad, std::path::Path::new(""), &args, &cni_path, None);
+    assert!(!out.ok && out.json["code"] == 4 && out.stdout.contains("CNI_NETNS"), "{}", out.stdout);
+    let out = cni_exec(&plugin, "VERSION", &serde_json::json!({}), &netns.path(), "", &cni_path, None);
+    assert!(
+        out.ok && out.json["supportedVersions"].as_array().unwrap().contains(&serde_json::json!("1.0.0")),
+        "{}",
+        out.stdout
+    );
 }

@@ -252,3 +252,74 @@ pub fn eventually(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{:x}", rand::random::<u32>())
 }
+
+/// The CNI plugins the test chain runs: Debian's `containernetworking-plugins`.
+pub const CNI_PLUGINS: &str = "/usr/lib/cni";
+
+/// A CNI plugin's answer: exit status and what it printed.
+pub struct CniOutput {
+    pub ok: bool,
+    pub json: serde_json::Value,
+    pub stdout: String,
+}
+
+/// Runs one CNI plugin as a container runtime does: `CNI_*` in the environment, the
+/// configuration on stdin. `in_netns` runs it inside that network namespace (the testbed's
+/// node namespace, so the primary plugin's bridge is never in the root namespace).
+pub fn cni_exec(
+    plugin: &Path,
+    command: &str,
+    conf: &serde_json::Value,
+    netns: &Path,
+    args: &str,
+    cni_path: &str,
+    in_netns: Option<&str>,
+) -> CniOutput {
+    use std::io::Write;
+    let mut c = match in_netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(plugin);
+            c
+        }
+        None => Command::new(plugin),
+    };
+    c.env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "c0ffee")
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", args)
+        .env("CNI_PATH", cni_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap_or_else(|e| panic!("run {}: {e}", plugin.display()));
+    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    CniOutput {
+        ok: out.status.success(),
+        json: serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null),
+        stdout: stdout + &String::from_utf8_lossy(&out.stderr),
+    }
+}
+
+/// A network namespace made for a CNI pod, deleted on drop.
+pub struct NetnsGuard(pub String);
+
+impl NetnsGuard {
+    pub fn new(name: &str) -> NetnsGuard {
+        kmesh_testbed::ip(&["netns", "add", name]).expect("ip netns add");
+        NetnsGuard(name.to_string())
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        let _ = kmesh_testbed::ip(&["netns", "del", &self.0]);
+    }
+}
