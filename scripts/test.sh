@@ -30,6 +30,11 @@ if [ "$(id -u)" -eq 0 ]; then
   export KMESH_K8S_DIR="$k8s_dir" KMESH_K8S_APISERVER_SH="$k8s_script"
 fi
 
+# The Helm chart: lint, rendered manifests equal to deploy/manifests/kmesh.yaml, and (as root,
+# with the API server above) accepted by it in a server-side dry run.
+echo "== Helm chart"
+bash scripts/chart.sh
+
 echo "== tests"
 set +e
 cargo test --release --no-fail-fast 2>&1 | tee target/test-output.txt
