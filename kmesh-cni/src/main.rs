@@ -160,9 +160,9 @@ fn run(command: &str, stdin: &str) -> Result<Option<Value>, Failure> {
 fn main() {
     let command = env("CNI_COMMAND").unwrap_or_default();
     let mut stdin = String::new();
-    if command != "VERSION" {
-        let _ = std::io::stdin().read_to_string(&mut stdin);
-    }
+    // Read first, whatever the command (VERSION gets `{"cniVersion": ...}` too): a runtime
+    // writing its configuration must never see a closed pipe.
+    let _ = std::io::stdin().read_to_string(&mut stdin);
     let out = if command.is_empty() {
         Err(fail(code::BAD_ENV, "CNI_COMMAND is not set", ""))
     } else {

@@ -223,14 +223,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
             {
                 let (h, s) = (watch.health.clone(), synced.clone());
+                // Synced once, and not refused since: a watch the API server denies (a missing
+                // permission) never heals by retrying, unlike an outage, which keeps the
+                // daemon ready on the state it has.
                 tokio::spawn(async move {
-                    while !h.synced.load(Ordering::SeqCst) {
+                    loop {
+                        let ok = h.synced.load(Ordering::SeqCst) && !h.denied.load(Ordering::SeqCst);
+                        s.store(ok, Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    s.store(true, Ordering::SeqCst);
                 });
             }
-            shared.conditions.lock().unwrap().push(("kubernetes watches not synced", synced));
+            shared.conditions.lock().unwrap().push((
+                "kubernetes watches not synced or refused (see config_dump kubernetes.last_error)",
+                synced,
+            ));
             let link = Arc::new(crate::cni::CniLink::default());
             if let Some(c) = &opts.cni {
                 let socket =

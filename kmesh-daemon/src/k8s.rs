@@ -61,6 +61,7 @@ fn dump(
     watch: &ClusterWatch,
     view: &NodeView,
     managed: &BTreeMap<String, Managed>,
+    annotation_errors: &BTreeMap<String, String>,
 ) -> serde_json::Value {
     use std::sync::atomic::Ordering;
     serde_json::json!({
@@ -82,6 +83,8 @@ fn dump(
                 "enrolled": m.is_some(),
                 "netns": m.map(|m| m.netns.clone()),
                 "annotated": p.annotated,
+                // Why the annotation could not be written (e.g. no `patch` on pods/status).
+                "annotation_error": annotation_errors.get(&format!("{}/{}", p.namespace, p.name)),
             })
         }).collect::<Vec<_>>(),
     })
@@ -260,6 +263,9 @@ pub async fn run(
             break;
         }
         if !watch.synced() {
+            // Not synced yet (or refused: the dump says why, e.g. a missing permission).
+            let nothing = NodeView::default();
+            *shared.k8s.lock().unwrap() = Some(dump(&opts, &watch, &nothing, &managed, &annotation_errors));
             continue;
         }
         let view = watch.view();
@@ -283,12 +289,14 @@ pub async fn run(
                 // every second).
                 Err(e) => {
                     let e = e.to_string();
-                    if annotation_errors.insert(key, e.clone()).as_ref() != Some(&e) {
-                        tracing::warn!(error = %e, "cannot update the pod's kmesh.net/redirection annotation; retrying");
+                    if annotation_errors.insert(key.clone(), e.clone()).as_ref() != Some(&e) {
+                        tracing::warn!(pod = %key, error = %e, "cannot update the pod's kmesh.net/redirection annotation; retrying");
                     }
                 }
             }
         }
-        *shared.k8s.lock().unwrap() = Some(dump(&opts, &watch, &view, &managed));
+        annotation_errors
+            .retain(|k, _| view.pods.iter().any(|p| *k == format!("{}/{}", p.namespace, p.name)));
+        *shared.k8s.lock().unwrap() = Some(dump(&opts, &watch, &view, &managed, &annotation_errors));
     }
 }

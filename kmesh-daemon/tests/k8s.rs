@@ -8,7 +8,11 @@ use std::time::{Duration, Instant};
 
 use common::k8s::{ApiServer, CNI_PLUGINS, Kube, NetnsGuard, Sandbox, cni_exec, eventually, unique};
 use common::{Daemon, Scratch, root_or_skip};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
 use kmesh_testbed::{Attempt, PodSpec, Testbed, spread};
+use kube::api::{Api, PostParams};
 
 const MODE: &str = "istio.io/dataplane-mode";
 const ECHO: &str = "10.96.0.10:80";
@@ -449,4 +453,168 @@ fn the_cni_chain_enrolls_a_pod_before_its_first_connection_and_stays_chained() {
         "{}",
         out.stdout
     );
+}
+
+/// The rules of the chart's ClusterRole, as rendered in `deploy/manifests/kmesh.yaml`.
+fn chart_rules() -> Vec<PolicyRule> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/manifests/kmesh.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let role = text
+        .split("\n---\n")
+        .filter_map(|doc| serde_yaml::from_str::<ClusterRole>(doc).ok())
+        .find(|r| r.metadata.name.as_deref() == Some("kmesh"))
+        .expect("a ClusterRole named kmesh in the rendered chart");
+    role.rules.unwrap_or_default()
+}
+
+/// A ServiceAccount bound to a ClusterRole with `rules`, and a kubeconfig carrying a token for
+/// it minted with the TokenRequest API (as the kubelet projects it into the chart's pods).
+fn service_account_kubeconfig(
+    kube: &Kube,
+    api: &ApiServer,
+    ns: &str,
+    sa: &str,
+    rules: Vec<PolicyRule>,
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
+    let pp = PostParams::default();
+    let role_name = format!("{ns}-{sa}");
+    let account: ServiceAccount =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": sa, "namespace": ns}})).unwrap();
+    let role = ClusterRole {
+        metadata: serde_json::from_value(serde_json::json!({"name": role_name})).unwrap(),
+        rules: Some(rules),
+        ..Default::default()
+    };
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": role_name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}],
+    }))
+    .unwrap();
+    let accounts = Api::<ServiceAccount>::namespaced(kube.client.clone(), ns);
+    let token = kube.rt.block_on(async {
+        accounts.create(&pp, &account).await.expect("create service account");
+        Api::<ClusterRole>::all(kube.client.clone()).create(&pp, &role).await.expect("create role");
+        Api::<ClusterRoleBinding>::all(kube.client.clone())
+            .create(&pp, &binding)
+            .await
+            .expect("create binding");
+        let req = TokenRequest {
+            spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() }),
+            ..Default::default()
+        };
+        let t = accounts.create_token_request(sa, &pp, &req).await.expect("TokenRequest");
+        t.status.and_then(|s| s.token).expect("a minted token")
+    });
+    // The admin kubeconfig with its token swapped for the service account's.
+    let admin = std::fs::read_to_string(&api.kubeconfig).unwrap();
+    let kc: String =
+        admin
+            .lines()
+            .map(|l| {
+                if l.trim_start().starts_with("token:") {
+                    format!("    token: {token}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+    assert!(kc.contains(&token), "the admin kubeconfig has no token line to swap:\n{admin}");
+    let path = dir.join(format!("kubeconfig-{sa}"));
+    std::fs::write(&path, kc).unwrap();
+    path
+}
+
+fn start_as(scratch: &Scratch, bed: &Testbed, kubeconfig: &std::path::Path, node: &str) -> Daemon {
+    let kc = kubeconfig.display().to_string();
+    let cni = scratch.dir.join("cni.sock").display().to_string();
+    Daemon::start(
+        &scratch.config(),
+        bed,
+        &scratch.pins,
+        &["--kubeconfig", &kc, "--node-name", node, "--cni-socket", &cni],
+    )
+}
+
+#[test]
+fn the_charts_service_account_and_rbac_are_enough_and_a_missing_permission_is_named() {
+    if !root_or_skip("the_charts_service_account_and_rbac_are_enough_and_a_missing_permission_is_named") {
+        return;
+    }
+    let api = ApiServer::shared();
+    let kube = Kube::new(&api);
+    let rules = chart_rules();
+    let (system, mesh) = (unique("kmesh-system"), unique("mesh"));
+    kube.namespace(&system, &[]);
+    kube.namespace(&mesh, &[(MODE, "kmesh")]);
+    let bed = bed(&["client", "nopatch", "nowatch"]);
+    let keys = Scratch::new();
+
+    // Exactly the chart's RBAC: the pod is enrolled, annotated, balanced; the daemon is ready.
+    let node = unique("node");
+    kube.node(&node, &[]);
+    let kc = service_account_kubeconfig(&kube, &api, &system, "kmesh", rules.clone(), &keys.dir);
+    let scratch = Scratch::new();
+    scratch.write_config(&config(&bed, &node, &mesh));
+    let _c = run_pod(&kube, &bed, &mesh, "client", &node, &[]);
+    let d = start_as(&scratch, &bed, &kc, &node);
+    eventually("client annotated", 20, || kube.redirection(&mesh, "client").as_deref() == Some("enabled"));
+    let s = spread(&connect(&bed, "client", ECHO, 40));
+    assert!(s.contains_key("s1") && s.contains_key("s2"), "{s:?}");
+    eventually("ready", 10, || d.get("/debug/ready").is_ok());
+    drop(d);
+    drop(scratch); // detaches its programs from the testbed's cgroup
+
+    // Without `patch` on pods/status: still enrolled (the kernel needs no API server), the pod
+    // not annotated, and the dump says which permission is missing.
+    let node = unique("node");
+    kube.node(&node, &[]);
+    let fewer: Vec<PolicyRule> =
+        rules.iter().filter(|r| !r.resources.iter().flatten().any(|x| x == "pods/status")).cloned().collect();
+    assert!(fewer.len() < rules.len(), "the chart grants patch on pods/status: {rules:?}");
+    let kc = service_account_kubeconfig(&kube, &api, &system, "nopatch", fewer, &keys.dir);
+    let scratch = Scratch::new();
+    scratch.write_config(&config(&bed, &node, &mesh));
+    let _n = run_pod(&kube, &bed, &mesh, "nopatch", &node, &[]);
+    let d = start_as(&scratch, &bed, &kc, &node);
+    eventually("nopatch enrolled", 20, || all_ok(&connect(&bed, "nopatch", ECHO, 2)));
+    eventually("the annotation error in the dump", 20, || {
+        let dmp = dump(&d);
+        let pods = dmp["kubernetes"]["pods"].as_array().cloned().unwrap_or_default();
+        let pod = pods.iter().find(|p| p["namespace"] == mesh.as_str() && p["name"] == "nopatch");
+        let e = pod.and_then(|p| p["annotation_error"].as_str()).unwrap_or("").to_string();
+        e.contains("forbidden") && e.contains("cannot patch resource \"pods/status\"")
+    });
+    assert_eq!(kube.redirection(&mesh, "nopatch"), None);
+    drop(d);
+    drop(scratch); // detaches its programs from the testbed's cgroup
+
+    // Without `watch` on pods: not ready, naming the condition, and the dump names the refusal.
+    let node = unique("node");
+    kube.node(&node, &[]);
+    let nowatch: Vec<PolicyRule> = rules
+        .iter()
+        .cloned()
+        .map(|mut r| {
+            if r.resources.iter().flatten().any(|x| x == "pods") {
+                r.verbs.retain(|v| v != "watch");
+            }
+            r
+        })
+        .collect();
+    let kc = service_account_kubeconfig(&kube, &api, &system, "nowatch", nowatch, &keys.dir);
+    let scratch = Scratch::new();
+    scratch.write_config(&config(&bed, &node, &mesh));
+    let _w = run_pod(&kube, &bed, &mesh, "nowatch", &node, &[]);
+    let d = start_as(&scratch, &bed, &kc, &node);
+    eventually("the refusal in the dump", 20, || {
+        let e = dump(&d)["kubernetes"]["last_error"].as_str().unwrap_or("").to_string();
+        e.contains("cannot watch resource \"pods\"")
+    });
+    eventually("not ready without the pods watch", 5, || {
+        d.get("/debug/ready")
+            .is_err_and(|e| e.to_string().contains("kubernetes watches not synced or refused"))
+    });
 }

@@ -93,7 +93,25 @@ pub struct WatchHealth {
     pub synced: AtomicBool,
     /// Every watch is streaming (false from a watch error until it resumes).
     pub connected: AtomicBool,
+    /// The API server refused a watch (401/403: a missing permission or a bad token), which
+    /// retrying will not mend; cleared when every watch streams again.
+    pub denied: AtomicBool,
     pub last_error: Mutex<Option<String>>,
+}
+
+/// A refusal (401/403) rather than an outage.
+fn is_denied(e: &watcher::Error) -> bool {
+    let code = match e {
+        watcher::Error::InitialListFailed(k)
+        | watcher::Error::WatchStartFailed(k)
+        | watcher::Error::WatchFailed(k) => match k {
+            kube::Error::Api(s) => s.code,
+            _ => 0,
+        },
+        watcher::Error::WatchError(s) => s.code,
+        watcher::Error::NoResourceVersion => 0,
+    };
+    code == 401 || code == 403
 }
 
 pub struct ClusterWatch {
@@ -182,6 +200,9 @@ where
                     if ok.swap(false, Ordering::SeqCst) {
                         tracing::warn!(kind, error = %e, "watch broke; resuming with backoff (the last state stays in force)");
                     }
+                    if is_denied(&e) {
+                        health.denied.store(true, Ordering::SeqCst);
+                    }
                     *health.last_error.lock().unwrap() = Some(format!("{kind}: {e}"));
                 }
             }
@@ -235,6 +256,7 @@ impl ClusterWatch {
                     let all = oks.iter().all(|o| o.load(Ordering::SeqCst));
                     if h.connected.swap(all, Ordering::SeqCst) != all && all {
                         *h.last_error.lock().unwrap() = None;
+                        h.denied.store(false, Ordering::SeqCst);
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 }

@@ -294,14 +294,19 @@ pub fn cni_exec(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap_or_else(|e| panic!("run {}: {e}", plugin.display()));
-    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+    // A plugin may answer without reading its configuration (then the write fails with
+    // EPIPE): what it printed and how it exited say what happened.
+    let wrote = child.stdin.take().unwrap().write_all(conf.to_string().as_bytes());
     let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    CniOutput {
-        ok: out.status.success(),
-        json: serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null),
-        stdout: stdout + &String::from_utf8_lossy(&out.stderr),
+    let mut stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json = serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null);
+    if let Err(e) = wrote {
+        stdout += &format!(
+            "\n[harness: writing the configuration failed: {e}; the plugin exited with {}]\n",
+            out.status
+        );
     }
+    CniOutput { ok: out.status.success(), json, stdout: stdout + &String::from_utf8_lossy(&out.stderr) }
 }
 
 /// A network namespace made for a CNI pod, deleted on drop.
