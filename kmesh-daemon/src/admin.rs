@@ -24,6 +24,9 @@ use crate::metrics::XdsHealth;
 use crate::netns;
 use crate::telemetry::LogFormat;
 
+/// A readiness condition: asked at each `/debug/ready`.
+pub type Condition = Box<dyn Fn() -> bool + Send + Sync>;
+
 /// What the handlers share with the daemon loop.
 pub struct Shared {
     pub mesh: Mutex<Mesh>,
@@ -39,7 +42,7 @@ pub struct Shared {
     pub k8s: Mutex<Option<serde_json::Value>>,
     /// More conditions of readiness, by name (the Kubernetes watches synced, the CNI plugin
     /// chained): `/debug/ready` answers 200 only when all hold.
-    pub conditions: Mutex<Vec<(&'static str, Arc<AtomicBool>)>>,
+    pub conditions: Mutex<Vec<(&'static str, Condition)>>,
 }
 
 pub type AppState = Arc<Shared>;
@@ -115,14 +118,8 @@ async fn version() -> impl IntoResponse {
 }
 
 async fn ready(State(s): State<AppState>) -> Response {
-    let failing: Vec<&str> = s
-        .conditions
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, c)| !c.load(Ordering::SeqCst))
-        .map(|(n, _)| *n)
-        .collect();
+    let failing: Vec<&str> =
+        s.conditions.lock().unwrap().iter().filter(|(_, holds)| !holds()).map(|(n, _)| *n).collect();
     if s.ready.load(Ordering::SeqCst) && !failing.is_empty() {
         (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", failing.join(", "))).into_response()
     } else if s.ready.load(Ordering::SeqCst) {

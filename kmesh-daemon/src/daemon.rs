@@ -220,23 +220,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             );
             tracing::info!(node = %k.node_name, cluster = %k.cluster_id, "enrolling this node's pods from the Kubernetes API server");
             let watch = kmesh_k8s::ClusterWatch::start(client, &k.node_name);
-            let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            {
-                let (h, s) = (watch.health.clone(), synced.clone());
-                // Synced once, and not refused since: a watch the API server denies (a missing
-                // permission) never heals by retrying, unlike an outage, which keeps the
-                // daemon ready on the state it has.
-                tokio::spawn(async move {
-                    loop {
-                        let ok = h.synced.load(Ordering::SeqCst) && !h.denied.load(Ordering::SeqCst);
-                        s.store(ok, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                });
-            }
+            // Synced once, and not refused since: a watch the API server denies (a missing
+            // permission) never heals by retrying, unlike an outage, which keeps the daemon
+            // ready on the state it has.
+            let health = watch.health.clone();
             shared.conditions.lock().unwrap().push((
                 "kubernetes watches not synced or refused (see config_dump kubernetes.last_error)",
-                synced,
+                Box::new(move || {
+                    health.synced.load(Ordering::SeqCst) && !health.denied.load(Ordering::SeqCst)
+                }),
             ));
             let link = Arc::new(crate::cni::CniLink::default());
             if let Some(c) = &opts.cni {
@@ -249,7 +241,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 }));
                 if c.conf_dir.is_some() {
                     let chained = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                    shared.conditions.lock().unwrap().push(("CNI plugin not chained", chained.clone()));
+                    let c2 = chained.clone();
+                    shared
+                        .conditions
+                        .lock()
+                        .unwrap()
+                        .push(("CNI plugin not chained", Box::new(move || c2.load(Ordering::SeqCst))));
                     cni_tasks.push(tokio::spawn(crate::cni::keep_chained(c.clone(), chained)));
                 }
             }

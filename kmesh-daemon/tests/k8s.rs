@@ -80,19 +80,29 @@ fn dump(d: &Daemon) -> serde_json::Value {
     serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap()
 }
 
-fn k8s_pod<'a>(dump: &'a serde_json::Value, ns: &str, name: &str) -> &'a serde_json::Value {
+/// The dump's entry for a pod, if the daemon sees it.
+fn k8s_pod_opt<'a>(dump: &'a serde_json::Value, ns: &str, name: &str) -> Option<&'a serde_json::Value> {
     dump["kubernetes"]["pods"]
         .as_array()
         .and_then(|a| a.iter().find(|p| p["namespace"] == ns && p["name"] == name))
-        .unwrap_or_else(|| panic!("no pod {ns}/{name} in {}", dump["kubernetes"]))
+}
+
+fn k8s_pod<'a>(dump: &'a serde_json::Value, ns: &str, name: &str) -> &'a serde_json::Value {
+    k8s_pod_opt(dump, ns, name).unwrap_or_else(|| panic!("no pod {ns}/{name} in {}", dump["kubernetes"]))
 }
 
 fn start(scratch: &Scratch, bed: &Testbed, api: &ApiServer, node: &str) -> Daemon {
-    start_with(scratch, bed, api, node, &[])
+    start_with(scratch, bed, &api.kubeconfig, node, &[])
 }
 
-fn start_with(scratch: &Scratch, bed: &Testbed, api: &ApiServer, node: &str, extra: &[&str]) -> Daemon {
-    let kc = api.kubeconfig.display().to_string();
+fn start_with(
+    scratch: &Scratch,
+    bed: &Testbed,
+    kubeconfig: &std::path::Path,
+    node: &str,
+    extra: &[&str],
+) -> Daemon {
+    let kc = kubeconfig.display().to_string();
     let cni = scratch.dir.join("cni.sock").display().to_string();
     let mut args = vec!["--kubeconfig", &kc, "--node-name", node, "--cni-socket", &cni];
     args.extend(extra);
@@ -310,7 +320,7 @@ fn the_cni_chain_enrolls_a_pod_before_its_first_connection_and_stays_chained() {
     let mut d = start_with(
         &scratch,
         &bed,
-        &api,
+        &api.kubeconfig,
         &node,
         &["--cni-conf-dir", net_d.to_str().unwrap(), "--cni-bin-dir", bin.to_str().unwrap()],
     );
@@ -527,17 +537,6 @@ fn service_account_kubeconfig(
     path
 }
 
-fn start_as(scratch: &Scratch, bed: &Testbed, kubeconfig: &std::path::Path, node: &str) -> Daemon {
-    let kc = kubeconfig.display().to_string();
-    let cni = scratch.dir.join("cni.sock").display().to_string();
-    Daemon::start(
-        &scratch.config(),
-        bed,
-        &scratch.pins,
-        &["--kubeconfig", &kc, "--node-name", node, "--cni-socket", &cni],
-    )
-}
-
 #[test]
 fn the_charts_service_account_and_rbac_are_enough_and_a_missing_permission_is_named() {
     if !root_or_skip("the_charts_service_account_and_rbac_are_enough_and_a_missing_permission_is_named") {
@@ -559,7 +558,7 @@ fn the_charts_service_account_and_rbac_are_enough_and_a_missing_permission_is_na
     let scratch = Scratch::new();
     scratch.write_config(&config(&bed, &node, &mesh));
     let _c = run_pod(&kube, &bed, &mesh, "client", &node, &[]);
-    let d = start_as(&scratch, &bed, &kc, &node);
+    let d = start_with(&scratch, &bed, &kc, &node, &[]);
     eventually("client annotated", 20, || kube.redirection(&mesh, "client").as_deref() == Some("enabled"));
     let s = spread(&connect(&bed, "client", ECHO, 40));
     assert!(s.contains_key("s1") && s.contains_key("s2"), "{s:?}");
@@ -578,13 +577,12 @@ fn the_charts_service_account_and_rbac_are_enough_and_a_missing_permission_is_na
     let scratch = Scratch::new();
     scratch.write_config(&config(&bed, &node, &mesh));
     let _n = run_pod(&kube, &bed, &mesh, "nopatch", &node, &[]);
-    let d = start_as(&scratch, &bed, &kc, &node);
+    let d = start_with(&scratch, &bed, &kc, &node, &[]);
     eventually("nopatch enrolled", 20, || all_ok(&connect(&bed, "nopatch", ECHO, 2)));
     eventually("the annotation error in the dump", 20, || {
         let dmp = dump(&d);
-        let pods = dmp["kubernetes"]["pods"].as_array().cloned().unwrap_or_default();
-        let pod = pods.iter().find(|p| p["namespace"] == mesh.as_str() && p["name"] == "nopatch");
-        let e = pod.and_then(|p| p["annotation_error"].as_str()).unwrap_or("").to_string();
+        let e =
+            k8s_pod_opt(&dmp, &mesh, "nopatch").and_then(|p| p["annotation_error"].as_str()).unwrap_or("");
         e.contains("forbidden") && e.contains("cannot patch resource \"pods/status\"")
     });
     assert_eq!(kube.redirection(&mesh, "nopatch"), None);
@@ -608,7 +606,7 @@ fn the_charts_service_account_and_rbac_are_enough_and_a_missing_permission_is_na
     let scratch = Scratch::new();
     scratch.write_config(&config(&bed, &node, &mesh));
     let _w = run_pod(&kube, &bed, &mesh, "nowatch", &node, &[]);
-    let d = start_as(&scratch, &bed, &kc, &node);
+    let d = start_with(&scratch, &bed, &kc, &node, &[]);
     eventually("the refusal in the dump", 20, || {
         let e = dump(&d)["kubernetes"]["last_error"].as_str().unwrap_or("").to_string();
         e.contains("cannot watch resource \"pods\"")
