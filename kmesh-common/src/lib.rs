@@ -15,7 +15,7 @@
 
 /// Layout version of the maps below. Bumped whenever a key or value changes shape; the daemon
 /// keeps its pins under a directory named after it.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 /// Names of the load-balancing maps, in the order user space lists them everywhere (map
 /// counts, capacities, pins).
@@ -256,7 +256,10 @@ pub mod stat {
     /// A destination with policies had no verdict row for a connection (an inconsistency):
     /// the connection was dropped, not admitted.
     pub const AUTHZ_INCONSISTENT: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// A connection the node itself opened (kubelet's probes) admitted into a pod with
+    /// policies without consulting them (see `NodeConnKey`).
+    pub const AUTHZ_NODE_EXEMPT: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -300,6 +303,21 @@ pub struct IdentityValue {
 pub struct RegionKey {
     pub dest_id_be: [u8; 4],
     pub addr: [u8; 16],
+}
+
+/// `NODE_CONNS` key: a TCP connection opened from the node's own network namespace (where
+/// kubelet runs) to a destination with policies, as its client sees it. The sock_ops program
+/// records it when the node's socket sends its SYN and forgets it when the socket closes;
+/// `kmesh_authz` admits a connection found here without consulting policies, as Istio ambient
+/// admits kubelet's probes (there: SNAT to 169.254.7.127 and a bypass rule in the pod).
+/// Addresses in the 16-byte layout (IPv4 mapped), ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeConnKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
 }
 
 #[repr(C)]
@@ -372,7 +390,10 @@ pub const EV_NO_PEER_FIN: u32 = 1;
 pub const TCONF_FLAGS: u32 = 0;
 /// Index of the report interval of open connections, in nanoseconds.
 pub const TCONF_INTERVAL_NS: u32 = 1;
-pub const TCONF_COUNT: u32 = 2;
+/// Index of the cookie of the node's own network namespace, whose connections into pods
+/// skip authorization (0: none do).
+pub const TCONF_NODE_NETNS: u32 = 2;
+pub const TCONF_COUNT: u32 = 3;
 /// Flag: connection telemetry on (off: the program returns at once).
 pub const TFLAG_ON: u64 = 1;
 /// The socket is the client side (it called connect()).
@@ -493,6 +514,7 @@ mod pod {
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for PortValue {}
+    unsafe impl aya::Pod for NodeConnKey {}
     unsafe impl aya::Pod for DestValue {}
     unsafe impl aya::Pod for RegionKey {}
     unsafe impl aya::Pod for VerdictKey {}
@@ -531,6 +553,7 @@ const _: () = {
     assert!(core::mem::size_of::<DestValue>() == 8);
     assert!(core::mem::size_of::<RegionKey>() == 20);
     assert!(core::mem::size_of::<VerdictKey>() == 16);
+    assert!(core::mem::size_of::<NodeConnKey>() == 36);
     assert!(core::mem::size_of::<VerdictValue>() == 16);
     assert!(core::mem::size_of::<IdentityValue>() == 8);
     assert!(core::mem::size_of::<CountKey>() == 8);

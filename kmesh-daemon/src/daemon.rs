@@ -46,6 +46,9 @@ pub struct RunOptions {
     pub k8s: Option<crate::k8s::K8sOptions>,
     /// The CNI plugin's socket and chaining (with the Kubernetes source only).
     pub cni: Option<crate::cni::CniOptions>,
+    /// The node's own network namespace (where kubelet runs): its connections into pods skip
+    /// authorization, so health probes pass ALLOW policies. `None`: they are policed too.
+    pub node_netns: Option<PathBuf>,
 }
 
 impl RunOptions {
@@ -63,6 +66,7 @@ impl RunOptions {
             report_interval: kernel::DEFAULT_REPORT_INTERVAL,
             k8s: None,
             cni: None,
+            node_netns: Some(PathBuf::from("/proc/self/ns/net")),
         }
     }
 }
@@ -128,9 +132,22 @@ fn reload(shared: &Shared, last: &mut Option<Vec<u8>>) {
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let dp = Dataplane::load(&opts.load).context("loading the data plane")?;
+    let mut dp = Dataplane::load(&opts.load).context("loading the data plane")?;
     tracing::info!(cgroup = %opts.load.cgroup.display(), pins = %kernel::layout_dir(&opts.load.pin_dir).display(),
         adopted = dp.adopted(), "programs attached");
+    let node_cookie = match &opts.node_netns {
+        Some(p) => Some(crate::netns::cookie_of(p).with_context(|| {
+            format!("finding the node's network namespace {} (its probes skip authorization)", p.display())
+        })?),
+        None => None,
+    };
+    dp.set_node_netns(node_cookie).context("exempting the node's connections from authorization")?;
+    match (&opts.node_netns, node_cookie) {
+        (Some(p), Some(c)) => {
+            tracing::info!(netns = %p.display(), cookie = c, "connections from the node (kubelet's probes) skip authorization")
+        }
+        _ => tracing::info!("connections from the node are subject to authorization like any other"),
+    }
     let mut mesh = Mesh::new(dp);
     let observer = mesh.observer_handle();
     observer

@@ -31,7 +31,7 @@ pub const DEFAULT_REPORT_INTERVAL: std::time::Duration = std::time::Duration::fr
 /// The authorization program, attached to each enrolled network namespace.
 pub const AUTHZ_PROGRAM: &str = "kmesh_authz";
 /// Maps with fixed capacities (pinned next to the others).
-const FIXED_MAPS: [&str; 10] = [
+const FIXED_MAPS: [&str; 11] = [
     "STATS",
     "AUTHZ_DEST",
     "IDENTITY",
@@ -42,6 +42,7 @@ const FIXED_MAPS: [&str; 10] = [
     "CONN_META",
     "TELEMETRY",
     "TELEMETRY_CONF",
+    "NODE_CONNS",
 ];
 
 /// Loads a cgroup program (connect4/6 or sock_ops) and attaches it with a bpf_link.
@@ -970,6 +971,31 @@ impl EventMaps {
 }
 
 impl Dataplane {
+    /// Connections opened from the network namespace with this cookie (the node's, where
+    /// kubelet runs) into pods with policies are admitted without consulting them; `None`:
+    /// every connection is subject to policy.
+    pub fn set_node_netns(&mut self, cookie: Option<u64>) -> Result<(), KernelError> {
+        let err = |source| KernelError::Write { map: "TELEMETRY_CONF", source };
+        self.telemetry_conf.set(TCONF_NODE_NETNS, cookie.unwrap_or(0), 0).map_err(err)
+    }
+
+    /// Connections from the node marked for exemption and not closed yet.
+    pub fn node_conns_open(&self) -> usize {
+        match self.ebpf.map("NODE_CONNS") {
+            Some(m) => HashMap::<&MapData, NodeConnKey, u8>::try_from(m)
+                .map(|m| m.keys().filter(Result::is_ok).count())
+                .unwrap_or(0),
+            None => 0,
+        }
+    }
+
+    /// The cookie set by [`set_node_netns`](Self::set_node_netns).
+    pub fn node_netns(&self) -> Result<Option<u64>, KernelError> {
+        let err = |source| KernelError::Read { map: "TELEMETRY_CONF", source };
+        let c = self.telemetry_conf.get(&TCONF_NODE_NETNS, 0).map_err(err)?;
+        Ok((c != 0).then_some(c))
+    }
+
     /// Opens the event maps of this data plane from its pins (call once, right after load:
     /// pins removed by hand later do not matter, the handles stay).
     pub fn open_event_maps(&self) -> Result<EventMaps, KernelError> {
@@ -1042,6 +1068,9 @@ impl Dataplane {
         });
         if let Some(d) = conn_meta {
             maps.push(("CONN_META", d.fd().as_fd()));
+        }
+        if let Some(aya::maps::Map::LruHashMap(d)) = self.ebpf.map("NODE_CONNS") {
+            maps.push(("NODE_CONNS", d.fd().as_fd()));
         }
         let mut restored = Vec::new();
         for (name, fd) in maps {

@@ -187,6 +187,15 @@ enum Cmd {
         monitoring: MonitoringArgs,
         #[command(flatten)]
         kube: KubeArgs,
+        /// Connections the node itself opens into pods (kubelet's health probes): `exempt`
+        /// admits them without consulting policies, as Istio ambient does; `enforce` polices
+        /// them like any other source without an identity.
+        #[arg(long, default_value = "exempt", value_parser = ["exempt", "enforce"])]
+        node_probes: String,
+        /// The node's network namespace (default: the daemon's own, which is the node's in the
+        /// DaemonSet: hostNetwork).
+        #[arg(long, default_value = "/proc/self/ns/net")]
+        node_netns: PathBuf,
     },
     /// Put a network namespace in the mesh.
     Enroll {
@@ -295,6 +304,8 @@ fn main() -> anyhow::Result<()> {
             caps,
             monitoring,
             kube,
+            node_probes,
+            node_netns,
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -307,6 +318,7 @@ fn main() -> anyhow::Result<()> {
             };
             let node_name = xds.node_name.clone();
             let mut opts = RunOptions::new(source, cgroup, bpffs);
+            opts.node_netns = (node_probes == "exempt").then_some(node_netns);
             let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
             let k8s_on = match kube.kubernetes.as_str() {
                 "on" => true,

@@ -461,6 +461,9 @@ impl Mesh {
             "namespaces": enforced,
             "decisions": decisions,
             "events_lost": stats[kmesh_common::stat::AUTHZ_EVENTS_LOST as usize],
+            "node_netns_exempt": self.dp.node_netns().ok().flatten().is_some(),
+            "node_connections_exempted": stats[kmesh_common::stat::AUTHZ_NODE_EXEMPT as usize],
+            "node_connections_open": self.dp.node_conns_open(),
         })
     }
 

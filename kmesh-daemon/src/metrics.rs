@@ -181,6 +181,12 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth) -> String {
             "Connections into enrolled pods dropped because a destination with policies had no verdict row",
             st[stat::AUTHZ_INCONSISTENT as usize],
         );
+        counter(
+            &mut r,
+            "kmesh_authz_node_exempt",
+            "Connections the node opened into pods with policies (kubelet's probes), admitted without consulting them",
+            st[stat::AUTHZ_NODE_EXEMPT as usize],
+        );
         counters(
             &mut r,
             "kmesh_events_lost",

@@ -255,7 +255,7 @@ fn pins_removed_by_hand_are_detected_reported_and_restored() {
     let req = serde_json::json!({ "netns": bed.pod("client").netns_path() }).to_string();
     admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap();
 
-    // Every map pin removed (issue 13, item 5: all of them come back, not 9 of 16).
+    // Every map pin removed (issue 13, item 5: every one comes back).
     let dir = scratch.pins.join(format!("v{}", kmesh_common::MAP_LAYOUT_VERSION));
     let names = |d: &std::path::Path| -> Vec<String> {
         let mut v: Vec<String> =
@@ -264,12 +264,12 @@ fn pins_removed_by_hand_are_detected_reported_and_restored() {
         v
     };
     let maps = names(&dir.join("maps"));
-    assert_eq!(maps.len(), 16, "{maps:?}");
+    assert_eq!(maps.len(), 17, "{maps:?}");
     for m in &maps {
         std::fs::remove_file(dir.join("maps").join(m)).unwrap();
     }
     std::fs::remove_file(dir.join("links/kmesh_connect4")).unwrap();
-    wait_for("the map pins restored", || d.metric("kmesh_pins_restored_total") >= 16.0);
+    wait_for("the map pins restored", || d.metric("kmesh_pins_restored_total") >= 17.0);
     assert_eq!(names(&dir.join("maps")), maps);
     assert_eq!(d.metric("kmesh_pins_missing"), 1.0, "the link pin is reported missing");
     // Traffic never noticed.
@@ -278,6 +278,59 @@ fn pins_removed_by_hand_are_detected_reported_and_restored() {
 
 /// Issue 13, item 5: a restarted daemon enforces with its own authorization program, swapped
 /// into the namespace's existing link in one step, and the policy holds throughout.
+/// kubelet probes a pod from the node's own network namespace, an address with no identity:
+/// under an ALLOW policy that admits nobody the node is still let in (Istio ambient's
+/// behaviour), counted, and forgotten when its connection closes; a mesh peer the policy does
+/// not name is refused; `--node-probes enforce` polices the node too.
+#[test]
+fn kubelet_probes_from_the_node_pass_allow_policies() {
+    if !root_or_skip("kubelet_probes_from_the_node_pass_allow_policies") {
+        return;
+    }
+    let bed = bed();
+    let node = bed.node().unwrap();
+    let scratch = Scratch::new();
+    let text = echo_config(&bed, &["s2", "s3"], "{}")
+        + &workload(bed.pod("s1"), &[], "")
+        + "policies:\n  - {name: only-prod, namespace: default, action: ALLOW, rules: [{clauses: [{matches: [{namespaces: [{exact: prod}]}]}]}]}\n";
+    scratch.write_config(&text);
+    let node_netns = format!("/run/netns/{}", node.netns);
+    let start = |extra: &[&str]| {
+        let mut args = vec!["--node-netns", node_netns.as_str()];
+        args.extend_from_slice(extra);
+        let d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &args);
+        wait_for("readiness", || d.get("/debug/ready").is_ok());
+        let req = serde_json::json!({ "netns": bed.pod("s1").netns_path(), "workload": "s1" }).to_string();
+        admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap();
+        d
+    };
+    let mut d = start(&[]);
+    let s1 = bed.pod("s1");
+    let s1_v4 = std::net::SocketAddr::new(s1.ipv4.into(), 8080);
+    let s1_v6 = std::net::SocketAddr::new(s1.ipv6.unwrap().into(), 8080);
+    let refused =
+        |a: &[kmesh_testbed::Attempt]| a.iter().all(|a| !a.ok && a.errno == Some(libc::ECONNREFUSED));
+    assert!(refused(&bed.pod("client").connect(s1_v4, 2, false).unwrap()), "the policy admits no mesh peer");
+    for target in [s1_v4, s1_v6] {
+        let a = node.connect(target, 3, false).unwrap();
+        assert!(a.iter().all(|a| a.ok && a.server.as_deref() == Some("s1")), "probe to {target}: {a:?}");
+    }
+    // A pod without policies is reached without a mark.
+    assert!(
+        node.connect(std::net::SocketAddr::new(bed.pod("s2").ipv4.into(), 8080), 1, false).unwrap()[0].ok
+    );
+    assert_eq!(d.metric("kmesh_authz_node_exempt_total"), 6.0);
+    let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/authz").unwrap()).unwrap();
+    assert_eq!(dump["node_netns_exempt"], true, "{dump}");
+    assert_eq!(dump["node_connections_open"], 0, "marks are forgotten when the connections close: {dump}");
+    d.stop();
+
+    let mut d = start(&["--node-probes", "enforce"]);
+    assert!(refused(&node.connect(s1_v4, 2, false).unwrap()), "enforce: the node is policed like anyone");
+    assert_eq!(d.metric("kmesh_authz_node_exempt_total"), 6.0, "nothing more was exempted");
+    d.stop();
+}
+
 #[test]
 fn a_restart_swaps_in_its_own_authorization_program() {
     if !root_or_skip("a_restart_swaps_in_its_own_authorization_program") {

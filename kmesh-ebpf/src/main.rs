@@ -11,7 +11,9 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage, lpm_trie::Key},
+    btf_maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage, lpm_trie::Key,
+    },
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval,
         bpf_sk_storage_get,
@@ -56,6 +58,11 @@ static AUTHZ_VERDICT: HashMap<VerdictKey, VerdictValue, 1048576, NO_PREALLOC> = 
 static AUTHZ_COUNTS: PerCpuHashMap<CountKey, u64, 65536, NO_PREALLOC> = PerCpuHashMap::new();
 #[btf_map]
 static AUTHZ_EVENTS: RingBuf<(), { 256 * 1024 }> = RingBuf::new();
+/// Connections the node's own network namespace opened to destinations with policies
+/// (kubelet's probes): admitted without policy (see `NodeConnKey`). LRU: a node that opens
+/// more at once than this holds loses the oldest marks, never a connection of its own.
+#[btf_map]
+static NODE_CONNS: LruHashMap<NodeConnKey, u8, 16384> = LruHashMap::new();
 
 // Telemetry: per-socket state (socket-local storage: no key lookup, no capacity, freed with
 // the socket) and the events user space turns into metrics and access logs.
@@ -394,6 +401,11 @@ pub fn kmesh_authz(ctx: SkLookupContext) -> u32 {
     };
     let dest_id = d.dest_id;
     let port = unsafe { (*l).local_port } as u16;
+    let node = NodeConnKey { src, dst, src_port: u16::from_be(unsafe { (*l).remote_port }), dst_port: port };
+    if unsafe { NODE_CONNS.get(node) }.is_some() {
+        count(stat::AUTHZ_NODE_EXEMPT);
+        return SK_PASS;
+    }
     let Some(identity) = identity_of(&src) else {
         count(stat::AUTHZ_INCONSISTENT);
         return SK_DROP;
@@ -494,15 +506,64 @@ fn emit(ev: &ConnEvent) {
     }
 }
 
+/// The 4-tuple of a sock_ops program's socket, as its client sees it.
+#[inline(always)]
+fn node_conn_key(ctx: &SockOpsContext) -> NodeConnKey {
+    use core::ptr::read_volatile as rv;
+    let o = ctx.ops;
+    // Every field is read unconditionally at a constant offset (see kmesh_authz).
+    let (family, l4, r4) = unsafe { (rv(&(*o).family), rv(&(*o).local_ip4), rv(&(*o).remote_ip4)) };
+    let l6 = unsafe {
+        [rv(&(*o).local_ip6[0]), rv(&(*o).local_ip6[1]), rv(&(*o).local_ip6[2]), rv(&(*o).local_ip6[3])]
+    };
+    let r6 = unsafe {
+        [rv(&(*o).remote_ip6[0]), rv(&(*o).remote_ip6[1]), rv(&(*o).remote_ip6[2]), rv(&(*o).remote_ip6[3])]
+    };
+    let (src, dst) = if family == 2 { (v4_mapped(l4), v4_mapped(r4)) } else { (l6, r6) };
+    NodeConnKey {
+        src,
+        dst,
+        src_port: unsafe { rv(&(*o).local_port) } as u16,
+        dst_port: u32::from_be(unsafe { rv(&(*o).remote_port) }) as u16,
+    }
+}
+
+/// Marks (at connect) and forgets (at close) a connection the node's own network namespace
+/// opens to a destination with policies. True when the socket is the node's: nothing else
+/// of this program concerns it.
+#[inline(always)]
+fn node_conn(ctx: &SockOpsContext, op: u32) -> bool {
+    let node = TELEMETRY_CONF.get(TCONF_NODE_NETNS).copied().unwrap_or(0);
+    if node == 0 || unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } != node {
+        return false;
+    }
+    let key = node_conn_key(ctx);
+    if op == SOCK_OPS_TCP_CONNECT {
+        if unsafe { AUTHZ_DEST.get(key.dst) }.is_some() {
+            let _ = NODE_CONNS.insert(key, 1, 0);
+            // Be told when it closes, to forget it.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+    } else {
+        let _ = NODE_CONNS.remove(key);
+    }
+    true
+}
+
 /// Connection telemetry of enrolled pods: a client socket is tracked from connect(), a server
 /// socket from the accept; each reports when established, every `TCONF_INTERVAL_NS` while
 /// acknowledgements flow, and when it closes (or fails to establish).
 #[sock_ops]
 pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if (op == SOCK_OPS_TCP_CONNECT || (op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE))
+        && node_conn(&ctx, op)
+    {
+        return 0;
+    }
     if !telemetry_on() {
         return 0;
     }
-    let op = ctx.op();
     if op == SOCK_OPS_TCP_CONNECT || op == SOCK_OPS_PASSIVE_ESTABLISHED {
         let ns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
         if unsafe { NETNS.get(ns) }.is_none() {

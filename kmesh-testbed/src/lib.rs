@@ -337,6 +337,29 @@ impl Testbed {
         self.pods.iter().find(|p| p.spec.name == name).unwrap_or_else(|| panic!("no pod {name}"))
     }
 
+    /// The node itself, as a [`Pod`] whose commands run where kubelet would: in the node's
+    /// network namespace, with the bridge's gateway addresses (10.244.0.1, fd00:244::1, given
+    /// on first use) as their source, and in a `node` cgroup under the testbed's, so the mesh
+    /// programs see its sockets as a cluster's host processes are seen under the cgroup root.
+    pub fn node(&self) -> Result<Pod> {
+        let ipv4 = Ipv4Addr::new(POD_V4_PREFIX[0], POD_V4_PREFIX[1], POD_V4_PREFIX[2], 1);
+        let ipv6 = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 1);
+        let have = ip(&["-n", &self.node_ns, "addr", "show", "dev", "br0"])?;
+        if !have.contains(&format!("{ipv4}/24")) {
+            ip(&["-n", &self.node_ns, "addr", "add", &format!("{ipv4}/24"), "dev", "br0"])?;
+            ip(&["-n", &self.node_ns, "addr", "add", &format!("{ipv6}/64"), "dev", "br0", "nodad"])?;
+        }
+        let cgroup = self.cgroup.join("node");
+        fs::create_dir_all(&cgroup).map_err(io(format!("creating {}", cgroup.display())))?;
+        Ok(Pod {
+            spec: PodSpec { ipv6: true, ..PodSpec::new("node", "node", "") },
+            netns: self.node_ns.clone(),
+            ipv4,
+            ipv6: Some(ipv6),
+            cgroup,
+        })
+    }
+
     /// Adds a pod with the next free address.
     pub fn add_pod(&mut self, spec: PodSpec) -> Result<Pod> {
         let host = self.pods.len() + 2;
