@@ -161,6 +161,7 @@ async fn config_dump(State(s): State<AppState>) -> Response {
             "connected": s.xds.connected.load(Ordering::Relaxed),
             "last_error": s.xds.last_error.lock().unwrap().clone(),
             "waiting_for": s.xds.waiting_for.lock().unwrap().clone(),
+            "resyncs_without_versions": s.xds.resyncs_without_versions.load(Ordering::Relaxed),
         })
     });
     let k8s = s.k8s.lock().unwrap().clone();

@@ -88,6 +88,11 @@ struct XdsArgs {
     /// (the configuration held stays in force).
     #[arg(long, default_value_t = kmesh_daemon::xds::DEFAULT_MAX_MESSAGE_BYTES)]
     xds_max_message_bytes: usize,
+    /// Largest subscription sent, in bytes (keep it under the control plane's receive limit:
+    /// istiod's is gRPC's 4 MiB). A resubscription whose list of held resources would be
+    /// larger goes without it, and the control plane sends everything again.
+    #[arg(long, default_value_t = kmesh_daemon::xds::DEFAULT_MAX_REQUEST_BYTES)]
+    xds_max_request_bytes: usize,
 }
 
 impl XdsArgs {
@@ -117,6 +122,7 @@ impl XdsArgs {
         o.tls_server_name = self.xds_server_name.clone();
         o.backoff_max = Duration::from_millis(self.xds_backoff_max_ms.max(100));
         o.max_message_bytes = self.xds_max_message_bytes.max(4096);
+        o.max_request_bytes = self.xds_max_request_bytes.max(4096);
         Ok(Some(o))
     }
 }

@@ -30,6 +30,9 @@ pub struct XdsHealth {
     /// Subscribed types that have not answered yet on the current stream: until they have,
     /// nothing received on it is applied.
     pub waiting_for: std::sync::Mutex<Vec<String>>,
+    /// Subscriptions sent without `initial_resource_versions` because the list was over the
+    /// request limit (each makes the control plane send its whole type again).
+    pub resyncs_without_versions: AtomicU64,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -149,6 +152,12 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth) -> String {
             "kmesh_xds_disconnects",
             "xDS streams lost or refused",
             xds.disconnects.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut r,
+            "kmesh_xds_resyncs_without_versions",
+            "Subscriptions sent without the versions held (over --xds-max-request-bytes): the control plane resent the whole type",
+            xds.resyncs_without_versions.load(Ordering::Relaxed),
         );
     }
     counters(

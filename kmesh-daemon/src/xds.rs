@@ -44,11 +44,19 @@ pub struct XdsOptions {
     /// The largest response accepted; a bigger one ends the stream with an error naming the
     /// limit (the state held stays in force).
     pub max_message_bytes: usize,
+    /// The largest subscription sent. A resubscription lists every resource held with its
+    /// version (`initial_resource_versions`); when that does not fit, it is sent without them
+    /// and the first response is taken as the whole type (see [`subscription`]).
+    pub max_request_bytes: usize,
 }
 
 /// The default for [`XdsOptions::max_message_bytes`]: room for a cluster of 100k services in
 /// one push (about 60 MiB), with a bound on what a broken control plane can make us hold.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// The default for [`XdsOptions::max_request_bytes`]: under gRPC's 4 MiB receive limit, which
+/// istiod keeps, with room to spare. About 100k resources' names and versions fit in 4 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = (4 << 20) - (64 << 10);
 
 impl XdsOptions {
     /// Options for `address`, with the given identity (usually [`ProxyIdentity::from_env`]).
@@ -63,6 +71,7 @@ impl XdsOptions {
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(15),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
     }
 }
@@ -218,6 +227,11 @@ impl XdsState {
 
     pub fn len(&self) -> usize {
         self.by_type.values().map(|m| m.len()).sum()
+    }
+
+    /// How many resources of one type are held.
+    pub fn count(&self, type_url: &str) -> usize {
+        self.by_type.get(type_url).map_or(0, |m| m.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -412,13 +426,49 @@ impl InitialSync {
     }
 }
 
-fn subscribe(type_url: &str, state: &XdsState, node: Option<Node>) -> DeltaDiscoveryRequest {
-    DeltaDiscoveryRequest {
+/// The (wildcard) subscription to `type_url` that opens a stream: it lists what is held
+/// (`initial_resource_versions`), so the control plane sends only what changed and names what
+/// was removed meanwhile. When that list would make the request larger than `limit` bytes (the
+/// server would refuse it, and refuse it again on every reconnection), the request goes
+/// without it and `true` is returned: the control plane then holds the client as having
+/// nothing and must send every resource of the type, and [`complete_resync`] turns that
+/// first response into the whole truth by removing what it does not name.
+pub fn subscription(
+    type_url: &str,
+    state: &XdsState,
+    node: Option<Node>,
+    limit: usize,
+) -> (DeltaDiscoveryRequest, bool) {
+    use kmesh_proto::prost::Message as _;
+    let mut req = DeltaDiscoveryRequest {
         node,
         type_url: type_url.to_string(),
         initial_resource_versions: state.versions(type_url),
         ..Default::default()
+    };
+    if req.encoded_len() <= limit || req.initial_resource_versions.is_empty() {
+        return (req, false);
     }
+    req.initial_resource_versions.clear();
+    (req, true)
+}
+
+/// For the first response of a type subscribed without versions (see [`subscription`]): every
+/// resource held of that type that the response neither sends nor removes is added to its
+/// `removed_resources`, so it is withdrawn by the same path as any removal, atomically with
+/// the rest of the response. Returns how many were added.
+pub fn complete_resync(state: &XdsState, resp: &mut DeltaDiscoveryResponse) -> usize {
+    let Some(held) = state.by_type.get(&resp.type_url) else { return 0 };
+    let named: std::collections::HashSet<&str> = resp
+        .resources
+        .iter()
+        .map(|r| r.name.as_str())
+        .chain(resp.removed_resources.iter().map(String::as_str))
+        .collect();
+    let gone: Vec<String> = held.keys().filter(|n| !named.contains(n.as_str())).cloned().collect();
+    let n = gone.len();
+    resp.removed_resources.extend(gone);
+    n
 }
 
 async fn channel(o: &XdsOptions) -> Result<Channel, XdsError> {
@@ -447,11 +497,12 @@ async fn channel(o: &XdsOptions) -> Result<Channel, XdsError> {
     })
 }
 
-/// Opens a stream with both subscriptions; returns the request sender and the response stream.
-async fn open(
-    o: &XdsOptions,
-    state: &XdsState,
-) -> Result<(mpsc::Sender<DeltaDiscoveryRequest>, tonic::Streaming<DeltaDiscoveryResponse>), XdsError> {
+/// An open stream: the request sender, the response stream, and the types subscribed without
+/// versions (their first response is the whole type).
+type Opened = (mpsc::Sender<DeltaDiscoveryRequest>, tonic::Streaming<DeltaDiscoveryResponse>, Vec<String>);
+
+/// Opens a stream with both subscriptions.
+async fn open(o: &XdsOptions, state: &XdsState) -> Result<Opened, XdsError> {
     let token = match &o.token_file {
         Some(p) => {
             let t =
@@ -478,20 +529,30 @@ async fn open(
         .max_decoding_message_size(o.max_message_bytes);
 
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
-    tx.send(subscribe(ADDRESS_TYPE, state, Some(o.identity.node()))).await.expect("receiver alive");
-    tx.send(subscribe(AUTHORIZATION_TYPE, state, None)).await.expect("receiver alive");
+    let mut resync = Vec::new();
+    for (type_url, node) in [(ADDRESS_TYPE, Some(o.identity.node())), (AUTHORIZATION_TYPE, None)] {
+        let (req, without_versions) = subscription(type_url, state, node, o.max_request_bytes);
+        if without_versions {
+            tracing::warn!(%type_url, held = state.count(type_url), limit = o.max_request_bytes,
+                "the resources held do not fit in one subscription under the request limit: \
+                 subscribing without their versions; the control plane sends the whole type again \
+                 and what it no longer has is removed when it arrives");
+            resync.push(type_url.to_string());
+        }
+        tx.send(req).await.expect("receiver alive");
+    }
     let stream = client
         .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .map_err(|status| XdsError::Refused { address: o.address.clone(), status })?
         .into_inner();
     tracing::info!(address = %o.address, node_id = %o.identity.node_id(), "xDS stream open");
-    Ok((tx, stream))
+    Ok((tx, stream, resync))
 }
 
 /// Connects, subscribes and waits for the first response: a check of address, TLS and token.
 pub async fn probe(o: &XdsOptions) -> Result<DeltaDiscoveryResponse, XdsError> {
-    let (_tx, mut stream) = open(o, &XdsState::default()).await?;
+    let (_tx, mut stream, _) = open(o, &XdsState::default()).await?;
     match stream.message().await {
         Ok(Some(r)) => Ok(r),
         Ok(None) => Err(XdsError::Stream {
@@ -510,10 +571,11 @@ async fn run_stream(
     state: &mut XdsState,
     synced: &mut bool,
 ) -> Result<(), XdsError> {
-    let (tx, mut stream) = open(o, state).await?;
+    let (tx, mut stream, mut resync) = open(o, state).await?;
+    shared.xds.resyncs_without_versions.fetch_add(resync.len() as u64, Ordering::Relaxed);
     let mut initial = InitialSync::default();
     loop {
-        let resp = match stream.message().await {
+        let mut resp = match stream.message().await {
             Ok(Some(r)) => r,
             Ok(None) => {
                 return Err(XdsError::Stream {
@@ -529,6 +591,12 @@ async fn run_stream(
             *shared.xds.last_error.lock().unwrap() = None;
         }
         let type_url = resp.type_url.clone();
+        if let Some(i) = resync.iter().position(|t| *t == type_url) {
+            resync.swap_remove(i);
+            let gone = complete_resync(state, &mut resp);
+            tracing::info!(%type_url, resources = resp.resources.len(), removed = gone,
+                "full resend after a subscription without versions: what it lacks is removed");
+        }
         let batch = initial.take(resp);
         *shared.xds.waiting_for.lock().unwrap() =
             initial.waiting_for().into_iter().map(String::from).collect();
@@ -725,6 +793,59 @@ mod tests {
             Ok(())
         });
         assert_eq!(ok.state.len(), 1);
+    }
+
+    #[test]
+    fn a_subscription_over_the_limit_goes_without_versions_and_the_resend_removes_the_rest() {
+        let names: Vec<String> = (0..50).map(|i| format!("w{i}")).collect();
+        let add = DeltaDiscoveryResponse {
+            type_url: ADDRESS_TYPE.into(),
+            nonce: "n1".into(),
+            resources: names.iter().map(|n| res(n, ADDRESS_TYPE, workload(n))).collect(),
+            ..Default::default()
+        };
+        let held = handle_response(XdsState::default(), &NodeInfo::default(), &add, |_| Ok(())).state;
+        let (req, without) = subscription(ADDRESS_TYPE, &held, None, 1 << 20);
+        assert!(!without);
+        assert_eq!(req.initial_resource_versions.len(), 50);
+        use kmesh_proto::prost::Message as _;
+        let full_len = req.encoded_len();
+        let (req, without) = subscription(ADDRESS_TYPE, &held, None, full_len);
+        assert!(!without && req.initial_resource_versions.len() == 50, "exactly at the limit still fits");
+        let (req, without) = subscription(ADDRESS_TYPE, &held, None, full_len - 1);
+        assert!(without && req.initial_resource_versions.is_empty() && req.type_url == ADDRESS_TYPE);
+        // Nothing held: nothing to leave out, even under a tiny limit.
+        assert!(!subscription(ADDRESS_TYPE, &XdsState::default(), None, 1).1);
+
+        // The whole type again, minus w0..w9 (gone upstream meanwhile) and w10 refused by name.
+        let mut resend = DeltaDiscoveryResponse {
+            type_url: ADDRESS_TYPE.into(),
+            nonce: "n9".into(),
+            resources: names[11..]
+                .iter()
+                .map(|n| res(n, ADDRESS_TYPE, workload(n)))
+                .chain([
+                    res("w10", ADDRESS_TYPE, vec![0xff, 0x01]),
+                    res("new", ADDRESS_TYPE, workload("new")),
+                ])
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(complete_resync(&held, &mut resend), 10);
+        let h = handle_response(held, &NodeInfo::default(), &resend, |m| {
+            assert!(!m.workloads.contains_key("w0") && !m.workloads.contains_key("w9"));
+            assert!(
+                m.workloads.contains_key("w10"),
+                "a resource the resend names but cannot be decoded is kept"
+            );
+            assert!(m.workloads.contains_key("new") && m.workloads.contains_key("w49"));
+            Ok(())
+        });
+        assert_eq!(h.state.count(ADDRESS_TYPE), 41);
+        assert!(h.reply.error_detail.unwrap().message.contains("w10"));
+        // Another type's holdings are not touched.
+        let mut other = DeltaDiscoveryResponse { type_url: AUTHORIZATION_TYPE.into(), ..Default::default() };
+        assert_eq!(complete_resync(&h.state, &mut other), 0);
     }
 
     #[test]

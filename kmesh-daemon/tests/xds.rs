@@ -177,6 +177,110 @@ fn control_plane_restart_resumes_with_versions_and_traffic_never_stops() {
     drop(server);
 }
 
+/// `n` services of `m` endpoints each, named as istiod names them, for scale tests.
+fn scale_resources(n: usize, m: usize) -> BTreeMap<String, Vec<u8>> {
+    use kmesh_model::model::{Protocol, Service, ServicePort, Workload};
+    use kmesh_model::xds::{AddressResource, encode_address};
+    use std::net::{IpAddr, Ipv4Addr};
+    let mut res = BTreeMap::new();
+    for s in 0..n {
+        let hostname = format!("svc-{s}.bench.svc.cluster.local");
+        let svc = Service {
+            name: format!("svc-{s}"),
+            namespace: "bench".into(),
+            hostname: hostname.clone(),
+            addresses: vec![IpAddr::V4(Ipv4Addr::from(
+                u32::from(Ipv4Addr::new(10, 112, 0, 0)) + s as u32 + 1,
+            ))],
+            ports: vec![ServicePort { service_port: 80, target_port: 8080, protocol: Protocol::Tcp }],
+            ..Default::default()
+        };
+        res.insert(svc.key(), encode_address(&AddressResource::Service(svc)));
+        for e in 0..m {
+            let k = (s * m + e) as u32 + 1;
+            let w = Workload {
+                uid: format!("Kubernetes//Pod/bench/svc-{s}-{e}"),
+                name: format!("svc-{s}-{e}"),
+                namespace: "bench".into(),
+                addresses: vec![IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + k))],
+                services: [(format!("bench/{hostname}"), vec![])].into_iter().collect(),
+                ..Default::default()
+            };
+            res.insert(w.uid.clone(), encode_address(&AddressResource::Workload(w)));
+        }
+    }
+    res
+}
+
+/// Issue 18, item 6: at 110k resources the list of what the daemon holds is larger than the
+/// 4 MiB a gRPC server such as istiod receives. The resubscription after a stream break must
+/// still work, once (no reconnection loop), and end with exactly the control plane's state.
+#[test]
+fn a_resubscription_at_110k_resources_fits_the_control_planes_request_limit() {
+    if !root_or_skip("a_resubscription_at_110k_resources_fits_the_control_planes_request_limit") {
+        return;
+    }
+    let rt = runtime();
+    let bed = bed();
+    let scratch = Scratch::new();
+    let cp = ControlPlane::new(); // istiod's receive limit: 4 MiB
+    let mut all = scale_resources(10_000, 10);
+    all.extend(resources(&bed, &["s1", "s2", "s3"]));
+    let total = all.len();
+    cp.replace_all(ADDRESS_TYPE, all);
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let d = start_daemon(&scratch, &bed, server.addr);
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait("the 110k push in the kernel", &|| d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 100_003.0);
+    enroll(&d, &bed);
+
+    // The control plane goes away; meanwhile 10 endpoints and a service go, and one comes.
+    let opened = cp.streams_opened();
+    let addr = server.addr;
+    rt.block_on(server.stop());
+    let gone: Vec<String> = (0..10).map(|e| format!("Kubernetes//Pod/bench/svc-7-{e}")).collect();
+    let mut names: Vec<&str> = gone.iter().map(String::as_str).collect();
+    names.push("bench/svc-7.bench.svc.cluster.local");
+    cp.remove(ADDRESS_TYPE, &names);
+    cp.set(ADDRESS_TYPE, scale_resources(10_001, 1).into_iter().filter(|(k, _)| k.contains("svc-10000")));
+    let server = rt.block_on(cp.spawn(addr, None)).unwrap();
+    wait("the resync", &|| {
+        d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 99_994.0
+            && d.metric("kmesh_map_entries{map=\"FRONTENDS\"}") == 10_001.0
+    });
+    assert_eq!(cp.streams_opened(), opened + 1, "one reconnection, not a loop");
+    assert!(cp.violations().is_empty(), "{:?}", cp.violations());
+    let resub = cp.subscriptions().into_iter().rev().find(|s| s.type_url == ADDRESS_TYPE).unwrap();
+    assert!(resub.initial_resource_versions.is_empty(), "the held list ({total} names) did not fit");
+    assert_eq!(d.metric("kmesh_xds_resyncs_without_versions_total"), 1.0);
+    // Traffic is balanced as before.
+    assert_eq!(connect(&bed, 60).len(), 3);
+    drop(server);
+}
+
+/// A request over the control plane's receive limit is refused loudly, by name, not with a
+/// silent OK that makes the client reconnect forever.
+#[test]
+fn a_request_over_the_control_planes_limit_is_refused_by_name() {
+    let rt = runtime();
+    let cp = ControlPlane::new().with_max_request_bytes(64);
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let identity = ProxyIdentity::from_vars(|_| None).unwrap();
+    let o = XdsOptions::new(&server.addr.to_string(), NodeInfo::default(), identity);
+    let e = rt.block_on(probe(&o)).unwrap_err();
+    eprintln!("over the server's limit: {e}");
+    let XdsError::Stream { status, .. } = &e else { panic!("{e:?}") };
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{e}");
+    assert!(status.message().contains("receives at most 64 bytes"), "{e}");
+    assert_eq!(cp.violations().len(), 1, "{:?}", cp.violations());
+}
+
 /// A self-signed CA and a server certificate for 127.0.0.1 signed by it.
 fn certs() -> (String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};

@@ -14,13 +14,15 @@ pub mod istio {
     }
 }
 
-/// `Node`, sent in the first request of a stream.
 pub use envoy_types::pb::envoy::config::core::v3 as core;
 /// Envoy's discovery service: `DeltaDiscoveryRequest`, `DeltaDiscoveryResponse`, `Resource`,
 /// and the `AggregatedDiscoveryService` client and server.
 pub use envoy_types::pb::envoy::service::discovery::v3 as discovery;
 /// `google.rpc.Status`, carried by a NACK.
 pub use envoy_types::pb::google::rpc;
+/// `Node`, sent in the first request of a stream.
+/// The protobuf runtime the generated types implement (`Message::encoded_len`, `decode`).
+pub use prost;
 
 /// Type URL of workload and service resources.
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";

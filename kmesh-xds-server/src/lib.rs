@@ -142,7 +142,13 @@ pub struct ControlPlane {
     token: Option<String>,
     /// The proxy types accepted in node ids.
     node_types: Vec<&'static str>,
+    /// The largest request accepted (gRPC's receive limit).
+    max_request_bytes: usize,
 }
+
+/// gRPC's default receive limit, which istiod keeps (4 MiB): a client's request above it is
+/// refused with `RESOURCE_EXHAUSTED`.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 << 20;
 
 impl Default for ControlPlane {
     fn default() -> Self {
@@ -158,7 +164,14 @@ impl ControlPlane {
             broken: watch::channel(0).0,
             token: None,
             node_types: NODE_TYPES.to_vec(),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
+    }
+
+    /// Refuses requests larger than `bytes` (default [`DEFAULT_MAX_REQUEST_BYTES`]).
+    pub fn with_max_request_bytes(mut self, bytes: usize) -> Self {
+        self.max_request_bytes = bytes;
+        self
     }
 
     /// Accepts only these proxy types in node ids, as an older istiod would.
@@ -277,7 +290,9 @@ impl ControlPlane {
     }
 
     pub fn service(&self) -> AggregatedDiscoveryServiceServer<ControlPlane> {
-        AggregatedDiscoveryServiceServer::new(self.clone()).max_encoding_message_size(usize::MAX)
+        AggregatedDiscoveryServiceServer::new(self.clone())
+            .max_encoding_message_size(usize::MAX)
+            .max_decoding_message_size(self.max_request_bytes)
     }
 
     /// Serves on `listener` until `shutdown` resolves, optionally with TLS.
@@ -315,6 +330,23 @@ impl ControlPlane {
             }
         });
         Ok(ServerHandle { addr: local, stop: Some(tx), task: Some(task), cp: self.clone() })
+    }
+
+    /// The answer to a request that could not be received because it was too large (tonic
+    /// reports it as `OUT_OF_RANGE` or `RESOURCE_EXHAUSTED`); `None` for other stream ends.
+    fn refused_request(&self, e: &Status) -> Option<Status> {
+        if !matches!(e.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted) {
+            return None;
+        }
+        let msg = format!(
+            "request refused: {} (this control plane receives at most {} bytes per request, \
+             gRPC's and istiod's default)",
+            e.message(),
+            self.max_request_bytes
+        );
+        tracing::error!(error = %msg, "a client's request is over the receive limit; its stream is closed");
+        self.state.lock().unwrap().violations.push(msg.clone());
+        Some(Status::resource_exhausted(msg))
     }
 
     fn violation(&self, msg: String) -> Status {
@@ -454,7 +486,16 @@ impl AggregatedDiscoveryService for ControlPlane {
                         let req = match msg {
                             Ok(Some(r)) => r,
                             Ok(None) => break,
-                            Err(e) => { tracing::debug!(error = %e, "client stream ended"); break; }
+                            Err(e) => {
+                                // A request over the limit is the client's problem to fix: say
+                                // so to it and in the log, as istiod's gRPC server does.
+                                if let Some(status) = cp.refused_request(&e) {
+                                    let _ = tx.send(Err(status)).await;
+                                    return;
+                                }
+                                tracing::debug!(error = %e, "client stream ended");
+                                break;
+                            }
                         };
                         match cp.on_request(&mut st, req) {
                             Ok(out) => {

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
 use kmesh_model::config;
 use kmesh_proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
@@ -25,13 +26,35 @@ struct Cli {
     token: Option<String>,
     #[arg(long, default_value_t = 500)]
     poll_ms: u64,
+    /// The largest request accepted, as istiod's gRPC receive limit (a bigger one is refused
+    /// with RESOURCE_EXHAUSTED, named in the log and to the client).
+    #[arg(long, default_value_t = kmesh_xds_server::DEFAULT_MAX_REQUEST_BYTES)]
+    max_request_bytes: usize,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key. Clients such as ztunnel
+    /// speak only TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).init();
     let cli = Cli::parse();
-    let mut cp = ControlPlane::new();
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(c), Some(k)) => {
+            let cert = std::fs::read(c).with_context(|| format!("reading --tls-cert {}", c.display()))?;
+            let key = std::fs::read(k).with_context(|| format!("reading --tls-key {}", k.display()))?;
+            Some(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(cert, key)),
+            )
+        }
+        _ => None,
+    };
+    let mut cp = ControlPlane::new().with_max_request_bytes(cli.max_request_bytes);
     if let Some(t) = &cli.token {
         cp = cp.with_token(t);
     }
@@ -62,8 +85,8 @@ async fn main() -> anyhow::Result<()> {
         }
     });
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
-    tracing::info!(addr = %cli.listen, "delta ADS listening");
-    cp.serve(listener, None, async {
+    tracing::info!(addr = %cli.listen, tls = tls.is_some(), max_request_bytes = cli.max_request_bytes, "delta ADS listening");
+    cp.serve(listener, tls, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;
