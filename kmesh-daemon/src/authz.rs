@@ -171,6 +171,23 @@ struct DestContent {
     rows: BTreeMap<(u32, u32, u16), VerdictValue>,
 }
 
+impl DestContent {
+    fn empty() -> Self {
+        Self { regions: Vec::new(), rows: BTreeMap::new() }
+    }
+}
+
+/// The id a policy prefers: a function of its key alone (FNV-1a), so that a restarted daemon
+/// gives each policy the id the verdicts in force carry. Never 0 (the default's).
+fn preferred_policy_id(key: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h.max(1)
+}
+
 /// Ids that must stay stable across compilations.
 #[derive(Clone, Debug, Default)]
 pub struct AuthzCompiler {
@@ -203,6 +220,28 @@ impl AuthzCompiler {
             .chain(applied.verdict.keys().map(|k| k.dest_id))
             .chain(applied.region.keys().map(|(k, _)| u32::from_be_bytes(k.dest_id_be)));
         c.next_dest_id = dest_ids.max().unwrap_or(0);
+        // Each destination in force with what it was compiled to, read back from its entries:
+        // one whose compilation comes out the same keeps its dest id and nothing is rewritten.
+        let mut contents: BTreeMap<u32, DestContent> = BTreeMap::new();
+        for ((k, len), region) in &applied.region {
+            let words: [u32; 4] = std::array::from_fn(|i| {
+                u32::from_ne_bytes([k.addr[i * 4], k.addr[i * 4 + 1], k.addr[i * 4 + 2], k.addr[i * 4 + 3]])
+            });
+            let addr = crate::compile::words_addr(words);
+            let bits = len.saturating_sub(if addr.is_ipv4() { 32 + 96 } else { 32 });
+            let content = contents.entry(u32::from_be_bytes(k.dest_id_be)).or_insert_with(DestContent::empty);
+            content.regions.push((Cidr { addr, len: bits as u8 }, *region));
+        }
+        for (k, v) in &applied.verdict {
+            let content = contents.entry(k.dest_id).or_insert_with(DestContent::empty);
+            content.rows.insert((k.identity, k.region, k.port), VerdictValue { check: 0, ..*v });
+        }
+        for (addr, d) in &applied.dest {
+            if let Some(mut content) = contents.get(&d.dest_id).cloned() {
+                content.regions.sort_by_key(|(_, r)| *r);
+                c.dests.insert(*addr, (d.dest_id, content));
+            }
+        }
         c.identity_ids.reserve(applied.identity.values().filter(|id| **id > IDENTITY_OTHER).map(|id| id - 1));
         c.adopted_identity = applied.identity.clone();
         let policies = applied
@@ -254,7 +293,7 @@ impl AuthzCompiler {
         let used_policies: BTreeSet<String> = model.policies.keys().cloned().collect();
         self.policy_ids.retain(&used_policies);
         for key in model.policies.keys() {
-            let id = self.policy_ids.get_or_alloc(key);
+            let id = self.policy_ids.get_or_alloc_preferring(key, preferred_policy_id(key));
             for action in [VERDICT_ALLOW, VERDICT_DENY] {
                 out.counts.insert(CountKey { policy_id: id, action: action as u32 });
             }
@@ -473,6 +512,26 @@ policies:
                 assert!(!old_dests.contains(&k.dest_id), "{k:?} rewrites a row a destination in force reads");
             }
         }
+    }
+
+    /// Issue 18, item 4: a restart on the same policies finds every entry it would write
+    /// already in force (destinations read back from their rows, policies by their preferred
+    /// ids, identities by address) and writes nothing.
+    #[test]
+    fn a_restart_on_the_same_policies_writes_nothing() {
+        let policies = "  - {name: a, namespace: prod, rules: [{clauses: [{matches: [{service_accounts: [{namespace: prod, service_account: api}], destination_ports: [8080]}]}]}]}
+  - {name: d, namespace: prod, action: DENY, rules: [{clauses: [{matches: [{source_ips: [10.244.0.0/28, \"fd00::/64\"]}]}]}]}
+  - {name: dr, namespace: prod, action: DENY, dry_run: true, rules: [{clauses: [{matches: [{namespaces: [{exact: dev}]}]}]}]}
+";
+        let m = model(policies);
+        // A first run that saw other policies first, so that its ids are not a fresh run's.
+        let mut live = AuthzCompiler::default();
+        live.compile(&model("  - {name: zz, namespace: prod, rules: [{clauses: [{matches: [{}]}]}]}\n"))
+            .unwrap();
+        let old = live.compile(&m).unwrap();
+        assert!(!old.verdict.is_empty() && !old.region.is_empty());
+        let again = AuthzCompiler::adopting(&old).compile(&m).unwrap();
+        assert_eq!(again, old);
     }
 
     /// Issue 13, item 2: rows per destination are bounded; past the bound the configuration is

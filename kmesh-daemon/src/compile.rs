@@ -178,6 +178,40 @@ impl<K: Ord + Clone> IdPool<K> {
         true
     }
 
+    /// Gives `k` the id `id` found in maps adopted from an earlier run (a reserved id), now
+    /// that content shows `k` owned it: its entries keep their keys and need no rewrite.
+    /// Returns false, changing nothing, when `id` is not reserved, is taken, or `k` has an id.
+    pub fn adopt(&mut self, k: &K, id: u32) -> bool {
+        if !self.reserved.contains(&id) || !self.claim(k, id) {
+            return false;
+        }
+        self.reserved.remove(&id);
+        true
+    }
+
+    /// Whether ids adopted from an earlier run are still waiting for their owners.
+    pub fn adopting(&self) -> bool {
+        !self.reserved.is_empty()
+    }
+
+    /// Like [`get_or_alloc`](Self::get_or_alloc), but a new name takes `preferred` (or the
+    /// first id after it) when free, so that its id is a function of the name alone and a
+    /// restarted daemon finds the same one; an id adopted from an earlier run on that path is
+    /// taken as this name's own.
+    pub fn get_or_alloc_preferring(&mut self, k: &K, preferred: u32) -> u32 {
+        if let Some(id) = self.ids.get(k) {
+            return *id;
+        }
+        let mut id = preferred;
+        while id == 0 || self.in_use.contains(&id) {
+            id = id.wrapping_add(1);
+        }
+        self.reserved.remove(&id);
+        self.ids.insert(k.clone(), id);
+        self.in_use.insert(id);
+        id
+    }
+
     /// Forgets every name not in `keep`.
     pub fn retain(&mut self, keep: &BTreeSet<K>) {
         let in_use = &mut self.in_use;
@@ -347,6 +381,23 @@ pub struct Compiler {
     /// (`namespace/hostname`) sorts first owns it, in a full compilation and an incremental one
     /// alike, and the others are reported as conflicts.
     claims: BTreeMap<FrontendKey, BTreeSet<String>>,
+    /// During the first compilation after a restart: the backend ids the adopted maps hold, by
+    /// (service id, address), for their owners to take back.
+    adoptable_backends: BTreeMap<(u32, [u32; 4]), Vec<u32>>,
+}
+
+/// The backend ids of `prev` by the service whose slots use them and their address.
+fn adoptable_backends(prev: &MapState) -> BTreeMap<(u32, [u32; 4]), Vec<u32>> {
+    let mut out: BTreeMap<(u32, [u32; 4]), Vec<u32>> = BTreeMap::new();
+    for (k, e) in &prev.endpoints {
+        if let Some(b) = prev.backends.get(&e.backend_id) {
+            let ids = out.entry((k.service_id, b.addr)).or_default();
+            if !ids.contains(&e.backend_id) {
+                ids.push(e.backend_id);
+            }
+        }
+    }
+    out
 }
 
 /// A frontend two or more services claim, and which of them owns it.
@@ -384,6 +435,10 @@ impl Compiler {
                 .map(|w| ClientLocality::of_workload(w));
             let class_id = match loc {
                 Some(l) if l != node_loc => {
+                    // After a restart: the class this namespace had, if nothing took it yet.
+                    if let Some(v) = prev.netns.get(cookie) {
+                        self.ids.classes.adopt(&l, v.class_id);
+                    }
                     let id = self.ids.classes.get_or_alloc(&l);
                     used_classes.insert(l.clone());
                     self.classes.insert(id, l);
@@ -403,6 +458,8 @@ impl Compiler {
         }
 
         self.fragments.clear();
+        self.adoptable_backends =
+            if self.ids.backends.adopting() { adoptable_backends(prev) } else { Default::default() };
         let mut used_services = BTreeSet::new();
         let mut used_backends = BTreeSet::new();
         for (key, svc) in &model.services {
@@ -411,6 +468,7 @@ impl Compiler {
                 self.fragments.insert(key.clone(), frag);
             }
         }
+        self.adoptable_backends.clear();
         self.ids.services.retain(&used_services);
         self.ids.backends.retain(&used_backends);
         self.claims.clear();
@@ -630,7 +688,27 @@ impl Compiler {
             return None;
         }
         let mut out = MapState::default();
-        let service_id = self.ids.services.get_or_alloc(&key.to_string());
+        let skey = key.to_string();
+        if self.ids.services.get(&skey).is_none() && self.ids.services.adopting() {
+            // After a restart: the id the adopted frontends of this service's addresses carry.
+            let adopted = svc.addresses.iter().flat_map(|a| {
+                svc.ports.iter().filter_map(move |p| {
+                    let fk = FrontendKey {
+                        addr: addr_words(*a),
+                        port: p.service_port.to_be(),
+                        proto: proto_of(p.protocol),
+                        _pad: 0,
+                    };
+                    prev.frontends.get(&fk).map(|v| v.service_id)
+                })
+            });
+            for id in adopted.collect::<Vec<_>>() {
+                if self.ids.services.adopt(&skey, id) {
+                    break;
+                }
+            }
+        }
+        let service_id = self.ids.services.get_or_alloc(&skey);
         let lb = &svc.load_balancing;
         let locality = is_locality_aware(lb);
 
@@ -669,6 +747,15 @@ impl Compiler {
             for w in &candidates {
                 let Some(addr) = w.addresses.iter().find(|a| family_of(a) == family) else { continue };
                 let bkey = (service_id, w.uid.clone(), *addr);
+                if let Some(ids) = self.adoptable_backends.get(&(service_id, addr_words(*addr)))
+                    && self.ids.backends.get(&bkey).is_none()
+                {
+                    for id in ids {
+                        if self.ids.backends.adopt(&bkey, *id) {
+                            break;
+                        }
+                    }
+                }
                 let backend_id = self.ids.backends.get_or_alloc(&bkey);
                 used_backends.insert(bkey);
                 out.backends.insert(

@@ -383,6 +383,22 @@ struct AuthzUndo {
     dest: Vec<Undo<[u32; 4], DestValue>>,
 }
 
+/// How many authorization entries going from `old` to `next` writes and deletes.
+fn authz_changes(old: &AuthzState, next: &AuthzState) -> (usize, usize) {
+    fn count<K: Ord, V: PartialEq>(o: &BTreeMap<K, V>, n: &BTreeMap<K, V>) -> (usize, usize) {
+        let w = n.iter().filter(|(k, v)| o.get(*k) != Some(*v)).count();
+        (w, o.keys().filter(|k| !n.contains_key(*k)).count())
+    }
+    let parts = [
+        count(&old.dest, &next.dest),
+        count(&old.identity, &next.identity),
+        count(&old.region, &next.region),
+        count(&old.verdict, &next.verdict),
+        (next.counts.difference(&old.counts).count(), old.counts.difference(&next.counts).count()),
+    ];
+    parts.iter().fold((0, 0), |(w, d), (a, b)| (w + a, d + b))
+}
+
 /// The entries of `next` that `old` lacks or holds with another value.
 fn changed_of<K: Ord + Copy, V: PartialEq + Copy>(
     old: &BTreeMap<K, V>,
@@ -681,7 +697,8 @@ impl Dataplane {
         remove_all(&mut self.ports, "PORTS", &d.del_ports);
         remove_all(&mut self.backends, "BACKENDS", &d.del_backends);
         self.delete_authz(&old_authz, &authz);
-        let report = ApplyReport { writes: d.writes(), deletes: d.deletes() };
+        let (aw, ad) = authz_changes(&old_authz, &authz);
+        let report = ApplyReport { writes: d.writes() + aw, deletes: d.deletes() + ad };
         self.applied.apply(d);
         self.authz_applied = authz;
         Ok(report)

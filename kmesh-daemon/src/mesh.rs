@@ -130,8 +130,10 @@ impl Mesh {
 
     fn record(&mut self, r: &Result<ApplyReport, KernelError>, incremental: bool) {
         match r {
-            Ok(_) => {
+            Ok(rep) => {
                 self.counters.applies += 1;
+                self.counters.map_writes += rep.writes as u64;
+                self.counters.map_deletes += rep.deletes as u64;
                 if incremental {
                     self.counters.incremental_applies += 1;
                 }

@@ -106,6 +106,18 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth) -> String {
         p.counters.applies,
     );
     counter(&mut r, "kmesh_apply_errors", "Applies refused by the kernel side", p.counters.apply_errors);
+    counter(
+        &mut r,
+        "kmesh_map_writes",
+        "BPF map entries written (created or changed) by applies, every map family",
+        p.counters.map_writes,
+    );
+    counter(
+        &mut r,
+        "kmesh_map_deletes",
+        "BPF map entries deleted by applies, every map family",
+        p.counters.map_deletes,
+    );
     counter(&mut r, "kmesh_config_errors", "Config files refused by validation", p.counters.config_errors);
     gauge(
         &mut r,

@@ -22,6 +22,10 @@ pub struct Counters {
     /// Applies that recompiled only the services a change touched.
     pub incremental_applies: u64,
     pub apply_errors: u64,
+    /// Map entries written and deleted by successful applies (a restart on an unchanged
+    /// configuration adds nothing).
+    pub map_writes: u64,
+    pub map_deletes: u64,
     /// By map name.
     pub map_full_errors: BTreeMap<String, u64>,
     pub config_errors: u64,

@@ -278,6 +278,69 @@ fn pins_removed_by_hand_are_detected_reported_and_restored() {
 
 /// Issue 13, item 5: a restarted daemon enforces with its own authorization program, swapped
 /// into the namespace's existing link in one step, and the policy holds throughout.
+/// Issue 18, item 4: a restart takes the ids in force back from the maps. On an unchanged
+/// configuration it writes no entry at all, even one that fills more than half of a map
+/// (which used to be refused, forever, because everything was rewritten next to itself); on
+/// a changed one it writes what a daemon that never stopped writes for the same change.
+#[test]
+fn a_restart_writes_only_what_is_stale() {
+    if !root_or_skip("a_restart_writes_only_what_is_stale") {
+        return;
+    }
+    let bed = bed();
+    let scratch = Scratch::new();
+    let text = |backends: &[&str]| {
+        let mut w = workload(bed.pod("client"), &[], "");
+        for s in backends {
+            let extra = if *s == "s1" { ", authorization_policies: [default/p]" } else { "" };
+            w += &workload(bed.pod(s), &[(SVC_KEY, "[]")], extra);
+        }
+        config("zone-a", &service(&format!("[{VIP}]"), "[{service_port: 80, target_port: 8080}]", "{}"), &w)
+            + "policies:\n  - {name: p, namespace: default, scope: WORKLOAD_SELECTOR, action: ALLOW, rules: [{clauses: [{matches: [{namespaces: [{exact: default}]}]}]}]}\n"
+    };
+    // Three slots in a map of five: more than half.
+    let caps = ["--endpoints-capacity", "5"];
+    scratch.write_config(&text(&["s1", "s2", "s3"]));
+    let start = || {
+        let d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &caps);
+        wait_for("readiness", || d.get("/debug/ready").is_ok());
+        d
+    };
+    let kill = |d: &mut Daemon| {
+        let mut c = d.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    };
+    let changes = |d: &Daemon| (d.metric("kmesh_map_writes_total"), d.metric("kmesh_map_deletes_total"));
+    let mut d = start();
+    let req =
+        serde_json::json!({ "netns": bed.pod("client").netns_path(), "workload": "client" }).to_string();
+    admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap();
+    assert_eq!(connect(&bed, 60).len(), 3);
+    assert!(changes(&d).0 > 10.0, "the first run wrote everything: {:?}", changes(&d));
+    kill(&mut d);
+
+    let mut d = start();
+    assert_eq!(changes(&d), (0.0, 0.0), "a restart on the same configuration writes nothing");
+    assert_eq!(d.metric("kmesh_apply_errors_total"), 0.0);
+    assert_eq!(connect(&bed, 60).len(), 3);
+    // The same change made live, then undone, for reference.
+    scratch.write_config(&text(&["s1", "s2"]));
+    wait_for("s3 out", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 2.0);
+    let live = changes(&d);
+    scratch.write_config(&text(&["s1", "s2", "s3"]));
+    wait_for("s3 back", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 3.0);
+    kill(&mut d);
+
+    scratch.write_config(&text(&["s1", "s2"]));
+    let d = start();
+    wait_for("s3 out after the restart", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 2.0);
+    eprintln!("removing s3: live {live:?}, at a restart {:?}", changes(&d));
+    assert_eq!(changes(&d), live, "a restart on a changed configuration writes only the difference");
+    let s = connect(&bed, 40);
+    assert_eq!(s.keys().cloned().collect::<Vec<_>>(), ["s1", "s2"], "{s:?}");
+}
+
 /// kubelet probes a pod from the node's own network namespace, an address with no identity:
 /// under an ALLOW policy that admits nobody the node is still let in (Istio ambient's
 /// behaviour), counted, and forgotten when its connection closes; a mesh peer the policy does
