@@ -15,7 +15,7 @@
 
 /// Layout version of the maps below. Bumped whenever a key or value changes shape; the daemon
 /// keeps its pins under a directory named after it.
-pub const MAP_LAYOUT_VERSION: u32 = 4;
+pub const MAP_LAYOUT_VERSION: u32 = 5;
 
 /// Names of the load-balancing maps, in the order user space lists them everywhere (map
 /// counts, capacities, pins).
@@ -259,7 +259,12 @@ pub mod stat {
     /// A connection the node itself opened (kubelet's probes) admitted into a pod with
     /// policies without consulting them (see `NodeConnKey`).
     pub const AUTHZ_NODE_EXEMPT: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// A datagram of an unconnected UDP socket sent to the backend the socket already uses
+    /// for that frontend (no new choice; see `UdpRev`).
+    pub const UDP_STICKY: u32 = 10;
+    /// A reply's source rewritten from a backend back to the frontend the socket sent to.
+    pub const UDP_REPLY_REWRITTEN: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -303,6 +308,36 @@ pub struct IdentityValue {
 pub struct RegionKey {
     pub dest_id_be: [u8; 4],
     pub addr: [u8; 16],
+}
+
+/// Frontends one unconnected UDP socket remembers (see `UdpRev`).
+pub const UDP_REV_SLOTS: usize = 8;
+/// A socket that sent nothing to a frontend for this long chooses its backend again (as
+/// conntrack forgets an idle UDP flow after 30 s).
+pub const UDP_IDLE_NS: u64 = 30_000_000_000;
+
+/// One frontend an unconnected UDP socket sends to: the backend chosen for it, so that later
+/// datagrams go to the same one (a flow, as conntrack would keep it) and replies from it are
+/// shown as coming from the frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpRevEntry {
+    pub vip: [u32; 4],
+    pub backend: [u32; 4],
+    /// Ports in network order, as `bpf_sock_addr.user_port` holds them.
+    pub vip_port: u16,
+    pub backend_port: u16,
+    pub backend_id: u32,
+    /// When the socket last sent to it (0: the slot is free).
+    pub last_ns: u64,
+}
+
+/// `UDP_REV`: per-socket storage of an unconnected UDP socket of an enrolled namespace that
+/// sent to a frontend; bounded (the least recently used slot is reused), freed with the socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UdpRev {
+    pub entries: [UdpRevEntry; UDP_REV_SLOTS],
 }
 
 /// `NODE_CONNS` key: a TCP connection opened from the node's own network namespace (where
@@ -554,6 +589,7 @@ const _: () = {
     assert!(core::mem::size_of::<RegionKey>() == 20);
     assert!(core::mem::size_of::<VerdictKey>() == 16);
     assert!(core::mem::size_of::<NodeConnKey>() == 36);
+    assert!(core::mem::size_of::<UdpRevEntry>() == 48);
     assert!(core::mem::size_of::<VerdictValue>() == 16);
     assert!(core::mem::size_of::<IdentityValue>() == 8);
     assert!(core::mem::size_of::<CountKey>() == 8);

@@ -23,7 +23,14 @@ use crate::compile::{Diff, MapCounts, MapState, diff, union_len};
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmesh-ebpf"));
 
 /// The programs and the hook each one attaches to.
-pub const PROGRAMS: [&str; 2] = ["kmesh_connect4", "kmesh_connect6"];
+pub const PROGRAMS: [&str; 6] = [
+    "kmesh_connect4",
+    "kmesh_connect6",
+    "kmesh_sendmsg4",
+    "kmesh_sendmsg6",
+    "kmesh_recvmsg4",
+    "kmesh_recvmsg6",
+];
 /// The telemetry program (sock_ops), attached to the cgroup next to the connect programs.
 pub const TELEMETRY_PROGRAM: &str = "kmesh_sockops";
 /// How often an open connection reports its counters unless configured otherwise.
@@ -31,7 +38,7 @@ pub const DEFAULT_REPORT_INTERVAL: std::time::Duration = std::time::Duration::fr
 /// The authorization program, attached to each enrolled network namespace.
 pub const AUTHZ_PROGRAM: &str = "kmesh_authz";
 /// Maps with fixed capacities (pinned next to the others).
-const FIXED_MAPS: [&str; 11] = [
+const FIXED_MAPS: [&str; 12] = [
     "STATS",
     "AUTHZ_DEST",
     "IDENTITY",
@@ -43,6 +50,7 @@ const FIXED_MAPS: [&str; 11] = [
     "TELEMETRY",
     "TELEMETRY_CONF",
     "NODE_CONNS",
+    "UDP_REV",
 ];
 
 /// Loads a cgroup program (connect4/6 or sock_ops) and attaches it with a bpf_link.
@@ -1088,6 +1096,9 @@ impl Dataplane {
         }
         if let Some(aya::maps::Map::LruHashMap(d)) = self.ebpf.map("NODE_CONNS") {
             maps.push(("NODE_CONNS", d.fd().as_fd()));
+        }
+        if let Some(aya::maps::Map::SkStorage(d)) = self.ebpf.map("UDP_REV") {
+            maps.push(("UDP_REV", d.fd().as_fd()));
         }
         let mut restored = Vec::new();
         for (name, fd) in maps {

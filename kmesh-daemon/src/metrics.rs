@@ -196,6 +196,13 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth) -> String {
             ]
             .map(|(idx, name)| (vec![("result", name.to_string())], st[idx as usize])),
         );
+        counters(
+            &mut r,
+            "kmesh_udp_unconnected",
+            "Unconnected UDP sockets: datagrams kept on their flow's backend, and replies shown from the VIP",
+            [(stat::UDP_STICKY, "sticky"), (stat::UDP_REPLY_REWRITTEN, "reply_rewritten")]
+                .map(|(idx, name)| (vec![("result", name.to_string())], st[idx as usize])),
+        );
         counter(
             &mut r,
             "kmesh_authz_inconsistent",

@@ -246,6 +246,71 @@ fn udp_frontends_are_balanced_at_connect() {
     assert_eq!(t[0].errno, Some(libc::ENETUNREACH), "{t:?}");
 }
 
+/// Issue 16, item 1: a UDP client that never calls connect() (every stub resolver) is
+/// balanced datagram flow by datagram flow at sendmsg(), sees the answers come from the VIP
+/// it asked (recvmsg()), keeps one backend per socket while that backend is in force (a flow,
+/// as conntrack keeps one), and moves when it leaves the service.
+#[test]
+fn unconnected_udp_is_balanced_and_answers_come_from_the_vip() {
+    if !root_or_skip("unconnected_udp_is_balanced_and_answers_come_from_the_vip") {
+        return;
+    }
+    let mut env = Env::new(&three_backends_two_zones());
+    start_servers(&env, &[], &[5353]);
+    let ports = "[{service_port: 53, target_port: 5353, protocol: UDP}]";
+    let pods: std::collections::BTreeMap<&str, kmesh_testbed::Pod> =
+        ["s1", "s2", "s3"].into_iter().map(|n| (n, env.pod(n).clone())).collect();
+    let cfg = |backends: &[&str]| {
+        let w: String = backends.iter().map(|s| workload(&pods[s], &[(SVC_KEY, "[]")], "")).collect();
+        config("zone-a", &service(&format!("[{VIP}]"), ports, "{}"), &w)
+    };
+    env.apply(&cfg(&["s1", "s2", "s3"]));
+    env.enroll("client", None);
+    let target: std::net::SocketAddr = format!("{VIP}:53").parse().unwrap();
+    let run = |o: &ClientOptions| env.pod("client").connect_background(target, o).unwrap().finish().unwrap();
+    let vip_answered =
+        |a: &[kmesh_testbed::Attempt]| a.iter().all(|a| a.ok && a.peer.as_deref() == Some("10.96.0.10:53"));
+
+    // A socket per datagram: a flow each, spread evenly.
+    let a = run(&ClientOptions { count: 1500, udp: true, unconnected: true, ..Default::default() });
+    assert!(vip_answered(&a), "{:?}", a.iter().find(|a| a.peer.as_deref() != Some("10.96.0.10:53")));
+    let s = spread(&a);
+    assert_follows(&[s["s1"], s["s2"], s["s3"]], &[1.0, 1.0, 1.0]);
+
+    // One socket: one backend for all its datagrams.
+    let one =
+        ClientOptions { count: 50, udp: true, unconnected: true, one_socket: true, ..Default::default() };
+    let a = run(&one);
+    assert!(vip_answered(&a));
+    assert_eq!(spread(&a).len(), 1, "{:?}", spread(&a));
+
+    // The backend of a flow leaves the service: the next datagram goes to one still in it.
+    env.apply(&cfg(&["s1"]));
+    let o = ClientOptions { count: 400, duration_ms: 2000, interval_us: 5000, ..one.clone() };
+    let bg = env.pod("client").connect_background(target, &o).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let t_change = kmesh_testbed::monotonic_ns();
+    env.apply(&cfg(&["s2"]));
+    let t_applied = kmesh_testbed::monotonic_ns();
+    let a = bg.finish().unwrap();
+    assert!(vip_answered(&a), "{:?}", a.iter().find(|a| !a.ok));
+    let before: Vec<_> =
+        a.iter().filter(|x| x.start_ns < t_change).map(|x| x.server.clone().unwrap()).collect();
+    let after: Vec<_> =
+        a.iter().filter(|x| x.start_ns > t_applied).map(|x| x.server.clone().unwrap()).collect();
+    assert!(!before.is_empty() && before.iter().all(|s| s == "s1"), "{before:?}");
+    assert!(!after.is_empty() && after.iter().all(|s| s == "s2"), "{after:?}");
+
+    // Outside the mesh nothing is rewritten: the VIP is not routable from s3.
+    let a = env
+        .pod("s3")
+        .connect_background(target, &ClientOptions { timeout_ms: 300, ..one })
+        .unwrap()
+        .finish()
+        .unwrap();
+    assert_eq!(a[0].errno, Some(libc::ENETUNREACH), "{a:?}");
+}
+
 #[test]
 fn capacity_weights_shift_the_spread() {
     if !root_or_skip("capacity_weights_shift_the_spread") {

@@ -70,6 +70,10 @@ static NODE_CONNS: LruHashMap<NodeConnKey, u8, 16384> = LruHashMap::new();
 static CONN_META: SkStorage<ConnMeta> = SkStorage::new();
 #[btf_map]
 static TELEMETRY: RingBuf<(), { 1024 * 1024 }> = RingBuf::new();
+/// Unconnected UDP sockets: the backend chosen per frontend, for later datagrams and for the
+/// source of replies (see `UdpRev`).
+#[btf_map]
+static UDP_REV: SkStorage<UdpRev> = SkStorage::new();
 /// Written by the daemon: on/off and the report interval of open connections.
 #[btf_map]
 static TELEMETRY_CONF: Array<u64, { TCONF_COUNT as usize }> = Array::new();
@@ -121,8 +125,8 @@ fn count(idx: u32) {
 enum Verdict {
     /// Leave the destination as it is.
     Pass,
-    /// Rewrite to this address (16-byte layout) and port (network order).
-    Rewrite([u32; 4], u16),
+    /// Rewrite to this address (16-byte layout) and port (network order) of this backend id.
+    Rewrite([u32; 4], u16, u32),
     /// Fail connect() with this errno.
     Refuse(i32),
 }
@@ -220,7 +224,7 @@ fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, family: 
             None => default_port,
         };
         count(stat::REWRITTEN);
-        return Verdict::Rewrite(be.addr, target);
+        return Verdict::Rewrite(be.addr, target, backend_id);
     }
     count(stat::INCONSISTENT);
     Verdict::Refuse(ERRNO_INCONSISTENT)
@@ -242,6 +246,179 @@ fn refuse(errno: i32) -> i32 {
     0
 }
 
+#[inline(always)]
+fn eq4(a: &[u32; 4], b: &[u32; 4]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
+}
+
+/// A datagram of an unconnected UDP socket to `addr:port`: the backend this socket already
+/// sends that frontend to while it is in force and not idle, else a new choice by the
+/// service's policy (`balance`), remembered in the socket's `UDP_REV` slots.
+#[inline(always)]
+fn udp_send(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u8) -> Verdict {
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if unsafe { NETNS.get(cookie) }.is_none() {
+        return Verdict::Pass;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let st = unsafe { UDP_REV.get_ptr_mut(ctx) };
+    if !st.is_null() {
+        let mut i = 0;
+        while i < UDP_REV_SLOTS {
+            let e = unsafe { &mut (*st).entries[i] };
+            if e.last_ns != 0
+                && e.vip_port == port
+                && eq4(&e.vip, &addr)
+                && now.saturating_sub(e.last_ns) < UDP_IDLE_NS
+            {
+                // Still in force: the backend id holds the same address (an endpoint that left
+                // the service has no BACKENDS entry any more).
+                let bid = e.backend_id;
+                let backend = e.backend;
+                let alive = unsafe { BACKENDS.get(bid) }
+                    .copied()
+                    .is_some_and(|b| b.belongs_to(&bid) && eq4(&b.addr, &backend));
+                if alive {
+                    e.last_ns = now;
+                    count(stat::UDP_STICKY);
+                    return Verdict::Rewrite(backend, e.backend_port, bid);
+                }
+            }
+            i += 1;
+        }
+    }
+    let v = balance(ctx, addr, port, PROTO_UDP, family);
+    if let Verdict::Rewrite(backend, backend_port, backend_id) = v {
+        let st = unsafe { UDP_REV.get_or_insert_ptr_mut(ctx, None) };
+        if !st.is_null() {
+            // This frontend's slot, else the least recently used one.
+            let mut pick = 0;
+            let mut oldest = u64::MAX;
+            let mut i = 0;
+            while i < UDP_REV_SLOTS {
+                let e = unsafe { &(*st).entries[i] };
+                if e.last_ns != 0 && e.vip_port == port && eq4(&e.vip, &addr) {
+                    pick = i;
+                    break;
+                }
+                if e.last_ns < oldest {
+                    oldest = e.last_ns;
+                    pick = i;
+                }
+                i += 1;
+            }
+            if pick < UDP_REV_SLOTS {
+                unsafe {
+                    (*st).entries[pick] = UdpRevEntry {
+                        vip: addr,
+                        backend,
+                        vip_port: port,
+                        backend_port,
+                        backend_id,
+                        last_ns: now,
+                    };
+                }
+            }
+        }
+    }
+    v
+}
+
+/// The frontend a reply from `src:sport` answers, for an unconnected UDP socket that sent
+/// to it (its `UDP_REV` slots).
+#[inline(always)]
+fn udp_reply_source(ctx: &SockAddrContext, src: [u32; 4], sport: u16) -> Option<([u32; 4], u16)> {
+    let st = unsafe { UDP_REV.get_ptr_mut(ctx) };
+    if st.is_null() {
+        return None;
+    }
+    let mut i = 0;
+    while i < UDP_REV_SLOTS {
+        let e = unsafe { &(*st).entries[i] };
+        if e.last_ns != 0 && e.backend_port == sport && eq4(&e.backend, &src) {
+            count(stat::UDP_REPLY_REWRITTEN);
+            return Some((e.vip, e.vip_port));
+        }
+        i += 1;
+    }
+    None
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn kmesh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let ip4 = unsafe { (*sa).user_ip4 };
+    let port = unsafe { (*sa).user_port } as u16;
+    match udp_send(&ctx, v4_mapped(ip4), port, FAMILY_V4) {
+        Verdict::Pass => 1,
+        Verdict::Refuse(errno) => refuse(errno),
+        Verdict::Rewrite(addr, target, _) => {
+            if !is_v4_mapped(&addr) {
+                count(stat::INCONSISTENT);
+                return refuse(ERRNO_NO_ENDPOINT);
+            }
+            unsafe {
+                (*sa).user_ip4 = addr[3];
+                (*sa).user_port = target as u32;
+            }
+            1
+        }
+    }
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn kmesh_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let addr = unsafe { [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]] };
+    let port = unsafe { (*sa).user_port } as u16;
+    let family = if is_v4_mapped(&addr) { FAMILY_V4 } else { FAMILY_V6 };
+    match udp_send(&ctx, addr, port, family) {
+        Verdict::Pass => 1,
+        Verdict::Refuse(errno) => refuse(errno),
+        Verdict::Rewrite(new, target, _) => {
+            unsafe {
+                (*sa).user_ip6[0] = new[0];
+                (*sa).user_ip6[1] = new[1];
+                (*sa).user_ip6[2] = new[2];
+                (*sa).user_ip6[3] = new[3];
+                (*sa).user_port = target as u32;
+            }
+            1
+        }
+    }
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn kmesh_recvmsg4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let ip4 = unsafe { (*sa).user_ip4 };
+    let port = unsafe { (*sa).user_port } as u16;
+    if let Some((vip, vport)) = udp_reply_source(&ctx, v4_mapped(ip4), port) {
+        unsafe {
+            (*sa).user_ip4 = vip[3];
+            (*sa).user_port = vport as u32;
+        }
+    }
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn kmesh_recvmsg6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let addr = unsafe { [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]] };
+    let port = unsafe { (*sa).user_port } as u16;
+    if let Some((vip, vport)) = udp_reply_source(&ctx, addr, port) {
+        unsafe {
+            (*sa).user_ip6[0] = vip[0];
+            (*sa).user_ip6[1] = vip[1];
+            (*sa).user_ip6[2] = vip[2];
+            (*sa).user_ip6[3] = vip[3];
+            (*sa).user_port = vport as u32;
+        }
+    }
+    1
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
     let Some(proto) = proto_of(&ctx) else { return 1 };
@@ -251,7 +428,7 @@ pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
     match balance(&ctx, v4_mapped(ip4), port, proto, FAMILY_V4) {
         Verdict::Pass => 1,
         Verdict::Refuse(errno) => refuse(errno),
-        Verdict::Rewrite(addr, target) => {
+        Verdict::Rewrite(addr, target, _) => {
             remember_orig(&ctx, v4_mapped(ip4), port);
             if !is_v4_mapped(&addr) {
                 // An IPv6 backend in an IPv4 table is a compiler bug; never misroute.
@@ -279,7 +456,7 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
     match balance(&ctx, addr, port, proto, family) {
         Verdict::Pass => 1,
         Verdict::Refuse(errno) => refuse(errno),
-        Verdict::Rewrite(new, target) => {
+        Verdict::Rewrite(new, target, _) => {
             remember_orig(&ctx, addr, port);
             unsafe {
                 (*sa).user_ip6[0] = new[0];

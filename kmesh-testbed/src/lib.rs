@@ -571,6 +571,12 @@ impl Pod {
         if o.udp {
             c.arg("--udp");
         }
+        if o.unconnected {
+            c.arg("--unconnected");
+        }
+        if o.one_socket {
+            c.arg("--one-socket");
+        }
         if o.send_bytes > 0 {
             c.args(["--send", &o.send_bytes.to_string()]);
         }
@@ -627,11 +633,24 @@ pub struct ClientOptions {
     pub duration_ms: u64,
     /// TCP: after the server's name line, send this many bytes and read them echoed back.
     pub send_bytes: u32,
+    /// UDP: sendto()/recvfrom() without connect(); `peer` is where the answer came from.
+    pub unconnected: bool,
+    /// UDP: every attempt from one socket.
+    pub one_socket: bool,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        Self { count: 1, udp: false, timeout_ms: 2000, interval_us: 0, duration_ms: 0, send_bytes: 0 }
+        Self {
+            count: 1,
+            udp: false,
+            timeout_ms: 2000,
+            interval_us: 0,
+            duration_ms: 0,
+            send_bytes: 0,
+            unconnected: false,
+            one_socket: false,
+        }
     }
 }
 

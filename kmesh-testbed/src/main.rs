@@ -85,6 +85,13 @@ enum Cmd {
         /// TCP: after the server's name line, send this many bytes and read the echo.
         #[arg(long, default_value_t = 0)]
         send: u32,
+        /// UDP: never connect(): sendto() the target and report the address recvfrom() says
+        /// the answer came from.
+        #[arg(long)]
+        unconnected: bool,
+        /// UDP: every attempt from one socket (one source port), as a long-lived client.
+        #[arg(long)]
+        one_socket: bool,
     },
 }
 
@@ -111,7 +118,18 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Serve { name, tcp, udp } => serve(name, tcp, udp),
         Cmd::Hold { target, secs, interval_ms } => hold(target, secs, interval_ms),
-        Cmd::Connect { target, count, udp, timeout_ms, interval_us, duration_ms, send } => {
+        Cmd::Connect {
+            target,
+            count,
+            udp,
+            timeout_ms,
+            interval_us,
+            duration_ms,
+            send,
+            unconnected,
+            one_socket,
+        } => {
+            let udp = udp.then_some(UdpMode { unconnected, one_socket });
             connect(target, count, udp, Duration::from_millis(timeout_ms), interval_us, duration_ms, send)
         }
     }
@@ -257,23 +275,54 @@ fn attempt_tcp(target: SocketAddr, timeout: Duration, send: u32) -> std::io::Res
     Ok((line.trim().to_string(), peer))
 }
 
-fn attempt_udp(target: SocketAddr, timeout: Duration) -> std::io::Result<(String, SocketAddr)> {
+/// How a UDP client behaves.
+#[derive(Clone, Copy)]
+struct UdpMode {
+    unconnected: bool,
+    one_socket: bool,
+}
+
+fn udp_socket(target: SocketAddr, timeout: Duration) -> std::io::Result<UdpSocket> {
     let bind: SocketAddr =
         if target.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
     let s = UdpSocket::bind(bind)?;
-    s.connect(target)?;
     s.set_read_timeout(Some(timeout))?;
-    s.send(b"hello")?;
+    Ok(s)
+}
+
+fn attempt_udp(
+    target: SocketAddr,
+    timeout: Duration,
+    mode: UdpMode,
+    shared: &mut Option<UdpSocket>,
+) -> std::io::Result<(String, SocketAddr)> {
+    let fresh;
+    let s = if mode.one_socket {
+        if shared.is_none() {
+            *shared = Some(udp_socket(target, timeout)?);
+        }
+        shared.as_ref().expect("just set")
+    } else {
+        fresh = udp_socket(target, timeout)?;
+        &fresh
+    };
     let mut buf = [0u8; 2048];
-    let n = s.recv(&mut buf)?;
+    let (n, peer) = if mode.unconnected {
+        s.send_to(b"hello", target)?;
+        s.recv_from(&mut buf)?
+    } else {
+        s.connect(target)?;
+        s.send(b"hello")?;
+        (s.recv(&mut buf)?, s.peer_addr()?)
+    };
     let text = String::from_utf8_lossy(&buf[..n]);
-    Ok((text.lines().next().unwrap_or("").to_string(), s.peer_addr()?))
+    Ok((text.lines().next().unwrap_or("").to_string(), peer))
 }
 
 fn connect(
     target: SocketAddr,
     count: u32,
-    udp: bool,
+    udp: Option<UdpMode>,
     timeout: Duration,
     interval_us: u64,
     duration_ms: u64,
@@ -283,6 +332,7 @@ fn connect(
     let deadline = (duration_ms > 0).then(|| Instant::now() + Duration::from_millis(duration_ms));
     let out = std::io::stdout();
     let mut out = out.lock();
+    let mut shared = None;
     for i in 0..count {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
@@ -291,7 +341,10 @@ fn connect(
             std::thread::sleep(Duration::from_micros(interval_us));
         }
         let start_ns = monotonic_ns();
-        let r = if udp { attempt_udp(target, timeout) } else { attempt_tcp(target, timeout, send) };
+        let r = match udp {
+            Some(mode) => attempt_udp(target, timeout, mode, &mut shared),
+            None => attempt_tcp(target, timeout, send),
+        };
         let a = match r {
             Ok((server, peer)) => Attempt {
                 ok: true,
