@@ -94,21 +94,31 @@ fn main() -> anyhow::Result<()> {
     let pins = PathBuf::from(format!("/sys/fs/bpf/kmesh-bench-{}", std::process::id()));
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let admin_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let mut child = with_default_signals(&mut Command::new(&bin))
-        .args(["run", "--xds-address", &server.addr.to_string(), "--xds-plaintext", "--node-name", "node-0"])
-        .arg("--cgroup")
-        .arg(bed.cgroup())
-        .arg("--bpffs")
-        .arg(&pins)
-        .args(["--admin", &admin_addr.to_string(), "--uninstall-on-exit", "--metrics-addr", "off"])
-        .arg("--admin-socket")
-        .arg(std::env::temp_dir().join(format!("kmesh-bench-{}-admin.sock", std::process::id())))
-        .arg("--state-file")
-        .arg(std::env::temp_dir().join(format!("kmesh-bench-{}-state.json", std::process::id())))
-        .env("KMESH_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting kmesh-daemon")?;
+    let spawn = || {
+        with_default_signals(&mut Command::new(&bin))
+            .args([
+                "run",
+                "--xds-address",
+                &server.addr.to_string(),
+                "--xds-plaintext",
+                "--node-name",
+                "node-0",
+            ])
+            .arg("--cgroup")
+            .arg(bed.cgroup())
+            .arg("--bpffs")
+            .arg(&pins)
+            .args(["--admin", &admin_addr.to_string(), "--uninstall-on-exit", "--metrics-addr", "off"])
+            .arg("--admin-socket")
+            .arg(std::env::temp_dir().join(format!("kmesh-bench-{}-admin.sock", std::process::id())))
+            .arg("--state-file")
+            .arg(std::env::temp_dir().join(format!("kmesh-bench-{}-state.json", std::process::id())))
+            .env("KMESH_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting kmesh-daemon")
+    };
+    let mut child = spawn()?;
     let pid = child.id();
     let r = (|| -> anyhow::Result<()> {
         wait_until("readiness", Duration::from_secs(20), || {
@@ -158,12 +168,40 @@ fn main() -> anyhow::Result<()> {
         let _ = t1;
         let (rss2, cpu2) = usage(pid);
 
+        // More single-endpoint changes (an endpoint removed, then back), for percentiles and
+        // the control plane's share.
+        let changes = 25;
+        let entries = |k: usize| metric(admin_addr, "kmesh_map_entries{map=\"ENDPOINTS\"}") == k as f64;
+        let cp0 = cp.push_time();
+        let mut lat = Vec::new();
+        for i in 0..changes {
+            let w = workload((i * 7919 + 1) % n, m - 1, m);
+            let bytes = encode_address(&AddressResource::Workload(w.clone()));
+            cp.remove(ADDRESS_TYPE, &[w.uid.as_str()]);
+            lat.push(wait_until("a change", Duration::from_secs(60), || entries(n * m - 2))?);
+            cp.set(ADDRESS_TYPE, [(w.uid.clone(), bytes)]);
+            lat.push(wait_until("a change", Duration::from_secs(60), || entries(n * m - 1))?);
+        }
+        let cp_share = (cp.push_time() - cp0).as_secs_f64() / lat.len() as f64;
+        let (_, cpu3) = usage(pid);
+        lat.sort();
+        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0;
+        let daemon_cpu = (cpu3 - cpu2) / lat.len() as f64;
+
         println!();
         println!("| measure | value |");
         println!("|---|---|");
         println!("| services x endpoints | {n} x {m} ({} workloads) |", n * m);
         println!("| push -> all maps written | {:.2} s |", full.as_secs_f64());
         println!("| one endpoint removed -> in the kernel | {:.1} ms |", one.as_secs_f64() * 1000.0);
+        println!(
+            "| one endpoint change -> in the kernel, p50 / p99 over {} | {:.1} / {:.1} ms |",
+            lat.len(),
+            pct(0.5),
+            pct(0.99)
+        );
+        println!("| control plane's share per change (computing the push) | {:.2} ms |", cp_share * 1000.0);
+        println!("| daemon CPU per change | {:.1} ms |", daemon_cpu * 1000.0);
         println!("| daemon CPU for the full push | {:.2} s |", cpu1 - cpu0);
         println!("| daemon CPU for the one change | {:.3} s |", cpu2 - cpu1);
         println!("| daemon RSS before the push | {rss0:.1} MiB |");
@@ -175,9 +213,25 @@ fn main() -> anyhow::Result<()> {
             metric(admin_addr, "kmesh_map_entries{map=\"ENDPOINTS\"}"),
             metric(admin_addr, "kmesh_map_entries{map=\"BACKENDS\"}")
         );
+
+        // A restart on the unchanged configuration (SIGKILL, as a crash or an OOM kill).
+        let _ = child.kill();
+        let _ = child.wait();
+        let t = Instant::now();
+        child = spawn()?;
+        let ready = wait_until("readiness after the restart", Duration::from_secs(120), || {
+            admin::request(admin_addr, "GET", "/debug/ready", None).is_ok()
+        })?;
+        let _ = t;
+        println!(
+            "| restart (SIGKILL) on the unchanged configuration: ready after / map entries written, deleted | {:.2} s / {}, {} |",
+            ready.as_secs_f64(),
+            metric(admin_addr, "kmesh_map_writes_total"),
+            metric(admin_addr, "kmesh_map_deletes_total")
+        );
         Ok(())
     })();
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
     drop(server);
     r

@@ -391,22 +391,6 @@ struct AuthzUndo {
     dest: Vec<Undo<[u32; 4], DestValue>>,
 }
 
-/// How many authorization entries going from `old` to `next` writes and deletes.
-fn authz_changes(old: &AuthzState, next: &AuthzState) -> (usize, usize) {
-    fn count<K: Ord, V: PartialEq>(o: &BTreeMap<K, V>, n: &BTreeMap<K, V>) -> (usize, usize) {
-        let w = n.iter().filter(|(k, v)| o.get(*k) != Some(*v)).count();
-        (w, o.keys().filter(|k| !n.contains_key(*k)).count())
-    }
-    let parts = [
-        count(&old.dest, &next.dest),
-        count(&old.identity, &next.identity),
-        count(&old.region, &next.region),
-        count(&old.verdict, &next.verdict),
-        (next.counts.difference(&old.counts).count(), old.counts.difference(&next.counts).count()),
-    ];
-    parts.iter().fold((0, 0), |(w, d), (a, b)| (w + a, d + b))
-}
-
 /// The entries of `next` that `old` lacks or holds with another value.
 fn changed_of<K: Ord + Copy, V: PartialEq + Copy>(
     old: &BTreeMap<K, V>,
@@ -704,8 +688,8 @@ impl Dataplane {
         remove_all(&mut self.endpoints, "ENDPOINTS", &d.del_endpoints);
         remove_all(&mut self.ports, "PORTS", &d.del_ports);
         remove_all(&mut self.backends, "BACKENDS", &d.del_backends);
-        self.delete_authz(&old_authz, &authz);
-        let (aw, ad) = authz_changes(&old_authz, &authz);
+        let ad = self.delete_authz(&old_authz, &authz);
+        let aw = az.identity.len() + az.region.len() + az.verdict.len() + az.counts.len() + az.dest.len();
         let report = ApplyReport { writes: d.writes() + aw, deletes: d.deletes() + ad };
         self.applied.apply(d);
         self.authz_applied = authz;
@@ -843,22 +827,30 @@ impl Dataplane {
     }
 
     /// Deletes what `next` no longer has, roots first.
-    fn delete_authz(&mut self, old: &AuthzState, next: &AuthzState) {
+    /// Deletes what `old` has and `next` lacks; returns how many entries that was.
+    fn delete_authz(&mut self, old: &AuthzState, next: &AuthzState) -> usize {
+        let mut n = 0;
         for k in old.dest.keys().filter(|k| !next.dest.contains_key(*k)) {
             let _ = self.authz_dest.remove(k);
+            n += 1;
         }
         for k in old.verdict.keys().filter(|k| !next.verdict.contains_key(*k)) {
             let _ = self.authz_verdict.remove(k);
+            n += 1;
         }
         for (k, len) in old.region.keys().filter(|k| !next.region.contains_key(*k)) {
             let _ = self.authz_region.remove(&LpmKey::new(*len, *k));
+            n += 1;
         }
         for k in old.identity.keys().filter(|k| !next.identity.contains_key(*k)) {
             let _ = self.identity.remove(k);
+            n += 1;
         }
         for k in old.counts.difference(&next.counts) {
             let _ = self.authz_counts.remove(k);
+            n += 1;
         }
+        n
     }
 
     /// Attaches the authorization program to a network namespace (idempotent).

@@ -7,7 +7,7 @@
 //! closed with an error, so that a client bug fails a test. Tests drive it: set and remove
 //! resources, break every stream, read the ACKs and NACKs it received.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -117,8 +117,10 @@ pub struct Subscription {
 
 #[derive(Default)]
 struct State {
-    /// type -> name -> (version, encoded resource)
-    resources: BTreeMap<String, BTreeMap<String, (String, Vec<u8>)>>,
+    /// type -> its resources and their change log
+    resources: BTreeMap<String, TypeState>,
+    /// Sequence number of the last change (of any type); streams remember the last they saw.
+    seq: u64,
     next_version: u64,
     next_nonce: u64,
     acks: Vec<Ack>,
@@ -129,6 +131,27 @@ struct State {
     nodes: Vec<kmesh_proto::core::Node>,
     /// Types whose subscriptions are not answered until released (see [`ControlPlane::hold`]).
     held: BTreeSet<String>,
+}
+
+/// The resources of one type, and which names changed when, so that a push to a stream
+/// reads only what changed since its last one (not every resource held).
+#[derive(Default)]
+struct TypeState {
+    /// name -> (version, encoded resource)
+    items: BTreeMap<String, (String, Vec<u8>)>,
+    /// seq -> the name that changed (set or removed) then; one entry per name, its last.
+    log: BTreeMap<u64, String>,
+    /// name -> its entry in `log`.
+    last: HashMap<String, u64>,
+}
+
+impl TypeState {
+    fn touch(&mut self, name: &str, seq: u64) {
+        if let Some(old) = self.last.insert(name.to_string(), seq) {
+            self.log.remove(&old);
+        }
+        self.log.insert(seq, name.to_string());
+    }
 }
 
 /// The control plane. Cheap to clone; every clone is the same server.
@@ -144,6 +167,8 @@ pub struct ControlPlane {
     node_types: Vec<&'static str>,
     /// The largest request accepted (gRPC's receive limit).
     max_request_bytes: usize,
+    /// Time spent computing pushes, in nanoseconds (the control plane's share of a change).
+    push_ns: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// gRPC's default receive limit, which istiod keeps (4 MiB): a client's request above it is
@@ -165,7 +190,14 @@ impl ControlPlane {
             token: None,
             node_types: NODE_TYPES.to_vec(),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            push_ns: Default::default(),
         }
+    }
+
+    /// Time spent so far computing what to push to streams (benchmarks separate it from the
+    /// client's share of a change).
+    pub fn push_time(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.push_ns.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Refuses requests larger than `bytes` (default [`DEFAULT_MAX_REQUEST_BYTES`]).
@@ -213,8 +245,11 @@ impl ControlPlane {
             let mut s = self.state.lock().unwrap();
             for (name, bytes) in items {
                 s.next_version += 1;
-                let v = format!("v{}", s.next_version);
-                s.resources.entry(type_url.to_string()).or_default().insert(name, (v, bytes));
+                s.seq += 1;
+                let (v, seq) = (format!("v{}", s.next_version), s.seq);
+                let t = s.resources.entry(type_url.to_string()).or_default();
+                t.touch(&name, seq);
+                t.items.insert(name, (v, bytes));
             }
         }
         self.bump();
@@ -224,11 +259,16 @@ impl ControlPlane {
     pub fn remove(&self, type_url: &str, names: &[&str]) {
         {
             let mut s = self.state.lock().unwrap();
-            if let Some(m) = s.resources.get_mut(type_url) {
+            let mut seq = s.seq;
+            if let Some(t) = s.resources.get_mut(type_url) {
                 for n in names {
-                    m.remove(*n);
+                    if t.items.remove(*n).is_some() {
+                        seq += 1;
+                        t.touch(n, seq);
+                    }
                 }
             }
+            s.seq = seq;
         }
         self.bump();
     }
@@ -237,19 +277,25 @@ impl ControlPlane {
     pub fn replace_all(&self, type_url: &str, items: BTreeMap<String, Vec<u8>>) {
         {
             let mut s = self.state.lock().unwrap();
-            let old = s.resources.remove(type_url).unwrap_or_default();
-            let mut new = BTreeMap::new();
-            for (name, bytes) in items {
-                let entry = match old.get(&name) {
-                    Some((v, b)) if *b == bytes => (v.clone(), bytes),
-                    _ => {
-                        s.next_version += 1;
-                        (format!("v{}", s.next_version), bytes)
-                    }
-                };
-                new.insert(name, entry);
+            let mut t = s.resources.remove(type_url).unwrap_or_default();
+            let (mut seq, mut version) = (s.seq, s.next_version);
+            let gone: Vec<String> = t.items.keys().filter(|n| !items.contains_key(*n)).cloned().collect();
+            for n in gone {
+                t.items.remove(&n);
+                seq += 1;
+                t.touch(&n, seq);
             }
-            s.resources.insert(type_url.to_string(), new);
+            for (name, bytes) in items {
+                if t.items.get(&name).is_some_and(|(_, b)| *b == bytes) {
+                    continue;
+                }
+                version += 1;
+                seq += 1;
+                t.touch(&name, seq);
+                t.items.insert(name, (format!("v{version}"), bytes));
+            }
+            (s.seq, s.next_version) = (seq, version);
+            s.resources.insert(type_url.to_string(), t);
         }
         self.bump();
     }
@@ -286,7 +332,7 @@ impl ControlPlane {
 
     /// Current version of a resource.
     pub fn version(&self, type_url: &str, name: &str) -> Option<String> {
-        self.state.lock().unwrap().resources.get(type_url)?.get(name).map(|(v, _)| v.clone())
+        self.state.lock().unwrap().resources.get(type_url)?.items.get(name).map(|(v, _)| v.clone())
     }
 
     pub fn service(&self) -> AggregatedDiscoveryServiceServer<ControlPlane> {
@@ -356,32 +402,73 @@ impl ControlPlane {
     }
 
     /// What a stream that has `sent` must receive to match the current state of `type_url`.
-    fn delta_for(&self, type_url: &str, sent: &BTreeMap<String, String>) -> Option<DeltaDiscoveryResponse> {
+    /// With `since` (the sequence number of the stream's last push of this type) only the
+    /// names changed after it are looked at; without, every resource held (a new
+    /// subscription). Returns the response, if any, and the sequence number it is current to.
+    fn delta_for(
+        &self,
+        type_url: &str,
+        sent: &BTreeMap<String, String>,
+        since: Option<u64>,
+    ) -> (Option<DeltaDiscoveryResponse>, u64) {
+        let started = std::time::Instant::now();
+        let r = self.delta_for_timed(type_url, sent, since);
+        self.push_ns.fetch_add(started.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    fn delta_for_timed(
+        &self,
+        type_url: &str,
+        sent: &BTreeMap<String, String>,
+        since: Option<u64>,
+    ) -> (Option<DeltaDiscoveryResponse>, u64) {
         let mut s = self.state.lock().unwrap();
-        let current = s.resources.get(type_url).cloned().unwrap_or_default();
-        let resources: Vec<Resource> = current
-            .iter()
-            .filter(|(n, (v, _))| sent.get(*n) != Some(v))
-            .map(|(n, (v, b))| Resource {
-                name: n.clone(),
-                version: v.clone(),
-                resource: Some(kmesh_proto::Any { type_url: type_url.to_string(), value: b.clone() }),
-                ..Default::default()
-            })
-            .collect();
-        let removed: Vec<String> = sent.keys().filter(|n| !current.contains_key(*n)).cloned().collect();
+        let now = s.seq;
+        let empty = TypeState::default();
+        let t = s.resources.get(type_url).unwrap_or(&empty);
+        let resource = |n: &String, (v, b): &(String, Vec<u8>)| Resource {
+            name: n.clone(),
+            version: v.clone(),
+            resource: Some(kmesh_proto::Any { type_url: type_url.to_string(), value: b.clone() }),
+            ..Default::default()
+        };
+        let (resources, removed): (Vec<Resource>, Vec<String>) = match since {
+            None => (
+                t.items
+                    .iter()
+                    .filter(|(n, (v, _))| sent.get(*n) != Some(v))
+                    .map(|(n, e)| resource(n, e))
+                    .collect(),
+                sent.keys().filter(|n| !t.items.contains_key(*n)).cloned().collect(),
+            ),
+            Some(since) => {
+                let mut res = Vec::new();
+                let mut rm = Vec::new();
+                for name in t.log.range(since + 1..).map(|(_, n)| n) {
+                    match t.items.get(name) {
+                        Some(e) if sent.get(name) != Some(&e.0) => res.push(resource(name, e)),
+                        Some(_) => {}
+                        None if sent.contains_key(name) => rm.push(name.clone()),
+                        None => {}
+                    }
+                }
+                (res, rm)
+            }
+        };
         if resources.is_empty() && removed.is_empty() {
-            return None;
+            return (None, now);
         }
         s.next_nonce += 1;
-        Some(DeltaDiscoveryResponse {
+        let resp = DeltaDiscoveryResponse {
             system_version_info: format!("v{}", s.next_version),
             resources,
             type_url: type_url.to_string(),
             removed_resources: removed,
             nonce: format!("n{}", s.next_nonce),
             ..Default::default()
-        })
+        };
+        (Some(resp), now)
     }
 
     fn empty_response(&self, type_url: &str) -> DeltaDiscoveryResponse {
@@ -436,6 +523,8 @@ struct StreamState {
     pending: BTreeMap<String, String>,
     /// Subscriptions not answered yet (their type is held).
     owed: BTreeSet<String>,
+    /// type -> the change sequence number the stream was last brought up to.
+    pushed: BTreeMap<String, u64>,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
@@ -479,6 +568,7 @@ impl AggregatedDiscoveryService for ControlPlane {
                 subscribed: BTreeSet::new(),
                 pending: BTreeMap::new(),
                 owed: BTreeSet::new(),
+                pushed: BTreeMap::new(),
             };
             loop {
                 tokio::select! {
@@ -535,7 +625,10 @@ impl ControlPlane {
     /// The response that brings `st` up to date for `type_url`, if any, recorded as sent.
     fn push(&self, st: &mut StreamState, type_url: &str) -> Option<DeltaDiscoveryResponse> {
         let sent = st.sent.entry(type_url.to_string()).or_default();
-        let resp = self.delta_for(type_url, sent)?;
+        let since = st.pushed.get(type_url).copied();
+        let (resp, now) = self.delta_for(type_url, sent, since);
+        st.pushed.insert(type_url.to_string(), now);
+        let resp = resp?;
         for r in &resp.resources {
             sent.insert(r.name.clone(), r.version.clone());
         }
@@ -642,6 +735,47 @@ mod tests {
             .into_iter()
             .collect();
         Node { id: id.into(), metadata: Some(Struct { fields }), ..Default::default() }
+    }
+
+    fn stream() -> StreamState {
+        StreamState {
+            node: None,
+            sent: BTreeMap::new(),
+            subscribed: BTreeSet::new(),
+            pending: BTreeMap::new(),
+            owed: BTreeSet::new(),
+            pushed: BTreeMap::new(),
+        }
+    }
+
+    fn names(r: &DeltaDiscoveryResponse) -> (Vec<String>, Vec<String>) {
+        (r.resources.iter().map(|r| r.name.clone()).collect(), r.removed_resources.clone())
+    }
+
+    /// A push reads the change log from the stream's last push: it carries exactly what changed
+    /// since (set, replaced with other bytes, removed), nothing unchanged, and nothing twice.
+    #[test]
+    fn pushes_carry_what_changed_since_the_streams_last_one() {
+        const T: &str = kmesh_proto::ADDRESS_TYPE;
+        let cp = ControlPlane::new();
+        let items = |names: &[(&str, u8)]| names.iter().map(|(n, b)| (n.to_string(), vec![*b])).collect();
+        cp.replace_all(T, items(&[("a", 1), ("b", 1), ("c", 1)]));
+        let mut st = stream();
+        let first = cp.push(&mut st, T).unwrap();
+        assert_eq!(names(&first), (vec!["a".into(), "b".into(), "c".into()], vec![]));
+        assert!(cp.push(&mut st, T).is_none(), "nothing changed");
+        // b's bytes change, c goes, d comes, a is rewritten with the same bytes.
+        cp.replace_all(T, items(&[("a", 1), ("b", 2), ("d", 1)]));
+        let r = cp.push(&mut st, T).unwrap();
+        assert_eq!(names(&r), (vec!["b".into(), "d".into()], vec!["c".into()]));
+        // Set then removed between two pushes: the stream never had it, so nothing.
+        cp.set(T, items(&[("e", 1)]));
+        cp.remove(T, &["e", "a"]);
+        let r = cp.push(&mut st, T).unwrap();
+        assert_eq!(names(&r), (vec![], vec!["a".into()]));
+        // A second stream subscribing now gets the whole current set.
+        let mut other = stream();
+        assert_eq!(names(&cp.push(&mut other, T).unwrap()), (vec!["b".into(), "d".into()], vec![]));
     }
 
     #[test]
