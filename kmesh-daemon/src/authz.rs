@@ -265,6 +265,18 @@ impl AuthzCompiler {
     /// restores a clone (the daemon does): ids may have been handed out.
     pub fn compile(&mut self, model: &Model) -> Result<AuthzState, AuthzError> {
         let mut out = AuthzState::default();
+        if model.policies.is_empty() {
+            // Nothing is policed: no destination, so no identity is ever read. Skipping the
+            // per-workload work keeps a mesh without policies from paying for authorization
+            // on every change (and IDENTITY empty).
+            self.identity_ids.retain(&BTreeSet::new());
+            self.policy_ids.retain(&BTreeSet::new());
+            self.dests.clear();
+            for action in [VERDICT_ALLOW, VERDICT_DENY] {
+                out.counts.insert(CountKey { policy_id: 0, action: action as u32 });
+            }
+            return Ok(out);
+        }
         // Identities of every workload address (ids from 2: 0 unknown, 1 "any other").
         let mut identities: BTreeMap<Identity, u32> = BTreeMap::new();
         let mut used = BTreeSet::new();

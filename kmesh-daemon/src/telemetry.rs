@@ -972,6 +972,12 @@ mod tests {
         let mut m = Model::default();
         m.workloads.insert("b".into(), one("b", "sb"));
         m.workloads.insert("a".into(), one("a", "sa"));
+        // Identities are compiled where something is policed.
+        m.policies = crate::config::parse(
+            "policies: [{name: p, namespace: d, action: DENY, rules: [{clauses: [{matches: [{namespaces: [{exact: x}]}]}]}]}]",
+        )
+        .unwrap()
+        .policies;
         let ip: IpAddr = "10.0.0.9".parse().unwrap();
         let mut t = Telemetry::default();
         t.model_changed(&m);
