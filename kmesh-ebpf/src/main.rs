@@ -246,6 +246,53 @@ fn refuse(errno: i32) -> i32 {
     0
 }
 
+/// Carries out a verdict on an IPv4 socket address: 1 lets the call go on (rewritten or not),
+/// 0 fails it with the errno set.
+#[inline(always)]
+fn apply_v4(sa: *mut aya_ebpf::bindings::bpf_sock_addr, v: Verdict) -> i32 {
+    match v {
+        Verdict::Pass => 1,
+        Verdict::Refuse(errno) => refuse(errno),
+        Verdict::Rewrite(addr, target, _) => {
+            if !is_v4_mapped(&addr) {
+                // An IPv6 backend in an IPv4 table is a compiler bug; never misroute.
+                count(stat::INCONSISTENT);
+                return refuse(ERRNO_NO_ENDPOINT);
+            }
+            unsafe {
+                (*sa).user_ip4 = addr[3];
+                (*sa).user_port = target as u32;
+            }
+            1
+        }
+    }
+}
+
+/// [`apply_v4`] for an IPv6 (or v4-mapped) socket address.
+#[inline(always)]
+fn apply_v6(sa: *mut aya_ebpf::bindings::bpf_sock_addr, v: Verdict) -> i32 {
+    match v {
+        Verdict::Pass => 1,
+        Verdict::Refuse(errno) => refuse(errno),
+        Verdict::Rewrite(new, target, _) => {
+            set_ip6(sa, &new, target);
+            1
+        }
+    }
+}
+
+/// Writes an address (16-byte layout) and port (network order) into an IPv6 socket address.
+#[inline(always)]
+fn set_ip6(sa: *mut aya_ebpf::bindings::bpf_sock_addr, a: &[u32; 4], port: u16) {
+    unsafe {
+        (*sa).user_ip6[0] = a[0];
+        (*sa).user_ip6[1] = a[1];
+        (*sa).user_ip6[2] = a[2];
+        (*sa).user_ip6[3] = a[3];
+        (*sa).user_port = port as u32;
+    }
+}
+
 #[inline(always)]
 fn eq4(a: &[u32; 4], b: &[u32; 4]) -> bool {
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
@@ -349,21 +396,7 @@ pub fn kmesh_sendmsg4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     let ip4 = unsafe { (*sa).user_ip4 };
     let port = unsafe { (*sa).user_port } as u16;
-    match udp_send(&ctx, v4_mapped(ip4), port, FAMILY_V4) {
-        Verdict::Pass => 1,
-        Verdict::Refuse(errno) => refuse(errno),
-        Verdict::Rewrite(addr, target, _) => {
-            if !is_v4_mapped(&addr) {
-                count(stat::INCONSISTENT);
-                return refuse(ERRNO_NO_ENDPOINT);
-            }
-            unsafe {
-                (*sa).user_ip4 = addr[3];
-                (*sa).user_port = target as u32;
-            }
-            1
-        }
-    }
+    apply_v4(sa, udp_send(&ctx, v4_mapped(ip4), port, FAMILY_V4))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
@@ -372,20 +405,7 @@ pub fn kmesh_sendmsg6(ctx: SockAddrContext) -> i32 {
     let addr = unsafe { [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]] };
     let port = unsafe { (*sa).user_port } as u16;
     let family = if is_v4_mapped(&addr) { FAMILY_V4 } else { FAMILY_V6 };
-    match udp_send(&ctx, addr, port, family) {
-        Verdict::Pass => 1,
-        Verdict::Refuse(errno) => refuse(errno),
-        Verdict::Rewrite(new, target, _) => {
-            unsafe {
-                (*sa).user_ip6[0] = new[0];
-                (*sa).user_ip6[1] = new[1];
-                (*sa).user_ip6[2] = new[2];
-                (*sa).user_ip6[3] = new[3];
-                (*sa).user_port = target as u32;
-            }
-            1
-        }
-    }
+    apply_v6(sa, udp_send(&ctx, addr, port, family))
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -408,13 +428,7 @@ pub fn kmesh_recvmsg6(ctx: SockAddrContext) -> i32 {
     let addr = unsafe { [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]] };
     let port = unsafe { (*sa).user_port } as u16;
     if let Some((vip, vport)) = udp_reply_source(&ctx, addr, port) {
-        unsafe {
-            (*sa).user_ip6[0] = vip[0];
-            (*sa).user_ip6[1] = vip[1];
-            (*sa).user_ip6[2] = vip[2];
-            (*sa).user_ip6[3] = vip[3];
-            (*sa).user_port = vport as u32;
-        }
+        set_ip6(sa, &vip, vport);
     }
     1
 }
@@ -425,23 +439,11 @@ pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     let ip4 = unsafe { (*sa).user_ip4 };
     let port = unsafe { (*sa).user_port } as u16;
-    match balance(&ctx, v4_mapped(ip4), port, proto, FAMILY_V4) {
-        Verdict::Pass => 1,
-        Verdict::Refuse(errno) => refuse(errno),
-        Verdict::Rewrite(addr, target, _) => {
-            remember_orig(&ctx, v4_mapped(ip4), port);
-            if !is_v4_mapped(&addr) {
-                // An IPv6 backend in an IPv4 table is a compiler bug; never misroute.
-                count(stat::INCONSISTENT);
-                return refuse(ERRNO_NO_ENDPOINT);
-            }
-            unsafe {
-                (*sa).user_ip4 = addr[3];
-                (*sa).user_port = target as u32;
-            }
-            1
-        }
+    let v = balance(&ctx, v4_mapped(ip4), port, proto, FAMILY_V4);
+    if matches!(v, Verdict::Rewrite(..)) {
+        remember_orig(&ctx, v4_mapped(ip4), port);
     }
+    apply_v4(sa, v)
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -453,21 +455,11 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
     // A v4-mapped destination on a dual-stack socket is an IPv4 service: use IPv4 tables and
     // write the IPv4 backend back v4-mapped.
     let family = if is_v4_mapped(&addr) { FAMILY_V4 } else { FAMILY_V6 };
-    match balance(&ctx, addr, port, proto, family) {
-        Verdict::Pass => 1,
-        Verdict::Refuse(errno) => refuse(errno),
-        Verdict::Rewrite(new, target, _) => {
-            remember_orig(&ctx, addr, port);
-            unsafe {
-                (*sa).user_ip6[0] = new[0];
-                (*sa).user_ip6[1] = new[1];
-                (*sa).user_ip6[2] = new[2];
-                (*sa).user_ip6[3] = new[3];
-                (*sa).user_port = target as u32;
-            }
-            1
-        }
+    let v = balance(&ctx, addr, port, proto, family);
+    if matches!(v, Verdict::Rewrite(..)) {
+        remember_orig(&ctx, addr, port);
     }
+    apply_v6(sa, v)
 }
 
 /// A verdict row: `Ok(None)` when absent, `Err(())` when the bytes found belong to another row

@@ -133,6 +133,19 @@ struct State {
     held: BTreeSet<String>,
 }
 
+/// Runs `f` when dropped (a timer around a function with several returns).
+struct Guard<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
+    Guard(f)
+}
+
 /// The resources of one type, and which names changed when, so that a push to a stream
 /// reads only what changed since its last one (not every resource held).
 #[derive(Default)]
@@ -412,17 +425,9 @@ impl ControlPlane {
         since: Option<u64>,
     ) -> (Option<DeltaDiscoveryResponse>, u64) {
         let started = std::time::Instant::now();
-        let r = self.delta_for_timed(type_url, sent, since);
-        self.push_ns.fetch_add(started.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
-        r
-    }
-
-    fn delta_for_timed(
-        &self,
-        type_url: &str,
-        sent: &BTreeMap<String, String>,
-        since: Option<u64>,
-    ) -> (Option<DeltaDiscoveryResponse>, u64) {
+        let _timer = scopeguard(|| {
+            self.push_ns.fetch_add(started.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        });
         let mut s = self.state.lock().unwrap();
         let now = s.seq;
         let empty = TypeState::default();
@@ -514,6 +519,7 @@ impl Drop for ServerHandle {
 }
 
 /// Per-stream bookkeeping.
+#[derive(Default)]
 struct StreamState {
     node: Option<String>,
     /// type -> name -> version the client has been sent.
@@ -562,14 +568,7 @@ impl AggregatedDiscoveryService for ControlPlane {
         let mut changed = self.changed.subscribe();
         let mut broken = self.broken.subscribe();
         tokio::spawn(async move {
-            let mut st = StreamState {
-                node: None,
-                sent: BTreeMap::new(),
-                subscribed: BTreeSet::new(),
-                pending: BTreeMap::new(),
-                owed: BTreeSet::new(),
-                pushed: BTreeMap::new(),
-            };
+            let mut st = StreamState::default();
             loop {
                 tokio::select! {
                     msg = inbound.message() => {
@@ -738,14 +737,7 @@ mod tests {
     }
 
     fn stream() -> StreamState {
-        StreamState {
-            node: None,
-            sent: BTreeMap::new(),
-            subscribed: BTreeSet::new(),
-            pending: BTreeMap::new(),
-            owed: BTreeSet::new(),
-            pushed: BTreeMap::new(),
-        }
+        StreamState::default()
     }
 
     fn names(r: &DeltaDiscoveryResponse) -> (Vec<String>, Vec<String>) {
