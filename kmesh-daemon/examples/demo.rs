@@ -51,7 +51,7 @@ fn config(bed: &Testbed, lb: &str, s1_extra: &str) -> String {
         "# Written by the demo. The format is documented in README.md.\nnode: {name: node-a, locality: {region: region-1, zone: zone-a}}\nservices:\n",
     );
     s += &format!(
-        "  - name: echo\n    namespace: default\n    hostname: echo.default.svc.cluster.local\n    addresses: [{VIP}]\n    ports: [{{service_port: 80, target_port: 8080}}]\n    load_balancing: {lb}\nworkloads:\n"
+        "  - name: echo\n    namespace: default\n    hostname: echo.default.svc.cluster.local\n    addresses: [{VIP}]\n    ports: [{{service_port: 80, target_port: 8080}}, {{service_port: 53, target_port: 5353, protocol: UDP}}]\n    load_balancing: {lb}\nworkloads:\n"
     );
     s += &workload(bed.pod("client"), false, "");
     s += &workload(bed.pod("s1"), true, s1_extra);
@@ -154,8 +154,10 @@ fn run() -> anyhow::Result<()> {
         );
     }
     for s in ["s1", "s2", "s3"] {
-        bed.serve(bed.pod(s), &[8080], &[])?;
+        bed.serve(bed.pod(s), &[8080], &[5353])?;
     }
+    // The node itself, where kubelet would run (its probes are shown in step 6).
+    let node = bed.node()?;
 
     std::fs::create_dir_all(&dir)?;
     let cfg = dir.join("mesh.yaml");
@@ -189,6 +191,8 @@ fn run() -> anyhow::Result<()> {
         .args(["--metrics-addr", &metrics_addr.to_string(), "--access-log", "off"])
         .arg("--state-file")
         .arg(dir.join("state.json"))
+        .arg("--node-netns")
+        .arg(format!("/run/netns/{}", node.netns))
         // Denials are logged one line each at warn; the demo shows their counters instead.
         // Access-log lines (switched on in step 7) go to the log file like the rest.
         .env("KMESH_LOG", "warn,kmesh::authz=off,kmesh::accesslog=info")
@@ -229,6 +233,22 @@ fn run() -> anyhow::Result<()> {
     let chi2: f64 = counts.iter().map(|o| (o - 100.0).powi(2) / 100.0).sum();
     println!("    chi-square vs uniform: {chi2:.2} (2 dof; p > 0.001 while < 13.82)");
 
+    // 1b. The same service over UDP, from sockets that never connect() (as stub resolvers send).
+    let target: SocketAddr = format!("{VIP}:53").parse()?;
+    let o = kmesh_testbed::ClientOptions { count: 300, udp: true, unconnected: true, ..Default::default() };
+    let a = bed.pod("client").connect_background(target, &o)?.finish()?;
+    println!(
+        "\n  1b. the same service over UDP: 300 datagrams to {target} from sockets that never connect()"
+    );
+    for (k, v) in kmesh_testbed::spread(&a) {
+        println!("    {k:<14} {v:>4}");
+    }
+    let from_vip = a.iter().filter(|x| x.peer.as_deref() == Some(target.to_string().as_str())).count();
+    println!(
+        "    {from_vip} of {} answers seen from {target} (recvfrom() reports the address asked)",
+        a.len()
+    );
+
     // 2. FAILOVER keeps traffic in the client's zone.
     let lb = "{routing_preference: [REGION, ZONE], mode: FAILOVER}";
     let n = applies(admin_addr)?;
@@ -260,6 +280,12 @@ fn run() -> anyhow::Result<()> {
     wait_applied(admin_addr, n)?;
     show("6. random again, with an ALLOW policy on s3 for namespace payments only", &bed, "client", 300)?;
     println!("    (errno 111 = ECONNREFUSED: s3's namespace refused the SYN with a reset; s3 never saw it)");
+    let s3 = SocketAddr::new(bed.pod("s3").ipv4.into(), 8080);
+    let probes = node.connect(s3, 3, false)?;
+    println!(
+        "    kubelet's probes: the node connects to {s3} 3 times, {} admitted (the node's own connections skip policy, as in Istio ambient)",
+        probes.iter().filter(|a| a.ok).count()
+    );
 
     let metrics = admin::request(admin_addr, "GET", "/metrics", None)?;
     println!("\nfrom the daemon's metrics (GET {admin_addr}/metrics):");
