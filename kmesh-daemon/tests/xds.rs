@@ -264,6 +264,62 @@ fn a_resubscription_at_110k_resources_fits_the_control_planes_request_limit() {
     drop(server);
 }
 
+/// Issue 18, item 8: endpoint churn through xDS (400 changes at about 200 a second, no
+/// pause for the daemon) ends with the kernel's maps exactly equal to a from-scratch
+/// compilation of the final state. The check: a daemon restarted on that state compiles it from
+/// scratch against the maps and must find nothing to write or delete.
+#[test]
+fn churn_ends_with_maps_equal_to_a_fresh_compilation() {
+    if !root_or_skip("churn_ends_with_maps_equal_to_a_fresh_compilation") {
+        return;
+    }
+    let rt = runtime();
+    let bed = bed();
+    let scratch = Scratch::new();
+    let cp = ControlPlane::new();
+    let (services, per) = (60, 5);
+    let all = scale_resources(services, per);
+    cp.replace_all(ADDRESS_TYPE, all.clone());
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let mut d = start_daemon(&scratch, &bed, server.addr);
+    let endpoints = |d: &Daemon| d.metric("kmesh_map_entries{map=\"ENDPOINTS\"}");
+    wait_for("the initial push", || endpoints(&d) == (services * per) as f64);
+
+    let mut present: std::collections::BTreeSet<String> =
+        all.keys().filter(|k| k.starts_with("Kubernetes//")).cloned().collect();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..400 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let uid = format!("Kubernetes//Pod/bench/svc-{}-{}", x % services as u64, (x >> 32) % per as u64);
+        if present.remove(&uid) {
+            cp.remove(ADDRESS_TYPE, &[uid.as_str()]);
+        } else {
+            cp.set(ADDRESS_TYPE, [(uid.clone(), all[&uid].clone())]);
+            present.insert(uid);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    wait_for("the final state in the kernel", || endpoints(&d) == present.len() as f64);
+    assert_eq!(endpoints(&d), present.len() as f64);
+    assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
+    assert!(cp.violations().is_empty(), "{:?}", cp.violations());
+
+    let mut c = d.child.take().unwrap();
+    c.kill().unwrap();
+    c.wait().unwrap();
+    let d = start_daemon(&scratch, &bed, server.addr);
+    let written = (d.metric("kmesh_map_writes_total"), d.metric("kmesh_map_deletes_total"));
+    assert_eq!(
+        written,
+        (0.0, 0.0),
+        "the maps after churn differ from a fresh compilation of the final state"
+    );
+    assert_eq!(d.metric("kmesh_apply_errors_total"), 0.0);
+    drop(server);
+}
+
 /// A request over the control plane's receive limit is refused loudly, by name, not with a
 /// silent OK that makes the client reconnect forever.
 #[test]
