@@ -3,7 +3,7 @@
 //! the time from the push to every map written, the time for one endpoint change to reach the
 //! kernel, and the daemon's peak RSS and CPU seconds.
 //!
-//!   cargo build --release --bins --examples && target/release/examples/xds_bench [N] [M]
+//!   cargo build --release --bins --examples && target/release/examples/xds_bench [N] [M] [CHURN_SECS]
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -84,6 +84,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let n = args.first().copied().unwrap_or(10_000);
     let m = args.get(1).copied().unwrap_or(10);
+    let churn_secs = args.get(2).copied().unwrap_or(20);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let bed = Testbed::new().context("needs root")?;
     let cp = ControlPlane::new();
@@ -214,7 +215,64 @@ fn main() -> anyhow::Result<()> {
             metric(admin_addr, "kmesh_map_entries{map=\"BACKENDS\"}")
         );
 
-        // A restart on the unchanged configuration (SIGKILL, as a crash or an OOM kill).
+        // Churn: 500 endpoint changes a second for `churn_secs`, made on schedule whatever the
+        // daemon does; a change's lag runs from making it to the ACK of the first push that
+        // carries it (the daemon ACKs a response once it is in the kernel).
+        let rate = 500usize;
+        let nacks0 = cp.nacks().len();
+        let (_, cpu_c0) = usage(pid);
+        let mut made: Vec<(Instant, u64)> = Vec::new();
+        let mut out: std::collections::BTreeSet<String> = Default::default();
+        let t0 = Instant::now();
+        for i in 0..rate * churn_secs {
+            let due = t0 + Duration::from_secs_f64(i as f64 / rate as f64);
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+            let w = workload((i * 7919 + 13) % n, 1 + (i / 7) % (m - 1).max(1), m);
+            if out.remove(&w.uid) {
+                cp.set(ADDRESS_TYPE, [(w.uid.clone(), encode_address(&AddressResource::Workload(w)))]);
+            } else {
+                cp.remove(ADDRESS_TYPE, &[w.uid.as_str()]);
+                out.insert(w.uid);
+            }
+            made.push((Instant::now(), cp.seq()));
+        }
+        let last = cp.seq();
+        wait_until("the churn applied", Duration::from_secs(300), || {
+            cp.push_records().iter().any(|p| p.seq >= last && p.answered.is_some())
+        })?;
+        let churn_wall = t0.elapsed().as_secs_f64();
+        let (_, cpu_c1) = usage(pid);
+        let recs = cp.push_records();
+        let mut lags: Vec<f64> = made
+            .iter()
+            .filter_map(|(t, seq)| {
+                let i = recs.partition_point(|p| p.seq < *seq);
+                let at = recs.get(i)?.answered?;
+                Some(at.saturating_duration_since(*t).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        lags.sort_by(f64::total_cmp);
+        let lp =
+            |p: f64| lags.get(((lags.len() as f64 * p) as usize).min(lags.len().saturating_sub(1))).copied();
+        let pushes = recs.iter().filter(|p| p.sent >= t0).count();
+        println!(
+            "| churn: {} changes at {rate}/s -> lag p50 / p99 / max | {:.0} / {:.0} / {:.0} ms ({} of them measured, in {pushes} pushes) |",
+            made.len(),
+            lp(0.5).unwrap_or(f64::NAN),
+            lp(0.99).unwrap_or(f64::NAN),
+            lags.last().copied().unwrap_or(f64::NAN),
+            lags.len()
+        );
+        println!(
+            "| churn: NACKs / daemon CPU | {} / {:.0}% of one core |",
+            cp.nacks().len() - nacks0,
+            (cpu_c1 - cpu_c0) / churn_wall * 100.0
+        );
+
+        // A restart on the state churn left (SIGKILL, as a crash or an OOM kill): a daemon
+        // compiling it from scratch against the maps must find nothing to write.
         let _ = child.kill();
         let _ = child.wait();
         let t = Instant::now();
@@ -224,7 +282,7 @@ fn main() -> anyhow::Result<()> {
         })?;
         let _ = t;
         println!(
-            "| restart (SIGKILL) on the unchanged configuration: ready after / map entries written, deleted | {:.2} s / {}, {} |",
+            "| restart (SIGKILL) on the final state: ready after / map entries written, deleted | {:.2} s / {}, {} |",
             ready.as_secs_f64(),
             metric(admin_addr, "kmesh_map_writes_total"),
             metric(admin_addr, "kmesh_map_deletes_total")

@@ -563,6 +563,9 @@ pub async fn probe(o: &XdsOptions) -> Result<DeltaDiscoveryResponse, XdsError> {
     }
 }
 
+/// The most responses applied together (see the coalescing in [`run_stream`]).
+const MAX_COALESCED: usize = 1024;
+
 /// One stream: connect, subscribe, handle responses until the stream ends. `synced` is set
 /// once the stream's initial sync has been applied (the stream was healthy).
 async fn run_stream(
@@ -574,15 +577,26 @@ async fn run_stream(
     let (tx, mut stream, mut resync) = open(o, state).await?;
     shared.xds.resyncs_without_versions.fetch_add(resync.len() as u64, Ordering::Relaxed);
     let mut initial = InitialSync::default();
+    let closed =
+        || XdsError::Stream { address: o.address.clone(), status: tonic::Status::ok("closed by the server") };
+    // The first response of a type subscribed without versions is the whole type.
+    let whole_type = |resync: &mut Vec<String>, state: &XdsState, resp: &mut DeltaDiscoveryResponse| {
+        if let Some(i) = resync.iter().position(|t| *t == resp.type_url) {
+            resync.swap_remove(i);
+            let gone = complete_resync(state, resp);
+            tracing::info!(type_url = %resp.type_url, resources = resp.resources.len(), removed = gone,
+                "full resend after a subscription without versions: what it lacks is removed");
+        }
+    };
+    // How the stream ended while responses were being coalesced (reported once they are applied).
+    let mut ended: Option<XdsError> = None;
     loop {
+        if let Some(e) = ended.take() {
+            return Err(e);
+        }
         let mut resp = match stream.message().await {
             Ok(Some(r)) => r,
-            Ok(None) => {
-                return Err(XdsError::Stream {
-                    address: o.address.clone(),
-                    status: tonic::Status::ok("closed by the server"),
-                });
-            }
+            Ok(None) => return Err(closed()),
             Err(status) => return Err(XdsError::Stream { address: o.address.clone(), status }),
         };
         // Connected means the control plane answers, not merely that the stream opened: istiod
@@ -591,13 +605,29 @@ async fn run_stream(
             *shared.xds.last_error.lock().unwrap() = None;
         }
         let type_url = resp.type_url.clone();
-        if let Some(i) = resync.iter().position(|t| *t == type_url) {
-            resync.swap_remove(i);
-            let gone = complete_resync(state, &mut resp);
-            tracing::info!(%type_url, resources = resp.resources.len(), removed = gone,
-                "full resend after a subscription without versions: what it lacks is removed");
+        whole_type(&mut resync, state, &mut resp);
+        let mut batch = initial.take(resp);
+        // Coalesce: responses the control plane has already sent are applied with this one
+        // (one model, one compilation, one transaction), each still ACKed by its own nonce.
+        // Under churn the daemon then keeps up with any rate instead of queueing one apply per
+        // response. (`message()` keeps its state in the stream: polling it once is safe.)
+        while !batch.is_empty() && batch.len() < MAX_COALESCED {
+            match tokio::time::timeout(Duration::ZERO, stream.message()).await {
+                Err(_) => break,
+                Ok(Ok(Some(mut r))) => {
+                    whole_type(&mut resync, state, &mut r);
+                    batch.extend(initial.take(r));
+                }
+                Ok(Ok(None)) => {
+                    ended = Some(closed());
+                    break;
+                }
+                Ok(Err(status)) => {
+                    ended = Some(XdsError::Stream { address: o.address.clone(), status });
+                    break;
+                }
+            }
         }
-        let batch = initial.take(resp);
         *shared.xds.waiting_for.lock().unwrap() =
             initial.waiting_for().into_iter().map(String::from).collect();
         if batch.is_empty() {

@@ -131,7 +131,24 @@ struct State {
     nodes: Vec<kmesh_proto::core::Node>,
     /// Types whose subscriptions are not answered until released (see [`ControlPlane::hold`]).
     held: BTreeSet<String>,
+    /// The latest pushes with their change sequence number and when they were answered.
+    pushes: std::collections::VecDeque<PushRecord>,
 }
+
+/// One push of changes and its answer, for benchmarks: how long a change took to be applied
+/// by the client (it ACKs a response once it has applied it).
+#[derive(Clone, Debug)]
+pub struct PushRecord {
+    pub nonce: String,
+    /// Every change up to this sequence number (see [`ControlPlane::seq`]) is in the push.
+    pub seq: u64,
+    pub sent: std::time::Instant,
+    /// When the ACK or NACK came.
+    pub answered: Option<std::time::Instant>,
+}
+
+/// How many push records are kept.
+const MAX_PUSH_RECORDS: usize = 1 << 16;
 
 /// Runs `f` when dropped (a timer around a function with several returns).
 struct Guard<F: FnMut()>(F);
@@ -337,6 +354,16 @@ impl ControlPlane {
     /// The Node each stream opened with, accepted or not.
     pub fn nodes(&self) -> Vec<kmesh_proto::core::Node> {
         self.state.lock().unwrap().nodes.clone()
+    }
+
+    /// The sequence number of the last change made (set, replaced or removed resource).
+    pub fn seq(&self) -> u64 {
+        self.state.lock().unwrap().seq
+    }
+
+    /// The latest pushes of changes (at most 65,536), oldest first.
+    pub fn push_records(&self) -> Vec<PushRecord> {
+        self.state.lock().unwrap().pushes.iter().cloned().collect()
     }
 
     pub fn streams_opened(&self) -> u64 {
@@ -635,6 +662,17 @@ impl ControlPlane {
             sent.remove(n);
         }
         st.pending.insert(resp.nonce.clone(), type_url.to_string());
+        let mut s = self.state.lock().unwrap();
+        if s.pushes.len() == MAX_PUSH_RECORDS {
+            s.pushes.pop_front();
+        }
+        s.pushes.push_back(PushRecord {
+            nonce: resp.nonce.clone(),
+            seq: now,
+            sent: std::time::Instant::now(),
+            answered: None,
+        });
+        drop(s);
         Some(resp)
     }
 
@@ -674,7 +712,12 @@ impl ControlPlane {
                     )));
                 }
             }
-            self.state.lock().unwrap().acks.push(Ack {
+            let mut s = self.state.lock().unwrap();
+            let at = std::time::Instant::now();
+            if let Some(p) = s.pushes.iter_mut().rev().find(|p| p.nonce == req.response_nonce) {
+                p.answered = Some(at);
+            }
+            s.acks.push(Ack {
                 node,
                 type_url: req.type_url,
                 nonce: req.response_nonce,
