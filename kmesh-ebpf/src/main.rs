@@ -630,8 +630,9 @@ const TCP_CLOSE_WAIT: u32 = 8;
 const TCP_FIN_WAIT2: u32 = 5;
 const TCP_CLOSE: u32 = 7;
 
+/// The local and remote addresses of a sock_ops program's socket (16-byte layout).
 #[inline(always)]
-fn conn_event(ctx: &SockOpsContext, kind: u32, meta: &ConnMeta, cookie: u64, now: u64) -> ConnEvent {
+fn sock_addrs(ctx: &SockOpsContext) -> ([u32; 4], [u32; 4]) {
     use core::ptr::read_volatile as rv;
     let o = ctx.ops;
     // Every field is read unconditionally at a constant offset (see kmesh_authz).
@@ -642,7 +643,14 @@ fn conn_event(ctx: &SockOpsContext, kind: u32, meta: &ConnMeta, cookie: u64, now
     let r6 = unsafe {
         [rv(&(*o).remote_ip6[0]), rv(&(*o).remote_ip6[1]), rv(&(*o).remote_ip6[2]), rv(&(*o).remote_ip6[3])]
     };
-    let (local, remote) = if family == 2 { (v4_mapped(l4), v4_mapped(r4)) } else { (l6, r6) };
+    if family == 2 { (v4_mapped(l4), v4_mapped(r4)) } else { (l6, r6) }
+}
+
+#[inline(always)]
+fn conn_event(ctx: &SockOpsContext, kind: u32, meta: &ConnMeta, cookie: u64, now: u64) -> ConnEvent {
+    use core::ptr::read_volatile as rv;
+    let o = ctx.ops;
+    let (local, remote) = sock_addrs(ctx);
     unsafe {
         ConnEvent {
             kind,
@@ -680,15 +688,7 @@ fn emit(ev: &ConnEvent) {
 fn node_conn_key(ctx: &SockOpsContext) -> NodeConnKey {
     use core::ptr::read_volatile as rv;
     let o = ctx.ops;
-    // Every field is read unconditionally at a constant offset (see kmesh_authz).
-    let (family, l4, r4) = unsafe { (rv(&(*o).family), rv(&(*o).local_ip4), rv(&(*o).remote_ip4)) };
-    let l6 = unsafe {
-        [rv(&(*o).local_ip6[0]), rv(&(*o).local_ip6[1]), rv(&(*o).local_ip6[2]), rv(&(*o).local_ip6[3])]
-    };
-    let r6 = unsafe {
-        [rv(&(*o).remote_ip6[0]), rv(&(*o).remote_ip6[1]), rv(&(*o).remote_ip6[2]), rv(&(*o).remote_ip6[3])]
-    };
-    let (src, dst) = if family == 2 { (v4_mapped(l4), v4_mapped(r4)) } else { (l6, r6) };
+    let (src, dst) = sock_addrs(ctx);
     NodeConnKey {
         src,
         dst,

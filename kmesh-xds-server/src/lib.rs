@@ -150,19 +150,6 @@ pub struct PushRecord {
 /// How many push records are kept.
 const MAX_PUSH_RECORDS: usize = 1 << 16;
 
-/// Runs `f` when dropped (a timer around a function with several returns).
-struct Guard<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for Guard<F> {
-    fn drop(&mut self) {
-        (self.0)()
-    }
-}
-
-fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
-    Guard(f)
-}
-
 /// The resources of one type, and which names changed when, so that a push to a stream
 /// reads only what changed since its last one (not every resource held).
 #[derive(Default)]
@@ -451,10 +438,6 @@ impl ControlPlane {
         sent: &BTreeMap<String, String>,
         since: Option<u64>,
     ) -> (Option<DeltaDiscoveryResponse>, u64) {
-        let started = std::time::Instant::now();
-        let _timer = scopeguard(|| {
-            self.push_ns.fetch_add(started.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
-        });
         let mut s = self.state.lock().unwrap();
         let now = s.seq;
         let empty = TypeState::default();
@@ -652,7 +635,9 @@ impl ControlPlane {
     fn push(&self, st: &mut StreamState, type_url: &str) -> Option<DeltaDiscoveryResponse> {
         let sent = st.sent.entry(type_url.to_string()).or_default();
         let since = st.pushed.get(type_url).copied();
+        let started = std::time::Instant::now();
         let (resp, now) = self.delta_for(type_url, sent, since);
+        self.push_ns.fetch_add(started.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
         st.pushed.insert(type_url.to_string(), now);
         let resp = resp?;
         for r in &resp.resources {
