@@ -420,6 +420,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             address_ranges,
             ports,
             load_balancing: lb,
+            auto_allocated: false,
             unused: BTreeMap::new(),
         };
         let key = svc.key();
@@ -520,6 +521,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             return Err(invalid(format!("policies[{i}].name"), format!("policy {key} is defined twice")));
         }
     }
+    crate::alloc::auto_allocate(&mut model);
     Ok(model)
 }
 

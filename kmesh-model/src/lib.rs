@@ -2,8 +2,10 @@
 //!
 //! - [`model`]: workloads and services as Istio's workload API defines them, already validated.
 //! - [`config`]: the local YAML file (the embedded default source, standing in for istiod).
+//! - [`alloc`]: addresses for mesh-only hostnames the local file gives none.
 //! - [`xds`]: Istio workload and authorization resources from the control plane.
 
+pub mod alloc;
 pub mod config;
 pub mod model;
 pub mod xds;

@@ -159,6 +159,9 @@ pub struct Service {
     pub address_ranges: Vec<Cidr>,
     pub ports: Vec<ServicePort>,
     pub load_balancing: LoadBalancing,
+    /// `addresses` were allocated by this data plane (see [`crate::alloc`]), not given.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub auto_allocated: bool,
     /// Fields received but not acted on yet, as in [`Workload::unused`].
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub unused: BTreeMap<String, String>,

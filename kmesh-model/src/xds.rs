@@ -339,6 +339,8 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
         address_ranges,
         ports,
         load_balancing,
+        // istiod allocates addresses for ServiceEntries itself and sends them as VIPs.
+        auto_allocated: false,
         unused,
     })
 }
