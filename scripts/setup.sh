@@ -16,6 +16,9 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v pkill >/dev/null || need_apt+=(procps)
 # The Kubernetes tests run a real CNI chain: Debian's bridge + host-local, then kmesh-cni.
 [ -x /usr/lib/cni/bridge ] || need_apt+=(containernetworking-plugins)
+# The DNS proxy tests run a real resolver (dnsmasq) and real clients (dig; getent is glibc's).
+command -v dnsmasq >/dev/null || need_apt+=(dnsmasq-base)
+command -v dig >/dev/null || need_apt+=(bind9-dnsutils)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   apt-get update -qq

@@ -15,7 +15,7 @@
 
 /// Layout version of the maps below. Bumped whenever a key or value changes shape; the daemon
 /// keeps its pins under a directory named after it.
-pub const MAP_LAYOUT_VERSION: u32 = 5;
+pub const MAP_LAYOUT_VERSION: u32 = 6;
 
 /// Names of the load-balancing maps, in the order user space lists them everywhere (map
 /// counts, capacities, pins).
@@ -264,7 +264,12 @@ pub mod stat {
     pub const UDP_STICKY: u32 = 10;
     /// A reply's source rewritten from a backend back to the frontend the socket sent to.
     pub const UDP_REPLY_REWRITTEN: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// A DNS query (UDP or TCP to port 53) of a pod sent to the pod's DNS proxy instead.
+    pub const DNS_REDIRECTED: u32 = 12;
+    /// A DNS query of a pod with a proxy left on its way to the resolver: its socket could not
+    /// be given a local port to be told apart by (see `DnsOrigKey`).
+    pub const DNS_UNTRACKED: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -338,6 +343,53 @@ pub struct UdpRevEntry {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct UdpRev {
     pub entries: [UdpRevEntry; UDP_REV_SLOTS],
+}
+
+// ---------------------------------------------------------------------------------------------
+// DNS proxy: a pod's queries to any resolver (port 53, UDP and TCP) go to the daemon's proxy
+// listening on loopback inside the pod's namespace (`TCONF_DNS_PORT`). The proxy answers mesh
+// names and forwards the rest to the resolver the pod asked, which it finds in `DNS_ORIG`.
+// ---------------------------------------------------------------------------------------------
+
+/// Port 53 as `bpf_sock_addr.user_port` holds it (network order).
+pub const DNS_PORT_NET: u16 = 53u16.to_be();
+/// `SO_MARK` of the proxy's own sockets to upstream resolvers: never sent to a proxy again
+/// (they are balanced like any other socket of the pod when the resolver is a service).
+pub const DNS_UPSTREAM_MARK: u32 = 0x4b6d_0035;
+
+/// Value of `DNS_PODS`, keyed by namespace cookie: the namespace has a DNS proxy listening.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsPodValue {
+    pub flags: u32,
+    /// [`key_check`] of the cookie.
+    pub check: u32,
+}
+
+/// `DNS_ORIG` key: a pod's socket whose query went to the proxy, as the proxy sees its peer
+/// (the pod's namespace, the socket's local port in host order, `PROTO_*`, `FAMILY_*` of the
+/// loopback it reached). UDP sockets without a port are given one at connect() (`bpf_bind`),
+/// TCP ones are recorded by sock_ops when the SYN leaves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DnsOrigKey {
+    pub netns: u64,
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: u32,
+}
+
+/// The resolver a pod's socket asked: `DNS_ORIG` values (read by the proxy) and `DNS_TCP`
+/// socket storage (a TCP socket's until its SYN leaves). Address in the 16-byte layout, port
+/// in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsOrig {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub _pad: u16,
+    pub _pad2: u32,
 }
 
 /// `NODE_CONNS` key: a TCP connection opened from the node's own network namespace (where
@@ -428,7 +480,10 @@ pub const TCONF_INTERVAL_NS: u32 = 1;
 /// Index of the cookie of the node's own network namespace, whose connections into pods
 /// skip authorization (0: none do).
 pub const TCONF_NODE_NETNS: u32 = 2;
-pub const TCONF_COUNT: u32 = 3;
+/// Index of the port (host order) of the pods' DNS proxies, on 127.0.0.1 and ::1 in each
+/// pod's namespace (0: no proxy anywhere).
+pub const TCONF_DNS_PORT: u32 = 3;
+pub const TCONF_COUNT: u32 = 4;
 /// Flag: connection telemetry on (off: the program returns at once).
 pub const TFLAG_ON: u64 = 1;
 /// The socket is the client side (it called connect()).
@@ -559,6 +614,9 @@ mod pod {
     unsafe impl aya::Pod for AuthzEvent {}
     unsafe impl aya::Pod for ConnMeta {}
     unsafe impl aya::Pod for ConnEvent {}
+    unsafe impl aya::Pod for DnsPodValue {}
+    unsafe impl aya::Pod for DnsOrigKey {}
+    unsafe impl aya::Pod for DnsOrig {}
 }
 
 checked! {
@@ -571,6 +629,7 @@ checked! {
     DestValue => [u32; 4],
     IdentityValue => [u32; 4],
     VerdictValue => VerdictKey,
+    DnsPodValue => u64,
 }
 
 // Sizes are part of the pinned layout: a change here must bump MAP_LAYOUT_VERSION.
@@ -596,6 +655,9 @@ const _: () = {
     assert!(core::mem::size_of::<AuthzEvent>() == 48);
     assert!(core::mem::size_of::<ConnMeta>() == 48);
     assert!(core::mem::size_of::<ConnEvent>() == 120);
+    assert!(core::mem::size_of::<DnsPodValue>() == 8);
+    assert!(core::mem::size_of::<DnsOrigKey>() == 16);
+    assert!(core::mem::size_of::<DnsOrig>() == 24);
 };
 
 #[cfg(test)]

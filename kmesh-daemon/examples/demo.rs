@@ -32,7 +32,7 @@ fn daemon_bin() -> anyhow::Result<PathBuf> {
 fn workload(p: &Pod, backs: bool, extra: &str) -> String {
     let addrs: Vec<String> = p.addresses().iter().map(|a| format!("\"{a}\"")).collect();
     let services =
-        if backs { format!("{{\"{SVC}\": [{{service_port: 80, target_port: 8080}}]}}") } else { "{}".into() };
+        if backs { format!("{{\"{SVC}\": [], \"default/api.example.com\": []}}") } else { "{}".into() };
     format!(
         "  - uid: {n}\n    name: {n}\n    namespace: default\n    addresses: [{a}]\n    node: {node}\n    locality: {{region: {r}, zone: {z}}}\n    service_account: {n}\n    services: {services}\n{extra}",
         n = p.spec.name,
@@ -51,7 +51,7 @@ fn config(bed: &Testbed, lb: &str, s1_extra: &str) -> String {
         "# Written by the demo. The format is documented in README.md.\nnode: {name: node-a, locality: {region: region-1, zone: zone-a}}\nservices:\n",
     );
     s += &format!(
-        "  - name: echo\n    namespace: default\n    hostname: echo.default.svc.cluster.local\n    addresses: [{VIP}]\n    ports: [{{service_port: 80, target_port: 8080}}, {{service_port: 53, target_port: 5353, protocol: UDP}}]\n    load_balancing: {lb}\nworkloads:\n"
+        "  - name: echo\n    namespace: default\n    hostname: echo.default.svc.cluster.local\n    addresses: [{VIP}]\n    ports: [{{service_port: 80, target_port: 8080}}, {{service_port: 5353, target_port: 5353, protocol: UDP}}]\n    load_balancing: {lb}\n  - name: api\n    namespace: default\n    hostname: api.example.com\n    ports: [{{service_port: 80, target_port: 8080}}]\nworkloads:\n"
     );
     s += &workload(bed.pod("client"), false, "");
     s += &workload(bed.pod("s1"), true, s1_extra);
@@ -234,7 +234,7 @@ fn run() -> anyhow::Result<()> {
     println!("    chi-square vs uniform: {chi2:.2} (2 dof; p > 0.001 while < 13.82)");
 
     // 1b. The same service over UDP, from sockets that never connect() (as stub resolvers send).
-    let target: SocketAddr = format!("{VIP}:53").parse()?;
+    let target: SocketAddr = format!("{VIP}:5353").parse()?;
     let o = kmesh_testbed::ClientOptions { count: 300, udp: true, unconnected: true, ..Default::default() };
     let a = bed.pod("client").connect_background(target, &o)?.finish()?;
     println!(
@@ -248,6 +248,40 @@ fn run() -> anyhow::Result<()> {
         "    {from_vip} of {} answers seen from {target} (recvfrom() reports the address asked)",
         a.len()
     );
+
+    // 1c. DNS: the client's resolver (glibc, its own resolv.conf) asks the pod's DNS proxy.
+    let client = bed.pod("client");
+    let etc = PathBuf::from("/etc/netns").join(&client.netns);
+    std::fs::create_dir_all(&etc)?;
+    std::fs::write(
+        etc.join("resolv.conf"),
+        "search default.svc.cluster.local svc.cluster.local cluster.local\nnameserver 10.244.0.1\noptions ndots:5\n",
+    )?;
+    println!(
+        "\n  1c. DNS from the client (glibc; resolv.conf: search default.svc.cluster.local ...; nameserver 10.244.0.1)"
+    );
+    let mut api = None;
+    for name in ["echo", "api.example.com"] {
+        let out =
+            client.command("ip").args(["netns", "exec", &client.netns, "getent", "ahosts", name]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let addrs: std::collections::BTreeSet<&str> =
+            text.lines().filter_map(|l| l.split_whitespace().next()).collect();
+        println!("    getent ahosts {name:<16} -> {}", addrs.iter().copied().collect::<Vec<_>>().join(" "));
+        if name == "api.example.com" {
+            api = addrs.iter().find(|a| a.starts_with("240.240.")).map(|a| a.to_string());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&etc);
+    println!(
+        "    (answered by the proxy in the client's namespace; api.example.com exists only in the mesh:"
+    );
+    println!("     the daemon gave it an address from 240.240.0.0/16 and 2001:2::/48, as istiod does)");
+    if let Some(api) = api {
+        let a = client.connect(format!("{api}:80").parse()?, 60, false)?;
+        let line: Vec<String> = spread(&a).iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("    60 connections to api.example.com ({api}:80): {}", line.join(", "));
+    }
 
     // 2. FAILOVER keeps traffic in the client's zone.
     let lb = "{routing_preference: [REGION, ZONE], mode: FAILOVER}";

@@ -43,6 +43,8 @@ pub struct Shared {
     /// More conditions of readiness, by name (the Kubernetes watches synced, the CNI plugin
     /// chained): `/debug/ready` answers 200 only when all hold.
     pub conditions: Mutex<Vec<(&'static str, Condition)>>,
+    /// The pods' DNS proxies (`None`: `--dns-proxy off`).
+    pub dns: Option<Arc<crate::dns::DnsProxy>>,
 }
 
 pub type AppState = Arc<Shared>;
@@ -82,6 +84,7 @@ fn routes(state: AppState, refuse_writes: Option<String>) -> Router {
         .route("/debug/loggers", get(get_loggers).merge(write(post(set_loggers))))
         .route("/debug/monitoring", get(get_monitoring).merge(write(post(set_monitoring))))
         .route("/debug/authz", get(authz_status))
+        .route("/debug/dns", get(dns_status))
         .route("/v1/enroll", write(post(enroll)))
         .route("/v1/unenroll", write(post(unenroll)))
         .with_state(state)
@@ -213,7 +216,7 @@ async fn set_loggers(Json(req): Json<LoggersRequest>) -> Response {
 async fn metrics(State(s): State<AppState>) -> Response {
     let ready = s.ready.load(Ordering::SeqCst);
     let s2 = s.clone();
-    let text = with_observer(&s, move |o| crate::metrics::render(o, ready, &s2.xds)).await;
+    let text = with_observer(&s, move |o| crate::metrics::render(o, ready, &s2.xds, s2.dns.as_deref())).await;
     ([("content-type", crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
@@ -271,6 +274,13 @@ async fn set_monitoring(State(s): State<AppState>, body: axum::body::Bytes) -> R
             Json(v).into_response()
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn dns_status(State(s): State<AppState>) -> Response {
+    match &s.dns {
+        Some(d) => Json(d.status()).into_response(),
+        None => Json(serde_json::json!({"enabled": false})).into_response(),
     }
 }
 

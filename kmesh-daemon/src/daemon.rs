@@ -49,6 +49,8 @@ pub struct RunOptions {
     /// The node's own network namespace (where kubelet runs): its connections into pods skip
     /// authorization, so health probes pass ALLOW policies. `None`: they are policed too.
     pub node_netns: Option<PathBuf>,
+    /// The pods' DNS proxies (`None`: off; pods' queries go to their resolvers untouched).
+    pub dns: Option<crate::dns::DnsOptions>,
 }
 
 impl RunOptions {
@@ -67,6 +69,7 @@ impl RunOptions {
             k8s: None,
             cni: None,
             node_netns: Some(PathBuf::from("/proc/self/ns/net")),
+            dns: Some(Default::default()),
         }
     }
 }
@@ -149,6 +152,19 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         _ => tracing::info!("connections from the node are subject to authorization like any other"),
     }
     let mut mesh = Mesh::new(dp);
+    let dns_maps = mesh.dataplane().open_dns_maps().context("opening the DNS proxy's maps")?;
+    let dns = match &opts.dns {
+        Some(o) => {
+            let d = crate::dns::DnsProxy::start(o.clone(), dns_maps).context("starting the DNS proxy")?;
+            tracing::info!(port = o.port, domain = %o.cluster_domain, "pods' DNS queries go to a proxy in their namespace");
+            Some(d)
+        }
+        None => {
+            crate::dns::DnsProxy::disable(dns_maps).context("switching the DNS proxy off")?;
+            tracing::info!("DNS proxy off: pods' queries go to their resolvers untouched");
+            None
+        }
+    };
     let observer = mesh.observer_handle();
     observer
         .lock()
@@ -180,6 +196,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         xds: Default::default(),
         k8s: Mutex::new(None),
         conditions: Mutex::new(Vec::new()),
+        dns: dns.clone(),
     });
     shared.xds.enabled.store(matches!(opts.source, Source::Xds(_)), Ordering::Relaxed);
 
@@ -272,6 +289,30 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         None => None,
     };
 
+    // The DNS proxies follow enrollments and the model.
+    let dns_task = dns.clone().map(|d| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let changed = shared.mesh.lock().unwrap_or_else(|p| p.into_inner()).changes();
+            loop {
+                let view = {
+                    let m = shared.mesh.lock().unwrap_or_else(|p| p.into_inner());
+                    let generation = m.model_generation();
+                    crate::dns::MeshView {
+                        generation,
+                        model: (generation != d.table_generation()).then(|| m.model().clone()),
+                        pods: m.enrolled_pods(),
+                    }
+                };
+                d.reconcile(view).await;
+                tokio::select! {
+                    _ = changed.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        })
+    });
+
     // Pins removed by hand are detected, reported and (for maps) restored.
     let pins_check = {
         let shared = shared.clone();
@@ -345,6 +386,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         m.abort();
     }
     pins_check.abort();
+    if let (Some(t), Some(d)) = (dns_task, &dns) {
+        t.abort();
+        d.shutdown();
+    }
     let _ = stop_tx.send(true);
     let _ = source_task.await;
     if let Some(t) = k8s_task {

@@ -38,7 +38,7 @@ pub const DEFAULT_REPORT_INTERVAL: std::time::Duration = std::time::Duration::fr
 /// The authorization program, attached to each enrolled network namespace.
 pub const AUTHZ_PROGRAM: &str = "kmesh_authz";
 /// Maps with fixed capacities (pinned next to the others).
-const FIXED_MAPS: [&str; 12] = [
+const FIXED_MAPS: [&str; 15] = [
     "STATS",
     "AUTHZ_DEST",
     "IDENTITY",
@@ -51,6 +51,9 @@ const FIXED_MAPS: [&str; 12] = [
     "TELEMETRY_CONF",
     "NODE_CONNS",
     "UDP_REV",
+    "DNS_PODS",
+    "DNS_ORIG",
+    "DNS_TCP",
 ];
 
 /// Loads a cgroup program (connect4/6 or sock_ops) and attaches it with a bpf_link.
@@ -1035,6 +1038,70 @@ impl Dataplane {
     }
 }
 
+/// The DNS proxy's side of the maps (`DNS_PODS`, `DNS_ORIG`, the port in `TELEMETRY_CONF`):
+/// handles of its own, opened from this layout's pins, so that the proxy's servers read where
+/// a query was going without the mesh's lock.
+pub struct DnsMaps {
+    pods: HashMap<MapData, u64, DnsPodValue>,
+    orig: HashMap<MapData, DnsOrigKey, DnsOrig>,
+    conf: aya::maps::Array<MapData, u64>,
+}
+
+impl DnsMaps {
+    /// Sets the port the proxies listen on in every pod (`None`: queries go to resolvers
+    /// directly everywhere, whatever `DNS_PODS` holds).
+    pub fn set_port(&mut self, port: Option<u16>) -> Result<(), KernelError> {
+        let err = |source| KernelError::Write { map: "TELEMETRY_CONF", source };
+        self.conf.set(TCONF_DNS_PORT, port.unwrap_or(0) as u64, 0).map_err(err)
+    }
+
+    /// Sends the queries of the pods in this namespace to its proxy (call once it listens),
+    /// or (`false`) to their resolvers again.
+    pub fn set_pod(&mut self, cookie: u64, on: bool) -> Result<(), KernelError> {
+        if on {
+            let v = DnsPodValue { flags: 1, check: 0 }.sealed(&cookie);
+            self.pods.insert(cookie, v, 0).map_err(|source| KernelError::Write { map: "DNS_PODS", source })
+        } else {
+            match self.pods.remove(&cookie) {
+                Err(e) if !is_not_found(&e) => Err(KernelError::Write { map: "DNS_PODS", source: e }),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    /// Namespaces whose queries go to a proxy now (an earlier daemon's included).
+    pub fn pods(&self) -> Vec<u64> {
+        self.pods.keys().filter_map(Result::ok).collect()
+    }
+
+    /// The resolver a pod's socket asked, as the proxy sees the socket.
+    pub fn orig(&self, key: &DnsOrigKey) -> Option<DnsOrig> {
+        self.orig.get(key, 0).ok()
+    }
+
+    /// Forgets a TCP socket's resolver once its connection is accepted.
+    pub fn forget(&mut self, key: &DnsOrigKey) {
+        let _ = self.orig.remove(key);
+    }
+}
+
+impl Dataplane {
+    /// Opens the DNS proxy's maps from this layout's pins.
+    pub fn open_dns_maps(&self) -> Result<DnsMaps, KernelError> {
+        let open = |name: &'static str| {
+            let path = self.dir.join("maps").join(name);
+            MapData::from_pin(&path).map_err(|source| KernelError::MapType { name, source })
+        };
+        let ty = |name: &'static str| move |source| KernelError::MapType { name, source };
+        Ok(DnsMaps {
+            pods: HashMap::try_from(aya::maps::Map::HashMap(open("DNS_PODS")?)).map_err(ty("DNS_PODS"))?,
+            orig: HashMap::try_from(aya::maps::Map::LruHashMap(open("DNS_ORIG")?)).map_err(ty("DNS_ORIG"))?,
+            conf: aya::maps::Array::try_from(aya::maps::Map::Array(open("TELEMETRY_CONF")?))
+                .map_err(ty("TELEMETRY_CONF"))?,
+        })
+    }
+}
+
 impl Dataplane {
     /// Pins of maps and links that should exist under the pin directory but do not (removed by
     /// hand, or the bpffs unmounted). Maps and programs keep working while this process holds
@@ -1089,8 +1156,16 @@ impl Dataplane {
         if let Some(aya::maps::Map::LruHashMap(d)) = self.ebpf.map("NODE_CONNS") {
             maps.push(("NODE_CONNS", d.fd().as_fd()));
         }
-        if let Some(aya::maps::Map::SkStorage(d)) = self.ebpf.map("UDP_REV") {
-            maps.push(("UDP_REV", d.fd().as_fd()));
+        for name in ["UDP_REV", "DNS_TCP"] {
+            if let Some(aya::maps::Map::SkStorage(d)) = self.ebpf.map(name) {
+                maps.push((name, d.fd().as_fd()));
+            }
+        }
+        if let Some(aya::maps::Map::HashMap(d)) = self.ebpf.map("DNS_PODS") {
+            maps.push(("DNS_PODS", d.fd().as_fd()));
+        }
+        if let Some(aya::maps::Map::LruHashMap(d)) = self.ebpf.map("DNS_ORIG") {
+            maps.push(("DNS_ORIG", d.fd().as_fd()));
         }
         let mut restored = Vec::new();
         for (name, fd) in maps {

@@ -13,6 +13,7 @@ pub mod authz;
 pub mod cni;
 pub mod compile;
 pub mod daemon;
+pub mod dns;
 pub mod k8s;
 pub mod kernel;
 pub mod logging;

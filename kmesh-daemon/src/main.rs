@@ -202,6 +202,8 @@ enum Cmd {
         /// DaemonSet: hostNetwork).
         #[arg(long, default_value = "/proc/self/ns/net")]
         node_netns: PathBuf,
+        #[command(flatten)]
+        dns: DnsArgs,
     },
     /// Put a network namespace in the mesh.
     Enroll {
@@ -291,6 +293,35 @@ fn cgroup2_mount() -> anyhow::Result<PathBuf> {
         .context("no cgroup2 mount found; pass --cgroup")
 }
 
+/// The pods' DNS proxies.
+#[derive(clap::Args, Debug)]
+struct DnsArgs {
+    /// `on`: every enrolled pod's DNS queries (UDP and TCP to port 53 of any resolver) go to a
+    /// proxy the daemon runs inside the pod's network namespace, which answers the mesh's
+    /// service names and forwards the rest to the resolver the pod asked. `off`: untouched.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    dns_proxy: String,
+    /// The proxies' port on 127.0.0.1 and ::1 inside each pod.
+    #[arg(long, default_value_t = kmesh_daemon::dns::DEFAULT_PORT)]
+    dns_port: u16,
+    /// The cluster's DNS domain (the pods' search domains end with it).
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// How long a forwarded query waits for the resolver before the pod gets SERVFAIL.
+    #[arg(long, default_value_t = 2000)]
+    dns_upstream_timeout_ms: u64,
+}
+
+impl DnsArgs {
+    fn options(&self) -> Option<kmesh_daemon::dns::DnsOptions> {
+        (self.dns_proxy == "on").then(|| kmesh_daemon::dns::DnsOptions {
+            port: self.dns_port,
+            cluster_domain: self.cluster_domain.trim_matches('.').to_ascii_lowercase(),
+            upstream_timeout: std::time::Duration::from_millis(self.dns_upstream_timeout_ms.max(1)),
+        })
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     kmesh_daemon::logging::init();
     let cli = Cli::parse();
@@ -312,6 +343,7 @@ fn main() -> anyhow::Result<()> {
             kube,
             node_probes,
             node_netns,
+            dns,
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -325,6 +357,7 @@ fn main() -> anyhow::Result<()> {
             let node_name = xds.node_name.clone();
             let mut opts = RunOptions::new(source, cgroup, bpffs);
             opts.node_netns = (node_probes == "exempt").then_some(node_netns);
+            opts.dns = dns.options();
             let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
             let k8s_on = match kube.kubernetes.as_str() {
                 "on" => true,

@@ -54,6 +54,8 @@ pub struct Mesh {
     node_locality: Option<Locality>,
     /// The node locality the configuration source gave, restored when the override goes.
     source_locality: Locality,
+    /// Woken after every change (the DNS proxies follow enrollments and the model).
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl Mesh {
@@ -81,6 +83,7 @@ impl Mesh {
             conflicts: Vec::new(),
             node_locality: None,
             source_locality: Locality::default(),
+            changed: Arc::new(tokio::sync::Notify::new()),
         };
         mesh.publish();
         mesh
@@ -109,6 +112,34 @@ impl Mesh {
             model_generation: self.model_gen,
         };
         self.observer().published = p;
+        self.changed.notify_one();
+    }
+
+    /// Notified after every change of the model or of the enrollments.
+    pub fn changes(&self) -> Arc<tokio::sync::Notify> {
+        self.changed.clone()
+    }
+
+    /// Bumped whenever the model changes.
+    pub fn model_generation(&self) -> u64 {
+        self.model_gen
+    }
+
+    /// Enrolled namespaces that can be entered (their path is known), with the Kubernetes
+    /// namespace of their workload when it is in the model.
+    pub fn enrolled_pods(&self) -> Vec<(u64, PathBuf, Option<String>)> {
+        self.paths
+            .iter()
+            .filter(|(c, _)| self.enrolled.contains_key(c))
+            .map(|(c, p)| {
+                let ns = self.enrolled[c]
+                    .workload
+                    .as_ref()
+                    .and_then(|uid| self.model.workloads.get(uid))
+                    .map(|w| w.namespace.clone());
+                (*c, p.clone(), ns)
+            })
+            .collect()
     }
 
     pub fn model(&self) -> &Model {

@@ -69,7 +69,7 @@ fn gauge(r: &mut Registry, name: &str, help: &str, v: u64) {
 /// Everything `/status/metric` and the admin `/metrics` serve: from the observer alone (the
 /// state the mesh last published, the kernel's counters, the telemetry families), never
 /// waiting for an apply.
-pub fn render(o: &Observer, ready: bool, xds: &XdsHealth) -> String {
+pub fn render(o: &Observer, ready: bool, xds: &XdsHealth, dns: Option<&crate::dns::DnsProxy>) -> String {
     let mut r = Registry::default();
     let p = &o.published;
     let counts = p.map_counts;
@@ -223,6 +223,31 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth) -> String {
                 (vec![("ring", "TELEMETRY".to_string())], st[stat::TELEMETRY_LOST as usize]),
                 (vec![("ring", "AUTHZ_EVENTS".to_string())], st[stat::AUTHZ_EVENTS_LOST as usize]),
             ],
+        );
+    }
+    if let Some(d) = dns {
+        counters(
+            &mut r,
+            "kmesh_dns_queries",
+            "DNS queries of pods seen by their proxies, by what was done: answered from the mesh (with addresses or NODATA), forwarded to the resolver asked, SERVFAIL when it failed, FORMERR, dropped",
+            d.shared.stats.by_result().map(|(name, n)| (vec![("result", name.to_string())], n)),
+        );
+        gauge(&mut r, "kmesh_dns_proxies", "Pods with a DNS proxy listening", d.pods_listening() as u64);
+        gauge(
+            &mut r,
+            "kmesh_dns_names",
+            "Names the DNS proxies answer from the mesh",
+            d.shared.table().len() as u64,
+        );
+    }
+    {
+        let st = o.stats();
+        counters(
+            &mut r,
+            "kmesh_dns_redirects",
+            "Pods' DNS queries (connect() or datagram to port 53) sent to their proxy by the kernel, or left going to the resolver because the socket could not be given a port",
+            [(stat::DNS_REDIRECTED, "redirected"), (stat::DNS_UNTRACKED, "untracked")]
+                .map(|(idx, name)| (vec![("result", name.to_string())], st[idx as usize])),
         );
     }
     counter(

@@ -98,3 +98,90 @@ pub fn cookie_of(path: &Path) -> Result<u64, NetnsError> {
     .join()
     .expect("netns cookie thread panicked")
 }
+
+/// Creates sockets inside other network namespaces. A socket belongs to the namespace of the
+/// thread that created it for its whole life, so one thread of its own enters the namespace
+/// asked (when it is not there already) and creates the socket; nothing else ever runs on it,
+/// and no other thread's namespace changes.
+#[derive(Clone)]
+pub struct SocketFactory {
+    tx: std::sync::mpsc::Sender<SocketRequest>,
+}
+
+struct SocketRequest {
+    netns: std::sync::Arc<File>,
+    domain: libc::c_int,
+    ty: libc::c_int,
+    mark: Option<u32>,
+    reply: tokio::sync::oneshot::Sender<std::io::Result<std::os::fd::OwnedFd>>,
+}
+
+impl SocketFactory {
+    pub fn start() -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<SocketRequest>();
+        std::thread::Builder::new().name("kmesh-netns-sockets".into()).spawn(move || {
+            // Held so that the namespace (and its descriptor's address) cannot be reused while
+            // this thread believes it is inside it.
+            let mut current: Option<std::sync::Arc<File>> = None;
+            while let Ok(r) = rx.recv() {
+                let here = current.as_ref().is_some_and(|c| std::sync::Arc::ptr_eq(c, &r.netns));
+                if !here {
+                    // SAFETY: setns on this thread only, with a namespace fd the request owns.
+                    if unsafe { libc::setns(r.netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        current = None;
+                        let _ = r.reply.send(Err(std::io::Error::last_os_error()));
+                        continue;
+                    }
+                    current = Some(r.netns.clone());
+                }
+                let _ = r.reply.send(new_socket(r.domain, r.ty, r.mark));
+            }
+        })?;
+        Ok(Self { tx })
+    }
+
+    /// A new non-blocking socket (`libc::AF_INET`/`AF_INET6`, `SOCK_DGRAM`/`SOCK_STREAM`) in the
+    /// namespace `netns` (from [`open_netns`]), with `SO_MARK` set when `mark` is given.
+    pub async fn socket(
+        &self,
+        netns: &std::sync::Arc<File>,
+        domain: libc::c_int,
+        ty: libc::c_int,
+        mark: Option<u32>,
+    ) -> std::io::Result<std::os::fd::OwnedFd> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(SocketRequest { netns: netns.clone(), domain, ty, mark, reply })
+            .map_err(|_| std::io::Error::other("the namespace socket thread is gone"))?;
+        rx.await.map_err(|_| std::io::Error::other("the namespace socket thread is gone"))?
+    }
+}
+
+fn new_socket(
+    domain: libc::c_int,
+    ty: libc::c_int,
+    mark: Option<u32>,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket syscalls; the descriptor is owned by the returned OwnedFd at once.
+    unsafe {
+        let fd = libc::socket(domain, ty | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        if let Some(m) = mark {
+            let rc = libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&m as *const u32).cast(),
+                std::mem::size_of::<u32>() as libc::socklen_t,
+            );
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(fd)
+    }
+}

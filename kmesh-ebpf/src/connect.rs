@@ -1,0 +1,65 @@
+//! `cgroup/connect4` and `cgroup/connect6`: a connect() to a service frontend is rewritten to a
+//! backend; a pod's DNS query goes to its proxy (see `dns`).
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use kmesh_common::*;
+
+use crate::lb::{Verdict, apply_v4, apply_v6, balance};
+use crate::maps::CONN_META;
+use crate::shared::{proto_of, set_ip6, telemetry_on};
+
+/// Remembers the service address a client dialled, for the telemetry of its connection.
+#[inline(always)]
+fn remember_orig(ctx: &SockAddrContext, addr: [u32; 4], port: u16) {
+    if !telemetry_on() {
+        return;
+    }
+    let m = unsafe { CONN_META.get_or_insert_ptr_mut(ctx, None) };
+    if !m.is_null() {
+        unsafe {
+            (*m).orig_dst = addr;
+            (*m).orig_port = u16::from_be(port);
+            (*m).has_orig = 1;
+        }
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
+    let Some(proto) = proto_of(&ctx) else { return 1 };
+    let sa = ctx.sock_addr;
+    let ip4 = unsafe { (*sa).user_ip4 };
+    let port = unsafe { (*sa).user_port } as u16;
+    if let Some((lo, pport)) = crate::dns::at_connect(&ctx, v4_mapped(ip4), port, proto, false) {
+        unsafe {
+            (*sa).user_ip4 = lo[3];
+            (*sa).user_port = pport as u32;
+        }
+        return 1;
+    }
+    let v = balance(&ctx, v4_mapped(ip4), port, proto, FAMILY_V4);
+    if matches!(v, Verdict::Rewrite(..)) {
+        remember_orig(&ctx, v4_mapped(ip4), port);
+    }
+    apply_v4(sa, v)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
+    let Some(proto) = proto_of(&ctx) else { return 1 };
+    let sa = ctx.sock_addr;
+    let addr = unsafe { [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]] };
+    let port = unsafe { (*sa).user_port } as u16;
+    if let Some((lo, pport)) = crate::dns::at_connect(&ctx, addr, port, proto, true) {
+        set_ip6(sa, &lo, pport);
+        return 1;
+    }
+    // A v4-mapped destination on a dual-stack socket is an IPv4 service: use IPv4 tables and
+    // write the IPv4 backend back v4-mapped.
+    let family = if is_v4_mapped(&addr) { FAMILY_V4 } else { FAMILY_V6 };
+    let v = balance(&ctx, addr, port, proto, family);
+    if matches!(v, Verdict::Rewrite(..)) {
+        remember_orig(&ctx, addr, port);
+    }
+    apply_v6(sa, v)
+}

@@ -1,0 +1,156 @@
+//! Service load balancing: the lookup chain from a frontend to a backend (see `kmesh_common`)
+//! and how a verdict is carried out on a socket address.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32},
+    programs::SockAddrContext,
+};
+use kmesh_common::*;
+
+use crate::maps::{BACKENDS, ENDPOINTS, FRONTENDS, LB_TABLES, NETNS, PORTS};
+use crate::shared::{count, refuse, set_ip6};
+
+/// What to do with one connect().
+pub enum Verdict {
+    /// Leave the destination as it is.
+    Pass,
+    /// Rewrite to this address (16-byte layout) and port (network order) of this backend id.
+    Rewrite([u32; 4], u16, u32),
+    /// Fail connect() with this errno.
+    Refuse(i32),
+}
+
+/// The whole decision, independent of the address family of the socket.
+///
+/// Every value is copied out of its map and checked against the key it was looked up under
+/// (`belongs_to`): an element freed by a concurrent update can be handed to another key at
+/// once, so the bytes behind a found key may belong to another entry. Once the destination is
+/// known to be a frontend, nothing is passed unchanged: a table that cannot be read
+/// consistently twice refuses the connection (`ERRNO_INCONSISTENT`) rather than letting the
+/// VIP go to whatever route the node has for it.
+#[inline(always)]
+pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, family: u8) -> Verdict {
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(ns) = (unsafe { NETNS.get(cookie) }).copied() else {
+        return Verdict::Pass;
+    };
+    if !ns.belongs_to(&cookie) {
+        // The namespace's entry went away under us: it is being unenrolled.
+        return Verdict::Pass;
+    }
+    let client_class = ns.class_id;
+    let fe_key = FrontendKey { addr, port, proto, _pad: 0 };
+    let Some(fe) = (unsafe { FRONTENDS.get(fe_key) }).copied() else {
+        count(stat::PASSED);
+        return Verdict::Pass;
+    };
+    if !fe.belongs_to(&fe_key) {
+        count(stat::INCONSISTENT);
+        return Verdict::Refuse(ERRNO_INCONSISTENT);
+    }
+    let service_id = fe.service_id;
+    let default_port = fe.target_port;
+    let class_id = if fe.flags & FE_F_LOCALITY != 0 { client_class } else { 0 };
+    let tkey = TableKey { service_id, class_id, family, _pad: [0; 3] };
+
+    // A slot can vanish between reading a table and reading its slot when the daemon switches
+    // generations; the table read again then points at the new generation. Two tries suffice.
+    let mut attempt = 0;
+    while attempt < 2 {
+        attempt += 1;
+        let Some(table) = (unsafe { LB_TABLES.get(tkey) }).copied() else {
+            count(stat::INCONSISTENT);
+            return Verdict::Refuse(ERRNO_INCONSISTENT);
+        };
+        if !table.belongs_to(&tkey) {
+            count(stat::RETRIED);
+            continue;
+        }
+        let Some(level) = pick_level(&table) else {
+            if table.flags & TBL_F_STRICT != 0 {
+                count(stat::STRICT_NO_MATCH);
+                return Verdict::Refuse(ERRNO_STRICT_NO_MATCH);
+            }
+            count(stat::NO_ENDPOINT);
+            return Verdict::Refuse(ERRNO_NO_ENDPOINT);
+        };
+        let mut ekey = EndpointKey {
+            service_id,
+            class_id,
+            generation: table.generation,
+            family,
+            level: level as u8,
+            _pad: 0,
+            index: 0,
+        };
+        let rand = unsafe { bpf_get_prandom_u32() };
+        let slot = pick_slot(&table, level, rand, |i| {
+            ekey.index = i;
+            unsafe { ENDPOINTS.get(ekey) }.copied().filter(|e| e.belongs_to(&ekey)).map(|e| e.cum_weight)
+        });
+        let Some(slot) = slot else {
+            count(stat::RETRIED);
+            continue;
+        };
+        ekey.index = slot;
+        let Some(ep) = (unsafe { ENDPOINTS.get(ekey) }).copied().filter(|e| e.belongs_to(&ekey)) else {
+            count(stat::RETRIED);
+            continue;
+        };
+        let backend_id = ep.backend_id;
+        let Some(be) = (unsafe { BACKENDS.get(backend_id) }).copied().filter(|b| b.belongs_to(&backend_id))
+        else {
+            count(stat::RETRIED);
+            continue;
+        };
+        let pkey = PortKey { service_id, backend_id, service_port: port, _pad: 0 };
+        let target = match unsafe { PORTS.get(pkey) }.copied() {
+            Some(p) if p.belongs_to(&pkey) => p.target_port,
+            Some(_) => {
+                count(stat::RETRIED);
+                continue;
+            }
+            None => default_port,
+        };
+        count(stat::REWRITTEN);
+        return Verdict::Rewrite(be.addr, target, backend_id);
+    }
+    count(stat::INCONSISTENT);
+    Verdict::Refuse(ERRNO_INCONSISTENT)
+}
+
+/// Carries out a verdict on an IPv4 socket address: 1 lets the call go on (rewritten or not),
+/// 0 fails it with the errno set.
+#[inline(always)]
+pub fn apply_v4(sa: *mut aya_ebpf::bindings::bpf_sock_addr, v: Verdict) -> i32 {
+    match v {
+        Verdict::Pass => 1,
+        Verdict::Refuse(errno) => refuse(errno),
+        Verdict::Rewrite(addr, target, _) => {
+            if !is_v4_mapped(&addr) {
+                // An IPv6 backend in an IPv4 table is a compiler bug; never misroute.
+                count(stat::INCONSISTENT);
+                return refuse(ERRNO_NO_ENDPOINT);
+            }
+            unsafe {
+                (*sa).user_ip4 = addr[3];
+                (*sa).user_port = target as u32;
+            }
+            1
+        }
+    }
+}
+
+/// [`apply_v4`] for an IPv6 (or v4-mapped) socket address.
+#[inline(always)]
+pub fn apply_v6(sa: *mut aya_ebpf::bindings::bpf_sock_addr, v: Verdict) -> i32 {
+    match v {
+        Verdict::Pass => 1,
+        Verdict::Refuse(errno) => refuse(errno),
+        Verdict::Rewrite(new, target, _) => {
+            set_ip6(sa, &new, target);
+            1
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Every map the programs share, with its default capacity (the daemon sets the real ones at
+//! load time). Key and value types are `kmesh_common`'s.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage},
+    macros::btf_map,
+};
+use kmesh_common::*;
+
+/// Hash maps allocate on demand: large capacities cost nothing until used, and an update that
+/// replaces a value frees the old one only after an RCU grace period.
+pub const NO_PREALLOC: usize = 1; // BPF_F_NO_PREALLOC
+
+#[btf_map]
+pub static NETNS: HashMap<u64, NetnsValue, 65536, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+pub static FRONTENDS: HashMap<FrontendKey, FrontendValue, 131072, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+pub static LB_TABLES: HashMap<TableKey, TableValue, 131072, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+pub static ENDPOINTS: HashMap<EndpointKey, EndpointValue, 524288, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+pub static BACKENDS: HashMap<u32, BackendValue, 262144, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+pub static PORTS: HashMap<PortKey, PortValue, 262144, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+pub static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
+
+// L4 authorization (see kmesh_common): decided when a new connection looks up its socket in
+// the destination pod's namespace. SK_DROP there makes the kernel answer a TCP SYN with a
+// reset, so a denied client fails at once with ECONNREFUSED and the server never sees it.
+#[btf_map]
+pub static AUTHZ_DEST: HashMap<[u32; 4], DestValue, 262144, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+pub static IDENTITY: HashMap<[u32; 4], IdentityValue, 524288, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+pub static AUTHZ_REGION: LpmTrie<RegionKey, u32, 262144> = LpmTrie::new();
+#[btf_map]
+pub static AUTHZ_VERDICT: HashMap<VerdictKey, VerdictValue, 1048576, NO_PREALLOC> = HashMap::new();
+#[btf_map]
+pub static AUTHZ_COUNTS: PerCpuHashMap<CountKey, u64, 65536, NO_PREALLOC> = PerCpuHashMap::new();
+#[btf_map]
+pub static AUTHZ_EVENTS: RingBuf<(), { 256 * 1024 }> = RingBuf::new();
+/// Connections the node's own network namespace opened to destinations with policies
+/// (kubelet's probes): admitted without policy (see `NodeConnKey`). LRU: a node that opens
+/// more at once than this holds loses the oldest marks, never a connection of its own.
+#[btf_map]
+pub static NODE_CONNS: LruHashMap<NodeConnKey, u8, 16384> = LruHashMap::new();
+
+// Telemetry: per-socket state (socket-local storage: no key lookup, no capacity, freed with
+// the socket) and the events user space turns into metrics and access logs.
+#[btf_map]
+pub static CONN_META: SkStorage<ConnMeta> = SkStorage::new();
+#[btf_map]
+pub static TELEMETRY: RingBuf<(), { 1024 * 1024 }> = RingBuf::new();
+/// Unconnected UDP sockets: the backend chosen per frontend, for later datagrams and for the
+/// source of replies (see `UdpRev`).
+#[btf_map]
+pub static UDP_REV: SkStorage<UdpRev> = SkStorage::new();
+/// Written by the daemon: telemetry on/off and report interval, the node's namespace, the
+/// DNS proxies' port (`TCONF_*`).
+#[btf_map]
+pub static TELEMETRY_CONF: Array<u64, { TCONF_COUNT as usize }> = Array::new();
+
+// DNS proxy (see `dns`).
+/// Namespaces whose pods' DNS queries go to the daemon's proxy in the namespace.
+#[btf_map]
+pub static DNS_PODS: HashMap<u64, DnsPodValue, 65536, NO_PREALLOC> = HashMap::new();
+/// The resolver each redirected query was for, keyed by how the proxy sees the pod's socket.
+/// LRU: a socket forgotten here gets SERVFAIL for a forwarded name, never another's answer.
+#[btf_map]
+pub static DNS_ORIG: LruHashMap<DnsOrigKey, DnsOrig, 65536> = LruHashMap::new();
+/// A TCP socket's resolver, until sock_ops knows the socket's local port.
+#[btf_map]
+pub static DNS_TCP: SkStorage<DnsOrig> = SkStorage::new();

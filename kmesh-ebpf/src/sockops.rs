@@ -1,0 +1,247 @@
+//! `sock_ops` (`kmesh_sockops`): connection telemetry of enrolled pods, the marks of the
+//! node's own connections (kubelet's probes), and the local port of a pod's DNS query over TCP.
+
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_storage_get},
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use kmesh_common::*;
+
+use crate::maps::{AUTHZ_DEST, CONN_META, DNS_ORIG, DNS_TCP, NETNS, NODE_CONNS, TELEMETRY, TELEMETRY_CONF};
+use crate::shared::{BPF_SK_STORAGE_GET_F_CREATE, count, telemetry_on};
+
+/// The telemetry state of a sock_ops program's socket (created empty when `create`).
+#[inline(always)]
+fn sock_meta(ctx: &SockOpsContext, create: bool) -> Option<*mut ConnMeta> {
+    let sk = unsafe { core::ptr::read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
+    if sk.is_null() {
+        return None;
+    }
+    let map = core::ptr::from_ref(&CONN_META).cast_mut().cast();
+    let flags = if create { BPF_SK_STORAGE_GET_F_CREATE } else { 0 };
+    let m = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), flags) }.cast::<ConnMeta>();
+    if m.is_null() { None } else { Some(m) }
+}
+
+const SOCK_OPS_TCP_CONNECT: u32 = 3;
+const SOCK_OPS_ACTIVE_ESTABLISHED: u32 = 4;
+const SOCK_OPS_PASSIVE_ESTABLISHED: u32 = 5;
+const SOCK_OPS_STATE: u32 = 10;
+const SOCK_OPS_RTT: u32 = 12;
+const SOCK_OPS_STATE_CB_FLAG: u32 = 4;
+const SOCK_OPS_RTT_CB_FLAG: u32 = 8;
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_SYN_SENT: u32 = 2;
+const TCP_CLOSE_WAIT: u32 = 8;
+const TCP_FIN_WAIT2: u32 = 5;
+const TCP_CLOSE: u32 = 7;
+
+/// The local and remote addresses of a sock_ops program's socket (16-byte layout).
+#[inline(always)]
+fn sock_addrs(ctx: &SockOpsContext) -> ([u32; 4], [u32; 4]) {
+    use core::ptr::read_volatile as rv;
+    let o = ctx.ops;
+    // Every field is read unconditionally at a constant offset (see kmesh_authz).
+    let (family, l4, r4) = unsafe { (rv(&(*o).family), rv(&(*o).local_ip4), rv(&(*o).remote_ip4)) };
+    let l6 = unsafe {
+        [rv(&(*o).local_ip6[0]), rv(&(*o).local_ip6[1]), rv(&(*o).local_ip6[2]), rv(&(*o).local_ip6[3])]
+    };
+    let r6 = unsafe {
+        [rv(&(*o).remote_ip6[0]), rv(&(*o).remote_ip6[1]), rv(&(*o).remote_ip6[2]), rv(&(*o).remote_ip6[3])]
+    };
+    if family == 2 { (v4_mapped(l4), v4_mapped(r4)) } else { (l6, r6) }
+}
+
+#[inline(always)]
+fn conn_event(ctx: &SockOpsContext, kind: u32, meta: &ConnMeta, cookie: u64, now: u64) -> ConnEvent {
+    use core::ptr::read_volatile as rv;
+    let o = ctx.ops;
+    let (local, remote) = sock_addrs(ctx);
+    unsafe {
+        ConnEvent {
+            kind,
+            direction: meta.direction,
+            local,
+            remote,
+            local_port: rv(&(*o).local_port) as u16,
+            remote_port: u32::from_be(rv(&(*o).remote_port)) as u16,
+            orig_port: meta.orig_port,
+            has_orig: meta.has_orig,
+            orig_dst: meta.orig_dst,
+            sent_bytes: rv(&(*o).bytes_acked),
+            received_bytes: rv(&(*o).bytes_received),
+            duration_ns: now.saturating_sub(meta.start_ns),
+            retrans: rv(&(*o).total_retrans),
+            lost: rv(&(*o).lost_out),
+            srtt_us: rv(&(*o).srtt_us) >> 3,
+            min_rtt_us: rv(&(*o).rtt_min),
+            state: rv(&(*o).state),
+            flags: 0,
+            cookie,
+        }
+    }
+}
+
+#[inline(always)]
+fn emit(ev: &ConnEvent) {
+    if TELEMETRY.output_untyped::<ConnEvent>(ev, 0).is_err() {
+        count(stat::TELEMETRY_LOST);
+    }
+}
+
+/// The 4-tuple of a sock_ops program's socket, as its client sees it.
+#[inline(always)]
+fn node_conn_key(ctx: &SockOpsContext) -> NodeConnKey {
+    use core::ptr::read_volatile as rv;
+    let o = ctx.ops;
+    let (src, dst) = sock_addrs(ctx);
+    NodeConnKey {
+        src,
+        dst,
+        src_port: unsafe { rv(&(*o).local_port) } as u16,
+        dst_port: u32::from_be(unsafe { rv(&(*o).remote_port) }) as u16,
+    }
+}
+
+/// A pod's DNS query over TCP, sent to its proxy at connect(): now that the socket has its
+/// local port, records the resolver it asked under it (see `DnsOrigKey`).
+#[inline(always)]
+fn dns_tcp(ctx: &SockOpsContext) {
+    let pport = TELEMETRY_CONF.get(TCONF_DNS_PORT).copied().unwrap_or(0);
+    if pport == 0 {
+        return;
+    }
+    let key = node_conn_key(ctx);
+    if key.dst_port as u64 != pport {
+        return;
+    }
+    let sk = unsafe { core::ptr::read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
+    if sk.is_null() {
+        return;
+    }
+    let map = core::ptr::from_ref(&DNS_TCP).cast_mut().cast();
+    let o = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) }.cast::<DnsOrig>();
+    if o.is_null() {
+        return;
+    }
+    let orig = unsafe { *o };
+    let family = if is_v4_mapped(&key.dst) { FAMILY_V4 } else { FAMILY_V6 };
+    let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+    let k = DnsOrigKey { netns, port: key.src_port, proto: PROTO_TCP, family, _pad: 0 };
+    if DNS_ORIG.insert(k, orig, 0).is_err() {
+        count(stat::DNS_UNTRACKED);
+    }
+}
+
+/// Marks (at connect) and forgets (at close) a connection the node's own network namespace
+/// opens to a destination with policies. True when the socket is the node's: nothing else
+/// of this program concerns it.
+#[inline(always)]
+fn node_conn(ctx: &SockOpsContext, op: u32) -> bool {
+    let node = TELEMETRY_CONF.get(TCONF_NODE_NETNS).copied().unwrap_or(0);
+    if node == 0 || unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } != node {
+        return false;
+    }
+    let key = node_conn_key(ctx);
+    if op == SOCK_OPS_TCP_CONNECT {
+        if unsafe { AUTHZ_DEST.get(key.dst) }.is_some() {
+            let _ = NODE_CONNS.insert(key, 1, 0);
+            // Be told when it closes, to forget it.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+    } else {
+        let _ = NODE_CONNS.remove(key);
+    }
+    true
+}
+
+/// Connection telemetry of enrolled pods: a client socket is tracked from connect(), a server
+/// socket from the accept; each reports when established, every `TCONF_INTERVAL_NS` while
+/// acknowledgements flow, and when it closes (or fails to establish).
+#[sock_ops]
+pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op == SOCK_OPS_TCP_CONNECT {
+        dns_tcp(&ctx);
+    }
+    if (op == SOCK_OPS_TCP_CONNECT || (op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE))
+        && node_conn(&ctx, op)
+    {
+        return 0;
+    }
+    if !telemetry_on() {
+        return 0;
+    }
+    if op == SOCK_OPS_TCP_CONNECT || op == SOCK_OPS_PASSIVE_ESTABLISHED {
+        let ns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+        if unsafe { NETNS.get(ns) }.is_none() {
+            return 0;
+        }
+        let Some(m) = sock_meta(&ctx, true) else { return 0 };
+        let now = unsafe { bpf_ktime_get_ns() };
+        // connect() may already have stored the service address the client dialled.
+        let mut meta = unsafe { *m };
+        meta.start_ns = now;
+        meta.last_report_ns = now;
+        meta.direction = if op == SOCK_OPS_TCP_CONNECT { DIR_OUTBOUND } else { DIR_INBOUND };
+        unsafe { *m = meta };
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG | SOCK_OPS_RTT_CB_FLAG) as i32);
+        if op == SOCK_OPS_PASSIVE_ESTABLISHED {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+            emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, now));
+        }
+    } else if op == SOCK_OPS_ACTIVE_ESTABLISHED {
+        let Some(m) = sock_meta(&ctx, false) else { return 0 };
+        let now = unsafe { bpf_ktime_get_ns() };
+        unsafe { (*m).last_report_ns = now };
+        let meta = unsafe { *m };
+        if meta.direction == DIR_OUTBOUND {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+            emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, now));
+        }
+    } else if op == SOCK_OPS_RTT {
+        let Some(m) = sock_meta(&ctx, false) else { return 0 };
+        let now = unsafe { bpf_ktime_get_ns() };
+        let interval = TELEMETRY_CONF.get(TCONF_INTERVAL_NS).copied().unwrap_or(5_000_000_000);
+        let meta = unsafe { *m };
+        if meta.direction == 0 || now.saturating_sub(meta.last_report_ns) < interval {
+            return 0;
+        }
+        // Only while no FIN of ours can be in flight: in the closing states the kernel may
+        // have counted its acknowledgement before the state changes, and user space could
+        // not tell data bytes from it. The close event follows soon and is exact.
+        let state = unsafe { core::ptr::read_volatile(&(*ctx.ops).state) };
+        if state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT {
+            return 0;
+        }
+        unsafe { (*m).last_report_ns = now };
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        emit(&conn_event(&ctx, CONN_REPORT, &meta, cookie, now));
+    } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_FIN_WAIT2 {
+        if let Some(m) = sock_meta(&ctx, false) {
+            unsafe { (*m).rcv_nxt_fin_wait2 = core::ptr::read_volatile(&(*ctx.ops).rcv_nxt) };
+        }
+    } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE {
+        let Some(m) = sock_meta(&ctx, false) else { return 0 };
+        let meta = unsafe { *m };
+        if meta.direction == 0 {
+            return 0;
+        }
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        let from = ctx.arg(0);
+        let rcv_nxt = unsafe { core::ptr::read_volatile(&(*ctx.ops).rcv_nxt) };
+        let now = unsafe { bpf_ktime_get_ns() };
+        let kind = if from == TCP_SYN_SENT { CONN_FAILED } else { CONN_CLOSE };
+        let mut ev = conn_event(&ctx, kind, &meta, cookie, now);
+        // The state the socket left: user space needs it to tell data bytes from SYN/FIN.
+        ev.state = from;
+        if from == TCP_FIN_WAIT2 && rcv_nxt == meta.rcv_nxt_fin_wait2 {
+            ev.flags |= EV_NO_PEER_FIN;
+        }
+        emit(&ev);
+        // Reported once; the storage goes with the socket.
+        unsafe { (*m).direction = 0 };
+    }
+    0
+}
