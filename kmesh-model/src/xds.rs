@@ -636,6 +636,8 @@ mod tests {
             for p in &mut expect.ports {
                 p.protocol = Protocol::Tcp;
             }
+            // Allocated addresses travel as plain VIPs, as istiod's do.
+            expect.auto_allocated = false;
             let bytes = encode_address(&AddressResource::Service((**s).clone()));
             assert_eq!(decode_address(&bytes).unwrap(), AddressResource::Service(expect));
         }
