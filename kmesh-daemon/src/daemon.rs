@@ -305,6 +305,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                     }
                 };
                 d.reconcile(view).await;
+                // At most ten rounds a second: under churn the name table is rebuilt (a pass
+                // over the model) ten times a second, not once per change; answers lag by at
+                // most this much, well inside their TTL.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 tokio::select! {
                     _ = changed.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}

@@ -132,11 +132,15 @@ impl Mesh {
             .iter()
             .filter(|(c, _)| self.enrolled.contains_key(c))
             .map(|(c, p)| {
-                let ns = self.enrolled[c]
-                    .workload
-                    .as_ref()
-                    .and_then(|uid| self.model.workloads.get(uid))
-                    .map(|w| w.namespace.clone());
+                let ns =
+                    self.enrolled[c].workload.as_ref().and_then(|uid| match self.model.workloads.get(uid) {
+                        Some(w) => Some(w.namespace.clone()),
+                        // Not in the model (yet): Istio's uid says it, `<cluster>//Pod/<ns>/<name>`.
+                        None => uid
+                            .split_once("//Pod/")
+                            .and_then(|(_, r)| r.split_once('/'))
+                            .map(|(ns, _)| ns.to_string()),
+                    });
                 (*c, p.clone(), ns)
             })
             .collect()
