@@ -298,10 +298,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 let view = {
                     let m = shared.mesh.lock().unwrap_or_else(|p| p.into_inner());
                     let generation = m.model_generation();
+                    // Until a configuration is applied the proxies would know no name (and
+                    // their forwarded NXDOMAINs be cached): pods ask their resolvers directly.
+                    let pods = if m.has_model() { m.enrolled_pods() } else { Vec::new() };
                     crate::dns::MeshView {
                         generation,
                         model: (generation != d.table_generation()).then(|| m.model().clone()),
-                        pods: m.enrolled_pods(),
+                        pods,
                     }
                 };
                 d.reconcile(view).await;

@@ -120,6 +120,11 @@ impl Mesh {
         self.changed.clone()
     }
 
+    /// A configuration has been applied since start.
+    pub fn has_model(&self) -> bool {
+        self.has_model
+    }
+
     /// Bumped whenever the model changes.
     pub fn model_generation(&self) -> u64 {
         self.model_gen

@@ -278,6 +278,22 @@ fn pods_resolve_mesh_names_and_everything_else_reaches_their_resolver() {
     assert_eq!(status(&dig(outside, &ns4, &["echo.default.svc.cluster.local"])), "NXDOMAIN");
     assert!(getent(outside, "hosts", "echo").is_empty());
 
+    // kmeshctl shows the same: the pod's proxy and the names it answers.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kmeshctl"))
+        .args(["--admin", &d.admin.to_string(), "--admin-socket"])
+        .arg(&d.socket)
+        .arg("dns")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("api.example.com\t30\t{api4} {api6}")), "{text}");
+    assert!(text.contains("db.default.svc.cluster.local (headless)\t5\t"), "{text}");
+    assert!(
+        text.contains(&format!("{}\tdefault\t127.0.0.1:15053 [::1]:15053", client.netns_path().display())),
+        "{text}"
+    );
+
     let m = |r: &str| d.metric(&format!("kmesh_dns_queries_total{{result=\"{r}\"}}"));
     assert!(
         m("answered") >= 15.0 && m("forwarded") >= 7.0,
@@ -305,6 +321,14 @@ fn pods_resolve_mesh_names_and_everything_else_reaches_their_resolver() {
     resolver = Resolver::start(dnspod, &scratch.dir);
     d.stop();
     assert_eq!(status(&dig(client, &ns4, &["echo.default.svc.cluster.local"])), "NXDOMAIN");
+    assert_eq!(data(&dig(client, &ns4, &["db.corp.test"]), "A"), set(&["10.1.2.3"]));
+
+    // A new daemon adopts the maps and the saved enrollment: the pod's proxy is back.
+    let d = Daemon::start(&scratch.config(), &bed, &scratch.pins, &[]);
+    wait_for("readiness", || d.get("/debug/ready").is_ok());
+    wait_listening(&d, 1);
+    let out = dig(client, &ns4, &["echo.default.svc.cluster.local"]);
+    assert_eq!(data(&out, "A"), set(&[VIP]), "{out}\n{}", d.get("/debug/dns").unwrap());
     assert_eq!(data(&dig(client, &ns4, &["db.corp.test"]), "A"), set(&["10.1.2.3"]));
     drop(resolver);
 }

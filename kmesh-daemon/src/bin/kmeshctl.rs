@@ -83,6 +83,11 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// The pods' DNS proxies: which pods have one, the queries they saw, the names they answer.
+    Dns {
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -185,8 +190,52 @@ fn main() -> anyhow::Result<()> {
                 Output::Table => print_authz(&v),
             }
         }
+        Cmd::Dns { output } => {
+            let v = get(cli.admin, "/debug/dns")?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                Output::Table => print_dns(&v),
+            }
+        }
     }
     Ok(())
+}
+
+fn print_dns(v: &Value) {
+    if v["enabled"].as_bool() != Some(true) {
+        println!("DNS proxy off (--dns-proxy off): pods' queries go to their resolvers untouched");
+        return;
+    }
+    println!("port\t{} on 127.0.0.1 and ::1 in each pod", v["port"]);
+    println!("cluster domain\t{}", v["cluster_domain"].as_str().unwrap_or("?"));
+    if let Some(q) = v["queries"].as_object() {
+        let parts: Vec<String> = q.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!("queries\t{}", parts.join(", "));
+    }
+    println!("\nPODS\tNAMESPACE\tLISTENING");
+    for p in v["pods"].as_array().into_iter().flatten() {
+        let listening: Vec<&str> =
+            p["listening"].as_array().into_iter().flatten().filter_map(|a| a.as_str()).collect();
+        println!(
+            "{}\t{}\t{}",
+            p["netns"].as_str().unwrap_or("?"),
+            p["namespace"].as_str().unwrap_or("-"),
+            listening.join(" ")
+        );
+    }
+    for p in v["pods_without_proxy"].as_array().into_iter().flatten() {
+        println!("cookie {}\t-\tnone: {}", p["netns_cookie"], p["error"].as_str().unwrap_or("?"));
+    }
+    println!("\nNAME\tTTL\tADDRESSES");
+    for n in v["names"].as_array().into_iter().flatten() {
+        let addrs: Vec<&str> = [&n["ipv4"], &n["ipv6"]]
+            .into_iter()
+            .flat_map(|a| a.as_array().into_iter().flatten())
+            .filter_map(|a| a.as_str())
+            .collect();
+        let kind = if n["headless"].as_bool() == Some(true) { " (headless)" } else { "" };
+        println!("{}{kind}\t{}\t{}", n["name"].as_str().unwrap_or("?"), n["ttl"], addrs.join(" "));
+    }
 }
 
 fn on_off(v: &Value) -> &'static str {

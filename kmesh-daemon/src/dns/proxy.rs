@@ -107,7 +107,8 @@ pub struct MeshView {
     pub generation: u64,
     /// The model, when its generation differs from the one the table was built from.
     pub model: Option<Model>,
-    /// Enrolled namespaces that can be entered: cookie, path, the pod's namespace if known.
+    /// Enrolled namespaces that can be entered: cookie, path, the pod's namespace if known
+    /// (none before a configuration is applied: a proxy then knows no name).
     pub pods: Vec<(u64, PathBuf, Option<String>)>,
 }
 
