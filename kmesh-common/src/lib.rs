@@ -357,10 +357,16 @@ pub const DNS_PORT_NET: u16 = 53u16.to_be();
 /// (they are balanced like any other socket of the pod when the resolver is a service).
 pub const DNS_UPSTREAM_MARK: u32 = 0x4b6d_0035;
 
+/// `DnsPodValue.flags`: the proxy listens on 127.0.0.1 (queries over IPv4 go to it).
+pub const DNS_POD_V4: u32 = 1;
+/// `DnsPodValue.flags`: the proxy listens on ::1 (queries over IPv6 go to it).
+pub const DNS_POD_V6: u32 = 2;
+
 /// Value of `DNS_PODS`, keyed by namespace cookie: the namespace has a DNS proxy listening.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsPodValue {
+    /// `DNS_POD_*`: the families it listens on (a pod without IPv6 loopback has no `::1`).
     pub flags: u32,
     /// [`key_check`] of the cookie.
     pub check: u32,

@@ -134,7 +134,23 @@ fn reload(shared: &Shared, last: &mut Option<Vec<u8>>) {
     }
 }
 
+/// Raises the soft limit on open descriptors to the hard one (the DNS proxies hold a few
+/// sockets per pod; the usual soft limit of 1,024 would cap a node at a few hundred pods).
+fn raise_nofile_limit() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                tracing::warn!(soft = r.rlim_cur, hard = r.rlim_max, "cannot raise the limit on open files");
+            }
+        }
+    }
+}
+
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    raise_nofile_limit();
     let mut dp = Dataplane::load(&opts.load).context("loading the data plane")?;
     tracing::info!(cgroup = %opts.load.cgroup.display(), pins = %kernel::layout_dir(&opts.load.pin_dir).display(),
         adopted = dp.adopted(), "programs attached");

@@ -1055,11 +1055,12 @@ impl DnsMaps {
         self.conf.set(TCONF_DNS_PORT, port.unwrap_or(0) as u64, 0).map_err(err)
     }
 
-    /// Sends the queries of the pods in this namespace to its proxy (call once it listens),
-    /// or (`false`) to their resolvers again.
-    pub fn set_pod(&mut self, cookie: u64, on: bool) -> Result<(), KernelError> {
-        if on {
-            let v = DnsPodValue { flags: 1, check: 0 }.sealed(&cookie);
+    /// Sends the queries of the pods in this namespace over the families in `flags`
+    /// (`DNS_POD_V4`, `DNS_POD_V6`: those its proxy listens on; call once it does) to its proxy,
+    /// or (0) to their resolvers again.
+    pub fn set_pod(&mut self, cookie: u64, flags: u32) -> Result<(), KernelError> {
+        if flags != 0 {
+            let v = DnsPodValue { flags, check: 0 }.sealed(&cookie);
             self.pods.insert(cookie, v, 0).map_err(|source| KernelError::Write { map: "DNS_PODS", source })
         } else {
             match self.pods.remove(&cookie) {

@@ -20,9 +20,10 @@ const LO4: [u32; 4] = v4_mapped(u32::from_ne_bytes([127, 0, 0, 1]));
 const LO6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
 /// The namespace cookie and the proxy's port (network order) when a socket's destination
-/// port `port` (network order) makes this a query the pod's proxy must see.
+/// `dst:port` (network order) makes this a query the pod's proxy must see: port 53, a pod
+/// with a proxy listening on the loopback of the query's family, not the proxy's own socket.
 #[inline(always)]
-fn proxy_for(ctx: &SockAddrContext, port: u16) -> Option<(u64, u16)> {
+fn proxy_for(ctx: &SockAddrContext, dst: &[u32; 4], port: u16, sock_v6: bool) -> Option<(u64, u16)> {
     if port != DNS_PORT_NET {
         return None;
     }
@@ -37,6 +38,10 @@ fn proxy_for(ctx: &SockAddrContext, port: u16) -> Option<(u64, u16)> {
     let ns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let v = unsafe { DNS_PODS.get(ns) }.copied()?;
     if !v.belongs_to(&ns) {
+        return None;
+    }
+    let wire_v4 = !sock_v6 || is_v4_mapped(dst);
+    if v.flags & (if wire_v4 { DNS_POD_V4 } else { DNS_POD_V6 }) == 0 {
         return None;
     }
     Some((ns, pport.to_be()))
@@ -105,7 +110,7 @@ pub fn at_connect(
     proto: u8,
     sock_v6: bool,
 ) -> Option<([u32; 4], u16)> {
-    let (ns, pport) = proxy_for(ctx, dport)?;
+    let (ns, pport) = proxy_for(ctx, &dst, dport, sock_v6)?;
     let lport = connect_port(ctx, proto, sock_v6);
     let lo = redirect(ctx, ns, pport, dst, dport, proto, sock_v6, lport)?;
     Some((lo, pport))
@@ -119,7 +124,7 @@ pub fn at_sendmsg(
     dport: u16,
     sock_v6: bool,
 ) -> Option<([u32; 4], u16)> {
-    let (ns, pport) = proxy_for(ctx, dport)?;
+    let (ns, pport) = proxy_for(ctx, &dst, dport, sock_v6)?;
     let lo = redirect(ctx, ns, pport, dst, dport, PROTO_UDP, sock_v6, bound_port(ctx))?;
     Some((lo, pport))
 }

@@ -2,6 +2,7 @@
 //! node's own connections (kubelet's probes), and the local port of a pod's DNS query over TCP.
 
 use aya_ebpf::{
+    btf_maps::SkStorage,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_storage_get},
     macros::sock_ops,
     programs::SockOpsContext,
@@ -11,17 +12,24 @@ use kmesh_common::*;
 use crate::maps::{AUTHZ_DEST, CONN_META, DNS_ORIG, DNS_TCP, NETNS, NODE_CONNS, TELEMETRY, TELEMETRY_CONF};
 use crate::shared::{BPF_SK_STORAGE_GET_F_CREATE, count, telemetry_on};
 
-/// The telemetry state of a sock_ops program's socket (created empty when `create`).
+/// A sock_ops program's socket's value in the socket storage `map` (created empty when
+/// `create`).
 #[inline(always)]
-fn sock_meta(ctx: &SockOpsContext, create: bool) -> Option<*mut ConnMeta> {
+fn sk_storage<T>(ctx: &SockOpsContext, map: &SkStorage<T>, create: bool) -> Option<*mut T> {
     let sk = unsafe { core::ptr::read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
     if sk.is_null() {
         return None;
     }
-    let map = core::ptr::from_ref(&CONN_META).cast_mut().cast();
+    let map = core::ptr::from_ref(map).cast_mut().cast();
     let flags = if create { BPF_SK_STORAGE_GET_F_CREATE } else { 0 };
-    let m = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), flags) }.cast::<ConnMeta>();
+    let m = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), flags) }.cast::<T>();
     if m.is_null() { None } else { Some(m) }
+}
+
+/// The telemetry state of a sock_ops program's socket (created empty when `create`).
+#[inline(always)]
+fn sock_meta(ctx: &SockOpsContext, create: bool) -> Option<*mut ConnMeta> {
+    sk_storage(ctx, &CONN_META, create)
 }
 
 const SOCK_OPS_TCP_CONNECT: u32 = 3;
@@ -116,15 +124,7 @@ fn dns_tcp(ctx: &SockOpsContext) {
     if key.dst_port as u64 != pport {
         return;
     }
-    let sk = unsafe { core::ptr::read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
-    if sk.is_null() {
-        return;
-    }
-    let map = core::ptr::from_ref(&DNS_TCP).cast_mut().cast();
-    let o = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) }.cast::<DnsOrig>();
-    if o.is_null() {
-        return;
-    }
+    let Some(o) = sk_storage(ctx, &DNS_TCP, false) else { return };
     let orig = unsafe { *o };
     let family = if is_v4_mapped(&key.dst) { FAMILY_V4 } else { FAMILY_V6 };
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };

@@ -133,7 +133,7 @@ impl DnsProxy {
     /// until this one listens in their namespace.
     pub fn start(opts: DnsOptions, mut maps: DnsMaps) -> Result<Arc<Self>, DnsError> {
         for c in maps.pods() {
-            maps.set_pod(c, false)?;
+            maps.set_pod(c, 0)?;
         }
         maps.set_port(Some(opts.port))?;
         let factory = SocketFactory::start().map_err(DnsError::Factory)?;
@@ -156,7 +156,7 @@ impl DnsProxy {
     pub fn disable(mut maps: DnsMaps) -> Result<(), KernelError> {
         maps.set_port(None)?;
         for c in maps.pods() {
-            maps.set_pod(c, false)?;
+            maps.set_pod(c, 0)?;
         }
         Ok(())
     }
@@ -220,6 +220,7 @@ impl DnsProxy {
         let f = &self.shared.factory;
         let port = self.shared.opts.port;
         let mut listening = Vec::new();
+        let mut flags = 0;
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         for (domain, ip) in [(libc::AF_INET, "127.0.0.1"), (libc::AF_INET6, "::1")] {
@@ -251,6 +252,8 @@ impl DnsProxy {
             let u = tokio::net::UdpSocket::from_std(u.into()).map_err(|e| e.to_string())?;
             let t = tokio::net::TcpListener::from_std(t.into()).map_err(|e| e.to_string())?;
             listening.push(addr.to_string());
+            flags |=
+                if domain == libc::AF_INET { kmesh_common::DNS_POD_V4 } else { kmesh_common::DNS_POD_V6 };
             udp.push(u);
             tcp.push(t);
         }
@@ -263,7 +266,7 @@ impl DnsProxy {
             tasks.push(tokio::spawn(server::serve_tcp(pod.clone(), t)));
         }
         // Listening: now the kernel may send the pod's queries here.
-        if let Err(e) = self.shared.maps.lock().unwrap().set_pod(cookie, true) {
+        if let Err(e) = self.shared.maps.lock().unwrap().set_pod(cookie, flags) {
             for t in &tasks {
                 t.abort();
             }
@@ -275,7 +278,7 @@ impl DnsProxy {
     fn stop_pod(&self, cookie: u64) {
         let Some(s) = self.pods.lock().unwrap().remove(&cookie) else { return };
         // First the kernel stops sending queries here, then the sockets close.
-        if let Err(e) = self.shared.maps.lock().unwrap().set_pod(cookie, false) {
+        if let Err(e) = self.shared.maps.lock().unwrap().set_pod(cookie, 0) {
             tracing::error!(cookie, error = %e, "cannot send a pod's DNS queries back to its resolver");
         }
         for t in s.tasks {

@@ -41,8 +41,9 @@ pub struct Pod {
     idle_upstreams: std::sync::Mutex<std::collections::HashMap<SocketAddr, Vec<UdpSocket>>>,
 }
 
-/// Idle upstream sockets kept per resolver.
-const IDLE_UPSTREAMS: usize = 32;
+/// Idle upstream sockets kept per resolver and pod (descriptors are the daemon's: a node runs
+/// hundreds of pods).
+const IDLE_UPSTREAMS: usize = 8;
 
 impl Pod {
     pub fn new(cookie: u64, netns: Arc<File>, namespace: Option<String>, proxy: Arc<ProxyShared>) -> Self {
