@@ -317,17 +317,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                     // Until a configuration is applied the proxies would know no name (and
                     // their forwarded NXDOMAINs be cached): pods ask their resolvers directly.
                     let pods = if m.has_model() { m.enrolled_pods() } else { Vec::new() };
-                    crate::dns::MeshView {
-                        generation,
-                        model: (generation != d.table_generation()).then(|| m.model().clone()),
-                        pods,
-                    }
+                    // The name table is built only while some pod has a proxy to ask it.
+                    let stale = generation != d.table_generation() && !pods.is_empty();
+                    crate::dns::MeshView { generation, model: stale.then(|| m.model().clone()), pods }
                 };
                 d.reconcile(view).await;
-                // At most ten rounds a second: under churn the name table is rebuilt (a pass
-                // over the model) ten times a second, not once per change; answers lag by at
-                // most this much, well inside their TTL.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Under churn the name table (a pass over the model) is rebuilt at most ten
+                // times a second, and never more than a tenth of the time: answers lag by at
+                // most this much, well inside their TTL, and a large mesh does not pay a
+                // rebuild per change.
+                tokio::time::sleep(Duration::from_millis(100).max(d.last_build() * 9)).await;
                 tokio::select! {
                     _ = changed.notified() => {}
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}

@@ -118,6 +118,8 @@ pub struct DnsProxy {
     /// Pods whose proxy could not start: when to try again, and why.
     failed: Mutex<BTreeMap<u64, (Instant, String)>>,
     table_generation: AtomicU64,
+    /// How long the last name table took to build, in microseconds.
+    last_build_us: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +150,7 @@ impl DnsProxy {
             pods: Mutex::new(BTreeMap::new()),
             failed: Mutex::new(BTreeMap::new()),
             table_generation: AtomicU64::new(u64::MAX),
+            last_build_us: AtomicU64::new(0),
         }))
     }
 
@@ -161,6 +164,11 @@ impl DnsProxy {
         Ok(())
     }
 
+    /// How long the last name table took to build.
+    pub fn last_build(&self) -> Duration {
+        Duration::from_micros(self.last_build_us.load(Ordering::Relaxed))
+    }
+
     /// The model generation the name table was built from.
     pub fn table_generation(&self) -> u64 {
         self.table_generation.load(Ordering::Relaxed)
@@ -171,9 +179,11 @@ impl DnsProxy {
     pub async fn reconcile(&self, view: MeshView) {
         if let Some(model) = view.model {
             let domain = self.shared.opts.cluster_domain.clone();
+            let started = Instant::now();
             if let Ok(t) = tokio::task::spawn_blocking(move || NameTable::build(&model, &domain)).await {
                 *self.shared.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(t);
                 self.table_generation.store(view.generation, Ordering::Relaxed);
+                self.last_build_us.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
         }
         let want: BTreeMap<u64, (PathBuf, Option<String>)> =
