@@ -189,6 +189,48 @@ pub struct WorkloadSpec {
     /// `STANDARD` (default) or `HOST_NETWORK`.
     #[serde(default)]
     pub network_mode: Option<String>,
+    #[serde(default)]
+    pub waypoint: Option<GatewaySpec>,
+    #[serde(default)]
+    pub application_tunnel: Option<ApplicationTunnelSpec>,
+}
+
+/// Istio's `GatewayAddress`: exactly one of `hostname` and `address`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySpec {
+    #[serde(default)]
+    pub hostname: Option<NamespacedHostnameSpec>,
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub network: String,
+    #[serde(default)]
+    pub hbone_mtls_port: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespacedHostnameSpec {
+    pub namespace: String,
+    pub hostname: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedWaypointSpec {
+    pub destination: GatewaySpec,
+    pub weight: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplicationTunnelSpec {
+    /// `NONE` (default) or `PROXY`.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub port: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,6 +258,10 @@ pub struct ServiceSpec {
     pub ports: Vec<PortSpec>,
     #[serde(default)]
     pub load_balancing: Option<LoadBalancingSpec>,
+    #[serde(default)]
+    pub waypoint: Option<GatewaySpec>,
+    #[serde(default)]
+    pub weighted_waypoints: Vec<WeightedWaypointSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,6 +316,41 @@ fn port(field: &str, v: u32, allow_zero: bool) -> Result<u16, ConfigError> {
         Ok(p) => Ok(p),
         Err(_) => Err(invalid(field, format!("{v} is not a port (0-65535)"))),
     }
+}
+
+fn gateway(field: &str, g: GatewaySpec) -> Result<GatewayAddress, ConfigError> {
+    let destination = match (g.hostname, g.address) {
+        (Some(h), None) => {
+            required(&format!("{field}.hostname.namespace"), &h.namespace)?;
+            required(&format!("{field}.hostname.hostname"), &h.hostname)?;
+            if !g.network.is_empty() {
+                return Err(invalid(format!("{field}.network"), "goes with an address, not a hostname"));
+            }
+            GatewayDestination::Hostname { namespace: h.namespace, hostname: h.hostname }
+        }
+        (None, Some(a)) => GatewayDestination::Address {
+            network: g.network,
+            address: a
+                .parse()
+                .map_err(|_| invalid(format!("{field}.address"), format!("{a:?} is not an IP address")))?,
+        },
+        _ => return Err(invalid(field, "give exactly one of hostname and address")),
+    };
+    Ok(GatewayAddress {
+        destination,
+        hbone_mtls_port: port(&format!("{field}.hbone_mtls_port"), g.hbone_mtls_port, true)?,
+    })
+}
+
+fn application_tunnel(field: &str, t: ApplicationTunnelSpec) -> Result<ApplicationTunnel, ConfigError> {
+    let protocol = match t.protocol.as_deref().map(str::to_ascii_uppercase).as_deref() {
+        None | Some("NONE") => TunnelProtocol::None,
+        Some("PROXY") => TunnelProtocol::Proxy,
+        Some(p) => {
+            return Err(invalid(format!("{field}.protocol"), format!("{p:?} is not one of NONE, PROXY")));
+        }
+    };
+    Ok(ApplicationTunnel { protocol, port: port(&format!("{field}.port"), t.port, true)? })
 }
 
 fn protocol(field: &str, v: Option<&str>) -> Result<Protocol, ConfigError> {
@@ -412,6 +493,15 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             ports.push(sp);
         }
         let lb = load_balancing(&format!("{f}.load_balancing"), s.load_balancing)?;
+        let waypoint = s.waypoint.map(|g| gateway(&format!("{f}.waypoint"), g)).transpose()?;
+        let mut weighted_waypoints = Vec::new();
+        for (j, w) in s.weighted_waypoints.into_iter().enumerate() {
+            let wf = format!("{f}.weighted_waypoints[{j}]");
+            weighted_waypoints.push(WeightedWaypoint {
+                destination: gateway(&format!("{wf}.destination"), w.destination)?,
+                weight: w.weight,
+            });
+        }
         let svc = Service {
             name: s.name,
             namespace: s.namespace,
@@ -420,6 +510,8 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             address_ranges,
             ports,
             load_balancing: lb,
+            waypoint,
+            weighted_waypoints,
             auto_allocated: false,
             unused: BTreeMap::new(),
         };
@@ -469,6 +561,11 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                 ));
             }
         }
+        let waypoint = w.waypoint.map(|g| gateway(&format!("{f}.waypoint"), g)).transpose()?;
+        let application_tunnel = w
+            .application_tunnel
+            .map(|t| application_tunnel(&format!("{f}.application_tunnel"), t))
+            .transpose()?;
         let mut services = BTreeMap::new();
         for (key, ports) in w.services {
             let sf = format!("{f}.services[{key:?}]");
@@ -510,6 +607,8 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                 authorization_policies: w.authorization_policies,
                 services,
                 network_mode,
+                waypoint,
+                application_tunnel,
                 unused: BTreeMap::new(),
             }),
         );
@@ -754,6 +853,71 @@ workloads:
         let m = parse(include_str!("../../config/example.yaml")).unwrap();
         assert_eq!(m.workloads.len(), 2);
         assert_eq!(m.services["default/echo.default.svc.cluster.local"].ports.len(), 2);
+    }
+
+    #[test]
+    fn waypoints_are_carried_in_the_model_and_checked() {
+        let m = parse(
+            "services:
+  - name: a
+    namespace: n
+    hostname: a.n.svc.cluster.local
+    addresses: [10.96.0.1]
+    waypoint: {hostname: {namespace: n, hostname: wp.n.svc.cluster.local}, hbone_mtls_port: 15008}
+    weighted_waypoints:
+      - {destination: {address: 10.244.0.9}, weight: 3}
+      - {destination: {address: \"fd00::9\", network: net-2}, weight: 1}
+workloads:
+  - uid: wp-1
+    name: wp-1
+    namespace: n
+    addresses: [10.244.0.9]
+    application_tunnel: {protocol: PROXY, port: 15088}
+    waypoint: {address: 10.244.0.10}
+",
+        )
+        .unwrap();
+        let a = &m.services["n/a.n.svc.cluster.local"];
+        assert_eq!(
+            a.waypoint,
+            Some(GatewayAddress {
+                destination: GatewayDestination::Hostname {
+                    namespace: "n".into(),
+                    hostname: "wp.n.svc.cluster.local".into()
+                },
+                hbone_mtls_port: 15008
+            })
+        );
+        assert_eq!(a.weighted_waypoints.len(), 2);
+        assert_eq!(
+            a.weighted_waypoints[1].destination.destination,
+            GatewayDestination::Address { network: "net-2".into(), address: "fd00::9".parse().unwrap() }
+        );
+        let w = &m.workloads["wp-1"];
+        assert_eq!(
+            w.application_tunnel,
+            Some(ApplicationTunnel { protocol: TunnelProtocol::Proxy, port: 15088 })
+        );
+        assert!(w.waypoint.is_some());
+        for (yaml, field) in [
+            ("waypoint: {}", "services[0].waypoint"),
+            ("waypoint: {address: 10.0.0.1, hostname: {namespace: n, hostname: h}}", "services[0].waypoint"),
+            ("waypoint: {address: ten}", "services[0].waypoint.address"),
+            ("waypoint: {address: 10.0.0.1, hbone_mtls_port: 70000}", "services[0].waypoint.hbone_mtls_port"),
+            ("waypoint: {hostname: {namespace: n, hostname: h}, network: x}", "services[0].waypoint.network"),
+            (
+                "weighted_waypoints: [{destination: {address: x}, weight: 1}]",
+                "services[0].weighted_waypoints[0].destination.address",
+            ),
+        ] {
+            let text = format!("services: [{{name: a, namespace: n, hostname: h, {yaml}}}]");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
+        let e = parse("workloads: [{uid: u, name: u, namespace: n, application_tunnel: {protocol: HBONE}}]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("workloads[0].application_tunnel.protocol"), "{e}");
     }
 
     #[test]

@@ -52,6 +52,50 @@ pub enum NetworkMode {
     HostNetwork,
 }
 
+/// Istio `GatewayAddress`: where a waypoint is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GatewayAddress {
+    pub destination: GatewayDestination,
+    /// Istio's `hbone_mtls_port` (0: not given).
+    pub hbone_mtls_port: u16,
+}
+
+/// The `destination` of a [`GatewayAddress`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GatewayDestination {
+    /// A service of the model, by namespace and hostname (resolved through the model).
+    Hostname { namespace: String, hostname: String },
+    /// An address, on a network (empty: the local one).
+    Address { network: String, address: IpAddr },
+}
+
+/// Istio `WeightedWaypoint`: one of a service's waypoints, chosen per connection by weight.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WeightedWaypoint {
+    pub destination: GatewayAddress,
+    pub weight: u32,
+}
+
+/// Istio `ApplicationTunnel.Protocol`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum TunnelProtocol {
+    /// Plain connections.
+    #[default]
+    None,
+    /// Connections open with a PROXY protocol v2 header (original destination, identity).
+    Proxy,
+}
+
+/// Istio `ApplicationTunnel`: a tunnel the workload itself terminates (a waypoint that takes
+/// PROXY protocol).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ApplicationTunnel {
+    pub protocol: TunnelProtocol,
+    /// The port that takes the tunnel (0: the connection's own port).
+    pub port: u16,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Workload {
     pub uid: String,
@@ -78,8 +122,15 @@ pub struct Workload {
     /// Services this workload backs, keyed `namespace/hostname`, with per-workload port maps.
     pub services: BTreeMap<String, Vec<PortMapping>>,
     pub network_mode: NetworkMode,
-    /// Fields of the workload API this data plane received but does not act on yet (waypoint,
-    /// tunnel protocol, extensions, ...), by field name, rendered for the config dump.
+    /// The waypoint that connections addressed to this workload go through (Istio's
+    /// `Workload.waypoint`). Carried in the model; redirection is not compiled yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<GatewayAddress>,
+    /// Set on waypoints that take PROXY protocol (Istio's `Workload.application_tunnel`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub application_tunnel: Option<ApplicationTunnel>,
+    /// Fields of the workload API this data plane received but does not act on yet (tunnel
+    /// protocol, extensions, ...), by field name, rendered for the config dump.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub unused: BTreeMap<String, String>,
 }
@@ -159,6 +210,12 @@ pub struct Service {
     pub address_ranges: Vec<Cidr>,
     pub ports: Vec<ServicePort>,
     pub load_balancing: LoadBalancing,
+    /// The waypoint connections to this service go through (Istio's `Service.waypoint`), and
+    /// `weighted_waypoints` to choose among by weight. Carried; not compiled yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<GatewayAddress>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub weighted_waypoints: Vec<WeightedWaypoint>,
     /// `addresses` were allocated by this data plane (see [`crate::alloc`]), not given.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub auto_allocated: bool,

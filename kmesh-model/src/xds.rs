@@ -117,6 +117,23 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
             NetworkMode::Standard
         }
     };
+    let waypoint = w.waypoint.as_ref().map(|g| gateway_from_proto("Workload.waypoint", g)).transpose()?;
+    let application_tunnel = match &w.application_tunnel {
+        None => None,
+        Some(t) => Some(ApplicationTunnel {
+            protocol: match pw::application_tunnel::Protocol::try_from(t.protocol) {
+                Ok(pw::application_tunnel::Protocol::None) => TunnelProtocol::None,
+                Ok(pw::application_tunnel::Protocol::Proxy) => TunnelProtocol::Proxy,
+                Err(_) => {
+                    return Err(err(
+                        "Workload.application_tunnel.protocol",
+                        format!("unknown value {}", t.protocol),
+                    ));
+                }
+            },
+            port: port("Workload.application_tunnel.port", t.port, true)?,
+        }),
+    };
     let mut keep = |field: &str, value: String| {
         unused.insert(field.to_string(), value);
     };
@@ -129,9 +146,6 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
             enum_name(pw::TunnelProtocol::try_from(w.tunnel_protocol), w.tunnel_protocol),
         );
     }
-    if let Some(g) = &w.waypoint {
-        keep("waypoint", gateway(g));
-    }
     if let Some(g) = &w.network_gateway {
         keep("network_gateway", gateway(g));
     }
@@ -140,10 +154,6 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
     }
     if w.native_tunnel {
         keep("native_tunnel", "true".into());
-    }
-    if let Some(t) = &w.application_tunnel {
-        let p = enum_name(pw::application_tunnel::Protocol::try_from(t.protocol), t.protocol);
-        keep("application_tunnel", format!("{p} port {}", t.port));
     }
     if !w.extensions.is_empty() {
         keep("extensions", extension_names(&w.extensions));
@@ -167,6 +177,8 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
         authorization_policies: w.authorization_policies,
         services,
         network_mode,
+        waypoint,
+        application_tunnel,
         unused,
     })
 }
@@ -193,6 +205,43 @@ fn gateway(g: &pw::GatewayAddress) -> String {
         None => "-".into(),
     };
     if g.hbone_mtls_port != 0 { format!("{dest} (HBONE port {})", g.hbone_mtls_port) } else { dest }
+}
+
+fn gateway_from_proto(field: &str, g: &pw::GatewayAddress) -> Result<GatewayAddress, ResourceError> {
+    use pw::gateway_address::Destination as D;
+    let destination = match &g.destination {
+        Some(D::Hostname(h)) => {
+            required(&format!("{field}.hostname.hostname"), &h.hostname)?;
+            GatewayDestination::Hostname { namespace: h.namespace.clone(), hostname: h.hostname.clone() }
+        }
+        Some(D::Address(a)) => GatewayDestination::Address {
+            network: a.network.clone(),
+            address: ip(&format!("{field}.address.address"), &a.address)?,
+        },
+        None => return Err(err(format!("{field}.destination"), "is required (a hostname or an address)")),
+    };
+    Ok(GatewayAddress {
+        destination,
+        hbone_mtls_port: port(&format!("{field}.hbone_mtls_port"), g.hbone_mtls_port, true)?,
+    })
+}
+
+fn gateway_to_proto(g: &GatewayAddress) -> pw::GatewayAddress {
+    use pw::gateway_address::Destination as D;
+    pw::GatewayAddress {
+        destination: Some(match &g.destination {
+            GatewayDestination::Hostname { namespace, hostname } => D::Hostname(pw::NamespacedHostname {
+                namespace: namespace.clone(),
+                hostname: hostname.clone(),
+            }),
+            GatewayDestination::Address { network, address } => D::Address(pw::NetworkAddress {
+                network: network.clone(),
+                address: ip_bytes(address),
+                length: None,
+            }),
+        }),
+        hbone_mtls_port: g.hbone_mtls_port.into(),
+    }
 }
 
 fn extension_names(e: &[pw::Extension]) -> String {
@@ -281,15 +330,24 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
             LoadBalancing { routing_preference: prefs, mode, health_policy }
         }
     };
+    let waypoint = s.waypoint.as_ref().map(|g| gateway_from_proto("Service.waypoint", g)).transpose()?;
+    let mut weighted_waypoints = Vec::new();
+    for (i, w) in s.weighted_waypoints.iter().enumerate() {
+        let f = format!("Service.weighted_waypoints[{i}]");
+        let Some(g) = &w.destination else {
+            return Err(err(format!("{f}.destination"), "is required"));
+        };
+        weighted_waypoints.push(WeightedWaypoint {
+            destination: gateway_from_proto(&format!("{f}.destination"), g)?,
+            weight: w.weight,
+        });
+    }
     let mut unused = BTreeMap::new();
     let mut keep = |field: &str, value: String| {
         unused.insert(field.to_string(), value);
     };
     if !s.subject_alt_names.is_empty() {
         keep("subject_alt_names", s.subject_alt_names.join(","));
-    }
-    if let Some(g) = &s.waypoint {
-        keep("waypoint", gateway(g));
     }
     if s.ip_families != 0 {
         keep("ip_families", enum_name(pw::IpFamilies::try_from(s.ip_families), s.ip_families));
@@ -302,16 +360,6 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
     }
     if s.ingress_use_waypoint {
         keep("ingress_use_waypoint", "true".into());
-    }
-    if !s.weighted_waypoints.is_empty() {
-        let ws: Vec<String> = s
-            .weighted_waypoints
-            .iter()
-            .map(|w| {
-                format!("{}={}", w.destination.as_ref().map(gateway).unwrap_or_else(|| "-".into()), w.weight)
-            })
-            .collect();
-        keep("weighted_waypoints", ws.join(","));
     }
     if s.visibility != 0 {
         keep("visibility", enum_name(pw::service::Visibility::try_from(s.visibility), s.visibility));
@@ -339,6 +387,8 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
         address_ranges,
         ports,
         load_balancing,
+        waypoint,
+        weighted_waypoints,
         // istiod allocates addresses for ServiceEntries itself and sends them as VIPs.
         auto_allocated: false,
         unused,
@@ -462,6 +512,14 @@ pub fn workload_to_proto(w: &Workload) -> pw::Workload {
             NetworkMode::HostNetwork => pw::NetworkMode::HostNetwork as i32,
         },
         authorization_policies: w.authorization_policies.clone(),
+        waypoint: w.waypoint.as_ref().map(gateway_to_proto),
+        application_tunnel: w.application_tunnel.map(|t| pw::ApplicationTunnel {
+            protocol: match t.protocol {
+                TunnelProtocol::None => pw::application_tunnel::Protocol::None as i32,
+                TunnelProtocol::Proxy => pw::application_tunnel::Protocol::Proxy as i32,
+            },
+            port: t.port.into(),
+        }),
         services: w
             .services
             .iter()
@@ -533,6 +591,15 @@ pub fn service_to_proto(s: &Service) -> pw::Service {
                 HealthPolicy::AllowAll => H::AllowAll,
             }) as i32,
         }),
+        waypoint: s.waypoint.as_ref().map(gateway_to_proto),
+        weighted_waypoints: s
+            .weighted_waypoints
+            .iter()
+            .map(|w| pw::WeightedWaypoint {
+                destination: Some(gateway_to_proto(&w.destination)),
+                weight: w.weight,
+            })
+            .collect(),
         ..Default::default()
     }
 }
@@ -780,13 +847,51 @@ mod tests {
             network_mode: 7,
             ..Default::default()
         };
-        let m = workload_from_proto(w).unwrap();
+        let m = workload_from_proto(w.clone()).unwrap();
         assert_eq!(m.unused["tunnel_protocol"], "LegacyIstioMtls");
+        let waypoint = GatewayAddress {
+            destination: GatewayDestination::Hostname {
+                namespace: "istio-system".into(),
+                hostname: "waypoint.istio-system.svc.cluster.local".into(),
+            },
+            hbone_mtls_port: 15008,
+        };
+        assert_eq!(m.waypoint.as_ref(), Some(&waypoint));
         assert_eq!(
-            m.unused["waypoint"],
-            "istio-system/waypoint.istio-system.svc.cluster.local (HBONE port 15008)"
+            m.application_tunnel,
+            Some(ApplicationTunnel { protocol: TunnelProtocol::Proxy, port: 15088 })
         );
-        assert_eq!(m.unused["application_tunnel"], "Proxy port 15088");
+        assert!(!m.unused.contains_key("waypoint") && !m.unused.contains_key("application_tunnel"));
+        // Typed, the waypoint fields survive the trip back to protobuf.
+        assert_eq!(workload_from_proto(workload_to_proto(&m)).unwrap().waypoint, m.waypoint);
+        assert_eq!(
+            workload_from_proto(workload_to_proto(&m)).unwrap().application_tunnel,
+            m.application_tunnel
+        );
+        // A waypoint without a destination, or with a malformed address, is refused by name.
+        let mut bad = w.clone();
+        bad.waypoint = Some(pw::GatewayAddress { destination: None, hbone_mtls_port: 15008 });
+        assert!(workload_from_proto(bad).unwrap_err().to_string().contains("Workload.waypoint.destination"));
+        let mut bad = w.clone();
+        bad.waypoint = Some(pw::GatewayAddress {
+            destination: Some(pw::gateway_address::Destination::Address(pw::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 0, 0],
+                length: None,
+            })),
+            hbone_mtls_port: 15008,
+        });
+        assert!(
+            workload_from_proto(bad).unwrap_err().to_string().contains("Workload.waypoint.address.address")
+        );
+        let mut bad = w;
+        bad.application_tunnel = Some(pw::ApplicationTunnel { protocol: 9, port: 15088 });
+        assert!(
+            workload_from_proto(bad)
+                .unwrap_err()
+                .to_string()
+                .contains("Workload.application_tunnel.protocol")
+        );
         assert_eq!(m.unused["extensions"], "x.example");
         assert_eq!(m.unused["network_mode"], "unknown value 7");
         assert_eq!(m.network_mode, NetworkMode::Standard);
@@ -808,7 +913,11 @@ mod tests {
         assert_eq!(m.unused["visibility"], "Namespace");
         assert_eq!(m.unused["app_protocol"], "443=Tls");
         assert_eq!(m.unused["canonical"], "true");
-        assert!(m.unused["weighted_waypoints"].ends_with("=3"));
+        assert_eq!(m.weighted_waypoints, vec![WeightedWaypoint { destination: waypoint, weight: 3 }]);
+        assert_eq!(
+            service_from_proto(service_to_proto(&m)).unwrap().weighted_waypoints,
+            m.weighted_waypoints
+        );
         let p = ps::Authorization {
             name: "p".into(),
             extensions: vec![pw::Extension { name: "e".into(), config: None }],
