@@ -249,7 +249,20 @@ fn run() -> anyhow::Result<()> {
         a.len()
     );
 
-    // 1c. DNS: the client's resolver (glibc, its own resolv.conf) asks the pod's DNS proxy.
+    // 1c. DNS: the client's resolver (glibc, its own resolv.conf) asks the pod's DNS proxy
+    // (started by the daemon in each enrolled pod's namespace; wait until all four listen).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&admin::request(admin_addr, "GET", "/debug/dns", None)?)?;
+        if v["pods"].as_array().is_some_and(|p| p.len() == 4) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the pods' DNS proxies did not start: {v}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let client = bed.pod("client");
     let etc = PathBuf::from("/etc/netns").join(&client.netns);
     std::fs::create_dir_all(&etc)?;
