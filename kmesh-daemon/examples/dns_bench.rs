@@ -95,16 +95,8 @@ fn main() -> anyhow::Result<()> {
     let dnspod = bed.add_pod(PodSpec::new("dns", "node-a", "zone-a"))?;
     let _dnsmasq = Kill(
         dnspod
-            .command("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--conf-file=/dev/null",
-                "--pid-file=",
-            ])
-            .args(["--user=root", "--group=root", "--port=53", "--local=/corp.test/", "--cache-size=1000"])
-            .arg(format!("--listen-address={}", dnspod.ipv4))
+            .dnsmasq_command()
+            .args(["--local=/corp.test/", "--cache-size=1000"])
             .arg("--host-record=db.corp.test,10.1.2.3")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -317,7 +317,7 @@ pub fn words_addr(a: [u32; 4]) -> IpAddr {
     IpAddr::V6(std::net::Ipv6Addr::from(o))
 }
 
-fn family_of(ip: &IpAddr) -> u8 {
+pub(crate) fn family_of(ip: &IpAddr) -> u8 {
     if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
 }
 

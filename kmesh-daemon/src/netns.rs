@@ -38,28 +38,33 @@ pub fn path_of_pid(pid: u32) -> PathBuf {
 
 /// Cookie of the network namespace of the calling thread.
 pub fn current_cookie() -> std::io::Result<u64> {
-    // SAFETY: plain socket syscalls on a descriptor owned here.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut cookie: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        let rc = libc::getsockopt(
-            fd,
+    use std::os::fd::FromRawFd;
+    // SAFETY: a socket syscall; the descriptor is owned by the OwnedFd at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket_cookie(&unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Cookie of the network namespace a socket was created in.
+pub fn socket_cookie(fd: &impl AsRawFd) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 on a descriptor the caller owns.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
             libc::SOL_SOCKET,
             SO_NETNS_COOKIE,
             (&mut cookie as *mut u64).cast(),
             &mut len,
-        );
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        if rc != 0 {
-            return Err(err);
-        }
-        Ok(cookie)
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(cookie)
 }
 
 /// `ioctl(NS_GET_NSTYPE)`: the kind of namespace an nsfs file is.

@@ -59,16 +59,8 @@ impl Resolver {
         let lines: String = (1..=60).map(|i| format!("10.0.0.{i} big.corp.test\n")).collect();
         std::fs::write(&hosts, lines).unwrap();
         let child = pod
-            .command("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--conf-file=/dev/null",
-                "--pid-file=",
-            ])
-            .args(["--user=root", "--group=root", "--port=53", "--local-ttl=60", "--log-facility=-"])
-            .arg(format!("--listen-address={},{}", pod.ipv4, pod.ipv6.unwrap()))
+            .dnsmasq_command()
+            .args(["--local-ttl=60", "--log-facility=-"])
             .args(["--local=/corp.test/", "--local=/cluster.local/"])
             .args([
                 "--host-record=db.corp.test,10.1.2.3",

@@ -120,11 +120,13 @@ fn dns_tcp(ctx: &SockOpsContext) {
     if pport == 0 {
         return;
     }
-    let key = node_conn_key(ctx);
-    if key.dst_port as u64 != pport {
+    // Every TCP connect comes here: the port first, the addresses only for the proxy's.
+    let remote_port = u32::from_be(unsafe { core::ptr::read_volatile(&(*ctx.ops).remote_port) }) as u16;
+    if remote_port as u64 != pport {
         return;
     }
     let Some(o) = sk_storage(ctx, &DNS_TCP, false) else { return };
+    let key = node_conn_key(ctx);
     let orig = unsafe { *o };
     let family = if is_v4_mapped(&key.dst) { FAMILY_V4 } else { FAMILY_V6 };
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };

@@ -515,6 +515,18 @@ impl Pod {
         v
     }
 
+    /// `dnsmasq` as a resolver in this pod: port 53 on the pod's addresses, in the foreground,
+    /// no upstream and no host files (nothing it is asked leaves the machine); the caller adds
+    /// its zones and records (`--local=/zone/`, `--host-record=...`).
+    pub fn dnsmasq_command(&self) -> Command {
+        let listen: Vec<String> = self.addresses().iter().map(|a| a.to_string()).collect();
+        let mut c = self.command("dnsmasq");
+        c.args(["--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--pid-file="])
+            .args(["--user=root", "--group=root", "--port=53"])
+            .arg(format!("--listen-address={}", listen.join(",")));
+        c
+    }
+
     /// A command that runs inside the pod: in its cgroup (joined before exec, so every socket
     /// it opens belongs to the pod) and its network namespace.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {

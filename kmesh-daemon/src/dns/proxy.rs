@@ -233,15 +233,15 @@ impl DnsProxy {
         let mut flags = 0;
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
-        for (domain, ip) in [(libc::AF_INET, "127.0.0.1"), (libc::AF_INET6, "::1")] {
-            let addr: std::net::SocketAddr =
-                format!("{}:{port}", if domain == libc::AF_INET6 { "[::1]" } else { ip })
-                    .parse()
-                    .expect("a loopback socket address");
+        let loopbacks: [std::net::IpAddr; 2] =
+            [std::net::Ipv4Addr::LOCALHOST.into(), std::net::Ipv6Addr::LOCALHOST.into()];
+        for ip in loopbacks {
+            let addr = std::net::SocketAddr::new(ip, port);
+            let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
             let u = f.socket(&netns, domain, libc::SOCK_DGRAM, None).await.map_err(|e| e.to_string())?;
             if domain == libc::AF_INET {
                 // The path may lead to another namespace than the one enrolled by now.
-                let c = netns_cookie_of(&u).map_err(|e| e.to_string())?;
+                let c = crate::netns::socket_cookie(&u).map_err(|e| e.to_string())?;
                 if c != cookie {
                     return Err(format!("{} is no longer the namespace enrolled", path.display()));
                 }
@@ -362,19 +362,4 @@ impl DnsProxy {
             "names": names,
         })
     }
-}
-
-/// The cookie of the namespace a socket was created in.
-fn netns_cookie_of(fd: &std::os::fd::OwnedFd) -> std::io::Result<u64> {
-    use std::os::fd::AsRawFd;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt into a u64 on a descriptor owned by the caller.
-    let rc = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, 71, (&mut cookie as *mut u64).cast(), &mut len)
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cookie)
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use kmesh_common::{DNS_UPSTREAM_MARK, DnsOrig, DnsOrigKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use kmesh_common::{DNS_UPSTREAM_MARK, DnsOrig, DnsOrigKey, PROTO_TCP, PROTO_UDP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
@@ -211,7 +211,7 @@ fn orig_addr(o: DnsOrig) -> SocketAddr {
 }
 
 fn family_of(a: &SocketAddr) -> u8 {
-    if a.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
+    crate::compile::family_of(&a.ip())
 }
 
 /// Serves queries over UDP on `sock` until aborted: those the table answers at once, in
