@@ -114,7 +114,7 @@ fn main() -> anyhow::Result<()> {
             .arg(std::env::temp_dir().join(format!("kmesh-bench-{}-admin.sock", std::process::id())))
             .arg("--state-file")
             .arg(std::env::temp_dir().join(format!("kmesh-bench-{}-state.json", std::process::id())))
-            .env("KMESH_LOG", "warn")
+            .env("KMESH_LOG", std::env::var("KMESH_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .spawn()
             .context("starting kmesh-daemon")

@@ -12,6 +12,8 @@ use kmesh_common::*;
 use serde::Serialize;
 
 use crate::model::*;
+use kmesh_model::delta::ModelChange;
+use std::sync::Arc;
 
 /// The full contents of the maps that the daemon owns.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -519,29 +521,31 @@ impl Compiler {
         out
     }
 
-    /// Recompiles only the services that changed between `old` and `new`, or that changed
-    /// workloads back (before or after), and returns what to write and delete. Returns `None`
-    /// when a full compilation is needed: the node changed, or a workload that gives an enrolled
-    /// client its locality changed.
-    pub fn incremental(&mut self, old: &Model, new: &Model) -> Option<Diff> {
-        if old.node != new.node {
+    /// Recompiles only the services `change` touched in `new`, or whose workloads it touched
+    /// (before or after), and returns what to write and delete. Returns `None` when a full
+    /// compilation is needed: the node changed, or a workload that gives an enrolled client its
+    /// locality changed. Costs what the change touches, not what the model holds.
+    pub fn incremental(&mut self, new: &Model, change: &ModelChange) -> Option<Diff> {
+        if change.node.is_some() {
             return None;
         }
-        let changed_w = changed_keys(&old.workloads, &new.workloads);
-        if changed_w.iter().any(|uid| self.class_workloads.contains(uid)) {
+        let changed_w = &change.workloads;
+        if changed_w.keys().any(|uid| self.class_workloads.contains(uid)) {
             return None;
         }
-        let mut affected = changed_keys(&old.services, &new.services);
-        for uid in &changed_w {
-            for w in [old.workloads.get(uid), new.workloads.get(uid)].into_iter().flatten() {
+        let mut affected: BTreeSet<String> = change.services.keys().cloned().collect();
+        for (uid, old) in changed_w {
+            for w in [old.as_ref(), new.workloads.get(uid)].into_iter().flatten() {
                 affected.extend(w.services.keys().cloned());
             }
         }
         // Backend keys each affected service may hold now, before the index changes.
-        let old_backends: BTreeMap<String, BTreeSet<BackendKey>> =
-            affected.iter().map(|k| (k.clone(), self.backend_keys(old, k))).collect();
-        for uid in &changed_w {
-            if let Some(w) = old.workloads.get(uid) {
+        let old_backends: BTreeMap<String, BTreeSet<BackendKey>> = affected
+            .iter()
+            .map(|k| (k.clone(), self.backend_keys(|uid| change.old_workload(new, uid), k)))
+            .collect();
+        for (uid, old) in changed_w {
+            if let Some(w) = old {
                 for key in w.services.keys() {
                     if let Some(set) = self.members.get_mut(key) {
                         set.remove(uid);
@@ -663,13 +667,17 @@ impl Compiler {
     }
 
     /// The backend id keys a service may hold: its current members' addresses in `model`.
-    fn backend_keys(&self, model: &Model, key: &str) -> BTreeSet<BackendKey> {
+    fn backend_keys<'a>(
+        &self,
+        workload: impl Fn(&str) -> Option<&'a Arc<Workload>>,
+        key: &str,
+    ) -> BTreeSet<BackendKey> {
         let Some(sid) = self.ids.services.get(&key.to_string()) else { return BTreeSet::new() };
         self.members
             .get(key)
             .into_iter()
             .flatten()
-            .filter_map(|uid| model.workloads.get(uid))
+            .filter_map(|uid| workload(uid))
             .flat_map(|w| w.addresses.iter().map(move |a| (sid, w.uid.clone(), *a)))
             .collect()
     }
@@ -812,23 +820,6 @@ impl Compiler {
 
 /// Keys whose entries differ between two maps of shared entries (pointer-equal entries are
 /// unchanged without comparing them).
-fn changed_keys<T: PartialEq>(
-    a: &BTreeMap<String, std::sync::Arc<T>>,
-    b: &BTreeMap<String, std::sync::Arc<T>>,
-) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for (k, v) in a {
-        match b.get(k) {
-            Some(w) if std::sync::Arc::ptr_eq(v, w) || v == w => {}
-            _ => {
-                out.insert(k.clone());
-            }
-        }
-    }
-    out.extend(b.keys().filter(|k| !a.contains_key(*k)).cloned());
-    out
-}
-
 /// Compiles the model and the enrolled namespaces into map contents from scratch (see
 /// [`Compiler::full`]).
 pub fn compile(

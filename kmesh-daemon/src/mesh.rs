@@ -14,9 +14,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::authz::AuthzCompiler;
 use crate::compile::{Compiler, Enrollment, Ids, words_addr};
 use crate::kernel::{ApplyReport, Dataplane, KernelError};
-use crate::model::{Locality, Model};
+use crate::model::{Locality, Model, NodeInfo};
 pub use crate::observe::Counters;
 use crate::observe::{Observer, Published};
+use kmesh_model::delta::{ModelChange, ModelKeys};
 
 /// One enrollment as saved in the state file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -187,29 +188,31 @@ impl Mesh {
         }
     }
 
-    /// Compiles and applies `model` with `enrolled`, incrementally when possible, as one
-    /// transaction across the load-balancing and authorization maps (see
-    /// [`Dataplane::apply_all`]). On error the maps hold what they held and both compilers are
-    /// brought back to the state in force.
+    /// Compiles and applies the model in `self.model` with `enrolled`, incrementally when
+    /// `change` says what changed and the enrollments did not, as one transaction across the
+    /// load-balancing and authorization maps (see [`Dataplane::apply_all`]). On error the maps
+    /// hold what they held and the authorization compiler is back to the state in force; the
+    /// caller puts the model back and calls [`recompile_in_force`](Self::recompile_in_force).
     fn sync(
         &mut self,
-        model: &Model,
+        change: Option<&ModelChange>,
         enrolled: &BTreeMap<u64, Enrollment>,
     ) -> Result<ApplyReport, KernelError> {
         let saved_authz = self.authz.clone();
-        let incremental = if !self.needs_full && *enrolled == self.enrolled {
-            self.compiler.incremental(&self.model, model)
-        } else {
-            None
+        let incremental = match change {
+            Some(c) if !self.needs_full && *enrolled == self.enrolled => {
+                self.compiler.incremental(&self.model, c)
+            }
+            _ => None,
         };
         let is_incremental = incremental.is_some();
-        let r = match self.authz.compile(model) {
+        let r = match self.authz.compile(&self.model) {
             Err(e) => Err(KernelError::from(e)),
             Ok(authz) => {
                 let d = match incremental {
                     Some(d) => d,
                     None => {
-                        let next = self.compiler.full(model, enrolled, self.dp.applied());
+                        let next = self.compiler.full(&self.model, enrolled, self.dp.applied());
                         crate::compile::diff(self.dp.applied(), &next)
                     }
                 };
@@ -232,55 +235,79 @@ impl Mesh {
                 self.authz.release_adopted();
                 self.needs_full = false;
             }
-            Err(_) => {
-                // Rebuild the compilers' memory of what is in force.
-                self.authz = saved_authz;
-                self.recompile_in_force();
-            }
+            Err(_) => self.authz = saved_authz,
         }
-        self.publish();
         r
     }
 
-    /// After a refused apply: the load-balancing compiler's memory goes back to the model and
-    /// enrollments in force, and the next change is a full compilation.
+    /// After a refused apply, once the model and enrollments in force are back: the
+    /// load-balancing compiler's memory goes back to them, and the next change is a full
+    /// compilation.
     fn recompile_in_force(&mut self) {
-        let (model, enrolled) = (self.model.clone(), self.enrolled.clone());
-        let _ = self.compiler.full(&model, &enrolled, self.dp.applied());
+        let _ = self.compiler.full(&self.model, &self.enrolled, self.dp.applied());
         self.needs_full = true;
     }
 
     /// Applies a change of enrollments alone: only NETNS entries when the namespaces fall into
     /// locality classes that already have tables (most enrollments), else a full compilation.
     fn sync_enrollment(&mut self, enrolled: &BTreeMap<u64, Enrollment>) -> Result<ApplyReport, KernelError> {
-        if !self.needs_full
-            && let Some(d) = self.compiler.enrollment(&self.model, &self.enrolled, enrolled)
+        let r = match (!self.needs_full)
+            .then(|| self.compiler.enrollment(&self.model, &self.enrolled, enrolled))
+            .flatten()
         {
-            let r = self.dp.apply_diff(d);
-            self.record(&r, true);
-            if r.is_err() {
-                self.recompile_in_force();
+            Some(d) => {
+                let r = self.dp.apply_diff(d);
+                self.record(&r, true);
+                r
             }
+            None => self.sync(None, enrolled),
+        };
+        if r.is_err() {
+            self.recompile_in_force();
+        }
+        self.publish();
+        r
+    }
+
+    /// Replaces the model with `model` (a source that produces whole models: the local file).
+    /// Compares every entry to find what changed; see [`apply_change`](Self::apply_change).
+    pub fn set_model(&mut self, model: Model) -> Result<ApplyReport, KernelError> {
+        let mut keys = ModelKeys::between(&self.model, &model);
+        // The node is compared after this node's own locality (from the cluster) is laid over.
+        keys.node = true;
+        self.apply_change(&model, &keys)
+    }
+
+    /// Takes the entries `keys` names (and the node, if `keys.node`) from `src` and applies
+    /// the result, recompiling only what they touch. On error nothing changes. `src` is the
+    /// source's whole model; nothing it holds besides the named entries is read.
+    pub fn apply_change(&mut self, src: &Model, keys: &ModelKeys) -> Result<ApplyReport, KernelError> {
+        let before_node = self.model.node.clone();
+        let mut change = self.model.take_from(src, keys);
+        let source_locality =
+            if keys.node { src.node.locality.clone() } else { self.source_locality.clone() };
+        if keys.node
+            && let Some(l) = &self.node_locality
+        {
+            self.model.node.locality = l.clone();
+        }
+        change.node = (self.model.node != before_node).then_some(before_node);
+        if change.is_empty() && self.has_model && !self.needs_full {
+            self.source_locality = source_locality;
+            return Ok(ApplyReport::default());
+        }
+        let enrolled = self.enrolled.clone();
+        let r = self.sync(Some(&change), &enrolled);
+        if r.is_err() {
+            self.model.revert(change);
+            self.recompile_in_force();
             self.publish();
             return r;
         }
-        let model = self.model.clone();
-        self.sync(&model, enrolled)
-    }
-
-    /// Replaces the model. On error nothing changes.
-    pub fn set_model(&mut self, mut model: Model) -> Result<ApplyReport, KernelError> {
-        let source_locality = model.node.locality.clone();
-        if let Some(l) = &self.node_locality {
-            model.node.locality = l.clone();
-        }
-        let enrolled = self.enrolled.clone();
-        let r = self.sync(&model, &enrolled)?;
-        self.model = model;
         self.source_locality = source_locality;
         self.model_gen += 1;
         let names = self.authz.policy_ids.iter().map(|(k, v)| (*v, k.clone())).collect();
-        self.observer().model_changed(&self.model, names);
+        self.observer().model_changed(&self.model, &change, names);
         self.publish();
         self.has_model = true;
         // This layout's maps now hold the configuration: pins of another layout version (an
@@ -288,7 +315,7 @@ impl Mesh {
         for d in self.dp.retire_old_layouts() {
             tracing::info!(dir = %d.display(), "retired the pins of another map layout version");
         }
-        Ok(r)
+        r
     }
 
     /// Sets this node's locality from the cluster (`None`: what the configuration says). A
@@ -301,9 +328,9 @@ impl Mesh {
         if !self.has_model {
             return Ok(());
         }
-        let mut model = self.model.clone();
-        model.node.locality = self.source_locality.clone();
-        if let Err(e) = self.set_model(model) {
+        let node = NodeInfo { locality: self.source_locality.clone(), ..self.model.node.clone() };
+        let src = Model { node, ..Default::default() };
+        if let Err(e) = self.apply_change(&src, &ModelKeys { node: true, ..Default::default() }) {
             self.node_locality = previous;
             return Err(e);
         }

@@ -68,8 +68,13 @@ impl Observer {
     }
 
     /// Takes a new model in (names for events and labels), with the policy ids in force.
-    pub fn model_changed(&mut self, model: &Model, policy_names: BTreeMap<u32, String>) {
-        self.telemetry.model_changed(model);
+    pub fn model_changed(
+        &mut self,
+        model: &Model,
+        change: &kmesh_model::delta::ModelChange,
+        policy_names: BTreeMap<u32, String>,
+    ) {
+        self.telemetry.model_changed(model, change);
         self.policy_names = policy_names;
     }
 

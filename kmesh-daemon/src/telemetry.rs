@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::authz::Identity;
 use crate::compile::words_addr;
 use crate::model::{Model, Service, Workload};
+use kmesh_model::delta::ModelChange;
 
 /// What is collected and reported; switchable at runtime (`kmeshctl monitoring`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -426,37 +427,104 @@ impl AccessLog {
     }
 }
 
-/// The model's workloads by address and services by (VIP, port), rebuilt when the model
-/// changes (events arrive at connection rate; a scan of the model per event would not scale).
+/// The model's workloads by address and services by (VIP, port), kept in step with the
+/// model's changes (events arrive at connection rate; a scan of the model per event would not
+/// scale, and neither would a rebuild per change).
 #[derive(Debug, Default)]
 struct Index {
-    /// Address -> workload; an address two workloads list belongs to the first uid (the rule
-    /// the authorization compiler follows too).
-    workloads: HashMap<IpAddr, Arc<Workload>>,
-    /// (VIP, port) -> service; a shared VIP belongs to the first service key (the compiler's
-    /// rule).
-    services: HashMap<(IpAddr, u16), Arc<Service>>,
+    /// Address -> workloads listing it, smallest uid first: an address two workloads list
+    /// belongs to the first uid (the rule the authorization compiler follows too).
+    workloads: HashMap<IpAddr, Claimants<Workload>>,
+    /// (VIP, port) -> services, smallest key first: a shared VIP belongs to the first service
+    /// key (the compiler's rule).
+    services: HashMap<(IpAddr, u16), Claimants<Service>>,
     by_key: HashMap<String, Arc<Service>>,
 }
 
-impl Index {
-    fn build(model: &Model) -> Self {
-        let mut workloads = HashMap::new();
-        for w in model.workloads.values() {
-            for a in &w.addresses {
-                workloads.entry(*a).or_insert_with(|| w.clone());
+/// What an index key leads to: usually one value; when several claim it, all of them in key
+/// order, so that the owner is known again when the first goes.
+#[derive(Debug)]
+struct Claimants<T>(Vec<Arc<T>>);
+
+impl<T> Claimants<T> {
+    fn owner(&self) -> &Arc<T> {
+        &self.0[0]
+    }
+}
+
+/// The key that orders claimants.
+trait Claimant {
+    fn claim_key(&self) -> std::borrow::Cow<'_, str>;
+}
+
+impl Claimant for Workload {
+    fn claim_key(&self) -> std::borrow::Cow<'_, str> {
+        std::borrow::Cow::Borrowed(&self.uid)
+    }
+}
+
+impl Claimant for Service {
+    fn claim_key(&self) -> std::borrow::Cow<'_, str> {
+        std::borrow::Cow::Owned(self.key())
+    }
+}
+
+fn claim<K: std::hash::Hash + Eq, T: Claimant>(map: &mut HashMap<K, Claimants<T>>, k: K, v: &Arc<T>) {
+    match map.entry(k) {
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(Claimants(vec![v.clone()]));
+        }
+        std::collections::hash_map::Entry::Occupied(mut e) => {
+            let list = &mut e.get_mut().0;
+            let key = v.claim_key();
+            match list.binary_search_by(|c| c.claim_key().as_ref().cmp(key.as_ref())) {
+                Ok(i) => list[i] = v.clone(),
+                Err(i) => list.insert(i, v.clone()),
             }
         }
-        let mut services = HashMap::new();
-        let by_key = model.services.iter().map(|(k, s)| (k.clone(), s.clone())).collect();
-        for s in model.services.values() {
-            for a in &s.addresses {
-                for p in &s.ports {
-                    services.entry((*a, p.service_port)).or_insert_with(|| s.clone());
+    }
+}
+
+fn unclaim<K: std::hash::Hash + Eq, T: Claimant>(map: &mut HashMap<K, Claimants<T>>, k: &K, key: &str) {
+    if let Some(c) = map.get_mut(k) {
+        c.0.retain(|v| v.claim_key() != key);
+        if c.0.is_empty() {
+            map.remove(k);
+        }
+    }
+}
+
+impl Index {
+    /// Takes in what `change` touched, as `model` now has it.
+    fn update(&mut self, model: &Model, change: &ModelChange) {
+        for (uid, old) in &change.workloads {
+            for a in old.iter().flat_map(|w| &w.addresses) {
+                unclaim(&mut self.workloads, a, uid);
+            }
+            if let Some(w) = model.workloads.get(uid) {
+                for a in &w.addresses {
+                    claim(&mut self.workloads, *a, w);
                 }
             }
         }
-        Self { workloads, services, by_key }
+        for (key, old) in &change.services {
+            if let Some(s) = old {
+                for a in &s.addresses {
+                    for p in &s.ports {
+                        unclaim(&mut self.services, &(*a, p.service_port), key);
+                    }
+                }
+            }
+            self.by_key.remove(key);
+            if let Some(s) = model.services.get(key) {
+                for a in &s.addresses {
+                    for p in &s.ports {
+                        claim(&mut self.services, (*a, p.service_port), s);
+                    }
+                }
+                self.by_key.insert(key.clone(), s.clone());
+            }
+        }
     }
 }
 
@@ -587,7 +655,8 @@ impl Telemetry {
     /// workload's service whose target port was reached.
     fn service_of(&self, e: &ConnEvent, dst: Option<&Workload>, dst_port: u16) -> Option<Arc<Service>> {
         if e.has_orig != 0
-            && let Some(s) = self.index.services.get(&(words_addr(e.orig_dst), e.orig_port))
+            && let Some(s) =
+                self.index.services.get(&(words_addr(e.orig_dst), e.orig_port)).map(Claimants::owner)
         {
             return Some(s.clone());
         }
@@ -673,8 +742,8 @@ impl Telemetry {
         dst_ip: IpAddr,
         dst_port: u16,
     ) -> Peers {
-        let sw = self.index.workloads.get(&src_ip).map(|w| w.as_ref());
-        let dw = self.index.workloads.get(&dst_ip).map(|w| w.as_ref());
+        let sw = self.index.workloads.get(&src_ip).map(|w| w.owner().as_ref());
+        let dw = self.index.workloads.get(&dst_ip).map(|w| w.owner().as_ref());
         let svc = self.service_of(e, dw, dst_port);
         let reporter = if outbound { "source" } else { "destination" }.to_string();
         let source = source_labels(sw);
@@ -819,12 +888,18 @@ impl Telemetry {
 
     /// Re-indexes names, and deletes the series of workloads that left the model (as Kmesh
     /// does): a cluster with pod churn would otherwise grow its scrape forever.
-    pub fn model_changed(&mut self, model: &Model) {
-        self.index = Index::build(model);
+    pub fn model_changed(&mut self, model: &Model, change: &ModelChange) {
+        self.index.update(model, change);
+        if change.workloads.is_empty() && change.services.is_empty() {
+            return;
+        }
         self.peers.clear();
-        let live = |o: &Owners| {
-            [&o.0, &o.1].iter().all(|u| u.as_ref().is_none_or(|u| model.workloads.contains_key(u)))
-        };
+        let gone: Vec<&String> =
+            change.workloads.keys().filter(|uid| !model.workloads.contains_key(*uid)).collect();
+        if gone.is_empty() {
+            return;
+        }
+        let live = |o: &Owners| [&o.0, &o.1].iter().all(|u| u.as_ref().is_none_or(|u| !gone.contains(&u)));
         self.service.prune(&mut self.service_owners, live);
         self.workload.prune(&mut self.workload_owners, live);
     }
@@ -864,7 +939,7 @@ impl Telemetry {
 
     /// The workload an address belongs to in the model in force (indexed; see `Index`).
     pub fn workload_at(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.index.workloads.get(&ip)
+        self.index.workloads.get(&ip).map(Claimants::owner)
     }
 
     /// Adds the TCP families to a registry.
@@ -914,6 +989,13 @@ impl Telemetry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Gives `t` the model `next` as the mesh does: as a change from the model it `had`.
+    fn give(t: &mut Telemetry, had: &mut Model, next: &Model) {
+        let keys = kmesh_model::delta::ModelKeys::between(had, next);
+        let change = had.take_from(next, &keys);
+        t.model_changed(had, &change);
+    }
 
     #[test]
     fn rfc3339_of_a_known_instant() {
@@ -980,7 +1062,7 @@ mod tests {
         .policies;
         let ip: IpAddr = "10.0.0.9".parse().unwrap();
         let mut t = Telemetry::default();
-        t.model_changed(&m);
+        give(&mut t, &mut Model::default(), &m);
         assert_eq!(t.workload_at(ip).map(|w| w.uid.as_str()), Some("a"));
         let s = crate::authz::AuthzCompiler::default().compile(&m).unwrap();
         let id = s.identity[&crate::compile::addr_words(ip)];
@@ -1040,14 +1122,15 @@ mod tests {
             ..Default::default()
         };
         let mut t = Telemetry::default();
-        t.model_changed(&yaml(true));
+        let mut had = Model::default();
+        give(&mut t, &mut had, &yaml(true));
         for (ip, cookie) in [([10, 0, 0, 2], 1), ([10, 0, 0, 3], 2), ([10, 0, 0, 9], 3)] {
             t.record(&to(ip, cookie, CONN_OPEN));
         }
         let text = t.render();
         assert!(text.contains("destination_pod_name=\"s2\"") && text.contains("destination_workload=\"s2\""));
         assert!(!text.contains("10.0.0.9"), "no series per outside address: {text}");
-        t.model_changed(&yaml(false));
+        give(&mut t, &mut had, &yaml(false));
         let text = t.render();
         assert!(!text.contains("\"s2\""), "s2's series went with it: {text}");
         assert!(text.contains("destination_pod_name=\"s1\"") && text.contains("destination_workload=\"s1\""));

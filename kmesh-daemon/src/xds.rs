@@ -7,12 +7,13 @@
 //! valid ones, honour `removed_resources`. Between streams: keep the last good state in the
 //! kernel (nothing is flushed) and reconnect with capped exponential backoff and jitter.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use kmesh_model::delta::ModelKeys;
 use kmesh_model::model::{Model, NodeInfo, Policy, Service, Workload};
 use kmesh_model::xds::{AddressResource, decode_address, decode_authorization};
 use kmesh_proto::core::Node;
@@ -211,10 +212,59 @@ enum Parsed {
     Policy(Arc<Policy>),
 }
 
-/// Everything received, by type and resource name, with versions.
+/// Which map of the model a resource lands in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Workload,
+    Service,
+    Policy,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Workload => "workload",
+            Kind::Service => "service",
+            Kind::Policy => "policy",
+        }
+    }
+}
+
+impl Parsed {
+    /// The model map and key this resource is held under.
+    fn slot(&self) -> (Kind, String) {
+        match self {
+            Parsed::Workload(w) => (Kind::Workload, w.uid.clone()),
+            Parsed::Service(s) => (Kind::Service, s.key()),
+            Parsed::Policy(p) => (Kind::Policy, p.key()),
+        }
+    }
+}
+
+/// One step of a merge, as what to put back to undo it.
+enum Undo {
+    /// A resource's previous (version, body), by type and name.
+    Resource(String, String, Option<(String, Parsed)>),
+    /// A model entry's previous value.
+    Entry(Kind, String, Option<Parsed>),
+    /// The previous name of the resource holding a slot whose key is not its name.
+    Alias(Kind, String, Option<String>),
+}
+
+/// Everything received, by type and resource name, with versions, and the model it describes,
+/// kept in step: a response changes the entries it names and nothing else, so its cost
+/// follows its size, not the number of resources held.
 #[derive(Clone, Debug, Default)]
 pub struct XdsState {
     by_type: BTreeMap<String, BTreeMap<String, (String, Parsed)>>,
+    model: Model,
+    /// Slots held by a resource of another name (Istio names a resource by its key, so this
+    /// is empty in practice), to tell a rename from a second resource claiming a key.
+    aliases: BTreeMap<(Kind, String), String>,
+    /// The node as configured, and the uids of the workloads that run on it (the first gives
+    /// the node its locality when none is configured).
+    node: NodeInfo,
+    local: BTreeSet<String>,
 }
 
 impl XdsState {
@@ -238,37 +288,132 @@ impl XdsState {
         self.len() == 0
     }
 
-    /// The model these resources describe, for a daemon on `node`.
-    pub fn model(&self, node: &NodeInfo) -> Model {
-        let mut m = Model { node: node.clone(), ..Default::default() };
-        for items in self.by_type.values() {
-            for (_, p) in items.values() {
-                match p {
-                    Parsed::Workload(w) => {
-                        m.workloads.insert(w.uid.clone(), w.clone());
-                    }
-                    Parsed::Service(s) => {
-                        m.services.insert(s.key(), s.clone());
-                    }
-                    Parsed::Policy(p) => {
-                        m.policies.insert(p.key(), p.clone());
-                    }
+    /// The model these resources describe.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The resource name holding a model slot, if any.
+    fn holder(&self, kind: Kind, key: &str) -> Option<String> {
+        if let Some(n) = self.aliases.get(&(kind, key.to_string())) {
+            return Some(n.clone());
+        }
+        let held = match kind {
+            Kind::Workload => self.model.workloads.contains_key(key),
+            Kind::Service => self.model.services.contains_key(key),
+            Kind::Policy => self.model.policies.contains_key(key),
+        };
+        held.then(|| key.to_string())
+    }
+
+    /// Sets a model slot (and what depends on it); records how to undo it.
+    fn set_entry(&mut self, kind: Kind, key: &str, value: Option<Parsed>, undo: Option<&mut Vec<Undo>>) {
+        let m = &mut self.model;
+        let k = key.to_string();
+        let prev = match (kind, value) {
+            (Kind::Workload, Some(Parsed::Workload(w))) => m.workloads.insert(k, w).map(Parsed::Workload),
+            (Kind::Service, Some(Parsed::Service(s))) => m.services.insert(k, s).map(Parsed::Service),
+            (Kind::Policy, Some(Parsed::Policy(p))) => m.policies.insert(k, p).map(Parsed::Policy),
+            (Kind::Workload, _) => m.workloads.remove(key).map(Parsed::Workload),
+            (Kind::Service, _) => m.services.remove(key).map(Parsed::Service),
+            (Kind::Policy, _) => m.policies.remove(key).map(Parsed::Policy),
+        };
+        if kind == Kind::Workload {
+            match m.workloads.get(key) {
+                Some(w) if !self.node.name.is_empty() && w.node == self.node.name => {
+                    self.local.insert(key.to_string());
+                }
+                _ => {
+                    self.local.remove(key);
                 }
             }
         }
-        // A node's locality is that of the workloads running on it, unless configured.
-        if m.node.locality == Default::default()
-            && let Some(w) = m.workloads.values().find(|w| !m.node.name.is_empty() && w.node == m.node.name)
-        {
-            m.node.locality = w.locality.clone();
-            if m.node.network.is_empty() {
-                m.node.network = w.network.clone();
-            }
-            if m.node.cluster_id.is_empty() {
-                m.node.cluster_id = w.cluster_id.clone();
+        if let Some(u) = undo {
+            u.push(Undo::Entry(kind, key.to_string(), prev));
+        }
+    }
+
+    fn set_alias(&mut self, kind: Kind, key: &str, name: Option<String>, undo: Option<&mut Vec<Undo>>) {
+        let k = (kind, key.to_string());
+        let prev = match name {
+            Some(n) => self.aliases.insert(k, n),
+            None => self.aliases.remove(&k),
+        };
+        if let Some(u) = undo {
+            u.push(Undo::Alias(kind, key.to_string(), prev));
+        }
+    }
+
+    /// Withdraws what resource `name` put in the model.
+    fn vacate(&mut self, name: &str, old: &Parsed, keys: &mut ModelKeys, undo: &mut Vec<Undo>) {
+        let (kind, key) = old.slot();
+        if key != name {
+            self.set_alias(kind, &key, None, Some(&mut *undo));
+        }
+        self.set_entry(kind, &key, None, Some(undo));
+        keys.insert(kind, key);
+    }
+
+    /// Puts what `undo` records back, newest first.
+    fn undo(&mut self, undo: Vec<Undo>) {
+        for u in undo.into_iter().rev() {
+            match u {
+                Undo::Resource(type_url, name, old) => {
+                    let items = self.by_type.entry(type_url).or_default();
+                    match old {
+                        Some(v) => items.insert(name, v),
+                        None => items.remove(&name),
+                    };
+                }
+                Undo::Entry(kind, key, old) => self.set_entry(kind, &key, old, None),
+                Undo::Alias(kind, key, old) => self.set_alias(kind, &key, old, None),
             }
         }
-        m
+    }
+
+    /// Sets the configured node; the model's node is derived from it: a node's locality is
+    /// that of the workloads running on it, unless configured. Returns whether the model's node
+    /// changed.
+    fn derive_node(&mut self, node: &NodeInfo) -> bool {
+        if node.name != self.node.name {
+            self.local = self
+                .model
+                .workloads
+                .values()
+                .filter(|w| !node.name.is_empty() && w.node == node.name)
+                .map(|w| w.uid.clone())
+                .collect();
+        }
+        self.node = node.clone();
+        let mut n = node.clone();
+        if n.locality == Default::default()
+            && let Some(w) = self.local.first().and_then(|uid| self.model.workloads.get(uid))
+        {
+            n.locality = w.locality.clone();
+            if n.network.is_empty() {
+                n.network = w.network.clone();
+            }
+            if n.cluster_id.is_empty() {
+                n.cluster_id = w.cluster_id.clone();
+            }
+        }
+        let changed = n != self.model.node;
+        self.model.node = n;
+        changed
+    }
+}
+
+trait InsertSlot {
+    fn insert(&mut self, kind: Kind, key: String);
+}
+
+impl InsertSlot for ModelKeys {
+    fn insert(&mut self, kind: Kind, key: String) {
+        match kind {
+            Kind::Workload => self.workloads.insert(key),
+            Kind::Service => self.services.insert(key),
+            Kind::Policy => self.policies.insert(key),
+        };
     }
 }
 
@@ -282,18 +427,20 @@ pub struct HandledBatch {
     pub replies: Vec<(DeltaDiscoveryRequest, Vec<String>)>,
 }
 
-/// Previous entries of what one response changed, to put back if the apply fails.
-type Undo = Vec<(String, String, Option<(String, Parsed)>)>;
-
-/// Takes one response's valid resources and removals into `state`; returns what it rejected.
-fn merge(state: &mut XdsState, resp: &DeltaDiscoveryResponse, undo: &mut Undo) -> Vec<String> {
+/// Takes one response's valid resources and removals into `state` (recording in `keys` the
+/// model entries it touched and in `undo` how to put them back); returns what it rejected.
+fn merge(
+    state: &mut XdsState,
+    resp: &DeltaDiscoveryResponse,
+    keys: &mut ModelKeys,
+    undo: &mut Vec<Undo>,
+) -> Vec<String> {
     let mut rejected = Vec::new();
     let type_url = resp.type_url.as_str();
     if !SUBSCRIBED.contains(&type_url) {
         rejected.push(format!("type {type_url:?} was not subscribed"));
         return rejected;
     }
-    let items = state.by_type.entry(type_url.to_string()).or_default();
     for r in &resp.resources {
         let Some(any) = &r.resource else {
             rejected.push(format!("{}: resource body missing", r.name));
@@ -311,18 +458,42 @@ fn merge(state: &mut XdsState, resp: &DeltaDiscoveryResponse, undo: &mut Undo) -
         } else {
             decode_authorization(&any.value).map(|p| Parsed::Policy(Arc::new(p)))
         };
-        match parsed {
-            Ok(p) => {
-                let old = items.insert(r.name.clone(), (r.version.clone(), p));
-                undo.push((type_url.to_string(), r.name.clone(), old));
+        let p = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                rejected.push(format!("{}: {e}", r.name));
+                continue;
             }
-            Err(e) => rejected.push(format!("{}: {e}", r.name)),
+        };
+        let (kind, key) = p.slot();
+        if let Some(other) = state.holder(kind, &key).filter(|h| *h != r.name) {
+            rejected.push(format!(
+                "{}: {} {key:?} is already described by resource {other:?}",
+                r.name,
+                kind.name()
+            ));
+            continue;
         }
+        let items = state.by_type.entry(type_url.to_string()).or_default();
+        let old = items.insert(r.name.clone(), (r.version.clone(), p.clone()));
+        if let Some((_, prev)) = &old
+            && prev.slot() != (kind, key.clone())
+        {
+            state.vacate(&r.name, prev, keys, undo);
+        }
+        undo.push(Undo::Resource(type_url.to_string(), r.name.clone(), old));
+        if key != r.name {
+            state.set_alias(kind, &key, Some(r.name.clone()), Some(&mut *undo));
+        }
+        state.set_entry(kind, &key, Some(p), Some(&mut *undo));
+        keys.insert(kind, key);
     }
     for name in &resp.removed_resources {
-        if let Some(old) = items.remove(name) {
-            undo.push((type_url.to_string(), name.clone(), Some(old)));
-        }
+        let Some(old) = state.by_type.get_mut(type_url).and_then(|items| items.remove(name)) else {
+            continue;
+        };
+        state.vacate(name, &old.1, keys, undo);
+        undo.push(Undo::Resource(type_url.to_string(), name.clone(), Some(old)));
     }
     rejected
 }
@@ -342,27 +513,26 @@ fn reply_to(resp: &DeltaDiscoveryResponse, error: Option<String>) -> DeltaDiscov
 
 /// Applies several responses to `state` as one change: valid resources and removals of each
 /// are taken, bad resources are named in that response's NACK, and `apply` is called once with
-/// the resulting model. If it fails, every response is NACKed and the previous state is kept.
-/// Pure apart from `apply`.
+/// the resulting model and the keys the batch touched. If it fails, every response is NACKed
+/// and the previous state is kept. Pure apart from `apply`.
 pub fn handle_batch(
     state: XdsState,
     node: &NodeInfo,
     resps: &[DeltaDiscoveryResponse],
-    apply: impl FnOnce(Model) -> Result<(), String>,
+    apply: impl FnOnce(&Model, &ModelKeys) -> Result<(), String>,
 ) -> HandledBatch {
     let mut next = state;
-    let mut undo = Undo::new();
-    let rejected: Vec<Vec<String>> = resps.iter().map(|r| merge(&mut next, r, &mut undo)).collect();
+    let mut undo = Vec::new();
+    let mut keys = ModelKeys::default();
+    let rejected: Vec<Vec<String>> =
+        resps.iter().map(|r| merge(&mut next, r, &mut keys, &mut undo)).collect();
+    let previous_node = next.node.clone();
+    keys.node = next.derive_node(node);
     let any_known = resps.iter().any(|r| SUBSCRIBED.contains(&r.type_url.as_str()));
-    let applied = if any_known { apply(next.model(node)) } else { Ok(()) };
+    let applied = if any_known { apply(&next.model, &keys) } else { Ok(()) };
     if let Err(e) = &applied {
-        for (type_url, name, old) in undo.into_iter().rev() {
-            let items = next.by_type.entry(type_url).or_default();
-            match old {
-                Some(v) => items.insert(name, v),
-                None => items.remove(&name),
-            };
-        }
+        next.undo(undo);
+        next.derive_node(&previous_node);
         let replies = resps
             .iter()
             .zip(rejected)
@@ -642,9 +812,9 @@ async fn run_stream(
         let n_res: usize = batch.iter().map(|r| r.resources.len()).sum();
         let n_rm: usize = batch.iter().map(|r| r.removed_resources.len()).sum();
         let handled = tokio::task::spawn_blocking(move || {
-            handle_batch(st, &node, &batch, |model| {
+            handle_batch(st, &node, &batch, |model, keys| {
                 let mut mesh = shared2.mesh.lock().unwrap_or_else(|p| p.into_inner());
-                mesh.set_model(model).map(|_| ()).map_err(|e| e.to_string())
+                mesh.apply_change(model, keys).map(|_| ()).map_err(|e| e.to_string())
             })
         })
         .await;
@@ -734,7 +904,7 @@ mod tests {
         resp: &DeltaDiscoveryResponse,
         apply: impl FnOnce(Model) -> Result<(), String>,
     ) -> Handled {
-        let mut b = handle_batch(state, node, std::slice::from_ref(resp), apply);
+        let mut b = handle_batch(state, node, std::slice::from_ref(resp), |m, _| apply(m.clone()));
         let (reply, _) = b.replies.pop().expect("one reply per response");
         Handled { state: b.state, reply }
     }
@@ -826,6 +996,57 @@ mod tests {
     }
 
     #[test]
+    fn the_model_is_kept_in_step_and_each_batch_names_what_it_touched() {
+        let resp = |nonce: &str, resources: Vec<Resource>, removed: &[&str]| DeltaDiscoveryResponse {
+            type_url: ADDRESS_TYPE.into(),
+            nonce: nonce.into(),
+            resources,
+            removed_resources: removed.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let node = NodeInfo::default();
+        let mut seen = ModelKeys::default();
+        let add = resp(
+            "n1",
+            vec![res("a", ADDRESS_TYPE, workload("a")), res("b", ADDRESS_TYPE, workload("b"))],
+            &[],
+        );
+        let s1 = handle_batch(XdsState::default(), &node, &[add], |_, k| {
+            seen = k.clone();
+            Ok(())
+        })
+        .state;
+        assert_eq!(seen.workloads, BTreeSet::from(["a".to_string(), "b".to_string()]));
+        assert!(!seen.node, "the default node derives nothing");
+
+        // One removal touches one key; a refused one leaves the model as it was.
+        let before = s1.model().clone();
+        let rm = resp("n2", vec![], &["a"]);
+        let refused = handle_batch(s1.clone(), &node, std::slice::from_ref(&rm), |m, k| {
+            assert_eq!(k.workloads, BTreeSet::from(["a".to_string()]));
+            assert!(!m.workloads.contains_key("a"));
+            Err("map full".into())
+        });
+        assert_eq!(refused.state.model(), &before);
+
+        // A resource describing a workload another resource already describes is rejected by
+        // name; one whose uid changes moves its entry.
+        let dup = resp("n3", vec![res("other", ADDRESS_TYPE, workload("a"))], &[]);
+        let h = handle_batch(s1, &node, &[dup], |_, _| Ok(()));
+        let msg = h.replies[0].0.error_detail.as_ref().unwrap().message.clone();
+        assert!(msg.contains("other: workload \"a\" is already described by resource \"a\""), "{msg}");
+        let moved = resp("n4", vec![res("b", ADDRESS_TYPE, workload("c"))], &[]);
+        let h = handle_batch(h.state, &node, &[moved], |m, k| {
+            assert_eq!(k.workloads, BTreeSet::from(["b".to_string(), "c".to_string()]));
+            assert!(m.workloads.contains_key("c") && !m.workloads.contains_key("b"));
+            Ok(())
+        });
+        // ...and removing it by its resource name withdraws the entry under its key.
+        let h = handle_batch(h.state, &node, &[resp("n5", vec![], &["b"])], |_, _| Ok(()));
+        assert_eq!(h.state.model().workloads.keys().collect::<Vec<_>>(), ["a"]);
+    }
+
+    #[test]
     fn a_subscription_over_the_limit_goes_without_versions_and_the_resend_removes_the_rest() {
         let names: Vec<String> = (0..50).map(|i| format!("w{i}")).collect();
         let add = DeltaDiscoveryResponse {
@@ -902,7 +1123,7 @@ mod tests {
         };
         let pol = DeltaDiscoveryResponse { ..r(AUTHORIZATION_TYPE, "n2") };
         let mut calls = 0;
-        let b = handle_batch(XdsState::default(), &NodeInfo::default(), &[add, pol], |m| {
+        let b = handle_batch(XdsState::default(), &NodeInfo::default(), &[add, pol], |m, _| {
             calls += 1;
             assert!(m.workloads.contains_key("a"));
             Err("map full".into())
@@ -927,7 +1148,7 @@ mod tests {
         };
         let node = NodeInfo { name: "node-7".into(), ..Default::default() };
         let h = handle_response(XdsState::default(), &node, &resp, |_| Ok(()));
-        assert_eq!(h.state.model(&node).node.locality.zone, "z");
+        assert_eq!(h.state.model().node.locality.zone, "z");
     }
 
     #[test]

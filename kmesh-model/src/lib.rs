@@ -2,10 +2,12 @@
 //!
 //! - [`model`]: workloads and services as Istio's workload API defines them, already validated.
 //! - [`config`]: the local YAML file (the embedded default source, standing in for istiod).
+//! - [`delta`]: a change of the model as the keys it touches and what they held before.
 //! - [`alloc`]: addresses for mesh-only hostnames the local file gives none.
 //! - [`xds`]: Istio workload and authorization resources from the control plane.
 
 pub mod alloc;
 pub mod config;
+pub mod delta;
 pub mod model;
 pub mod xds;

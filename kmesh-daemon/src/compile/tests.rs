@@ -434,7 +434,12 @@ fn incremental_compilation_matches_a_full_one_through_random_changes() {
                 m.workloads.remove(&format!("w{}", next(30)));
             }
         }
-        let d = compiler.incremental(&model, &m).expect("no node or client change");
+        // The change as a source hands it over: the keys it touched, and what they held.
+        let keys = kmesh_model::delta::ModelKeys::between(&model, &m);
+        let mut now = model.clone();
+        let change = now.take_from(&m, &keys);
+        assert_eq!(now, m);
+        let d = compiler.incremental(&now, &change).expect("no node or client change");
         kernel.apply(d);
         assert_consistent(&kernel);
         assert_eq!(kernel, compiler.state(), "step {step}: bookkeeping drifted");

@@ -1,0 +1,199 @@
+//! Changes of a [`Model`] as what they touch: the keys a source changed ([`ModelKeys`]) and,
+//! once taken into a model, what those keys held before ([`ModelChange`]). A consumer that
+//! keeps its own copy updates it in place and recompiles what the keys name, so the cost of a
+//! change follows the change, not the number of resources held.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use crate::model::{Model, NodeInfo, Policy, Service, Workload};
+
+/// The entries of a model a change touches (added, changed or removed), by kind and key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelKeys {
+    pub node: bool,
+    pub workloads: BTreeSet<String>,
+    pub services: BTreeSet<String>,
+    pub policies: BTreeSet<String>,
+}
+
+impl ModelKeys {
+    /// Every key whose entry differs between `old` and `new` (a walk over both: for sources
+    /// that produce whole models, such as the local file).
+    pub fn between(old: &Model, new: &Model) -> Self {
+        Self {
+            node: old.node != new.node,
+            workloads: changed_keys(&old.workloads, &new.workloads),
+            services: changed_keys(&old.services, &new.services),
+            policies: changed_keys(&old.policies, &new.policies),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.node && self.workloads.is_empty() && self.services.is_empty() && self.policies.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.node) + self.workloads.len() + self.services.len() + self.policies.len()
+    }
+
+    pub fn extend(&mut self, other: &ModelKeys) {
+        self.node |= other.node;
+        self.workloads.extend(other.workloads.iter().cloned());
+        self.services.extend(other.services.iter().cloned());
+        self.policies.extend(other.policies.iter().cloned());
+    }
+}
+
+/// What the keys of a change held before it: `None` for an entry the change added. Keys whose
+/// entry came out equal are left out.
+#[derive(Clone, Debug, Default)]
+pub struct ModelChange {
+    /// The node before, when it changed.
+    pub node: Option<NodeInfo>,
+    pub workloads: BTreeMap<String, Option<Arc<Workload>>>,
+    pub services: BTreeMap<String, Option<Arc<Service>>>,
+    pub policies: BTreeMap<String, Option<Arc<Policy>>>,
+}
+
+impl ModelChange {
+    pub fn is_empty(&self) -> bool {
+        self.node.is_none()
+            && self.workloads.is_empty()
+            && self.services.is_empty()
+            && self.policies.is_empty()
+    }
+
+    /// The workload `uid` as it was before the change, given the model after it.
+    pub fn old_workload<'a>(&'a self, now: &'a Model, uid: &str) -> Option<&'a Arc<Workload>> {
+        match self.workloads.get(uid) {
+            Some(old) => old.as_ref(),
+            None => now.workloads.get(uid),
+        }
+    }
+
+    /// The service `key` as it was before the change, given the model after it.
+    pub fn old_service<'a>(&'a self, now: &'a Model, key: &str) -> Option<&'a Arc<Service>> {
+        match self.services.get(key) {
+            Some(old) => old.as_ref(),
+            None => now.services.get(key),
+        }
+    }
+}
+
+fn same<T: PartialEq>(a: Option<&Arc<T>>, b: Option<&Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+fn changed_keys<T: PartialEq>(
+    a: &BTreeMap<String, Arc<T>>,
+    b: &BTreeMap<String, Arc<T>>,
+) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> =
+        a.iter().filter(|(k, v)| !same(Some(v), b.get(*k))).map(|(k, _)| k.clone()).collect();
+    out.extend(b.keys().filter(|k| !a.contains_key(*k)).cloned());
+    out
+}
+
+/// Takes `keys` of `src` into `dst`; returns what they held in `dst` (equal entries left out).
+fn take<T: PartialEq>(
+    dst: &mut BTreeMap<String, Arc<T>>,
+    src: &BTreeMap<String, Arc<T>>,
+    keys: &BTreeSet<String>,
+) -> BTreeMap<String, Option<Arc<T>>> {
+    let mut old = BTreeMap::new();
+    for k in keys {
+        let next = src.get(k);
+        if same(dst.get(k), next) {
+            continue;
+        }
+        let prev = match next {
+            Some(v) => dst.insert(k.clone(), v.clone()),
+            None => dst.remove(k),
+        };
+        old.insert(k.clone(), prev);
+    }
+    old
+}
+
+fn put_back<T>(dst: &mut BTreeMap<String, Arc<T>>, old: BTreeMap<String, Option<Arc<T>>>) {
+    for (k, v) in old {
+        match v {
+            Some(v) => dst.insert(k, v),
+            None => dst.remove(&k),
+        };
+    }
+}
+
+impl Model {
+    /// Makes the entries `keys` names equal to `src`'s (and the node, if `keys.node`); returns
+    /// what they were, for [`revert`](Self::revert) and for consumers that need the old values.
+    pub fn take_from(&mut self, src: &Model, keys: &ModelKeys) -> ModelChange {
+        let node =
+            (keys.node && self.node != src.node).then(|| std::mem::replace(&mut self.node, src.node.clone()));
+        ModelChange {
+            node,
+            workloads: take(&mut self.workloads, &src.workloads, &keys.workloads),
+            services: take(&mut self.services, &src.services, &keys.services),
+            policies: take(&mut self.policies, &src.policies, &keys.policies),
+        }
+    }
+
+    /// Undoes [`take_from`](Self::take_from).
+    pub fn revert(&mut self, change: ModelChange) {
+        if let Some(n) = change.node {
+            self.node = n;
+        }
+        put_back(&mut self.workloads, change.workloads);
+        put_back(&mut self.services, change.services);
+        put_back(&mut self.policies, change.policies);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(uid: &str, name: &str) -> Arc<Workload> {
+        Arc::new(Workload { uid: uid.into(), name: name.into(), ..Default::default() })
+    }
+
+    #[test]
+    fn taking_a_change_in_and_reverting_it_round_trip() {
+        let mut a = Model::default();
+        a.workloads.insert("w1".into(), workload("w1", "one"));
+        a.workloads.insert("w2".into(), workload("w2", "two"));
+        let mut b = a.clone();
+        b.workloads.remove("w1");
+        b.workloads.insert("w2".into(), workload("w2", "two-changed"));
+        b.workloads.insert("w3".into(), workload("w3", "three"));
+        b.node.name = "n".into();
+        let keys = ModelKeys::between(&a, &b);
+        assert_eq!(keys.workloads, BTreeSet::from(["w1".into(), "w2".into(), "w3".into()]));
+        assert!(keys.node);
+
+        let mut m = a.clone();
+        let change = m.take_from(&b, &keys);
+        assert_eq!(m, b);
+        assert_eq!(change.old_workload(&m, "w1").map(|w| w.name.as_str()), Some("one"));
+        assert_eq!(change.old_workload(&m, "w2").map(|w| w.name.as_str()), Some("two"));
+        assert!(change.old_workload(&m, "w3").is_none());
+        m.revert(change);
+        assert_eq!(m, a);
+    }
+
+    #[test]
+    fn equal_entries_are_not_reported_as_changed() {
+        let mut a = Model::default();
+        a.workloads.insert("w1".into(), workload("w1", "one"));
+        let mut b = Model::default();
+        b.workloads.insert("w1".into(), workload("w1", "one"));
+        assert!(ModelKeys::between(&a, &b).is_empty());
+        let keys = ModelKeys { workloads: BTreeSet::from(["w1".into()]), ..Default::default() };
+        assert!(a.take_from(&b, &keys).is_empty());
+    }
+}
