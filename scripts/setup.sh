@@ -19,6 +19,9 @@ command -v pkill >/dev/null || need_apt+=(procps)
 # The DNS proxy tests run a real resolver (dnsmasq) and real clients (dig; getent is glibc's).
 command -v dnsmasq >/dev/null || need_apt+=(dnsmasq-base)
 command -v dig >/dev/null || need_apt+=(bind9-dnsutils)
+# The daemon's allocator (jemalloc, built from source by tikv-jemalloc-sys) needs make and cc.
+command -v make >/dev/null || need_apt+=(make)
+command -v cc >/dev/null || need_apt+=(gcc)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
   apt-get update -qq

@@ -3,7 +3,10 @@
 //! the time from the push to every map written, the time for one endpoint change to reach the
 //! kernel, and the daemon's peak RSS and CPU seconds.
 //!
-//!   cargo build --release --bins --examples && target/release/examples/xds_bench [N] [M] [CHURN_SECS]
+//! With POLICED_PERCENT > 0, one ALLOW policy selects the workloads of that share of the
+//! services (the authorization maps then hold their destinations and every workload's identity).
+//!
+//!   cargo build --release --bins --examples && target/release/examples/xds_bench [N] [M] [CHURN_SECS] [POLICED_PERCENT]
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -14,7 +17,7 @@ use anyhow::{Context, bail};
 use kmesh_daemon::admin;
 use kmesh_daemon::model::*;
 use kmesh_model::xds::{AddressResource, encode_address};
-use kmesh_proto::ADDRESS_TYPE;
+use kmesh_proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 use kmesh_testbed::{Testbed, with_default_signals};
 use kmesh_xds_server::ControlPlane;
 
@@ -36,6 +39,17 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> anyho
     bail!("timed out waiting for {what}")
 }
 
+/// Resident memory of a process now, in MiB.
+fn rss_now(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
 /// (peak RSS in MiB, CPU seconds) of a process.
 fn usage(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -51,6 +65,12 @@ fn usage(pid: u32) -> (f64, f64) {
         + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     (hwm_kb / 1024.0, ticks / hz)
+}
+
+/// Whether service `svc`'s workloads are selected by the benchmark's policy.
+fn policed(svc: usize) -> bool {
+    let pct = std::env::args().skip(1).filter_map(|a| a.parse::<usize>().ok()).nth(3).unwrap_or(0);
+    pct > 0 && svc.is_multiple_of(100 / pct.min(100))
 }
 
 fn workload(svc: usize, ep: usize, m: usize) -> Workload {
@@ -74,7 +94,7 @@ fn workload(svc: usize, ep: usize, m: usize) -> Workload {
         service_account: "default".into(),
         trust_domain: "cluster.local".into(),
         capacity: None,
-        authorization_policies: vec![],
+        authorization_policies: if policed(svc) { vec!["bench/allow".into()] } else { vec![] },
         services,
         ..Default::default()
     }
@@ -150,6 +170,16 @@ fn main() -> anyhow::Result<()> {
         }
         println!("built {} resources ({n} services x {m} endpoints) in {:.2?}", res.len(), t.elapsed());
 
+        let policy = kmesh_model::config::parse(
+            "policies: [{name: allow, namespace: bench, scope: WORKLOAD_SELECTOR, rules: [{clauses: [{matches: [{namespaces: [{exact: bench}], destination_ports: [8080]}]}]}]}]",
+        )?;
+        if (0..n).any(policed) {
+            cp.replace_all(AUTHORIZATION_TYPE, kmesh_xds_server::authorization_resources(&policy));
+            println!(
+                "one policy selects the workloads of {} services",
+                (0..n).filter(|s| policed(*s)).count()
+            );
+        }
         let t0 = Instant::now();
         cp.replace_all(ADDRESS_TYPE, res);
         let full = wait_until("all maps written", Duration::from_secs(600), || {
@@ -185,6 +215,7 @@ fn main() -> anyhow::Result<()> {
         }
         let cp_share = (cp.push_time() - cp0).as_secs_f64() / lat.len() as f64;
         let (_, cpu3) = usage(pid);
+        let rss_held = rss_now(pid);
         lat.sort();
         let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0;
         let daemon_cpu = (cpu3 - cpu2) / lat.len() as f64;
@@ -207,6 +238,7 @@ fn main() -> anyhow::Result<()> {
         println!("| daemon CPU for the one change | {:.3} s |", cpu2 - cpu1);
         println!("| daemon RSS before the push | {rss0:.1} MiB |");
         println!("| daemon peak RSS (VmHWM) | {:.1} MiB |", rss1.max(rss2));
+        println!("| daemon RSS holding the configuration, after the changes (VmRSS) | {rss_held:.1} MiB |");
         println!(
             "| map entries | frontends {}, tables {}, endpoints {}, backends {} |",
             metric(admin_addr, "kmesh_map_entries{map=\"FRONTENDS\"}"),

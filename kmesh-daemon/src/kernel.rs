@@ -16,7 +16,7 @@ use aya::{Ebpf, EbpfLoader, Pod};
 use kmesh_common::*;
 use serde::Serialize;
 
-use crate::authz::AuthzState;
+use crate::authz::{AuthzDiff, AuthzState};
 use crate::compile::{Diff, MapCounts, MapState, diff, union_len};
 
 /// The eBPF object built by build.rs.
@@ -659,8 +659,7 @@ impl Dataplane {
     /// Applies a diff against what the maps hold (see [`apply`](Self::apply) for the order);
     /// the authorization maps keep what they hold.
     pub fn apply_diff(&mut self, d: Diff) -> Result<ApplyReport, KernelError> {
-        let authz = self.authz_applied.clone();
-        self.apply_all(d, authz)
+        self.apply_all(d, AuthzDiff::default())
     }
 
     /// One transaction across every map family: the load-balancing diff `d` and the
@@ -669,7 +668,7 @@ impl Dataplane {
     /// before the destinations that switch to them), and only then is anything deleted (roots
     /// first). A write that fails undoes every write before it, in both families, and nothing
     /// is deleted: the maps hold exactly what they held.
-    pub fn apply_all(&mut self, d: Diff, authz: AuthzState) -> Result<ApplyReport, KernelError> {
+    pub fn apply_all(&mut self, d: Diff, authz: AuthzDiff) -> Result<ApplyReport, KernelError> {
         self.check_capacity(&d)?;
         self.check_authz_capacity(&authz)?;
         let mut lb = LbUndo::default();
@@ -677,12 +676,10 @@ impl Dataplane {
             self.rollback_lb(&mut lb);
             return Err(e);
         }
-        let old_authz = std::mem::take(&mut self.authz_applied);
         let mut az = AuthzUndo::default();
-        if let Err(e) = self.write_authz(&old_authz, &authz, &mut az) {
+        if let Err(e) = self.write_authz(&authz.set, &mut az) {
             self.rollback_authz(&mut az);
             self.rollback_lb(&mut lb);
-            self.authz_applied = old_authz;
             return Err(e);
         }
         remove_all(&mut self.netns, "NETNS", &d.del_netns);
@@ -691,23 +688,23 @@ impl Dataplane {
         remove_all(&mut self.endpoints, "ENDPOINTS", &d.del_endpoints);
         remove_all(&mut self.ports, "PORTS", &d.del_ports);
         remove_all(&mut self.backends, "BACKENDS", &d.del_backends);
-        let ad = self.delete_authz(&old_authz, &authz);
+        self.delete_authz(&authz);
         let aw = az.identity.len() + az.region.len() + az.verdict.len() + az.counts.len() + az.dest.len();
-        let report = ApplyReport { writes: d.writes() + aw, deletes: d.deletes() + ad };
+        let report = ApplyReport { writes: d.writes() + aw, deletes: d.deletes() + authz.deletes() };
         self.applied.apply(d);
-        self.authz_applied = authz;
+        self.authz_applied.apply(authz);
         Ok(report)
     }
 
-    /// Checks that going to `next` fits the authorization maps: entries of both states are
+    /// Checks that applying `d` fits the authorization maps: entries old and new are all
     /// present at the peak.
-    pub fn check_authz_capacity(&self, next: &AuthzState) -> Result<(), KernelError> {
+    pub fn check_authz_capacity(&self, d: &AuthzDiff) -> Result<(), KernelError> {
         let old = &self.authz_applied;
         let peaks = [
-            union_len(&old.dest, &next.dest),
-            union_len(&old.identity, &next.identity),
-            union_len(&old.region, &next.region),
-            union_len(&old.verdict, &next.verdict),
+            union_len(&old.dest, &d.set.dest),
+            union_len(&old.identity, &d.set.identity),
+            union_len(&old.region, &d.set.region),
+            union_len(&old.verdict, &d.set.verdict),
         ];
         for (needed, (map, capacity)) in peaks.into_iter().zip(self.capacities.authz_by_name()) {
             if needed > capacity as usize {
@@ -760,24 +757,22 @@ impl Dataplane {
 
     /// Writes what `next` adds or changes: the lookups a destination follows before the
     /// destination switches to them. Records how to undo each write.
-    fn write_authz(
-        &mut self,
-        old: &AuthzState,
-        next: &AuthzState,
-        u: &mut AuthzUndo,
-    ) -> Result<(), KernelError> {
+    fn write_authz(&mut self, set: &AuthzState, u: &mut AuthzUndo) -> Result<(), KernelError> {
+        let old = &self.authz_applied;
         // IDENTITY holds each id with the check of its address (see `key_check`).
-        let sealed = |m: &BTreeMap<[u32; 4], u32>| -> BTreeMap<[u32; 4], IdentityValue> {
-            m.iter().map(|(k, id)| (*k, IdentityValue { id: *id, check: 0 }.sealed(k))).collect()
+        let sealed = |m: &BTreeMap<[u32; 4], u32>, keys: &mut dyn Iterator<Item = &[u32; 4]>| {
+            keys.filter_map(|k| Some((*k, IdentityValue { id: *m.get(k)?, check: 0 }.sealed(k))))
+                .collect::<BTreeMap<[u32; 4], IdentityValue>>()
         };
+        let identity_new = changed_of(&old.identity, &set.identity);
         upsert(
             &mut self.identity,
             "IDENTITY",
-            &sealed(&old.identity),
-            &sealed(&changed_of(&old.identity, &next.identity)),
+            &sealed(&old.identity, &mut identity_new.keys()),
+            &sealed(&identity_new, &mut identity_new.keys()),
             &mut u.identity,
         )?;
-        for ((k, len), v) in &next.region {
+        for ((k, len), v) in &set.region {
             let prev = old.region.get(&(*k, *len));
             if prev == Some(v) {
                 continue;
@@ -794,11 +789,11 @@ impl Dataplane {
             &mut self.authz_verdict,
             "AUTHZ_VERDICT",
             &old.verdict,
-            &changed_of(&old.verdict, &next.verdict),
+            &changed_of(&old.verdict, &set.verdict),
             &mut u.verdict,
         )?;
         let cpus = aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1);
-        for k in next.counts.difference(&old.counts) {
+        for k in set.counts.difference(&old.counts) {
             let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| KernelError::Pin {
                 path: PathBuf::from("AUTHZ_COUNTS"),
                 reason: e.to_string(),
@@ -808,7 +803,7 @@ impl Dataplane {
                 .map_err(|source| KernelError::Write { map: "AUTHZ_COUNTS", source })?;
             u.counts.push(*k);
         }
-        upsert(&mut self.authz_dest, "AUTHZ_DEST", &old.dest, &changed_of(&old.dest, &next.dest), &mut u.dest)
+        upsert(&mut self.authz_dest, "AUTHZ_DEST", &old.dest, &changed_of(&old.dest, &set.dest), &mut u.dest)
     }
 
     fn rollback_authz(&mut self, u: &mut AuthzUndo) {
@@ -829,31 +824,23 @@ impl Dataplane {
         rollback(&mut self.identity, &mut u.identity);
     }
 
-    /// Deletes what `next` no longer has, roots first.
-    /// Deletes what `old` has and `next` lacks; returns how many entries that was.
-    fn delete_authz(&mut self, old: &AuthzState, next: &AuthzState) -> usize {
-        let mut n = 0;
-        for k in old.dest.keys().filter(|k| !next.dest.contains_key(*k)) {
+    /// Deletes what `d` removes, roots first.
+    fn delete_authz(&mut self, d: &AuthzDiff) {
+        for k in &d.del_dest {
             let _ = self.authz_dest.remove(k);
-            n += 1;
         }
-        for k in old.verdict.keys().filter(|k| !next.verdict.contains_key(*k)) {
+        for k in &d.del_verdict {
             let _ = self.authz_verdict.remove(k);
-            n += 1;
         }
-        for (k, len) in old.region.keys().filter(|k| !next.region.contains_key(*k)) {
+        for (k, len) in &d.del_region {
             let _ = self.authz_region.remove(&LpmKey::new(*len, *k));
-            n += 1;
         }
-        for k in old.identity.keys().filter(|k| !next.identity.contains_key(*k)) {
+        for k in &d.del_identity {
             let _ = self.identity.remove(k);
-            n += 1;
         }
-        for k in old.counts.difference(&next.counts) {
+        for k in &d.del_counts {
             let _ = self.authz_counts.remove(k);
-            n += 1;
         }
-        n
     }
 
     /// Attaches the authorization program to a network namespace (idempotent).

@@ -322,6 +322,13 @@ impl DnsArgs {
     }
 }
 
+/// jemalloc, not glibc's malloc: after a large push glibc consolidated millions of freed small
+/// chunks inside a later allocation, a 70-130 ms stall of one apply at 10k services x 10
+/// endpoints (one-change p99 109-136 ms with glibc, 23 ms with jemalloc; daemon CPU per change
+/// about halved). ztunnel makes the same choice.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> anyhow::Result<()> {
     kmesh_daemon::logging::init();
     let cli = Cli::parse();

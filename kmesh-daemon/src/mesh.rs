@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::authz::AuthzCompiler;
+use crate::authz::{AuthzCompiler, AuthzDiff};
 use crate::compile::{Compiler, Enrollment, Ids, words_addr};
 use crate::kernel::{ApplyReport, Dataplane, KernelError};
 use crate::model::{Locality, Model, NodeInfo};
@@ -198,7 +198,6 @@ impl Mesh {
         change: Option<&ModelChange>,
         enrolled: &BTreeMap<u64, Enrollment>,
     ) -> Result<ApplyReport, KernelError> {
-        let saved_authz = self.authz.clone();
         let incremental = match change {
             Some(c) if !self.needs_full && *enrolled == self.enrolled => {
                 self.compiler.incremental(&self.model, c)
@@ -206,7 +205,13 @@ impl Mesh {
             _ => None,
         };
         let is_incremental = incremental.is_some();
-        let r = match self.authz.compile(&self.model) {
+        let authz = match change
+            .and_then(|c| self.authz.compile_change(&self.model, c, self.dp.authz_applied()))
+        {
+            Some(r) => r,
+            None => self.authz.compile(&self.model).map(|s| AuthzDiff::between(self.dp.authz_applied(), &s)),
+        };
+        let r = match authz {
             Err(e) => Err(KernelError::from(e)),
             Ok(authz) => {
                 let d = match incremental {
@@ -235,7 +240,8 @@ impl Mesh {
                 self.authz.release_adopted();
                 self.needs_full = false;
             }
-            Err(_) => self.authz = saved_authz,
+            // The authorization compiler's memory is read back from the maps in force.
+            Err(_) => self.authz = AuthzCompiler::adopting(self.dp.authz_applied()),
         }
         r
     }
