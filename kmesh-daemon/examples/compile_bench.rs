@@ -47,7 +47,7 @@ fn main() {
                     trust_domain: String::new(),
                     capacity: None,
                     authorization_policies: vec![],
-                    services,
+                    services: services.into(),
                     ..Default::default()
                 }),
             );

@@ -95,7 +95,7 @@ fn workload(svc: usize, ep: usize, m: usize) -> Workload {
         trust_domain: "cluster.local".into(),
         capacity: None,
         authorization_policies: if policed(svc) { vec!["bench/allow".into()] } else { vec![] },
-        services,
+        services: services.into(),
         ..Default::default()
     }
 }

@@ -431,7 +431,7 @@ pub struct HandledBatch {
 /// model entries it touched and in `undo` how to put them back); returns what it rejected.
 fn merge(
     state: &mut XdsState,
-    resp: &DeltaDiscoveryResponse,
+    resp: &mut DeltaDiscoveryResponse,
     keys: &mut ModelKeys,
     undo: &mut Vec<Undo>,
 ) -> Vec<String> {
@@ -441,8 +441,8 @@ fn merge(
         rejected.push(format!("type {type_url:?} was not subscribed"));
         return rejected;
     }
-    for r in &resp.resources {
-        let Some(any) = &r.resource else {
+    for r in &mut resp.resources {
+        let Some(any) = &mut r.resource else {
             rejected.push(format!("{}: resource body missing", r.name));
             continue;
         };
@@ -450,13 +450,16 @@ fn merge(
             rejected.push(format!("{}: body is {:?}, expected {type_url}", r.name, any.type_url));
             continue;
         }
+        // The encoded body goes once decoded: a full push holds one form of each resource at
+        // a time, not both.
+        let body = std::mem::take(&mut any.value);
         let parsed = if type_url == ADDRESS_TYPE {
-            decode_address(&any.value).map(|a| match a {
+            decode_address(&body).map(|a| match a {
                 AddressResource::Workload(w) => Parsed::Workload(Arc::new(w)),
                 AddressResource::Service(s) => Parsed::Service(Arc::new(s)),
             })
         } else {
-            decode_authorization(&any.value).map(|p| Parsed::Policy(Arc::new(p)))
+            decode_authorization(&body).map(|p| Parsed::Policy(Arc::new(p)))
         };
         let p = match parsed {
             Ok(p) => p,
@@ -518,14 +521,14 @@ fn reply_to(resp: &DeltaDiscoveryResponse, error: Option<String>) -> DeltaDiscov
 pub fn handle_batch(
     state: XdsState,
     node: &NodeInfo,
-    resps: &[DeltaDiscoveryResponse],
+    mut resps: Vec<DeltaDiscoveryResponse>,
     apply: impl FnOnce(&Model, &ModelKeys) -> Result<(), String>,
 ) -> HandledBatch {
     let mut next = state;
     let mut undo = Vec::new();
     let mut keys = ModelKeys::default();
     let rejected: Vec<Vec<String>> =
-        resps.iter().map(|r| merge(&mut next, r, &mut keys, &mut undo)).collect();
+        resps.iter_mut().map(|r| merge(&mut next, r, &mut keys, &mut undo)).collect();
     let previous_node = next.node.clone();
     keys.node = next.derive_node(node);
     let any_known = resps.iter().any(|r| SUBSCRIBED.contains(&r.type_url.as_str()));
@@ -812,7 +815,7 @@ async fn run_stream(
         let n_res: usize = batch.iter().map(|r| r.resources.len()).sum();
         let n_rm: usize = batch.iter().map(|r| r.removed_resources.len()).sum();
         let handled = tokio::task::spawn_blocking(move || {
-            handle_batch(st, &node, &batch, |model, keys| {
+            handle_batch(st, &node, batch, |model, keys| {
                 let mut mesh = shared2.mesh.lock().unwrap_or_else(|p| p.into_inner());
                 mesh.apply_change(model, keys).map(|_| ()).map_err(|e| e.to_string())
             })
@@ -904,7 +907,7 @@ mod tests {
         resp: &DeltaDiscoveryResponse,
         apply: impl FnOnce(Model) -> Result<(), String>,
     ) -> Handled {
-        let mut b = handle_batch(state, node, std::slice::from_ref(resp), |m, _| apply(m.clone()));
+        let mut b = handle_batch(state, node, vec![resp.clone()], |m, _| apply(m.clone()));
         let (reply, _) = b.replies.pop().expect("one reply per response");
         Handled { state: b.state, reply }
     }
@@ -1011,7 +1014,7 @@ mod tests {
             vec![res("a", ADDRESS_TYPE, workload("a")), res("b", ADDRESS_TYPE, workload("b"))],
             &[],
         );
-        let s1 = handle_batch(XdsState::default(), &node, &[add], |_, k| {
+        let s1 = handle_batch(XdsState::default(), &node, vec![add], |_, k| {
             seen = k.clone();
             Ok(())
         })
@@ -1022,7 +1025,7 @@ mod tests {
         // One removal touches one key; a refused one leaves the model as it was.
         let before = s1.model().clone();
         let rm = resp("n2", vec![], &["a"]);
-        let refused = handle_batch(s1.clone(), &node, std::slice::from_ref(&rm), |m, k| {
+        let refused = handle_batch(s1.clone(), &node, vec![rm.clone()], |m, k| {
             assert_eq!(k.workloads, BTreeSet::from(["a".to_string()]));
             assert!(!m.workloads.contains_key("a"));
             Err("map full".into())
@@ -1032,17 +1035,17 @@ mod tests {
         // A resource describing a workload another resource already describes is rejected by
         // name; one whose uid changes moves its entry.
         let dup = resp("n3", vec![res("other", ADDRESS_TYPE, workload("a"))], &[]);
-        let h = handle_batch(s1, &node, &[dup], |_, _| Ok(()));
+        let h = handle_batch(s1, &node, vec![dup], |_, _| Ok(()));
         let msg = h.replies[0].0.error_detail.as_ref().unwrap().message.clone();
         assert!(msg.contains("other: workload \"a\" is already described by resource \"a\""), "{msg}");
         let moved = resp("n4", vec![res("b", ADDRESS_TYPE, workload("c"))], &[]);
-        let h = handle_batch(h.state, &node, &[moved], |m, k| {
+        let h = handle_batch(h.state, &node, vec![moved], |m, k| {
             assert_eq!(k.workloads, BTreeSet::from(["b".to_string(), "c".to_string()]));
             assert!(m.workloads.contains_key("c") && !m.workloads.contains_key("b"));
             Ok(())
         });
         // ...and removing it by its resource name withdraws the entry under its key.
-        let h = handle_batch(h.state, &node, &[resp("n5", vec![], &["b"])], |_, _| Ok(()));
+        let h = handle_batch(h.state, &node, vec![resp("n5", vec![], &["b"])], |_, _| Ok(()));
         assert_eq!(h.state.model().workloads.keys().collect::<Vec<_>>(), ["a"]);
     }
 
@@ -1123,7 +1126,7 @@ mod tests {
         };
         let pol = DeltaDiscoveryResponse { ..r(AUTHORIZATION_TYPE, "n2") };
         let mut calls = 0;
-        let b = handle_batch(XdsState::default(), &NodeInfo::default(), &[add, pol], |m, _| {
+        let b = handle_batch(XdsState::default(), &NodeInfo::default(), vec![add, pol], |m, _| {
             calls += 1;
             assert!(m.workloads.contains_key("a"));
             Err("map full".into())

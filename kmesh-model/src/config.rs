@@ -605,7 +605,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                 trust_domain: w.trust_domain,
                 capacity: w.capacity,
                 authorization_policies: w.authorization_policies,
-                services,
+                services: services.into(),
                 network_mode,
                 waypoint,
                 application_tunnel,

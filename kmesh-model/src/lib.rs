@@ -10,4 +10,5 @@ pub mod alloc;
 pub mod config;
 pub mod delta;
 pub mod model;
+pub mod vecmap;
 pub mod xds;

@@ -120,7 +120,7 @@ pub struct Workload {
     /// Selector-based policies that apply to this workload, as `namespace/name`.
     pub authorization_policies: Vec<String>,
     /// Services this workload backs, keyed `namespace/hostname`, with per-workload port maps.
-    pub services: BTreeMap<String, Vec<PortMapping>>,
+    pub services: crate::vecmap::VecMap<String, Vec<PortMapping>>,
     pub network_mode: NetworkMode,
     /// The waypoint that connections addressed to this workload go through (Istio's
     /// `Workload.waypoint`). Carried in the model; redirection is not compiled yet.

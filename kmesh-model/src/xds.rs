@@ -90,19 +90,21 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
         }
         Some(c) => Some(c),
     };
-    let mut services = BTreeMap::new();
+    let mut services = crate::vecmap::VecMap::new();
     for (key, list) in w.services {
-        let f = format!("Workload.services[{key:?}]");
+        // Field names are formatted only for an error: this runs for every workload of a push.
+        let f = |rest: &str| format!("Workload.services[{key:?}]{rest}");
         match key.split_once('/') {
             Some((ns, h)) if !ns.is_empty() && !h.is_empty() => {}
-            _ => return Err(err(f, "key must be \"namespace/hostname\"")),
+            _ => return Err(err(f(""), "key must be \"namespace/hostname\"")),
         }
-        let mut maps = Vec::new();
+        let mut maps = Vec::with_capacity(list.ports.len());
         for (j, p) in list.ports.iter().enumerate() {
-            maps.push(PortMapping {
-                service_port: port(&format!("{f}.ports[{j}].service_port"), p.service_port, false)?,
-                target_port: port(&format!("{f}.ports[{j}].target_port"), p.target_port, true)?,
-            });
+            let service_port = port("", p.service_port, false)
+                .map_err(|e| err(f(&format!(".ports[{j}].service_port")), e.problem))?;
+            let target_port = port("", p.target_port, true)
+                .map_err(|e| err(f(&format!(".ports[{j}].target_port")), e.problem))?;
+            maps.push(PortMapping { service_port, target_port });
         }
         services.insert(key, maps);
     }
