@@ -35,13 +35,13 @@ impl Identity {
             trust_domain: if w.trust_domain.is_empty() {
                 "cluster.local".into()
             } else {
-                w.trust_domain.clone()
+                w.trust_domain.to_string()
             },
-            namespace: w.namespace.clone(),
+            namespace: w.namespace.to_string(),
             service_account: if w.service_account.is_empty() {
                 "default".into()
             } else {
-                w.service_account.clone()
+                w.service_account.to_string()
             },
         }
     }

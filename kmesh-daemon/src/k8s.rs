@@ -101,9 +101,9 @@ fn reconcile(
     link: &CniLink,
 ) -> Vec<(String, String, bool)> {
     let locality = view.locality.as_ref().map(|l: &NodeLocality| Locality {
-        region: l.region.clone(),
-        zone: l.zone.clone(),
-        subzone: l.subzone.clone(),
+        region: l.region.as_str().into(),
+        zone: l.zone.as_str().into(),
+        subzone: l.subzone.as_str().into(),
     });
     if let Err(e) = mesh.set_node_locality(locality.clone()) {
         tracing::error!(error = %e, ?locality, "cannot apply this node's locality; the previous one stays");

@@ -101,9 +101,9 @@ impl XdsArgs {
         let node = NodeInfo {
             name: self.node_name.clone(),
             locality: Locality {
-                region: self.node_region.clone(),
-                zone: self.node_zone.clone(),
-                subzone: self.node_subzone.clone(),
+                region: self.node_region.as_str().into(),
+                zone: self.node_zone.as_str().into(),
+                subzone: self.node_subzone.as_str().into(),
             },
             ..Default::default()
         };
@@ -328,6 +328,14 @@ impl DnsArgs {
 /// about halved). ztunnel makes the same choice.
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read before `main`: memory a burst freed (the decode of a full push) goes
+/// back to the system within about a second, by a background thread, instead of staying
+/// resident until later allocations happen to purge it (jemalloc's default: 10 s, on
+/// allocation).
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8; 63] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000\0";
 
 fn main() -> anyhow::Result<()> {
     kmesh_daemon::logging::init();

@@ -140,7 +140,7 @@ impl Mesh {
             .map(|(c, p)| {
                 let ns =
                     self.enrolled[c].workload.as_ref().and_then(|uid| match self.model.workloads.get(uid) {
-                        Some(w) => Some(w.namespace.clone()),
+                        Some(w) => Some(w.namespace.to_string()),
                         // Not in the model (yet): Istio's uid says it, `<cluster>//Pod/<ns>/<name>`.
                         None => uid
                             .split_once("//Pod/")

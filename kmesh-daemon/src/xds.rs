@@ -391,10 +391,10 @@ impl XdsState {
         {
             n.locality = w.locality.clone();
             if n.network.is_empty() {
-                n.network = w.network.clone();
+                n.network = w.network.to_string();
             }
             if n.cluster_id.is_empty() {
-                n.cluster_id = w.cluster_id.clone();
+                n.cluster_id = w.cluster_id.to_string();
             }
         }
         let changed = n != self.model.node;

@@ -296,7 +296,7 @@ pub fn parse(text: &str) -> Result<Model, ConfigError> {
 }
 
 fn locality(l: LocalitySpec) -> Locality {
-    Locality { region: l.region, zone: l.zone, subzone: l.subzone }
+    Locality { region: l.region.into(), zone: l.zone.into(), subzone: l.subzone.into() }
 }
 
 fn required(field: &str, v: &str) -> Result<(), ConfigError> {
@@ -591,18 +591,18 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             std::sync::Arc::new(Workload {
                 uid: w.uid,
                 name: w.name,
-                namespace: w.namespace,
-                workload_name: w.workload_name,
-                canonical_name: w.canonical_name,
-                canonical_revision: w.canonical_revision,
+                namespace: w.namespace.into(),
+                workload_name: w.workload_name.into(),
+                canonical_name: w.canonical_name.into(),
+                canonical_revision: w.canonical_revision.into(),
                 addresses,
-                node: w.node,
-                network: w.network,
-                cluster_id: w.cluster_id,
+                node: w.node.into(),
+                network: w.network.into(),
+                cluster_id: w.cluster_id.into(),
                 locality: locality(w.locality),
                 status,
-                service_account: w.service_account,
-                trust_domain: w.trust_domain,
+                service_account: w.service_account.into(),
+                trust_domain: w.trust_domain.into(),
                 capacity: w.capacity,
                 authorization_policies: w.authorization_policies,
                 services: services.into(),

@@ -9,6 +9,7 @@
 pub mod alloc;
 pub mod config;
 pub mod delta;
+pub mod istr;
 pub mod model;
 pub mod vecmap;
 pub mod xds;

@@ -8,12 +8,14 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+pub use crate::istr::Istr;
+
 /// Where a node, a workload or a client sits, as Istio's `Locality`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Locality {
-    pub region: String,
-    pub zone: String,
-    pub subzone: String,
+    pub region: Istr,
+    pub zone: Istr,
+    pub subzone: Istr,
 }
 
 /// The node this daemon runs on. Clients enrolled without a workload take its locality.
@@ -100,21 +102,21 @@ pub struct ApplicationTunnel {
 pub struct Workload {
     pub uid: String,
     pub name: String,
-    pub namespace: String,
+    pub namespace: Istr,
     /// The owning workload (deployment) name; telemetry's `*_workload` label (falls back to
     /// `name`).
-    pub workload_name: String,
+    pub workload_name: Istr,
     /// `service.istio.io/canonical-name` / `-revision` (telemetry's app and version labels).
-    pub canonical_name: String,
-    pub canonical_revision: String,
+    pub canonical_name: Istr,
+    pub canonical_revision: Istr,
     pub addresses: Vec<IpAddr>,
-    pub node: String,
-    pub network: String,
-    pub cluster_id: String,
+    pub node: Istr,
+    pub network: Istr,
+    pub cluster_id: Istr,
     pub locality: Locality,
     pub status: HealthStatus,
-    pub service_account: String,
-    pub trust_domain: String,
+    pub service_account: Istr,
+    pub trust_domain: Istr,
     /// Relative weight for load balancing (`None`: every endpoint weighs the same).
     pub capacity: Option<u32>,
     /// Selector-based policies that apply to this workload, as `namespace/name`.
@@ -254,18 +256,18 @@ impl Model {
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ClientLocality {
     pub locality: Locality,
-    pub node: String,
-    pub cluster_id: String,
-    pub network: String,
+    pub node: Istr,
+    pub cluster_id: Istr,
+    pub network: Istr,
 }
 
 impl ClientLocality {
     pub fn of_node(n: &NodeInfo) -> Self {
         Self {
             locality: n.locality.clone(),
-            node: n.name.clone(),
-            cluster_id: n.cluster_id.clone(),
-            network: n.network.clone(),
+            node: Istr::new(&n.name),
+            cluster_id: Istr::new(&n.cluster_id),
+            network: Istr::new(&n.network),
         }
     }
 

@@ -33,6 +33,9 @@ impl<K: Ord, V> VecMap<K, V> {
         match self.find(&k) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, v)),
             Err(i) => {
+                // Grown one entry at a time: these maps hold one or two entries, and a Vec's
+                // first growth would reserve four.
+                self.0.reserve_exact(1);
                 self.0.insert(i, (k, v));
                 None
             }

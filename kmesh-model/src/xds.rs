@@ -108,7 +108,11 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
         }
         services.insert(key, maps);
     }
-    let locality = w.locality.map(|l| Locality { region: l.region, zone: l.zone, subzone: l.subzone });
+    let locality = w.locality.map(|l| Locality {
+        region: l.region.into(),
+        zone: l.zone.into(),
+        subzone: l.subzone.into(),
+    });
     let mut unused = BTreeMap::new();
     let network_mode = match pw::NetworkMode::try_from(w.network_mode) {
         Ok(pw::NetworkMode::Standard) => NetworkMode::Standard,
@@ -163,18 +167,18 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
     Ok(Workload {
         uid: w.uid,
         name: w.name,
-        namespace: w.namespace,
-        workload_name: w.workload_name,
-        canonical_name: w.canonical_name,
-        canonical_revision: w.canonical_revision,
+        namespace: w.namespace.into(),
+        workload_name: w.workload_name.into(),
+        canonical_name: w.canonical_name.into(),
+        canonical_revision: w.canonical_revision.into(),
         addresses,
-        node: w.node,
-        network: w.network,
-        cluster_id: w.cluster_id,
+        node: w.node.into(),
+        network: w.network.into(),
+        cluster_id: w.cluster_id.into(),
         locality: locality.unwrap_or_default(),
         status,
-        service_account: w.service_account,
-        trust_domain: w.trust_domain,
+        service_account: w.service_account.into(),
+        trust_domain: w.trust_domain.into(),
         capacity,
         authorization_policies: w.authorization_policies,
         services,
@@ -489,25 +493,25 @@ pub fn workload_to_proto(w: &Workload) -> pw::Workload {
     pw::Workload {
         uid: w.uid.clone(),
         name: w.name.clone(),
-        namespace: w.namespace.clone(),
-        workload_name: w.workload_name.clone(),
-        canonical_name: w.canonical_name.clone(),
-        canonical_revision: w.canonical_revision.clone(),
+        namespace: w.namespace.to_string(),
+        workload_name: w.workload_name.to_string(),
+        canonical_name: w.canonical_name.to_string(),
+        canonical_revision: w.canonical_revision.to_string(),
         addresses: w.addresses.iter().map(ip_bytes).collect(),
-        node: w.node.clone(),
-        network: w.network.clone(),
-        cluster_id: w.cluster_id.clone(),
+        node: w.node.to_string(),
+        network: w.network.to_string(),
+        cluster_id: w.cluster_id.to_string(),
         locality: Some(pw::Locality {
-            region: w.locality.region.clone(),
-            zone: w.locality.zone.clone(),
-            subzone: w.locality.subzone.clone(),
+            region: w.locality.region.to_string(),
+            zone: w.locality.zone.to_string(),
+            subzone: w.locality.subzone.to_string(),
         }),
         status: match w.status {
             HealthStatus::Healthy => pw::WorkloadStatus::Healthy as i32,
             HealthStatus::Unhealthy => pw::WorkloadStatus::Unhealthy as i32,
         },
-        service_account: w.service_account.clone(),
-        trust_domain: w.trust_domain.clone(),
+        service_account: w.service_account.to_string(),
+        trust_domain: w.trust_domain.to_string(),
         capacity: w.capacity,
         network_mode: match w.network_mode {
             NetworkMode::Standard => pw::NetworkMode::Standard as i32,

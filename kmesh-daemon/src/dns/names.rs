@@ -269,7 +269,7 @@ pub(crate) mod tests {
         Workload {
             uid: uid.into(),
             name: uid.into(),
-            namespace: backs.namespace.clone(),
+            namespace: backs.namespace.as_str().into(),
             addresses: vec![ip.parse().unwrap()],
             status: if healthy { HealthStatus::Healthy } else { HealthStatus::Unhealthy },
             services: [(backs.key(), vec![])].into_iter().collect(),
