@@ -326,6 +326,7 @@ impl DnsArgs {
 /// chunks inside a later allocation, a 70-130 ms stall of one apply at 10k services x 10
 /// endpoints (one-change p99 109-136 ms with glibc, 23 ms with jemalloc; daemon CPU per change
 /// about halved). ztunnel makes the same choice.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -333,6 +334,7 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// back to the system within about a second, by a background thread, instead of staying
 /// resident until later allocations happen to purge it (jemalloc's default: 10 s, on
 /// allocation).
+#[cfg(feature = "jemalloc")]
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
 pub static malloc_conf: &[u8; 63] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000\0";
