@@ -376,16 +376,70 @@ pub struct Compiler {
     /// Workloads whose locality defines a class (enrolled clients).
     class_workloads: BTreeSet<String>,
     /// Service key -> the entries compiled for it.
-    fragments: BTreeMap<String, MapState>,
+    fragments: BTreeMap<String, Fragment>,
     netns: BTreeMap<u64, NetnsValue>,
     /// Frontend -> the services whose fragments claim it. Two services may claim one address
     /// and port (two control-plane objects naming the same VIP): the one whose key
     /// (`namespace/hostname`) sorts first owns it, in a full compilation and an incremental one
     /// alike, and the others are reported as conflicts.
-    claims: BTreeMap<FrontendKey, BTreeSet<String>>,
+    claims: BTreeMap<FrontendKey, Owners>,
+    /// The frontends more than one service claims (kept in step with `claims`, so that
+    /// reporting conflicts does not walk every frontend on every change).
+    contested: BTreeSet<FrontendKey>,
     /// During the first compilation after a restart: the backend ids the adopted maps hold, by
     /// (service id, address), for their owners to take back.
     adoptable_backends: BTreeMap<(u32, [u32; 4]), Vec<u32>>,
+}
+
+/// The services claiming one frontend, in key order (the first owns it): nearly always one, so
+/// a sorted vector, not a `BTreeSet` node per frontend.
+type Owners = kmesh_model::vecmap::VecMap<String, ()>;
+
+/// One service's map entries as the compiler keeps them between compilations: sorted slices,
+/// not the `BTreeMap`s of a [`MapState`] (a node of several hundred bytes per map per service,
+/// most of the compiler's memory at 100k services).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Fragment {
+    frontends: Box<[(FrontendKey, FrontendValue)]>,
+    tables: Box<[(TableKey, TableValue)]>,
+    endpoints: Box<[(EndpointKey, EndpointValue)]>,
+    backends: Box<[(u32, BackendValue)]>,
+    ports: Box<[(PortKey, PortValue)]>,
+}
+
+impl From<MapState> for Fragment {
+    fn from(m: MapState) -> Self {
+        debug_assert!(m.netns.is_empty(), "a service's entries hold no namespace");
+        Self {
+            frontends: m.frontends.into_iter().collect(),
+            tables: m.tables.into_iter().collect(),
+            endpoints: m.endpoints.into_iter().collect(),
+            backends: m.backends.into_iter().collect(),
+            ports: m.ports.into_iter().collect(),
+        }
+    }
+}
+
+impl Fragment {
+    /// The entries as a map state (to diff against, or to compile next to).
+    fn expand(&self) -> MapState {
+        MapState {
+            netns: BTreeMap::new(),
+            frontends: self.frontends.iter().copied().collect(),
+            tables: self.tables.iter().copied().collect(),
+            endpoints: self.endpoints.iter().copied().collect(),
+            backends: self.backends.iter().copied().collect(),
+            ports: self.ports.iter().copied().collect(),
+        }
+    }
+
+    fn frontend_keys(&self) -> impl Iterator<Item = &FrontendKey> {
+        self.frontends.iter().map(|(k, _)| k)
+    }
+
+    fn frontend(&self, k: &FrontendKey) -> Option<FrontendValue> {
+        self.frontends.binary_search_by(|(x, _)| x.cmp(k)).ok().map(|i| self.frontends[i].1)
+    }
 }
 
 /// The backend ids of `prev` by the service whose slots use them and their address.
@@ -467,7 +521,7 @@ impl Compiler {
         for (key, svc) in &model.services {
             if let Some(frag) = self.compile_service(model, key, svc, prev, &mut used_backends) {
                 used_services.insert(key.clone());
-                self.fragments.insert(key.clone(), frag);
+                self.fragments.insert(key.clone(), frag.into());
             }
         }
         self.adoptable_backends.clear();
@@ -475,27 +529,28 @@ impl Compiler {
         self.ids.backends.retain(&used_backends);
         self.claims.clear();
         for (key, f) in &self.fragments {
-            for fk in f.frontends.keys() {
-                self.claims.entry(*fk).or_default().insert(key.clone());
+            for fk in f.frontend_keys() {
+                self.claims.entry(*fk).or_default().insert(key.clone(), ());
             }
         }
+        self.contested = self.claims.iter().filter(|(_, o)| o.len() > 1).map(|(k, _)| *k).collect();
         self.state()
     }
 
     /// The value of frontend `k`: its owner's.
     fn resolve(&self, k: &FrontendKey) -> Option<FrontendValue> {
-        let owner = self.claims.get(k)?.first()?;
-        self.fragments.get(owner)?.frontends.get(k).copied()
+        let owner = self.claims.get(k)?.keys().next()?;
+        self.fragments.get(owner)?.frontend(k)
     }
 
     /// Frontends claimed by more than one service.
     pub fn conflicts(&self) -> Vec<FrontendConflict> {
-        self.claims
+        self.contested
             .iter()
-            .filter(|(_, owners)| owners.len() > 1)
+            .filter_map(|k| Some((k, self.claims.get(k)?)))
             .map(|(k, owners)| {
                 let proto = if k.proto == PROTO_UDP { "UDP" } else { "TCP" };
-                let mut it = owners.iter().cloned();
+                let mut it = owners.keys().cloned();
                 FrontendConflict {
                     frontend: format!(
                         "{}/{proto}",
@@ -564,16 +619,16 @@ impl Compiler {
         let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
         for key in &affected {
             if let Some(f) = self.fragments.get(key) {
-                touched.extend(f.frontends.keys().copied());
+                touched.extend(f.frontend_keys().copied());
             }
         }
         let before: BTreeMap<FrontendKey, FrontendValue> =
             touched.iter().filter_map(|k| Some((*k, self.resolve(k)?))).collect();
         for key in affected {
-            let prev = self.fragments.remove(&key).unwrap_or_default();
+            let prev = self.fragments.remove(&key).map(|f| f.expand()).unwrap_or_default();
             for fk in prev.frontends.keys() {
                 if let Some(c) = self.claims.get_mut(fk) {
-                    c.remove(&key);
+                    c.remove(key.as_str());
                     if c.is_empty() {
                         self.claims.remove(fk);
                     }
@@ -593,11 +648,11 @@ impl Compiler {
             let next = next.unwrap_or_default();
             for fk in next.frontends.keys() {
                 touched.insert(*fk);
-                self.claims.entry(*fk).or_default().insert(key.clone());
+                self.claims.entry(*fk).or_default().insert(key.clone(), ());
             }
             d.merge(diff(&prev, &next));
             if next != MapState::default() {
-                self.fragments.insert(key.clone(), next);
+                self.fragments.insert(key.clone(), next.into());
             }
             if self.members.get(&key).is_some_and(|m| m.is_empty()) {
                 self.members.remove(&key);
@@ -605,6 +660,13 @@ impl Compiler {
         }
         d.set.frontends.clear();
         d.del_frontends.clear();
+        for k in &touched {
+            if self.claims.get(k).is_some_and(|o| o.len() > 1) {
+                self.contested.insert(*k);
+            } else {
+                self.contested.remove(k);
+            }
+        }
         for k in touched {
             match (before.get(&k), self.resolve(&k)) {
                 (Some(a), Some(b)) if *a == b => {}

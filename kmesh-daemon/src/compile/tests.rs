@@ -450,6 +450,10 @@ fn incremental_compilation_matches_a_full_one_through_random_changes() {
             view(&fresh),
             "step {step}: incremental result differs from a full compile"
         );
+        // Conflicts are kept in step, not recomputed: they must equal a fresh compiler's.
+        let mut fresh_compiler = Compiler::default();
+        fresh_compiler.full(&m, &BTreeMap::new(), &MapState::default());
+        assert_eq!(compiler.conflicts(), fresh_compiler.conflicts(), "step {step}: conflicts drifted");
         busiest = busiest.max(kernel.endpoints.len());
         if !compiler.conflicts().is_empty() {
             shared_vips += 1;
