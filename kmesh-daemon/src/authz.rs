@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use kmesh_common::*;
 use serde::Serialize;
 
-use crate::compile::{IdPool, addr_words};
+use crate::compile::{IdPool, addr_words, changed};
 use crate::model::*;
 use kmesh_model::delta::ModelChange;
 use std::sync::Arc;
@@ -177,32 +177,25 @@ pub struct AuthzDiff {
     pub del_counts: Vec<CountKey>,
 }
 
-fn changed<K: Ord + Copy, V: PartialEq + Copy>(
-    old: &BTreeMap<K, V>,
-    next: &BTreeMap<K, V>,
-) -> BTreeMap<K, V> {
-    next.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, v)| (*k, *v)).collect()
-}
-
-fn gone<K: Ord + Copy, V>(old: &BTreeMap<K, V>, next: &BTreeMap<K, V>) -> Vec<K> {
-    old.keys().filter(|k| !next.contains_key(*k)).copied().collect()
-}
-
 impl AuthzDiff {
     /// What takes the maps from `old` to `next`.
     pub fn between(old: &AuthzState, next: &AuthzState) -> Self {
+        let (dest, del_dest) = changed(&old.dest, &next.dest);
+        let (identity, del_identity) = changed(&old.identity, &next.identity);
+        let (region, del_region) = changed(&old.region, &next.region);
+        let (verdict, del_verdict) = changed(&old.verdict, &next.verdict);
         Self {
             set: AuthzState {
-                dest: changed(&old.dest, &next.dest),
-                identity: changed(&old.identity, &next.identity),
-                region: changed(&old.region, &next.region),
-                verdict: changed(&old.verdict, &next.verdict),
+                dest,
+                identity,
+                region,
+                verdict,
                 counts: next.counts.difference(&old.counts).copied().collect(),
             },
-            del_dest: gone(&old.dest, &next.dest),
-            del_identity: gone(&old.identity, &next.identity),
-            del_region: gone(&old.region, &next.region),
-            del_verdict: gone(&old.verdict, &next.verdict),
+            del_dest,
+            del_identity,
+            del_region,
+            del_verdict,
             del_counts: old.counts.difference(&next.counts).copied().collect(),
         }
     }

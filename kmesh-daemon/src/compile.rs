@@ -49,6 +49,14 @@ pub fn union_len<K: Ord, V>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> usize {
     a.len() + b.keys().filter(|k| !a.contains_key(k)).count()
 }
 
+/// The entries of `next` that `old` lacks or holds with another value.
+pub fn changed_entries<K: Ord + Copy, V: PartialEq + Copy>(
+    old: &BTreeMap<K, V>,
+    next: &BTreeMap<K, V>,
+) -> BTreeMap<K, V> {
+    next.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, v)| (*k, *v)).collect()
+}
+
 /// The key of slot `index` at `level` of a table's `generation`.
 pub fn slot_key(t: &TableKey, generation: u32, level: u8, index: u32) -> EndpointKey {
     EndpointKey {
@@ -1000,7 +1008,8 @@ impl Diff {
     }
 }
 
-fn changed<K: Ord + Clone, V: PartialEq + Clone>(
+/// What takes `prev` to `next`: the entries to write and the keys to delete.
+pub fn changed<K: Ord + Clone, V: PartialEq + Clone>(
     prev: &BTreeMap<K, V>,
     next: &BTreeMap<K, V>,
 ) -> (BTreeMap<K, V>, Vec<K>) {

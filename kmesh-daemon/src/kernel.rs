@@ -17,7 +17,7 @@ use kmesh_common::*;
 use serde::Serialize;
 
 use crate::authz::{AuthzDiff, AuthzState};
-use crate::compile::{Diff, MapCounts, MapState, diff, union_len};
+use crate::compile::{Diff, MapCounts, MapState, changed_entries, diff, union_len};
 
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmesh-ebpf"));
@@ -395,13 +395,6 @@ struct AuthzUndo {
 }
 
 /// The entries of `next` that `old` lacks or holds with another value.
-fn changed_of<K: Ord + Copy, V: PartialEq + Copy>(
-    old: &BTreeMap<K, V>,
-    next: &BTreeMap<K, V>,
-) -> BTreeMap<K, V> {
-    next.iter().filter(|(k, v)| old.get(*k) != Some(*v)).map(|(k, v)| (*k, *v)).collect()
-}
-
 fn remove_all<K: Pod>(m: &mut HashMap<MapData, K, impl Pod>, name: &'static str, keys: &[K]) -> usize {
     let mut failed = 0;
     for k in keys {
@@ -764,7 +757,7 @@ impl Dataplane {
             keys.filter_map(|k| Some((*k, IdentityValue { id: *m.get(k)?, check: 0 }.sealed(k))))
                 .collect::<BTreeMap<[u32; 4], IdentityValue>>()
         };
-        let identity_new = changed_of(&old.identity, &set.identity);
+        let identity_new = changed_entries(&old.identity, &set.identity);
         upsert(
             &mut self.identity,
             "IDENTITY",
@@ -789,7 +782,7 @@ impl Dataplane {
             &mut self.authz_verdict,
             "AUTHZ_VERDICT",
             &old.verdict,
-            &changed_of(&old.verdict, &set.verdict),
+            &changed_entries(&old.verdict, &set.verdict),
             &mut u.verdict,
         )?;
         let cpus = aya::util::nr_cpus().map(|n| n.max(1)).unwrap_or(1);
@@ -803,7 +796,13 @@ impl Dataplane {
                 .map_err(|source| KernelError::Write { map: "AUTHZ_COUNTS", source })?;
             u.counts.push(*k);
         }
-        upsert(&mut self.authz_dest, "AUTHZ_DEST", &old.dest, &changed_of(&old.dest, &set.dest), &mut u.dest)
+        upsert(
+            &mut self.authz_dest,
+            "AUTHZ_DEST",
+            &old.dest,
+            &changed_entries(&old.dest, &set.dest),
+            &mut u.dest,
+        )
     }
 
     fn rollback_authz(&mut self, u: &mut AuthzUndo) {
