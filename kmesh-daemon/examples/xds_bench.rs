@@ -69,7 +69,10 @@ fn usage(pid: u32) -> (f64, f64) {
 
 /// Whether service `svc`'s workloads are selected by the benchmark's policy.
 fn policed(svc: usize) -> bool {
-    let pct = std::env::args().skip(1).filter_map(|a| a.parse::<usize>().ok()).nth(3).unwrap_or(0);
+    // Read once: this runs for every workload built.
+    static PCT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let pct = *PCT
+        .get_or_init(|| std::env::args().skip(1).filter_map(|a| a.parse::<usize>().ok()).nth(3).unwrap_or(0));
     pct > 0 && svc.is_multiple_of(100 / pct.min(100))
 }
 

@@ -753,18 +753,13 @@ impl Dataplane {
     fn write_authz(&mut self, set: &AuthzState, u: &mut AuthzUndo) -> Result<(), KernelError> {
         let old = &self.authz_applied;
         // IDENTITY holds each id with the check of its address (see `key_check`).
-        let sealed = |m: &BTreeMap<[u32; 4], u32>, keys: &mut dyn Iterator<Item = &[u32; 4]>| {
-            keys.filter_map(|k| Some((*k, IdentityValue { id: *m.get(k)?, check: 0 }.sealed(k))))
-                .collect::<BTreeMap<[u32; 4], IdentityValue>>()
-        };
-        let identity_new = changed_entries(&old.identity, &set.identity);
-        upsert(
-            &mut self.identity,
-            "IDENTITY",
-            &sealed(&old.identity, &mut identity_new.keys()),
-            &sealed(&identity_new, &mut identity_new.keys()),
-            &mut u.identity,
-        )?;
+        let seal = |k: &[u32; 4], id: u32| IdentityValue { id, check: 0 }.sealed(k);
+        let identity: BTreeMap<[u32; 4], IdentityValue> =
+            changed_entries(&old.identity, &set.identity).iter().map(|(k, id)| (*k, seal(k, *id))).collect();
+        // What the written entries held, to undo a failed write.
+        let identity_old: BTreeMap<[u32; 4], IdentityValue> =
+            identity.keys().filter_map(|k| Some((*k, seal(k, *old.identity.get(k)?)))).collect();
+        upsert(&mut self.identity, "IDENTITY", &identity_old, &identity, &mut u.identity)?;
         for ((k, len), v) in &set.region {
             let prev = old.region.get(&(*k, *len));
             if prev == Some(v) {

@@ -46,7 +46,7 @@ pub struct Mesh {
     pub counters: Counters,
     /// Events, kernel counters and the published state (see [`crate::observe`]).
     observer: Arc<Mutex<Observer>>,
-    /// Bumped whenever the model changes (telemetry re-indexes names then).
+    /// Bumped whenever the model changes (the DNS proxies rebuild their name table then).
     model_gen: u64,
     /// Frontends claimed by more than one service in the configuration in force.
     conflicts: Vec<crate::compile::FrontendConflict>,

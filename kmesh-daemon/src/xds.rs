@@ -351,7 +351,7 @@ impl XdsState {
             self.set_alias(kind, &key, None, Some(&mut *undo));
         }
         self.set_entry(kind, &key, None, Some(undo));
-        keys.insert(kind, key);
+        touched(keys, kind, key);
     }
 
     /// Puts what `undo` records back, newest first.
@@ -403,18 +403,13 @@ impl XdsState {
     }
 }
 
-trait InsertSlot {
-    fn insert(&mut self, kind: Kind, key: String);
-}
-
-impl InsertSlot for ModelKeys {
-    fn insert(&mut self, kind: Kind, key: String) {
-        match kind {
-            Kind::Workload => self.workloads.insert(key),
-            Kind::Service => self.services.insert(key),
-            Kind::Policy => self.policies.insert(key),
-        };
-    }
+/// Records that the model slot `(kind, key)` changed.
+fn touched(keys: &mut ModelKeys, kind: Kind, key: String) {
+    match kind {
+        Kind::Workload => keys.workloads.insert(key),
+        Kind::Service => keys.services.insert(key),
+        Kind::Policy => keys.policies.insert(key),
+    };
 }
 
 /// The types the client subscribes to (both wildcard), in the order it subscribes.
@@ -489,7 +484,7 @@ fn merge(
             state.set_alias(kind, &key, Some(r.name.clone()), Some(&mut *undo));
         }
         state.set_entry(kind, &key, Some(p), Some(&mut *undo));
-        keys.insert(kind, key);
+        touched(keys, kind, key);
     }
     for name in &resp.removed_resources {
         let Some(old) = state.by_type.get_mut(type_url).and_then(|items| items.remove(name)) else {
