@@ -180,6 +180,8 @@ async fn config_dump(State(s): State<AppState>) -> Response {
             "maps": {
                 "entries": m.dataplane().applied().counts(),
                 "capacities": m.dataplane().capacities(),
+                "ceilings": m.dataplane().ceilings(),
+                "memory_bytes": crate::kernel::map_memory(m.dataplane().layout_dir()).into_iter().collect::<std::collections::BTreeMap<_, _>>(),
                 "pin_dir": m.dataplane().pin_dir(),
             },
             "counters": m.counters,

@@ -19,6 +19,9 @@ use serde::Serialize;
 use crate::authz::{AuthzDiff, AuthzState};
 use crate::compile::{Diff, MapCounts, MapState, changed_entries, diff, union_len};
 
+mod grow;
+pub use grow::{INITIAL_CAPACITY, capacity_for};
+
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmesh-ebpf"));
 
@@ -37,13 +40,10 @@ pub const TELEMETRY_PROGRAM: &str = "kmesh_sockops";
 pub const DEFAULT_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// The authorization program, attached to each enrolled network namespace.
 pub const AUTHZ_PROGRAM: &str = "kmesh_authz";
-/// Maps with fixed capacities (pinned next to the others).
-const FIXED_MAPS: [&str; 15] = [
+/// Maps with fixed capacities (pinned next to the others): counters, ring buffers, socket
+/// storage, and maps the kernel writes.
+const FIXED_MAPS: [&str; 11] = [
     "STATS",
-    "AUTHZ_DEST",
-    "IDENTITY",
-    "AUTHZ_REGION",
-    "AUTHZ_VERDICT",
     "AUTHZ_COUNTS",
     "AUTHZ_EVENTS",
     "CONN_META",
@@ -82,10 +82,11 @@ fn attach_to_cgroup(
     }
 }
 
-/// Map capacities (max entries). The defaults hold 100k frontends and 200k endpoints with room
-/// for make-before-break transitions. Hash maps are created without preallocation, so an empty
-/// entry costs nothing; the kernel still reserves per-map bookkeeping sized by the capacity
-/// (about 70 MiB for these defaults), which the README's sizing section shows how to trim.
+/// Map capacities (max entries), per map the daemon writes. As [`LoadOptions::ceilings`]
+/// they are limits: maps start at [`INITIAL_CAPACITY`] and grow as the configuration needs
+/// (see `grow`), up to these. The default ceilings hold 100k frontends and 200k endpoints with
+/// room for make-before-break transitions. Hash maps are created without preallocation, so an
+/// empty entry costs nothing; the kernel reserves 16 bytes of buckets per unit of capacity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Capacities {
     pub netns: u32,
@@ -135,6 +136,51 @@ impl Capacities {
         let n = [self.authz_dest, self.identity, self.authz_region, self.authz_verdict];
         std::array::from_fn(|i| (AUTHZ_MAP_NAMES[i], n[i]))
     }
+
+    /// Every map's capacity, load balancing first.
+    pub fn all(&self) -> [(&'static str, u32); 10] {
+        let lb = self.by_name();
+        let az = self.authz_by_name();
+        std::array::from_fn(|i| if i < 6 { lb[i] } else { az[i - 6] })
+    }
+
+    fn slot(&mut self, map: &str) -> Option<&mut u32> {
+        Some(match map {
+            "NETNS" => &mut self.netns,
+            "FRONTENDS" => &mut self.frontends,
+            "LB_TABLES" => &mut self.tables,
+            "ENDPOINTS" => &mut self.endpoints,
+            "BACKENDS" => &mut self.backends,
+            "PORTS" => &mut self.ports,
+            "AUTHZ_DEST" => &mut self.authz_dest,
+            "IDENTITY" => &mut self.identity,
+            "AUTHZ_REGION" => &mut self.authz_region,
+            "AUTHZ_VERDICT" => &mut self.authz_verdict,
+            _ => return None,
+        })
+    }
+
+    /// The capacity of the map named `map` (0 for a map without one here).
+    pub fn get(&self, map: &str) -> u32 {
+        let mut c = *self;
+        c.slot(map).map_or(0, |v| *v)
+    }
+
+    /// Sets the capacity of the map named `map` (ignored for a map without one here).
+    pub fn set(&mut self, map: &str, v: u32) {
+        if let Some(s) = self.slot(map) {
+            *s = v;
+        }
+    }
+
+    /// Each capacity no more than `cap`.
+    pub fn at_most(&self, cap: u32) -> Capacities {
+        let mut c = *self;
+        for (n, v) in self.all() {
+            c.set(n, v.min(cap));
+        }
+        c
+    }
 }
 
 /// The command-line flag (without its dashes) that sets a map's capacity.
@@ -181,7 +227,7 @@ pub enum KernelError {
     #[error("cannot pin {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
     #[error(
-        "map {map} is full: the new configuration needs {needed} entries at its peak, capacity is {capacity}; nothing was changed (raise the capacity with --{flag})"
+        "map {map} is full: the new configuration needs {needed} entries at its peak, its ceiling is {capacity}; nothing was changed (raise the ceiling with --{flag})"
     )]
     MapFull { map: &'static str, flag: String, needed: usize, capacity: u32 },
     #[error("writing map {map} failed: {source}; the previous state was restored")]
@@ -205,7 +251,10 @@ pub struct LoadOptions {
     pub cgroup: PathBuf,
     /// bpffs directory under which maps and links are pinned.
     pub pin_dir: PathBuf,
-    pub capacities: Capacities,
+    /// How far each map may grow (the `--*-capacity` flags).
+    pub ceilings: Capacities,
+    /// The capacity of a map created before the configuration asks for more.
+    pub initial_capacity: u32,
     /// Map layout version the pins are kept under (`MAP_LAYOUT_VERSION`; tests set another to
     /// play an older release).
     pub layout_version: u32,
@@ -213,7 +262,13 @@ pub struct LoadOptions {
 
 impl LoadOptions {
     pub fn new(cgroup: PathBuf, pin_dir: PathBuf) -> Self {
-        Self { cgroup, pin_dir, capacities: Capacities::default(), layout_version: MAP_LAYOUT_VERSION }
+        Self {
+            cgroup,
+            pin_dir,
+            ceilings: Capacities::default(),
+            initial_capacity: INITIAL_CAPACITY,
+            layout_version: MAP_LAYOUT_VERSION,
+        }
     }
 }
 
@@ -242,6 +297,7 @@ pub struct Dataplane {
     telemetry: RingBuf<MapData>,
     telemetry_conf: aya::maps::Array<MapData, u64>,
     authz_applied: AuthzState,
+    /// The loaded programs; replaced (with the maps' handles) when maps grow.
     ebpf: Ebpf,
     _links: Vec<PinnedLink>,
     pin_dir: PathBuf,
@@ -249,9 +305,62 @@ pub struct Dataplane {
     dir: PathBuf,
     /// Pin directories of other layout versions, retired once this one is in force.
     old_layouts: Vec<PathBuf>,
+    /// The capacities the maps have now.
     capacities: Capacities,
+    /// How far they may grow.
+    ceilings: Capacities,
+    /// How many times maps were grown since load.
+    grows: u64,
     applied: MapState,
     adopted: bool,
+}
+
+/// Handles of the maps a loaded object holds (taken out of its [`Ebpf`]).
+struct Maps {
+    netns: HashMap<MapData, u64, NetnsValue>,
+    frontends: HashMap<MapData, FrontendKey, FrontendValue>,
+    tables: HashMap<MapData, TableKey, TableValue>,
+    endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
+    backends: HashMap<MapData, u32, BackendValue>,
+    ports: HashMap<MapData, PortKey, PortValue>,
+    stats: PerCpuArray<MapData, u64>,
+    authz_dest: HashMap<MapData, [u32; 4], DestValue>,
+    identity: HashMap<MapData, [u32; 4], IdentityValue>,
+    authz_region: LpmTrie<MapData, RegionKey, u32>,
+    authz_verdict: HashMap<MapData, VerdictKey, VerdictValue>,
+    authz_counts: PerCpuHashMap<MapData, CountKey, u64>,
+    authz_events: RingBuf<MapData>,
+    telemetry: RingBuf<MapData>,
+    telemetry_conf: aya::maps::Array<MapData, u64>,
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf) -> Result<Maps, KernelError> {
+        fn other<T: TryFrom<aya::maps::Map, Error = MapError>>(
+            ebpf: &mut Ebpf,
+            name: &'static str,
+        ) -> Result<T, KernelError> {
+            let m = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
+            T::try_from(m).map_err(|source| KernelError::MapType { name, source })
+        }
+        Ok(Maps {
+            netns: take(ebpf, "NETNS")?,
+            frontends: take(ebpf, "FRONTENDS")?,
+            tables: take(ebpf, "LB_TABLES")?,
+            endpoints: take(ebpf, "ENDPOINTS")?,
+            backends: take(ebpf, "BACKENDS")?,
+            ports: take(ebpf, "PORTS")?,
+            stats: other(ebpf, "STATS")?,
+            authz_dest: take(ebpf, "AUTHZ_DEST")?,
+            identity: take(ebpf, "IDENTITY")?,
+            authz_region: other(ebpf, "AUTHZ_REGION")?,
+            authz_verdict: take(ebpf, "AUTHZ_VERDICT")?,
+            authz_counts: other(ebpf, "AUTHZ_COUNTS")?,
+            authz_events: other(ebpf, "AUTHZ_EVENTS")?,
+            telemetry: other(ebpf, "TELEMETRY")?,
+            telemetry_conf: other(ebpf, "TELEMETRY_CONF")?,
+        })
+    }
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -425,10 +534,13 @@ impl Dataplane {
         }
         let adopted = dir.join("maps").join("FRONTENDS").exists();
 
+        // A map this run creates starts small and grows with the configuration; an adopted
+        // one keeps the capacity it has.
+        let initial = opts.ceilings.at_most(opts.initial_capacity.max(1));
         let pins: Vec<(&'static str, PathBuf)> =
-            opts.capacities.by_name().iter().map(|(n, _)| (*n, dir.join("maps").join(n))).collect();
+            initial.all().iter().map(|(n, _)| (*n, dir.join("maps").join(n))).collect();
         let mut loader = EbpfLoader::new();
-        for (name, cap) in opts.capacities.by_name().into_iter().chain(opts.capacities.authz_by_name()) {
+        for (name, cap) in initial.all() {
             loader.map_max_entries(name, cap);
         }
         for (name, path) in &pins {
@@ -441,34 +553,23 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(EBPF_OBJ).map_err(KernelError::Load)?;
 
-        let netns = take(&mut ebpf, "NETNS")?;
-        let frontends = take(&mut ebpf, "FRONTENDS")?;
-        let tables = take(&mut ebpf, "LB_TABLES")?;
-        let endpoints = take(&mut ebpf, "ENDPOINTS")?;
-        let backends = take(&mut ebpf, "BACKENDS")?;
-        let ports = take(&mut ebpf, "PORTS")?;
-        let stats_map = ebpf.take_map("STATS").ok_or(KernelError::MissingMap("STATS"))?;
-        let stats = PerCpuArray::try_from(stats_map)
-            .map_err(|source| KernelError::MapType { name: "STATS", source })?;
-        let authz_dest = take(&mut ebpf, "AUTHZ_DEST")?;
-        let identity = take(&mut ebpf, "IDENTITY")?;
-        let m = ebpf.take_map("AUTHZ_REGION").ok_or(KernelError::MissingMap("AUTHZ_REGION"))?;
-        let authz_region =
-            LpmTrie::try_from(m).map_err(|source| KernelError::MapType { name: "AUTHZ_REGION", source })?;
-        let authz_verdict = take(&mut ebpf, "AUTHZ_VERDICT")?;
-        let m = ebpf.take_map("AUTHZ_COUNTS").ok_or(KernelError::MissingMap("AUTHZ_COUNTS"))?;
-        let authz_counts = PerCpuHashMap::try_from(m)
-            .map_err(|source| KernelError::MapType { name: "AUTHZ_COUNTS", source })?;
-        let m = ebpf.take_map("AUTHZ_EVENTS").ok_or(KernelError::MissingMap("AUTHZ_EVENTS"))?;
-        let authz_events =
-            RingBuf::try_from(m).map_err(|source| KernelError::MapType { name: "AUTHZ_EVENTS", source })?;
-        let m = ebpf.take_map("TELEMETRY").ok_or(KernelError::MissingMap("TELEMETRY"))?;
-        let telemetry =
-            RingBuf::try_from(m).map_err(|source| KernelError::MapType { name: "TELEMETRY", source })?;
-        let m = ebpf.take_map("TELEMETRY_CONF").ok_or(KernelError::MissingMap("TELEMETRY_CONF"))?;
-        let telemetry_conf = aya::maps::Array::try_from(m)
-            .map_err(|source| KernelError::MapType { name: "TELEMETRY_CONF", source })?;
-        let mut telemetry_conf: aya::maps::Array<MapData, u64> = telemetry_conf;
+        let Maps {
+            netns,
+            frontends,
+            tables,
+            endpoints,
+            backends,
+            ports,
+            stats,
+            authz_dest,
+            identity,
+            authz_region,
+            authz_verdict,
+            authz_counts,
+            authz_events,
+            telemetry,
+            mut telemetry_conf,
+        } = Maps::take(&mut ebpf)?;
         // A fresh map (no interval yet): telemetry on, reports every 5 s, before any program
         // is attached. An adopted map keeps what the operator last set.
         if telemetry_conf.get(&TCONF_INTERVAL_NS, 0).unwrap_or(0) == 0 {
@@ -535,7 +636,9 @@ impl Dataplane {
             pin_dir: opts.pin_dir.clone(),
             dir: dir.clone(),
             old_layouts,
-            capacities: opts.capacities,
+            capacities: initial,
+            ceilings: opts.ceilings,
+            grows: 0,
             applied: MapState::default(),
             adopted,
         };
@@ -545,35 +648,64 @@ impl Dataplane {
         Ok(dp)
     }
 
-    /// The capacities the maps really have: an adopted map keeps the one it was created with.
+    /// The capacities the maps really have: an adopted map keeps the one it was created with
+    /// (it grows from there when it must).
     fn pinned_capacities(&self) -> Capacities {
-        fn max(m: &MapData, name: &str, requested: u32) -> u32 {
-            match m.info() {
-                Ok(info) if info.max_entries() != requested => {
-                    tracing::warn!(
-                        map = name,
-                        pinned = info.max_entries(),
-                        requested,
-                        "adopted map keeps its pinned capacity"
-                    );
-                    info.max_entries()
-                }
-                _ => requested,
+        let mut c = self.capacities;
+        let maps: [(&str, &MapData); 10] = [
+            ("NETNS", self.netns.map()),
+            ("FRONTENDS", self.frontends.map()),
+            ("LB_TABLES", self.tables.map()),
+            ("ENDPOINTS", self.endpoints.map()),
+            ("BACKENDS", self.backends.map()),
+            ("PORTS", self.ports.map()),
+            ("AUTHZ_DEST", self.authz_dest.map()),
+            ("IDENTITY", self.identity.map()),
+            ("AUTHZ_REGION", self.authz_region.map()),
+            ("AUTHZ_VERDICT", self.authz_verdict.map()),
+        ];
+        for (name, m) in maps {
+            if let Ok(info) = m.info() {
+                c.set(name, info.max_entries());
             }
         }
-        let c = self.capacities;
-        Capacities {
-            netns: max(self.netns.map(), "NETNS", c.netns),
-            frontends: max(self.frontends.map(), "FRONTENDS", c.frontends),
-            tables: max(self.tables.map(), "LB_TABLES", c.tables),
-            endpoints: max(self.endpoints.map(), "ENDPOINTS", c.endpoints),
-            backends: max(self.backends.map(), "BACKENDS", c.backends),
-            ports: max(self.ports.map(), "PORTS", c.ports),
-            authz_dest: max(self.authz_dest.map(), "AUTHZ_DEST", c.authz_dest),
-            identity: max(self.identity.map(), "IDENTITY", c.identity),
-            authz_region: max(self.authz_region.map(), "AUTHZ_REGION", c.authz_region),
-            authz_verdict: max(self.authz_verdict.map(), "AUTHZ_VERDICT", c.authz_verdict),
-        }
+        c
+    }
+
+    /// Puts handles of another load of the programs in place of this one's.
+    fn install(&mut self, m: Maps) {
+        let Maps {
+            netns,
+            frontends,
+            tables,
+            endpoints,
+            backends,
+            ports,
+            stats,
+            authz_dest,
+            identity,
+            authz_region,
+            authz_verdict,
+            authz_counts,
+            authz_events,
+            telemetry,
+            telemetry_conf,
+        } = m;
+        self.netns = netns;
+        self.frontends = frontends;
+        self.tables = tables;
+        self.endpoints = endpoints;
+        self.backends = backends;
+        self.ports = ports;
+        self.stats = stats;
+        self.authz_dest = authz_dest;
+        self.identity = identity;
+        self.authz_region = authz_region;
+        self.authz_verdict = authz_verdict;
+        self.authz_counts = authz_counts;
+        self.authz_events = authz_events;
+        self.telemetry = telemetry;
+        self.telemetry_conf = telemetry_conf;
     }
 
     /// Pin directories of other layout versions found at load.
@@ -602,12 +734,28 @@ impl Dataplane {
         self.adopted
     }
 
+    /// The capacities the maps have now.
     pub fn capacities(&self) -> Capacities {
         self.capacities
     }
 
+    /// How far the maps may grow.
+    pub fn ceilings(&self) -> Capacities {
+        self.ceilings
+    }
+
+    /// How many times maps were grown since load.
+    pub fn grows(&self) -> u64 {
+        self.grows
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// `<pin_dir>/v<layout version>`: where this layout's maps and links are pinned.
+    pub fn layout_dir(&self) -> &Path {
+        &self.dir
     }
 
     /// What the daemon last wrote (its intent).
@@ -625,19 +773,6 @@ impl Dataplane {
             backends: read_all(&self.backends, "BACKENDS")?,
             ports: read_all(&self.ports, "PORTS")?,
         })
-    }
-
-    /// Checks that applying `d` fits the capacities: every new key is written before any old
-    /// one is deleted.
-    pub fn check_capacity(&self, d: &Diff) -> Result<MapCounts, KernelError> {
-        let peak = self.applied.peak_counts(&d.set);
-        for ((map, needed), (_, capacity)) in peak.as_array().into_iter().zip(self.capacities.by_name()) {
-            if needed > capacity as usize {
-                let flag = capacity_flag(map);
-                return Err(KernelError::MapFull { map, flag, needed, capacity });
-            }
-        }
-        Ok(peak)
     }
 
     /// Makes the maps hold exactly `next`. Writes go leaves first (backends, ports, endpoints,
@@ -662,8 +797,16 @@ impl Dataplane {
     /// first). A write that fails undoes every write before it, in both families, and nothing
     /// is deleted: the maps hold exactly what they held.
     pub fn apply_all(&mut self, d: Diff, authz: AuthzDiff) -> Result<ApplyReport, KernelError> {
-        self.check_capacity(&d)?;
-        self.check_authz_capacity(&authz)?;
+        // Every new key is written before any old one is deleted: the peak holds both.
+        let peak = self.applied.peak_counts(&d.set);
+        let old = &self.authz_applied;
+        let authz_peak = [
+            union_len(&old.dest, &authz.set.dest),
+            union_len(&old.identity, &authz.set.identity),
+            union_len(&old.region, &authz.set.region),
+            union_len(&old.verdict, &authz.set.verdict),
+        ];
+        self.fit(&peak, authz_peak)?;
         let mut lb = LbUndo::default();
         if let Err(e) = self.write_lb(&d, &mut lb) {
             self.rollback_lb(&mut lb);
@@ -687,24 +830,6 @@ impl Dataplane {
         self.applied.apply(d);
         self.authz_applied.apply(authz);
         Ok(report)
-    }
-
-    /// Checks that applying `d` fits the authorization maps: entries old and new are all
-    /// present at the peak.
-    pub fn check_authz_capacity(&self, d: &AuthzDiff) -> Result<(), KernelError> {
-        let old = &self.authz_applied;
-        let peaks = [
-            union_len(&old.dest, &d.set.dest),
-            union_len(&old.identity, &d.set.identity),
-            union_len(&old.region, &d.set.region),
-            union_len(&old.verdict, &d.set.verdict),
-        ];
-        for (needed, (map, capacity)) in peaks.into_iter().zip(self.capacities.authz_by_name()) {
-            if needed > capacity as usize {
-                return Err(KernelError::MapFull { map, flag: capacity_flag(map), needed, capacity });
-            }
-        }
-        Ok(())
     }
 
     fn write_lb(&mut self, d: &Diff, u: &mut LbUndo) -> Result<(), KernelError> {
@@ -1090,7 +1215,7 @@ impl Dataplane {
     /// them; a restart would start from empty maps.
     pub fn missing_pins(&self) -> Vec<PathBuf> {
         let dir = &self.dir;
-        let maps = self.capacities.by_name().into_iter().map(|(n, _)| n).chain(FIXED_MAPS);
+        let maps = self.capacities.all().into_iter().map(|(n, _)| n).chain(FIXED_MAPS);
         let mut out: Vec<PathBuf> = maps.map(|n| dir.join("maps").join(n)).filter(|p| !p.exists()).collect();
         out.extend(
             PROGRAMS
@@ -1162,6 +1287,21 @@ impl Dataplane {
         }
         restored
     }
+}
+
+/// The kernel memory each map pinned under a layout directory takes (see [`layout_dir`]), in
+/// bytes, by map name. Maps whose memory cannot be read are left out.
+pub fn map_memory(layout_dir: &Path) -> Vec<(String, u64)> {
+    let Ok(entries) = fs::read_dir(layout_dir.join("maps")) else { return Vec::new() };
+    let mut out: Vec<(String, u64)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            Some((name, sys::memlock(&e.path()).ok()?))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// Removes every pin under `pin_dir`: links (which detaches the programs once no process
@@ -1240,6 +1380,20 @@ mod sys {
         let attr =
             ObjAttr { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, ..Default::default() };
         bpf(BPF_OBJ_PIN, &attr).map(|_| ())
+    }
+
+    /// The kernel memory charged to the bpf object pinned at `path` (`memlock` in its fdinfo:
+    /// buckets, preallocated elements, and for maps without preallocation the entries in use).
+    pub fn memlock(path: &Path) -> io::Result<u64> {
+        let c = c_path(path)?;
+        let attr = ObjAttr { pathname: c.as_ptr() as u64, ..Default::default() };
+        let fd = bpf(BPF_OBJ_GET, &attr)?;
+        // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:").and_then(|v| v.trim().parse().ok()))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no memlock in fdinfo"))
     }
 
     /// Swaps the program of the link pinned at `pin` for `prog` in one step: the hook never

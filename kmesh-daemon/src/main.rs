@@ -25,18 +25,26 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Ceilings of the BPF maps: each map starts at 1024 entries and grows (make-before-break) as
+/// the configuration needs, up to its ceiling; a configuration that needs more is refused.
 #[derive(Args)]
 struct CapacityArgs {
+    /// Most enrolled network namespaces.
     #[arg(long, default_value_t = Capacities::default().netns)]
     netns_capacity: u32,
+    /// Most (VIP, port) frontends.
     #[arg(long, default_value_t = Capacities::default().frontends)]
     frontends_capacity: u32,
+    /// Most load-balancing tables (per service and locality class).
     #[arg(long, default_value_t = Capacities::default().tables)]
     lb_tables_capacity: u32,
+    /// Most endpoint slots across all tables.
     #[arg(long, default_value_t = Capacities::default().endpoints)]
     endpoints_capacity: u32,
+    /// Most backends (workload addresses).
     #[arg(long, default_value_t = Capacities::default().backends)]
     backends_capacity: u32,
+    /// Most (service, port) target ports.
     #[arg(long, default_value_t = Capacities::default().ports)]
     ports_capacity: u32,
     /// Authorization: destinations (workload addresses) with a policy.
@@ -436,7 +444,7 @@ fn main() -> anyhow::Result<()> {
                 connection_metrics: monitoring.connection_metrics,
             };
             opts.report_interval = Duration::from_millis(monitoring.report_interval_ms);
-            opts.load.capacities = Capacities {
+            opts.load.ceilings = Capacities {
                 netns: caps.netns_capacity,
                 frontends: caps.frontends_capacity,
                 tables: caps.lb_tables_capacity,

@@ -10,6 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::kernel::Capacities;
 use crate::observe::Observer;
 
 /// The OpenMetrics text content type.
@@ -73,14 +74,8 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth, dns: Option<&crate::dn
     let mut r = Registry::default();
     let p = &o.published;
     let counts = p.map_counts;
-    let caps = p.capacities;
-    let cap_of = |name: &str| match name {
-        "NETNS" => caps.netns,
-        "FRONTENDS" => caps.frontends,
-        "LB_TABLES" => caps.tables,
-        "ENDPOINTS" => caps.endpoints,
-        "BACKENDS" => caps.backends,
-        _ => caps.ports,
+    let of_every_map = |c: &Capacities| -> Vec<(Labels, u64)> {
+        c.all().into_iter().map(|(name, v)| (vec![("map", name.to_string())], u64::from(v))).collect()
     };
     let by_map = |v: &dyn Fn(&str, usize) -> u64| -> Vec<(Labels, u64)> {
         counts.as_array().iter().map(|(name, n)| (vec![("map", name.to_string())], v(name, *n))).collect()
@@ -90,8 +85,22 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth, dns: Option<&crate::dn
     gauges(
         &mut r,
         "kmesh_map_capacity",
-        "Max entries of each BPF map",
-        by_map(&|name, _| u64::from(cap_of(name))),
+        "Max entries of each BPF map the daemon writes, as it is now (maps grow with the configuration)",
+        of_every_map(&p.capacities),
+    );
+    gauges(
+        &mut r,
+        "kmesh_map_ceiling",
+        "How far each BPF map may grow (the --*-capacity flags)",
+        of_every_map(&p.ceilings),
+    );
+    counter(&mut r, "kmesh_map_grows", "Times BPF maps were grown (make-before-break)", p.map_grows);
+    let memory = crate::kernel::map_memory(&p.layout_dir);
+    gauges(
+        &mut r,
+        "kmesh_map_memory_bytes",
+        "Kernel memory each BPF map takes (its memlock: buckets, preallocated and used entries)",
+        memory.into_iter().map(|(name, b)| (vec![("map", name)], b)),
     );
     counters(
         &mut r,

@@ -40,6 +40,11 @@ pub struct Published {
     pub counters: Counters,
     pub map_counts: MapCounts,
     pub capacities: Capacities,
+    pub ceilings: Capacities,
+    /// Times maps were grown since the daemon started.
+    pub map_grows: u64,
+    /// Where the maps are pinned (their memory is read from there at scrape time).
+    pub layout_dir: std::path::PathBuf,
     pub frontend_conflicts: usize,
     pub enrolled: usize,
     pub authz_destinations: usize,

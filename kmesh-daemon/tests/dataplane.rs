@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 
 use common::*;
-use kmesh_daemon::kernel::{Capacities, KernelError};
+use kmesh_daemon::kernel::{self, Capacities, KernelError};
 use kmesh_testbed::{ClientOptions, PodSpec, monotonic_ns};
 
 const VIP: &str = "10.96.0.10";
@@ -408,7 +408,7 @@ fn a_full_map_is_refused_whole_and_the_previous_state_stays() {
         return;
     }
     let caps = Capacities { frontends: 4, ..Capacities::default() };
-    let mut env = Env::with_capacities(&three_backends_two_zones(), caps);
+    let mut env = Env::with_ceilings(&three_backends_two_zones(), caps, kernel::INITIAL_CAPACITY);
     start_servers(&env, &[8080], &[]);
     let cfg = echo_config(&env, "{}", &[]);
     env.apply(&cfg);
@@ -442,7 +442,7 @@ fn a_change_whose_policy_does_not_fit_changes_no_map_of_either_family() {
         return;
     }
     let caps = Capacities { authz_verdict: 8, ..Capacities::default() };
-    let mut env = Env::with_capacities(&three_backends_two_zones(), caps);
+    let mut env = Env::with_ceilings(&three_backends_two_zones(), caps, kernel::INITIAL_CAPACITY);
     start_servers(&env, &[8080], &[]);
     env.apply(&echo_config(&env, "{}", &[]));
     env.enroll("client", None);
@@ -705,4 +705,115 @@ fn a_full_ring_buffer_counts_every_lost_event() {
     eprintln!("{received} events received, {lost} lost");
     assert!(lost > 0, "the ring overflowed");
     assert_eq!(received + lost, 4 * u64::from(n), "every event is either received or counted lost");
+}
+
+/// Issue 18, item 3: maps start small and grow, make-before-break, as the configuration
+/// needs. Connections opened back to back while every load-balancing map grows all succeed, a
+/// UDP socket keeps its backend (its socket storage is shared by the old and new programs),
+/// the maps then hold exactly what was applied, no pin is left behind, and the authorization
+/// maps grown later are the ones the pods' hooks enforce.
+#[test]
+fn maps_grow_under_load_and_lose_nothing() {
+    if !root_or_skip("maps_grow_under_load_and_lose_nothing") {
+        return;
+    }
+    let mut env = Env::with_ceilings(&three_backends_two_zones(), Capacities::default(), 2);
+    start_servers(&env, &[8080], &[5353]);
+    let pods: std::collections::BTreeMap<&str, kmesh_testbed::Pod> =
+        ["client", "s1", "s2", "s3"].into_iter().map(|n| (n, env.pod(n).clone())).collect();
+    let cfg = |extra_ports: u16, deny_on_s1: bool| {
+        let mut ports = vec!["{service_port: 80, target_port: 8080}".to_string()];
+        ports.push("{service_port: 53, target_port: 5353, protocol: UDP}".into());
+        ports.extend((0..extra_ports).map(|i| format!("{{service_port: {}, target_port: 8080}}", 1000 + i)));
+        let mut w = workload(&pods["client"], &[], "");
+        for s in ["s1", "s2", "s3"] {
+            let x = if s == "s1" && deny_on_s1 { ", authorization_policies: [default/no-8080]" } else { "" };
+            w += &workload(&pods[s], &[(SVC_KEY, "[]")], x);
+        }
+        let mut text =
+            config("zone-a", &service(&format!("[{VIP}]"), &format!("[{}]", ports.join(", ")), "{}"), &w);
+        if deny_on_s1 {
+            text += "policies:\n  - {name: no-8080, namespace: default, scope: WORKLOAD_SELECTOR, action: DENY, rules: [{clauses: [{matches: [{destination_ports: [8080]}]}]}]}\n";
+        }
+        text
+    };
+    env.apply(&cfg(0, false));
+    env.enroll("client", None);
+    env.enroll("s1", None);
+    let small = env.mesh().dataplane().capacities();
+    assert!(small.frontends <= 4, "a map starts small: {small:?}");
+
+    // Back-to-back TCP connections and one UDP socket's datagrams, across a change that needs
+    // 42 frontends.
+    let tcp = ClientOptions { count: 100_000, duration_ms: 2500, ..Default::default() };
+    let udp = ClientOptions {
+        count: 400,
+        duration_ms: 2500,
+        interval_us: 5000,
+        udp: true,
+        unconnected: true,
+        one_socket: true,
+        ..Default::default()
+    };
+    let c = env.pod("client").clone();
+    let tcp_bg = c.connect_background(format!("{VIP}:80").parse().unwrap(), &tcp).unwrap();
+    let udp_bg = c.connect_background(format!("{VIP}:53").parse().unwrap(), &udp).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let grows = env.mesh().dataplane().grows();
+    let t = std::time::Instant::now();
+    env.apply(&cfg(40, false));
+    eprintln!("apply with growth took {:?}", t.elapsed());
+    let (tcp_a, udp_a) = (tcp_bg.finish().unwrap(), udp_bg.finish().unwrap());
+    let dp = env.mesh().dataplane();
+    let big = dp.capacities();
+    eprintln!(
+        "capacities {small:?} -> {big:?} in {} grows; {} TCP and {} UDP attempts",
+        dp.grows() - grows,
+        tcp_a.len(),
+        udp_a.len()
+    );
+    assert!(dp.grows() > grows, "the change grew maps");
+    assert!(big.frontends >= 42 && big.frontends <= 128, "{big:?}");
+    assert!(tcp_a.len() > 100 && udp_a.len() > 100, "too few attempts to judge");
+    assert_eq!(tcp_a.iter().filter(|a| !a.ok).count(), 0, "{:?}", tcp_a.iter().find(|a| !a.ok));
+    assert!(
+        udp_a.iter().all(|a| a.ok && a.peer.as_deref() == Some("10.96.0.10:53")),
+        "{:?}",
+        udp_a.iter().find(|a| !a.ok)
+    );
+    assert_eq!(spread(&udp_a).len(), 1, "the socket kept its backend: {:?}", spread(&udp_a));
+    assert_eq!(dp.read_state().unwrap(), *dp.applied(), "the grown maps hold exactly what was applied");
+    assert!(dp.missing_pins().is_empty(), "{:?}", dp.missing_pins());
+    let maps_dir = dp.layout_dir().join("maps");
+    let leftovers: Vec<_> = std::fs::read_dir(&maps_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with("_grown"))
+        .map(|e| e.path())
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let a = env.connect("client", &format!("{VIP}:1039"), 30);
+    assert!(a.iter().all(|a| a.ok), "a new port works: {:?}", a.iter().find(|a| !a.ok));
+
+    // A policy that needs more authorization rows than the maps have: they grow, and the hook
+    // in s1's namespace runs the program that reads the grown maps.
+    let before = env.mesh().dataplane().capacities();
+    env.apply(&cfg(40, true));
+    let after = env.mesh().dataplane().capacities();
+    eprintln!("authorization capacities {before:?} -> {after:?}");
+    assert!(
+        after.authz_dest > before.authz_dest
+            || after.identity > before.identity
+            || after.authz_verdict > before.authz_verdict,
+        "{before:?} -> {after:?}"
+    );
+    let s1 = kmesh_daemon::netns::cookie_of(&env.pod("s1").netns_path()).unwrap();
+    let (linked, loaded) = env.mesh().dataplane().authz_program_ids(s1).unwrap();
+    assert_eq!(linked, loaded, "s1's hook was switched to the new program");
+    let s1_addr = env.pod("s1").ipv4;
+    let s2_addr = env.pod("s2").ipv4;
+    let denied = env.connect("client", &format!("{s1_addr}:8080"), 5);
+    assert!(denied.iter().all(|a| a.errno == Some(libc::ECONNREFUSED)), "{denied:?}");
+    assert!(env.connect("client", &format!("{s2_addr}:8080"), 5).iter().all(|a| a.ok));
+    assert_eq!(env.mesh().dataplane().read_authz().unwrap(), *env.mesh().dataplane().authz_applied());
 }

@@ -1,5 +1,6 @@
-//! Every map the programs share, with its default capacity (the daemon sets the real ones at
-//! load time). Key and value types are `kmesh_common`'s.
+//! Every map the programs share. The capacities given here are placeholders for the maps the
+//! daemon writes (it creates them small and grows them with the configuration); the others
+//! keep these. Key and value types are `kmesh_common`'s.
 
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage},
@@ -43,9 +44,11 @@ pub static AUTHZ_COUNTS: PerCpuHashMap<CountKey, u64, 65536, NO_PREALLOC> = PerC
 pub static AUTHZ_EVENTS: RingBuf<(), { 256 * 1024 }> = RingBuf::new();
 /// Connections the node's own network namespace opened to destinations with policies
 /// (kubelet's probes): admitted without policy (see `NodeConnKey`). LRU: a node that opens
-/// more at once than this holds loses the oldest marks, never a connection of its own.
+/// more at once than this holds loses the oldest marks, never a connection of its own. A
+/// mark is read once, when the SYN reaches the destination, so only connections being set up
+/// at the same moment compete for room. An LRU map is preallocated: 4096 entries are ~0.5 MiB.
 #[btf_map]
-pub static NODE_CONNS: LruHashMap<NodeConnKey, u8, 16384> = LruHashMap::new();
+pub static NODE_CONNS: LruHashMap<NodeConnKey, u8, 4096> = LruHashMap::new();
 
 // Telemetry: per-socket state (socket-local storage: no key lookup, no capacity, freed with
 // the socket) and the events user space turns into metrics and access logs.
@@ -63,13 +66,16 @@ pub static UDP_REV: SkStorage<UdpRev> = SkStorage::new();
 pub static TELEMETRY_CONF: Array<u64, { TCONF_COUNT as usize }> = Array::new();
 
 // DNS proxy (see `dns`).
-/// Namespaces whose pods' DNS queries go to the daemon's proxy in the namespace.
+/// Namespaces whose pods' DNS queries go to the daemon's proxy in the namespace (one per pod
+/// on this node: far more room than a node has pods).
 #[btf_map]
-pub static DNS_PODS: HashMap<u64, DnsPodValue, 65536, NO_PREALLOC> = HashMap::new();
+pub static DNS_PODS: HashMap<u64, DnsPodValue, 16384, NO_PREALLOC> = HashMap::new();
 /// The resolver each redirected query was for, keyed by how the proxy sees the pod's socket.
 /// LRU: a socket forgotten here gets SERVFAIL for a forwarded name, never another's answer.
+/// An entry is needed only until the proxy reads the query (or accepts the TCP connection),
+/// so the queries in flight on the node compete for room; preallocated, 8192 are ~0.9 MiB.
 #[btf_map]
-pub static DNS_ORIG: LruHashMap<DnsOrigKey, DnsOrig, 65536> = LruHashMap::new();
+pub static DNS_ORIG: LruHashMap<DnsOrigKey, DnsOrig, 8192> = LruHashMap::new();
 /// A TCP socket's resolver, until sock_ops knows the socket's local port.
 #[btf_map]
 pub static DNS_TCP: SkStorage<DnsOrig> = SkStorage::new();

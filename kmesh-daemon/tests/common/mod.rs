@@ -66,17 +66,19 @@ pub struct Env {
 
 impl Env {
     pub fn new(pods: &[PodSpec]) -> Env {
-        Self::with_capacities(pods, Capacities::default())
+        Self::with_ceilings(pods, Capacities::default(), kernel::INITIAL_CAPACITY)
     }
 
-    pub fn with_capacities(pods: &[PodSpec], capacities: Capacities) -> Env {
+    /// A data plane whose maps start at `initial` entries and grow up to `ceilings`.
+    pub fn with_ceilings(pods: &[PodSpec], ceilings: Capacities, initial: u32) -> Env {
         let mut bed = Testbed::new().expect("testbed");
         for p in pods {
             bed.add_pod(p.clone()).expect("pod");
         }
         let pin_dir = pin_dir();
         let dp = Dataplane::load(&LoadOptions {
-            capacities,
+            ceilings,
+            initial_capacity: initial,
             ..LoadOptions::new(bed.cgroup().to_owned(), pin_dir.clone())
         });
         let dp = dp.unwrap_or_else(|e| {

@@ -1,0 +1,261 @@
+//! Maps sized from what the configuration needs. A fresh map starts small
+//! ([`INITIAL_CAPACITY`]); an apply that would not fit first grows the maps it needs to:
+//! bigger maps are created next to the old ones and filled with what the old ones hold, a new
+//! copy of the programs is loaded against them (every other map shared through its pin), each
+//! attached link is switched to the new program in one step (BPF_LINK_UPDATE), and only then
+//! do the new maps take the old ones' pins. Until the switch every hook runs the old programs
+//! on the old maps, which nothing has touched; a failure before or during the switch puts
+//! every link back and leaves no trace. The capacity flags are ceilings, never sizes.
+
+use std::fs;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::Key as LpmKey;
+use aya::maps::{HashMap, MapData};
+use aya::programs::Program;
+use aya::{Ebpf, EbpfLoader, Pod};
+
+use super::*;
+
+/// Capacity of a map created before any configuration asks for more (16 KiB of hash
+/// buckets in the kernel).
+pub const INITIAL_CAPACITY: u32 = 1024;
+
+/// The capacity a map holding `needed` entries at its peak should have: `current` if they
+/// fit; else room for half as many again, rounded up to a power of two (the kernel sizes its
+/// bucket array so anyway), and at most `ceiling`. `None` when even the ceiling is too small.
+pub fn capacity_for(current: u32, needed: usize, ceiling: u32) -> Option<u32> {
+    if needed <= current as usize {
+        return Some(current);
+    }
+    if needed > ceiling as usize {
+        return None;
+    }
+    let want = (needed + needed / 2).next_power_of_two();
+    Some(u32::try_from(want).unwrap_or(u32::MAX).min(ceiling))
+}
+
+/// Link pins whose program is this data plane's: the cgroup hooks and every namespace's
+/// authorization hook, with the program each one runs.
+fn link_pins(dir: &Path) -> Vec<(PathBuf, &'static str)> {
+    let links = dir.join("links");
+    let mut out: Vec<(PathBuf, &'static str)> =
+        PROGRAMS.iter().chain(&[TELEMETRY_PROGRAM]).map(|n| (links.join(n), *n)).collect();
+    if let Ok(entries) = fs::read_dir(&links) {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("authz_") && !n.ends_with("_new") {
+                out.push((e.path(), AUTHZ_PROGRAM));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn program_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<BorrowedFd<'a>, KernelError> {
+    let p = ebpf
+        .program(name)
+        .ok_or(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
+    Ok(p.fd().map_err(|source| KernelError::Program { name, source })?.as_fd())
+}
+
+/// Loads (verifies) one of the data plane's programs without attaching it.
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), KernelError> {
+    let err = |source| KernelError::Program { name, source };
+    match ebpf.program_mut(name) {
+        Some(Program::CgroupSockAddr(p)) => p.load().map_err(err),
+        Some(Program::SockOps(p)) => p.load().map_err(err),
+        Some(Program::SkLookup(p)) => p.load().map_err(err),
+        _ => Err(err(aya::programs::ProgramError::NotLoaded)),
+    }
+}
+
+fn fill<K: Pod, V: Pod>(
+    m: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    from: &BTreeMap<K, V>,
+) -> Result<(), KernelError> {
+    for (k, v) in from {
+        m.insert(k, v, 0).map_err(|source| KernelError::Write { map: name, source })?;
+    }
+    Ok(())
+}
+
+impl Dataplane {
+    /// Grows the maps that the peaks of the next apply (`lb`: load balancing,
+    /// `authz`: [`AUTHZ_MAP_NAMES`]) do not fit, or refuses it, naming the first map whose
+    /// ceiling is too small, before anything is written.
+    pub(super) fn fit(&mut self, lb: &MapCounts, authz: [usize; 4]) -> Result<(), KernelError> {
+        let needed = lb.as_array().into_iter().chain(AUTHZ_MAP_NAMES.into_iter().zip(authz));
+        let mut want = self.capacities;
+        for (map, needed) in needed {
+            let ceiling = self.ceilings.get(map);
+            match capacity_for(self.capacities.get(map), needed, ceiling) {
+                Some(c) => want.set(map, c),
+                None => {
+                    return Err(KernelError::MapFull {
+                        map,
+                        flag: capacity_flag(map),
+                        needed,
+                        capacity: ceiling,
+                    });
+                }
+            }
+        }
+        if want != self.capacities { self.grow(want) } else { Ok(()) }
+    }
+
+    /// Replaces the maps whose capacity `want` raises by bigger ones holding the same
+    /// entries, make-before-break (see the module's documentation).
+    pub fn grow(&mut self, want: Capacities) -> Result<(), KernelError> {
+        let grown: Vec<&'static str> =
+            want.all().into_iter().filter(|(n, c)| *c > self.capacities.get(n)).map(|(n, _)| n).collect();
+        if grown.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let maps_dir = self.dir.join("maps");
+        // bpffs names take no dots.
+        let tmp = |n: &str| maps_dir.join(format!("{n}_grown"));
+        let remove_tmp = || {
+            for n in &grown {
+                let _ = fs::remove_file(tmp(n));
+            }
+        };
+        remove_tmp();
+        let (ebpf, maps) = match self.load_grown(want, &grown, &tmp) {
+            Ok(x) => x,
+            Err(e) => {
+                remove_tmp();
+                return Err(e);
+            }
+        };
+        // The switch: each hook runs the new programs from here on.
+        let mut switched: Vec<(PathBuf, &'static str)> = Vec::new();
+        for (pin, name) in link_pins(&self.dir) {
+            let r = program_fd(&ebpf, name).and_then(|fd| {
+                sys::replace_link_program(&pin, fd).map_err(|e| KernelError::Pin {
+                    path: pin.clone(),
+                    reason: format!("switching to grown maps: {e}"),
+                })
+            });
+            match r {
+                Ok(()) => switched.push((pin, name)),
+                // A namespace that went away with its link pin: nothing runs there.
+                Err(_) if !pin.exists() => {}
+                Err(e) => {
+                    for (pin, name) in switched.iter().rev() {
+                        if let Err(e) = program_fd(&self.ebpf, name).and_then(|fd| {
+                            sys::replace_link_program(pin, fd)
+                                .map_err(|e| KernelError::Pin { path: pin.clone(), reason: e.to_string() })
+                        }) {
+                            tracing::error!(pin = %pin.display(), error = %e, "cannot put the old program back");
+                        }
+                    }
+                    remove_tmp();
+                    return Err(e);
+                }
+            }
+        }
+        for n in &grown {
+            // rename() replaces the old pin atomically; the old map lives on until the old
+            // programs and handles are dropped below.
+            if let Err(e) = fs::rename(tmp(n), maps_dir.join(n)) {
+                tracing::error!(map = n, error = %e, "cannot move the grown map's pin into place; it is pinned again by the pin check");
+            }
+        }
+        let old: Vec<(&str, u32)> = grown.iter().map(|n| (*n, self.capacities.get(n))).collect();
+        self.install(maps);
+        self.ebpf = ebpf;
+        self.capacities = want;
+        self.grows += 1;
+        for (map, from) in old {
+            tracing::info!(
+                map,
+                from,
+                to = want.get(map),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "map grown"
+            );
+        }
+        Ok(())
+    }
+
+    /// Loads the programs again with the grown maps (created and pinned at `tmp`, filled with
+    /// what the old ones hold) and every other map shared through its pin; attaches nothing.
+    fn load_grown(
+        &self,
+        want: Capacities,
+        grown: &[&'static str],
+        tmp: &dyn Fn(&str) -> PathBuf,
+    ) -> Result<(Ebpf, Maps), KernelError> {
+        let maps_dir = self.dir.join("maps");
+        let mut loader = EbpfLoader::new();
+        for (name, cap) in want.all() {
+            loader.map_max_entries(name, cap);
+        }
+        let paths: Vec<(&'static str, PathBuf)> = want
+            .all()
+            .into_iter()
+            .map(|(n, _)| n)
+            .chain(FIXED_MAPS)
+            .map(|n| (n, if grown.contains(&n) { tmp(n) } else { maps_dir.join(n) }))
+            .collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJ).map_err(KernelError::Load)?;
+        let mut maps = Maps::take(&mut ebpf)?;
+        let a = &self.applied;
+        let z = &self.authz_applied;
+        for n in grown {
+            match *n {
+                "NETNS" => fill(&mut maps.netns, n, &a.netns)?,
+                "FRONTENDS" => fill(&mut maps.frontends, n, &a.frontends)?,
+                "LB_TABLES" => fill(&mut maps.tables, n, &a.tables)?,
+                "ENDPOINTS" => fill(&mut maps.endpoints, n, &a.endpoints)?,
+                "BACKENDS" => fill(&mut maps.backends, n, &a.backends)?,
+                "PORTS" => fill(&mut maps.ports, n, &a.ports)?,
+                "AUTHZ_DEST" => fill(&mut maps.authz_dest, n, &z.dest)?,
+                "IDENTITY" => {
+                    let sealed =
+                        z.identity.iter().map(|(k, id)| (*k, IdentityValue { id: *id, check: 0 }.sealed(k)));
+                    fill(&mut maps.identity, n, &sealed.collect())?
+                }
+                "AUTHZ_REGION" => {
+                    for ((k, len), v) in &z.region {
+                        maps.authz_region
+                            .insert(&LpmKey::new(*len, *k), v, 0)
+                            .map_err(|source| KernelError::Write { map: n, source })?;
+                    }
+                }
+                "AUTHZ_VERDICT" => fill(&mut maps.authz_verdict, n, &z.verdict)?,
+                _ => {}
+            }
+        }
+        for name in PROGRAMS.into_iter().chain([TELEMETRY_PROGRAM, AUTHZ_PROGRAM]) {
+            load_program(&mut ebpf, name)?;
+        }
+        Ok((ebpf, maps))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_map_grows_to_half_again_its_need_in_powers_of_two_up_to_its_ceiling() {
+        assert_eq!(capacity_for(1024, 1024, 1 << 20), Some(1024), "a full map that fits stays");
+        assert_eq!(capacity_for(1024, 1025, 1 << 20), Some(2048));
+        assert_eq!(capacity_for(1024, 1500, 1 << 20), Some(4096), "1500 + 750 = 2250 -> 4096");
+        assert_eq!(capacity_for(1024, 110_000, 1 << 20), Some(262_144));
+        assert_eq!(capacity_for(1024, 110_000, 200_000), Some(200_000), "capped at the ceiling");
+        assert_eq!(capacity_for(1024, 200_000, 200_000), Some(200_000), "exactly the ceiling fits");
+        assert_eq!(capacity_for(1024, 200_001, 200_000), None);
+        assert_eq!(capacity_for(4, 5, 4), None);
+        assert_eq!(capacity_for(u32::MAX, usize::MAX, u32::MAX), None);
+    }
+}
