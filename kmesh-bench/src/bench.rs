@@ -7,6 +7,7 @@
 //! programs are attached only to the mesh pod's cgroup, and the Envoy sidecars run only in
 //! the Envoy pods (plus the server-side one, which only the both-sides path dials).
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,7 +21,7 @@ use crate::envoy::{EnvoySpec, bootstrap};
 use crate::mesh::{Daemon, Member, config_yaml};
 use crate::probe::ProbeResult;
 use crate::procs::{self, cpu_total, machine_busy_seconds, run_bounded, wait_listening};
-use crate::results::{ControlPoint, Method, PATHS, Results, Sample, ScaleSample, TESTS};
+use crate::results::{BpfCost, ControlPoint, Method, PATHS, Results, Sample, ScaleSample, TESTS};
 use crate::rules::{self, BULK_PORT, HTTP_PORT, NGINX_PORT, VIP};
 use crate::tools::{parse_iperf3, parse_wrk};
 
@@ -491,6 +492,25 @@ impl Env {
         })
     }
 
+    /// Short transactions over `p` with the kernel counting the run time of every eBPF
+    /// program, for the cost per transaction of the data plane's programs.
+    fn bpf_cost(&self, p: &PathDef, ms: u64) -> anyhow::Result<BpfCost> {
+        let _stats = BpfStats::enable()?;
+        let before = prog_stats()?;
+        let (r, _) = self.probe(&p.pod, p.http, true, ms)?;
+        let after = prog_stats()?;
+        let n = r.count.max(1) as f64;
+        let programs = after
+            .iter()
+            .filter_map(|(name, (runs, ns))| {
+                let (r0, n0) = before.get(name).copied().unwrap_or((0, 0));
+                let runs = runs.saturating_sub(r0);
+                (runs > 0).then(|| (name.clone(), (runs as f64 / n, ns.saturating_sub(n0) as f64 / n)))
+            })
+            .collect();
+        Ok(BpfCost { path: p.id.into(), transactions: r.count, p50_us: r.p50_us, programs })
+    }
+
     fn run_bulk(&self, p: &PathDef, secs: u64) -> anyhow::Result<Sample> {
         let mut last = None;
         for _ in 0..10 {
@@ -528,6 +548,41 @@ impl Env {
         }
         bail!("iperf3 over {}: {}", p.id, last.map(|e| e.to_string()).unwrap_or_default())
     }
+}
+
+/// `kernel.bpf_stats_enabled` on while held (each program run then also reads the clock
+/// twice, a few tens of nanoseconds), back to what it was when dropped.
+struct BpfStats(String);
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> anyhow::Result<Self> {
+        let old = std::fs::read_to_string(BPF_STATS).with_context(|| format!("reading {BPF_STATS}"))?;
+        std::fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS}"))?;
+        Ok(Self(old.trim().to_string()))
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, &self.0);
+    }
+}
+
+/// Run count and run time (ns) of every loaded eBPF program named `kmesh_*`, summed by name
+/// (from `bpftool prog show`).
+fn prog_stats() -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let out = Command::new("bpftool").args(["prog", "show", "-j"]).output().context("running bpftool")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool prog show -j")?;
+    let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for p in v.as_array().into_iter().flatten() {
+        let Some(name) = p["name"].as_str().filter(|n| n.starts_with("kmesh_")) else { continue };
+        let e = m.entry(name.to_string()).or_default();
+        e.0 += p["run_cnt"].as_u64().unwrap_or(0);
+        e.1 += p["run_time_ns"].as_u64().unwrap_or(0);
+    }
+    Ok(m)
 }
 
 fn log(msg: impl AsRef<str>) {
@@ -585,6 +640,30 @@ pub fn run(opts: &Options, res: &mut Results, daemon_slot: DaemonSlot) -> anyhow
             res.samples.push(s);
         }
         log(format!("round {}/{} done in {:.0}s", round + 1, opts.rounds, t_round.elapsed().as_secs_f64()));
+    }
+    // The kernel's own account of the programs' run time, per transaction, on the paths
+    // without a proxy (the direct client's sockets pass through the same hooks).
+    if opts.wants_test("txn-c1") && opts.rounds > 0 {
+        for p in paths.iter().filter(|p| p.id == "direct" || p.id == "kmesh") {
+            match env.bpf_cost(p, opts.probe_ms) {
+                Ok(c) => {
+                    let per: Vec<String> = c
+                        .programs
+                        .iter()
+                        .map(|(n, (runs, ns))| format!("{n} {runs:.1} runs {ns:.0} ns"))
+                        .collect();
+                    log(format!(
+                        "eBPF per transaction over {}: {:.0} ns in {:.1} runs ({})",
+                        p.id,
+                        c.total_ns(),
+                        c.total_runs(),
+                        per.join(", ")
+                    ));
+                    res.bpf_cost.push(c);
+                }
+                Err(e) => res.notes.push(format!("eBPF run time over {} not measured: {e:#}", p.id)),
+            }
+        }
     }
     for (test, _, _) in TESTS.iter().chain([&("bulk", "", 0)]) {
         let line: Vec<String> = PATHS

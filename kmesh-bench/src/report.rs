@@ -289,6 +289,39 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
         let _ = writeln!(s, "| {pl} | {} | {} |", f(v, 2), x(r.paired("bulk", p, "direct", m_gbps)));
     }
 
+    // The programs' own run time.
+    if !r.bpf_cost.is_empty() {
+        let _ = writeln!(s, "\n### eBPF run time per short transaction\n");
+        let _ = writeln!(
+            s,
+            "The kernel's own account (`kernel.bpf_stats_enabled`, on for this run only) of the data plane's programs over one short transaction (connect, one request, close; the in-repo client for {} ms): program runs and nanoseconds per transaction. The direct client's pod is outside the cgroup the daemon's programs are attached to: none runs for it. With the accounting on, each run also reads the clock twice (a few tens of ns).\n",
+            r.method.probe_ms
+        );
+        let names: std::collections::BTreeSet<&String> =
+            r.bpf_cost.iter().flat_map(|c| c.programs.keys()).collect();
+        let head: Vec<String> = names.iter().map(|n| format!("{n} runs / ns")).collect();
+        let _ = writeln!(s, "| path | transactions | p50 us | {} | total runs / ns |", head.join(" | "));
+        let _ = writeln!(s, "|---|---|---|{}---|", "---|".repeat(names.len()));
+        for c in &r.bpf_cost {
+            let cells: Vec<String> = names
+                .iter()
+                .map(|n| {
+                    c.programs.get(*n).map(|(runs, ns)| format!("{runs:.1} / {ns:.0}")).unwrap_or("–".into())
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {} | {:.1} / {:.0} |",
+                path_label(&c.path),
+                c.transactions,
+                c.p50_us,
+                cells.join(" | "),
+                c.total_runs(),
+                c.total_ns()
+            );
+        }
+    }
+
     // Scale.
     let _ = writeln!(s, "\n## connect() cost as the number of services grows\n");
     let _ = writeln!(s, "| services | path | p50 us | p99 us | connects measured |\n|---|---|---|---|---|");

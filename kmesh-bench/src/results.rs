@@ -37,6 +37,9 @@ pub struct Results {
     pub samples: Vec<Sample>,
     pub scale: Vec<ScaleSample>,
     pub control_plane: Vec<ControlPoint>,
+    /// Kernel time of the data plane's eBPF programs per transaction, per path.
+    #[serde(default)]
+    pub bpf_cost: Vec<BpfCost>,
     /// Things the report must say (unavailable features, failures of one path or point).
     pub notes: Vec<String>,
 }
@@ -114,6 +117,28 @@ pub struct ControlPoint {
     /// Service frontends in the daemon's map (proof the config was applied whole).
     pub frontends: Option<f64>,
     pub error: Option<String>,
+}
+
+/// What the data plane's eBPF programs cost one short transaction (connect, one request,
+/// close) of one path, from the kernel's own accounting (`kernel.bpf_stats_enabled`): runs
+/// and nanoseconds per transaction, by program.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BpfCost {
+    pub path: String,
+    pub transactions: u64,
+    pub p50_us: f64,
+    /// Program name -> (runs, nanoseconds) per transaction.
+    pub programs: BTreeMap<String, (f64, f64)>,
+}
+
+impl BpfCost {
+    pub fn total_ns(&self) -> f64 {
+        self.programs.values().map(|(_, ns)| ns).sum::<f64>().max(0.0)
+    }
+
+    pub fn total_runs(&self) -> f64 {
+        self.programs.values().map(|(r, _)| r).sum::<f64>().max(0.0)
+    }
 }
 
 /// Medians over rounds of one (test, path).

@@ -7,7 +7,7 @@ use kmesh_common::*;
 use crate::maps::{
     AUTHZ_COUNTS, AUTHZ_DEST, AUTHZ_EVENTS, AUTHZ_REGION, AUTHZ_VERDICT, IDENTITY, NODE_CONNS,
 };
-use crate::shared::count;
+use crate::shared::{BPF_RB_NO_WAKEUP, count};
 
 /// A verdict row: `Ok(None)` when absent, `Err(())` when the bytes found belong to another row
 /// (a freed element handed to another key under us).
@@ -157,7 +157,7 @@ pub fn kmesh_authz(ctx: SkLookupContext) -> u32 {
             _pad: 0,
             dry_policy_id: v.dry_policy_id,
         };
-        if AUTHZ_EVENTS.output_untyped::<AuthzEvent>(&ev, 0).is_err() {
+        if AUTHZ_EVENTS.output_untyped::<AuthzEvent>(&ev, BPF_RB_NO_WAKEUP).is_err() {
             count(stat::AUTHZ_EVENTS_LOST);
         }
     }

@@ -8,10 +8,11 @@ use crate::lb::{Verdict, apply_v4, apply_v6, balance};
 use crate::maps::CONN_META;
 use crate::shared::{proto_of, set_ip6, telemetry_on};
 
-/// Remembers the service address a client dialled, for the telemetry of its connection.
+/// Remembers the service address a TCP client dialled, for the telemetry of its connection
+/// (connections are TCP's: a UDP socket is given no state it would never use).
 #[inline(always)]
-fn remember_orig(ctx: &SockAddrContext, addr: [u32; 4], port: u16) {
-    if !telemetry_on() {
+fn remember_orig(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8) {
+    if proto != PROTO_TCP || !telemetry_on() {
         return;
     }
     let m = unsafe { CONN_META.get_or_insert_ptr_mut(ctx, None) };
@@ -39,7 +40,7 @@ pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
     }
     let v = balance(&ctx, v4_mapped(ip4), port, proto, FAMILY_V4);
     if matches!(v, Verdict::Rewrite(..)) {
-        remember_orig(&ctx, v4_mapped(ip4), port);
+        remember_orig(&ctx, v4_mapped(ip4), port, proto);
     }
     apply_v4(sa, v)
 }
@@ -59,7 +60,7 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
     let family = if is_v4_mapped(&addr) { FAMILY_V4 } else { FAMILY_V6 };
     let v = balance(&ctx, addr, port, proto, family);
     if matches!(v, Verdict::Rewrite(..)) {
-        remember_orig(&ctx, addr, port);
+        remember_orig(&ctx, addr, port, proto);
     }
     apply_v6(sa, v)
 }

@@ -6,6 +6,9 @@ use kmesh_common::*;
 use crate::maps::{STATS, TELEMETRY_CONF};
 
 pub const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
+/// Ring buffer records are committed without waking a reader: the daemon polls the rings on
+/// a timer and never waits on them, so the kernel need not queue a wakeup (an IRQ work item).
+pub const BPF_RB_NO_WAKEUP: u64 = 1;
 
 #[inline(always)]
 pub fn telemetry_on() -> bool {

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use kmesh_common::*;
 
 use crate::maps::{AUTHZ_DEST, CONN_META, DNS_ORIG, DNS_TCP, NETNS, NODE_CONNS, TELEMETRY, TELEMETRY_CONF};
-use crate::shared::{BPF_SK_STORAGE_GET_F_CREATE, count, telemetry_on};
+use crate::shared::{BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE, count, telemetry_on};
 
 /// A sock_ops program's socket's value in the socket storage `map` (created empty when
 /// `create`).
@@ -93,7 +93,7 @@ fn conn_event(ctx: &SockOpsContext, kind: u32, meta: &ConnMeta, cookie: u64, now
 
 #[inline(always)]
 fn emit(ev: &ConnEvent) {
-    if TELEMETRY.output_untyped::<ConnEvent>(ev, 0).is_err() {
+    if TELEMETRY.output_untyped::<ConnEvent>(ev, BPF_RB_NO_WAKEUP).is_err() {
         count(stat::TELEMETRY_LOST);
     }
 }
@@ -188,7 +188,15 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         meta.last_report_ns = now;
         meta.direction = if op == SOCK_OPS_TCP_CONNECT { DIR_OUTBOUND } else { DIR_INBOUND };
         unsafe { *m = meta };
-        let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG | SOCK_OPS_RTT_CB_FLAG) as i32);
+        // A client socket is told of acknowledgements (for periodic reports) only once it is
+        // established: the SYN-ACK's would come before the open is reported, one run for
+        // nothing per connection. State changes from now on (a SYN that fails is reported).
+        let flags = if op == SOCK_OPS_TCP_CONNECT {
+            SOCK_OPS_STATE_CB_FLAG
+        } else {
+            SOCK_OPS_STATE_CB_FLAG | SOCK_OPS_RTT_CB_FLAG
+        };
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | flags) as i32);
         if op == SOCK_OPS_PASSIVE_ESTABLISHED {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
             emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, now));
@@ -199,6 +207,7 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         unsafe { (*m).last_report_ns = now };
         let meta = unsafe { *m };
         if meta.direction == DIR_OUTBOUND {
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_RTT_CB_FLAG) as i32);
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
             emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, now));
         }
