@@ -281,21 +281,8 @@ pub struct ApplyReport {
 
 /// Loaded programs, their maps and links, and what the maps hold.
 pub struct Dataplane {
-    netns: HashMap<MapData, u64, NetnsValue>,
-    frontends: HashMap<MapData, FrontendKey, FrontendValue>,
-    tables: HashMap<MapData, TableKey, TableValue>,
-    endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
-    backends: HashMap<MapData, u32, BackendValue>,
-    ports: HashMap<MapData, PortKey, PortValue>,
-    stats: PerCpuArray<MapData, u64>,
-    authz_dest: HashMap<MapData, [u32; 4], DestValue>,
-    identity: HashMap<MapData, [u32; 4], IdentityValue>,
-    authz_region: LpmTrie<MapData, RegionKey, u32>,
-    authz_verdict: HashMap<MapData, VerdictKey, VerdictValue>,
-    authz_counts: PerCpuHashMap<MapData, CountKey, u64>,
-    authz_events: RingBuf<MapData>,
-    telemetry: RingBuf<MapData>,
-    telemetry_conf: aya::maps::Array<MapData, u64>,
+    /// Handles of the maps (replaced with the programs when maps grow).
+    m: Maps,
     authz_applied: AuthzState,
     /// The loaded programs; replaced (with the maps' handles) when maps grow.
     ebpf: Ebpf,
@@ -335,6 +322,22 @@ struct Maps {
 }
 
 impl Maps {
+    /// The maps that grow with the configuration, by name.
+    fn growable(&self) -> [(&'static str, &MapData); 10] {
+        [
+            ("NETNS", self.netns.map()),
+            ("FRONTENDS", self.frontends.map()),
+            ("LB_TABLES", self.tables.map()),
+            ("ENDPOINTS", self.endpoints.map()),
+            ("BACKENDS", self.backends.map()),
+            ("PORTS", self.ports.map()),
+            ("AUTHZ_DEST", self.authz_dest.map()),
+            ("IDENTITY", self.identity.map()),
+            ("AUTHZ_REGION", self.authz_region.map()),
+            ("AUTHZ_VERDICT", self.authz_verdict.map()),
+        ]
+    }
+
     fn take(ebpf: &mut Ebpf) -> Result<Maps, KernelError> {
         fn other<T: TryFrom<aya::maps::Map, Error = MapError>>(
             ebpf: &mut Ebpf,
@@ -553,23 +556,8 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(EBPF_OBJ).map_err(KernelError::Load)?;
 
-        let Maps {
-            netns,
-            frontends,
-            tables,
-            endpoints,
-            backends,
-            ports,
-            stats,
-            authz_dest,
-            identity,
-            authz_region,
-            authz_verdict,
-            authz_counts,
-            authz_events,
-            telemetry,
-            mut telemetry_conf,
-        } = Maps::take(&mut ebpf)?;
+        let mut m = Maps::take(&mut ebpf)?;
+        let telemetry_conf = &mut m.telemetry_conf;
         // A fresh map (no interval yet): telemetry on, reports every 5 s, before any program
         // is attached. An adopted map keeps what the operator last set.
         if telemetry_conf.get(&TCONF_INTERVAL_NS, 0).unwrap_or(0) == 0 {
@@ -616,22 +604,8 @@ impl Dataplane {
 
         let mut dp = Self {
             ebpf,
-            authz_dest,
-            identity,
-            authz_region,
-            authz_verdict,
-            authz_counts,
-            authz_events,
-            telemetry,
-            telemetry_conf,
+            m,
             authz_applied: AuthzState::default(),
-            netns,
-            frontends,
-            tables,
-            endpoints,
-            backends,
-            ports,
-            stats,
             _links: links,
             pin_dir: opts.pin_dir.clone(),
             dir: dir.clone(),
@@ -652,60 +626,12 @@ impl Dataplane {
     /// (it grows from there when it must).
     fn pinned_capacities(&self) -> Capacities {
         let mut c = self.capacities;
-        let maps: [(&str, &MapData); 10] = [
-            ("NETNS", self.netns.map()),
-            ("FRONTENDS", self.frontends.map()),
-            ("LB_TABLES", self.tables.map()),
-            ("ENDPOINTS", self.endpoints.map()),
-            ("BACKENDS", self.backends.map()),
-            ("PORTS", self.ports.map()),
-            ("AUTHZ_DEST", self.authz_dest.map()),
-            ("IDENTITY", self.identity.map()),
-            ("AUTHZ_REGION", self.authz_region.map()),
-            ("AUTHZ_VERDICT", self.authz_verdict.map()),
-        ];
-        for (name, m) in maps {
+        for (name, m) in self.m.growable() {
             if let Ok(info) = m.info() {
                 c.set(name, info.max_entries());
             }
         }
         c
-    }
-
-    /// Puts handles of another load of the programs in place of this one's.
-    fn install(&mut self, m: Maps) {
-        let Maps {
-            netns,
-            frontends,
-            tables,
-            endpoints,
-            backends,
-            ports,
-            stats,
-            authz_dest,
-            identity,
-            authz_region,
-            authz_verdict,
-            authz_counts,
-            authz_events,
-            telemetry,
-            telemetry_conf,
-        } = m;
-        self.netns = netns;
-        self.frontends = frontends;
-        self.tables = tables;
-        self.endpoints = endpoints;
-        self.backends = backends;
-        self.ports = ports;
-        self.stats = stats;
-        self.authz_dest = authz_dest;
-        self.identity = identity;
-        self.authz_region = authz_region;
-        self.authz_verdict = authz_verdict;
-        self.authz_counts = authz_counts;
-        self.authz_events = authz_events;
-        self.telemetry = telemetry;
-        self.telemetry_conf = telemetry_conf;
     }
 
     /// Pin directories of other layout versions found at load.
@@ -766,12 +692,12 @@ impl Dataplane {
     /// What the kernel maps hold now (observed).
     pub fn read_state(&self) -> Result<MapState, KernelError> {
         Ok(MapState {
-            netns: read_all(&self.netns, "NETNS")?,
-            frontends: read_all(&self.frontends, "FRONTENDS")?,
-            tables: read_all(&self.tables, "LB_TABLES")?,
-            endpoints: read_all(&self.endpoints, "ENDPOINTS")?,
-            backends: read_all(&self.backends, "BACKENDS")?,
-            ports: read_all(&self.ports, "PORTS")?,
+            netns: read_all(&self.m.netns, "NETNS")?,
+            frontends: read_all(&self.m.frontends, "FRONTENDS")?,
+            tables: read_all(&self.m.tables, "LB_TABLES")?,
+            endpoints: read_all(&self.m.endpoints, "ENDPOINTS")?,
+            backends: read_all(&self.m.backends, "BACKENDS")?,
+            ports: read_all(&self.m.ports, "PORTS")?,
         })
     }
 
@@ -818,12 +744,12 @@ impl Dataplane {
             self.rollback_lb(&mut lb);
             return Err(e);
         }
-        remove_all(&mut self.netns, "NETNS", &d.del_netns);
-        remove_all(&mut self.frontends, "FRONTENDS", &d.del_frontends);
-        remove_all(&mut self.tables, "LB_TABLES", &d.del_tables);
-        remove_all(&mut self.endpoints, "ENDPOINTS", &d.del_endpoints);
-        remove_all(&mut self.ports, "PORTS", &d.del_ports);
-        remove_all(&mut self.backends, "BACKENDS", &d.del_backends);
+        remove_all(&mut self.m.netns, "NETNS", &d.del_netns);
+        remove_all(&mut self.m.frontends, "FRONTENDS", &d.del_frontends);
+        remove_all(&mut self.m.tables, "LB_TABLES", &d.del_tables);
+        remove_all(&mut self.m.endpoints, "ENDPOINTS", &d.del_endpoints);
+        remove_all(&mut self.m.ports, "PORTS", &d.del_ports);
+        remove_all(&mut self.m.backends, "BACKENDS", &d.del_backends);
         self.delete_authz(&authz);
         let aw = az.identity.len() + az.region.len() + az.verdict.len() + az.counts.len() + az.dest.len();
         let report = ApplyReport { writes: d.writes() + aw, deletes: d.deletes() + authz.deletes() };
@@ -834,22 +760,22 @@ impl Dataplane {
 
     fn write_lb(&mut self, d: &Diff, u: &mut LbUndo) -> Result<(), KernelError> {
         let old = &self.applied;
-        upsert(&mut self.backends, "BACKENDS", &old.backends, &d.set.backends, &mut u.backends)?;
-        upsert(&mut self.ports, "PORTS", &old.ports, &d.set.ports, &mut u.ports)?;
-        upsert(&mut self.endpoints, "ENDPOINTS", &old.endpoints, &d.set.endpoints, &mut u.endpoints)?;
-        upsert(&mut self.tables, "LB_TABLES", &old.tables, &d.set.tables, &mut u.tables)?;
-        upsert(&mut self.frontends, "FRONTENDS", &old.frontends, &d.set.frontends, &mut u.frontends)?;
-        upsert(&mut self.netns, "NETNS", &old.netns, &d.set.netns, &mut u.netns)
+        upsert(&mut self.m.backends, "BACKENDS", &old.backends, &d.set.backends, &mut u.backends)?;
+        upsert(&mut self.m.ports, "PORTS", &old.ports, &d.set.ports, &mut u.ports)?;
+        upsert(&mut self.m.endpoints, "ENDPOINTS", &old.endpoints, &d.set.endpoints, &mut u.endpoints)?;
+        upsert(&mut self.m.tables, "LB_TABLES", &old.tables, &d.set.tables, &mut u.tables)?;
+        upsert(&mut self.m.frontends, "FRONTENDS", &old.frontends, &d.set.frontends, &mut u.frontends)?;
+        upsert(&mut self.m.netns, "NETNS", &old.netns, &d.set.netns, &mut u.netns)
     }
 
     /// Undoes in the reverse order of writing: roots first.
     fn rollback_lb(&mut self, u: &mut LbUndo) {
-        rollback(&mut self.netns, &mut u.netns);
-        rollback(&mut self.frontends, &mut u.frontends);
-        rollback(&mut self.tables, &mut u.tables);
-        rollback(&mut self.endpoints, &mut u.endpoints);
-        rollback(&mut self.ports, &mut u.ports);
-        rollback(&mut self.backends, &mut u.backends);
+        rollback(&mut self.m.netns, &mut u.netns);
+        rollback(&mut self.m.frontends, &mut u.frontends);
+        rollback(&mut self.m.tables, &mut u.tables);
+        rollback(&mut self.m.endpoints, &mut u.endpoints);
+        rollback(&mut self.m.ports, &mut u.ports);
+        rollback(&mut self.m.backends, &mut u.backends);
     }
 }
 
@@ -857,16 +783,16 @@ impl Dataplane {
     /// What the authorization maps hold now.
     pub fn read_authz(&self) -> Result<AuthzState, KernelError> {
         let mut s = AuthzState {
-            dest: read_all(&self.authz_dest, "AUTHZ_DEST")?,
-            identity: read_all(&self.identity, "IDENTITY")?.into_iter().map(|(k, v)| (k, v.id)).collect(),
-            verdict: read_all(&self.authz_verdict, "AUTHZ_VERDICT")?,
+            dest: read_all(&self.m.authz_dest, "AUTHZ_DEST")?,
+            identity: read_all(&self.m.identity, "IDENTITY")?.into_iter().map(|(k, v)| (k, v.id)).collect(),
+            verdict: read_all(&self.m.authz_verdict, "AUTHZ_VERDICT")?,
             ..Default::default()
         };
-        for item in self.authz_region.iter() {
+        for item in self.m.authz_region.iter() {
             let (k, v) = item.map_err(|source| KernelError::Read { map: "AUTHZ_REGION", source })?;
             s.region.insert((k.data(), k.prefix_len()), v);
         }
-        for k in self.authz_counts.keys() {
+        for k in self.m.authz_counts.keys() {
             let k = k.map_err(|source| KernelError::Read { map: "AUTHZ_COUNTS", source })?;
             s.counts.insert(k);
         }
@@ -884,13 +810,14 @@ impl Dataplane {
         // What the written entries held, to undo a failed write.
         let identity_old: BTreeMap<[u32; 4], IdentityValue> =
             identity.keys().filter_map(|k| Some((*k, seal(k, *old.identity.get(k)?)))).collect();
-        upsert(&mut self.identity, "IDENTITY", &identity_old, &identity, &mut u.identity)?;
+        upsert(&mut self.m.identity, "IDENTITY", &identity_old, &identity, &mut u.identity)?;
         for ((k, len), v) in &set.region {
             let prev = old.region.get(&(*k, *len));
             if prev == Some(v) {
                 continue;
             }
-            self.authz_region
+            self.m
+                .authz_region
                 .insert(&LpmKey::new(*len, *k), v, 0)
                 .map_err(|source| KernelError::Write { map: "AUTHZ_REGION", source })?;
             u.region.push(match prev {
@@ -899,7 +826,7 @@ impl Dataplane {
             });
         }
         upsert(
-            &mut self.authz_verdict,
+            &mut self.m.authz_verdict,
             "AUTHZ_VERDICT",
             &old.verdict,
             &changed_entries(&old.verdict, &set.verdict),
@@ -911,13 +838,14 @@ impl Dataplane {
                 path: PathBuf::from("AUTHZ_COUNTS"),
                 reason: e.to_string(),
             })?;
-            self.authz_counts
+            self.m
+                .authz_counts
                 .insert(k, zeros, 0)
                 .map_err(|source| KernelError::Write { map: "AUTHZ_COUNTS", source })?;
             u.counts.push(*k);
         }
         upsert(
-            &mut self.authz_dest,
+            &mut self.m.authz_dest,
             "AUTHZ_DEST",
             &old.dest,
             &changed_entries(&old.dest, &set.dest),
@@ -926,39 +854,39 @@ impl Dataplane {
     }
 
     fn rollback_authz(&mut self, u: &mut AuthzUndo) {
-        rollback(&mut self.authz_dest, &mut u.dest);
+        rollback(&mut self.m.authz_dest, &mut u.dest);
         for k in u.counts.drain(..) {
-            let _ = self.authz_counts.remove(&k);
+            let _ = self.m.authz_counts.remove(&k);
         }
-        rollback(&mut self.authz_verdict, &mut u.verdict);
+        rollback(&mut self.m.authz_verdict, &mut u.verdict);
         while let Some(x) = u.region.pop() {
             let r = match x {
-                Undo::Restore((k, len), v) => self.authz_region.insert(&LpmKey::new(len, k), v, 0),
-                Undo::Remove((k, len)) => self.authz_region.remove(&LpmKey::new(len, k)),
+                Undo::Restore((k, len), v) => self.m.authz_region.insert(&LpmKey::new(len, k), v, 0),
+                Undo::Remove((k, len)) => self.m.authz_region.remove(&LpmKey::new(len, k)),
             };
             if let Err(e) = r {
                 tracing::error!(error = %e, "rollback write failed");
             }
         }
-        rollback(&mut self.identity, &mut u.identity);
+        rollback(&mut self.m.identity, &mut u.identity);
     }
 
     /// Deletes what `d` removes, roots first.
     fn delete_authz(&mut self, d: &AuthzDiff) {
         for k in &d.del_dest {
-            let _ = self.authz_dest.remove(k);
+            let _ = self.m.authz_dest.remove(k);
         }
         for k in &d.del_verdict {
-            let _ = self.authz_verdict.remove(k);
+            let _ = self.m.authz_verdict.remove(k);
         }
         for (k, len) in &d.del_region {
-            let _ = self.authz_region.remove(&LpmKey::new(*len, *k));
+            let _ = self.m.authz_region.remove(&LpmKey::new(*len, *k));
         }
         for k in &d.del_identity {
-            let _ = self.identity.remove(k);
+            let _ = self.m.identity.remove(k);
         }
         for k in &d.del_counts {
-            let _ = self.authz_counts.remove(k);
+            let _ = self.m.authz_counts.remove(k);
         }
     }
 
@@ -1102,7 +1030,7 @@ impl Dataplane {
     /// every connection is subject to policy.
     pub fn set_node_netns(&mut self, cookie: Option<u64>) -> Result<(), KernelError> {
         let err = |source| KernelError::Write { map: "TELEMETRY_CONF", source };
-        self.telemetry_conf.set(TCONF_NODE_NETNS, cookie.unwrap_or(0), 0).map_err(err)
+        self.m.telemetry_conf.set(TCONF_NODE_NETNS, cookie.unwrap_or(0), 0).map_err(err)
     }
 
     /// Connections from the node marked for exemption and not closed yet.
@@ -1118,7 +1046,7 @@ impl Dataplane {
     /// The cookie set by [`set_node_netns`](Self::set_node_netns).
     pub fn node_netns(&self) -> Result<Option<u64>, KernelError> {
         let err = |source| KernelError::Read { map: "TELEMETRY_CONF", source };
-        let c = self.telemetry_conf.get(&TCONF_NODE_NETNS, 0).map_err(err)?;
+        let c = self.m.telemetry_conf.get(&TCONF_NODE_NETNS, 0).map_err(err)?;
         Ok((c != 0).then_some(c))
     }
 
@@ -1236,23 +1164,15 @@ impl Dataplane {
         fn fd(m: &MapData) -> BorrowedFd<'_> {
             m.fd().as_fd()
         }
-        let mut maps: Vec<(&str, BorrowedFd<'_>)> = vec![
-            ("NETNS", fd(self.netns.map())),
-            ("FRONTENDS", fd(self.frontends.map())),
-            ("LB_TABLES", fd(self.tables.map())),
-            ("ENDPOINTS", fd(self.endpoints.map())),
-            ("BACKENDS", fd(self.backends.map())),
-            ("PORTS", fd(self.ports.map())),
-            ("STATS", fd(self.stats.map())),
-            ("AUTHZ_DEST", fd(self.authz_dest.map())),
-            ("IDENTITY", fd(self.identity.map())),
-            ("AUTHZ_REGION", fd(self.authz_region.map())),
-            ("AUTHZ_VERDICT", fd(self.authz_verdict.map())),
-            ("AUTHZ_COUNTS", fd(self.authz_counts.map())),
-            ("AUTHZ_EVENTS", self.authz_events.as_fd()),
-            ("TELEMETRY", self.telemetry.as_fd()),
-            ("TELEMETRY_CONF", fd(self.telemetry_conf.map())),
-        ];
+        let mut maps: Vec<(&str, BorrowedFd<'_>)> =
+            self.m.growable().into_iter().map(|(n, m)| (n, fd(m))).collect();
+        maps.extend([
+            ("STATS", fd(self.m.stats.map())),
+            ("AUTHZ_COUNTS", fd(self.m.authz_counts.map())),
+            ("AUTHZ_EVENTS", self.m.authz_events.as_fd()),
+            ("TELEMETRY", self.m.telemetry.as_fd()),
+            ("TELEMETRY_CONF", fd(self.m.telemetry_conf.map())),
+        ]);
         let conn_meta = self.ebpf.map("CONN_META").and_then(|m| match m {
             aya::maps::Map::SkStorage(d) => Some(d),
             _ => None,

@@ -167,7 +167,7 @@ impl Dataplane {
             }
         }
         let old: Vec<(&str, u32)> = grown.iter().map(|n| (*n, self.capacities.get(n))).collect();
-        self.install(maps);
+        self.m = maps;
         self.ebpf = ebpf;
         self.capacities = want;
         self.grows += 1;
