@@ -708,10 +708,11 @@ fn a_full_ring_buffer_counts_every_lost_event() {
 }
 
 /// Issue 18, item 3: maps start small and grow, make-before-break, as the configuration
-/// needs. Connections opened back to back while every load-balancing map grows all succeed, a
+/// needs. Connections opened back to back while a load-balancing map grows all succeed, a
 /// UDP socket keeps its backend (its socket storage is shared by the old and new programs),
 /// the maps then hold exactly what was applied, no pin is left behind, and the authorization
-/// maps grown later are the ones the pods' hooks enforce.
+/// maps grown later are the ones the pods' hooks enforce (a pod deleted while still enrolled,
+/// its hook detached by the kernel, does not keep them from growing).
 #[test]
 fn maps_grow_under_load_and_lose_nothing() {
     if !root_or_skip("maps_grow_under_load_and_lose_nothing") {
@@ -794,6 +795,11 @@ fn maps_grow_under_load_and_lose_nothing() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     let a = env.connect("client", &format!("{VIP}:1039"), 30);
     assert!(a.iter().all(|a| a.ok), "a new port works: {:?}", a.iter().find(|a| !a.ok));
+
+    // A pod is deleted while the mesh still holds it: its namespace's hook is detached.
+    let gone = env.bed.add_pod(PodSpec::new("gone", "node-a", "zone-a")).unwrap();
+    env.enroll("gone", None);
+    kmesh_testbed::ip(&["netns", "del", &gone.netns]).unwrap();
 
     // A policy that needs more authorization rows than the maps have: they grow, and the hook
     // in s1's namespace runs the program that reads the grown maps.

@@ -135,16 +135,19 @@ impl Dataplane {
         // The switch: each hook runs the new programs from here on.
         let mut switched: Vec<(PathBuf, &'static str)> = Vec::new();
         for (pin, name) in link_pins(&self.dir) {
-            let r = program_fd(&ebpf, name).and_then(|fd| {
-                sys::replace_link_program(&pin, fd).map_err(|e| KernelError::Pin {
+            let r = program_fd(&ebpf, name).and_then(|fd| match sys::replace_link_program(&pin, fd) {
+                Ok(()) => Ok(true),
+                // A namespace that is gone (its link detached: ENOLINK) or went away with its
+                // pin runs nothing to switch; its unenrollment removes the pin.
+                Err(e) if e.raw_os_error() == Some(libc::ENOLINK) || !pin.exists() => Ok(false),
+                Err(e) => Err(KernelError::Pin {
                     path: pin.clone(),
                     reason: format!("switching to grown maps: {e}"),
-                })
+                }),
             });
             match r {
-                Ok(()) => switched.push((pin, name)),
-                // A namespace that went away with its link pin: nothing runs there.
-                Err(_) if !pin.exists() => {}
+                Ok(true) => switched.push((pin, name)),
+                Ok(false) => tracing::debug!(pin = %pin.display(), "a detached link is left as it is"),
                 Err(e) => {
                     for (pin, name) in switched.iter().rev() {
                         if let Err(e) = program_fd(&self.ebpf, name).and_then(|fd| {
