@@ -243,8 +243,8 @@ impl Parsed {
 
 /// One step of a merge, as what to put back to undo it.
 enum Undo {
-    /// A resource's previous (version, body), by type and name.
-    Resource(String, String, Option<(String, Parsed)>),
+    /// A resource's previous (version, body), by type (one of [`SUBSCRIBED`]) and name.
+    Resource(&'static str, String, Option<(String, Parsed)>),
     /// A model entry's previous value.
     Entry(Kind, String, Option<Parsed>),
     /// The previous name of the resource holding a slot whose key is not its name.
@@ -359,7 +359,7 @@ impl XdsState {
         for u in undo.into_iter().rev() {
             match u {
                 Undo::Resource(type_url, name, old) => {
-                    let items = self.by_type.entry(type_url).or_default();
+                    let items = self.by_type.entry(type_url.to_string()).or_default();
                     match old {
                         Some(v) => items.insert(name, v),
                         None => items.remove(&name),
@@ -431,10 +431,15 @@ fn merge(
     undo: &mut Vec<Undo>,
 ) -> Vec<String> {
     let mut rejected = Vec::new();
-    let type_url = resp.type_url.as_str();
-    if !SUBSCRIBED.contains(&type_url) {
-        rejected.push(format!("type {type_url:?} was not subscribed"));
+    let Some(type_url) = SUBSCRIBED.into_iter().find(|t| *t == resp.type_url) else {
+        rejected.push(format!("type {:?} was not subscribed", resp.type_url));
         return rejected;
+    };
+    // Room for every undo record a full push makes (a resource and its model entry each), so
+    // that the log of a 100k-resource push is not grown by doubling.
+    undo.reserve(2 * resp.resources.len() + resp.removed_resources.len());
+    if !state.by_type.contains_key(type_url) {
+        state.by_type.insert(type_url.to_string(), BTreeMap::new());
     }
     for r in &mut resp.resources {
         let Some(any) = &mut r.resource else {
@@ -472,14 +477,14 @@ fn merge(
             ));
             continue;
         }
-        let items = state.by_type.entry(type_url.to_string()).or_default();
+        let items = state.by_type.get_mut(type_url).expect("the type's map was made above");
         let old = items.insert(r.name.clone(), (r.version.clone(), p.clone()));
         if let Some((_, prev)) = &old
             && prev.slot() != (kind, key.clone())
         {
             state.vacate(&r.name, prev, keys, undo);
         }
-        undo.push(Undo::Resource(type_url.to_string(), r.name.clone(), old));
+        undo.push(Undo::Resource(type_url, r.name.clone(), old));
         if key != r.name {
             state.set_alias(kind, &key, Some(r.name.clone()), Some(&mut *undo));
         }
@@ -491,7 +496,7 @@ fn merge(
             continue;
         };
         state.vacate(name, &old.1, keys, undo);
-        undo.push(Undo::Resource(type_url.to_string(), name.clone(), Some(old)));
+        undo.push(Undo::Resource(type_url, name.clone(), Some(old)));
     }
     rejected
 }
