@@ -56,6 +56,21 @@ const FIXED_MAPS: [&str; 11] = [
     "DNS_TCP",
 ];
 
+/// Loads the eBPF object: the maps the daemon writes with capacities `caps`, every map pinned
+/// at `pin_of(name)` (adopted when a pin is there, created and pinned there otherwise).
+fn load_object(caps: Capacities, pin_of: impl Fn(&str) -> PathBuf) -> Result<Ebpf, KernelError> {
+    let pins: Vec<(&'static str, PathBuf)> =
+        caps.all().into_iter().map(|(n, _)| n).chain(FIXED_MAPS).map(|n| (n, pin_of(n))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, cap) in caps.all() {
+        loader.map_max_entries(name, cap);
+    }
+    for (name, path) in &pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.load(EBPF_OBJ).map_err(KernelError::Load)
+}
+
 /// Loads a cgroup program (connect4/6 or sock_ops) and attaches it with a bpf_link.
 fn attach_to_cgroup(
     p: &mut aya::programs::Program,
@@ -540,21 +555,8 @@ impl Dataplane {
         // A map this run creates starts small and grows with the configuration; an adopted
         // one keeps the capacity it has.
         let initial = opts.ceilings.at_most(opts.initial_capacity.max(1));
-        let pins: Vec<(&'static str, PathBuf)> =
-            initial.all().iter().map(|(n, _)| (*n, dir.join("maps").join(n))).collect();
-        let mut loader = EbpfLoader::new();
-        for (name, cap) in initial.all() {
-            loader.map_max_entries(name, cap);
-        }
-        for (name, path) in &pins {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let fixed: Vec<(&'static str, PathBuf)> =
-            FIXED_MAPS.iter().map(|n| (*n, dir.join("maps").join(n))).collect();
-        for (name, path) in &fixed {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut ebpf = loader.load(EBPF_OBJ).map_err(KernelError::Load)?;
+        let maps_dir = dir.join("maps");
+        let mut ebpf = load_object(initial, |n| maps_dir.join(n))?;
 
         let mut m = Maps::take(&mut ebpf)?;
         let telemetry_conf = &mut m.telemetry_conf;

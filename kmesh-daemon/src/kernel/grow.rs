@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::lpm_trie::Key as LpmKey;
 use aya::maps::{HashMap, MapData};
 use aya::programs::Program;
-use aya::{Ebpf, EbpfLoader, Pod};
+use aya::{Ebpf, Pod};
 
 use super::*;
 
@@ -195,21 +195,7 @@ impl Dataplane {
         tmp: &dyn Fn(&str) -> PathBuf,
     ) -> Result<(Ebpf, Maps), KernelError> {
         let maps_dir = self.dir.join("maps");
-        let mut loader = EbpfLoader::new();
-        for (name, cap) in want.all() {
-            loader.map_max_entries(name, cap);
-        }
-        let paths: Vec<(&'static str, PathBuf)> = want
-            .all()
-            .into_iter()
-            .map(|(n, _)| n)
-            .chain(FIXED_MAPS)
-            .map(|n| (n, if grown.contains(&n) { tmp(n) } else { maps_dir.join(n) }))
-            .collect();
-        for (name, path) in &paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut ebpf = loader.load(EBPF_OBJ).map_err(KernelError::Load)?;
+        let mut ebpf = load_object(want, |n| if grown.contains(&n) { tmp(n) } else { maps_dir.join(n) })?;
         let mut maps = Maps::take(&mut ebpf)?;
         let a = &self.applied;
         let z = &self.authz_applied;
