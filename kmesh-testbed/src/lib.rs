@@ -406,9 +406,18 @@ impl Testbed {
     /// Starts the agent's echo server in a pod on the given TCP and UDP ports (all addresses,
     /// IPv4 and IPv6); returns when it is listening. It is killed when the testbed drops.
     pub fn serve(&self, pod: &Pod, tcp: &[u16], udp: &[u16]) -> Result<u32> {
+        self.serve_with_proxy(pod, tcp, udp, &[])
+    }
+
+    /// [`serve`](Self::serve), plus TCP ports that take a PROXY protocol v2 header first (as a
+    /// waypoint's do) and answer with what it carried.
+    pub fn serve_with_proxy(&self, pod: &Pod, tcp: &[u16], udp: &[u16], proxy_tcp: &[u16]) -> Result<u32> {
         let mut args = vec!["serve".to_string(), "--name".into(), pod.spec.name.clone()];
         for p in tcp {
             args.extend(["--tcp".into(), p.to_string()]);
+        }
+        for p in proxy_tcp {
+            args.extend(["--proxy-tcp".into(), p.to_string()]);
         }
         for p in udp {
             args.extend(["--udp".into(), p.to_string()]);
@@ -592,6 +601,9 @@ impl Pod {
         if o.send_bytes > 0 {
             c.args(["--send", &o.send_bytes.to_string()]);
         }
+        if o.client_first {
+            c.arg("--client-first");
+        }
         c.stdin(Stdio::null());
         Ok(c)
     }
@@ -649,6 +661,8 @@ pub struct ClientOptions {
     pub unconnected: bool,
     /// UDP: every attempt from one socket.
     pub one_socket: bool,
+    /// TCP: write a line first (a client-first protocol) and read it echoed.
+    pub client_first: bool,
 }
 
 impl Default for ClientOptions {
@@ -662,6 +676,7 @@ impl Default for ClientOptions {
             send_bytes: 0,
             unconnected: false,
             one_socket: false,
+            client_first: false,
         }
     }
 }

@@ -56,6 +56,10 @@ enum Cmd {
         tcp: Vec<u16>,
         #[arg(long = "udp")]
         udp: Vec<u16>,
+        /// TCP ports whose connections open with a PROXY protocol v2 header (a waypoint's):
+        /// the answer line says what the header carried, then the rest is echoed.
+        #[arg(long = "proxy-tcp")]
+        proxy_tcp: Vec<u16>,
     },
     /// Agent: hold one TCP connection open for SECS seconds, exchanging a line every
     /// INTERVAL_MS; print one JSON line with the outcome.
@@ -92,6 +96,10 @@ enum Cmd {
         /// UDP: every attempt from one socket (one source port), as a long-lived client.
         #[arg(long)]
         one_socket: bool,
+        /// TCP: write a line before reading the server's (a client-first protocol), and read
+        /// it echoed after the server's line.
+        #[arg(long)]
+        client_first: bool,
     },
 }
 
@@ -116,7 +124,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Serve { name, tcp, udp } => serve(name, tcp, udp),
+        Cmd::Serve { name, tcp, udp, proxy_tcp } => serve(name, tcp, udp, proxy_tcp),
         Cmd::Hold { target, secs, interval_ms } => hold(target, secs, interval_ms),
         Cmd::Connect {
             target,
@@ -128,9 +136,11 @@ fn main() -> anyhow::Result<()> {
             send,
             unconnected,
             one_socket,
+            client_first,
         } => {
             let udp = udp.then_some(UdpMode { unconnected, one_socket });
-            connect(target, count, udp, Duration::from_millis(timeout_ms), interval_us, duration_ms, send)
+            let tcp = TcpMode { send, client_first };
+            connect(target, count, udp, Duration::from_millis(timeout_ms), interval_us, duration_ms, tcp)
         }
     }
 }
@@ -204,13 +214,13 @@ fn die_with_parent() {
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
 }
 
-fn serve(name: String, tcp: Vec<u16>, udp: Vec<u16>) -> anyhow::Result<()> {
+fn serve(name: String, tcp: Vec<u16>, udp: Vec<u16>, proxy_tcp: Vec<u16>) -> anyhow::Result<()> {
     die_with_parent();
     let name = Arc::new(name);
     let mut listeners = Vec::new();
-    for p in tcp {
+    for (p, proxy) in tcp.iter().map(|p| (*p, false)).chain(proxy_tcp.iter().map(|p| (*p, true))) {
         // [::] with the default bindv6only=0 takes IPv4 too.
-        listeners.push(TcpListener::bind(("::", p)).with_context(|| format!("bind tcp {p}"))?);
+        listeners.push((TcpListener::bind(("::", p)).with_context(|| format!("bind tcp {p}"))?, proxy));
     }
     let mut sockets = Vec::new();
     for p in udp {
@@ -219,12 +229,16 @@ fn serve(name: String, tcp: Vec<u16>, udp: Vec<u16>) -> anyhow::Result<()> {
     println!("ready");
     std::io::stdout().flush()?;
     let mut handles = Vec::new();
-    for l in listeners {
+    for (l, proxy) in listeners {
         let name = name.clone();
         handles.push(std::thread::spawn(move || {
             for s in l.incoming().flatten() {
                 let name = name.clone();
-                std::thread::spawn(move || echo(s, &name));
+                if proxy {
+                    std::thread::spawn(move || proxy_echo(s, &name));
+                } else {
+                    std::thread::spawn(move || echo(s, &name));
+                }
             }
         }));
     }
@@ -257,16 +271,103 @@ fn echo(mut s: TcpStream, name: &str) {
     }
 }
 
-fn attempt_tcp(target: SocketAddr, timeout: Duration, send: u32) -> std::io::Result<(String, SocketAddr)> {
+/// A connection that opens with a PROXY protocol v2 header: answers with a line saying what
+/// the header carried (`<name> proxy src=.. dst=.. id=.. host=..`, or `<name> proxy=none`
+/// when the first bytes are not one), then echoes everything after the header.
+fn proxy_echo(mut s: TcpStream, name: &str) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut head = [0u8; 16];
+    if s.read_exact(&mut head).is_err() {
+        return;
+    }
+    let mut rest = Vec::new();
+    let line = if head[..12] == *b"\r\n\r\n\0\r\nQUIT\n" {
+        let len = u16::from_be_bytes([head[14], head[15]]) as usize;
+        let mut body = vec![0u8; len];
+        if s.read_exact(&mut body).is_err() {
+            return;
+        }
+        describe_proxy_header(head[13], &body)
+    } else {
+        rest.extend_from_slice(&head);
+        "proxy=none".to_string()
+    };
+    if s.write_all(format!("{name} {line}\n").as_bytes()).is_err() || s.write_all(&rest).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 16384];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 || s.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+}
+
+/// `proxy src=<addr:port> dst=<addr:port> id=<TLV 0xD0> host=<TLV 0xD1>` of a header body.
+fn describe_proxy_header(family: u8, body: &[u8]) -> String {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let (src, dst, at): (SocketAddr, SocketAddr, usize) = match family {
+        0x11 if body.len() >= 12 => {
+            let ip = |o: usize| Ipv4Addr::new(body[o], body[o + 1], body[o + 2], body[o + 3]);
+            let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
+            ((ip(0), port(8)).into(), (ip(4), port(10)).into(), 12)
+        }
+        0x21 if body.len() >= 36 => {
+            let ip = |o: usize| Ipv6Addr::from(<[u8; 16]>::try_from(&body[o..o + 16]).unwrap());
+            let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
+            ((ip(0), port(32)).into(), (ip(16), port(34)).into(), 36)
+        }
+        _ => return format!("proxy=bad-family-{family:#x}"),
+    };
+    let (mut id, mut host, mut at) = (String::new(), String::new(), at);
+    while at + 3 <= body.len() {
+        let (kind, len) = (body[at], u16::from_be_bytes([body[at + 1], body[at + 2]]) as usize);
+        let Some(value) = body.get(at + 3..at + 3 + len) else { return "proxy=bad-tlv".into() };
+        match kind {
+            0xD0 => id = String::from_utf8_lossy(value).into_owned(),
+            0xD1 => host = String::from_utf8_lossy(value).into_owned(),
+            _ => {}
+        }
+        at += 3 + len;
+    }
+    format!("proxy src={src} dst={dst} id={id} host={host}")
+}
+
+/// How a TCP client behaves.
+#[derive(Clone, Copy)]
+struct TcpMode {
+    send: u32,
+    client_first: bool,
+}
+
+fn attempt_tcp(
+    target: SocketAddr,
+    timeout: Duration,
+    mode: TcpMode,
+) -> std::io::Result<(String, SocketAddr)> {
     let s = TcpStream::connect_timeout(&target, timeout)?;
     let peer = s.peer_addr()?;
     s.set_read_timeout(Some(timeout))?;
+    if mode.client_first {
+        (&s).write_all(b"hi\n")?;
+    }
     let mut reader = BufReader::new(&s);
     let mut line = String::new();
     reader.read_line(&mut line)?;
     if line.is_empty() {
         return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before answering"));
     }
+    if mode.client_first {
+        let mut echo = String::new();
+        reader.read_line(&mut echo)?;
+        if echo != "hi\n" {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("echoed {echo:?}, not hi"),
+            ));
+        }
+    }
+    let send = mode.send;
     if send > 0 {
         (&s).write_all(&vec![b'x'; send as usize])?;
         let mut back = vec![0u8; send as usize];
@@ -326,7 +427,7 @@ fn connect(
     timeout: Duration,
     interval_us: u64,
     duration_ms: u64,
-    send: u32,
+    tcp: TcpMode,
 ) -> anyhow::Result<()> {
     die_with_parent();
     let deadline = (duration_ms > 0).then(|| Instant::now() + Duration::from_millis(duration_ms));
@@ -343,7 +444,7 @@ fn connect(
         let start_ns = monotonic_ns();
         let r = match udp {
             Some(mode) => attempt_udp(target, timeout, mode, &mut shared),
-            None => attempt_tcp(target, timeout, send),
+            None => attempt_tcp(target, timeout, tcp),
         };
         let a = match r {
             Ok((server, peer)) => Attempt {
