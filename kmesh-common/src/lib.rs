@@ -15,7 +15,7 @@
 
 /// Layout version of the maps below. Bumped whenever a key or value changes shape; the daemon
 /// keeps its pins under a directory named after it.
-pub const MAP_LAYOUT_VERSION: u32 = 6;
+pub const MAP_LAYOUT_VERSION: u32 = 7;
 
 /// Names of the load-balancing maps, in the order user space lists them everywhere (map
 /// counts, capacities, pins).
@@ -37,6 +37,11 @@ pub const PROTO_UDP: u8 = 17;
 pub const ERRNO_NO_ENDPOINT: i32 = 111; // ECONNREFUSED
 /// The connect() errno when a STRICT locality service has no endpoint in the client's locality.
 pub const ERRNO_STRICT_NO_MATCH: i32 = 113; // EHOSTUNREACH
+/// The connect() errno when the destination names a waypoint (Istio's `Service.waypoint` or
+/// `Workload.waypoint`) and no endpoint of that waypoint is usable (none is healthy, none
+/// takes PROXY protocol, or the waypoint names nothing in the model): the connection fails
+/// rather than bypass the waypoint, whose L7 policy would then be skipped.
+pub const ERRNO_WAYPOINT_UNREACHABLE: i32 = 101; // ENETUNREACH
 /// The connect() errno when the destination is a service frontend but the tables behind it
 /// could not be read consistently (an update raced the lookup twice, or an entry was missing):
 /// the connection is refused, never passed on unchanged to whatever route the VIP has, and a
@@ -100,12 +105,18 @@ pub const fn is_v4_mapped(a: &[u32; 4]) -> bool {
 // NETNS: which network namespaces are in the mesh.
 // ---------------------------------------------------------------------------------------------
 
+/// `NetnsValue.flags`: the pods of this namespace are a waypoint. Their own connections are
+/// never sent to a waypoint (no loops).
+pub const NS_F_WAYPOINT: u32 = 1;
+
 /// Value of `NETNS`, keyed by the namespace cookie (`u64`, SO_NETNS_COOKIE).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NetnsValue {
     /// Locality class of the pods in this namespace (0: the node's own locality).
     pub class_id: u32,
+    /// `NS_F_*`.
+    pub flags: u32,
     /// [`key_check`] of the cookie.
     pub check: u32,
 }
@@ -127,13 +138,22 @@ pub struct FrontendKey {
 /// The frontend's tables depend on the client's locality class.
 pub const FE_F_LOCALITY: u16 = 1;
 
+/// A frontend key with this port stands for every port of its address (TCP only): the
+/// addresses of workloads that name a waypoint, looked up when no exact frontend matches.
+pub const PORT_ANY: u16 = 0;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FrontendValue {
+    /// The service's own tables (0: none: a workload's address, reached directly).
     pub service_id: u32,
     /// Target port used unless `PORTS` has a per-backend override, network byte order.
     pub target_port: u16,
     pub flags: u16,
+    /// The tables of the waypoint connections to this frontend go through (0: none). Their
+    /// slots are waypoint endpoints; `PORTS` gives each one's PROXY port, and a connection
+    /// without one keeps the port it dialled. Clients that are waypoints use `service_id`.
+    pub waypoint_id: u32,
     /// [`key_check`] of the frontend key.
     pub check: u32,
 }
@@ -155,6 +175,9 @@ pub struct TableKey {
 pub const TBL_F_STRICT: u32 = 1;
 /// Endpoints carry cumulative weights; pick by weight instead of uniformly.
 pub const TBL_F_WEIGHTED: u32 = 2;
+/// The table's slots are waypoint endpoints: an empty table fails connect() with
+/// `ERRNO_WAYPOINT_UNREACHABLE`.
+pub const TBL_F_WAYPOINT: u32 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -269,7 +292,17 @@ pub mod stat {
     /// A DNS query of a pod with a proxy left on its way to the resolver: its socket could not
     /// be given a local port to be told apart by (see `DnsOrigKey`).
     pub const DNS_UNTRACKED: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// connect() to a frontend sent to a waypoint instead of an endpoint.
+    pub const WAYPOINT_REDIRECTED: u32 = 14;
+    /// connect() refused: the destination's waypoint has no usable endpoint.
+    pub const WAYPOINT_UNREACHABLE: u32 = 15;
+    /// A PROXY protocol header put in front of a waypoint connection's first write.
+    pub const PROXY_HEADER_SENT: u32 = 16;
+    /// A waypoint connection that could not be given its header: not tracked at
+    /// establishment (`WAYPOINT_SOCKS` full) or the header could not be inserted (the write
+    /// fails with EACCES and the next one tries again).
+    pub const PROXY_HEADER_FAILED: u32 = 17;
+    pub const COUNT: u32 = 18;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -542,6 +575,83 @@ pub struct ConnEvent {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Waypoints: a connection sent to a waypoint opens with a PROXY protocol v2 header carrying
+// the client's address, the address and port it dialled, and two TLVs: `0xD0` the client's
+// SPIFFE identity and `0xD1` the hostname of the service it dialled. connect() records the
+// original destination in `WP_CONN`; sock_ops puts the established socket in
+// `WAYPOINT_SOCKS`; the sk_msg program pushes the header in front of its first write.
+// ---------------------------------------------------------------------------------------------
+
+/// The 12-byte signature that opens a PROXY protocol v2 header.
+pub const PP2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+/// Version 2, command PROXY.
+pub const PP2_VERSION_PROXY: u8 = 0x21;
+/// AF_INET / AF_INET6 over STREAM.
+pub const PP2_TCP4: u8 = 0x11;
+pub const PP2_TCP6: u8 = 0x21;
+/// TLV types: padding, the client's SPIFFE identity, the dialled service's hostname (Istio's).
+pub const PP2_TYPE_NOOP: u8 = 0x04;
+pub const PP2_TYPE_PEER_IDENTITY: u8 = 0xD0;
+pub const PP2_TYPE_SERVICE_HOSTNAME: u8 = 0xD1;
+/// Bytes of one TLV slot. Each of the two TLVs fills exactly one slot, the rest of which is a
+/// NOOP TLV, so the kernel copies constant sizes; a value may be up to `PP_SLOT - 6` bytes.
+pub const PP_SLOT: usize = 256;
+/// The longest TLV value a slot holds (253-byte hostnames and most identities fit).
+pub const PP_SLOT_MAX_VALUE: usize = PP_SLOT - 6;
+/// Header length: 16 fixed bytes, the address block, two slots.
+pub const PP2_LEN_V4: usize = 16 + 12 + 2 * PP_SLOT;
+pub const PP2_LEN_V6: usize = 16 + 36 + 2 * PP_SLOT;
+
+/// One TLV slot as `PP_IDENT` and `PP_HOST` hold it (see [`pp_slot`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PpSlot {
+    pub bytes: [u8; PP_SLOT],
+}
+
+impl Default for PpSlot {
+    fn default() -> Self {
+        pp_slot(PP2_TYPE_NOOP, &[]).expect("an empty slot fits")
+    }
+}
+
+/// A slot holding TLV `kind` with `value`, padded with a NOOP TLV; an empty value gives a
+/// slot that is all padding. `None` when the value is longer than [`PP_SLOT_MAX_VALUE`].
+pub fn pp_slot(kind: u8, value: &[u8]) -> Option<PpSlot> {
+    let mut bytes = [0u8; PP_SLOT];
+    let mut at = 0;
+    if !value.is_empty() {
+        if value.len() > PP_SLOT_MAX_VALUE {
+            return None;
+        }
+        bytes[0] = kind;
+        bytes[1..3].copy_from_slice(&(value.len() as u16).to_be_bytes());
+        bytes[3..3 + value.len()].copy_from_slice(value);
+        at = 3 + value.len();
+    }
+    bytes[at] = PP2_TYPE_NOOP;
+    bytes[at + 1..at + 3].copy_from_slice(&((PP_SLOT - at - 3) as u16).to_be_bytes());
+    Some(PpSlot { bytes })
+}
+
+/// `WP_CONN`: per-socket storage of a connection connect() sent to a waypoint, until its
+/// header is sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WaypointConn {
+    /// The address and port (network order) the client dialled.
+    pub orig_dst: [u32; 4],
+    pub orig_port: u16,
+    /// The port of the frontend key that matched (network order; `PORT_ANY` for a workload
+    /// address): with `orig_dst`, the key of the hostname slot in `PP_HOST`.
+    pub fe_port: u16,
+    /// 1 until the header has been sent.
+    pub pending: u32,
+    /// The client's namespace: the key of its identity slot in `PP_IDENT`.
+    pub netns: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
 // Selection helpers: pure, bounded, used by the kernel and unit-tested on the host.
 // ---------------------------------------------------------------------------------------------
 
@@ -623,6 +733,8 @@ mod pod {
     unsafe impl aya::Pod for DnsPodValue {}
     unsafe impl aya::Pod for DnsOrigKey {}
     unsafe impl aya::Pod for DnsOrig {}
+    unsafe impl aya::Pod for PpSlot {}
+    unsafe impl aya::Pod for WaypointConn {}
 }
 
 checked! {
@@ -640,9 +752,9 @@ checked! {
 
 // Sizes are part of the pinned layout: a change here must bump MAP_LAYOUT_VERSION.
 const _: () = {
-    assert!(core::mem::size_of::<NetnsValue>() == 8);
+    assert!(core::mem::size_of::<NetnsValue>() == 12);
     assert!(core::mem::size_of::<FrontendKey>() == 20);
-    assert!(core::mem::size_of::<FrontendValue>() == 12);
+    assert!(core::mem::size_of::<FrontendValue>() == 16);
     assert!(core::mem::size_of::<TableKey>() == 12);
     assert!(core::mem::size_of::<TableValue>() == 12 + 8 * LEVELS);
     assert!(core::mem::size_of::<EndpointKey>() == 20);
@@ -664,6 +776,8 @@ const _: () = {
     assert!(core::mem::size_of::<DnsPodValue>() == 8);
     assert!(core::mem::size_of::<DnsOrigKey>() == 16);
     assert!(core::mem::size_of::<DnsOrig>() == 24);
+    assert!(core::mem::size_of::<PpSlot>() == PP_SLOT);
+    assert!(core::mem::size_of::<WaypointConn>() == 32);
 };
 
 #[cfg(test)]
@@ -775,5 +889,35 @@ mod tests {
         assert_eq!(a[3], ip);
         let bytes: [u8; 4] = a[2].to_ne_bytes();
         assert_eq!(bytes, [0, 0, 0xff, 0xff]);
+    }
+
+    /// Walks the TLVs of a slot: (type, value) in order, or `None` if one overruns the slot.
+    fn tlvs(slot: &PpSlot) -> Option<std::vec::Vec<(u8, std::vec::Vec<u8>)>> {
+        let b = &slot.bytes;
+        let mut out = std::vec::Vec::new();
+        let mut at = 0;
+        while at < PP_SLOT {
+            let len = u16::from_be_bytes([*b.get(at + 1)?, *b.get(at + 2)?]) as usize;
+            out.push((b[at], b.get(at + 3..at + 3 + len)?.to_vec()));
+            at += 3 + len;
+        }
+        Some(out)
+    }
+
+    #[test]
+    fn a_tlv_slot_is_exactly_filled_by_its_tlv_and_padding() {
+        let id = b"spiffe://cluster.local/ns/default/sa/client";
+        let s = pp_slot(PP2_TYPE_PEER_IDENTITY, id).unwrap();
+        let t = tlvs(&s).expect("the TLVs end exactly at the slot's end");
+        assert_eq!(t.len(), 2);
+        assert_eq!((t[0].0, t[0].1.as_slice()), (PP2_TYPE_PEER_IDENTITY, &id[..]));
+        assert_eq!(t[1].0, PP2_TYPE_NOOP);
+        // Empty: all padding. The longest value still leaves room for the NOOP's header.
+        assert_eq!(tlvs(&PpSlot::default()).unwrap(), [(PP2_TYPE_NOOP, std::vec![0; PP_SLOT - 3])]);
+        let long = [b'a'; PP_SLOT_MAX_VALUE];
+        let t = tlvs(&pp_slot(PP2_TYPE_SERVICE_HOSTNAME, &long).unwrap()).unwrap();
+        assert_eq!((t[0].1.len(), t[1].1.len()), (PP_SLOT_MAX_VALUE, 0));
+        assert!(pp_slot(PP2_TYPE_SERVICE_HOSTNAME, &[b'a'; PP_SLOT_MAX_VALUE + 1]).is_none());
+        assert_eq!(PP2_SIGNATURE, [0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A]);
     }
 }

@@ -397,6 +397,61 @@ pub struct Compiler {
     /// During the first compilation after a restart: the backend ids the adopted maps hold, by
     /// (service id, address), for their owners to take back.
     adoptable_backends: BTreeMap<(u32, [u32; 4]), Vec<u32>>,
+    /// Waypoint routes (see [`route_key`]): what each one resolved through and to.
+    routes: BTreeMap<String, RouteInfo>,
+    /// What a waypoint route resolves through -> the routes that did (recompiled when it
+    /// changes).
+    route_deps: BTreeMap<WaypointDep, BTreeSet<String>>,
+    /// Workloads that are endpoints of some waypoint route, with how many routes use them:
+    /// their namespaces' own connections are never sent to a waypoint.
+    waypoint_uids: BTreeMap<String, u32>,
+    /// The workload of each enrolled namespace that has one (for the `NS_F_WAYPOINT` flag).
+    enrolled_uids: BTreeMap<u64, String>,
+}
+
+/// Prefix of the fragment key of a workload whose own waypoint takes the connections
+/// addressed to it (`Workload.waypoint`): `@wl/<uid>`. No service key starts with `@`.
+const WORKLOAD_FRAGMENT: &str = "@wl/";
+
+/// The fragment key of the waypoint route of a service key or workload fragment key: its
+/// waypoint's endpoints, the table a frontend's `waypoint_id` names.
+pub fn route_key(owner: &str) -> String {
+    format!("{owner}#waypoint")
+}
+
+/// What resolving a waypoint read: a service (its members, its addresses) or an address (a
+/// VIP or a workload's).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum WaypointDep {
+    Service(String),
+    Addr(IpAddr),
+}
+
+/// A compiled waypoint route: what it depends on, whose endpoints it uses, its backend keys.
+#[derive(Clone, Debug, Default)]
+struct RouteInfo {
+    deps: Vec<WaypointDep>,
+    members: Vec<String>,
+    backends: BTreeSet<BackendKey>,
+}
+
+/// The waypoints a service sends its connections through: `weighted_waypoints` when given
+/// (chosen per connection by weight), else `waypoint`.
+pub fn service_waypoints(svc: &Service) -> Vec<(&GatewayAddress, u32)> {
+    if !svc.weighted_waypoints.is_empty() {
+        return svc.weighted_waypoints.iter().map(|w| (&w.destination, w.weight)).collect();
+    }
+    svc.waypoint.iter().map(|g| (g, 1)).collect()
+}
+
+/// The port a waypoint endpoint takes redirected connections on: its PROXY application
+/// tunnel's (0: the port dialled). `None`: it takes no PROXY protocol, so it cannot be told
+/// where a connection was going, and is not used (it would need Istio's HBONE).
+pub fn waypoint_port(w: &Workload) -> Option<u16> {
+    match w.application_tunnel {
+        Some(ApplicationTunnel { protocol: TunnelProtocol::Proxy, port }) => Some(port),
+        _ => None,
+    }
 }
 
 /// The services claiming one frontend, in key order (the first owns it): nearly always one, so
@@ -510,9 +565,10 @@ impl Compiler {
                 }
                 _ => 0,
             };
-            self.netns.insert(*cookie, NetnsValue { class_id, check: 0 }.sealed(cookie));
+            self.netns.insert(*cookie, NetnsValue { class_id, flags: 0, check: 0 }.sealed(cookie));
         }
         self.ids.classes.retain(&used_classes);
+        self.enrolled_uids = enrolled.iter().filter_map(|(c, e)| Some((*c, e.workload.clone()?))).collect();
 
         self.members.clear();
         for w in model.workloads.values() {
@@ -526,15 +582,23 @@ impl Compiler {
             if self.ids.backends.adopting() { adoptable_backends(prev) } else { Default::default() };
         let mut used_services = BTreeSet::new();
         let mut used_backends = BTreeSet::new();
+        let mut route_owners = Vec::new();
         for (key, svc) in &model.services {
             if let Some(frag) = self.compile_service(model, key, svc, prev, &mut used_backends) {
                 used_services.insert(key.clone());
+                if frag.frontends.values().any(|v| v.waypoint_id != 0) {
+                    route_owners.push(key.clone());
+                }
                 self.fragments.insert(key.clone(), frag.into());
             }
         }
-        self.adoptable_backends.clear();
-        self.ids.services.retain(&used_services);
-        self.ids.backends.retain(&used_backends);
+        for w in model.workloads.values().filter(|w| w.waypoint.is_some()) {
+            let key = format!("{WORKLOAD_FRAGMENT}{}", w.uid);
+            if let Some(frag) = self.compile_workload_frontends(w, prev) {
+                route_owners.push(key.clone());
+                self.fragments.insert(key, frag.into());
+            }
+        }
         self.claims.clear();
         for (key, f) in &self.fragments {
             for fk in f.frontend_keys() {
@@ -542,13 +606,240 @@ impl Compiler {
             }
         }
         self.contested = self.claims.iter().filter(|(_, o)| o.len() > 1).map(|(k, _)| *k).collect();
+        // Waypoint routes, once every frontend is claimed (a waypoint given by address is
+        // found by its VIP).
+        self.routes.clear();
+        self.route_deps.clear();
+        self.waypoint_uids.clear();
+        for owner in route_owners {
+            let rk = route_key(&owner);
+            if let Some((frag, info)) = self.compile_route(model, &owner, prev) {
+                used_services.insert(rk.clone());
+                used_backends.extend(info.backends.iter().cloned());
+                self.index_route(&rk, &info, true);
+                self.routes.insert(rk.clone(), info);
+                self.fragments.insert(rk, frag.into());
+            }
+        }
+        for (cookie, uid) in &self.enrolled_uids {
+            if let Some(v) = self.netns.get_mut(cookie) {
+                v.flags = if self.waypoint_uids.contains_key(uid) { NS_F_WAYPOINT } else { 0 };
+                *v = v.sealed(cookie);
+            }
+        }
+        self.adoptable_backends.clear();
+        self.ids.services.retain(&used_services);
+        self.ids.backends.retain(&used_backends);
         self.state()
+    }
+
+    /// Adds (or, with `add` false, removes) a route's dependencies and members to the indexes.
+    fn index_route(&mut self, rk: &str, info: &RouteInfo, add: bool) {
+        for dep in &info.deps {
+            if add {
+                self.route_deps.entry(dep.clone()).or_default().insert(rk.to_string());
+            } else if let Some(set) = self.route_deps.get_mut(dep) {
+                set.remove(rk);
+                if set.is_empty() {
+                    self.route_deps.remove(dep);
+                }
+            }
+        }
+        for uid in &info.members {
+            if add {
+                *self.waypoint_uids.entry(uid.clone()).or_default() += 1;
+            } else if let Some(n) = self.waypoint_uids.get_mut(uid) {
+                *n -= 1;
+                if *n == 0 {
+                    self.waypoint_uids.remove(uid);
+                }
+            }
+        }
+    }
+
+    /// The service that claims TCP frontends on `ip` (a VIP), if any.
+    fn service_at(&self, ip: IpAddr) -> Option<&String> {
+        let addr = addr_words(ip);
+        let lo = FrontendKey { addr, port: 0, proto: 0, _pad: 0 };
+        let hi = FrontendKey { addr, port: u16::MAX, proto: u8::MAX, _pad: u8::MAX };
+        self.claims
+            .range(lo..=hi)
+            .flat_map(|(_, owners)| owners.keys())
+            .find(|k| !k.starts_with(WORKLOAD_FRAGMENT))
+    }
+
+    /// The workloads a waypoint names (healthy or not), and what finding them read.
+    fn resolve_waypoint<'m>(
+        &self,
+        model: &'m Model,
+        g: &GatewayAddress,
+        deps: &mut Vec<WaypointDep>,
+    ) -> Vec<&'m Workload> {
+        let members_of = |key: &str| -> Vec<&'m Workload> {
+            self.members
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter_map(|uid| model.workloads.get(uid).map(|w| w.as_ref()))
+                .collect()
+        };
+        match &g.destination {
+            GatewayDestination::Hostname { namespace, hostname } => {
+                let key = format!("{namespace}/{hostname}");
+                deps.push(WaypointDep::Service(key.clone()));
+                members_of(&key)
+            }
+            GatewayDestination::Address { network, address } => {
+                deps.push(WaypointDep::Addr(*address));
+                if !network.is_empty() && *network != model.node.network {
+                    return Vec::new();
+                }
+                if let Some(key) = self.service_at(*address) {
+                    deps.push(WaypointDep::Service(key.clone()));
+                    return members_of(key);
+                }
+                model.workload_by_address(*address).into_iter().collect()
+            }
+        }
+    }
+
+    /// The frontends of a workload whose waypoint takes the connections addressed to it: each
+    /// of its addresses on any TCP port (`PORT_ANY`), through its route.
+    fn compile_workload_frontends(&mut self, w: &Workload, prev: &MapState) -> Option<MapState> {
+        if w.waypoint.is_none() || w.addresses.is_empty() {
+            return None;
+        }
+        let key = format!("{WORKLOAD_FRAGMENT}{}", w.uid);
+        let rk = route_key(&key);
+        let mut out = MapState::default();
+        for a in &w.addresses {
+            let fk = FrontendKey { addr: addr_words(*a), port: PORT_ANY, proto: PROTO_TCP, _pad: 0 };
+            if self.ids.services.get(&rk).is_none()
+                && let Some(v) = prev.frontends.get(&fk)
+            {
+                self.ids.services.adopt(&rk, v.waypoint_id);
+            }
+            let waypoint_id = self.ids.services.get_or_alloc(&rk);
+            let fv = FrontendValue { service_id: 0, target_port: 0, flags: 0, waypoint_id, check: 0 };
+            out.frontends.insert(fk, fv.sealed(&fk));
+        }
+        Some(out)
+    }
+
+    /// Compiles the waypoint route of `owner` (a service key or a workload fragment key): one
+    /// table per address family whose slots are the usable endpoints of its waypoints, with
+    /// each one's PROXY port. `None` when the owner no longer has a waypoint.
+    fn compile_route(
+        &mut self,
+        model: &Model,
+        owner: &str,
+        prev: &MapState,
+    ) -> Option<(MapState, RouteInfo)> {
+        let rk = route_key(owner);
+        let route_id = self.ids.services.get(&rk)?;
+        // (waypoint, weight), the families to serve, the frontend ports (network order).
+        let (waypoints, families, ports): (Vec<(GatewayAddress, u32)>, BTreeSet<u8>, Vec<u16>) =
+            match owner.strip_prefix(WORKLOAD_FRAGMENT) {
+                Some(uid) => {
+                    let w = model.workloads.get(uid)?;
+                    let g = w.waypoint.clone()?;
+                    (vec![(g, 1)], w.addresses.iter().map(family_of).collect(), vec![PORT_ANY])
+                }
+                None => {
+                    let svc = model.services.get(owner)?;
+                    let wps: Vec<(GatewayAddress, u32)> =
+                        service_waypoints(svc).into_iter().map(|(g, w)| (g.clone(), w)).collect();
+                    if wps.is_empty() {
+                        return None;
+                    }
+                    let ports = svc
+                        .ports
+                        .iter()
+                        .filter(|p| p.protocol == Protocol::Tcp)
+                        .map(|p| p.service_port.to_be())
+                        .collect();
+                    (wps, svc.addresses.iter().map(family_of).collect(), ports)
+                }
+            };
+        let mut info = RouteInfo::default();
+        let mut resolved = Vec::new();
+        for (g, weight) in &waypoints {
+            let ws: Vec<&Workload> = self
+                .resolve_waypoint(model, g, &mut info.deps)
+                .into_iter()
+                .filter(|w| w.status == HealthStatus::Healthy && waypoint_port(w).is_some())
+                .collect();
+            resolved.push((ws, (*weight).min(1000)));
+        }
+        let weighted = resolved.len() > 1;
+        let mut out = MapState::default();
+        for family in families {
+            let mut slots = Vec::new();
+            for (ws, weight) in &resolved {
+                let usable: Vec<(&Workload, IpAddr)> = ws
+                    .iter()
+                    .filter_map(|w| Some((*w, *w.addresses.iter().find(|a| family_of(a) == family)?)))
+                    .collect();
+                if *weight == 0 || usable.is_empty() {
+                    continue;
+                }
+                // A waypoint's share is its weight, split evenly among its endpoints.
+                let each = (*weight as u64 * 1000 / usable.len() as u64).max(1) as u32;
+                for (w, addr) in usable {
+                    let bkey = (route_id, w.uid.clone(), addr);
+                    let backend_id = self.backend_id(&bkey);
+                    info.backends.insert(bkey);
+                    if !info.members.contains(&w.uid) {
+                        info.members.push(w.uid.clone());
+                    }
+                    out.backends.insert(
+                        backend_id,
+                        BackendValue { addr: addr_words(addr), check: 0 }.sealed(&backend_id),
+                    );
+                    if let Some(p) = waypoint_port(w).filter(|p| *p != 0) {
+                        for port in &ports {
+                            let pk =
+                                PortKey { service_id: route_id, backend_id, service_port: *port, _pad: 0 };
+                            out.ports.insert(
+                                pk,
+                                PortValue { target_port: p.to_be(), _pad: 0, check: 0 }.sealed(&pk),
+                            );
+                        }
+                    }
+                    slots.push((backend_id, each));
+                }
+            }
+            let mut levels: [Vec<(u32, u32)>; LEVELS] = Default::default();
+            levels[0] = slots;
+            let tkey = TableKey { service_id: route_id, class_id: 0, family, _pad: [0; 3] };
+            emit_table(&mut out, prev, tkey, TBL_F_WAYPOINT, weighted, &levels);
+        }
+        Some((out, info))
+    }
+
+    /// The backend id of `bkey`, taking back the one adopted maps hold for it after a restart.
+    fn backend_id(&mut self, bkey: &BackendKey) -> u32 {
+        if let Some(ids) = self.adoptable_backends.get(&(bkey.0, addr_words(bkey.2)))
+            && self.ids.backends.get(bkey).is_none()
+        {
+            for id in ids {
+                if self.ids.backends.adopt(bkey, *id) {
+                    break;
+                }
+            }
+        }
+        self.ids.backends.get_or_alloc(bkey)
     }
 
     /// The value of frontend `k`: its owner's.
     fn resolve(&self, k: &FrontendKey) -> Option<FrontendValue> {
         let owner = self.claims.get(k)?.keys().next()?;
         self.fragments.get(owner)?.frontend(k)
+    }
+
+    /// The key of the service (or workload fragment) that owns frontend `k`.
+    pub fn frontend_owner(&self, k: &FrontendKey) -> Option<&String> {
+        self.claims.get(k)?.keys().next()
     }
 
     /// Frontends claimed by more than one service.
@@ -597,9 +888,22 @@ impl Compiler {
             return None;
         }
         let mut affected: BTreeSet<String> = change.services.keys().cloned().collect();
+        // What waypoint routes may have resolved through (recompiled below).
+        let mut deps: BTreeSet<WaypointDep> = BTreeSet::new();
+        for (k, old) in &change.services {
+            deps.insert(WaypointDep::Service(k.clone()));
+            for svc in [old.as_ref(), new.services.get(k)].into_iter().flatten() {
+                deps.extend(svc.addresses.iter().map(|a| WaypointDep::Addr(*a)));
+            }
+        }
         for (uid, old) in changed_w {
             for w in [old.as_ref(), new.workloads.get(uid)].into_iter().flatten() {
                 affected.extend(w.services.keys().cloned());
+                deps.extend(w.services.keys().map(|k| WaypointDep::Service(k.clone())));
+                deps.extend(w.addresses.iter().map(|a| WaypointDep::Addr(*a)));
+                if w.waypoint.is_some() {
+                    affected.insert(format!("{WORKLOAD_FRAGMENT}{uid}"));
+                }
             }
         }
         // Backend keys each affected service may hold now, before the index changes.
@@ -632,6 +936,7 @@ impl Compiler {
         }
         let before: BTreeMap<FrontendKey, FrontendValue> =
             touched.iter().filter_map(|k| Some((*k, self.resolve(k)?))).collect();
+        let affected_owners = affected.clone();
         for key in affected {
             let prev = self.fragments.remove(&key).map(|f| f.expand()).unwrap_or_default();
             for fk in prev.frontends.keys() {
@@ -643,9 +948,12 @@ impl Compiler {
                 }
             }
             let mut used_backends = BTreeSet::new();
-            let next = match new.services.get(&key) {
-                Some(svc) => self.compile_service(new, &key, svc, &prev, &mut used_backends),
-                None => None,
+            let next = match key.strip_prefix(WORKLOAD_FRAGMENT) {
+                Some(uid) => new.workloads.get(uid).and_then(|w| self.compile_workload_frontends(w, &prev)),
+                None => match new.services.get(&key) {
+                    Some(svc) => self.compile_service(new, &key, svc, &prev, &mut used_backends),
+                    None => None,
+                },
             };
             for k in old_backends[&key].difference(&used_backends) {
                 self.ids.backends.release(k);
@@ -664,6 +972,54 @@ impl Compiler {
             }
             if self.members.get(&key).is_some_and(|m| m.is_empty()) {
                 self.members.remove(&key);
+            }
+        }
+        // Waypoint routes: of the owners recompiled, and of every waypoint that resolved
+        // through something the change touched.
+        let mut routes: BTreeSet<String> = affected_owners
+            .iter()
+            .map(|k| route_key(k))
+            .filter(|rk| self.routes.contains_key(rk) || self.ids.services.get(rk).is_some())
+            .collect();
+        for dep in &deps {
+            routes.extend(self.route_deps.get(dep).into_iter().flatten().cloned());
+        }
+        for rk in routes {
+            let prev = self.fragments.remove(&rk).map(|f| f.expand()).unwrap_or_default();
+            let old = self.routes.remove(&rk).unwrap_or_default();
+            self.index_route(&rk, &old, false);
+            let owner = rk.strip_suffix("#waypoint").unwrap_or(&rk).to_string();
+            let owns_route = self
+                .fragments
+                .get(&owner)
+                .is_some_and(|f| f.frontends.iter().any(|(_, v)| v.waypoint_id != 0));
+            let next = if owns_route { self.compile_route(new, &owner, &prev) } else { None };
+            let (next, info) = match next {
+                Some((m, info)) => (m, info),
+                None => {
+                    self.ids.services.release(&rk);
+                    (MapState::default(), RouteInfo::default())
+                }
+            };
+            for k in old.backends.difference(&info.backends) {
+                self.ids.backends.release(k);
+            }
+            d.merge(diff(&prev, &next));
+            if next != MapState::default() {
+                self.index_route(&rk, &info, true);
+                self.routes.insert(rk.clone(), info);
+                self.fragments.insert(rk, next.into());
+            }
+        }
+        // A namespace whose workload became (or stopped being) a waypoint endpoint.
+        for (cookie, uid) in &self.enrolled_uids {
+            let flags = if self.waypoint_uids.contains_key(uid) { NS_F_WAYPOINT } else { 0 };
+            if let Some(v) = self.netns.get_mut(cookie)
+                && v.flags != flags
+            {
+                v.flags = flags;
+                *v = v.sealed(cookie);
+                d.set.netns.insert(*cookie, *v);
             }
         }
         d.set.frontends.clear();
@@ -718,7 +1074,9 @@ impl Compiler {
                 continue;
             }
             let class_id = class_of(e)?;
-            let v = NetnsValue { class_id, check: 0 }.sealed(cookie);
+            let waypoint = e.workload.as_ref().is_some_and(|uid| self.waypoint_uids.contains_key(uid));
+            let flags = if waypoint { NS_F_WAYPOINT } else { 0 };
+            let v = NetnsValue { class_id, flags, check: 0 }.sealed(cookie);
             netns.insert(*cookie, v);
             d.set.netns.insert(*cookie, v);
         }
@@ -733,6 +1091,7 @@ impl Compiler {
         }
         self.netns = netns;
         self.class_workloads = new.values().filter_map(|e| e.workload.clone()).collect();
+        self.enrolled_uids = new.iter().filter_map(|(c, e)| Some((*c, e.workload.clone()?))).collect();
         Some(d)
     }
 
@@ -789,6 +1148,31 @@ impl Compiler {
         let service_id = self.ids.services.get_or_alloc(&skey);
         let lb = &svc.load_balancing;
         let locality = is_locality_aware(lb);
+        // Connections to a service with a waypoint go through it (TCP: waypoints take TCP).
+        let waypoint_id = if service_waypoints(svc).is_empty() {
+            0
+        } else {
+            let rk = route_key(key);
+            if self.ids.services.get(&rk).is_none() && self.ids.services.adopting() {
+                let adopted = svc.addresses.iter().flat_map(|a| {
+                    svc.ports.iter().filter_map(move |p| {
+                        let fk = FrontendKey {
+                            addr: addr_words(*a),
+                            port: p.service_port.to_be(),
+                            proto: PROTO_TCP,
+                            _pad: 0,
+                        };
+                        prev.frontends.get(&fk).map(|v| v.waypoint_id).filter(|id| *id != 0)
+                    })
+                });
+                for id in adopted.collect::<Vec<_>>() {
+                    if self.ids.services.adopt(&rk, id) {
+                        break;
+                    }
+                }
+            }
+            self.ids.services.get_or_alloc(&rk)
+        };
 
         for addr in &svc.addresses {
             for p in &svc.ports {
@@ -803,6 +1187,7 @@ impl Compiler {
                     service_id,
                     target_port: target.to_be(),
                     flags: if locality { FE_F_LOCALITY } else { 0 },
+                    waypoint_id: if p.protocol == Protocol::Tcp { waypoint_id } else { 0 },
                     check: 0,
                 };
                 out.frontends.insert(fk, fv.sealed(&fk));
@@ -825,16 +1210,7 @@ impl Compiler {
             for w in &candidates {
                 let Some(addr) = w.addresses.iter().find(|a| family_of(a) == family) else { continue };
                 let bkey = (service_id, w.uid.clone(), *addr);
-                if let Some(ids) = self.adoptable_backends.get(&(service_id, addr_words(*addr)))
-                    && self.ids.backends.get(&bkey).is_none()
-                {
-                    for id in ids {
-                        if self.ids.backends.adopt(&bkey, *id) {
-                            break;
-                        }
-                    }
-                }
-                let backend_id = self.ids.backends.get_or_alloc(&bkey);
+                let backend_id = self.backend_id(&bkey);
                 used_backends.insert(bkey);
                 out.backends.insert(
                     backend_id,
@@ -876,7 +1252,8 @@ impl Compiler {
                     }
                 }
                 let tkey = TableKey { service_id, class_id, family, _pad: [0; 3] };
-                emit_table(&mut out, prev, tkey, lb.mode == LbMode::Strict && locality, weighted, &levels);
+                let strict = if lb.mode == LbMode::Strict && locality { TBL_F_STRICT } else { 0 };
+                emit_table(&mut out, prev, tkey, strict, weighted, &levels);
             }
         }
         // Backends (and their port overrides) that no slot references, e.g. excluded by STRICT,
@@ -910,11 +1287,11 @@ fn emit_table(
     out: &mut MapState,
     prev: &MapState,
     tkey: TableKey,
-    strict: bool,
+    flags: u32,
     weighted: bool,
     levels: &[Vec<(u32, u32)>; LEVELS],
 ) {
-    let flags = if strict { TBL_F_STRICT } else { 0 } | if weighted { TBL_F_WEIGHTED } else { 0 };
+    let flags = flags | if weighted { TBL_F_WEIGHTED } else { 0 };
     let mut t = TableValue { flags, ..Default::default() };
     let mut slots = Vec::new();
     for (level, eps) in levels.iter().enumerate() {

@@ -10,8 +10,8 @@ use aya::maps::IterableMap as _;
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf};
 use aya::programs::CgroupAttachMode;
-use aya::programs::SkLookup;
 use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{SkLookup, SkMsg};
 use aya::{Ebpf, EbpfLoader, Pod};
 use kmesh_common::*;
 use serde::Serialize;
@@ -42,7 +42,7 @@ pub const DEFAULT_REPORT_INTERVAL: std::time::Duration = std::time::Duration::fr
 pub const AUTHZ_PROGRAM: &str = "kmesh_authz";
 /// Maps with fixed capacities (pinned next to the others): counters, ring buffers, socket
 /// storage, and maps the kernel writes.
-const FIXED_MAPS: [&str; 11] = [
+const FIXED_MAPS: [&str; 15] = [
     "STATS",
     "AUTHZ_COUNTS",
     "AUTHZ_EVENTS",
@@ -54,7 +54,14 @@ const FIXED_MAPS: [&str; 11] = [
     "DNS_PODS",
     "DNS_ORIG",
     "DNS_TCP",
+    "WP_CONN",
+    "WAYPOINT_SOCKS",
+    "PP_IDENT",
+    "PP_HOST",
 ];
+/// The sk_msg program that writes the PROXY header of waypoint connections, attached to the
+/// `WAYPOINT_SOCKS` map.
+pub const PROXY_HEADER_PROGRAM: &str = "kmesh_proxy_header";
 
 /// Loads the eBPF object: the maps the daemon writes with capacities `caps`, every map pinned
 /// at `pin_of(name)` (adopted when a pin is there, created and pinned there otherwise).
@@ -69,6 +76,33 @@ fn load_object(caps: Capacities, pin_of: impl Fn(&str) -> PathBuf) -> Result<Ebp
         loader.map_pin_path(name, path.as_path());
     }
     loader.load(EBPF_OBJ).map_err(KernelError::Load)
+}
+
+/// Loads the sk_msg program and attaches it to `WAYPOINT_SOCKS` (replacing what an earlier
+/// run attached). The attachment is left in place when the daemon exits, like the pinned
+/// links: a waypoint connection made while no daemon runs still gets its header. Sockets
+/// already in the map keep the program they joined with.
+fn attach_proxy_header(ebpf: &mut Ebpf) -> Result<(), KernelError> {
+    let name = PROXY_HEADER_PROGRAM;
+    let err = |source| KernelError::Program { name, source };
+    let socks = {
+        let m = ebpf.map("WAYPOINT_SOCKS").ok_or(KernelError::MissingMap("WAYPOINT_SOCKS"))?;
+        let h: aya::maps::SockHash<&MapData, u64> = aya::maps::SockHash::try_from(m)
+            .map_err(|source| KernelError::MapType { name: "WAYPOINT_SOCKS", source })?;
+        h.fd()
+            .try_clone()
+            .map_err(|e| KernelError::Pin { path: PathBuf::from("WAYPOINT_SOCKS"), reason: e.to_string() })?
+    };
+    let prog: &mut SkMsg = ebpf
+        .program_mut(name)
+        .ok_or(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
+        .try_into()
+        .map_err(err)?;
+    prog.load().map_err(err)?;
+    let id = prog.attach(&socks).map_err(err)?;
+    // Dropping the link would detach the program.
+    std::mem::forget(prog.take_link(id).map_err(err)?);
+    Ok(())
 }
 
 /// Loads a cgroup program (connect4/6 or sock_ops) and attaches it with a bpf_link.
@@ -603,6 +637,8 @@ impl Dataplane {
                 .map_err(|e| KernelError::Pin { path: final_path.clone(), reason: e.to_string() })?;
             links.push(pinned);
         }
+
+        attach_proxy_header(&mut ebpf)?;
 
         let mut dp = Self {
             ebpf,
@@ -1139,6 +1175,54 @@ impl Dataplane {
     }
 }
 
+/// The TLV slots the waypoint header program reads: the client identity per enrolled
+/// namespace, the service hostname per frontend with a waypoint.
+pub struct WaypointMaps {
+    ident: HashMap<MapData, u64, PpSlot>,
+    host: HashMap<MapData, FrontendKey, PpSlot>,
+}
+
+impl WaypointMaps {
+    pub fn set_ident(&mut self, cookie: u64, slot: &PpSlot) -> Result<(), KernelError> {
+        self.ident.insert(cookie, slot, 0).map_err(|source| KernelError::Write { map: "PP_IDENT", source })
+    }
+
+    pub fn remove_ident(&mut self, cookie: u64) {
+        let _ = self.ident.remove(&cookie);
+    }
+
+    pub fn idents(&self) -> BTreeMap<u64, PpSlot> {
+        self.ident.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn set_host(&mut self, fk: &FrontendKey, slot: &PpSlot) -> Result<(), KernelError> {
+        self.host.insert(fk, slot, 0).map_err(|source| KernelError::Write { map: "PP_HOST", source })
+    }
+
+    pub fn remove_host(&mut self, fk: &FrontendKey) {
+        let _ = self.host.remove(fk);
+    }
+
+    pub fn hosts(&self) -> BTreeMap<FrontendKey, PpSlot> {
+        self.host.iter().filter_map(Result::ok).collect()
+    }
+}
+
+impl Dataplane {
+    /// Opens the waypoint header's maps from this layout's pins.
+    pub fn open_waypoint_maps(&self) -> Result<WaypointMaps, KernelError> {
+        let open = |name: &'static str| {
+            let path = self.dir.join("maps").join(name);
+            MapData::from_pin(&path).map_err(|source| KernelError::MapType { name, source })
+        };
+        let ty = |name: &'static str| move |source| KernelError::MapType { name, source };
+        Ok(WaypointMaps {
+            ident: HashMap::try_from(aya::maps::Map::HashMap(open("PP_IDENT")?)).map_err(ty("PP_IDENT"))?,
+            host: HashMap::try_from(aya::maps::Map::HashMap(open("PP_HOST")?)).map_err(ty("PP_HOST"))?,
+        })
+    }
+}
+
 impl Dataplane {
     /// Pins of maps and links that should exist under the pin directory but do not (removed by
     /// hand, or the bpffs unmounted). Maps and programs keep working while this process holds
@@ -1195,6 +1279,17 @@ impl Dataplane {
         }
         if let Some(aya::maps::Map::LruHashMap(d)) = self.ebpf.map("DNS_ORIG") {
             maps.push(("DNS_ORIG", d.fd().as_fd()));
+        }
+        if let Some(aya::maps::Map::SkStorage(d)) = self.ebpf.map("WP_CONN") {
+            maps.push(("WP_CONN", d.fd().as_fd()));
+        }
+        if let Some(aya::maps::Map::SockHash(d)) = self.ebpf.map("WAYPOINT_SOCKS") {
+            maps.push(("WAYPOINT_SOCKS", d.fd().as_fd()));
+        }
+        for name in ["PP_IDENT", "PP_HOST"] {
+            if let Some(aya::maps::Map::HashMap(d)) = self.ebpf.map(name) {
+                maps.push((name, d.fd().as_fd()));
+            }
         }
         let mut restored = Vec::new();
         for (name, fd) in maps {

@@ -22,4 +22,5 @@ pub mod metrics;
 pub mod netns;
 pub mod observe;
 pub mod telemetry;
+pub mod waypoint;
 pub mod xds;

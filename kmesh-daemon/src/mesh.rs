@@ -57,6 +57,8 @@ pub struct Mesh {
     source_locality: Locality,
     /// Woken after every change (the DNS proxies follow enrollments and the model).
     changed: Arc<tokio::sync::Notify>,
+    /// The TLV slots of waypoint connections' PROXY headers.
+    headers: crate::waypoint::Headers,
 }
 
 impl Mesh {
@@ -68,7 +70,11 @@ impl Mesh {
         let enrolled = dp.applied().netns.keys().map(|c| (*c, Enrollment::default())).collect();
         let compiler = Compiler::with_ids(Ids::adopting(dp.applied()));
         let authz = AuthzCompiler::adopting(dp.authz_applied());
+        let headers = crate::waypoint::Headers::new(
+            dp.open_waypoint_maps().expect("the waypoint maps of a data plane just loaded are pinned"),
+        );
         let mesh = Self {
+            headers,
             dp,
             model: Model::default(),
             enrolled,
@@ -224,7 +230,17 @@ impl Mesh {
                         crate::compile::diff(self.dp.applied(), &next)
                     }
                 };
-                self.dp.apply_all(d, authz)
+                let compiler = &self.compiler;
+                match self.headers.before_apply(&d, &self.model, |fk| compiler.frontend_owner(fk)) {
+                    Err(e) => Err(e),
+                    Ok(del) => {
+                        let r = self.dp.apply_all(d, authz);
+                        if r.is_ok() {
+                            self.headers.after_apply(&del);
+                        }
+                        r
+                    }
+                }
             }
         };
         self.record(&r, is_incremental);
@@ -238,6 +254,7 @@ impl Mesh {
                     }
                     self.conflicts = conflicts;
                 }
+                self.sync_headers(enrolled);
                 // The maps now hold only entries with ids from the pool.
                 self.compiler.ids.release_reserved();
                 self.authz.release_adopted();
@@ -247,6 +264,13 @@ impl Mesh {
             Err(_) => self.authz = AuthzCompiler::adopting(self.dp.authz_applied()),
         }
         r
+    }
+
+    /// Brings the identity slots of waypoint headers to `enrolled` (after the maps took it).
+    fn sync_headers(&mut self, enrolled: &BTreeMap<u64, Enrollment>) {
+        if let Err(e) = self.headers.sync_idents(&self.model, enrolled) {
+            tracing::error!(error = %e, "cannot write the identities of waypoint headers");
+        }
     }
 
     /// After a refused apply, once the model and enrollments in force are back: the
@@ -267,6 +291,9 @@ impl Mesh {
             Some(d) => {
                 let r = self.dp.apply_diff(d);
                 self.record(&r, true);
+                if r.is_ok() {
+                    self.sync_headers(enrolled);
+                }
                 r
             }
             None => self.sync(None, enrolled),
@@ -460,14 +487,12 @@ impl Mesh {
                 None => ip.to_string(),
             }
         };
-        let mut frontends = Vec::new();
-        for (fk, fv) in &s.frontends {
-            let proto = if fk.proto == PROTO_UDP { "UDP" } else { "TCP" };
+        let tables_of = |service_id: u32| {
             let mut tables = Vec::new();
-            for (tk, t) in s.tables.range(
-                kmesh_common::TableKey { service_id: fv.service_id, class_id: 0, family: 0, _pad: [0; 3] }..,
-            ) {
-                if tk.service_id != fv.service_id {
+            for (tk, t) in
+                s.tables.range(kmesh_common::TableKey { service_id, class_id: 0, family: 0, _pad: [0; 3] }..)
+            {
+                if tk.service_id != service_id {
                     break;
                 }
                 let levels: Vec<Vec<String>> = s
@@ -487,12 +512,27 @@ impl Mesh {
                     "levels": levels,
                 }));
             }
-            frontends.push(serde_json::json!({
-                "frontend": format!("{}/{proto}", std::net::SocketAddr::new(words_addr(fk.addr), u16::from_be(fk.port))),
-                "service": names.get(&fv.service_id).map(|s| s.as_str()).unwrap_or("?"),
+            tables
+        };
+        let mut frontends = Vec::new();
+        for (fk, fv) in &s.frontends {
+            let proto = if fk.proto == PROTO_UDP { "UDP" } else { "TCP" };
+            let port = u16::from_be(fk.port);
+            let frontend = std::net::SocketAddr::new(words_addr(fk.addr), port);
+            let mut f = serde_json::json!({
+                "frontend": if port == kmesh_common::PORT_ANY { format!("{}:*/{proto}", words_addr(fk.addr)) } else { format!("{frontend}/{proto}") },
+                "service": names.get(&fv.service_id).map(|s| s.as_str()).unwrap_or(if fv.service_id == 0 { "(workload address)" } else { "?" }),
                 "target_port": u16::from_be(fv.target_port),
-                "tables": tables,
-            }));
+                "tables": tables_of(fv.service_id),
+            });
+            if fv.waypoint_id != 0 {
+                // Where every client but the waypoints themselves goes.
+                f["waypoint"] = serde_json::json!({
+                    "route": names.get(&fv.waypoint_id).map(|s| s.as_str()).unwrap_or("?"),
+                    "tables": tables_of(fv.waypoint_id),
+                });
+            }
+            frontends.push(f);
         }
         let netns: Vec<_> = s
             .netns
@@ -503,6 +543,7 @@ impl Mesh {
                     "netns": self.paths.get(c),
                     "workload": self.enrolled.get(c).and_then(|e| e.workload.clone()),
                     "client_class": v.class_id,
+                    "waypoint": v.flags & kmesh_common::NS_F_WAYPOINT != 0,
                 })
             })
             .collect();

@@ -202,8 +202,17 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth, dns: Option<&crate::dn
                 (stat::STRICT_NO_MATCH, "strict_no_match"),
                 (stat::RETRIED, "retried"),
                 (stat::INCONSISTENT, "inconsistent"),
+                (stat::WAYPOINT_REDIRECTED, "waypoint"),
+                (stat::WAYPOINT_UNREACHABLE, "waypoint_unreachable"),
             ]
             .map(|(idx, name)| (vec![("result", name.to_string())], st[idx as usize])),
+        );
+        counters(
+            &mut r,
+            "kmesh_waypoint_proxy_headers",
+            "PROXY protocol headers the kernel put in front of connections sent to a waypoint, or could not (the socket was not tracked, or the header not inserted)",
+            [(stat::PROXY_HEADER_SENT, "sent"), (stat::PROXY_HEADER_FAILED, "failed")]
+                .map(|(idx, name)| (vec![("result", name.to_string())], st[idx as usize])),
         );
         counters(
             &mut r,

@@ -264,12 +264,12 @@ fn pins_removed_by_hand_are_detected_reported_and_restored() {
         v
     };
     let maps = names(&dir.join("maps"));
-    assert_eq!(maps.len(), 21, "{maps:?}");
+    assert_eq!(maps.len(), 25, "{maps:?}");
     for m in &maps {
         std::fs::remove_file(dir.join("maps").join(m)).unwrap();
     }
     std::fs::remove_file(dir.join("links/kmesh_connect4")).unwrap();
-    wait_for("the map pins restored", || d.metric("kmesh_pins_restored_total") >= 21.0);
+    wait_for("the map pins restored", || d.metric("kmesh_pins_restored_total") >= 25.0);
     assert_eq!(names(&dir.join("maps")), maps);
     assert_eq!(d.metric("kmesh_pins_missing"), 1.0, "the link pin is reported missing");
     // Traffic never noticed.

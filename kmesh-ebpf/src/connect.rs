@@ -1,12 +1,14 @@
 //! `cgroup/connect4` and `cgroup/connect6`: a connect() to a service frontend is rewritten to a
 //! backend; a pod's DNS query goes to its proxy (see `dns`).
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    EbpfContext as _, helpers::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
+};
 use kmesh_common::*;
 
 use crate::lb::{Verdict, apply_v4, apply_v6, balance};
-use crate::maps::CONN_META;
-use crate::shared::{proto_of, set_ip6, telemetry_on};
+use crate::maps::{CONN_META, WP_CONN};
+use crate::shared::{count, proto_of, refuse, set_ip6, telemetry_on};
 
 /// Remembers the service address a TCP client dialled, for the telemetry of its connection
 /// (connections are TCP's: a UDP socket is given no state it would never use).
@@ -25,6 +27,22 @@ fn remember_orig(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8) {
     }
 }
 
+/// What a connection sent to a waypoint needs for its PROXY header (see `waypoint`): the
+/// destination it dialled, the frontend that matched, the client's namespace. Without the
+/// record no header could be sent, so a socket that cannot have one fails connect().
+#[inline(always)]
+fn remember_waypoint(ctx: &SockAddrContext, v: &Verdict, addr: [u32; 4], port: u16) -> bool {
+    let Verdict::Waypoint(_, _, fe_port) = v else { return true };
+    let w = unsafe { WP_CONN.get_or_insert_ptr_mut(ctx, None) };
+    if w.is_null() {
+        count(stat::PROXY_HEADER_FAILED);
+        return false;
+    }
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    unsafe { *w = WaypointConn { orig_dst: addr, orig_port: port, fe_port: *fe_port, pending: 1, netns } };
+    true
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
     let Some(proto) = proto_of(&ctx) else { return 1 };
@@ -39,7 +57,10 @@ pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
         return 1;
     }
     let v = balance(&ctx, v4_mapped(ip4), port, proto, FAMILY_V4);
-    if matches!(v, Verdict::Rewrite(..)) {
+    if matches!(v, Verdict::Rewrite(..) | Verdict::Waypoint(..)) {
+        if !remember_waypoint(&ctx, &v, v4_mapped(ip4), port) {
+            return refuse(ERRNO_WAYPOINT_UNREACHABLE);
+        }
         remember_orig(&ctx, v4_mapped(ip4), port, proto);
     }
     apply_v4(sa, v)
@@ -59,7 +80,10 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
     // write the IPv4 backend back v4-mapped.
     let family = if is_v4_mapped(&addr) { FAMILY_V4 } else { FAMILY_V6 };
     let v = balance(&ctx, addr, port, proto, family);
-    if matches!(v, Verdict::Rewrite(..)) {
+    if matches!(v, Verdict::Rewrite(..) | Verdict::Waypoint(..)) {
+        if !remember_waypoint(&ctx, &v, addr, port) {
+            return refuse(ERRNO_WAYPOINT_UNREACHABLE);
+        }
         remember_orig(&ctx, addr, port, proto);
     }
     apply_v6(sa, v)

@@ -17,6 +17,9 @@ pub enum Verdict {
     Pass,
     /// Rewrite to this address (16-byte layout) and port (network order) of this backend id.
     Rewrite([u32; 4], u16, u32),
+    /// Rewrite to this waypoint endpoint's address and PROXY port; the frontend key that
+    /// matched had this port (`PORT_ANY` for a workload's address).
+    Waypoint([u32; 4], u16, u16),
     /// Fail connect() with this errno.
     Refuse(i32),
 }
@@ -39,19 +42,44 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
         // The namespace's entry went away under us: it is being unenrolled.
         return Verdict::Pass;
     }
-    let client_class = ns.class_id;
-    let fe_key = FrontendKey { addr, port, proto, _pad: 0 };
-    let Some(fe) = (unsafe { FRONTENDS.get(fe_key) }).copied() else {
-        count(stat::PASSED);
-        return Verdict::Pass;
+    let mut fe_key = FrontendKey { addr, port, proto, _pad: 0 };
+    let fe = match unsafe { FRONTENDS.get(fe_key) }.copied() {
+        Some(fe) => fe,
+        None if proto == PROTO_TCP => {
+            // A workload address whose connections go through a waypoint, on any port.
+            fe_key.port = PORT_ANY;
+            match unsafe { FRONTENDS.get(fe_key) }.copied() {
+                Some(fe) => fe,
+                None => {
+                    count(stat::PASSED);
+                    return Verdict::Pass;
+                }
+            }
+        }
+        None => {
+            count(stat::PASSED);
+            return Verdict::Pass;
+        }
     };
     if !fe.belongs_to(&fe_key) {
         count(stat::INCONSISTENT);
         return Verdict::Refuse(ERRNO_INCONSISTENT);
     }
-    let service_id = fe.service_id;
-    let default_port = fe.target_port;
-    let class_id = if fe.flags & FE_F_LOCALITY != 0 { client_class } else { 0 };
+    // A waypoint's own connections go where they were sent (no loops); everyone else's go
+    // through the destination's waypoint when it has one.
+    let via_waypoint = fe.waypoint_id != 0 && ns.flags & NS_F_WAYPOINT == 0;
+    let (service_id, default_port, class_id) = if via_waypoint {
+        (fe.waypoint_id, 0, 0)
+    } else if fe.flags & FE_F_LOCALITY != 0 {
+        (fe.service_id, fe.target_port, ns.class_id)
+    } else {
+        (fe.service_id, fe.target_port, 0)
+    };
+    if service_id == 0 {
+        // A workload address reached by its own waypoint: direct.
+        count(stat::PASSED);
+        return Verdict::Pass;
+    }
     let tkey = TableKey { service_id, class_id, family, _pad: [0; 3] };
 
     // A slot can vanish between reading a table and reading its slot when the daemon switches
@@ -68,6 +96,10 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
             continue;
         }
         let Some(level) = pick_level(&table) else {
+            if table.flags & TBL_F_WAYPOINT != 0 {
+                count(stat::WAYPOINT_UNREACHABLE);
+                return Verdict::Refuse(ERRNO_WAYPOINT_UNREACHABLE);
+            }
             if table.flags & TBL_F_STRICT != 0 {
                 count(stat::STRICT_NO_MATCH);
                 return Verdict::Refuse(ERRNO_STRICT_NO_MATCH);
@@ -104,7 +136,7 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
             count(stat::RETRIED);
             continue;
         };
-        let pkey = PortKey { service_id, backend_id, service_port: port, _pad: 0 };
+        let pkey = PortKey { service_id, backend_id, service_port: fe_key.port, _pad: 0 };
         let target = match unsafe { PORTS.get(pkey) }.copied() {
             Some(p) if p.belongs_to(&pkey) => p.target_port,
             Some(_) => {
@@ -113,6 +145,12 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
             }
             None => default_port,
         };
+        if via_waypoint {
+            count(stat::WAYPOINT_REDIRECTED);
+            // A waypoint endpoint without a PROXY port takes the connection on the port dialled.
+            let target = if target == 0 { port } else { target };
+            return Verdict::Waypoint(be.addr, target, fe_key.port);
+        }
         count(stat::REWRITTEN);
         return Verdict::Rewrite(be.addr, target, backend_id);
     }
@@ -127,7 +165,7 @@ pub fn apply_v4(sa: *mut aya_ebpf::bindings::bpf_sock_addr, v: Verdict) -> i32 {
     match v {
         Verdict::Pass => 1,
         Verdict::Refuse(errno) => refuse(errno),
-        Verdict::Rewrite(addr, target, _) => {
+        Verdict::Rewrite(addr, target, _) | Verdict::Waypoint(addr, target, _) => {
             if !is_v4_mapped(&addr) {
                 // An IPv6 backend in an IPv4 table is a compiler bug; never misroute.
                 count(stat::INCONSISTENT);
@@ -148,7 +186,7 @@ pub fn apply_v6(sa: *mut aya_ebpf::bindings::bpf_sock_addr, v: Verdict) -> i32 {
     match v {
         Verdict::Pass => 1,
         Verdict::Refuse(errno) => refuse(errno),
-        Verdict::Rewrite(new, target, _) => {
+        Verdict::Rewrite(new, target, _) | Verdict::Waypoint(new, target, _) => {
             set_ip6(sa, &new, target);
             1
         }

@@ -6,7 +6,8 @@
 //!   sockets and show replies as coming from the frontend;
 //! - `dns`: a pod's DNS queries go to the daemon's proxy inside the pod's namespace;
 //! - `authz`: `sk_lookup` enforces L4 authorization in the destination pod's namespace;
-//! - `sockops`: connection telemetry and the node's own connections.
+//! - `sockops`: connection telemetry, the node's own connections, waypoint sockets;
+//! - `waypoint`: `sk_msg` puts a PROXY protocol header in front of a waypoint connection.
 //!
 //! All decisions that can be made ahead of time (health, locality levels, weights, port
 //! mappings, verdicts) are compiled into the maps (`maps`) by the daemon; the programs only
@@ -21,6 +22,7 @@ mod maps;
 mod shared;
 mod sockops;
 mod udp;
+mod waypoint;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

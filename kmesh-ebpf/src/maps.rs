@@ -3,7 +3,9 @@
 //! keep these. Key and value types are `kmesh_common`'s.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage},
+    btf_maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage, SockHash,
+    },
     macros::btf_map,
 };
 use kmesh_common::*;
@@ -79,3 +81,18 @@ pub static DNS_ORIG: LruHashMap<DnsOrigKey, DnsOrig, 8192> = LruHashMap::new();
 /// A TCP socket's resolver, until sock_ops knows the socket's local port.
 #[btf_map]
 pub static DNS_TCP: SkStorage<DnsOrig> = SkStorage::new();
+
+// Waypoints (see `waypoint` and kmesh_common).
+/// A connection connect() sent to a waypoint, until its PROXY header is sent.
+#[btf_map]
+pub static WP_CONN: SkStorage<WaypointConn> = SkStorage::new();
+/// Established waypoint connections, by socket cookie: the sk_msg program that writes their
+/// header is attached to this map. A socket leaves it when it closes.
+#[btf_map]
+pub static WAYPOINT_SOCKS: SockHash<u64, 65536> = SockHash::new();
+/// The identity TLV slot of each enrolled namespace's pods (written by the daemon).
+#[btf_map]
+pub static PP_IDENT: HashMap<u64, PpSlot, 16384, NO_PREALLOC> = HashMap::new();
+/// The hostname TLV slot of each frontend with a waypoint (written by the daemon).
+#[btf_map]
+pub static PP_HOST: HashMap<FrontendKey, PpSlot, 65536, NO_PREALLOC> = HashMap::new();

@@ -9,7 +9,10 @@ use aya_ebpf::{
 };
 use kmesh_common::*;
 
-use crate::maps::{AUTHZ_DEST, CONN_META, DNS_ORIG, DNS_TCP, NETNS, NODE_CONNS, TELEMETRY, TELEMETRY_CONF};
+use crate::maps::{
+    AUTHZ_DEST, CONN_META, DNS_ORIG, DNS_TCP, NETNS, NODE_CONNS, TELEMETRY, TELEMETRY_CONF, WAYPOINT_SOCKS,
+    WP_CONN,
+};
 use crate::shared::{BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE, count, telemetry_on};
 
 /// A sock_ops program's socket's value in the socket storage `map` (created empty when
@@ -158,6 +161,22 @@ fn node_conn(ctx: &SockOpsContext, op: u32) -> bool {
     true
 }
 
+/// A connection connect() sent to a waypoint is established: it joins `WAYPOINT_SOCKS`, so
+/// that the sk_msg program puts the PROXY header in front of its first write.
+#[inline(always)]
+fn waypoint_established(ctx: &SockOpsContext) {
+    let Some(w) = sk_storage(ctx, &WP_CONN, false) else { return };
+    if unsafe { (*w).pending } == 0 {
+        return;
+    }
+    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: the context of a sock_ops program is its bpf_sock_ops.
+    let ops = unsafe { &mut *ctx.ops };
+    if WAYPOINT_SOCKS.update(&mut cookie, ops, 0).is_err() {
+        count(stat::PROXY_HEADER_FAILED);
+    }
+}
+
 /// Connection telemetry of enrolled pods: a client socket is tracked from connect(), a server
 /// socket from the accept; each reports when established, every `TCONF_INTERVAL_NS` while
 /// acknowledgements flow, and when it closes (or fails to establish).
@@ -171,6 +190,9 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         && node_conn(&ctx, op)
     {
         return 0;
+    }
+    if op == SOCK_OPS_ACTIVE_ESTABLISHED {
+        waypoint_established(&ctx);
     }
     if !telemetry_on() {
         return 0;

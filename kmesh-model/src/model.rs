@@ -125,10 +125,12 @@ pub struct Workload {
     pub services: crate::vecmap::VecMap<String, Vec<PortMapping>>,
     pub network_mode: NetworkMode,
     /// The waypoint that connections addressed to this workload go through (Istio's
-    /// `Workload.waypoint`). Carried in the model; redirection is not compiled yet.
+    /// `Workload.waypoint`): every TCP port of its addresses.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waypoint: Option<GatewayAddress>,
-    /// Set on waypoints that take PROXY protocol (Istio's `Workload.application_tunnel`).
+    /// Set on waypoints that take PROXY protocol (Istio's `Workload.application_tunnel`): only
+    /// such a waypoint endpoint receives redirected connections (it is told where they were
+    /// going); one reachable only by HBONE is not used.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub application_tunnel: Option<ApplicationTunnel>,
     /// Fields of the workload API this data plane received but does not act on yet (tunnel
@@ -212,8 +214,9 @@ pub struct Service {
     pub address_ranges: Vec<Cidr>,
     pub ports: Vec<ServicePort>,
     pub load_balancing: LoadBalancing,
-    /// The waypoint connections to this service go through (Istio's `Service.waypoint`), and
-    /// `weighted_waypoints` to choose among by weight. Carried; not compiled yet.
+    /// The waypoint connections to this service's TCP ports go through (Istio's
+    /// `Service.waypoint`), and `weighted_waypoints` to choose among by weight per connection
+    /// (when given, `waypoint` is not used).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waypoint: Option<GatewayAddress>,
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -630,3 +630,241 @@ fn an_enrollment_into_an_existing_class_writes_only_its_namespace() {
     assert!(compiler.enrollment(&m, &e3, &e(&[(1, Some("c2")), (3, None), (4, Some("ccc3"))])).is_none());
     assert!(compiler.enrollment(&m, &e3, &e(&[(3, None)])).is_none());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Waypoints.
+// ---------------------------------------------------------------------------------------------
+
+const WP: &str = "default/wp.default.svc.cluster.local";
+
+/// echo (VIP 10.96.0.10:80) naming `waypoint`; the waypoint service wp (VIP 10.96.0.99) backed
+/// by wp-1 (PROXY on 15088) and wp-2 (no application tunnel: HBONE only); one echo endpoint.
+fn waypoint_model(waypoint: &str, extra_workloads: &str) -> Model {
+    let services = format!(
+        "  - {{name: echo, namespace: default, hostname: echo.default.svc.cluster.local, addresses: [10.96.0.10], ports: [{{service_port: 80, target_port: 8080}}, {{service_port: 53, protocol: UDP}}], {waypoint}}}
+  - {{name: wp, namespace: default, hostname: wp.default.svc.cluster.local, addresses: [10.96.0.99], ports: [{{service_port: 15021}}]}}"
+    );
+    let w = [
+        workload("a", "10.244.0.2", "z1", ""),
+        format!(
+            "  - {{uid: wp-1, name: wp-1, namespace: default, addresses: [10.244.0.50], services: {{\"{WP}\": []}}, application_tunnel: {{protocol: PROXY, port: 15088}}}}"
+        ),
+        format!("  - {{uid: wp-2, name: wp-2, namespace: default, addresses: [10.244.0.51], services: {{\"{WP}\": []}}}}"),
+        extra_workloads.to_string(),
+    ]
+    .join("\n");
+    model(&services, &w)
+}
+
+/// The frontend of echo:80/TCP and the backends (with PROXY ports) its waypoint table leads to.
+fn waypoint_route(s: &MapState, port: u16, proto: u8) -> (FrontendValue, Vec<(IpAddr, u16)>) {
+    let (_, fv) = s
+        .frontends
+        .iter()
+        .find(|(k, _)| {
+            words_addr(k.addr) == "10.96.0.10".parse::<IpAddr>().unwrap()
+                && u16::from_be(k.port) == port
+                && k.proto == proto
+        })
+        .expect("frontend");
+    let tk = TableKey { service_id: fv.waypoint_id, class_id: 0, family: FAMILY_V4, _pad: [0; 3] };
+    let Some(t) = s.tables.get(&tk) else { return (*fv, vec![]) };
+    assert_ne!(
+        t.flags & TBL_F_WAYPOINT,
+        0,
+        "a waypoint table says so (its empty form refuses with ENETUNREACH)"
+    );
+    let mut out = Vec::new();
+    for index in 0..t.counts[0] {
+        let e = s.endpoints[&slot_key(&tk, t.generation, 0, index)];
+        let b = s.backends[&e.backend_id];
+        let pk = PortKey {
+            service_id: fv.waypoint_id,
+            backend_id: e.backend_id,
+            service_port: port.to_be(),
+            _pad: 0,
+        };
+        out.push((words_addr(b.addr), s.ports.get(&pk).map(|p| u16::from_be(p.target_port)).unwrap_or(0)));
+    }
+    (*fv, out)
+}
+
+#[test]
+fn a_service_with_a_waypoint_sends_its_tcp_ports_to_the_waypoints_proxy_port() {
+    for waypoint in [
+        "waypoint: {hostname: {namespace: default, hostname: wp.default.svc.cluster.local}}",
+        "waypoint: {address: 10.96.0.99}",
+    ] {
+        let m = waypoint_model(waypoint, "");
+        let (s, _) = compile_fresh(&m, &no_clients());
+        let (fv, route) = waypoint_route(&s, 80, PROTO_TCP);
+        assert_ne!(fv.waypoint_id, 0, "{waypoint}");
+        assert_ne!(fv.waypoint_id, fv.service_id);
+        // Only wp-1 takes PROXY protocol; wp-2 (HBONE only) cannot be told the destination.
+        assert_eq!(route, vec![("10.244.0.50".parse().unwrap(), 15088)], "{waypoint}");
+        // The service's own table is still there, for the waypoint's own connections.
+        assert_eq!(levels(&s, 0, FAMILY_V4)[0], ips(&["10.244.0.2"]));
+        // Waypoints take TCP: the UDP port goes direct.
+        assert_eq!(waypoint_route(&s, 53, PROTO_UDP).0.waypoint_id, 0);
+        assert_consistent(&s);
+    }
+}
+
+#[test]
+fn a_waypoint_without_usable_endpoints_gets_an_empty_table_that_refuses() {
+    let m = waypoint_model(
+        "waypoint: {hostname: {namespace: default, hostname: nowhere.default.svc.cluster.local}}",
+        "",
+    );
+    let (s, _) = compile_fresh(&m, &no_clients());
+    let (fv, route) = waypoint_route(&s, 80, PROTO_TCP);
+    assert_ne!(fv.waypoint_id, 0);
+    assert!(route.is_empty());
+    let t = s.tables.iter().find(|(k, _)| k.service_id == fv.waypoint_id).expect("an empty waypoint table").1;
+    assert_eq!(pick_level(t), None);
+    assert_ne!(t.flags & TBL_F_WAYPOINT, 0);
+}
+
+#[test]
+fn weighted_waypoints_split_connections_by_weight_whatever_their_sizes() {
+    let extra = "  - {uid: wp-3, name: wp-3, namespace: default, addresses: [10.244.0.52], application_tunnel: {protocol: PROXY}}";
+    let m = waypoint_model(
+        "weighted_waypoints: [{destination: {address: 10.96.0.99}, weight: 1}, {destination: {address: 10.244.0.52}, weight: 3}]",
+        extra,
+    );
+    let (s, _) = compile_fresh(&m, &no_clients());
+    let (fv, route) = waypoint_route(&s, 80, PROTO_TCP);
+    // wp-3 (given by its own address) takes PROXY on the port dialled: no port entry.
+    assert_eq!(route, vec![("10.244.0.50".parse().unwrap(), 15088), ("10.244.0.52".parse().unwrap(), 0)]);
+    let tk = TableKey { service_id: fv.waypoint_id, class_id: 0, family: FAMILY_V4, _pad: [0; 3] };
+    let t = s.tables[&tk];
+    assert_ne!(t.flags & TBL_F_WEIGHTED, 0);
+    let first = s.endpoints[&slot_key(&tk, t.generation, 0, 0)].cum_weight;
+    assert_eq!((first, t.weights[0] - first), (1000, 3000), "1:3 as weighted");
+}
+
+#[test]
+fn a_waypoints_own_namespace_is_flagged_so_its_connections_go_direct() {
+    let m = waypoint_model("waypoint: {address: 10.96.0.99}", "");
+    let enrolled = BTreeMap::from([
+        (7u64, Enrollment { workload: Some("wp-1".into()) }),
+        (8u64, Enrollment { workload: Some("a".into()) }),
+    ]);
+    let (s, _) = compile_fresh(&m, &enrolled);
+    assert_eq!(s.netns[&7].flags, NS_F_WAYPOINT);
+    assert_eq!(s.netns[&8].flags, 0);
+    assert!(s.netns[&7].belongs_to(&7));
+}
+
+#[test]
+fn a_workload_with_a_waypoint_sends_every_tcp_port_of_its_address_through_it() {
+    let extra = "  - {uid: pod, name: pod, namespace: default, addresses: [10.244.0.77], waypoint: {address: 10.96.0.99}}";
+    let m = waypoint_model("", extra);
+    let (s, _) = compile_fresh(&m, &no_clients());
+    let fk = FrontendKey {
+        addr: addr_words("10.244.0.77".parse().unwrap()),
+        port: PORT_ANY,
+        proto: PROTO_TCP,
+        _pad: 0,
+    };
+    let fv = s.frontends[&fk];
+    assert_eq!(fv.service_id, 0, "no service behind a workload's own address");
+    let tk = TableKey { service_id: fv.waypoint_id, class_id: 0, family: FAMILY_V4, _pad: [0; 3] };
+    let t = s.tables[&tk];
+    let e = s.endpoints[&slot_key(&tk, t.generation, 0, 0)];
+    let pk =
+        PortKey { service_id: fv.waypoint_id, backend_id: e.backend_id, service_port: PORT_ANY, _pad: 0 };
+    assert_eq!(u16::from_be(s.ports[&pk].target_port), 15088);
+}
+
+#[test]
+fn waypoint_changes_recompile_incrementally_to_what_a_full_compile_gives() {
+    let base = waypoint_model("waypoint: {address: 10.96.0.99}", "");
+    // wp-9, enrolled before it exists, becomes a waypoint endpoint and stops being one.
+    let enrolled = BTreeMap::from([
+        (9u64, Enrollment { workload: Some("a".into()) }),
+        (10u64, Enrollment { workload: Some("wp-9".into()) }),
+    ]);
+    let mut compiler = Compiler::default();
+    let mut kernel = compiler.full(&base, &enrolled, &MapState::default());
+    let mut model = base.clone();
+    let mut flags = Vec::new();
+    type Step = Box<dyn Fn(&mut Model)>;
+    let steps: Vec<Step> = vec![
+        // A second waypoint pod that takes PROXY appears.
+        Box::new(|m: &mut Model| {
+            let mut w = (*m.workloads["wp-1"]).clone();
+            w.uid = "wp-9".into();
+            w.addresses = vec!["10.244.0.59".parse().unwrap()];
+            m.workloads.insert("wp-9".into(), Arc::new(w));
+        }),
+        // wp-1 turns unhealthy.
+        Box::new(|m: &mut Model| {
+            let mut w = (*m.workloads["wp-1"]).clone();
+            w.status = HealthStatus::Unhealthy;
+            m.workloads.insert("wp-1".into(), Arc::new(w));
+        }),
+        // The waypoint service moves to another VIP: the address no longer resolves.
+        Box::new(|m: &mut Model| {
+            let mut s = (*m.services[WP]).clone();
+            s.addresses = vec!["10.96.0.98".parse().unwrap()];
+            m.services.insert(WP.into(), Arc::new(s));
+        }),
+        // ... and comes back.
+        Box::new(|m: &mut Model| {
+            let mut s = (*m.services[WP]).clone();
+            s.addresses = vec!["10.96.0.99".parse().unwrap()];
+            m.services.insert(WP.into(), Arc::new(s));
+        }),
+        // echo drops its waypoint.
+        Box::new(|m: &mut Model| {
+            let mut s = (*m.services[SVC]).clone();
+            s.waypoint = None;
+            m.services.insert(SVC.into(), Arc::new(s));
+        }),
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        let mut m = model.clone();
+        step(&mut m);
+        let keys = kmesh_model::delta::ModelKeys::between(&model, &m);
+        let mut now = model.clone();
+        let change = now.take_from(&m, &keys);
+        // A change of an enrolled workload (wp-9's) is compiled whole, as the mesh does.
+        let d = match compiler.incremental(&now, &change) {
+            Some(d) => d,
+            None => diff(&kernel, &compiler.full(&now, &enrolled, &kernel)),
+        };
+        kernel.apply(d);
+        assert_eq!(kernel, compiler.state(), "step {i}: bookkeeping drifted");
+        let fresh = Compiler::default().full(&m, &enrolled, &MapState::default());
+        assert_eq!(kernel.netns, fresh.netns, "step {i}: the waypoint flag drifted");
+        flags.push(kernel.netns[&10].flags);
+        assert_eq!(
+            waypoint_route(&kernel, 80, PROTO_TCP).1,
+            waypoint_route(&fresh, 80, PROTO_TCP).1,
+            "step {i}: incremental route differs from a full compile"
+        );
+        assert_eq!(view(&kernel), view(&fresh), "step {i}");
+        assert_consistent(&kernel);
+        model = m;
+    }
+    assert_eq!(flags, [NS_F_WAYPOINT, NS_F_WAYPOINT, 0, NS_F_WAYPOINT, 0]);
+    // Nothing of the route is left once echo has no waypoint.
+    assert_eq!(waypoint_route(&kernel, 80, PROTO_TCP).0.waypoint_id, 0);
+    assert!(!compiler.ids.services.iter().any(|(k, _)| k.ends_with("#waypoint")));
+    assert_eq!(kernel.tables.len(), 2, "echo's and wp's own tables only");
+}
+
+#[test]
+fn a_restarted_compiler_rewrites_nothing_of_waypoint_routes() {
+    let extra = "  - {uid: pod, name: pod, namespace: default, addresses: [10.244.0.77], waypoint: {address: 10.96.0.99}}";
+    let m = waypoint_model(
+        "weighted_waypoints: [{destination: {address: 10.96.0.99}, weight: 1}, {destination: {address: 10.244.0.51}, weight: 1}]",
+        extra,
+    );
+    let enrolled = BTreeMap::from([(7u64, Enrollment { workload: Some("wp-1".into()) })]);
+    let state = Compiler::default().full(&m, &enrolled, &MapState::default());
+    let mut restarted = Compiler::with_ids(Ids::adopting(&state));
+    let again = restarted.full(&m, &enrolled, &state);
+    assert!(diff(&state, &again).is_empty(), "a restart on an unchanged model writes nothing");
+}
