@@ -817,6 +817,36 @@ impl Compiler {
         Some((out, info))
     }
 
+    /// After a restart, gives `name` the id that `pick` reads from the adopted frontends of
+    /// `svc`'s addresses and ports (the first one still reserved), so its entries need no
+    /// rewrite.
+    fn adopt_service_id(
+        &mut self,
+        name: &String,
+        svc: &Service,
+        prev: &MapState,
+        pick: impl Fn(&FrontendValue) -> Option<u32>,
+    ) {
+        if self.ids.services.get(name).is_some() || !self.ids.services.adopting() {
+            return;
+        }
+        for a in &svc.addresses {
+            for p in &svc.ports {
+                let fk = FrontendKey {
+                    addr: addr_words(*a),
+                    port: p.service_port.to_be(),
+                    proto: proto_of(p.protocol),
+                    _pad: 0,
+                };
+                if let Some(id) = prev.frontends.get(&fk).and_then(&pick)
+                    && self.ids.services.adopt(name, id)
+                {
+                    return;
+                }
+            }
+        }
+    }
+
     /// The backend id of `bkey`, taking back the one adopted maps hold for it after a restart.
     fn backend_id(&mut self, bkey: &BackendKey) -> u32 {
         if let Some(ids) = self.adoptable_backends.get(&(bkey.0, addr_words(bkey.2)))
@@ -1126,25 +1156,8 @@ impl Compiler {
         }
         let mut out = MapState::default();
         let skey = key.to_string();
-        if self.ids.services.get(&skey).is_none() && self.ids.services.adopting() {
-            // After a restart: the id the adopted frontends of this service's addresses carry.
-            let adopted = svc.addresses.iter().flat_map(|a| {
-                svc.ports.iter().filter_map(move |p| {
-                    let fk = FrontendKey {
-                        addr: addr_words(*a),
-                        port: p.service_port.to_be(),
-                        proto: proto_of(p.protocol),
-                        _pad: 0,
-                    };
-                    prev.frontends.get(&fk).map(|v| v.service_id)
-                })
-            });
-            for id in adopted.collect::<Vec<_>>() {
-                if self.ids.services.adopt(&skey, id) {
-                    break;
-                }
-            }
-        }
+        // After a restart: the id the adopted frontends of this service's addresses carry.
+        self.adopt_service_id(&skey, svc, prev, |v| Some(v.service_id));
         let service_id = self.ids.services.get_or_alloc(&skey);
         let lb = &svc.load_balancing;
         let locality = is_locality_aware(lb);
@@ -1153,24 +1166,7 @@ impl Compiler {
             0
         } else {
             let rk = route_key(key);
-            if self.ids.services.get(&rk).is_none() && self.ids.services.adopting() {
-                let adopted = svc.addresses.iter().flat_map(|a| {
-                    svc.ports.iter().filter_map(move |p| {
-                        let fk = FrontendKey {
-                            addr: addr_words(*a),
-                            port: p.service_port.to_be(),
-                            proto: PROTO_TCP,
-                            _pad: 0,
-                        };
-                        prev.frontends.get(&fk).map(|v| v.waypoint_id).filter(|id| *id != 0)
-                    })
-                });
-                for id in adopted.collect::<Vec<_>>() {
-                    if self.ids.services.adopt(&rk, id) {
-                        break;
-                    }
-                }
-            }
+            self.adopt_service_id(&rk, svc, prev, |v| Some(v.waypoint_id).filter(|id| *id != 0));
             self.ids.services.get_or_alloc(&rk)
         };
 

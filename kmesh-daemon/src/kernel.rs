@@ -1161,17 +1161,21 @@ impl DnsMaps {
 impl Dataplane {
     /// Opens the DNS proxy's maps from this layout's pins.
     pub fn open_dns_maps(&self) -> Result<DnsMaps, KernelError> {
-        let open = |name: &'static str| {
-            let path = self.dir.join("maps").join(name);
-            MapData::from_pin(&path).map_err(|source| KernelError::MapType { name, source })
-        };
         let ty = |name: &'static str| move |source| KernelError::MapType { name, source };
         Ok(DnsMaps {
-            pods: HashMap::try_from(aya::maps::Map::HashMap(open("DNS_PODS")?)).map_err(ty("DNS_PODS"))?,
-            orig: HashMap::try_from(aya::maps::Map::LruHashMap(open("DNS_ORIG")?)).map_err(ty("DNS_ORIG"))?,
-            conf: aya::maps::Array::try_from(aya::maps::Map::Array(open("TELEMETRY_CONF")?))
+            pods: HashMap::try_from(aya::maps::Map::HashMap(self.pinned("DNS_PODS")?))
+                .map_err(ty("DNS_PODS"))?,
+            orig: HashMap::try_from(aya::maps::Map::LruHashMap(self.pinned("DNS_ORIG")?))
+                .map_err(ty("DNS_ORIG"))?,
+            conf: aya::maps::Array::try_from(aya::maps::Map::Array(self.pinned("TELEMETRY_CONF")?))
                 .map_err(ty("TELEMETRY_CONF"))?,
         })
+    }
+
+    /// A map of this layout, opened from its pin.
+    fn pinned(&self, name: &'static str) -> Result<MapData, KernelError> {
+        let path = self.dir.join("maps").join(name);
+        MapData::from_pin(&path).map_err(|source| KernelError::MapType { name, source })
     }
 }
 
@@ -1211,14 +1215,12 @@ impl WaypointMaps {
 impl Dataplane {
     /// Opens the waypoint header's maps from this layout's pins.
     pub fn open_waypoint_maps(&self) -> Result<WaypointMaps, KernelError> {
-        let open = |name: &'static str| {
-            let path = self.dir.join("maps").join(name);
-            MapData::from_pin(&path).map_err(|source| KernelError::MapType { name, source })
-        };
         let ty = |name: &'static str| move |source| KernelError::MapType { name, source };
         Ok(WaypointMaps {
-            ident: HashMap::try_from(aya::maps::Map::HashMap(open("PP_IDENT")?)).map_err(ty("PP_IDENT"))?,
-            host: HashMap::try_from(aya::maps::Map::HashMap(open("PP_HOST")?)).map_err(ty("PP_HOST"))?,
+            ident: HashMap::try_from(aya::maps::Map::HashMap(self.pinned("PP_IDENT")?))
+                .map_err(ty("PP_IDENT"))?,
+            host: HashMap::try_from(aya::maps::Map::HashMap(self.pinned("PP_HOST")?))
+                .map_err(ty("PP_HOST"))?,
         })
     }
 }
