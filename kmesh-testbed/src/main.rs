@@ -60,6 +60,10 @@ enum Cmd {
         /// the answer line says what the header carried, then the rest is echoed.
         #[arg(long = "proxy-tcp")]
         proxy_tcp: Vec<u16>,
+        /// TCP ports that speak HTTP/1.1: every request is answered `200 <name> <path>`,
+        /// except that every other request for a path under `/flaky` gets a 503.
+        #[arg(long = "http")]
+        http: Vec<u16>,
     },
     /// Agent: hold one TCP connection open for SECS seconds, exchanging a line every
     /// INTERVAL_MS; print one JSON line with the outcome.
@@ -100,6 +104,12 @@ enum Cmd {
         /// it echoed after the server's line.
         #[arg(long)]
         client_first: bool,
+        /// TCP: send one HTTP/1.1 GET for this path (and report `<status> <first body line>`).
+        #[arg(long)]
+        http_path: Option<String>,
+        /// With --http-path: a request header, `name: value` (repeat).
+        #[arg(long = "http-header")]
+        http_headers: Vec<String>,
     },
 }
 
@@ -124,7 +134,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Serve { name, tcp, udp, proxy_tcp } => serve(name, tcp, udp, proxy_tcp),
+        Cmd::Serve { name, tcp, udp, proxy_tcp, http } => serve(name, tcp, udp, proxy_tcp, http),
         Cmd::Hold { target, secs, interval_ms } => hold(target, secs, interval_ms),
         Cmd::Connect {
             target,
@@ -137,9 +147,12 @@ fn main() -> anyhow::Result<()> {
             unconnected,
             one_socket,
             client_first,
+            http_path,
+            http_headers,
         } => {
             let udp = udp.then_some(UdpMode { unconnected, one_socket });
-            let tcp = TcpMode { send, client_first };
+            let http = http_path.map(|path| (path, http_headers));
+            let tcp = TcpMode { send, client_first, http };
             connect(target, count, udp, Duration::from_millis(timeout_ms), interval_us, duration_ms, tcp)
         }
     }
@@ -214,11 +227,30 @@ fn die_with_parent() {
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
 }
 
-fn serve(name: String, tcp: Vec<u16>, udp: Vec<u16>, proxy_tcp: Vec<u16>) -> anyhow::Result<()> {
+/// What a TCP port of the agent's server speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Speaks {
+    Echo,
+    Proxy,
+    Http,
+}
+
+fn serve(
+    name: String,
+    tcp: Vec<u16>,
+    udp: Vec<u16>,
+    proxy_tcp: Vec<u16>,
+    http: Vec<u16>,
+) -> anyhow::Result<()> {
     die_with_parent();
     let name = Arc::new(name);
+    let flaky = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut listeners = Vec::new();
-    for (p, proxy) in tcp.iter().map(|p| (*p, false)).chain(proxy_tcp.iter().map(|p| (*p, true))) {
+    let ports = tcp.iter().map(|p| (*p, Speaks::Echo));
+    let ports = ports
+        .chain(proxy_tcp.iter().map(|p| (*p, Speaks::Proxy)))
+        .chain(http.iter().map(|p| (*p, Speaks::Http)));
+    for (p, proxy) in ports {
         // [::] with the default bindv6only=0 takes IPv4 too.
         listeners.push((TcpListener::bind(("::", p)).with_context(|| format!("bind tcp {p}"))?, proxy));
     }
@@ -229,16 +261,18 @@ fn serve(name: String, tcp: Vec<u16>, udp: Vec<u16>, proxy_tcp: Vec<u16>) -> any
     println!("ready");
     std::io::stdout().flush()?;
     let mut handles = Vec::new();
-    for (l, proxy) in listeners {
+    for (l, speaks) in listeners {
         let name = name.clone();
+        let flaky = flaky.clone();
         handles.push(std::thread::spawn(move || {
             for s in l.incoming().flatten() {
                 let name = name.clone();
-                if proxy {
-                    std::thread::spawn(move || proxy_echo(s, &name));
-                } else {
-                    std::thread::spawn(move || echo(s, &name));
-                }
+                let flaky = flaky.clone();
+                match speaks {
+                    Speaks::Echo => std::thread::spawn(move || echo(s, &name)),
+                    Speaks::Proxy => std::thread::spawn(move || proxy_echo(s, &name)),
+                    Speaks::Http => std::thread::spawn(move || http_answer(s, &name, &flaky)),
+                };
             }
         }));
     }
@@ -269,6 +303,66 @@ fn echo(mut s: TcpStream, name: &str) {
             break;
         }
     }
+}
+
+/// HTTP/1.1 requests on one connection (keep-alive unless the client says close): `200` with
+/// `<name> <path>`, or `503` for every other request of the server under `/flaky`.
+fn http_answer(s: TcpStream, name: &str, flaky: &std::sync::atomic::AtomicU64) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(read) = s.try_clone() else { return };
+    let mut r = BufReader::new(read);
+    let mut w = s;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let mut close = false;
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            if h.trim().is_empty() {
+                break;
+            }
+            close |= h.to_ascii_lowercase().replace(' ', "").starts_with("connection:close");
+        }
+        let fail = path.starts_with("/flaky")
+            && flaky.fetch_add(1, std::sync::atomic::Ordering::SeqCst).is_multiple_of(2);
+        let (status, body) = if fail {
+            ("503 Service Unavailable", String::new())
+        } else {
+            ("200 OK", format!("{name} {path}\n"))
+        };
+        let conn = if close { "Connection: close\r\n" } else { "" };
+        // One write: a head and a body in two would wait on Nagle and the peer's delayed ACK.
+        let resp = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n{conn}\r\n{body}", body.len());
+        if w.write_all(resp.as_bytes()).is_err() || close {
+            return;
+        }
+    }
+}
+
+/// One HTTP/1.1 GET on a fresh connection: `<status code> <first line of the body>`.
+fn http_get(s: &TcpStream, path: &str, headers: &[String]) -> std::io::Result<String> {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n");
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    (&*s).write_all(req.as_bytes())?;
+    let mut resp = Vec::new();
+    (&*s).read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp);
+    let status = text.split_whitespace().nth(1).unwrap_or("").to_string();
+    if status.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no HTTP response"));
+    }
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok(format!("{status} {}", body.lines().next().unwrap_or("")).trim().to_string())
 }
 
 /// A connection that opens with a PROXY protocol v2 header: answers with a line saying what
@@ -334,20 +428,25 @@ fn describe_proxy_header(family: u8, body: &[u8]) -> String {
 }
 
 /// How a TCP client behaves.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct TcpMode {
     send: u32,
     client_first: bool,
+    /// One HTTP GET (path, headers) instead of the line protocol.
+    http: Option<(String, Vec<String>)>,
 }
 
 fn attempt_tcp(
     target: SocketAddr,
     timeout: Duration,
-    mode: TcpMode,
+    mode: &TcpMode,
 ) -> std::io::Result<(String, SocketAddr)> {
     let s = TcpStream::connect_timeout(&target, timeout)?;
     let peer = s.peer_addr()?;
     s.set_read_timeout(Some(timeout))?;
+    if let Some((path, headers)) = &mode.http {
+        return Ok((http_get(&s, path, headers)?, peer));
+    }
     if mode.client_first {
         (&s).write_all(b"hi\n")?;
     }
@@ -444,7 +543,7 @@ fn connect(
         let start_ns = monotonic_ns();
         let r = match udp {
             Some(mode) => attempt_udp(target, timeout, mode, &mut shared),
-            None => attempt_tcp(target, timeout, tcp),
+            None => attempt_tcp(target, timeout, &tcp),
         };
         let a = match r {
             Ok((server, peer)) => Attempt {
