@@ -530,6 +530,9 @@ pub const DIR_OUTBOUND: u32 = 1;
 /// The socket is the server side (it was accepted).
 pub const DIR_INBOUND: u32 = 2;
 
+/// `ConnMeta.has_orig` of a connection connect() sent to a waypoint.
+pub const ORIG_VIA_WAYPOINT: u16 = 2;
+
 /// Per-socket telemetry state (`CONN_META`, socket-local storage: it lives and dies with the socket).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -540,6 +543,8 @@ pub struct ConnMeta {
     /// The service address the client dialled, when connect() rewrote it.
     pub orig_dst: [u32; 4],
     pub orig_port: u16,
+    /// 0: not rewritten; 1: rewritten to a service endpoint; `ORIG_VIA_WAYPOINT`: sent to the
+    /// service's (or workload's) waypoint.
     pub has_orig: u16,
     pub direction: u32,
     /// `rcv_nxt` when the socket entered FIN_WAIT2 (tells, at close, whether the peer's FIN

@@ -209,6 +209,14 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth, dns: Option<&crate::dn
         );
         counters(
             &mut r,
+            "kmesh_waypoint_connections",
+            "Connections of enrolled pods sent to a waypoint instead of the service's endpoints, by waypoint workload and service",
+            o.telemetry
+                .waypoint_connections()
+                .map(|((w, s), n)| (vec![("waypoint", w.clone()), ("destination_service", s.clone())], *n)),
+        );
+        counters(
+            &mut r,
             "kmesh_waypoint_proxy_headers",
             "PROXY protocol headers the kernel put in front of connections sent to a waypoint, or could not (the socket was not tracked, or the header not inserted)",
             [(stat::PROXY_HEADER_SENT, "sent"), (stat::PROXY_HEADER_FAILED, "failed")]

@@ -7,12 +7,13 @@
 //! socket cookie and adds the differences to the counters, so totals move while a long-lived
 //! connection is open and are exact when it closes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use kmesh_common::{
     CONN_CLOSE, CONN_FAILED, CONN_OPEN, CONN_REPORT, ConnEvent, DIR_OUTBOUND, EV_NO_PEER_FIN,
+    ORIG_VIA_WAYPOINT,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -398,31 +399,41 @@ pub struct AccessLog {
     pub srtt_us: u32,
     pub min_rtt_us: u32,
     pub duration_ms: f64,
+    /// The waypoint (`namespace/workload`) the connection was sent to instead of the service's
+    /// endpoints (empty: none).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub waypoint: String,
 }
 
 impl AccessLog {
     pub fn render(&self, format: LogFormat) -> String {
         match format {
             LogFormat::Json => serde_json::to_string(self).unwrap_or_default(),
-            LogFormat::Text => format!(
-                "src={} src_workload={}/{} dst={} dst_workload={}/{} service={} direction={} state={} sent_bytes={} received_bytes={} retrans={} packet_loss={} srtt={}us min_rtt={}us duration={:.3}ms",
-                self.src,
-                self.src_namespace,
-                self.src_workload,
-                self.dst,
-                self.dst_namespace,
-                self.dst_workload,
-                self.service,
-                self.direction,
-                self.state,
-                self.sent_bytes,
-                self.received_bytes,
-                self.retrans,
-                self.packet_loss,
-                self.srtt_us,
-                self.min_rtt_us,
-                self.duration_ms
-            ),
+            LogFormat::Text => {
+                format!(
+                    "src={} src_workload={}/{} dst={} dst_workload={}/{} service={} direction={} state={} sent_bytes={} received_bytes={} retrans={} packet_loss={} srtt={}us min_rtt={}us duration={:.3}ms",
+                    self.src,
+                    self.src_namespace,
+                    self.src_workload,
+                    self.dst,
+                    self.dst_namespace,
+                    self.dst_workload,
+                    self.service,
+                    self.direction,
+                    self.state,
+                    self.sent_bytes,
+                    self.received_bytes,
+                    self.retrans,
+                    self.packet_loss,
+                    self.srtt_us,
+                    self.min_rtt_us,
+                    self.duration_ms
+                ) + &if self.waypoint.is_empty() {
+                    String::new()
+                } else {
+                    format!(" waypoint={}", self.waypoint)
+                }
+            }
         }
     }
 }
@@ -553,6 +564,8 @@ pub struct Telemetry {
     pub open_evicted: u64,
     /// The bound on open connections; 0 means [`MAX_OPEN`] (tests lower it).
     pub max_open: usize,
+    /// Connections sent to a waypoint, by (waypoint `namespace/workload`, service).
+    waypoint_connections: BTreeMap<(String, String), u64>,
 }
 
 /// Unknown peers get Istio's "unknown".
@@ -806,6 +819,19 @@ impl Telemetry {
                 for h in c.peers.counting(&self.settings) {
                     h.opened.inc();
                 }
+                if e.has_orig == ORIG_VIA_WAYPOINT && e.direction == DIR_OUTBOUND {
+                    let d = &c.peers.service.destination;
+                    let key = (
+                        format!("{}/{}", d.destination_workload_namespace, d.destination_workload),
+                        c.peers.service.service.destination_service.clone(),
+                    );
+                    // Bounded like the other tables: pairs past the bound are not counted.
+                    if self.waypoint_connections.len() < MAX_OPEN
+                        || self.waypoint_connections.contains_key(&key)
+                    {
+                        *self.waypoint_connections.entry(key).or_default() += 1;
+                    }
+                }
                 if self.open.len() >= self.open_cap() {
                     self.make_room();
                 }
@@ -884,6 +910,14 @@ impl Telemetry {
             // No RTT sample yet (a connection that never established): the kernel keeps ~0.
             min_rtt_us: if e.min_rtt_us == u32::MAX { 0 } else { e.min_rtt_us },
             duration_ms: (e.duration_ns as f64 / 1e3).round() / 1e3,
+            waypoint: if e.has_orig == ORIG_VIA_WAYPOINT {
+                format!(
+                    "{}/{}",
+                    l.destination.destination_workload_namespace, l.destination.destination_workload
+                )
+            } else {
+                String::new()
+            },
         }
         .render(self.settings.access_log_format)
     }
@@ -945,6 +979,11 @@ impl Telemetry {
     }
 
     /// Adds the TCP families to a registry.
+    /// Connections sent to a waypoint since start, by (waypoint, service).
+    pub fn waypoint_connections(&self) -> impl Iterator<Item = (&(String, String), &u64)> {
+        self.waypoint_connections.iter()
+    }
+
     pub fn register(&self, r: &mut Registry) {
         if self.settings.service_metrics {
             self.service.register(r, "kmesh_tcp", "source workload and destination service");

@@ -66,6 +66,21 @@ fn connections_to_a_service_with_a_waypoint_reach_it_with_a_proxy_header() {
         );
         assert!(line.starts_with(&want_prefix) && line.ends_with(&want_rest), "header seen: {line}");
     }
+    // Telemetry says where they went: the access log names the waypoint, and a counter per
+    // waypoint and service counts them.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let lines = env.mesh().observer().drain_telemetry();
+    let via =
+        lines.iter().filter(|l| l.contains("direction=outbound") && l.ends_with(" waypoint=default/wp"));
+    assert_eq!(via.count(), 20, "{}", lines.join("\n"));
+    let counted: Vec<_> = env
+        .mesh()
+        .observer()
+        .telemetry
+        .waypoint_connections()
+        .map(|((w, s), n)| (w.clone(), s.clone(), *n))
+        .collect();
+    assert_eq!(counted, [("default/wp".to_string(), "echo.default.svc.cluster.local".to_string(), 20)]);
     let stats = env.mesh().observer().stats();
     assert!(stats[stat::WAYPOINT_REDIRECTED as usize] >= 20, "{stats:?}");
     assert!(stats[stat::PROXY_HEADER_SENT as usize] >= 20, "{stats:?}");

@@ -13,7 +13,7 @@ use crate::shared::{count, proto_of, refuse, set_ip6, telemetry_on};
 /// Remembers the service address a TCP client dialled, for the telemetry of its connection
 /// (connections are TCP's: a UDP socket is given no state it would never use).
 #[inline(always)]
-fn remember_orig(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8) {
+fn remember_orig(ctx: &SockAddrContext, v: &Verdict, addr: [u32; 4], port: u16, proto: u8) {
     if proto != PROTO_TCP || !telemetry_on() {
         return;
     }
@@ -22,7 +22,7 @@ fn remember_orig(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8) {
         unsafe {
             (*m).orig_dst = addr;
             (*m).orig_port = u16::from_be(port);
-            (*m).has_orig = 1;
+            (*m).has_orig = if matches!(v, Verdict::Waypoint(..)) { ORIG_VIA_WAYPOINT } else { 1 };
         }
     }
 }
@@ -61,7 +61,7 @@ pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
         if !remember_waypoint(&ctx, &v, v4_mapped(ip4), port) {
             return refuse(ERRNO_WAYPOINT_UNREACHABLE);
         }
-        remember_orig(&ctx, v4_mapped(ip4), port, proto);
+        remember_orig(&ctx, &v, v4_mapped(ip4), port, proto);
     }
     apply_v4(sa, v)
 }
@@ -84,7 +84,7 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
         if !remember_waypoint(&ctx, &v, addr, port) {
             return refuse(ERRNO_WAYPOINT_UNREACHABLE);
         }
-        remember_orig(&ctx, addr, port, proto);
+        remember_orig(&ctx, &v, addr, port, proto);
     }
     apply_v6(sa, v)
 }
