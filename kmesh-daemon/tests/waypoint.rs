@@ -244,7 +244,8 @@ fn envoy_as_the_waypoint_routes_retries_and_polices_by_identity() {
         .replace("${TCP_VIP}", TCP_VIP)
         .replace("${V1}", &v1.to_string())
         .replace("${V2}", &v2.to_string())
-        .replace("${T1}", &t1.to_string());
+        .replace("${T1}", &t1.to_string())
+        .replace("${HTTP_PORT}", "8080");
     let log = std::env::temp_dir().join(format!("kmesh-waypoint-envoy-{}.log", std::process::id()));
     std::fs::write(log.with_extension("yaml"), yaml).unwrap();
     let child = env
@@ -252,7 +253,15 @@ fn envoy_as_the_waypoint_routes_retries_and_polices_by_identity() {
         .command(&envoy_bin)
         .arg("-c")
         .arg(log.with_extension("yaml"))
-        .args(["--log-level", "warn", "--concurrency", "1", "--disable-hot-restart"])
+        .args([
+            "--log-level",
+            "warn",
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--file-flush-interval-msec",
+            "50",
+        ])
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::process::Stdio::null())
         .stdin(std::process::Stdio::null())
@@ -303,7 +312,9 @@ fn envoy_as_the_waypoint_routes_retries_and_polices_by_identity() {
         "{via:?}"
     );
 
-    // The access log shows the client's real address and identity, and the VIP it dialled.
+    // The access log shows the client's real address and identity, and the VIP it dialled
+    // (Envoy writes it out every 50 ms).
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let log = envoy.access_log();
     let line =
         log.lines().find(|l| l.contains("path=/admin")).unwrap_or_else(|| panic!("no /admin line in\n{log}"));
@@ -326,6 +337,7 @@ fn envoy_as_the_waypoint_routes_retries_and_polices_by_identity() {
     );
 
     // The waypoint removed from echo: new connections go direct again.
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let lines_before = envoy.access_log().lines().count();
     env.apply(&cfg(false));
     let direct = http(&env, "client", &format!("{VIP}:80"), 10, "/", &["x-version: v2"]);
