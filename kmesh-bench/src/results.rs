@@ -7,9 +7,10 @@ use serde::{Deserialize, Serialize};
 use crate::stats::median;
 
 /// The data paths, in report order.
-pub const PATHS: [(&str, &str); 6] = [
+pub const PATHS: [(&str, &str); 7] = [
     ("direct", "direct to the pod"),
     ("kmesh", "kmesh-rs (eBPF connect rewrite)"),
+    ("kmesh-waypoint", "kmesh-rs to a waypoint (Envoy, PROXY header from the kernel)"),
     ("iptables", "iptables DNAT (kube-proxy iptables)"),
     ("nftables", "nftables DNAT (kube-proxy nftables)"),
     ("envoy-client", "Envoy, client sidecar"),
