@@ -231,16 +231,13 @@ impl Mesh {
                     }
                 };
                 let compiler = &self.compiler;
-                match self.headers.before_apply(&d, &self.model, |fk| compiler.frontend_owner(fk)) {
-                    Err(e) => Err(e),
-                    Ok(del) => {
-                        let r = self.dp.apply_all(d, authz);
-                        if r.is_ok() {
-                            self.headers.after_apply(&del);
-                        }
-                        r
-                    }
+                let del = self.headers.before_apply(&d, &self.model, |fk| compiler.frontend_owner(fk));
+                self.counters.waypoint_slot_errors = self.headers.host_write_errors();
+                let r = self.dp.apply_all(d, authz);
+                if r.is_ok() {
+                    self.headers.after_apply(&del);
                 }
+                r
             }
         };
         self.record(&r, is_incremental);

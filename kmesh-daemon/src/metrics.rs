@@ -117,6 +117,12 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth, dns: Option<&crate::dn
     counter(&mut r, "kmesh_apply_errors", "Applies refused by the kernel side", p.counters.apply_errors);
     counter(
         &mut r,
+        "kmesh_waypoint_slot_errors",
+        "Hostname slots of waypoint PROXY headers that could not be written (PP_HOST full): those headers go without TLV 0xD1",
+        p.counters.waypoint_slot_errors,
+    );
+    counter(
+        &mut r,
         "kmesh_map_writes",
         "BPF map entries written (created or changed) by applies, every map family",
         p.counters.map_writes,

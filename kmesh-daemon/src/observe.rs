@@ -32,6 +32,8 @@ pub struct Counters {
     /// Pins found missing at the last check and not restored.
     pub pins_missing: u64,
     pub pins_restored: u64,
+    /// Hostname slots of waypoint headers that could not be written (`PP_HOST` full).
+    pub waypoint_slot_errors: u64,
 }
 
 /// The daemon's state as of its last change, for scrapes and dumps that must not wait.

@@ -73,6 +73,7 @@ pub struct Headers {
     maps: WaypointMaps,
     idents: BTreeMap<u64, PpSlot>,
     hosts: BTreeMap<FrontendKey, PpSlot>,
+    host_write_errors: u64,
 }
 
 impl Headers {
@@ -80,7 +81,7 @@ impl Headers {
     pub fn new(maps: WaypointMaps) -> Self {
         let idents = maps.idents();
         let hosts = maps.hosts();
-        Self { maps, idents, hosts }
+        Self { maps, idents, hosts, host_write_errors: 0 }
     }
 
     /// Brings `PP_IDENT` to the enrollments (a handful of entries per node: compared whole).
@@ -106,18 +107,39 @@ impl Headers {
 
     /// Writes the hostname slots a diff needs before it is applied (a frontend never goes
     /// through a waypoint before its slot is there); returns the keys to remove once it is.
+    /// A slot that cannot be written (`PP_HOST` holds 65,536) does not stop the apply: those
+    /// connections' headers go without the hostname TLV, which is logged and counted.
     pub fn before_apply<'a>(
         &mut self,
         d: &Diff,
         model: &Model,
         owner: impl Fn(&FrontendKey) -> Option<&'a String>,
-    ) -> Result<Vec<FrontendKey>, KernelError> {
+    ) -> Vec<FrontendKey> {
         let (set, del) = host_changes(d, model, owner, &self.hosts);
+        let mut failed = 0;
+        let mut last = None;
         for (fk, slot) in set {
-            self.maps.set_host(&fk, &slot)?;
-            self.hosts.insert(fk, slot);
+            match self.maps.set_host(&fk, &slot) {
+                Ok(()) => {
+                    self.hosts.insert(fk, slot);
+                }
+                Err(e) => {
+                    failed += 1;
+                    last = Some(e);
+                }
+            }
         }
-        Ok(del)
+        if let Some(e) = last {
+            self.host_write_errors += failed;
+            tracing::warn!(frontends = failed, error = %e,
+                "hostname slots of waypoint headers not written: those connections' headers go without TLV 0xD1");
+        }
+        del
+    }
+
+    /// Hostname slots that could not be written since start.
+    pub fn host_write_errors(&self) -> u64 {
+        self.host_write_errors
     }
 
     /// Removes hostname slots of frontends the applied diff removed or took off waypoints.
@@ -126,10 +148,5 @@ impl Headers {
             self.maps.remove_host(fk);
             self.hosts.remove(fk);
         }
-    }
-
-    /// Hostname slots held, by frontend (for the config dump).
-    pub fn hosts(&self) -> usize {
-        self.hosts.len()
     }
 }
