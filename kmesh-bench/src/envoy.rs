@@ -30,6 +30,35 @@ fn cluster(name: &str, to: SocketAddr) -> String {
     )
 }
 
+/// The HTTP filter of a chain: `http_connection_manager` routing everything to the
+/// `http_upstream` cluster with the router filter (as Istio does for HTTP ports).
+const HCM: &str = "      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: http
+          codec_type: AUTO
+          route_config:
+            name: local
+            virtual_hosts:
+            - name: all
+              domains: [\"*\"]
+              routes:
+              - match: {prefix: \"/\"}
+                route: {cluster: http_upstream}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+";
+
+/// The TCP filter of a chain: `tcp_proxy` to the `tcp_upstream` cluster (opaque TCP).
+const TCP_PROXY: &str = "      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcp
+          cluster: tcp_upstream
+";
+
 /// The bootstrap YAML.
 pub fn bootstrap(s: &EnvoySpec) -> String {
     format!(
@@ -41,39 +70,19 @@ static_resources:
     address: {http}
     filter_chains:
     - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          codec_type: AUTO
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: all
-              domains: [\"*\"]
-              routes:
-              - match: {{prefix: \"/\"}}
-                route: {{cluster: http_upstream}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  - name: tcp
+{hcm}  - name: tcp
     address: {tcp}
     filter_chains:
     - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: tcp
-          cluster: tcp_upstream
-  clusters:
+{tcp_proxy}  clusters:
 {c1}{c2}",
         admin = addr(s.admin),
         http = addr(s.http_listen),
         tcp = addr(s.tcp_listen),
         c1 = cluster("http_upstream", s.http_upstream),
         c2 = cluster("tcp_upstream", s.tcp_upstream),
+        hcm = HCM,
+        tcp_proxy = TCP_PROXY,
     )
 }
 
@@ -108,31 +117,9 @@ static_resources:
     filter_chains:
     - filter_chain_match: {{destination_port: {http_port}, prefix_ranges: [{{address_prefix: \"{vip}\", prefix_len: 32}}]}}
       filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          codec_type: AUTO
-          route_config:
-            name: local
-            virtual_hosts:
-            - name: all
-              domains: [\"*\"]
-              routes:
-              - match: {{prefix: \"/\"}}
-                route: {{cluster: http_upstream}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-    - filter_chain_match: {{destination_port: {bulk_port}, prefix_ranges: [{{address_prefix: \"{vip}\", prefix_len: 32}}]}}
+{hcm}    - filter_chain_match: {{destination_port: {bulk_port}, prefix_ranges: [{{address_prefix: \"{vip}\", prefix_len: 32}}]}}
       filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: tcp
-          cluster: tcp_upstream
-  clusters:
+{tcp_proxy}  clusters:
 {c1}{c2}",
         admin = addr(w.admin),
         listen = addr(w.listen),
@@ -141,6 +128,8 @@ static_resources:
         bulk_port = w.bulk_port,
         c1 = cluster("http_upstream", w.http_upstream),
         c2 = cluster("tcp_upstream", w.bulk_upstream),
+        hcm = HCM,
+        tcp_proxy = TCP_PROXY,
     )
 }
 
