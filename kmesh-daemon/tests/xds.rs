@@ -727,3 +727,71 @@ fn a_vip_claimed_by_two_services_goes_to_the_first_key_and_survives_removals() {
     wait_for("the other service taking over", || connect(&bed, 5).get("s3") == Some(&5));
     assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
 }
+
+/// The echo service (s1, s2), with `waypoint` naming the service of s3, whose workload takes
+/// PROXY protocol on 15088.
+fn waypoint_resources(bed: &Testbed, waypoint: bool) -> BTreeMap<String, Vec<u8>> {
+    let wp = if waypoint { ", waypoint: {address: 10.96.0.99}" } else { "" };
+    let services = format!(
+        "  - {{name: echo, namespace: default, hostname: echo.default.svc.cluster.local, addresses: [{VIP}], ports: [{{service_port: 80, target_port: 8080}}]{wp}}}\n  - {{name: wp, namespace: default, hostname: wp.default.svc.cluster.local, addresses: [10.96.0.99], ports: [{{service_port: 15021}}]}}\n"
+    );
+    let mut w = workload(bed.pod("client"), &[], "");
+    for s in ["s1", "s2"] {
+        w += &workload(bed.pod(s), &[(SVC_KEY, "[]")], "");
+    }
+    w += &workload(
+        bed.pod("s3"),
+        &[("default/wp.default.svc.cluster.local", "[]")],
+        ", application_tunnel: {protocol: PROXY, port: 15088}",
+    );
+    address_resources(&config::parse(&config("zone-a", &services, &w)).unwrap())
+}
+
+/// Issue 15: a waypoint given over xDS (Service.waypoint, Workload.application_tunnel) takes
+/// the service's connections with the kernel's PROXY header; removing it over xDS sends new
+/// connections direct again.
+#[test]
+fn a_waypoint_over_xds_takes_the_services_connections_until_it_is_removed() {
+    if !root_or_skip("a_waypoint_over_xds_takes_the_services_connections_until_it_is_removed") {
+        return;
+    }
+    let rt = runtime();
+    let bed = bed();
+    bed.serve_with_proxy(bed.pod("s3"), &[], &[], &[15088]).unwrap();
+    let scratch = Scratch::new();
+    let cp = ControlPlane::new();
+    cp.replace_all(ADDRESS_TYPE, waypoint_resources(&bed, true));
+    let server: ServerHandle = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let d = start_daemon(&scratch, &bed, server.addr);
+    enroll(&d, &bed);
+    let first = ClientOptions { count: 10, client_first: true, ..Default::default() };
+    let through = || -> Vec<String> {
+        let out = bed
+            .pod("client")
+            .connect_command(format!("{VIP}:80").parse().unwrap(), &first)
+            .unwrap()
+            .output()
+            .unwrap();
+        kmesh_testbed::parse_attempts(&String::from_utf8_lossy(&out.stdout))
+            .unwrap()
+            .into_iter()
+            .map(|a| a.server.unwrap_or_else(|| format!("errno {:?}", a.errno)))
+            .collect()
+    };
+    let client_ip = bed.pod("client").ipv4;
+    for line in through() {
+        assert!(
+            line.starts_with(&format!("s3 proxy src={client_ip}:"))
+                && line.ends_with(&format!(
+                    " dst={VIP}:80 id=spiffe://cluster.local/ns/default/sa/client host=echo.default.svc.cluster.local"
+                )),
+            "{line}"
+        );
+    }
+    cp.replace_all(ADDRESS_TYPE, waypoint_resources(&bed, false));
+    wait_for("the waypoint removed", || through().iter().all(|l| l == "s1" || l == "s2"));
+    let s = connect(&bed, 60);
+    assert_eq!(s.keys().cloned().collect::<Vec<_>>(), ["s1", "s2"], "{s:?}");
+    assert_eq!(d.metric("kmesh_xds_responses_total{result=\"nack\"}"), 0.0);
+    assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
+}
