@@ -78,6 +78,26 @@ fn load_object(caps: Capacities, pin_of: impl Fn(&str) -> PathBuf) -> Result<Ebp
     loader.load(EBPF_OBJ).map_err(KernelError::Load)
 }
 
+/// Runs a program load, again when the kernel answered EAGAIN: the verifier gives up with
+/// EAGAIN when a signal is pending for the loading thread, whatever the program (libbpf
+/// retries the same way).
+pub(crate) fn retrying(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    let mut tries = 0;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 5 =>
+            {
+                tries += 1;
+                tracing::debug!(tries, "program load interrupted (EAGAIN); loading again");
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Loads the sk_msg program and attaches it to `WAYPOINT_SOCKS` (replacing what an earlier
 /// run attached). The attachment is left in place when the daemon exits, like the pinned
 /// links: a waypoint connection made while no daemon runs still gets its header. Sockets
@@ -98,7 +118,7 @@ fn attach_proxy_header(ebpf: &mut Ebpf) -> Result<(), KernelError> {
         .ok_or(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
         .try_into()
         .map_err(err)?;
-    prog.load().map_err(err)?;
+    retrying(|| prog.load()).map_err(err)?;
     let id = prog.attach(&socks).map_err(err)?;
     // Dropping the link would detach the program.
     std::mem::forget(prog.take_link(id).map_err(err)?);
@@ -118,12 +138,12 @@ fn attach_to_cgroup(
     };
     match p {
         aya::programs::Program::CgroupSockAddr(prog) => {
-            prog.load().map_err(err)?;
+            retrying(|| prog.load()).map_err(err)?;
             let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
             prog.take_link(id).map_err(err)?.try_into().map_err(pin_err)
         }
         aya::programs::Program::SockOps(prog) => {
-            prog.load().map_err(err)?;
+            retrying(|| prog.load()).map_err(err)?;
             let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
             prog.take_link(id).map_err(err)?.try_into().map_err(pin_err)
         }
@@ -610,7 +630,7 @@ impl Dataplane {
                 .ok_or(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
                 .try_into()
                 .map_err(|source| KernelError::Program { name, source })?;
-            prog.load().map_err(|source| KernelError::Program { name, source })?;
+            retrying(|| prog.load()).map_err(|source| KernelError::Program { name, source })?;
         }
 
         let cgroup = fs::File::open(&opts.cgroup)

@@ -65,9 +65,9 @@ fn program_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<BorrowedFd<'a>, 
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), KernelError> {
     let err = |source| KernelError::Program { name, source };
     match ebpf.program_mut(name) {
-        Some(Program::CgroupSockAddr(p)) => p.load().map_err(err),
-        Some(Program::SockOps(p)) => p.load().map_err(err),
-        Some(Program::SkLookup(p)) => p.load().map_err(err),
+        Some(Program::CgroupSockAddr(p)) => super::retrying(|| p.load()).map_err(err),
+        Some(Program::SockOps(p)) => super::retrying(|| p.load()).map_err(err),
+        Some(Program::SkLookup(p)) => super::retrying(|| p.load()).map_err(err),
         _ => Err(err(aya::programs::ProgramError::NotLoaded)),
     }
 }
