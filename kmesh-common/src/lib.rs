@@ -178,6 +178,12 @@ pub const TBL_F_WEIGHTED: u32 = 2;
 /// The table's slots are waypoint endpoints: an empty table fails connect() with
 /// `ERRNO_WAYPOINT_UNREACHABLE`.
 pub const TBL_F_WAYPOINT: u32 = 4;
+/// Pick slots in turn (a per-CPU counter in `RR_TURNS`, indexed by service id modulo
+/// [`RR_SLOTS`]) instead of at random; by weight, in blocks, when the table is weighted.
+pub const TBL_F_ROUND_ROBIN: u32 = 8;
+/// Entries of `RR_TURNS`: services whose ids are equal modulo this share one counter (each
+/// still gets its share; the turns merely interleave).
+pub const RR_SLOTS: u32 = 65536;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -676,6 +682,18 @@ pub fn pick_level(t: &TableValue) -> Option<usize> {
     None
 }
 
+/// The point in a weighted round-robin table's weight space for turn `turn`: turns
+/// `0..total` visit every point once (the multiplier is prime, so coprime with any `total`
+/// below it), spread across the space, so each slot gets exactly its weight's share of every
+/// `total` turns and no slot takes a long run of them.
+#[inline(always)]
+pub fn rr_point(turn: u32, total: u32) -> u32 {
+    if total == 0 {
+        return 0;
+    }
+    ((turn as u64 * 2_654_435_761u64) % total as u64) as u32
+}
+
 /// Picks a slot at `level` from a random number: uniformly, or by weight for weighted tables,
 /// looking up cumulative weights through `cum_at` (binary search, at most 32 lookups).
 /// Returns `None` when a lookup misses (the table changed under us).
@@ -788,6 +806,26 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Weighted round robin: every `total` turns give each slot exactly its weight, and a
+    /// heavy slot does not take its share in one run.
+    #[test]
+    fn weighted_turns_give_exact_shares_interleaved() {
+        for total in [1u32, 4, 7, 60_000, 65_536] {
+            let mut seen = [false; 65_536];
+            for turn in 0..total {
+                let p = rr_point(turn, total) as usize;
+                assert!(!seen[p], "point {p} twice in one cycle of {total}");
+                seen[p] = true;
+            }
+        }
+        // Weights 1:3 (cumulative 15,000 / 60,000): in any 8 consecutive turns both appear.
+        let slot = |t: u32| u32::from(rr_point(t, 60_000) >= 15_000);
+        for start in 0..10_000 {
+            let ones: u32 = (start..start + 8).map(slot).sum();
+            assert!((1..8).contains(&ones), "a run at turn {start}");
+        }
+    }
 
     fn table(flags: u32, counts: &[u32], weights: &[u32]) -> TableValue {
         let mut t = TableValue { flags, ..Default::default() };

@@ -40,6 +40,8 @@ pub struct Shared {
     pub xds: XdsHealth,
     /// The Kubernetes source's view (pods of this node, decisions, enrollments), when it runs.
     pub k8s: Mutex<Option<serde_json::Value>>,
+    /// The kernel-native source's report (what each filter chain became), when it runs.
+    pub envoy: Mutex<Option<serde_json::Value>>,
     /// More conditions of readiness, by name (the Kubernetes watches synced, the CNI plugin
     /// chained): `/debug/ready` answers 200 only when all hold.
     pub conditions: Mutex<Vec<(&'static str, Condition)>>,
@@ -168,12 +170,14 @@ async fn config_dump(State(s): State<AppState>) -> Response {
         })
     });
     let k8s = s.k8s.lock().unwrap().clone();
+    let envoy = s.envoy.lock().unwrap().clone();
     let dump = with_mesh(&s, move |m| {
         serde_json::json!({
             "config_path": path,
             "config_error": err,
             "xds": xds,
             "kubernetes": k8s,
+            "envoy": envoy,
             "model": m.model(),
             "frontend_conflicts": m.frontend_conflicts(),
             "enrolled": m.enrolled().iter().map(|(c, e)| serde_json::json!({"netns_cookie": c, "workload": e.workload})).collect::<Vec<_>>(),

@@ -347,7 +347,8 @@ pub fn is_locality_aware(lb: &LoadBalancing) -> bool {
 /// Level 0 matches every preferred scope; each level down drops the least preferred one.
 pub fn endpoint_level(lb: &LoadBalancing, client: &ClientLocality, w: &Workload) -> Option<u8> {
     if !is_locality_aware(lb) {
-        return Some(0);
+        // Envoy's priorities (0 from the workload API): the lowest that has endpoints is used.
+        return Some(w.priority.min(LEVELS as u8 - 1));
     }
     let n = lb.routing_preference.len();
     let matched = lb.routing_preference.iter().take_while(|s| client.matches(w, **s)).count();
@@ -1020,7 +1021,8 @@ impl Compiler {
                 }
                 let tkey = TableKey { service_id, class_id, family, _pad: [0; 3] };
                 let strict = if lb.mode == LbMode::Strict && locality { TBL_F_STRICT } else { 0 };
-                emit_table(&mut out, prev, tkey, strict, weighted, &levels);
+                let turns = if lb.policy == LbPolicy::RoundRobin { TBL_F_ROUND_ROBIN } else { 0 };
+                emit_table(&mut out, prev, tkey, strict | turns, weighted, &levels);
             }
         }
         // Backends (and their port overrides) that no slot references, e.g. excluded by STRICT,

@@ -22,6 +22,9 @@ pub enum Source {
     File(PathBuf),
     /// A control plane speaking delta ADS (istiod).
     Xds(Box<XdsOptions>),
+    /// The kernel-native mode: Envoy's xDS (listeners, routes, clusters, endpoints) over delta
+    /// ADS, taken as an Envoy sidecar takes it (see [`crate::envoy`]).
+    EnvoyXds(Box<XdsOptions>),
 }
 
 #[derive(Clone, Debug)]
@@ -208,13 +211,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         config_path: match &opts.source {
             Source::File(p) => p.clone(),
             Source::Xds(x) => PathBuf::from(format!("xds://{}", x.address)),
+            Source::EnvoyXds(x) => PathBuf::from(format!("envoy-xds://{}", x.address)),
         },
         xds: Default::default(),
         k8s: Mutex::new(None),
+        envoy: Mutex::new(None),
         conditions: Mutex::new(Vec::new()),
         dns: dns.clone(),
     });
-    shared.xds.enabled.store(matches!(opts.source, Source::Xds(_)), Ordering::Relaxed);
+    shared.xds.enabled.store(matches!(opts.source, Source::Xds(_) | Source::EnvoyXds(_)), Ordering::Relaxed);
 
     let listener = tokio::net::TcpListener::bind(opts.admin_addr)
         .await
@@ -256,6 +261,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Source::Xds(x) => {
             tracing::info!(address = %x.address, tls = x.ca_file.is_some(), node_id = %x.identity.node_id(), "taking configuration from xDS");
             tokio::spawn(xds::run((**x).clone(), shared.clone(), stop_rx))
+        }
+        Source::EnvoyXds(x) => {
+            tracing::info!(address = %x.address, tls = x.ca_file.is_some(),
+                node_id = %x.identity.node_id_as(crate::envoy::PROXY_TYPE),
+                "kernel-native mode: taking Envoy's xDS (LDS, RDS, CDS, EDS)");
+            tokio::spawn(crate::envoy::run((**x).clone(), shared.clone(), stop_rx))
         }
     };
 

@@ -42,8 +42,9 @@ pub const DEFAULT_REPORT_INTERVAL: std::time::Duration = std::time::Duration::fr
 pub const AUTHZ_PROGRAM: &str = "kmesh_authz";
 /// Maps with fixed capacities (pinned next to the others): counters, ring buffers, socket
 /// storage, and maps the kernel writes.
-const FIXED_MAPS: [&str; 15] = [
+const FIXED_MAPS: [&str; 16] = [
     "STATS",
+    "RR_TURNS",
     "AUTHZ_COUNTS",
     "AUTHZ_EVENTS",
     "CONN_META",

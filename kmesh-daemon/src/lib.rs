@@ -14,6 +14,7 @@ pub mod cni;
 pub mod compile;
 pub mod daemon;
 pub mod dns;
+pub mod envoy;
 pub mod k8s;
 pub mod kernel;
 pub mod logging;

@@ -61,12 +61,23 @@ struct CapacityArgs {
     authz_verdict_capacity: u32,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Workload,
+    KernelNative,
+}
+
 #[derive(Args)]
 struct XdsArgs {
     /// Take the configuration from this control plane (istiod: istiod.istio-system.svc:15012)
     /// over delta ADS instead of a file.
     #[arg(long, env = "XDS_ADDRESS")]
     xds_address: Option<String>,
+    /// What to take from the control plane: `workload` (Istio's workload API, as ztunnel) or
+    /// `kernel-native` (Envoy's listeners, routes, clusters and endpoints, as an Envoy
+    /// sidecar; the kernel does their L4 part).
+    #[arg(long, value_enum, default_value_t = Mode::Workload, env = "KMESH_MODE")]
+    mode: Mode,
     /// Connect without TLS (local control planes only).
     #[arg(long)]
     xds_plaintext: bool,
@@ -375,7 +386,11 @@ fn main() -> anyhow::Result<()> {
                 None => cgroup2_mount()?,
             };
             let source = match (config, xds.options()?) {
+                (Some(_), None) if xds.mode == Mode::KernelNative => {
+                    anyhow::bail!("--mode kernel-native takes Envoy's xDS: give --xds-address, not --config")
+                }
                 (Some(c), None) => Source::File(c),
+                (None, Some(x)) if xds.mode == Mode::KernelNative => Source::EnvoyXds(Box::new(x)),
                 (None, Some(x)) => Source::Xds(Box::new(x)),
                 _ => anyhow::bail!("give exactly one of --config and --xds-address"),
             };

@@ -144,8 +144,14 @@ impl ProxyIdentity {
     }
 
     pub fn node_id(&self) -> String {
+        self.node_id_as(PROXY_TYPE)
+    }
+
+    /// The id under another proxy type (`sidecar` in the kernel-native mode, which takes what
+    /// istiod serves an Envoy).
+    pub fn node_id_as(&self, proxy_type: &str) -> String {
         let (ip, pod, ns) = (self.instance_ips[0], &self.pod_name, &self.pod_namespace);
-        format!("{PROXY_TYPE}~{ip}~{pod}.{ns}~{ns}.svc.cluster.local")
+        format!("{proxy_type}~{ip}~{pod}.{ns}~{ns}.svc.cluster.local")
     }
 
     /// The `Node` of the first request: id, metadata as istiod's `NodeMetadata` reads it
@@ -676,31 +682,7 @@ type Opened = (mpsc::Sender<DeltaDiscoveryRequest>, tonic::Streaming<DeltaDiscov
 
 /// Opens a stream with both subscriptions.
 async fn open(o: &XdsOptions, state: &XdsState) -> Result<Opened, XdsError> {
-    let token = match &o.token_file {
-        Some(p) => {
-            let t =
-                std::fs::read_to_string(p).map_err(|source| XdsError::Token { path: p.clone(), source })?;
-            Some(format!("Bearer {}", t.trim()))
-        }
-        None => None,
-    };
-    let ch = channel(o).await?;
-    let token_value = match token {
-        Some(t) => Some(t.parse::<tonic::metadata::MetadataValue<_>>().map_err(|_| XdsError::Token {
-            path: o.token_file.clone().unwrap_or_default(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "token is not a valid header value"),
-        })?),
-        None => None,
-    };
-    let mut client =
-        AggregatedDiscoveryServiceClient::with_interceptor(ch, move |mut req: tonic::Request<()>| {
-            if let Some(t) = &token_value {
-                req.metadata_mut().insert("authorization", t.clone());
-            }
-            Ok(req)
-        })
-        .max_decoding_message_size(o.max_message_bytes);
-
+    let mut client = client(o).await?;
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
     let mut resync = Vec::new();
     for (type_url, node) in [(ADDRESS_TYPE, Some(o.identity.node())), (AUTHORIZATION_TYPE, None)] {
@@ -721,6 +703,41 @@ async fn open(o: &XdsOptions, state: &XdsState) -> Result<Opened, XdsError> {
         .into_inner();
     tracing::info!(address = %o.address, node_id = %o.identity.node_id(), "xDS stream open");
     Ok((tx, stream, resync))
+}
+
+/// An ADS client on a new channel, sending the bearer token (re-read now) with every stream.
+pub(crate) type AdsClient =
+    AggregatedDiscoveryServiceClient<tonic::service::interceptor::InterceptedService<Channel, Interceptor>>;
+
+/// Adds the bearer token to each request.
+pub(crate) type Interceptor =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+
+pub(crate) async fn client(o: &XdsOptions) -> Result<AdsClient, XdsError> {
+    let token = match &o.token_file {
+        Some(p) => {
+            let t =
+                std::fs::read_to_string(p).map_err(|source| XdsError::Token { path: p.clone(), source })?;
+            Some(format!("Bearer {}", t.trim()))
+        }
+        None => None,
+    };
+    let ch = channel(o).await?;
+    let token_value = match token {
+        Some(t) => Some(t.parse::<tonic::metadata::MetadataValue<_>>().map_err(|_| XdsError::Token {
+            path: o.token_file.clone().unwrap_or_default(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "token is not a valid header value"),
+        })?),
+        None => None,
+    };
+    let interceptor: Interceptor = Box::new(move |mut req: tonic::Request<()>| {
+        if let Some(t) = &token_value {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    });
+    Ok(AggregatedDiscoveryServiceClient::with_interceptor(ch, interceptor)
+        .max_decoding_message_size(o.max_message_bytes))
 }
 
 /// Connects, subscribes and waits for the first response: a check of address, TLS and token.

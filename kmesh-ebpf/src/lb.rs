@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use kmesh_common::*;
 
-use crate::maps::{BACKENDS, ENDPOINTS, FRONTENDS, LB_TABLES, NETNS, PORTS};
+use crate::maps::{BACKENDS, ENDPOINTS, FRONTENDS, LB_TABLES, NETNS, PORTS, RR_TURNS};
 use crate::shared::{count, refuse, set_ip6};
 
 /// What to do with one connect().
@@ -116,7 +116,13 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
             _pad: 0,
             index: 0,
         };
-        let rand = unsafe { bpf_get_prandom_u32() };
+        let rand = if table.flags & TBL_F_ROUND_ROBIN == 0 {
+            unsafe { bpf_get_prandom_u32() }
+        } else if table.flags & TBL_F_WEIGHTED != 0 && level < LEVELS {
+            rr_point(next_turn(service_id), table.weights[level])
+        } else {
+            next_turn(service_id)
+        };
         let slot = pick_slot(&table, level, rand, |i| {
             ekey.index = i;
             unsafe { ENDPOINTS.get(ekey) }.copied().filter(|e| e.belongs_to(&ekey)).map(|e| e.cum_weight)
@@ -156,6 +162,19 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
     }
     count(stat::INCONSISTENT);
     Verdict::Refuse(ERRNO_INCONSISTENT)
+}
+
+/// This CPU's next turn for a round-robin service (random when the counter cannot be read).
+#[inline(always)]
+fn next_turn(service_id: u32) -> u32 {
+    match RR_TURNS.get_ptr_mut(service_id % RR_SLOTS) {
+        Some(p) => unsafe {
+            let turn = *p;
+            *p = turn.wrapping_add(1);
+            turn
+        },
+        None => unsafe { bpf_get_prandom_u32() },
+    }
 }
 
 /// Carries out a verdict on an IPv4 socket address: 1 lets the call go on (rewritten or not),

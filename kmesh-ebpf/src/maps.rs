@@ -28,6 +28,10 @@ pub static BACKENDS: HashMap<u32, BackendValue, 262144, NO_PREALLOC> = HashMap::
 pub static PORTS: HashMap<PortKey, PortValue, 262144, NO_PREALLOC> = HashMap::new();
 #[btf_map]
 pub static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
+/// Round-robin turns, per CPU (Envoy's round robin is per worker thread): no atomics, no
+/// cache line shared between CPUs. 65,536 x 4 bytes per CPU.
+#[btf_map]
+pub static RR_TURNS: PerCpuArray<u32, { RR_SLOTS as usize }> = PerCpuArray::new();
 
 // L4 authorization (see kmesh_common): decided when a new connection looks up its socket in
 // the destination pod's namespace. SK_DROP there makes the kernel answer a TCP SYN with a

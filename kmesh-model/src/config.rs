@@ -416,7 +416,7 @@ fn load_balancing(field: &str, lb: Option<LoadBalancingSpec>) -> Result<LoadBala
         None => HealthPolicy::OnlyHealthy,
         Some(h) => enum_value(&format!("{field}.health_policy"), h, HEALTH)?,
     };
-    Ok(LoadBalancing { routing_preference: prefs, mode, health_policy })
+    Ok(LoadBalancing { routing_preference: prefs, mode, health_policy, ..Default::default() })
 }
 
 /// Turns a parsed file into a model, or names the first field that is wrong.
@@ -609,6 +609,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                 network_mode,
                 waypoint,
                 application_tunnel,
+                priority: 0,
                 unused: BTreeMap::new(),
             }),
         );

@@ -133,10 +133,18 @@ pub struct Workload {
     /// going); one reachable only by HBONE is not used.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub application_tunnel: Option<ApplicationTunnel>,
+    /// Failover priority (Envoy's `LocalityLbEndpoints.priority`; 0 from the workload API): a
+    /// service without locality preferences uses the lowest priority that has endpoints.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub priority: u8,
     /// Fields of the workload API this data plane received but does not act on yet (tunnel
     /// protocol, extensions, ...), by field name, rendered for the config dump.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub unused: BTreeMap<String, String>,
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
 }
 
 impl Workload {
@@ -193,11 +201,29 @@ pub enum HealthPolicy {
     AllowAll,
 }
 
+/// How one endpoint is chosen among those of the best level. Istio's workload API has no such
+/// field (ztunnel picks at random); Envoy's `Cluster.lb_policy` sets it in kernel-native mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum LbPolicy {
+    /// Uniformly at random (by weight when endpoints weigh differently).
+    #[default]
+    Random,
+    /// In turn, per CPU (Envoy's round robin is per worker thread), by weight when endpoints
+    /// weigh differently.
+    RoundRobin,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct LoadBalancing {
     pub routing_preference: Vec<Scope>,
     pub mode: LbMode,
     pub health_policy: HealthPolicy,
+    #[serde(skip_serializing_if = "is_random")]
+    pub policy: LbPolicy,
+}
+
+fn is_random(p: &LbPolicy) -> bool {
+    *p == LbPolicy::Random
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -185,6 +185,7 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
         network_mode,
         waypoint,
         application_tunnel,
+        priority: 0,
         unused,
     })
 }
@@ -333,7 +334,7 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
                     ));
                 }
             };
-            LoadBalancing { routing_preference: prefs, mode, health_policy }
+            LoadBalancing { routing_preference: prefs, mode, health_policy, ..Default::default() }
         }
     };
     let waypoint = s.waypoint.as_ref().map(|g| gateway_from_proto("Service.waypoint", g)).transpose()?;

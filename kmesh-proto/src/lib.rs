@@ -93,3 +93,28 @@ pub fn wire_contract_of(descriptor_set: &[u8], packages: &[&str]) -> Result<Vec<
     out.sort();
     Ok(out)
 }
+
+/// Envoy's own resources, for the kernel-native mode (Envoy xDS: LDS, RDS, CDS, EDS), as
+/// `envoy-types` generates them from Envoy's protos.
+pub mod envoy {
+    pub use envoy_types::pb::envoy::config::cluster::v3 as cluster;
+    pub use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
+    pub use envoy_types::pb::envoy::config::listener::v3 as listener;
+    pub use envoy_types::pb::envoy::config::route::v3 as route;
+    pub use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+    pub use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
+    pub use envoy_types::pb::envoy::r#type::v3 as types;
+
+    /// `Listener` (LDS).
+    pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    /// `RouteConfiguration` (RDS).
+    pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    /// `Cluster` (CDS).
+    pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    /// `ClusterLoadAssignment` (EDS).
+    pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    /// The network filters the kernel-native mode reads.
+    pub const TCP_PROXY_TYPE: &str =
+        "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+    pub const HCM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+}

@@ -24,7 +24,17 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-pub const TYPES: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
+pub const TYPES: [&str; 6] = [
+    ADDRESS_TYPE,
+    AUTHORIZATION_TYPE,
+    kmesh_proto::envoy::LISTENER_TYPE,
+    kmesh_proto::envoy::ROUTE_TYPE,
+    kmesh_proto::envoy::CLUSTER_TYPE,
+    kmesh_proto::envoy::ENDPOINT_TYPE,
+];
+
+/// Types a client subscribes to by name (Envoy's EDS and RDS); the others are wildcard.
+pub const NAMED_TYPES: [&str; 2] = [kmesh_proto::envoy::ROUTE_TYPE, kmesh_proto::envoy::ENDPOINT_TYPE];
 
 /// The `Address` resources of a model, as istiod names them: workloads by uid, services by
 /// `namespace/hostname`.
@@ -437,7 +447,9 @@ impl ControlPlane {
         type_url: &str,
         sent: &BTreeMap<String, String>,
         since: Option<u64>,
+        names: Option<&BTreeSet<String>>,
     ) -> (Option<DeltaDiscoveryResponse>, u64) {
+        let wanted = |n: &String| names.is_none_or(|s| s.contains(n));
         let mut s = self.state.lock().unwrap();
         let now = s.seq;
         let empty = TypeState::default();
@@ -452,7 +464,7 @@ impl ControlPlane {
             None => (
                 t.items
                     .iter()
-                    .filter(|(n, (v, _))| sent.get(*n) != Some(v))
+                    .filter(|(n, (v, _))| wanted(n) && sent.get(*n) != Some(v))
                     .map(|(n, e)| resource(n, e))
                     .collect(),
                 sent.keys().filter(|n| !t.items.contains_key(*n)).cloned().collect(),
@@ -460,7 +472,7 @@ impl ControlPlane {
             Some(since) => {
                 let mut res = Vec::new();
                 let mut rm = Vec::new();
-                for name in t.log.range(since + 1..).map(|(_, n)| n) {
+                for name in t.log.range(since + 1..).map(|(_, n)| n).filter(|n| wanted(n)) {
                     match t.items.get(name) {
                         Some(e) if sent.get(name) != Some(&e.0) => res.push(resource(name, e)),
                         Some(_) => {}
@@ -541,6 +553,8 @@ struct StreamState {
     owed: BTreeSet<String>,
     /// type -> the change sequence number the stream was last brought up to.
     pushed: BTreeMap<String, u64>,
+    /// type -> the names subscribed, for types subscribed by name.
+    names: BTreeMap<String, BTreeSet<String>>,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
@@ -636,7 +650,7 @@ impl ControlPlane {
         let sent = st.sent.entry(type_url.to_string()).or_default();
         let since = st.pushed.get(type_url).copied();
         let started = std::time::Instant::now();
-        let (resp, now) = self.delta_for(type_url, sent, since);
+        let (resp, now) = self.delta_for(type_url, sent, since, st.names.get(type_url));
         self.push_ns.fetch_add(started.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
         st.pushed.insert(type_url.to_string(), now);
         let resp = resp?;
@@ -703,20 +717,40 @@ impl ControlPlane {
                 p.answered = Some(at);
             }
             s.acks.push(Ack {
-                node,
-                type_url: req.type_url,
-                nonce: req.response_nonce,
-                error: req.error_detail.map(|s| s.message),
+                node: node.clone(),
+                type_url: req.type_url.clone(),
+                nonce: req.response_nonce.clone(),
+                error: req.error_detail.as_ref().map(|s| s.message.clone()),
             });
-            return Ok(Vec::new());
+            drop(s);
+            // A request may ACK and change a named subscription at once (Envoy does).
+            if req.resource_names_subscribe.is_empty() && req.resource_names_unsubscribe.is_empty() {
+                return Ok(Vec::new());
+            }
         }
-        // A subscription (wildcard, as istiod's workload types are).
+        let named = NAMED_TYPES.contains(&req.type_url.as_str());
         let wildcard = req.resource_names_subscribe.is_empty() || req.resource_names_subscribe == ["*"];
-        if !wildcard {
+        if !named && !wildcard {
             return Err(self.violation(format!(
                 "{} is a wildcard type; named subscriptions {:?} are not served",
                 req.type_url, req.resource_names_subscribe
             )));
+        }
+        if named && st.subscribed.contains(&req.type_url) {
+            // A change of a named subscription: what is newly named is sent, what is dropped is
+            // forgotten (not removed: the client no longer wants it).
+            let names = st.names.entry(req.type_url.clone()).or_default();
+            names.extend(req.resource_names_subscribe.iter().cloned());
+            let sent = st.sent.entry(req.type_url.clone()).or_default();
+            for n in &req.resource_names_unsubscribe {
+                names.remove(n);
+                sent.remove(n);
+            }
+            st.pushed.remove(&req.type_url);
+            return Ok(self.push(st, &req.type_url).into_iter().collect());
+        }
+        if named && req.resource_names_subscribe != ["*"] {
+            st.names.insert(req.type_url.clone(), req.resource_names_subscribe.iter().cloned().collect());
         }
         if !st.subscribed.insert(req.type_url.clone()) {
             return Ok(Vec::new());

@@ -1,0 +1,357 @@
+//! The kernel-native mode: the daemon takes Envoy's own xDS (LDS, RDS, CDS, EDS) from the
+//! in-repo control plane over real gRPC, and the kernel balances real connections in the
+//! testbed as the listeners and clusters say. Needs root.
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use common::*;
+use kmesh_proto::envoy::{
+    CLUSTER_TYPE, ENDPOINT_TYPE, HCM_TYPE, LISTENER_TYPE, TCP_PROXY_TYPE, cluster as pc, endpoint as pe, hcm,
+    listener as pl, route as pr, tcp_proxy,
+};
+use kmesh_proto::prost::Message;
+use kmesh_proto::{Any, core};
+use kmesh_testbed::Testbed;
+use kmesh_xds_server::ControlPlane;
+
+fn address(ip: &str, port: u32) -> core::Address {
+    core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            address: ip.into(),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn any(type_url: &str, m: &impl Message) -> Any {
+    Any { type_url: type_url.into(), value: m.encode_to_vec() }
+}
+
+fn tcp(cluster: &str) -> pl::Filter {
+    let t = tcp_proxy::TcpProxy {
+        stat_prefix: cluster.into(),
+        cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+        ..Default::default()
+    };
+    pl::Filter {
+        name: "tcp".into(),
+        config_type: Some(pl::filter::ConfigType::TypedConfig(any(TCP_PROXY_TYPE, &t))),
+    }
+}
+
+fn tcp_weighted(clusters: &[(&str, u32)]) -> pl::Filter {
+    use tcp_proxy::tcp_proxy::{ClusterSpecifier, WeightedCluster, weighted_cluster::ClusterWeight};
+    let t = tcp_proxy::TcpProxy {
+        stat_prefix: "w".into(),
+        cluster_specifier: Some(ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: clusters
+                .iter()
+                .map(|(n, w)| ClusterWeight { name: n.to_string(), weight: *w, ..Default::default() })
+                .collect(),
+        })),
+        ..Default::default()
+    };
+    pl::Filter {
+        name: "tcp".into(),
+        config_type: Some(pl::filter::ConfigType::TypedConfig(any(TCP_PROXY_TYPE, &t))),
+    }
+}
+
+fn route(domains: &[&str], routes: Vec<pr::Route>) -> pr::VirtualHost {
+    pr::VirtualHost {
+        name: domains[0].into(),
+        domains: domains.iter().map(|d| d.to_string()).collect(),
+        routes,
+        ..Default::default()
+    }
+}
+
+fn to_cluster(prefix: &str, header: Option<&str>, cluster: &str) -> pr::Route {
+    pr::Route {
+        r#match: Some(pr::RouteMatch {
+            path_specifier: Some(pr::route_match::PathSpecifier::Prefix(prefix.into())),
+            headers: header
+                .map(|h| pr::HeaderMatcher { name: h.into(), ..Default::default() })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        }),
+        action: Some(pr::route::Action::Route(pr::RouteAction {
+            cluster_specifier: Some(pr::route_action::ClusterSpecifier::Cluster(cluster.into())),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn http(vhosts: Vec<pr::VirtualHost>) -> pl::Filter {
+    let h = hcm::HttpConnectionManager {
+        stat_prefix: "http".into(),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
+            pr::RouteConfiguration { name: "inline".into(), virtual_hosts: vhosts, ..Default::default() },
+        )),
+        ..Default::default()
+    };
+    pl::Filter {
+        name: "http".into(),
+        config_type: Some(pl::filter::ConfigType::TypedConfig(any(HCM_TYPE, &h))),
+    }
+}
+
+fn chain(prefixes: &[&str], filter: pl::Filter) -> pl::FilterChain {
+    pl::FilterChain {
+        filter_chain_match: Some(pl::FilterChainMatch {
+            prefix_ranges: prefixes
+                .iter()
+                .map(|p| core::CidrRange {
+                    address_prefix: p.to_string(),
+                    prefix_len: Some(kmesh_proto::envoy_struct::UInt32Value { value: 32 }),
+                })
+                .collect(),
+            ..Default::default()
+        }),
+        filters: vec![filter],
+        ..Default::default()
+    }
+}
+
+fn listener(name: &str, ip: &str, port: u32, chains: Vec<pl::FilterChain>) -> (String, Vec<u8>) {
+    let l = pl::Listener {
+        name: name.into(),
+        address: Some(address(ip, port)),
+        filter_chains: chains,
+        ..Default::default()
+    };
+    (name.into(), l.encode_to_vec())
+}
+
+fn endpoints(bed: &Testbed, pods: &[&str]) -> Vec<pe::LocalityLbEndpoints> {
+    vec![pe::LocalityLbEndpoints {
+        lb_endpoints: pods
+            .iter()
+            .map(|p| pe::LbEndpoint {
+                host_identifier: Some(pe::lb_endpoint::HostIdentifier::Endpoint(pe::Endpoint {
+                    address: Some(address(&bed.pod(p).ipv4.to_string(), 8080)),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }]
+}
+
+fn eds_cluster(name: &str, policy: pc::cluster::LbPolicy) -> (String, Vec<u8>) {
+    let c = pc::Cluster {
+        name: name.into(),
+        cluster_discovery_type: Some(pc::cluster::ClusterDiscoveryType::Type(
+            pc::cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(pc::cluster::EdsClusterConfig::default()),
+        lb_policy: policy as i32,
+        ..Default::default()
+    };
+    (name.into(), c.encode_to_vec())
+}
+
+fn static_cluster(bed: &Testbed, name: &str, pods: &[&str]) -> (String, Vec<u8>) {
+    let c = pc::Cluster {
+        name: name.into(),
+        cluster_discovery_type: Some(pc::cluster::ClusterDiscoveryType::Type(
+            pc::cluster::DiscoveryType::Static as i32,
+        )),
+        load_assignment: Some(pe::ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: endpoints(bed, pods),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    (name.into(), c.encode_to_vec())
+}
+
+fn assignment(bed: &Testbed, name: &str, pods: &[&str]) -> (String, Vec<u8>) {
+    let a = pe::ClusterLoadAssignment {
+        cluster_name: name.into(),
+        endpoints: endpoints(bed, pods),
+        ..Default::default()
+    };
+    (name.into(), a.encode_to_vec())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn start_daemon(scratch: &Scratch, bed: &Testbed, cp: SocketAddr) -> Daemon {
+    let d = Daemon::start_with(
+        &[
+            "--mode",
+            "kernel-native",
+            "--xds-address",
+            &cp.to_string(),
+            "--xds-plaintext",
+            "--xds-backoff-max-ms",
+            "500",
+        ],
+        bed,
+        &scratch.pins,
+    );
+    wait_for("readiness after the first sync", || d.get("/debug/ready").is_ok());
+    let req = serde_json::json!({ "netns": bed.pod("client").netns_path() }).to_string();
+    kmesh_daemon::admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap();
+    d
+}
+
+/// `n` connections from the client to `target`, in order, made from one CPU (round robin is
+/// per CPU, as Envoy's is per worker thread).
+fn connect_on_one_cpu(bed: &Testbed, target: &str, n: u32) -> Vec<kmesh_testbed::Attempt> {
+    // SAFETY: plain libc calls on this thread's own affinity; the client inherits it.
+    unsafe {
+        let mut old: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old);
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut one);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one);
+        let a = bed.pod("client").connect(target.parse().unwrap(), n, false).unwrap();
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &old);
+        a
+    }
+}
+
+fn spread(bed: &Testbed, target: &str, n: u32) -> BTreeMap<String, u32> {
+    kmesh_testbed::spread(&bed.pod("client").connect(target.parse().unwrap(), n, false).unwrap())
+}
+
+fn chain_state(d: &Daemon, listener: &str) -> Vec<(String, String)> {
+    let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap();
+    dump["envoy"]["chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["listener"] == listener)
+        .map(|c| {
+            let skipped: Vec<&str> =
+                c["not_compiled"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+            let skipped = skipped.join("; ");
+            (
+                c["state"].as_str().unwrap().to_string(),
+                format!("{}{skipped}", c["reason"].as_str().unwrap_or("")),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn envoy_listeners_and_clusters_are_balanced_by_the_kernel() {
+    if !root_or_skip("envoy_listeners_and_clusters_are_balanced_by_the_kernel") {
+        return;
+    }
+    let rt = runtime();
+    let bed = bed();
+    let scratch = Scratch::new();
+    let cp = ControlPlane::new();
+    use pc::cluster::LbPolicy;
+    cp.replace_all(
+        CLUSTER_TYPE,
+        [
+            eds_cluster("echo", LbPolicy::RoundRobin),
+            static_cluster(&bed, "a", &["s1"]),
+            static_cluster(&bed, "b", &["s3"]),
+        ]
+        .into(),
+    );
+    cp.replace_all(ENDPOINT_TYPE, [assignment(&bed, "echo", &["s1", "s2"])].into());
+    cp.replace_all(
+        LISTENER_TYPE,
+        [
+            // A listener bound to the VIP (one shape istiod emits).
+            listener("echo_80", VIP, 80, vec![chain(&[], tcp("echo"))]),
+            // A listener of every address whose chains match destination prefixes (istiod's
+            // other outbound shape), one of them with weighted clusters.
+            listener(
+                "0.0.0.0_9000",
+                "0.0.0.0",
+                9000,
+                vec![
+                    chain(&["10.96.0.11"], tcp_weighted(&[("a", 1), ("b", 3)])),
+                    chain(&["10.96.0.14"], tcp("echo")),
+                ],
+            ),
+            // HTTP: a virtual host that resolves to one cluster is compiled, one that routes by
+            // header is not (and is reported).
+            listener(
+                "0.0.0.0_8000",
+                "0.0.0.0",
+                8000,
+                vec![chain(
+                    &[],
+                    http(vec![
+                        route(&["10.96.0.12", "echo.default"], vec![to_cluster("/", None, "echo")]),
+                        route(
+                            &["10.96.0.13"],
+                            vec![to_cluster("/", Some("x-v2"), "b"), to_cluster("/", None, "a")],
+                        ),
+                    ]),
+                )],
+            ),
+        ]
+        .into(),
+    );
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let d = start_daemon(&scratch, &bed, server.addr);
+
+    // ROUND_ROBIN: strictly in turn from one CPU.
+    let a = connect_on_one_cpu(&bed, &format!("{VIP}:80"), 40);
+    let order: Vec<String> = a.iter().map(|a| a.server.clone().unwrap_or_else(|| format!("{a:?}"))).collect();
+    for w in order.windows(2) {
+        assert_ne!(w[0], w[1], "round robin takes turns: {order:?}");
+    }
+    assert_eq!(kmesh_testbed::spread(&a), [("s1".into(), 20), ("s2".into(), 20)].into());
+
+    // Weighted clusters 1:3, and a prefix-matched chain of the same listener.
+    let s = spread(&bed, "10.96.0.11:9000", 1800);
+    assert_follows(&[s.get("s1").copied().unwrap_or(0), s.get("s3").copied().unwrap_or(0)], &[1.0, 3.0]);
+    assert_eq!(spread(&bed, "10.96.0.14:9000", 20).keys().cloned().collect::<Vec<_>>(), ["s1", "s2"]);
+
+    // HTTP: decided by the virtual host that names the address.
+    assert_eq!(spread(&bed, "10.96.0.12:8000", 20).keys().cloned().collect::<Vec<_>>(), ["s1", "s2"]);
+    let states = chain_state(&d, "0.0.0.0_8000");
+    assert_eq!(states[0].0, "compiled", "{states:?}");
+    assert!(
+        states[0].1.contains("10.96.0.13:8000: virtual host") && states[0].1.contains("header \"x-v2\""),
+        "{states:?}"
+    );
+    // ... and a destination not compiled is left alone (no route in the pod: unreachable).
+    assert!(spread(&bed, "10.96.0.13:8000", 1).keys().all(|k| k.starts_with('!')));
+
+    // EDS: an endpoint added reaches the kernel; round robin covers all three in turn.
+    cp.replace_all(ENDPOINT_TYPE, [assignment(&bed, "echo", &["s1", "s2", "s3"])].into());
+    wait_for("s3 in echo", || spread(&bed, &format!("{VIP}:80"), 6).len() == 3);
+    let a = connect_on_one_cpu(&bed, &format!("{VIP}:80"), 30);
+    assert_eq!(kmesh_testbed::spread(&a).values().copied().collect::<Vec<_>>(), [10, 10, 10]);
+
+    // A malformed listener is NACKed by name; what was in force stays.
+    let before = cp.nacks().len();
+    let mut bad =
+        pl::Listener { name: "broken".into(), address: Some(address("not-an-ip", 80)), ..Default::default() };
+    bad.filter_chains.push(chain(&[], tcp("echo")));
+    cp.set(LISTENER_TYPE, [("broken".to_string(), bad.encode_to_vec())]);
+    wait_for("a NACK", || cp.nacks().len() > before);
+    let nack = cp.nacks().last().unwrap().error.clone().unwrap();
+    assert!(nack.contains("listener broken") && nack.contains("not-an-ip"), "{nack}");
+    assert_eq!(spread(&bed, &format!("{VIP}:80"), 9).len(), 3);
+
+    // A listener removed: its destination is no longer balanced.
+    cp.remove(LISTENER_TYPE, &["echo_80", "broken"]);
+    wait_for("echo_80 gone", || spread(&bed, &format!("{VIP}:80"), 1).keys().all(|k| k.starts_with('!')));
+    // A cluster removed: the chains that use it wait for it (pass unchanged meanwhile).
+    cp.remove(CLUSTER_TYPE, &["a"]);
+    wait_for("chain waiting for cluster a", || {
+        chain_state(&d, "0.0.0.0_9000").first().is_some_and(|(s, r)| s == "warming" && r.contains("\"a\""))
+    });
+    assert!(cp.violations().is_empty(), "{:?}", cp.violations());
+}
