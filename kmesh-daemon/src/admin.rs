@@ -180,6 +180,10 @@ async fn config_dump(State(s): State<AppState>) -> Response {
             "envoy": envoy,
             "model": m.model(),
             "frontend_conflicts": m.frontend_conflicts(),
+            "outlier": {
+                "ejected": m.outlier.status(std::time::Instant::now()),
+                "ejections_total": m.outlier.ejections_total,
+            },
             "enrolled": m.enrolled().iter().map(|(c, e)| serde_json::json!({"netns_cookie": c, "workload": e.workload})).collect::<Vec<_>>(),
             "maps": {
                 "entries": m.dataplane().applied().counts(),

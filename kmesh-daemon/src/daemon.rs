@@ -54,6 +54,9 @@ pub struct RunOptions {
     pub node_netns: Option<PathBuf>,
     /// The pods' DNS proxies (`None`: off; pods' queries go to their resolvers untouched).
     pub dns: Option<crate::dns::DnsOptions>,
+    /// Passive outlier detection for every service (`None`: only where a service asks for
+    /// it, as Envoy clusters do in the kernel-native mode).
+    pub outlier: Option<kmesh_model::model::OutlierDetection>,
 }
 
 impl RunOptions {
@@ -73,6 +76,7 @@ impl RunOptions {
             cni: None,
             node_netns: Some(PathBuf::from("/proc/self/ns/net")),
             dns: Some(Default::default()),
+            outlier: None,
         }
     }
 }
@@ -185,6 +189,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     };
     let observer = mesh.observer_handle();
+    // Outlier detection reads connection outcomes from the telemetry events.
+    mesh.outlier = crate::outlier::Detector::new(opts.outlier);
+    let outlier_on = opts.outlier.is_some() || matches!(opts.source, Source::EnvoyXds(_));
+    observer.lock().unwrap().collect_outcomes = outlier_on;
     observer
         .lock()
         .unwrap()
@@ -382,6 +390,36 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             }
         })
     };
+    // Outlier detection: outcomes drained with the telemetry events, applied under the mesh's
+    // lock in a task of their own (an apply in progress delays ejections, not access logs).
+    let (outcomes_tx, mut outcomes_rx) =
+        tokio::sync::mpsc::unbounded_channel::<Vec<(std::net::IpAddr, bool)>>();
+    let outlier_task = outlier_on.then(|| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut busy = false;
+            loop {
+                let batch =
+                    tokio::time::timeout(std::time::Duration::from_millis(200), outcomes_rx.recv()).await;
+                let batch = match batch {
+                    Ok(Some(b)) => b,
+                    Ok(None) => return,
+                    Err(_) => Vec::new(),
+                };
+                if !busy && !batch.iter().any(|(_, ok)| !ok) {
+                    continue;
+                }
+                let s = shared.clone();
+                busy = tokio::task::spawn_blocking(move || {
+                    let mut m = s.mesh.lock().unwrap_or_else(|p| p.into_inner());
+                    m.outlier_step(&batch, std::time::Instant::now());
+                    m.outlier.busy()
+                })
+                .await
+                .unwrap_or(true);
+            }
+        })
+    });
     // Each denial is logged with source, destination and the deciding policy.
     let denials = {
         let shared = shared.clone();
@@ -390,13 +428,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             loop {
                 tick.tick().await;
                 let s = shared.clone();
-                let (denials, access) = tokio::task::spawn_blocking(move || {
+                let (denials, access, outcomes) = tokio::task::spawn_blocking(move || {
                     // The observer's lock only: a drain never waits for an apply.
                     let mut o = s.observer.lock().unwrap_or_else(|p| p.into_inner());
-                    (o.drain_denials(), o.drain_telemetry())
+                    (o.drain_denials(), o.drain_telemetry(), o.take_outcomes())
                 })
                 .await
                 .unwrap_or_default();
+                if !outcomes.is_empty() {
+                    let _ = outcomes_tx.send(outcomes);
+                }
                 for l in denials {
                     tracing::warn!(target: "kmesh::authz", "{l}");
                 }
@@ -415,6 +456,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&opts.admin_socket);
     denials.abort();
+    if let Some(t) = outlier_task {
+        t.abort();
+    }
     if let Some(m) = metrics_server {
         m.abort();
     }

@@ -22,6 +22,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod netns;
 pub mod observe;
+pub mod outlier;
 pub mod telemetry;
 pub mod waypoint;
 pub mod xds;

@@ -67,6 +67,40 @@ enum Mode {
     KernelNative,
 }
 
+/// Passive outlier detection for every service (off unless a failure count is given).
+#[derive(Args)]
+struct OutlierArgs {
+    /// Eject an endpoint after this many connections to it in a row failed before they were
+    /// established (refused, reset, timed out); 0: off. Envoy clusters in the kernel-native
+    /// mode carry their own settings.
+    #[arg(long, default_value_t = 0)]
+    outlier_consecutive_failures: u32,
+    /// An ejection lasts this long times the number of times the endpoint was ejected.
+    #[arg(long, default_value_t = 30_000)]
+    outlier_base_ejection_ms: u64,
+    /// ... and at most this long.
+    #[arg(long, default_value_t = 300_000)]
+    outlier_max_ejection_ms: u64,
+    /// At most this share of a service's endpoints is out at once (one may always go).
+    #[arg(long, default_value_t = 10)]
+    outlier_max_ejection_percent: u32,
+    /// How often ejected endpoints are checked for return.
+    #[arg(long, default_value_t = 10_000)]
+    outlier_interval_ms: u64,
+}
+
+impl OutlierArgs {
+    fn options(&self) -> Option<kmesh_model::model::OutlierDetection> {
+        (self.outlier_consecutive_failures > 0).then(|| kmesh_model::model::OutlierDetection {
+            consecutive_failures: self.outlier_consecutive_failures,
+            base_ejection_ms: self.outlier_base_ejection_ms.max(1),
+            max_ejection_ms: self.outlier_max_ejection_ms.max(1),
+            max_ejection_percent: self.outlier_max_ejection_percent.min(100),
+            interval_ms: self.outlier_interval_ms.max(10),
+        })
+    }
+}
+
 #[derive(Args)]
 struct XdsArgs {
     /// Take the configuration from this control plane (istiod: istiod.istio-system.svc:15012)
@@ -174,6 +208,8 @@ enum Cmd {
         config: Option<PathBuf>,
         #[command(flatten)]
         xds: XdsArgs,
+        #[command(flatten)]
+        outlier: OutlierArgs,
         /// cgroup2 directory to attach to (default: the cgroup2 mount, i.e. every pod).
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -380,6 +416,7 @@ fn main() -> anyhow::Result<()> {
             node_probes,
             node_netns,
             dns,
+            outlier,
         } => {
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -396,6 +433,7 @@ fn main() -> anyhow::Result<()> {
             };
             let node_name = xds.node_name.clone();
             let mut opts = RunOptions::new(source, cgroup, bpffs);
+            opts.outlier = outlier.options();
             opts.node_netns = (node_probes == "exempt").then_some(node_netns);
             opts.dns = dns.options();
             let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();

@@ -3,7 +3,7 @@
 //! of the node or of client localities recompiles everything. If the kernel refuses a change,
 //! the previous model and enrollments stay in force, in memory and in the maps.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -59,6 +59,8 @@ pub struct Mesh {
     changed: Arc<tokio::sync::Notify>,
     /// The TLV slots of waypoint connections' PROXY headers.
     headers: crate::waypoint::Headers,
+    /// Passive outlier detection (what it ejects, the compiler leaves out).
+    pub outlier: crate::outlier::Detector,
 }
 
 impl Mesh {
@@ -91,6 +93,7 @@ impl Mesh {
             node_locality: None,
             source_locality: Locality::default(),
             changed: Arc::new(tokio::sync::Notify::new()),
+            outlier: crate::outlier::Detector::default(),
         };
         mesh.publish();
         mesh
@@ -349,6 +352,32 @@ impl Mesh {
             tracing::info!(dir = %d.display(), "retired the pins of another map layout version");
         }
         r
+    }
+
+    /// Takes the outcomes of connections in, and makes the interval check: endpoints ejected
+    /// or returned are recompiled at once (only the services they back).
+    pub fn outlier_step(&mut self, outcomes: &[(std::net::IpAddr, bool)], now: std::time::Instant) {
+        let changed = self.outlier.record(&self.model, outcomes, now) | self.outlier.tick(&self.model, now);
+        if !changed || !self.has_model {
+            return;
+        }
+        let next = self.outlier.ejected().clone();
+        let flipped: BTreeSet<std::net::IpAddr> =
+            next.symmetric_difference(&self.compiler.ejected).copied().collect();
+        let mut change = kmesh_model::delta::ModelChange::default();
+        for (uid, w) in &self.model.workloads {
+            if w.addresses.iter().any(|a| flipped.contains(a)) {
+                change.workloads.insert(uid.clone(), Some(w.clone()));
+            }
+        }
+        let before = std::mem::replace(&mut self.compiler.ejected, next);
+        let enrolled = self.enrolled.clone();
+        if let Err(e) = self.sync(Some(&change), &enrolled) {
+            tracing::error!(error = %e, "applying outlier ejections failed; keeping the tables as they were");
+            self.compiler.ejected = before;
+            self.recompile_in_force();
+        }
+        self.publish();
     }
 
     /// Sets this node's locality from the cluster (`None`: what the configuration says). A

@@ -54,8 +54,14 @@ pub struct Published {
     pub model_generation: u64,
 }
 
+/// The most connection outcomes kept between two takes.
+const MAX_OUTCOMES: usize = 1 << 16;
+
 pub struct Observer {
     pub telemetry: Telemetry,
+    /// Keep connection outcomes for outlier detection.
+    pub collect_outcomes: bool,
+    outcomes: Vec<(std::net::IpAddr, bool)>,
     maps: EventMaps,
     /// Policy names by the ids the kernel reports.
     policy_names: BTreeMap<u32, String>,
@@ -67,6 +73,8 @@ impl Observer {
     pub fn new(maps: EventMaps) -> Self {
         Self {
             telemetry: Telemetry::default(),
+            collect_outcomes: false,
+            outcomes: Vec::new(),
             maps,
             policy_names: BTreeMap::new(),
             report_interval: crate::kernel::DEFAULT_REPORT_INTERVAL,
@@ -92,7 +100,28 @@ impl Observer {
     /// Turns the kernel's connection events into metrics; returns access-log lines.
     pub fn drain_telemetry(&mut self) -> Vec<String> {
         let events = self.maps.drain_telemetry();
+        if self.collect_outcomes {
+            for e in &events {
+                if e.direction != kmesh_common::DIR_OUTBOUND || e.has_orig != 1 {
+                    continue;
+                }
+                let ok = match e.kind {
+                    kmesh_common::CONN_OPEN => true,
+                    kmesh_common::CONN_FAILED => false,
+                    _ => continue,
+                };
+                if self.outcomes.len() < MAX_OUTCOMES {
+                    self.outcomes.push((words_addr(e.remote), ok));
+                }
+            }
+        }
         events.iter().filter_map(|e| self.telemetry.record(e)).collect()
+    }
+
+    /// The outcomes of outbound connections sent to an endpoint since the last call
+    /// (`true`: established), for outlier detection.
+    pub fn take_outcomes(&mut self) -> Vec<(std::net::IpAddr, bool)> {
+        std::mem::take(&mut self.outcomes)
     }
 
     /// Log lines for the denials (and dry-run differences) since the last call.
@@ -109,8 +138,10 @@ impl Observer {
         report_interval: Option<Duration>,
     ) -> Result<(), KernelError> {
         let interval = report_interval.unwrap_or(self.report_interval);
-        self.maps.set_telemetry(m.kernel_on(), interval)?;
-        if !m.kernel_on() {
+        // Outlier detection reads the same events: the kernel keeps sending them for it.
+        let kernel_on = m.kernel_on() || self.collect_outcomes;
+        self.maps.set_telemetry(kernel_on, interval)?;
+        if !kernel_on {
             // No close event will come for what is open now.
             self.telemetry.forget_open();
         }

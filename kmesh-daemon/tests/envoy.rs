@@ -355,3 +355,86 @@ fn envoy_listeners_and_clusters_are_balanced_by_the_kernel() {
     });
     assert!(cp.violations().is_empty(), "{:?}", cp.violations());
 }
+
+fn outlier_status(d: &Daemon) -> serde_json::Value {
+    let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap();
+    dump["outlier"].clone()
+}
+
+/// Envoy's outlier detection done by the kernel's eyes: an endpoint that refuses connections
+/// is ejected after `consecutive_5xx` failures in a row (connect failures are local-origin
+/// errors, which Envoy counts as 5xx), skipped by new connections, and readmitted after
+/// `base_ejection_time` at an `interval` check; ejected again, it stays out twice as long.
+#[test]
+fn an_endpoint_that_refuses_is_ejected_then_readmitted() {
+    if !root_or_skip("an_endpoint_that_refuses_is_ejected_then_readmitted") {
+        return;
+    }
+    let rt = runtime();
+    let bed = bed();
+    let scratch = Scratch::new();
+    let cp = ControlPlane::new();
+    let dur = |ms: i64| kmesh_proto::envoy_struct::Duration {
+        seconds: ms / 1000,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    };
+    let u32v = |v: u32| Some(kmesh_proto::envoy_struct::UInt32Value { value: v });
+    let c = pc::Cluster {
+        name: "flaky".into(),
+        cluster_discovery_type: Some(pc::cluster::ClusterDiscoveryType::Type(
+            pc::cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(pc::cluster::EdsClusterConfig::default()),
+        outlier_detection: Some(pc::OutlierDetection {
+            consecutive_5xx: u32v(3),
+            interval: Some(dur(200)),
+            base_ejection_time: Some(dur(1000)),
+            max_ejection_percent: u32v(50),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    cp.replace_all(CLUSTER_TYPE, [("flaky".to_string(), c.encode_to_vec())].into());
+    // s2's endpoint is a port nothing listens on: every connection to it is refused.
+    let mut eps = endpoints(&bed, &["s1", "s2"]);
+    eps[0].lb_endpoints[1].host_identifier = Some(pe::lb_endpoint::HostIdentifier::Endpoint(pe::Endpoint {
+        address: Some(address(&bed.pod("s2").ipv4.to_string(), 9999)),
+        ..Default::default()
+    }));
+    let a = pe::ClusterLoadAssignment { cluster_name: "flaky".into(), endpoints: eps, ..Default::default() };
+    cp.replace_all(ENDPOINT_TYPE, [("flaky".to_string(), a.encode_to_vec())].into());
+    cp.replace_all(
+        LISTENER_TYPE,
+        [listener("flaky_80", "10.96.0.20", 80, vec![chain(&[], tcp("flaky"))])].into(),
+    );
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let d = start_daemon(&scratch, &bed, server.addr);
+    let target = "10.96.0.20:80";
+
+    // Round robin alternates: s2 refuses every other connection until three failures in a
+    // row... which round robin never gives (s1 succeeds in between). Envoy counts per host:
+    // a success of another host does not reset s2's count.
+    let s = spread(&bed, target, 6);
+    assert_eq!(s.get("!errno 111"), Some(&3), "{s:?}");
+    wait_for("s2 ejected", || outlier_status(&d)["ejected"].as_object().is_some_and(|m| m.len() == 1));
+    let ejected_at = std::time::Instant::now();
+    let st = outlier_status(&d);
+    let ip2 = bed.pod("s2").ipv4.to_string();
+    assert_eq!(st["ejected"][&ip2]["times_ejected"], 1, "{st}");
+    assert_eq!(spread(&bed, target, 20), [("s1".to_string(), 20)].into(), "an ejected endpoint is skipped");
+
+    // Back after its second (at an interval check), refused again, out for twice as long.
+    wait_for("s2 readmitted", || outlier_status(&d)["ejected"].as_object().is_some_and(|m| m.is_empty()));
+    let out_for = ejected_at.elapsed();
+    assert!(
+        out_for >= std::time::Duration::from_millis(600) && out_for < std::time::Duration::from_millis(1800),
+        "{out_for:?}"
+    );
+    let s = spread(&bed, target, 6);
+    assert_eq!(s.get("!errno 111"), Some(&3), "readmitted, it takes connections again: {s:?}");
+    wait_for("s2 ejected again", || outlier_status(&d)["ejected"].as_object().is_some_and(|m| m.len() == 1));
+    let st = outlier_status(&d);
+    assert_eq!(st["ejected"][&ip2]["times_ejected"], 2, "{st}");
+    assert!(st["ejected"][&ip2]["ms_left"].as_u64().unwrap() > 1500, "{st}");
+    assert_eq!(st["ejections_total"], 2);
+}

@@ -512,6 +512,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             load_balancing: lb,
             waypoint,
             weighted_waypoints,
+            outlier: None,
             auto_allocated: false,
             unused: BTreeMap::new(),
         };

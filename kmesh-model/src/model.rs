@@ -247,6 +247,10 @@ pub struct Service {
     pub waypoint: Option<GatewayAddress>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub weighted_waypoints: Vec<WeightedWaypoint>,
+    /// Passive outlier detection for this service's endpoints (Envoy's
+    /// `Cluster.outlier_detection`; `None`: the node's default, if any).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<OutlierDetection>,
     /// `addresses` were allocated by this data plane (see [`crate::alloc`]), not given.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub auto_allocated: bool,
@@ -259,6 +263,34 @@ impl Service {
     /// The key workloads use in their `services` map.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// Passive outlier detection: an endpoint whose connections fail (refused, reset or timed out
+/// before they are established) `consecutive_failures` times in a row is ejected: new
+/// connections skip it for `base_ejection_ms` times the number of times it was ejected,
+/// checked every `interval_ms`, with at most `max_ejection_percent` of a service's endpoints
+/// out at once (one may always go).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct OutlierDetection {
+    pub consecutive_failures: u32,
+    pub base_ejection_ms: u64,
+    /// The longest ejection (Envoy's `max_ejection_time`, 300 s by default).
+    pub max_ejection_ms: u64,
+    pub max_ejection_percent: u32,
+    pub interval_ms: u64,
+}
+
+impl Default for OutlierDetection {
+    /// Envoy's defaults.
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection_ms: 30_000,
+            max_ejection_ms: 300_000,
+            max_ejection_percent: 10,
+            interval_ms: 10_000,
+        }
     }
 }
 

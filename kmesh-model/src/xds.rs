@@ -396,6 +396,7 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
         load_balancing,
         waypoint,
         weighted_waypoints,
+        outlier: None,
         // istiod allocates addresses for ServiceEntries itself and sends them as VIPs.
         auto_allocated: false,
         unused,

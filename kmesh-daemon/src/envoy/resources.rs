@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use kmesh_model::model::{Cidr, LbPolicy};
+use kmesh_model::model::{Cidr, LbPolicy, OutlierDetection};
 use kmesh_proto::envoy::{
     HCM_TYPE, TCP_PROXY_TYPE, cluster as pc, endpoint as pe, hcm, listener as pl, route as pr, tcp_proxy,
 };
@@ -82,6 +82,7 @@ pub struct Cluster {
     pub name: String,
     pub kind: ClusterKind,
     pub policy: LbPolicy,
+    pub outlier: Option<OutlierDetection>,
     /// Settings accepted but not enforced, by field (reported).
     pub unhonoured: Vec<String>,
 }
@@ -392,9 +393,7 @@ pub fn cluster(bytes: &[u8]) -> Result<Cluster, ParseError> {
     if c.circuit_breakers.is_some() {
         unhonoured.push("circuit_breakers".into());
     }
-    if c.outlier_detection.is_some() {
-        unhonoured.push("outlier_detection".into());
-    }
+    let outlier = c.outlier_detection.as_ref().map(|o| outlier_of(o, &mut unhonoured));
     let kind = match &c.cluster_discovery_type {
         None | Some(ClusterDiscoveryType::Type(_)) => {
             let t = match &c.cluster_discovery_type {
@@ -422,7 +421,50 @@ pub fn cluster(bytes: &[u8]) -> Result<Cluster, ParseError> {
             ClusterKind::Unsupported(format!("cluster_type {:?}", t.name))
         }
     };
-    Ok(Cluster { name: c.name, kind, policy, unhonoured })
+    Ok(Cluster { name: c.name, kind, policy, outlier, unhonoured })
+}
+
+fn millis(d: Option<&kmesh_proto::envoy_struct::Duration>, default: u64) -> u64 {
+    d.map(|d| (d.seconds.max(0) as u64).saturating_mul(1000) + (d.nanos.max(0) as u64) / 1_000_000)
+        .unwrap_or(default)
+}
+
+/// Envoy's `OutlierDetection` as the kernel sees failures: a connection that is refused,
+/// reset or times out before it is established is a local-origin failure. Unless
+/// `split_external_local_origin_errors`, Envoy counts those as 5xx (`consecutive_5xx`,
+/// enforced by default) and as gateway failures (`consecutive_gateway_failure`, enforced only
+/// when asked); split, they count as `consecutive_local_origin_failure`. The lowest enforced
+/// threshold ejects.
+fn outlier_of(o: &pc::OutlierDetection, unhonoured: &mut Vec<String>) -> OutlierDetection {
+    let v = |x: Option<u32>, d: u32| x.unwrap_or(d);
+    let get = |x: &Option<kmesh_proto::envoy_struct::UInt32Value>| x.as_ref().map(|w| w.value);
+    let mut thresholds = Vec::new();
+    if o.split_external_local_origin_errors {
+        if v(get(&o.enforcing_consecutive_local_origin_failure), 100) > 0 {
+            thresholds.push(v(get(&o.consecutive_local_origin_failure), 5));
+        }
+    } else {
+        if v(get(&o.enforcing_consecutive_5xx), 100) > 0 {
+            thresholds.push(v(get(&o.consecutive_5xx), 5));
+        }
+        if v(get(&o.enforcing_consecutive_gateway_failure), 0) > 0 {
+            thresholds.push(v(get(&o.consecutive_gateway_failure), 5));
+        }
+    }
+    if get(&o.enforcing_success_rate).unwrap_or(100) > 0 && o.success_rate_stdev_factor.is_some() {
+        unhonoured.push("outlier_detection success rate (needs request outcomes)".into());
+    }
+    if o.failure_percentage_threshold.is_some() {
+        unhonoured.push("outlier_detection failure_percentage".into());
+    }
+    OutlierDetection {
+        // No enforced threshold: never ejects.
+        consecutive_failures: thresholds.into_iter().filter(|t| *t > 0).min().unwrap_or(u32::MAX),
+        base_ejection_ms: millis(o.base_ejection_time.as_ref(), 30_000),
+        max_ejection_ms: millis(o.max_ejection_time.as_ref(), 300_000),
+        max_ejection_percent: v(get(&o.max_ejection_percent), 10).min(100),
+        interval_ms: millis(o.interval.as_ref(), 10_000),
+    }
 }
 
 fn assignment_of(a: &pe::ClusterLoadAssignment) -> Result<Assignment, ParseError> {

@@ -324,7 +324,9 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
         let Some(addresses) = addrs.get(key) else { continue };
         let mut addresses = addresses.clone();
         addresses.dedup();
-        let policy = h.clusters.get(&targets[0].cluster).map(|c| c.policy).unwrap_or_default();
+        let first = h.clusters.get(&targets[0].cluster);
+        let policy = first.map(|c| c.policy).unwrap_or_default();
+        let outlier = first.and_then(|c| c.outlier);
         let name = targets.iter().map(|t| t.cluster.as_str()).collect::<Vec<_>>().join("+");
         model.services.insert(
             key.clone(),
@@ -335,6 +337,7 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
                 addresses,
                 ports: vec![ServicePort { service_port: *port, target_port: 0, protocol: Protocol::Tcp }],
                 load_balancing: LoadBalancing { policy, ..Default::default() },
+                outlier,
                 ..Default::default()
             }),
         );
@@ -409,6 +412,7 @@ mod tests {
                 name: name.into(),
                 kind: ClusterKind::Static(Assignment { endpoints: eps }),
                 policy: LbPolicy::Random,
+                outlier: None,
                 unhonoured: vec![],
             },
         )
@@ -497,6 +501,7 @@ mod tests {
                 name: "c".into(),
                 kind: ClusterKind::Eds("c".into()),
                 policy: LbPolicy::RoundRobin,
+                outlier: None,
                 unhonoured: vec![],
             },
         );
