@@ -181,6 +181,27 @@ pub const TBL_F_WAYPOINT: u32 = 4;
 /// Pick slots in turn (a per-CPU counter in `RR_TURNS`, indexed by service id modulo
 /// [`RR_SLOTS`]) instead of at random; by weight, in blocks, when the table is weighted.
 pub const TBL_F_ROUND_ROBIN: u32 = 8;
+/// Pick by a hash of the client (its network namespace: one pod, one address) instead of at
+/// random: the same client always reaches the same endpoint while the table stands. Alone, the
+/// table is a Maglev lookup table (slot = hash modulo the count); with [`TBL_F_RING`], a ring.
+pub const TBL_F_HASH: u32 = 16;
+/// The slots are a hash ring: sorted by point, each slot's `cum_weight` holds its point, and a
+/// client takes the first point at or past its hash (wrapping to the first).
+pub const TBL_F_RING: u32 = 32;
+
+/// The client hash of [`TBL_F_HASH`] tables, from the network namespace cookie (a 64-bit
+/// finalizer: cookies are sequential, their hashes are not).
+#[inline(always)]
+pub fn client_hash(cookie: u64) -> u32 {
+    let mut h = cookie ^ 0x9e37_79b9_7f4a_7c15;
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h as u32
+}
+
 /// Entries of `RR_TURNS`: services whose ids are equal modulo this share one counter (each
 /// still gets its share; the turns merely interleave).
 pub const RR_SLOTS: u32 = 65536;
@@ -708,10 +729,11 @@ pub fn pick_slot<F: FnMut(u32) -> Option<u32>>(
     if count == 0 {
         return None;
     }
-    if t.flags & TBL_F_WEIGHTED == 0 || t.weights[level] == 0 {
+    let ring = t.flags & TBL_F_RING != 0;
+    if !ring && (t.flags & TBL_F_WEIGHTED == 0 || t.weights[level] == 0) {
         return Some(rand % count);
     }
-    let r = rand % t.weights[level];
+    let r = if ring { rand } else { rand % t.weights[level] };
     // Smallest index whose cumulative weight exceeds r.
     let (mut lo, mut hi) = (0u32, count - 1);
     let mut i = 0;
@@ -726,6 +748,10 @@ pub fn pick_slot<F: FnMut(u32) -> Option<u32>>(
             lo = mid + 1;
         }
         i += 1;
+    }
+    // Past the last point of a ring: the first.
+    if ring && lo == count - 1 && cum_at(lo)? <= r {
+        return Some(0);
     }
     Some(lo)
 }
@@ -806,6 +832,19 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ring: the first point at or past the hash, wrapping past the last one.
+    #[test]
+    fn ring_lookup_takes_the_next_point_and_wraps() {
+        let t = table(TBL_F_HASH | TBL_F_RING, &[3], &[0]);
+        let points = [100u32, 200, 300];
+        let at = |h| pick_slot(&t, 0, h, |i| Some(points[i as usize])).unwrap();
+        assert_eq!(
+            [at(0), at(99), at(100), at(150), at(250), at(300), at(301), at(u32::MAX)],
+            [0, 0, 1, 1, 2, 0, 0, 0]
+        );
+        assert_ne!(client_hash(1), client_hash(2));
+    }
 
     /// Weighted round robin: every `total` turns give each slot exactly its weight, and a
     /// heavy slot does not take its share in one run.

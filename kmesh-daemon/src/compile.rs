@@ -368,6 +368,17 @@ struct Member<'a> {
     backend_id: u32,
 }
 
+/// The endpoints of one level as the hash tables name them (by workload uid).
+fn hash_members<'a>(members: &'a [Member<'_>], level: &[(u32, u32)]) -> Vec<hash::Member<'a>> {
+    level
+        .iter()
+        .filter_map(|(id, w)| {
+            let m = members.iter().find(|m| m.backend_id == *id)?;
+            Some(hash::Member { backend_id: *id, weight: *w, name: m.workload.uid.as_str() })
+        })
+        .collect()
+}
+
 /// Backends are per service (`(service id, workload uid, address)`), so that every map entry
 /// belongs to exactly one service and a service can be recompiled alone.
 pub type BackendKey = (u32, String, IpAddr);
@@ -1024,8 +1035,25 @@ impl Compiler {
                 }
                 let tkey = TableKey { service_id, class_id, family, _pad: [0; 3] };
                 let strict = if lb.mode == LbMode::Strict && locality { TBL_F_STRICT } else { 0 };
-                let turns = if lb.policy == LbPolicy::RoundRobin { TBL_F_ROUND_ROBIN } else { 0 };
-                emit_table(&mut out, prev, tkey, strict | turns, weighted, &levels);
+                let (policy_flags, levels) = match lb.policy {
+                    LbPolicy::Random => (0, levels),
+                    LbPolicy::RoundRobin => (TBL_F_ROUND_ROBIN, levels),
+                    LbPolicy::RingHash(size) => (
+                        TBL_F_HASH | TBL_F_RING,
+                        levels.map(|l| hash::ring(&hash_members(&members, &l), size)),
+                    ),
+                    LbPolicy::Maglev(size) => (
+                        TBL_F_HASH,
+                        levels.map(|l| {
+                            hash::maglev(&hash_members(&members, &l), size)
+                                .into_iter()
+                                .map(|b| (b, 1))
+                                .collect()
+                        }),
+                    ),
+                };
+                let weighted = weighted && policy_flags & TBL_F_HASH == 0;
+                emit_table(&mut out, prev, tkey, strict | policy_flags, weighted, &levels);
             }
         }
         // Backends (and their port overrides) that no slot references, e.g. excluded by STRICT,
@@ -1063,6 +1091,8 @@ fn emit_table(
     weighted: bool,
     levels: &[Vec<(u32, u32)>; LEVELS],
 ) {
+    // A ring's slots carry their points where others carry cumulative weights.
+    let ring = flags & TBL_F_RING != 0;
     let flags = flags | if weighted { TBL_F_WEIGHTED } else { 0 };
     let mut t = TableValue { flags, ..Default::default() };
     let mut slots = Vec::new();
@@ -1070,7 +1100,7 @@ fn emit_table(
         t.counts[level] = eps.len() as u32;
         let mut cum = 0u32;
         for (index, (backend_id, w)) in eps.iter().enumerate() {
-            cum = cum.saturating_add(if weighted { *w } else { 0 });
+            cum = if ring { *w } else { cum.saturating_add(if weighted { *w } else { 0 }) };
             slots.push((
                 level as u8,
                 index as u32,
@@ -1187,6 +1217,7 @@ pub fn diff(prev: &MapState, next: &MapState) -> Diff {
     }
 }
 
+pub mod hash;
 mod waypoint;
 use waypoint::{RouteInfo, WORKLOAD_FRAGMENT, WaypointDep};
 pub use waypoint::{route_key, service_waypoints, waypoint_port};

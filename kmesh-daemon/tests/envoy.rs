@@ -438,3 +438,49 @@ fn an_endpoint_that_refuses_is_ejected_then_readmitted() {
     assert!(st["ejected"][&ip2]["ms_left"].as_u64().unwrap() > 1500, "{st}");
     assert_eq!(st["ejections_total"], 2);
 }
+
+/// RING_HASH and MAGLEV, hashed by client: every connection of a client reaches the same
+/// endpoint; removing another endpoint leaves it there; removing its own moves it.
+#[test]
+fn ring_hash_and_maglev_keep_a_client_on_its_endpoint() {
+    if !root_or_skip("ring_hash_and_maglev_keep_a_client_on_its_endpoint") {
+        return;
+    }
+    let rt = runtime();
+    let bed = bed();
+    let scratch = Scratch::new();
+    let cp = ControlPlane::new();
+    use pc::cluster::LbPolicy;
+    cp.replace_all(
+        CLUSTER_TYPE,
+        [eds_cluster("ring", LbPolicy::RingHash), eds_cluster("maglev", LbPolicy::Maglev)].into(),
+    );
+    let all = ["s1", "s2", "s3"];
+    cp.replace_all(ENDPOINT_TYPE, [assignment(&bed, "ring", &all), assignment(&bed, "maglev", &all)].into());
+    cp.replace_all(
+        LISTENER_TYPE,
+        [
+            listener("ring_80", "10.96.0.30", 80, vec![chain(&[], tcp("ring"))]),
+            listener("maglev_80", "10.96.0.31", 80, vec![chain(&[], tcp("maglev"))]),
+        ]
+        .into(),
+    );
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let _d = start_daemon(&scratch, &bed, server.addr);
+    for (cluster, vip) in [("ring", "10.96.0.30:80"), ("maglev", "10.96.0.31:80")] {
+        let s = spread(&bed, vip, 30);
+        assert_eq!(s.len(), 1, "{cluster}: one client, one endpoint: {s:?}");
+        let mine = s.keys().next().unwrap().clone();
+        // Another endpoint goes: the client stays.
+        let other = *all.iter().find(|p| **p != mine).unwrap();
+        let rest: Vec<&str> = all.iter().copied().filter(|p| *p != other).collect();
+        cp.set(ENDPOINT_TYPE, [assignment(&bed, cluster, &rest)]);
+        wait_for("the removal", || !spread(&bed, vip, 3).contains_key(other) && cp.acks().len() > 3);
+        assert_eq!(spread(&bed, vip, 30), [(mine.clone(), 30)].into(), "{cluster}: stays on {mine}");
+        // Its own goes: it moves, to one endpoint again.
+        let left: Vec<&str> = rest.iter().copied().filter(|p| **p != mine).collect();
+        cp.set(ENDPOINT_TYPE, [assignment(&bed, cluster, &left)]);
+        wait_for("the move", || !spread(&bed, vip, 3).contains_key(&mine));
+        assert_eq!(spread(&bed, vip, 30).len(), 1, "{cluster}");
+    }
+}

@@ -116,7 +116,9 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
             _pad: 0,
             index: 0,
         };
-        let rand = if table.flags & TBL_F_ROUND_ROBIN == 0 {
+        let rand = if table.flags & TBL_F_HASH != 0 {
+            client_hash(cookie)
+        } else if table.flags & TBL_F_ROUND_ROBIN == 0 {
             unsafe { bpf_get_prandom_u32() }
         } else if table.flags & TBL_F_WEIGHTED != 0 && level < LEVELS {
             rr_point(next_turn(service_id), table.weights[level])

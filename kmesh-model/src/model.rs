@@ -211,6 +211,12 @@ pub enum LbPolicy {
     /// In turn, per CPU (Envoy's round robin is per worker thread), by weight when endpoints
     /// weigh differently.
     RoundRobin,
+    /// A hash ring of this many points (Envoy's `RING_HASH`, `minimum_ring_size`), hashed by
+    /// client: the same client reaches the same endpoint, and removing one endpoint moves only
+    /// the clients it had.
+    RingHash(u32),
+    /// A Maglev lookup table of this many entries (a prime; Envoy's `MAGLEV`, `table_size`).
+    Maglev(u32),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

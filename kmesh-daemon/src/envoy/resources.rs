@@ -377,8 +377,37 @@ pub fn cluster(bytes: &[u8]) -> Result<Cluster, ParseError> {
     let policy = match P::try_from(c.lb_policy) {
         Ok(P::RoundRobin) => LbPolicy::RoundRobin,
         Ok(P::Random) => LbPolicy::Random,
-        Ok(p @ (P::LeastRequest | P::RingHash | P::Maglev)) => {
-            unhonoured.push(format!("lb_policy {} (balanced at random)", p.as_str_name()));
+        Ok(P::RingHash) => {
+            let size = match &c.lb_config {
+                Some(pc::cluster::LbConfig::RingHashLbConfig(r)) => r.minimum_ring_size.map(|v| v.value),
+                _ => None,
+            }
+            .unwrap_or(1024);
+            if size > u64::from(crate::compile::hash::MAX_ENTRIES) {
+                unhonoured.push(format!("minimum_ring_size {size} (rings here hold at most 65537 points)"));
+            }
+            LbPolicy::RingHash(size.min(u64::from(crate::compile::hash::MAX_ENTRIES)) as u32)
+        }
+        Ok(P::Maglev) => {
+            let size = match &c.lb_config {
+                Some(pc::cluster::LbConfig::MaglevLbConfig(m)) => m.table_size.map(|v| v.value),
+                _ => None,
+            };
+            // Envoy's default is 65,537 entries; each is a map slot here, so a smaller prime is
+            // the default (disruption on a change stays near the ideal 1/N).
+            let size = size.unwrap_or(DEFAULT_MAGLEV_SIZE);
+            if size > u64::from(crate::compile::hash::MAX_ENTRIES) {
+                return Err(format!(
+                    "maglev table_size {size} is over the 65537 entries this data plane builds"
+                ));
+            }
+            if !is_prime(size) {
+                return Err(format!("maglev table_size {size} is not a prime (Envoy refuses it too)"));
+            }
+            LbPolicy::Maglev(size as u32)
+        }
+        Ok(P::LeastRequest) => {
+            unhonoured.push("lb_policy LEAST_REQUEST (balanced at random)".into());
             LbPolicy::Random
         }
         Ok(P::ClusterProvided) | Ok(P::LoadBalancingPolicyConfig) => {
@@ -422,6 +451,13 @@ pub fn cluster(bytes: &[u8]) -> Result<Cluster, ParseError> {
         }
     };
     Ok(Cluster { name: c.name, kind, policy, outlier, unhonoured })
+}
+
+/// The Maglev table size when a cluster gives none (a prime).
+pub const DEFAULT_MAGLEV_SIZE: u64 = 4099;
+
+fn is_prime(n: u64) -> bool {
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
 }
 
 fn millis(d: Option<&kmesh_proto::envoy_struct::Duration>, default: u64) -> u64 {
