@@ -118,7 +118,7 @@ mod tests {
         let all = members(&names);
         let less: Vec<Member<'_>> =
             all.iter().filter(|m| m.backend_id != 4).map(|m| Member { ..*m }).collect();
-        let keys: Vec<u32> = (0..20_000u64).map(|k| kmesh_common::client_hash(k)).collect();
+        let keys: Vec<u32> = (0..20_000u64).map(kmesh_common::client_hash).collect();
         let (r1, r2) = (ring(&all, 1024), ring(&less, 1024));
         let (m1, m2) = (maglev(&all, 4099), maglev(&less, 4099));
         for (name, before, after) in [

@@ -457,7 +457,7 @@ pub fn cluster(bytes: &[u8]) -> Result<Cluster, ParseError> {
 pub const DEFAULT_MAGLEV_SIZE: u64 = 4099;
 
 fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 fn millis(d: Option<&kmesh_proto::envoy_struct::Duration>, default: u64) -> u64 {
