@@ -15,7 +15,7 @@
 
 /// Layout version of the maps below. Bumped whenever a key or value changes shape; the daemon
 /// keeps its pins under a directory named after it.
-pub const MAP_LAYOUT_VERSION: u32 = 7;
+pub const MAP_LAYOUT_VERSION: u32 = 8;
 
 /// Names of the load-balancing maps, in the order user space lists them everywhere (map
 /// counts, capacities, pins).
@@ -189,6 +189,41 @@ pub const TBL_F_HASH: u32 = 16;
 /// client takes the first point at or past its hash (wrapping to the first).
 pub const TBL_F_RING: u32 = 32;
 
+/// Count the table's active connections (per service and per backend, in `ACTIVE`): for
+/// least-request picks and the connection limit.
+pub const TBL_F_COUNT: u32 = 64;
+/// Least request: of two slots picked at random (by weight), the one whose backend has fewer
+/// active connections (Envoy's `LEAST_REQUEST`, power of two choices).
+pub const TBL_F_LEAST: u32 = 128;
+
+/// `ACTIVE` keys: a service's connections, or one backend's.
+pub const ACTIVE_SERVICE: u32 = 1;
+pub const ACTIVE_BACKEND: u32 = 2;
+
+/// Key of `ACTIVE`, the active connections the kernel counts (established or being set up),
+/// incremented when a counted connection sends its SYN and decremented when it closes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ActiveKey {
+    pub kind: u32,
+    pub id: u32,
+}
+
+/// Socket storage `LB_CONN` of a counted connection: what to decrement when it closes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbConn {
+    pub service_id: u32,
+    pub backend_id: u32,
+    /// 1 once counted (its SYN left), 0 after its close was counted.
+    pub counted: u32,
+    pub _pad: u32,
+}
+
+/// connect() refused because the service is at its connection limit (Envoy's circuit
+/// breaker `max_connections`): ENOBUFS.
+pub const ERRNO_CIRCUIT_OPEN: i32 = 105;
+
 /// The client hash of [`TBL_F_HASH`] tables, from the network namespace cookie (a 64-bit
 /// finalizer: cookies are sequential, their hashes are not).
 #[inline(always)]
@@ -217,6 +252,8 @@ pub struct TableValue {
     pub counts: [u32; LEVELS],
     /// Sum of the weights at each level (only meaningful with `TBL_F_WEIGHTED`).
     pub weights: [u32; LEVELS],
+    /// The most active connections the service may have (0: no limit; needs `TBL_F_COUNT`).
+    pub limit: u32,
     /// [`key_check`] of the table key.
     pub check: u32,
 }
@@ -329,7 +366,9 @@ pub mod stat {
     /// establishment (`WAYPOINT_SOCKS` full) or the header could not be inserted (the write
     /// fails with EACCES and the next one tries again).
     pub const PROXY_HEADER_FAILED: u32 = 17;
-    pub const COUNT: u32 = 18;
+    /// connect() refused: the service is at its connection limit.
+    pub const CIRCUIT_OPEN: u32 = 18;
+    pub const COUNT: u32 = 19;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -764,6 +803,7 @@ mod pod {
     unsafe impl aya::Pod for FrontendValue {}
     unsafe impl aya::Pod for TableKey {}
     unsafe impl aya::Pod for TableValue {}
+    unsafe impl aya::Pod for ActiveKey {}
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for EndpointValue {}
     unsafe impl aya::Pod for BackendValue {}
@@ -805,7 +845,7 @@ const _: () = {
     assert!(core::mem::size_of::<FrontendKey>() == 20);
     assert!(core::mem::size_of::<FrontendValue>() == 16);
     assert!(core::mem::size_of::<TableKey>() == 12);
-    assert!(core::mem::size_of::<TableValue>() == 12 + 8 * LEVELS);
+    assert!(core::mem::size_of::<TableValue>() == 16 + 8 * LEVELS);
     assert!(core::mem::size_of::<EndpointKey>() == 20);
     assert!(core::mem::size_of::<EndpointValue>() == 12);
     assert!(core::mem::size_of::<BackendValue>() == 20);

@@ -1038,6 +1038,7 @@ impl Compiler {
                 let (policy_flags, levels) = match lb.policy {
                     LbPolicy::Random => (0, levels),
                     LbPolicy::RoundRobin => (TBL_F_ROUND_ROBIN, levels),
+                    LbPolicy::LeastRequest => (TBL_F_LEAST | TBL_F_COUNT, levels),
                     LbPolicy::RingHash(size) => (
                         TBL_F_HASH | TBL_F_RING,
                         levels.map(|l| hash::ring(&hash_members(&members, &l), size)),
@@ -1053,7 +1054,9 @@ impl Compiler {
                     ),
                 };
                 let weighted = weighted && policy_flags & TBL_F_HASH == 0;
-                emit_table(&mut out, prev, tkey, strict | policy_flags, weighted, &levels);
+                let limit = svc.max_connections.unwrap_or(0);
+                let count = if limit != 0 { TBL_F_COUNT } else { 0 };
+                emit_table(&mut out, prev, tkey, strict | policy_flags | count, weighted, &levels, limit);
             }
         }
         // Backends (and their port overrides) that no slot references, e.g. excluded by STRICT,
@@ -1090,11 +1093,12 @@ fn emit_table(
     flags: u32,
     weighted: bool,
     levels: &[Vec<(u32, u32)>; LEVELS],
+    limit: u32,
 ) {
     // A ring's slots carry their points where others carry cumulative weights.
     let ring = flags & TBL_F_RING != 0;
     let flags = flags | if weighted { TBL_F_WEIGHTED } else { 0 };
-    let mut t = TableValue { flags, ..Default::default() };
+    let mut t = TableValue { flags, limit, ..Default::default() };
     let mut slots = Vec::new();
     for (level, eps) in levels.iter().enumerate() {
         t.counts[level] = eps.len() as u32;
@@ -1113,6 +1117,7 @@ fn emit_table(
     t.generation = match prev.tables.get(&tkey) {
         Some(p) => {
             let same = p.flags == t.flags
+                && p.limit == t.limit
                 && p.counts == t.counts
                 && p.weights == t.weights
                 && slots.iter().all(|(l, i, v)| {

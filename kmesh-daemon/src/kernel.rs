@@ -42,9 +42,11 @@ pub const DEFAULT_REPORT_INTERVAL: std::time::Duration = std::time::Duration::fr
 pub const AUTHZ_PROGRAM: &str = "kmesh_authz";
 /// Maps with fixed capacities (pinned next to the others): counters, ring buffers, socket
 /// storage, and maps the kernel writes.
-const FIXED_MAPS: [&str; 16] = [
+const FIXED_MAPS: [&str; 18] = [
     "STATS",
     "RR_TURNS",
+    "ACTIVE",
+    "LB_CONN",
     "AUTHZ_COUNTS",
     "AUTHZ_EVENTS",
     "CONN_META",

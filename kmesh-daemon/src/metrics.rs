@@ -210,6 +210,7 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth, dns: Option<&crate::dn
                 (stat::INCONSISTENT, "inconsistent"),
                 (stat::WAYPOINT_REDIRECTED, "waypoint"),
                 (stat::WAYPOINT_UNREACHABLE, "waypoint_unreachable"),
+                (stat::CIRCUIT_OPEN, "circuit_open"),
             ]
             .map(|(idx, name)| (vec![("result", name.to_string())], st[idx as usize])),
         );

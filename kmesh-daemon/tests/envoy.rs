@@ -484,3 +484,116 @@ fn ring_hash_and_maglev_keep_a_client_on_its_endpoint() {
         assert_eq!(spread(&bed, vip, 30).len(), 1, "{cluster}");
     }
 }
+
+/// Opens `n` connections to `target` from the client pod and holds them until the returned
+/// guard is dropped; each is `ok <server>` or its errno.
+struct Held {
+    child: std::process::Child,
+    pub results: Vec<String>,
+}
+
+fn hold(bed: &Testbed, target: &str, n: u32) -> Held {
+    use std::io::BufRead;
+    let (ip, port) = target.rsplit_once(':').unwrap();
+    let script = format!(
+        "import socket, sys\n\
+         socks, out = [], []\n\
+         for i in range({n}):\n\
+         \x20   s = socket.socket()\n\
+         \x20   s.settimeout(2)\n\
+         \x20   try:\n\
+         \x20       s.connect(('{ip}', {port}))\n\
+         \x20       out.append('ok:' + s.recv(64).decode().split()[0])\n\
+         \x20       socks.append(s)\n\
+         \x20   except OSError as e:\n\
+         \x20       out.append(str(e.errno))\n\
+         print(' '.join(out), flush=True)\n\
+         sys.stdin.read()\n"
+    );
+    let mut child = bed
+        .pod("client")
+        .command("python3")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    Held { child, results: line.split_whitespace().map(String::from).collect() }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// A circuit breaker's max_connections is enforced at connect() (ENOBUFS past it, counted),
+/// and connections are released when they close; LEAST_REQUEST spreads held connections
+/// evenly by the kernel's count of each endpoint's active connections.
+#[test]
+fn circuit_breakers_and_least_request_count_active_connections() {
+    if !root_or_skip("circuit_breakers_and_least_request_count_active_connections") {
+        return;
+    }
+    let rt = runtime();
+    let bed = bed();
+    let scratch = Scratch::new();
+    let cp = ControlPlane::new();
+    use pc::cluster::LbPolicy;
+    let mut capped = pc::Cluster {
+        name: "capped".into(),
+        cluster_discovery_type: Some(pc::cluster::ClusterDiscoveryType::Type(
+            pc::cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(pc::cluster::EdsClusterConfig::default()),
+        ..Default::default()
+    };
+    capped.circuit_breakers = Some(pc::CircuitBreakers {
+        thresholds: vec![pc::circuit_breakers::Thresholds {
+            max_connections: Some(kmesh_proto::envoy_struct::UInt32Value { value: 3 }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    cp.replace_all(
+        CLUSTER_TYPE,
+        [("capped".to_string(), capped.encode_to_vec()), eds_cluster("least", LbPolicy::LeastRequest)].into(),
+    );
+    cp.replace_all(
+        ENDPOINT_TYPE,
+        [assignment(&bed, "capped", &["s1", "s2"]), assignment(&bed, "least", &["s1", "s2", "s3"])].into(),
+    );
+    cp.replace_all(
+        LISTENER_TYPE,
+        [
+            listener("capped_80", "10.96.0.40", 80, vec![chain(&[], tcp("capped"))]),
+            listener("least_80", "10.96.0.41", 80, vec![chain(&[], tcp("least"))]),
+        ]
+        .into(),
+    );
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let d = start_daemon(&scratch, &bed, server.addr);
+
+    let refused_before = d.metric("kmesh_connect_total{result=\"circuit_open\"}");
+    let h = hold(&bed, "10.96.0.40:80", 5);
+    let ok = h.results.iter().filter(|r| r.starts_with("ok:")).count();
+    assert_eq!((ok, &h.results[3..]), (3, &["105".to_string(), "105".to_string()][..]), "{:?}", h.results);
+    assert_eq!(spread(&bed, "10.96.0.40:80", 2), [("!errno 105".to_string(), 2)].into());
+    assert_eq!(d.metric("kmesh_connect_total{result=\"circuit_open\"}") - refused_before, 4.0);
+    drop(h);
+    // Released at close: the limit admits again.
+    wait_for("connections released", || spread(&bed, "10.96.0.40:80", 1).keys().all(|k| !k.starts_with('!')));
+    assert_eq!(spread(&bed, "10.96.0.40:80", 10).values().sum::<u32>(), 10);
+
+    // Least request: 30 held connections over 3 endpoints come out even (random would not).
+    let h = hold(&bed, "10.96.0.41:80", 30);
+    let mut per: BTreeMap<&str, u32> = BTreeMap::new();
+    for r in &h.results {
+        *per.entry(r.strip_prefix("ok:").expect("all connect")).or_default() += 1;
+    }
+    let (min, max) = (per.values().min().unwrap(), per.values().max().unwrap());
+    assert!(per.len() == 3 && max - min <= 4, "{per:?}");
+}

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use kmesh_common::*;
 
 use crate::lb::{Verdict, apply_v4, apply_v6, balance};
-use crate::maps::{CONN_META, WP_CONN};
+use crate::maps::{CONN_META, LB_CONN, WP_CONN};
 use crate::shared::{count, proto_of, refuse, set_ip6, telemetry_on};
 
 /// Remembers the service address a TCP client dialled, for the telemetry of its connection
@@ -24,6 +24,19 @@ fn remember_orig(ctx: &SockAddrContext, v: &Verdict, addr: [u32; 4], port: u16, 
             (*m).orig_port = u16::from_be(port);
             (*m).has_orig = if matches!(v, Verdict::Waypoint(..)) { ORIG_VIA_WAYPOINT } else { 1 };
         }
+    }
+}
+
+/// A connection of a counted table: what its SYN counts and its close uncounts (sock_ops).
+#[inline(always)]
+fn remember_counted(ctx: &SockAddrContext, v: &Verdict, proto: u8) {
+    let Verdict::Rewrite(_, _, backend_id, service_id) = v else { return };
+    if *service_id == 0 || proto != PROTO_TCP {
+        return;
+    }
+    let c = unsafe { LB_CONN.get_or_insert_ptr_mut(ctx, None) };
+    if !c.is_null() {
+        unsafe { *c = LbConn { service_id: *service_id, backend_id: *backend_id, counted: 0, _pad: 0 } };
     }
 }
 
@@ -62,6 +75,7 @@ pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
             return refuse(ERRNO_WAYPOINT_UNREACHABLE);
         }
         remember_orig(&ctx, &v, v4_mapped(ip4), port, proto);
+        remember_counted(&ctx, &v, proto);
     }
     apply_v4(sa, v)
 }
@@ -85,6 +99,7 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
             return refuse(ERRNO_WAYPOINT_UNREACHABLE);
         }
         remember_orig(&ctx, &v, addr, port, proto);
+        remember_counted(&ctx, &v, proto);
     }
     apply_v6(sa, v)
 }

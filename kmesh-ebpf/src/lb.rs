@@ -8,15 +8,16 @@ use aya_ebpf::{
 };
 use kmesh_common::*;
 
-use crate::maps::{BACKENDS, ENDPOINTS, FRONTENDS, LB_TABLES, NETNS, PORTS, RR_TURNS};
+use crate::maps::{ACTIVE, BACKENDS, ENDPOINTS, FRONTENDS, LB_TABLES, NETNS, PORTS, RR_TURNS};
 use crate::shared::{count, refuse, set_ip6};
 
 /// What to do with one connect().
 pub enum Verdict {
     /// Leave the destination as it is.
     Pass,
-    /// Rewrite to this address (16-byte layout) and port (network order) of this backend id.
-    Rewrite([u32; 4], u16, u32),
+    /// Rewrite to this address (16-byte layout) and port (network order) of this backend id;
+    /// the last is the service whose active connections count it (0: not counted).
+    Rewrite([u32; 4], u16, u32, u32),
     /// Rewrite to this waypoint endpoint's address and PROXY port; the frontend key that
     /// matched had this port (`PORT_ANY` for a workload's address).
     Waypoint([u32; 4], u16, u16),
@@ -95,6 +96,10 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
             count(stat::RETRIED);
             continue;
         }
+        if table.limit != 0 && active(ACTIVE_SERVICE, service_id) >= table.limit as u64 {
+            count(stat::CIRCUIT_OPEN);
+            return Verdict::Refuse(ERRNO_CIRCUIT_OPEN);
+        }
         let Some(level) = pick_level(&table) else {
             if table.flags & TBL_F_WAYPOINT != 0 {
                 count(stat::WAYPOINT_UNREACHABLE);
@@ -129,10 +134,24 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
             ekey.index = i;
             unsafe { ENDPOINTS.get(ekey) }.copied().filter(|e| e.belongs_to(&ekey)).map(|e| e.cum_weight)
         });
-        let Some(slot) = slot else {
+        let Some(mut slot) = slot else {
             count(stat::RETRIED);
             continue;
         };
+        if table.flags & TBL_F_LEAST != 0 {
+            // The power of two choices: a second pick; the one with fewer active connections.
+            let rand2 = unsafe { bpf_get_prandom_u32() };
+            let other = pick_slot(&table, level, rand2, |i| {
+                ekey.index = i;
+                unsafe { ENDPOINTS.get(ekey) }.copied().filter(|e| e.belongs_to(&ekey)).map(|e| e.cum_weight)
+            });
+            if let Some(other) = other
+                && other != slot
+                && load_at(ekey, other) < load_at(ekey, slot)
+            {
+                slot = other;
+            }
+        }
         ekey.index = slot;
         let Some(ep) = (unsafe { ENDPOINTS.get(ekey) }).copied().filter(|e| e.belongs_to(&ekey)) else {
             count(stat::RETRIED);
@@ -160,10 +179,29 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
             return Verdict::Waypoint(be.addr, target, fe_key.port);
         }
         count(stat::REWRITTEN);
-        return Verdict::Rewrite(be.addr, target, backend_id);
+        let counted = if table.flags & TBL_F_COUNT != 0 { service_id } else { 0 };
+        return Verdict::Rewrite(be.addr, target, backend_id, counted);
     }
     count(stat::INCONSISTENT);
     Verdict::Refuse(ERRNO_INCONSISTENT)
+}
+
+/// The active connections the kernel counts under `kind` and `id` (0 when none yet).
+#[inline(always)]
+pub fn active(kind: u32, id: u32) -> u64 {
+    let k = ActiveKey { kind, id };
+    unsafe { ACTIVE.get(k) }.copied().unwrap_or(0)
+}
+
+/// The active connections of the backend in slot `index` of the table `ekey` names (u64::MAX
+/// when the slot cannot be read, so that it is not preferred).
+#[inline(always)]
+fn load_at(mut ekey: EndpointKey, index: u32) -> u64 {
+    ekey.index = index;
+    match unsafe { ENDPOINTS.get(ekey) }.copied().filter(|e| e.belongs_to(&ekey)) {
+        Some(e) => active(ACTIVE_BACKEND, e.backend_id),
+        None => u64::MAX,
+    }
 }
 
 /// This CPU's next turn for a round-robin service (random when the counter cannot be read).
@@ -186,7 +224,7 @@ pub fn apply_v4(sa: *mut aya_ebpf::bindings::bpf_sock_addr, v: Verdict) -> i32 {
     match v {
         Verdict::Pass => 1,
         Verdict::Refuse(errno) => refuse(errno),
-        Verdict::Rewrite(addr, target, _) | Verdict::Waypoint(addr, target, _) => {
+        Verdict::Rewrite(addr, target, _, _) | Verdict::Waypoint(addr, target, _) => {
             if !is_v4_mapped(&addr) {
                 // An IPv6 backend in an IPv4 table is a compiler bug; never misroute.
                 count(stat::INCONSISTENT);
@@ -207,7 +245,7 @@ pub fn apply_v6(sa: *mut aya_ebpf::bindings::bpf_sock_addr, v: Verdict) -> i32 {
     match v {
         Verdict::Pass => 1,
         Verdict::Refuse(errno) => refuse(errno),
-        Verdict::Rewrite(new, target, _) | Verdict::Waypoint(new, target, _) => {
+        Verdict::Rewrite(new, target, _, _) | Verdict::Waypoint(new, target, _) => {
             set_ip6(sa, &new, target);
             1
         }

@@ -13,6 +13,8 @@
 //! mappings, verdicts) are compiled into the maps (`maps`) by the daemon; the programs only
 //! follow the lookup chains described in `kmesh_common`.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 mod authz;
 mod connect;

@@ -28,6 +28,14 @@ pub static BACKENDS: HashMap<u32, BackendValue, 262144, NO_PREALLOC> = HashMap::
 pub static PORTS: HashMap<PortKey, PortValue, 262144, NO_PREALLOC> = HashMap::new();
 #[btf_map]
 pub static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
+/// Active connections of counted tables (least request, connection limits), by service and
+/// by backend. Entries are made by the programs on first use and never removed (a few bytes
+/// per backend id, and ids are reused).
+#[btf_map]
+pub static ACTIVE: HashMap<ActiveKey, u64, 262144, NO_PREALLOC> = HashMap::new();
+/// What a counted connection decrements when it closes.
+#[btf_map]
+pub static LB_CONN: SkStorage<LbConn> = SkStorage::new();
 /// Round-robin turns, per CPU (Envoy's round robin is per worker thread): no atomics, no
 /// cache line shared between CPUs. 65,536 x 4 bytes per CPU.
 #[btf_map]

@@ -10,8 +10,8 @@ use aya_ebpf::{
 use kmesh_common::*;
 
 use crate::maps::{
-    AUTHZ_DEST, CONN_META, DNS_ORIG, DNS_TCP, NETNS, NODE_CONNS, TELEMETRY, TELEMETRY_CONF, WAYPOINT_SOCKS,
-    WP_CONN,
+    ACTIVE, AUTHZ_DEST, CONN_META, DNS_ORIG, DNS_TCP, LB_CONN, NETNS, NODE_CONNS, TELEMETRY, TELEMETRY_CONF,
+    WAYPOINT_SOCKS, WP_CONN,
 };
 use crate::shared::{BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE, count, telemetry_on};
 
@@ -177,6 +177,50 @@ fn waypoint_established(ctx: &SockOpsContext) {
     }
 }
 
+const BPF_NOEXIST: u64 = 1;
+
+/// Adds `delta` (1, or u64::MAX for -1) to an `ACTIVE` counter, making it on first use.
+#[inline(always)]
+fn add_active(kind: u32, id: u32, delta: u64) {
+    let k = ActiveKey { kind, id };
+    let mut p = ACTIVE.get_ptr_mut(k);
+    if p.is_none() {
+        let _ = ACTIVE.insert(k, 0, BPF_NOEXIST);
+        p = ACTIVE.get_ptr_mut(k);
+    }
+    if let Some(p) = p {
+        // SAFETY: a map value, 8-aligned; other CPUs update it the same way. The BPF target
+        // has no AtomicU64 in core; the intrinsic is BPF's atomic add (its result unused).
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                p, delta,
+            );
+        }
+    }
+}
+
+/// Active-connection counting of counted tables: a connection counts from its SYN to its
+/// close (whatever state it closes from), once.
+#[inline(always)]
+fn count_active(ctx: &SockOpsContext, op: u32) {
+    let closing = op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE;
+    if op != SOCK_OPS_TCP_CONNECT && !closing {
+        return;
+    }
+    let Some(c) = sk_storage(ctx, &LB_CONN, false) else { return };
+    let conn = unsafe { *c };
+    if op == SOCK_OPS_TCP_CONNECT && conn.counted == 0 {
+        add_active(ACTIVE_SERVICE, conn.service_id, 1);
+        add_active(ACTIVE_BACKEND, conn.backend_id, 1);
+        unsafe { (*c).counted = 1 };
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG) as i32);
+    } else if closing && conn.counted == 1 {
+        add_active(ACTIVE_SERVICE, conn.service_id, u64::MAX);
+        add_active(ACTIVE_BACKEND, conn.backend_id, u64::MAX);
+        unsafe { (*c).counted = 0 };
+    }
+}
+
 /// Connection telemetry of enrolled pods: a client socket is tracked from connect(), a server
 /// socket from the accept; each reports when established, every `TCONF_INTERVAL_NS` while
 /// acknowledgements flow, and when it closes (or fails to establish).
@@ -194,6 +238,7 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
     if op == SOCK_OPS_ACTIVE_ESTABLISHED {
         waypoint_established(&ctx);
     }
+    count_active(&ctx, op);
     if !telemetry_on() {
         return 0;
     }

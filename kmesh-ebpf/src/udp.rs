@@ -44,14 +44,14 @@ pub fn udp_send(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u8) ->
                 if alive {
                     e.last_ns = now;
                     count(stat::UDP_STICKY);
-                    return Verdict::Rewrite(backend, e.backend_port, bid);
+                    return Verdict::Rewrite(backend, e.backend_port, bid, 0);
                 }
             }
             i += 1;
         }
     }
     let v = balance(ctx, addr, port, PROTO_UDP, family);
-    if let Verdict::Rewrite(backend, backend_port, backend_id) = v {
+    if let Verdict::Rewrite(backend, backend_port, backend_id, _) = v {
         remember(ctx, addr, port, backend, backend_port, backend_id, now);
     }
     v

@@ -513,6 +513,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             waypoint,
             weighted_waypoints,
             outlier: None,
+            max_connections: None,
             auto_allocated: false,
             unused: BTreeMap::new(),
         };

@@ -215,6 +215,9 @@ pub enum LbPolicy {
     /// client: the same client reaches the same endpoint, and removing one endpoint moves only
     /// the clients it had.
     RingHash(u32),
+    /// Of two endpoints picked at random, the one with fewer active connections (Envoy's
+    /// `LEAST_REQUEST`; the kernel counts connections).
+    LeastRequest,
     /// A Maglev lookup table of this many entries (a prime; Envoy's `MAGLEV`, `table_size`).
     Maglev(u32),
 }
@@ -253,6 +256,10 @@ pub struct Service {
     pub waypoint: Option<GatewayAddress>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub weighted_waypoints: Vec<WeightedWaypoint>,
+    /// The most connections open to this service at once (Envoy's circuit breaker
+    /// `max_connections`): connect() beyond it fails with ENOBUFS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
     /// Passive outlier detection for this service's endpoints (Envoy's
     /// `Cluster.outlier_detection`; `None`: the node's default, if any).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -397,6 +397,7 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
         waypoint,
         weighted_waypoints,
         outlier: None,
+        max_connections: None,
         // istiod allocates addresses for ServiceEntries itself and sends them as VIPs.
         auto_allocated: false,
         unused,

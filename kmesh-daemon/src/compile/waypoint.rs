@@ -231,7 +231,7 @@ impl Compiler {
             let mut levels: [Vec<(u32, u32)>; LEVELS] = Default::default();
             levels[0] = slots;
             let tkey = TableKey { service_id: route_id, class_id: 0, family, _pad: [0; 3] };
-            emit_table(&mut out, prev, tkey, TBL_F_WAYPOINT, weighted, &levels);
+            emit_table(&mut out, prev, tkey, TBL_F_WAYPOINT, weighted, &levels, 0);
         }
         Some((out, info))
     }

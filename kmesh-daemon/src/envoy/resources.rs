@@ -83,6 +83,8 @@ pub struct Cluster {
     pub kind: ClusterKind,
     pub policy: LbPolicy,
     pub outlier: Option<OutlierDetection>,
+    /// The circuit breaker's `max_connections` (DEFAULT priority).
+    pub max_connections: Option<u32>,
     /// Settings accepted but not enforced, by field (reported).
     pub unhonoured: Vec<String>,
 }
@@ -407,8 +409,12 @@ pub fn cluster(bytes: &[u8]) -> Result<Cluster, ParseError> {
             LbPolicy::Maglev(size as u32)
         }
         Ok(P::LeastRequest) => {
-            unhonoured.push("lb_policy LEAST_REQUEST (balanced at random)".into());
-            LbPolicy::Random
+            if let Some(pc::cluster::LbConfig::LeastRequestLbConfig(l)) = &c.lb_config
+                && l.choice_count.is_some_and(|n| n.value != 2)
+            {
+                unhonoured.push("least_request choice_count (two choices here)".into());
+            }
+            LbPolicy::LeastRequest
         }
         Ok(P::ClusterProvided) | Ok(P::LoadBalancingPolicyConfig) => {
             unhonoured.push("lb_policy from an extension (balanced at random)".into());
@@ -419,8 +425,22 @@ pub fn cluster(bytes: &[u8]) -> Result<Cluster, ParseError> {
     if c.load_balancing_policy.is_some() {
         unhonoured.push("load_balancing_policy (balanced by lb_policy)".into());
     }
-    if c.circuit_breakers.is_some() {
-        unhonoured.push("circuit_breakers".into());
+    // Circuit breakers: the DEFAULT priority's max_connections is enforced at connect();
+    // the others count requests, which the kernel does not see.
+    let mut max_connections = None;
+    if let Some(cb) = &c.circuit_breakers {
+        for t in &cb.thresholds {
+            if t.priority != 0 {
+                unhonoured.push("circuit_breakers of the HIGH priority (no route priorities here)".into());
+                continue;
+            }
+            max_connections = t.max_connections.map(|v| v.value);
+            if t.max_pending_requests.is_some() || t.max_requests.is_some() || t.max_retries.is_some() {
+                unhonoured.push(
+                    "circuit_breakers max_pending_requests, max_requests, max_retries (request-level)".into(),
+                );
+            }
+        }
     }
     let outlier = c.outlier_detection.as_ref().map(|o| outlier_of(o, &mut unhonoured));
     let kind = match &c.cluster_discovery_type {
@@ -450,7 +470,7 @@ pub fn cluster(bytes: &[u8]) -> Result<Cluster, ParseError> {
             ClusterKind::Unsupported(format!("cluster_type {:?}", t.name))
         }
     };
-    Ok(Cluster { name: c.name, kind, policy, outlier, unhonoured })
+    Ok(Cluster { name: c.name, kind, policy, outlier, max_connections, unhonoured })
 }
 
 /// The Maglev table size when a cluster gives none (a prime).

@@ -327,6 +327,7 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
         let first = h.clusters.get(&targets[0].cluster);
         let policy = first.map(|c| c.policy).unwrap_or_default();
         let outlier = first.and_then(|c| c.outlier);
+        let max_connections = first.and_then(|c| c.max_connections);
         let name = targets.iter().map(|t| t.cluster.as_str()).collect::<Vec<_>>().join("+");
         model.services.insert(
             key.clone(),
@@ -338,6 +339,7 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
                 ports: vec![ServicePort { service_port: *port, target_port: 0, protocol: Protocol::Tcp }],
                 load_balancing: LoadBalancing { policy, ..Default::default() },
                 outlier,
+                max_connections,
                 ..Default::default()
             }),
         );
@@ -413,6 +415,7 @@ mod tests {
                 kind: ClusterKind::Static(Assignment { endpoints: eps }),
                 policy: LbPolicy::Random,
                 outlier: None,
+                max_connections: None,
                 unhonoured: vec![],
             },
         )
@@ -502,6 +505,7 @@ mod tests {
                 kind: ClusterKind::Eds("c".into()),
                 policy: LbPolicy::RoundRobin,
                 outlier: None,
+                max_connections: None,
                 unhonoured: vec![],
             },
         );
