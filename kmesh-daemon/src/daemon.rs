@@ -229,14 +229,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     });
     shared.xds.enabled.store(matches!(opts.source, Source::Xds(_) | Source::EnvoyXds(_)), Ordering::Relaxed);
 
+    // The root-only socket first: once the loopback API answers, the socket is there too.
+    let socket = admin::bind_socket(&opts.admin_socket)
+        .with_context(|| format!("binding the admin socket {}", opts.admin_socket.display()))?;
     let listener = tokio::net::TcpListener::bind(opts.admin_addr)
         .await
         .with_context(|| format!("binding the admin API to {}", opts.admin_addr))?;
     tracing::info!(addr = %opts.admin_addr, "admin API listening (read-only)");
     let app = admin::read_only_router(shared.clone(), &opts.admin_socket);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let socket = admin::bind_socket(&opts.admin_socket)
-        .with_context(|| format!("binding the admin socket {}", opts.admin_socket.display()))?;
     tracing::info!(socket = %opts.admin_socket.display(), "admin API listening (full, root only)");
     let app = admin::router(shared.clone());
     let socket_server = tokio::spawn(async move { axum::serve(socket, app).await });

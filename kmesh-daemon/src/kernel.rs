@@ -1294,7 +1294,13 @@ impl Dataplane {
         if let Some(aya::maps::Map::LruHashMap(d)) = self.ebpf.map("NODE_CONNS") {
             maps.push(("NODE_CONNS", d.fd().as_fd()));
         }
-        for name in ["UDP_REV", "DNS_TCP"] {
+        if let Some(aya::maps::Map::PerCpuArray(d)) = self.ebpf.map("RR_TURNS") {
+            maps.push(("RR_TURNS", d.fd().as_fd()));
+        }
+        if let Some(aya::maps::Map::HashMap(d)) = self.ebpf.map("ACTIVE") {
+            maps.push(("ACTIVE", d.fd().as_fd()));
+        }
+        for name in ["UDP_REV", "DNS_TCP", "LB_CONN"] {
             if let Some(aya::maps::Map::SkStorage(d)) = self.ebpf.map(name) {
                 maps.push((name, d.fd().as_fd()));
             }

@@ -123,6 +123,8 @@ impl Mesh {
             enrolled: self.enrolled.len(),
             authz_destinations: self.dp.authz_applied().dest.len(),
             model_generation: self.model_gen,
+            outlier_ejected: self.outlier.ejected().len(),
+            outlier_ejections: self.outlier.ejections_total,
         };
         self.observer().published = p;
         self.changed.notify_one();

@@ -34,6 +34,9 @@ pub struct XdsHealth {
     /// Subscriptions sent without `initial_resource_versions` because the list was over the
     /// request limit (each makes the control plane send its whole type again).
     pub resyncs_without_versions: AtomicU64,
+    /// Kernel-native mode: Envoy filter chains by what became of them (`compiled`,
+    /// `passthrough`, `warming`, `not_compiled`).
+    pub envoy_chains: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -158,6 +161,28 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth, dns: Option<&crate::dn
         "bpffs map pins restored after removal by hand",
         p.counters.pins_restored,
     );
+    gauge(
+        &mut r,
+        "kmesh_outlier_ejected",
+        "Endpoints ejected by outlier detection now",
+        p.outlier_ejected as u64,
+    );
+    counter(
+        &mut r,
+        "kmesh_outlier_ejections",
+        "Ejections by outlier detection since start",
+        p.outlier_ejections,
+    );
+    let chains = xds.envoy_chains.lock().unwrap().clone();
+    if !chains.is_empty() {
+        gauges(
+            &mut r,
+            "kmesh_envoy_filter_chains",
+            "Kernel-native mode: Envoy filter chains by what became of them (not_compiled: the kernel cannot decide them at connect(); see /debug/config_dump)",
+            ["compiled", "passthrough", "warming", "not_compiled"]
+                .map(|s| (vec![("state", s.to_string())], chains.get(s).copied().unwrap_or(0))),
+        );
+    }
     if xds.enabled.load(Ordering::Relaxed) {
         gauge(
             &mut r,

@@ -52,6 +52,9 @@ pub struct Published {
     pub authz_destinations: usize,
     /// Models applied since start: which configuration is in force.
     pub model_generation: u64,
+    /// Endpoints ejected by outlier detection now, and ejections since start.
+    pub outlier_ejected: usize,
+    pub outlier_ejections: u64,
 }
 
 /// The most connection outcomes kept between two takes.

@@ -353,6 +353,7 @@ fn envoy_listeners_and_clusters_are_balanced_by_the_kernel() {
     wait_for("chain waiting for cluster a", || {
         chain_state(&d, "0.0.0.0_9000").first().is_some_and(|(s, r)| s == "warming" && r.contains("\"a\""))
     });
+    assert_eq!(d.metric("kmesh_envoy_filter_chains{state=\"warming\"}"), 1.0);
     assert!(cp.violations().is_empty(), "{:?}", cp.violations());
 }
 
@@ -437,6 +438,8 @@ fn an_endpoint_that_refuses_is_ejected_then_readmitted() {
     assert_eq!(st["ejected"][&ip2]["times_ejected"], 2, "{st}");
     assert!(st["ejected"][&ip2]["ms_left"].as_u64().unwrap() > 1500, "{st}");
     assert_eq!(st["ejections_total"], 2);
+    assert_eq!(d.metric("kmesh_outlier_ejections_total"), 2.0);
+    assert_eq!(d.metric("kmesh_outlier_ejected"), 1.0);
 }
 
 /// RING_HASH and MAGLEV, hashed by client: every connection of a client reaches the same

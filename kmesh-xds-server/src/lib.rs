@@ -7,6 +7,8 @@
 //! closed with an error, so that a client bug fails a test. Tests drive it: set and remove
 //! resources, break every stream, read the ACKs and NACKs it received.
 
+pub mod envoy_yaml;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;

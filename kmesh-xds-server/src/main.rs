@@ -1,5 +1,6 @@
-//! `kmesh-xds-server`: serves a local YAML file (the same format as the daemon's) over delta
-//! ADS as istiod would, and pushes the changes when the file changes.
+//! `kmesh-xds-server`: serves a local YAML file over delta ADS as istiod would, and pushes the
+//! changes when the file changes: the daemon's format as Istio's workload API (`--config`), or
+//! Envoy's listeners, routes, clusters and endpoints (`--envoy`, for the kernel-native mode).
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,9 +17,14 @@ use kmesh_xds_server::{ControlPlane, address_resources, authorization_resources}
     about = "Delta ADS control plane serving a YAML file (for tests and demos)"
 )]
 struct Cli {
-    /// Mesh configuration to serve (kmesh-daemon's YAML format).
+    /// Mesh configuration to serve (kmesh-daemon's YAML format) as Istio's workload API.
+    #[arg(long, conflicts_with = "envoy", required_unless_present = "envoy")]
+    config: Option<PathBuf>,
+    /// Envoy resources to serve instead (listeners, routes, clusters with their endpoints, in
+    /// the compact YAML form of `kmesh_xds_server::envoy_yaml`), for the kernel-native mode
+    /// and for Envoy itself.
     #[arg(long)]
-    config: PathBuf,
+    envoy: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:15010")]
     listen: SocketAddr,
     /// Require `authorization: Bearer <token>`.
@@ -59,11 +65,30 @@ async fn main() -> anyhow::Result<()> {
         cp = cp.with_token(t);
     }
     let cp2 = cp.clone();
-    let path = cli.config.clone();
+    let envoy = cli.envoy.is_some();
+    let path = cli.config.clone().or(cli.envoy.clone()).expect("clap requires one");
     tokio::task::spawn_blocking(move || {
         let mut last = None;
         loop {
-            if let Ok(text) = std::fs::read_to_string(&path)
+            if envoy
+                && let Ok(text) = std::fs::read_to_string(&path)
+                && last.as_ref() != Some(&text)
+            {
+                match kmesh_xds_server::envoy_yaml::parse(&text) {
+                    Ok(r) => {
+                        let counts: Vec<(&str, usize)> = r.iter().map(|(t, v)| (*t, v.len())).collect();
+                        for (t, items) in r {
+                            cp2.replace_all(t, items);
+                        }
+                        tracing::info!(?counts, "serving Envoy resources");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "Envoy resources refused; still serving the previous ones")
+                    }
+                }
+                last = Some(text);
+            } else if !envoy
+                && let Ok(text) = std::fs::read_to_string(&path)
                 && last.as_ref() != Some(&text)
             {
                 match config::parse(&text) {

@@ -272,6 +272,9 @@ async fn run_stream(
             }
         }
         *shared.envoy.lock().unwrap() = Some(serde_json::to_value(&st.report).unwrap_or_default());
+        *shared.xds.envoy_chains.lock().unwrap() = ["compiled", "passthrough", "warming", "not_compiled"]
+            .map(|s| (s, st.report.count(s) as u64))
+            .into();
         let done = TYPES.iter().all(|t| {
             answered.contains(t) || (matches!(*t, ENDPOINT_TYPE | ROUTE_TYPE) && subscribed[t].is_empty())
         });

@@ -251,6 +251,8 @@ impl Daemon {
             .expect("start kmesh-daemon");
         let d = Daemon { child: Some(child), admin, socket };
         wait_for("the admin API", || admin::request(admin, "GET", "/version", None).is_ok());
+        // The root-only socket is bound next to the loopback API, not necessarily before it.
+        wait_for("the admin socket", || d.socket.exists());
         d
     }
 
