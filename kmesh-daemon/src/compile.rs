@@ -419,8 +419,10 @@ pub struct Compiler {
     waypoint_uids: BTreeMap<String, u32>,
     /// The workload of each enrolled namespace that has one (for the `NS_F_WAYPOINT` flag).
     enrolled_uids: BTreeMap<u64, String>,
-    /// Endpoint addresses ejected by outlier detection: left out of every table.
+    /// Endpoint addresses ejected by outlier detection: left out of the tables of services
+    /// with outlier detection (every service when `eject_everywhere`, the node's default).
     pub ejected: BTreeSet<IpAddr>,
+    pub eject_everywhere: bool,
 }
 
 /// The services claiming one frontend, in key order (the first owns it): nearly always one, so
@@ -982,7 +984,11 @@ impl Compiler {
             .flatten()
             .filter_map(|uid| model.workloads.get(uid).map(|w| w.as_ref()))
             .filter(|w| w.status == HealthStatus::Healthy || lb.health_policy == HealthPolicy::AllowAll)
-            .filter(|w| self.ejected.is_empty() || !w.addresses.iter().any(|a| self.ejected.contains(a)))
+            .filter(|w| {
+                self.ejected.is_empty()
+                    || !(self.eject_everywhere || svc.outlier.is_some())
+                    || !w.addresses.iter().any(|a| self.ejected.contains(a))
+            })
             .collect();
 
         let families: BTreeSet<u8> = svc.addresses.iter().map(family_of).collect();

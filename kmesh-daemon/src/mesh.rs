@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::authz::{AuthzCompiler, AuthzDiff};
 use crate::compile::{Compiler, Enrollment, Ids, words_addr};
 use crate::kernel::{ApplyReport, Dataplane, KernelError};
-use crate::model::{Locality, Model, NodeInfo};
+use crate::model::{Locality, Model, NodeInfo, Workload};
 pub use crate::observe::Counters;
 use crate::observe::{Observer, Published};
 use kmesh_model::delta::{ModelChange, ModelKeys};
@@ -366,15 +366,32 @@ impl Mesh {
         let next = self.outlier.ejected().clone();
         let flipped: BTreeSet<std::net::IpAddr> =
             next.symmetric_difference(&self.compiler.ejected).copied().collect();
+        // Only the workloads of services that eject (those with outlier detection, or all with
+        // the node's default) are recompiled.
+        let everywhere = self.outlier.default.is_some();
+        self.compiler.eject_everywhere = everywhere;
+        let ejecting = |w: &Workload| {
+            everywhere
+                || w.services
+                    .keys()
+                    .any(|k| self.model.services.get(k.as_str()).is_some_and(|s| s.outlier.is_some()))
+        };
         let mut change = kmesh_model::delta::ModelChange::default();
         for (uid, w) in &self.model.workloads {
-            if w.addresses.iter().any(|a| flipped.contains(a)) {
+            if w.addresses.iter().any(|a| flipped.contains(a)) && ejecting(w) {
                 change.workloads.insert(uid.clone(), Some(w.clone()));
             }
         }
         let before = std::mem::replace(&mut self.compiler.ejected, next);
         let enrolled = self.enrolled.clone();
-        if let Err(e) = self.sync(Some(&change), &enrolled) {
+        let started = std::time::Instant::now();
+        let r = self.sync(Some(&change), &enrolled);
+        tracing::debug!(
+            workloads = change.workloads.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "outlier ejections applied"
+        );
+        if let Err(e) = r {
             tracing::error!(error = %e, "applying outlier ejections failed; keeping the tables as they were");
             self.compiler.ejected = before;
             self.recompile_in_force();

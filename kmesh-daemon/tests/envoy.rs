@@ -6,181 +6,14 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use common::envoy_res::*;
 use common::*;
 use kmesh_proto::envoy::{
-    CLUSTER_TYPE, ENDPOINT_TYPE, HCM_TYPE, LISTENER_TYPE, TCP_PROXY_TYPE, cluster as pc, endpoint as pe, hcm,
-    listener as pl, route as pr, tcp_proxy,
+    CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, cluster as pc, endpoint as pe, listener as pl,
 };
 use kmesh_proto::prost::Message;
-use kmesh_proto::{Any, core};
 use kmesh_testbed::Testbed;
 use kmesh_xds_server::ControlPlane;
-
-fn address(ip: &str, port: u32) -> core::Address {
-    core::Address {
-        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
-            address: ip.into(),
-            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port)),
-            ..Default::default()
-        })),
-    }
-}
-
-fn any(type_url: &str, m: &impl Message) -> Any {
-    Any { type_url: type_url.into(), value: m.encode_to_vec() }
-}
-
-fn tcp(cluster: &str) -> pl::Filter {
-    let t = tcp_proxy::TcpProxy {
-        stat_prefix: cluster.into(),
-        cluster_specifier: Some(tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
-        ..Default::default()
-    };
-    pl::Filter {
-        name: "tcp".into(),
-        config_type: Some(pl::filter::ConfigType::TypedConfig(any(TCP_PROXY_TYPE, &t))),
-    }
-}
-
-fn tcp_weighted(clusters: &[(&str, u32)]) -> pl::Filter {
-    use tcp_proxy::tcp_proxy::{ClusterSpecifier, WeightedCluster, weighted_cluster::ClusterWeight};
-    let t = tcp_proxy::TcpProxy {
-        stat_prefix: "w".into(),
-        cluster_specifier: Some(ClusterSpecifier::WeightedClusters(WeightedCluster {
-            clusters: clusters
-                .iter()
-                .map(|(n, w)| ClusterWeight { name: n.to_string(), weight: *w, ..Default::default() })
-                .collect(),
-        })),
-        ..Default::default()
-    };
-    pl::Filter {
-        name: "tcp".into(),
-        config_type: Some(pl::filter::ConfigType::TypedConfig(any(TCP_PROXY_TYPE, &t))),
-    }
-}
-
-fn route(domains: &[&str], routes: Vec<pr::Route>) -> pr::VirtualHost {
-    pr::VirtualHost {
-        name: domains[0].into(),
-        domains: domains.iter().map(|d| d.to_string()).collect(),
-        routes,
-        ..Default::default()
-    }
-}
-
-fn to_cluster(prefix: &str, header: Option<&str>, cluster: &str) -> pr::Route {
-    pr::Route {
-        r#match: Some(pr::RouteMatch {
-            path_specifier: Some(pr::route_match::PathSpecifier::Prefix(prefix.into())),
-            headers: header
-                .map(|h| pr::HeaderMatcher { name: h.into(), ..Default::default() })
-                .into_iter()
-                .collect(),
-            ..Default::default()
-        }),
-        action: Some(pr::route::Action::Route(pr::RouteAction {
-            cluster_specifier: Some(pr::route_action::ClusterSpecifier::Cluster(cluster.into())),
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
-}
-
-fn http(vhosts: Vec<pr::VirtualHost>) -> pl::Filter {
-    let h = hcm::HttpConnectionManager {
-        stat_prefix: "http".into(),
-        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
-            pr::RouteConfiguration { name: "inline".into(), virtual_hosts: vhosts, ..Default::default() },
-        )),
-        ..Default::default()
-    };
-    pl::Filter {
-        name: "http".into(),
-        config_type: Some(pl::filter::ConfigType::TypedConfig(any(HCM_TYPE, &h))),
-    }
-}
-
-fn chain(prefixes: &[&str], filter: pl::Filter) -> pl::FilterChain {
-    pl::FilterChain {
-        filter_chain_match: Some(pl::FilterChainMatch {
-            prefix_ranges: prefixes
-                .iter()
-                .map(|p| core::CidrRange {
-                    address_prefix: p.to_string(),
-                    prefix_len: Some(kmesh_proto::envoy_struct::UInt32Value { value: 32 }),
-                })
-                .collect(),
-            ..Default::default()
-        }),
-        filters: vec![filter],
-        ..Default::default()
-    }
-}
-
-fn listener(name: &str, ip: &str, port: u32, chains: Vec<pl::FilterChain>) -> (String, Vec<u8>) {
-    let l = pl::Listener {
-        name: name.into(),
-        address: Some(address(ip, port)),
-        filter_chains: chains,
-        ..Default::default()
-    };
-    (name.into(), l.encode_to_vec())
-}
-
-fn endpoints(bed: &Testbed, pods: &[&str]) -> Vec<pe::LocalityLbEndpoints> {
-    vec![pe::LocalityLbEndpoints {
-        lb_endpoints: pods
-            .iter()
-            .map(|p| pe::LbEndpoint {
-                host_identifier: Some(pe::lb_endpoint::HostIdentifier::Endpoint(pe::Endpoint {
-                    address: Some(address(&bed.pod(p).ipv4.to_string(), 8080)),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    }]
-}
-
-fn eds_cluster(name: &str, policy: pc::cluster::LbPolicy) -> (String, Vec<u8>) {
-    let c = pc::Cluster {
-        name: name.into(),
-        cluster_discovery_type: Some(pc::cluster::ClusterDiscoveryType::Type(
-            pc::cluster::DiscoveryType::Eds as i32,
-        )),
-        eds_cluster_config: Some(pc::cluster::EdsClusterConfig::default()),
-        lb_policy: policy as i32,
-        ..Default::default()
-    };
-    (name.into(), c.encode_to_vec())
-}
-
-fn static_cluster(bed: &Testbed, name: &str, pods: &[&str]) -> (String, Vec<u8>) {
-    let c = pc::Cluster {
-        name: name.into(),
-        cluster_discovery_type: Some(pc::cluster::ClusterDiscoveryType::Type(
-            pc::cluster::DiscoveryType::Static as i32,
-        )),
-        load_assignment: Some(pe::ClusterLoadAssignment {
-            cluster_name: name.into(),
-            endpoints: endpoints(bed, pods),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    (name.into(), c.encode_to_vec())
-}
-
-fn assignment(bed: &Testbed, name: &str, pods: &[&str]) -> (String, Vec<u8>) {
-    let a = pe::ClusterLoadAssignment {
-        cluster_name: name.into(),
-        endpoints: endpoints(bed, pods),
-        ..Default::default()
-    };
-    (name.into(), a.encode_to_vec())
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -385,7 +218,7 @@ fn an_endpoint_that_refuses_is_ejected_then_readmitted() {
         cluster_discovery_type: Some(pc::cluster::ClusterDiscoveryType::Type(
             pc::cluster::DiscoveryType::Eds as i32,
         )),
-        eds_cluster_config: Some(pc::cluster::EdsClusterConfig::default()),
+        eds_cluster_config: Some(eds_over_ads()),
         outlier_detection: Some(pc::OutlierDetection {
             consecutive_5xx: u32v(3),
             interval: Some(dur(200)),
@@ -415,7 +248,7 @@ fn an_endpoint_that_refuses_is_ejected_then_readmitted() {
     // Round robin alternates: s2 refuses every other connection until three failures in a
     // row... which round robin never gives (s1 succeeds in between). Envoy counts per host:
     // a success of another host does not reset s2's count.
-    let s = spread(&bed, target, 6);
+    let s = kmesh_testbed::spread(&connect_on_one_cpu(&bed, target, 6));
     assert_eq!(s.get("!errno 111"), Some(&3), "{s:?}");
     wait_for("s2 ejected", || outlier_status(&d)["ejected"].as_object().is_some_and(|m| m.len() == 1));
     let ejected_at = std::time::Instant::now();
@@ -431,7 +264,7 @@ fn an_endpoint_that_refuses_is_ejected_then_readmitted() {
         out_for >= std::time::Duration::from_millis(600) && out_for < std::time::Duration::from_millis(1800),
         "{out_for:?}"
     );
-    let s = spread(&bed, target, 6);
+    let s = kmesh_testbed::spread(&connect_on_one_cpu(&bed, target, 6));
     assert_eq!(s.get("!errno 111"), Some(&3), "readmitted, it takes connections again: {s:?}");
     wait_for("s2 ejected again", || outlier_status(&d)["ejected"].as_object().is_some_and(|m| m.len() == 1));
     let st = outlier_status(&d);
@@ -551,7 +384,7 @@ fn circuit_breakers_and_least_request_count_active_connections() {
         cluster_discovery_type: Some(pc::cluster::ClusterDiscoveryType::Type(
             pc::cluster::DiscoveryType::Eds as i32,
         )),
-        eds_cluster_config: Some(pc::cluster::EdsClusterConfig::default()),
+        eds_cluster_config: Some(eds_over_ads()),
         ..Default::default()
     };
     capped.circuit_breakers = Some(pc::CircuitBreakers {

