@@ -215,7 +215,8 @@ pub struct ActiveKey {
 pub struct LbConn {
     pub service_id: u32,
     pub backend_id: u32,
-    /// 1 once counted (its SYN left), 0 after its close was counted.
+    /// 0 until its SYN left; then 4, plus 1 if the service's counter was added to and 2 if
+    /// the backend's was; 0 again once its close took them back.
     pub counted: u32,
     pub _pad: u32,
 }
@@ -237,9 +238,10 @@ pub fn client_hash(cookie: u64) -> u32 {
     h as u32
 }
 
-/// Entries of `RR_TURNS`: services whose ids are equal modulo this share one counter (each
-/// still gets its share; the turns merely interleave).
-pub const RR_SLOTS: u32 = 65536;
+/// Entries of `RR_TURNS` (a per-CPU array: 8 bytes per entry per CPU, preallocated, so kept
+/// small): services whose ids are equal modulo this share one counter, and their turns
+/// interleave.
+pub const RR_SLOTS: u32 = 4096;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

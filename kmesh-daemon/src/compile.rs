@@ -370,12 +370,11 @@ struct Member<'a> {
 
 /// The endpoints of one level as the hash tables name them (by workload uid).
 fn hash_members<'a>(members: &'a [Member<'_>], level: &[(u32, u32)]) -> Vec<hash::Member<'a>> {
+    let names: BTreeMap<u32, &str> =
+        members.iter().map(|m| (m.backend_id, m.workload.uid.as_str())).collect();
     level
         .iter()
-        .filter_map(|(id, w)| {
-            let m = members.iter().find(|m| m.backend_id == *id)?;
-            Some(hash::Member { backend_id: *id, weight: *w, name: m.workload.uid.as_str() })
-        })
+        .filter_map(|(id, w)| Some(hash::Member { backend_id: *id, weight: *w, name: names.get(id)? }))
         .collect()
 }
 

@@ -882,30 +882,41 @@ pub async fn run(o: XdsOptions, shared: Arc<Shared>, mut shutdown: tokio::sync::
             r = run_stream(&o, &shared, &mut state, &mut synced) => r,
             _ = shutdown.changed() => return,
         };
-        shared.xds.connected.store(false, Ordering::Relaxed);
-        shared.xds.disconnects.fetch_add(1, Ordering::Relaxed);
-        // Only a stream that got as far as its initial sync counts as healthy: a control plane
-        // that accepts streams and then fails them keeps the backoff growing.
-        if synced {
-            backoff = o.backoff_initial;
-        }
-        if let Err(e) = r {
-            *shared.xds.last_error.lock().unwrap() = Some(e.to_string());
-            tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, held = state.len(),
-                "xDS disconnected; the data plane keeps the last good state");
-        }
-        // Full jitter in [backoff/2, backoff].
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .subsec_nanos();
-        let jitter = backoff / 2 + backoff.mul_f64((nanos % 1000) as f64 / 2000.0);
+        let wait = stream_ended(&o, &shared, r, synced, &mut backoff, state.len());
         tokio::select! {
-            _ = tokio::time::sleep(jitter) => {},
+            _ = tokio::time::sleep(wait) => {},
             _ = shutdown.changed() => return,
         }
-        backoff = (backoff * 2).min(o.backoff_max);
     }
+}
+
+/// After a stream of either source ended: the health counters, the log line, and how long to
+/// wait before the next (full jitter in [backoff/2, backoff]); the backoff doubles up to its
+/// cap. Only a stream that got as far as its initial sync counts as healthy: a control plane
+/// that accepts streams and then fails them keeps the backoff growing.
+pub(crate) fn stream_ended(
+    o: &XdsOptions,
+    shared: &Shared,
+    r: Result<(), XdsError>,
+    synced: bool,
+    backoff: &mut Duration,
+    held: usize,
+) -> Duration {
+    shared.xds.connected.store(false, Ordering::Relaxed);
+    shared.xds.disconnects.fetch_add(1, Ordering::Relaxed);
+    if synced {
+        *backoff = o.backoff_initial;
+    }
+    if let Err(e) = r {
+        *shared.xds.last_error.lock().unwrap() = Some(e.to_string());
+        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, held,
+            "xDS disconnected; the data plane keeps the last good state");
+    }
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let wait = *backoff / 2 + backoff.mul_f64((nanos % 1000) as f64 / 2000.0);
+    *backoff = (*backoff * 2).min(o.backoff_max);
+    wait
 }
 
 #[cfg(test)]

@@ -29,15 +29,16 @@ pub static PORTS: HashMap<PortKey, PortValue, 262144, NO_PREALLOC> = HashMap::ne
 #[btf_map]
 pub static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
 /// Active connections of counted tables (least request, connection limits), by service and
-/// by backend. Entries are made by the programs on first use and never removed (a few bytes
-/// per backend id, and ids are reused).
+/// by backend. Entries are made by the programs on first use and never removed (ids are
+/// reused). The kernel sizes a hash map's buckets for its capacity (16 bytes an entry), so it
+/// holds 16,384: past that, new backends go uncounted (never wrongly refused).
 #[btf_map]
-pub static ACTIVE: HashMap<ActiveKey, u64, 262144, NO_PREALLOC> = HashMap::new();
+pub static ACTIVE: HashMap<ActiveKey, u64, 16384, NO_PREALLOC> = HashMap::new();
 /// What a counted connection decrements when it closes.
 #[btf_map]
 pub static LB_CONN: SkStorage<LbConn> = SkStorage::new();
 /// Round-robin turns, per CPU (Envoy's round robin is per worker thread): no atomics, no
-/// cache line shared between CPUs. 65,536 x 4 bytes per CPU.
+/// cache line shared between CPUs. 4,096 x 8 bytes per CPU.
 #[btf_map]
 pub static RR_TURNS: PerCpuArray<u32, { RR_SLOTS as usize }> = PerCpuArray::new();
 

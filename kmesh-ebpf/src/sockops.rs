@@ -179,28 +179,29 @@ fn waypoint_established(ctx: &SockOpsContext) {
 
 const BPF_NOEXIST: u64 = 1;
 
-/// Adds `delta` (1, or u64::MAX for -1) to an `ACTIVE` counter, making it on first use.
+/// Adds `delta` (1, or u64::MAX for -1) to an `ACTIVE` counter, making it on first use
+/// when `create`. False when there is no counter (the map is full).
 #[inline(always)]
-fn add_active(kind: u32, id: u32, delta: u64) {
+fn add_active(kind: u32, id: u32, delta: u64, create: bool) -> bool {
     let k = ActiveKey { kind, id };
     let mut p = ACTIVE.get_ptr_mut(k);
-    if p.is_none() {
+    if p.is_none() && create {
         let _ = ACTIVE.insert(k, 0, BPF_NOEXIST);
         p = ACTIVE.get_ptr_mut(k);
     }
-    if let Some(p) = p {
-        // SAFETY: a map value, 8-aligned; other CPUs update it the same way. The BPF target
-        // has no AtomicU64 in core; the intrinsic is BPF's atomic add (its result unused).
-        unsafe {
-            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-                p, delta,
-            );
-        }
+    let Some(p) = p else { return false };
+    // SAFETY: a map value, 8-aligned; other CPUs update it the same way. The BPF target has no
+    // AtomicU64 in core; the intrinsic is BPF's atomic add (its result unused).
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, delta);
     }
+    true
 }
 
 /// Active-connection counting of counted tables: a connection counts from its SYN to its
-/// close (whatever state it closes from), once.
+/// close (whatever state it closes from), once. Each counter is taken back only if it was
+/// added to (bits 0 and 1 of `counted`): a full map leaves a connection uncounted, never a
+/// count that cannot come down.
 #[inline(always)]
 fn count_active(ctx: &SockOpsContext, op: u32) {
     let closing = op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE;
@@ -210,13 +211,17 @@ fn count_active(ctx: &SockOpsContext, op: u32) {
     let Some(c) = sk_storage(ctx, &LB_CONN, false) else { return };
     let conn = unsafe { *c };
     if op == SOCK_OPS_TCP_CONNECT && conn.counted == 0 {
-        add_active(ACTIVE_SERVICE, conn.service_id, 1);
-        add_active(ACTIVE_BACKEND, conn.backend_id, 1);
-        unsafe { (*c).counted = 1 };
+        let s = add_active(ACTIVE_SERVICE, conn.service_id, 1, true) as u32;
+        let b = add_active(ACTIVE_BACKEND, conn.backend_id, 1, true) as u32;
+        unsafe { (*c).counted = s | (b << 1) | 4 };
         let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG) as i32);
-    } else if closing && conn.counted == 1 {
-        add_active(ACTIVE_SERVICE, conn.service_id, u64::MAX);
-        add_active(ACTIVE_BACKEND, conn.backend_id, u64::MAX);
+    } else if closing && conn.counted & 4 != 0 {
+        if conn.counted & 1 != 0 {
+            add_active(ACTIVE_SERVICE, conn.service_id, u64::MAX, false);
+        }
+        if conn.counted & 2 != 0 {
+            add_active(ACTIVE_BACKEND, conn.backend_id, u64::MAX, false);
+        }
         unsafe { (*c).counted = 0 };
     }
 }

@@ -1,6 +1,7 @@
-//! An in-repo control plane that speaks delta ADS for Istio's workload API
-//! (`istio.workload.Address`, `istio.security.Authorization`) as istiod does on the wire, for
-//! tests, the demo and benchmarks.
+//! An in-repo control plane that speaks delta ADS as istiod does on the wire, for tests, the
+//! demo and benchmarks: Istio's workload API (`istio.workload.Address`,
+//! `istio.security.Authorization`, wildcard) and Envoy's own resources for the kernel-native
+//! mode (listeners and clusters wildcard; routes and endpoints by name, see [`envoy_yaml`]).
 //!
 //! It is strict on purpose: a client that omits its node, subscribes to an unknown type, ACKs a
 //! nonce it was never sent, or ACKs twice is recorded as a protocol violation and its stream is

@@ -14,7 +14,6 @@ pub mod translate;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use kmesh_model::delta::ModelKeys;
 use kmesh_model::model::{Model, NodeInfo};
@@ -297,20 +296,14 @@ pub async fn run(o: XdsOptions, shared: Arc<Shared>, mut shutdown: tokio::sync::
             r = run_stream(&o, &shared, &mut st, &mut synced) => r,
             _ = shutdown.changed() => return,
         };
-        shared.xds.connected.store(false, Ordering::Relaxed);
-        shared.xds.disconnects.fetch_add(1, Ordering::Relaxed);
-        if synced {
-            backoff = o.backoff_initial;
-        }
-        if let Err(e) = r {
-            *shared.xds.last_error.lock().unwrap() = Some(e.to_string());
-            tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
-                "Envoy xDS disconnected; the data plane keeps the last good state");
-        }
+        let held = st.held.listeners.len()
+            + st.held.clusters.len()
+            + st.held.routes.len()
+            + st.held.assignments.len();
+        let wait = crate::xds::stream_ended(&o, &shared, r, synced, &mut backoff, held);
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {},
+            _ = tokio::time::sleep(wait) => {},
             _ = shutdown.changed() => return,
         }
-        backoff = (backoff * 2).min(o.backoff_max).max(Duration::from_millis(100));
     }
 }
