@@ -62,6 +62,12 @@ struct CapacityArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Protocol {
+    Delta,
+    Sotw,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Mode {
     Workload,
     KernelNative,
@@ -112,6 +118,11 @@ struct XdsArgs {
     /// sidecar; the kernel does their L4 part).
     #[arg(long, value_enum, default_value_t = Mode::Workload, env = "KMESH_MODE")]
     mode: Mode,
+    /// Which ADS to speak: `delta` (responses carry changes) or `sotw` (state of the world:
+    /// each response carries the whole set of its type, as Envoy's `api_type: GRPC`). Only the
+    /// kernel-native mode takes `sotw`: istiod serves the workload API over delta only.
+    #[arg(long, value_enum, default_value_t = Protocol::Delta, env = "KMESH_XDS_PROTOCOL")]
+    xds_protocol: Protocol,
     /// Connect without TLS (local control planes only).
     #[arg(long)]
     xds_plaintext: bool,
@@ -151,6 +162,11 @@ struct XdsArgs {
 impl XdsArgs {
     fn options(&self) -> anyhow::Result<Option<XdsOptions>> {
         let Some(address) = self.xds_address.as_ref() else { return Ok(None) };
+        anyhow::ensure!(
+            self.xds_protocol == Protocol::Delta || self.mode == Mode::KernelNative,
+            "--xds-protocol sotw is for --mode kernel-native: the workload API is served over delta \
+             ADS only (istiod and ztunnel speak it so)"
+        );
         let node = NodeInfo {
             name: self.node_name.clone(),
             locality: Locality {
@@ -176,6 +192,10 @@ impl XdsArgs {
         o.backoff_max = Duration::from_millis(self.xds_backoff_max_ms.max(100));
         o.max_message_bytes = self.xds_max_message_bytes.max(4096);
         o.max_request_bytes = self.xds_max_request_bytes.max(4096);
+        o.flavour = match self.xds_protocol {
+            Protocol::Delta => kmesh_daemon::xds::AdsFlavour::Delta,
+            Protocol::Sotw => kmesh_daemon::xds::AdsFlavour::StateOfTheWorld,
+        };
         Ok(Some(o))
     }
 }

@@ -49,6 +49,19 @@ pub struct XdsOptions {
     /// version (`initial_resource_versions`); when that does not fit, it is sent without them
     /// and the first response is taken as the whole type (see [`subscription`]).
     pub max_request_bytes: usize,
+    /// Which ADS the stream speaks. The workload API is delta only (as istiod serves it); the
+    /// kernel-native mode's Envoy xDS takes either.
+    pub flavour: AdsFlavour,
+}
+
+/// The two flavours of ADS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AdsFlavour {
+    /// `DeltaAggregatedResources`: responses carry what changed.
+    #[default]
+    Delta,
+    /// `StreamAggregatedResources`: each response carries the whole set of its type.
+    StateOfTheWorld,
 }
 
 /// The default for [`XdsOptions::max_message_bytes`]: room for a cluster of 100k services in
@@ -73,6 +86,7 @@ impl XdsOptions {
             backoff_max: Duration::from_secs(15),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            flavour: AdsFlavour::Delta,
         }
     }
 }

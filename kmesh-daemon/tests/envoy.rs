@@ -20,10 +20,16 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn start_daemon(scratch: &Scratch, bed: &Testbed, cp: SocketAddr) -> Daemon {
+    start_daemon_speaking(scratch, bed, cp, "delta")
+}
+
+fn start_daemon_speaking(scratch: &Scratch, bed: &Testbed, cp: SocketAddr, protocol: &str) -> Daemon {
     let d = Daemon::start_with(
         &[
             "--mode",
             "kernel-native",
+            "--xds-protocol",
+            protocol,
             "--xds-address",
             &cp.to_string(),
             "--xds-plaintext",
@@ -188,6 +194,86 @@ fn envoy_listeners_and_clusters_are_balanced_by_the_kernel() {
     });
     assert_eq!(d.metric("kmesh_envoy_filter_chains{state=\"warming\"}"), 1.0);
     assert!(cp.violations().is_empty(), "{:?}", cp.violations());
+}
+
+/// State-of-the-world ADS: each response is the whole set of its type. What an LDS or CDS
+/// response leaves out is removed, EDS follows the clusters' names, a malformed resource is
+/// NACKed by name (the last version accepted goes back with the NACK) while the rest applies,
+/// and after the stream breaks the kernel keeps the last good state until the next stream
+/// brings the current one.
+#[test]
+fn state_of_the_world_ads_is_taken_with_the_same_discipline() {
+    if !root_or_skip("state_of_the_world_ads_is_taken_with_the_same_discipline") {
+        return;
+    }
+    let rt = runtime();
+    let bed = bed();
+    let scratch = Scratch::new();
+    let cp = ControlPlane::new();
+    use pc::cluster::LbPolicy;
+    cp.replace_all(
+        CLUSTER_TYPE,
+        [eds_cluster("echo", LbPolicy::RoundRobin), static_cluster(&bed, "a", &["s1"])].into(),
+    );
+    cp.replace_all(ENDPOINT_TYPE, [assignment(&bed, "echo", &["s1", "s2"])].into());
+    let lds = |extra: Vec<(String, Vec<u8>)>| -> BTreeMap<String, Vec<u8>> {
+        let mut m: BTreeMap<String, Vec<u8>> = [
+            listener("echo_80", VIP, 80, vec![chain(&[], tcp("echo"))]),
+            listener("0.0.0.0_9000", "0.0.0.0", 9000, vec![chain(&["10.96.0.11"], tcp("a"))]),
+        ]
+        .into();
+        m.extend(extra);
+        m
+    };
+    cp.replace_all(LISTENER_TYPE, lds(vec![]));
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let d = start_daemon_speaking(&scratch, &bed, server.addr, "sotw");
+    let vip = format!("{VIP}:80");
+    assert_eq!(spread(&bed, &vip, 20).keys().cloned().collect::<Vec<_>>(), ["s1", "s2"]);
+    assert_eq!(spread(&bed, "10.96.0.11:9000", 5).keys().cloned().collect::<Vec<_>>(), ["s1"]);
+
+    // EDS: an endpoint added reaches the kernel, in turn.
+    cp.replace_all(ENDPOINT_TYPE, [assignment(&bed, "echo", &["s1", "s2", "s3"])].into());
+    wait_for("s3 in echo", || spread(&bed, &vip, 6).len() == 3);
+    let a = connect_on_one_cpu(&bed, &vip, 30);
+    assert_eq!(kmesh_testbed::spread(&a).values().copied().collect::<Vec<_>>(), [10, 10, 10]);
+
+    // A malformed listener in the whole set: NACKed by name, the rest of the set stays.
+    let before = cp.nacks().len();
+    let mut bad =
+        pl::Listener { name: "broken".into(), address: Some(address("not-an-ip", 80)), ..Default::default() };
+    bad.filter_chains.push(chain(&[], tcp("echo")));
+    cp.set(LISTENER_TYPE, [("broken".to_string(), bad.encode_to_vec())]);
+    wait_for("a NACK", || cp.nacks().len() > before);
+    let nack = cp.nacks().last().unwrap().error.clone().unwrap();
+    assert!(nack.contains("listener broken") && nack.contains("not-an-ip"), "{nack}");
+    assert_eq!(spread(&bed, &vip, 9).len(), 3);
+    assert_eq!(d.metric("kmesh_xds_responses_total{result=\"nack\"}"), 1.0);
+
+    // Left out of the next whole set: removed.
+    cp.replace_all(LISTENER_TYPE, {
+        let mut m = lds(vec![]);
+        m.remove("echo_80");
+        m
+    });
+    wait_for("echo_80 gone", || spread(&bed, &vip, 1).keys().all(|k| k.starts_with('!')));
+    assert_eq!(spread(&bed, "10.96.0.11:9000", 3).keys().cloned().collect::<Vec<_>>(), ["s1"]);
+
+    // The stream breaks and the control plane is away: the last good state stays in force.
+    let (opened, addr) = (cp.streams_opened(), server.addr);
+    rt.block_on(server.stop());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(spread(&bed, "10.96.0.11:9000", 3).keys().cloned().collect::<Vec<_>>(), ["s1"]);
+    // Back, with echo_80 again: the new stream subscribes with the versions it accepted, and
+    // the whole set it gets brings echo_80 back.
+    cp.replace_all(LISTENER_TYPE, lds(vec![]));
+    let server = rt.block_on(cp.spawn(addr, None)).unwrap();
+    wait_for("resubscribed", || cp.streams_opened() > opened);
+    wait_for("echo_80 back", || spread(&bed, &vip, 6).len() == 3);
+    let subs = cp.subscriptions();
+    assert!(subs.iter().any(|s| s.type_url == ENDPOINT_TYPE), "EDS resubscribed by name: {subs:?}");
+    assert!(cp.violations().is_empty(), "{:?}", cp.violations());
+    drop(server);
 }
 
 fn outlier_status(d: &Daemon) -> serde_json::Value {

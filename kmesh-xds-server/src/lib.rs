@@ -1,7 +1,9 @@
-//! An in-repo control plane that speaks delta ADS as istiod does on the wire, for tests, the
-//! demo and benchmarks: Istio's workload API (`istio.workload.Address`,
+//! An in-repo control plane that speaks ADS as istiod does on the wire, for tests, the demo
+//! and benchmarks: Istio's workload API (`istio.workload.Address`,
 //! `istio.security.Authorization`, wildcard) and Envoy's own resources for the kernel-native
 //! mode (listeners and clusters wildcard; routes and endpoints by name, see [`envoy_yaml`]).
+//! Both flavours of ADS are served: delta (`DeltaAggregatedResources`, below) and state of the
+//! world (`StreamAggregatedResources`, see `sotw`), from the same resources.
 //!
 //! It is strict on purpose: a client that omits its node, subscribes to an unknown type, ACKs a
 //! nonce it was never sent, or ACKs twice is recorded as a protocol violation and its stream is
@@ -9,6 +11,7 @@
 //! resources, break every stream, read the ACKs and NACKs it received.
 
 pub mod envoy_yaml;
+mod sotw;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -18,9 +21,7 @@ use std::sync::{Arc, Mutex};
 use kmesh_proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
-use kmesh_proto::discovery::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
-};
+use kmesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, Resource};
 use kmesh_proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
@@ -564,31 +565,21 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, S
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for ControlPlane {
-    type StreamAggregatedResourcesStream =
-        Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+    type StreamAggregatedResourcesStream = sotw::SotwStream;
     type DeltaAggregatedResourcesStream = ResponseStream;
 
     async fn stream_aggregated_resources(
         &self,
-        _request: Request<Streaming<DiscoveryRequest>>,
+        request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "this control plane serves delta ADS only, as istiod does for the workload API",
-        ))
+        self.sotw_stream(request).await
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        if let Some(token) = &self.token {
-            let want = format!("Bearer {token}");
-            let got = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-            if got != Some(want.as_str()) {
-                return Err(Status::unauthenticated("missing or wrong bearer token"));
-            }
-        }
-        self.state.lock().unwrap().streams_opened += 1;
+        self.open_stream(request.metadata())?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Result<DeltaDiscoveryResponse, Status>>(64);
         let cp = self.clone();
@@ -648,6 +639,67 @@ impl AggregatedDiscoveryService for ControlPlane {
 }
 
 impl ControlPlane {
+    /// Checks the bearer token of a new stream and counts it.
+    fn open_stream(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        if let Some(token) = &self.token {
+            let want = format!("Bearer {token}");
+            let got = metadata.get("authorization").and_then(|v| v.to_str().ok());
+            if got != Some(want.as_str()) {
+                return Err(Status::unauthenticated("missing or wrong bearer token"));
+            }
+        }
+        self.state.lock().unwrap().streams_opened += 1;
+        Ok(())
+    }
+
+    /// The stream's node id: taken from its first request, which must carry a valid Node.
+    fn accept_node(
+        &self,
+        have: &mut Option<String>,
+        node: Option<&kmesh_proto::core::Node>,
+    ) -> Result<String, Status> {
+        if let Some(id) = have {
+            return Ok(id.clone());
+        }
+        let Some(node) = node.filter(|n| !n.id.is_empty()) else {
+            return Err(self.violation("the first request of a stream must carry a Node with an id".into()));
+        };
+        self.state.lock().unwrap().nodes.push(node.clone());
+        parse_node_as(node, &self.node_types).map_err(|e| self.violation(e))?;
+        *have = Some(node.id.clone());
+        Ok(node.id.clone())
+    }
+
+    /// Records that the response `nonce` was answered (for [`push_records`](Self::push_records))
+    /// and what the client said.
+    fn record_answer(&self, node: &str, type_url: &str, nonce: &str, error: Option<String>) {
+        let mut s = self.state.lock().unwrap();
+        let at = std::time::Instant::now();
+        if let Some(p) = s.pushes.iter_mut().rev().find(|p| p.nonce == nonce) {
+            p.answered = Some(at);
+        }
+        s.acks.push(Ack {
+            node: node.to_string(),
+            type_url: type_url.to_string(),
+            nonce: nonce.to_string(),
+            error,
+        });
+    }
+
+    /// Records a push sent with `nonce`, current to change `seq`.
+    fn record_push(&self, nonce: &str, seq: u64) {
+        let mut s = self.state.lock().unwrap();
+        if s.pushes.len() == MAX_PUSH_RECORDS {
+            s.pushes.pop_front();
+        }
+        s.pushes.push_back(PushRecord {
+            nonce: nonce.to_string(),
+            seq,
+            sent: std::time::Instant::now(),
+            answered: None,
+        });
+    }
+
     /// The response that brings `st` up to date for `type_url`, if any, recorded as sent.
     fn push(&self, st: &mut StreamState, type_url: &str) -> Option<DeltaDiscoveryResponse> {
         let sent = st.sent.entry(type_url.to_string()).or_default();
@@ -664,17 +716,7 @@ impl ControlPlane {
             sent.remove(n);
         }
         st.pending.insert(resp.nonce.clone(), type_url.to_string());
-        let mut s = self.state.lock().unwrap();
-        if s.pushes.len() == MAX_PUSH_RECORDS {
-            s.pushes.pop_front();
-        }
-        s.pushes.push_back(PushRecord {
-            nonce: resp.nonce.clone(),
-            seq: now,
-            sent: std::time::Instant::now(),
-            answered: None,
-        });
-        drop(s);
+        self.record_push(&resp.nonce, now);
         Some(resp)
     }
 
@@ -683,17 +725,7 @@ impl ControlPlane {
         st: &mut StreamState,
         req: DeltaDiscoveryRequest,
     ) -> Result<Vec<DeltaDiscoveryResponse>, Status> {
-        if st.node.is_none() {
-            let Some(node) = req.node.as_ref().filter(|n| !n.id.is_empty()) else {
-                return Err(
-                    self.violation("the first request of a stream must carry a Node with an id".into())
-                );
-            };
-            self.state.lock().unwrap().nodes.push(node.clone());
-            parse_node_as(node, &self.node_types).map_err(|e| self.violation(e))?;
-            st.node = Some(node.id.clone());
-        }
-        let node = st.node.clone().unwrap_or_default();
+        let node = self.accept_node(&mut st.node, req.node.as_ref())?;
         if !TYPES.contains(&req.type_url.as_str()) {
             return Err(self.violation(format!("unknown type_url {:?}", req.type_url)));
         }
@@ -714,18 +746,8 @@ impl ControlPlane {
                     )));
                 }
             }
-            let mut s = self.state.lock().unwrap();
-            let at = std::time::Instant::now();
-            if let Some(p) = s.pushes.iter_mut().rev().find(|p| p.nonce == req.response_nonce) {
-                p.answered = Some(at);
-            }
-            s.acks.push(Ack {
-                node: node.clone(),
-                type_url: req.type_url.clone(),
-                nonce: req.response_nonce.clone(),
-                error: req.error_detail.as_ref().map(|s| s.message.clone()),
-            });
-            drop(s);
+            let error = req.error_detail.as_ref().map(|s| s.message.clone());
+            self.record_answer(&node, &req.type_url, &req.response_nonce, error);
             // A request may ACK and change a named subscription at once (Envoy does).
             if req.resource_names_subscribe.is_empty() && req.resource_names_unsubscribe.is_empty() {
                 return Ok(Vec::new());

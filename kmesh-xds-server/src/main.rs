@@ -1,4 +1,5 @@
-//! `kmesh-xds-server`: serves a local YAML file over delta ADS as istiod would, and pushes the
+//! `kmesh-xds-server`: serves a local YAML file over ADS (delta, and state of the world for
+//! clients that ask for it) as istiod would, and pushes the
 //! changes when the file changes: the daemon's format as Istio's workload API (`--config`), or
 //! Envoy's listeners, routes, clusters and endpoints (`--envoy`, for the kernel-native mode).
 use std::net::SocketAddr;
@@ -14,7 +15,7 @@ use kmesh_xds_server::{ControlPlane, address_resources, authorization_resources}
 #[derive(Parser)]
 #[command(
     name = "kmesh-xds-server",
-    about = "Delta ADS control plane serving a YAML file (for tests and demos)"
+    about = "ADS control plane (delta and state of the world) serving a YAML file (for tests and demos)"
 )]
 struct Cli {
     /// Mesh configuration to serve (kmesh-daemon's YAML format) as Istio's workload API.
@@ -110,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
         }
     });
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
-    tracing::info!(addr = %cli.listen, tls = tls.is_some(), max_request_bytes = cli.max_request_bytes, "delta ADS listening");
+    tracing::info!(addr = %cli.listen, tls = tls.is_some(), max_request_bytes = cli.max_request_bytes, "ADS listening (delta and state of the world)");
     cp.serve(listener, tls, async {
         let _ = tokio::signal::ctrl_c().await;
     })

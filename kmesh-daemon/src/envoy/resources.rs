@@ -579,3 +579,16 @@ pub fn load_assignment(bytes: &[u8]) -> Result<(String, Assignment), ParseError>
     }
     Ok((a.cluster_name.clone(), assignment_of(&a)?))
 }
+
+/// The name a resource carries inside it (a state-of-the-world response names its resources
+/// only there), when it decodes and has one; `None` otherwise.
+pub fn name_in(type_url: &str, bytes: &[u8]) -> Option<String> {
+    use kmesh_proto::envoy::{CLUSTER_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+    let name = match type_url {
+        LISTENER_TYPE => pl::Listener::decode(bytes).ok()?.name,
+        ROUTE_TYPE => pr::RouteConfiguration::decode(bytes).ok()?.name,
+        CLUSTER_TYPE => pc::Cluster::decode(bytes).ok()?.name,
+        _ => pe::ClusterLoadAssignment::decode(bytes).ok()?.cluster_name,
+    };
+    (!name.is_empty()).then_some(name)
+}
