@@ -128,7 +128,63 @@ fn attach_proxy_header(ebpf: &mut Ebpf) -> Result<(), KernelError> {
     Ok(())
 }
 
-/// Loads a cgroup program (connect4/6 or sock_ops) and attaches it with a bpf_link.
+/// Loads (verifies) the named programs without attaching them, on as many threads as there
+/// are CPUs (at most four): the verifier takes hundreds of milliseconds for each
+/// load-balancing program, in the loading thread, and the programs are independent.
+pub(crate) fn load_programs(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), KernelError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+    let mut progs: Vec<(&'static str, &mut aya::programs::Program)> = Vec::new();
+    for (n, p) in ebpf.programs_mut() {
+        if let Some(name) = names.iter().find(|x| **x == n) {
+            progs.push((name, p));
+        }
+    }
+    if let Some(name) = names.iter().find(|n| !progs.iter().any(|(p, _)| p == *n)) {
+        return Err(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded });
+    }
+    // Deal them out in turn: the costly load-balancing programs come first in PROGRAMS, so
+    // each thread gets its share of them.
+    let mut shares: Vec<Vec<(&'static str, &mut aya::programs::Program)>> =
+        (0..threads).map(|_| Vec::new()).collect();
+    for (i, p) in progs.into_iter().enumerate() {
+        shares[i % threads].push(p);
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = shares
+            .into_iter()
+            .map(|share| {
+                s.spawn(move || {
+                    for (name, p) in share {
+                        load_one(p, name)?;
+                    }
+                    Ok::<(), KernelError>(())
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join().unwrap_or_else(|_| {
+                Err(KernelError::Program {
+                    name: "loader thread",
+                    source: aya::programs::ProgramError::NotLoaded,
+                })
+            })
+        })
+    })
+}
+
+/// Loads one of the data plane's programs (not attached).
+fn load_one(p: &mut aya::programs::Program, name: &'static str) -> Result<(), KernelError> {
+    use aya::programs::Program;
+    let err = |source| KernelError::Program { name, source };
+    match p {
+        Program::CgroupSockAddr(p) => retrying(|| p.load()).map_err(err),
+        Program::SockOps(p) => retrying(|| p.load()).map_err(err),
+        Program::SkLookup(p) => retrying(|| p.load()).map_err(err),
+        _ => Err(err(aya::programs::ProgramError::NotLoaded)),
+    }
+}
+
+/// Attaches a loaded cgroup program (connect4/6 or sock_ops) with a bpf_link.
 fn attach_to_cgroup(
     p: &mut aya::programs::Program,
     name: &'static str,
@@ -141,12 +197,10 @@ fn attach_to_cgroup(
     };
     match p {
         aya::programs::Program::CgroupSockAddr(prog) => {
-            retrying(|| prog.load()).map_err(err)?;
             let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
             prog.take_link(id).map_err(err)?.try_into().map_err(pin_err)
         }
         aya::programs::Program::SockOps(prog) => {
-            retrying(|| prog.load()).map_err(err)?;
             let id = prog.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
             prog.take_link(id).map_err(err)?.try_into().map_err(pin_err)
         }
@@ -626,15 +680,10 @@ impl Dataplane {
                 .map_err(err)?;
             telemetry_conf.set(TCONF_FLAGS, TFLAG_ON, 0).map_err(err)?;
         }
-        {
-            let name = AUTHZ_PROGRAM;
-            let prog: &mut SkLookup = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded })?
-                .try_into()
-                .map_err(|source| KernelError::Program { name, source })?;
-            retrying(|| prog.load()).map_err(|source| KernelError::Program { name, source })?;
-        }
+        let all: Vec<&'static str> = PROGRAMS.into_iter().chain([TELEMETRY_PROGRAM, AUTHZ_PROGRAM]).collect();
+        let started = std::time::Instant::now();
+        load_programs(&mut ebpf, &all)?;
+        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "programs loaded (verified)");
 
         let cgroup = fs::File::open(&opts.cgroup)
             .map_err(|source| KernelError::Cgroup { path: opts.cgroup.clone(), source })?;

@@ -212,6 +212,7 @@ impl Mesh {
         change: Option<&ModelChange>,
         enrolled: &BTreeMap<u64, Enrollment>,
     ) -> Result<ApplyReport, KernelError> {
+        let t0 = std::time::Instant::now();
         let incremental = match change {
             Some(c) if !self.needs_full && *enrolled == self.enrolled => {
                 self.compiler.incremental(&self.model, c)
@@ -219,12 +220,15 @@ impl Mesh {
             _ => None,
         };
         let is_incremental = incremental.is_some();
+        let t_lb = std::time::Instant::now();
         let authz = match change
             .and_then(|c| self.authz.compile_change(&self.model, c, self.dp.authz_applied()))
         {
             Some(r) => r,
             None => self.authz.compile(&self.model).map(|s| AuthzDiff::between(self.dp.authz_applied(), &s)),
         };
+        let t_authz = std::time::Instant::now();
+        let mut phases = [0u64; 3];
         let r = match authz {
             Err(e) => Err(KernelError::from(e)),
             Ok(authz) => {
@@ -238,13 +242,26 @@ impl Mesh {
                 let compiler = &self.compiler;
                 let del = self.headers.before_apply(&d, &self.model, |fk| compiler.frontend_owner(fk));
                 self.counters.waypoint_slot_errors = self.headers.host_write_errors();
+                let t_write = std::time::Instant::now();
                 let r = self.dp.apply_all(d, authz);
+                phases = [
+                    (t_authz - t_lb).as_micros() as u64,
+                    (t_write - t_authz).as_micros() as u64,
+                    t_write.elapsed().as_micros() as u64,
+                ];
                 if r.is_ok() {
                     self.headers.after_apply(&del);
                 }
                 r
             }
         };
+        tracing::debug!(
+            incremental = is_incremental,
+            lb_compile_us = (t_lb - t0).as_micros() as u64 + phases[1],
+            authz_compile_us = phases[0],
+            kernel_write_us = phases[2],
+            "sync phases"
+        );
         self.record(&r, is_incremental);
         match &r {
             Ok(_) => {
@@ -320,8 +337,10 @@ impl Mesh {
     /// the result, recompiling only what they touch. On error nothing changes. `src` is the
     /// source's whole model; nothing it holds besides the named entries is read.
     pub fn apply_change(&mut self, src: &Model, keys: &ModelKeys) -> Result<ApplyReport, KernelError> {
+        let t0 = std::time::Instant::now();
         let before_node = self.model.node.clone();
         let mut change = self.model.take_from(src, keys);
+        let t_take = t0.elapsed();
         let source_locality =
             if keys.node { src.node.locality.clone() } else { self.source_locality.clone() };
         if keys.node
@@ -335,7 +354,9 @@ impl Mesh {
             return Ok(ApplyReport::default());
         }
         let enrolled = self.enrolled.clone();
+        let t_sync = std::time::Instant::now();
         let r = self.sync(Some(&change), &enrolled);
+        let t_sync = t_sync.elapsed();
         if r.is_err() {
             self.model.revert(change);
             self.recompile_in_force();
@@ -345,8 +366,18 @@ impl Mesh {
         self.source_locality = source_locality;
         self.model_gen += 1;
         let names = self.authz.policy_ids.iter().map(|(k, v)| (*v, k.clone())).collect();
+        let t_obs = std::time::Instant::now();
         self.observer().model_changed(&self.model, &change, names);
+        let t_obs = t_obs.elapsed();
+        let t_pub = std::time::Instant::now();
         self.publish();
+        tracing::debug!(
+            take_us = t_take.as_micros() as u64,
+            sync_us = t_sync.as_micros() as u64,
+            telemetry_us = t_obs.as_micros() as u64,
+            publish_us = t_pub.elapsed().as_micros() as u64,
+            "model change applied"
+        );
         self.has_model = true;
         // This layout's maps now hold the configuration: pins of another layout version (an
         // upgrade from an older daemon) can go, detaching the programs that used them.

@@ -139,16 +139,14 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
             continue;
         };
         if table.flags & TBL_F_LEAST != 0 {
-            // The power of two choices: a second pick; the one with fewer active connections.
-            let rand2 = unsafe { bpf_get_prandom_u32() };
-            let other = pick_slot(&table, level, rand2, |i| {
-                ekey.index = i;
-                unsafe { ENDPOINTS.get(ekey) }.copied().filter(|e| e.belongs_to(&ekey)).map(|e| e.cum_weight)
-            });
-            if let Some(other) = other
-                && other != slot
-                && load_at(ekey, other) < load_at(ekey, slot)
-            {
+            // The power of two choices: a second pick, uniform over the level's slots; the one
+            // with fewer active connections. (A second weighted search would be exact for
+            // unequal weights too, but the verifier then walks every exit of the first search
+            // through the whole second one: each load-balancing program took ~300 ms to load,
+            // and every map growth reloads them.)
+            let count = table.counts[level];
+            let other = if count > 0 { (unsafe { bpf_get_prandom_u32() }) % count } else { slot };
+            if other != slot && load_at(ekey, other) < load_at(ekey, slot) {
                 slot = other;
             }
         }

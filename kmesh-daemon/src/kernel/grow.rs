@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::Key as LpmKey;
 use aya::maps::{HashMap, MapData};
-use aya::programs::Program;
 use aya::{Ebpf, Pod};
 
 use super::*;
@@ -59,17 +58,6 @@ fn program_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<BorrowedFd<'a>, 
         .program(name)
         .ok_or(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
     Ok(p.fd().map_err(|source| KernelError::Program { name, source })?.as_fd())
-}
-
-/// Loads (verifies) one of the data plane's programs without attaching it.
-fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), KernelError> {
-    let err = |source| KernelError::Program { name, source };
-    match ebpf.program_mut(name) {
-        Some(Program::CgroupSockAddr(p)) => super::retrying(|| p.load()).map_err(err),
-        Some(Program::SockOps(p)) => super::retrying(|| p.load()).map_err(err),
-        Some(Program::SkLookup(p)) => super::retrying(|| p.load()).map_err(err),
-        _ => Err(err(aya::programs::ProgramError::NotLoaded)),
-    }
 }
 
 fn fill<K: Pod, V: Pod>(
@@ -224,9 +212,8 @@ impl Dataplane {
                 _ => {}
             }
         }
-        for name in PROGRAMS.into_iter().chain([TELEMETRY_PROGRAM, AUTHZ_PROGRAM]) {
-            load_program(&mut ebpf, name)?;
-        }
+        let all: Vec<&'static str> = PROGRAMS.into_iter().chain([TELEMETRY_PROGRAM, AUTHZ_PROGRAM]).collect();
+        load_programs(&mut ebpf, &all)?;
         Ok((ebpf, maps))
     }
 }
