@@ -578,7 +578,13 @@ enum Undo<K, V> {
     Remove(K),
 }
 
-/// Upserts `set` into `m`, recording how to undo each write.
+/// Entries written per `BPF_MAP_UPDATE_BATCH` call.
+const WRITE_BATCH: usize = 4096;
+
+/// Upserts `set` into `m`, recording how to undo each write. Entries go in batches
+/// (`BPF_MAP_UPDATE_BATCH`, one system call for up to [`WRITE_BATCH`] of them: a full push
+/// writes hundreds of thousands); the kernel says how many of a batch it wrote before an
+/// error, and exactly those are undone with the rest.
 fn upsert<K: Pod + Ord, V: Pod>(
     m: &mut HashMap<MapData, K, V>,
     name: &'static str,
@@ -586,15 +592,28 @@ fn upsert<K: Pod + Ord, V: Pod>(
     set: &BTreeMap<K, V>,
     undo: &mut Vec<Undo<K, V>>,
 ) -> Result<(), KernelError> {
-    for (k, v) in set {
-        if let Err(source) = m.insert(k, v, 0) {
+    use std::os::fd::AsFd as _;
+    let entries: Vec<(&K, &V)> = set.iter().collect();
+    let mut keys = Vec::with_capacity(WRITE_BATCH.min(entries.len()));
+    let mut values = Vec::with_capacity(WRITE_BATCH.min(entries.len()));
+    for chunk in entries.chunks(WRITE_BATCH) {
+        keys.clear();
+        values.clear();
+        keys.extend(chunk.iter().map(|(k, _)| **k));
+        values.extend(chunk.iter().map(|(_, v)| **v));
+        let (written, error) = sys::update_batch(m.map().fd().as_fd(), &keys, &values);
+        for k in &keys[..written.min(keys.len())] {
+            undo.push(match old.get(k) {
+                Some(o) => Undo::Restore(*k, *o),
+                None => Undo::Remove(*k),
+            });
+        }
+        if let Some(io_error) = error {
             rollback(m, undo);
+            let source =
+                MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error });
             return Err(KernelError::Write { map: name, source });
         }
-        undo.push(match old.get(k) {
-            Some(o) => Undo::Restore(*k, *o),
-            None => Undo::Remove(*k),
-        });
     }
     Ok(())
 }
@@ -1439,6 +1458,54 @@ mod sys {
     const BPF_OBJ_PIN: libc::c_long = 6;
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_UPDATE: libc::c_long = 29;
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+    /// `union bpf_attr` as the batch commands read it.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+
+    /// Writes `keys[i] -> values[i]` into the map in one call (`BPF_ANY`). Returns how many
+    /// the kernel wrote (all, unless there is an error: then those before the failing one).
+    pub fn update_batch<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> (usize, Option<io::Error>) {
+        assert_eq!(keys.len(), values.len());
+        if keys.is_empty() {
+            return (0, None);
+        }
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: attr points at arrays of `count` keys and values of the map's sizes (the
+        // typed map they come from has these key and value types); the kernel writes back
+        // only `count`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // `count` is what was written before the failure.
+            return ((attr.count as usize).min(keys.len()), Some(e));
+        }
+        (keys.len(), None)
+    }
 
     /// `union bpf_attr` as the object commands read it (pathname, bpf_fd, file_flags), padded.
     #[repr(C)]
