@@ -547,8 +547,14 @@ pub fn handle_batch(
     let mut next = state;
     let mut undo = Vec::new();
     let mut keys = ModelKeys::default();
+    let started = std::time::Instant::now();
     let rejected: Vec<Vec<String>> =
         resps.iter_mut().map(|r| merge(&mut next, r, &mut keys, &mut undo)).collect();
+    tracing::debug!(
+        responses = resps.len(),
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "responses decoded and merged into the xDS state"
+    );
     let previous_node = next.node.clone();
     keys.node = next.derive_node(node);
     let any_known = resps.iter().any(|r| SUBSCRIBED.contains(&r.type_url.as_str()));
