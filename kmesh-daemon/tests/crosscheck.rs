@@ -304,17 +304,19 @@ fn envoy_and_the_kernel_agree_on_every_policy() {
         assert_follows(&obs(&ck), &[1.0, 1.0, 1.0]);
         table.push(format!("{c}, 1400 connections | {:?} | {:?}", obs(&ce), obs(&ck)));
     }
-    // LEAST_REQUEST with connections held: both spread them evenly.
+    // LEAST_REQUEST with 90 connections held: both spread them evenly. Two choices keep the
+    // gap between the most and least loaded small, not zero (Envoy itself gave 12/7/11 of 30
+    // in some runs); placed at random, 90 would be about 9 apart.
     let (e, k) = (
-        conns(bed, "eclient", &vip("least"), 30, true, false),
-        conns(bed, "client", &vip("least"), 30, true, false),
+        conns(bed, "eclient", &vip("least"), 90, true, false),
+        conns(bed, "client", &vip("least"), 90, true, false),
     );
     let spread_of = |v: &[String]| {
         let c = counts(v);
         c.values().max().unwrap() - c.values().min().unwrap()
     };
-    assert!(spread_of(&e) <= 4 && spread_of(&k) <= 4, "{:?} {:?}", counts(&e), counts(&k));
-    table.push(format!("LEAST_REQUEST, 30 held | {:?} | {:?}", counts(&e), counts(&k)));
+    assert!(spread_of(&e) <= 6 && spread_of(&k) <= 6, "{:?} {:?}", counts(&e), counts(&k));
+    table.push(format!("LEAST_REQUEST, 90 held | {:?} | {:?}", counts(&e), counts(&k)));
 
     // RING_HASH and MAGLEV by source address: one client, one endpoint, in both.
     for c in ["ring", "maglev"] {

@@ -65,6 +65,25 @@ fn spread(bed: &Testbed, target: &str, n: u32) -> BTreeMap<String, u32> {
     kmesh_testbed::spread(&bed.pod("client").connect(target.parse().unwrap(), n, false).unwrap())
 }
 
+/// s3 joins `echo` by EDS and round robin takes it in turn (10/10/10 of 30 from one CPU); then
+/// a malformed listener is NACKed by name and the VIP still reaches all three.
+fn s3_added_then_a_broken_listener_nacked(cp: &ControlPlane, bed: &Testbed) {
+    let vip = format!("{VIP}:80");
+    cp.replace_all(ENDPOINT_TYPE, [assignment(bed, "echo", &["s1", "s2", "s3"])].into());
+    wait_for("s3 in echo", || spread(bed, &vip, 6).len() == 3);
+    let a = connect_on_one_cpu(bed, &vip, 30);
+    assert_eq!(kmesh_testbed::spread(&a).values().copied().collect::<Vec<_>>(), [10, 10, 10]);
+    let before = cp.nacks().len();
+    let mut bad =
+        pl::Listener { name: "broken".into(), address: Some(address("not-an-ip", 80)), ..Default::default() };
+    bad.filter_chains.push(chain(&[], tcp("echo")));
+    cp.set(LISTENER_TYPE, [("broken".to_string(), bad.encode_to_vec())]);
+    wait_for("a NACK", || cp.nacks().len() > before);
+    let nack = cp.nacks().last().unwrap().error.clone().unwrap();
+    assert!(nack.contains("listener broken") && nack.contains("not-an-ip"), "{nack}");
+    assert_eq!(spread(bed, &vip, 9).len(), 3);
+}
+
 fn chain_state(d: &Daemon, listener: &str) -> Vec<(String, String)> {
     let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap();
     dump["envoy"]["chains"]
@@ -167,22 +186,9 @@ fn envoy_listeners_and_clusters_are_balanced_by_the_kernel() {
     // ... and a destination not compiled is left alone (no route in the pod: unreachable).
     assert!(spread(&bed, "10.96.0.13:8000", 1).keys().all(|k| k.starts_with('!')));
 
-    // EDS: an endpoint added reaches the kernel; round robin covers all three in turn.
-    cp.replace_all(ENDPOINT_TYPE, [assignment(&bed, "echo", &["s1", "s2", "s3"])].into());
-    wait_for("s3 in echo", || spread(&bed, &format!("{VIP}:80"), 6).len() == 3);
-    let a = connect_on_one_cpu(&bed, &format!("{VIP}:80"), 30);
-    assert_eq!(kmesh_testbed::spread(&a).values().copied().collect::<Vec<_>>(), [10, 10, 10]);
-
-    // A malformed listener is NACKed by name; what was in force stays.
-    let before = cp.nacks().len();
-    let mut bad =
-        pl::Listener { name: "broken".into(), address: Some(address("not-an-ip", 80)), ..Default::default() };
-    bad.filter_chains.push(chain(&[], tcp("echo")));
-    cp.set(LISTENER_TYPE, [("broken".to_string(), bad.encode_to_vec())]);
-    wait_for("a NACK", || cp.nacks().len() > before);
-    let nack = cp.nacks().last().unwrap().error.clone().unwrap();
-    assert!(nack.contains("listener broken") && nack.contains("not-an-ip"), "{nack}");
-    assert_eq!(spread(&bed, &format!("{VIP}:80"), 9).len(), 3);
+    // EDS: an endpoint added reaches the kernel; round robin covers all three in turn. A
+    // malformed listener is NACKed by name; what was in force stays.
+    s3_added_then_a_broken_listener_nacked(&cp, &bed);
 
     // A listener removed: its destination is no longer balanced.
     cp.remove(LISTENER_TYPE, &["echo_80", "broken"]);
@@ -233,21 +239,8 @@ fn state_of_the_world_ads_is_taken_with_the_same_discipline() {
     assert_eq!(spread(&bed, "10.96.0.11:9000", 5).keys().cloned().collect::<Vec<_>>(), ["s1"]);
 
     // EDS: an endpoint added reaches the kernel, in turn.
-    cp.replace_all(ENDPOINT_TYPE, [assignment(&bed, "echo", &["s1", "s2", "s3"])].into());
-    wait_for("s3 in echo", || spread(&bed, &vip, 6).len() == 3);
-    let a = connect_on_one_cpu(&bed, &vip, 30);
-    assert_eq!(kmesh_testbed::spread(&a).values().copied().collect::<Vec<_>>(), [10, 10, 10]);
-
     // A malformed listener in the whole set: NACKed by name, the rest of the set stays.
-    let before = cp.nacks().len();
-    let mut bad =
-        pl::Listener { name: "broken".into(), address: Some(address("not-an-ip", 80)), ..Default::default() };
-    bad.filter_chains.push(chain(&[], tcp("echo")));
-    cp.set(LISTENER_TYPE, [("broken".to_string(), bad.encode_to_vec())]);
-    wait_for("a NACK", || cp.nacks().len() > before);
-    let nack = cp.nacks().last().unwrap().error.clone().unwrap();
-    assert!(nack.contains("listener broken") && nack.contains("not-an-ip"), "{nack}");
-    assert_eq!(spread(&bed, &vip, 9).len(), 3);
+    s3_added_then_a_broken_listener_nacked(&cp, &bed);
     assert_eq!(d.metric("kmesh_xds_responses_total{result=\"nack\"}"), 1.0);
 
     // Left out of the next whole set: removed.

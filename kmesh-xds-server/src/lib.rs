@@ -580,15 +580,55 @@ impl AggregatedDiscoveryService for ControlPlane {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         self.open_stream(request.metadata())?;
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<DeltaDiscoveryResponse, Status>>(64);
+        let rx = self.drive(
+            request.into_inner(),
+            StreamState::default(),
+            |cp, st, req| cp.on_request(st, req),
+            |cp, st| {
+                let mut out = Vec::new();
+                for t in st.subscribed.clone() {
+                    if cp.is_held(&t) && st.owed.contains(&t) {
+                        continue;
+                    }
+                    let first = st.owed.remove(&t);
+                    out.extend(cp.answer(st, &t, first));
+                }
+                out
+            },
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// What a stream driver does with a request (`Err`: close the stream with that status).
+type OnRequest<S, Req, Resp> = fn(&ControlPlane, &mut S, Req) -> Result<Vec<Resp>, Status>;
+/// What it sends when the resources changed.
+type OnChange<S, Resp> = fn(&ControlPlane, &mut S) -> Vec<Resp>;
+
+impl ControlPlane {
+    /// Runs one stream, of either flavour, in the background: each request is answered by
+    /// `on_request`, each change of the resources by `on_change`; a request over the size limit
+    /// or a broken control plane closes it with an error. Returns what the client receives.
+    pub(crate) fn drive<S, Req, Resp>(
+        &self,
+        mut inbound: Streaming<Req>,
+        mut st: S,
+        on_request: OnRequest<S, Req, Resp>,
+        on_change: OnChange<S, Resp>,
+    ) -> mpsc::Receiver<Result<Resp, Status>>
+    where
+        S: Send + 'static,
+        Req: Send + 'static,
+        Resp: Send + 'static,
+        Streaming<Req>: Send,
+    {
+        let (tx, rx) = mpsc::channel::<Result<Resp, Status>>(64);
         let cp = self.clone();
         let mut changed = self.changed.subscribe();
         let mut broken = self.broken.subscribe();
         tokio::spawn(async move {
-            let mut st = StreamState::default();
             loop {
-                tokio::select! {
+                let out = tokio::select! {
                     msg = inbound.message() => {
                         let req = match msg {
                             Ok(Some(r)) => r,
@@ -604,37 +644,28 @@ impl AggregatedDiscoveryService for ControlPlane {
                                 break;
                             }
                         };
-                        match cp.on_request(&mut st, req) {
-                            Ok(out) => {
-                                for r in out {
-                                    if tx.send(Ok(r)).await.is_err() { return; }
-                                }
-                            }
+                        match on_request(&cp, &mut st, req) {
+                            Ok(out) => out,
                             Err(status) => { let _ = tx.send(Err(status)).await; return; }
                         }
                     }
                     r = changed.changed() => {
                         if r.is_err() { break; }
-                        for t in st.subscribed.clone() {
-                            if cp.is_held(&t) && st.owed.contains(&t) {
-                                continue;
-                            }
-                            let first = st.owed.remove(&t);
-                            if let Some(resp) = cp.answer(&mut st, &t, first)
-                                && tx.send(Ok(resp)).await.is_err()
-                            {
-                                return;
-                            }
-                        }
+                        on_change(&cp, &mut st)
                     }
                     _ = broken.changed() => {
                         let _ = tx.send(Err(Status::unavailable("control plane closed the stream"))).await;
                         return;
                     }
+                };
+                for r in out {
+                    if tx.send(Ok(r)).await.is_err() {
+                        return;
+                    }
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        rx
     }
 }
 

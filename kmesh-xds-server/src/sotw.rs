@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 
 use kmesh_proto::discovery::{DiscoveryRequest, DiscoveryResponse};
-use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -47,54 +46,15 @@ impl ControlPlane {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<SotwStream>, Status> {
         self.open_stream(request.metadata())?;
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<DiscoveryResponse, Status>>(64);
-        let cp = self.clone();
-        let mut changed = self.changed.subscribe();
-        let mut broken = self.broken.subscribe();
-        tokio::spawn(async move {
-            let mut st = StreamState::default();
-            loop {
-                tokio::select! {
-                    msg = inbound.message() => {
-                        let req = match msg {
-                            Ok(Some(r)) => r,
-                            Ok(None) => break,
-                            Err(e) => {
-                                if let Some(status) = cp.refused_request(&e) {
-                                    let _ = tx.send(Err(status)).await;
-                                    return;
-                                }
-                                tracing::debug!(error = %e, "client stream ended");
-                                break;
-                            }
-                        };
-                        match cp.on_sotw_request(&mut st, req) {
-                            Ok(Some(r)) => {
-                                if tx.send(Ok(r)).await.is_err() { return; }
-                            }
-                            Ok(None) => {}
-                            Err(status) => { let _ = tx.send(Err(status)).await; return; }
-                        }
-                    }
-                    r = changed.changed() => {
-                        if r.is_err() { break; }
-                        let types: Vec<String> = st.types.keys().cloned().collect();
-                        for t in types {
-                            if let Some(resp) = cp.sotw_update(&mut st, &t)
-                                && tx.send(Ok(resp)).await.is_err()
-                            {
-                                return;
-                            }
-                        }
-                    }
-                    _ = broken.changed() => {
-                        let _ = tx.send(Err(Status::unavailable("control plane closed the stream"))).await;
-                        return;
-                    }
-                }
-            }
-        });
+        let rx = self.drive(
+            request.into_inner(),
+            StreamState::default(),
+            |cp, st, req| cp.on_sotw_request(st, req).map(|r| r.into_iter().collect()),
+            |cp, st| {
+                let types: Vec<String> = st.types.keys().cloned().collect();
+                types.iter().filter_map(|t| cp.sotw_update(st, t)).collect()
+            },
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

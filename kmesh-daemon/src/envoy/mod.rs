@@ -347,10 +347,21 @@ fn synced_now(
     }
 }
 
-/// The end of a stream that the server closed, as an error for the reconnect loop.
-fn stream_error(o: &XdsOptions, r: Result<(), tonic::Status>) -> XdsError {
-    let status = r.err().unwrap_or_else(|| tonic::Status::ok("closed by the server"));
-    XdsError::Stream { address: o.address.clone(), status }
+/// The next response of a stream; its end (by the server, or with an error) is an error for
+/// the reconnect loop.
+async fn next<T>(o: &XdsOptions, stream: &mut tonic::Streaming<T>) -> Result<T, XdsError> {
+    let status = match stream.message().await {
+        Ok(Some(r)) => return Ok(r),
+        Ok(None) => tonic::Status::ok("closed by the server"),
+        Err(status) => status,
+    };
+    Err(XdsError::Stream { address: o.address.clone(), status })
+}
+
+/// Says that a stream is open, and which flavour of ADS it speaks.
+fn opened(o: &XdsOptions, flavour: &str) {
+    tracing::info!(address = %o.address, node_id = %o.identity.node_id_as(PROXY_TYPE), flavour,
+        "Envoy xDS stream open (kernel-native mode)");
 }
 
 async fn run_stream(
@@ -374,15 +385,10 @@ async fn run_stream(
         .await
         .map_err(|status| XdsError::Refused { address: o.address.clone(), status })?
         .into_inner();
-    tracing::info!(address = %o.address, node_id = %o.identity.node_id_as(PROXY_TYPE),
-        "Envoy xDS stream open (kernel-native mode, delta ADS)");
+    opened(o, "delta");
     let mut answered: BTreeSet<&'static str> = BTreeSet::new();
     loop {
-        let resp = match stream.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err(stream_error(o, Ok(()))),
-            Err(status) => return Err(stream_error(o, Err(status))),
-        };
+        let resp = next(o, &mut stream).await?;
         let started = std::time::Instant::now();
         let handled = st.handle(&o.node, &resp, |model, keys| apply(shared, model, keys));
         responded(
@@ -466,15 +472,10 @@ async fn run_stream_sotw(
         .await
         .map_err(|status| XdsError::Refused { address: o.address.clone(), status })?
         .into_inner();
-    tracing::info!(address = %o.address, node_id = %o.identity.node_id_as(PROXY_TYPE),
-        "Envoy xDS stream open (kernel-native mode, state-of-the-world ADS)");
+    opened(o, "state of the world");
     let mut answered: BTreeSet<&'static str> = BTreeSet::new();
     loop {
-        let resp = match stream.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err(stream_error(o, Ok(()))),
-            Err(status) => return Err(stream_error(o, Err(status))),
-        };
+        let resp = next(o, &mut stream).await?;
         let started = std::time::Instant::now();
         let rejected = st.handle_sotw(&o.node, &resp, |model, keys| apply(shared, model, keys));
         responded(shared, st, &resp.type_url, resp.resources.len(), 0, &rejected, started);
