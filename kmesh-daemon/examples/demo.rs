@@ -6,29 +6,18 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use demo_support::{Cleanup, bin};
 use kmesh_daemon::admin;
-use kmesh_testbed::{
-    CleanupHooks, Pod, PodSpec, Testbed, cleanup_signal_handler, spread, with_default_signals,
-};
+use kmesh_testbed::{Pod, PodSpec, Testbed, spread, with_default_signals};
+
+mod demo_support;
 
 const VIP: &str = "10.96.0.10";
 const SVC: &str = "default/echo.default.svc.cluster.local";
-
-fn daemon_bin() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    for dir in exe.ancestors().skip(1).take(2) {
-        let p = dir.join("kmesh-daemon");
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!("kmesh-daemon binary not found next to {}; run `cargo build --release --workspace`", exe.display())
-}
 
 fn workload(p: &Pod, backs: bool, extra: &str) -> String {
     let addrs: Vec<String> = p.addresses().iter().map(|a| format!("\"{a}\"")).collect();
@@ -144,37 +133,12 @@ fn show(title: &str, bed: &Testbed, from: &str, n: u32) -> anyhow::Result<BTreeM
 }
 
 fn main() -> anyhow::Result<()> {
-    let r = run();
-    if r.is_err() && kmesh_testbed::interrupted() {
-        // The signal handler is tearing everything down and will exit the process.
-        loop {
-            std::thread::park();
-        }
-    }
-    r
+    demo_support::main_with(run)
 }
 
 fn run() -> anyhow::Result<()> {
-    let daemon_child: Arc<Mutex<Option<Child>>> = Arc::new(Mutex::new(None));
-    let hooks: CleanupHooks = Arc::new(Mutex::new(Vec::new()));
-    {
-        let d = daemon_child.clone();
-        hooks.lock().unwrap().push(Box::new(move || {
-            if let Some(c) = d.lock().unwrap().as_mut() {
-                // SIGTERM: the daemon uninstalls its programs and pins on the way out.
-                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-                let _ = c.wait();
-            }
-        }));
-    }
     let dir = std::env::temp_dir().join(format!("kmesh-demo-{}", std::process::id()));
-    {
-        let dir = dir.clone();
-        hooks.lock().unwrap().push(Box::new(move || {
-            let _ = std::fs::remove_dir_all(&dir);
-        }));
-    }
-    cleanup_signal_handler(hooks);
+    let cleanup = Cleanup::install(dir.clone());
 
     println!("== kmesh-rs demo: socket-level load balancing in the kernel\n");
     let mut bed = Testbed::new().context("creating the testbed (needs root)")?;
@@ -214,7 +178,7 @@ fn run() -> anyhow::Result<()> {
     let socket = dir.join("admin.sock");
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let metrics_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let bin = daemon_bin()?;
+    let bin = bin("kmesh-daemon")?;
     let log_path = dir.join("daemon.log");
     let log = std::fs::File::create(&log_path)?;
     println!(
@@ -247,7 +211,7 @@ fn run() -> anyhow::Result<()> {
         .stderr(log)
         .spawn()
         .context("starting kmesh-daemon")?;
-    *daemon_child.lock().unwrap() = Some(child);
+    cleanup.adopt(child);
     let deadline = Instant::now() + Duration::from_secs(15);
     while admin::request(admin_addr, "GET", "/debug/ready", None).is_err() {
         if Instant::now() > deadline {
@@ -528,11 +492,7 @@ fn run() -> anyhow::Result<()> {
     }
 
     // Cleanup: the daemon uninstalls on SIGTERM, the testbed on drop.
-    if let Some(mut c) = daemon_child.lock().unwrap().take() {
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        c.wait()?;
-    }
-    let _ = std::fs::remove_dir_all(&dir);
+    cleanup.finish();
     drop(bed);
     println!(
         "\ncleaned up: daemon stopped, programs detached, pins {} removed, pods deleted",

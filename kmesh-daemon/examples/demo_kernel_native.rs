@@ -7,24 +7,15 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use demo_support::{Cleanup, bin};
 use kmesh_daemon::admin;
-use kmesh_testbed::{CleanupHooks, PodSpec, Testbed, cleanup_signal_handler, spread, with_default_signals};
+use kmesh_testbed::{PodSpec, Testbed, spread, with_default_signals};
 
-fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    for dir in exe.ancestors().skip(1).take(2) {
-        let p = dir.join(name);
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!("{name} not found next to {}; run `cargo build --release --bins --examples`", exe.display())
-}
+mod demo_support;
 
 fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
@@ -45,35 +36,12 @@ fn dump(admin_addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let r = run();
-    if r.is_err() && kmesh_testbed::interrupted() {
-        loop {
-            std::thread::park();
-        }
-    }
-    r
+    demo_support::main_with(run)
 }
 
 fn run() -> anyhow::Result<()> {
-    let children: Arc<Mutex<Vec<Child>>> = Arc::new(Mutex::new(Vec::new()));
-    let hooks: CleanupHooks = Arc::new(Mutex::new(Vec::new()));
-    {
-        let c = children.clone();
-        hooks.lock().unwrap().push(Box::new(move || {
-            for c in c.lock().unwrap().iter_mut().rev() {
-                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-                let _ = c.wait();
-            }
-        }));
-    }
     let dir = std::env::temp_dir().join(format!("kmesh-demo-kn-{}", std::process::id()));
-    {
-        let dir = dir.clone();
-        hooks.lock().unwrap().push(Box::new(move || {
-            let _ = std::fs::remove_dir_all(&dir);
-        }));
-    }
-    cleanup_signal_handler(hooks);
+    let cleanup = Cleanup::install(dir.clone());
     std::fs::create_dir_all(&dir)?;
 
     println!("== kmesh-rs demo, kernel-native mode: Envoy's xDS done by the kernel at connect()\n");
@@ -112,7 +80,7 @@ fn run() -> anyhow::Result<()> {
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?;
-    children.lock().unwrap().push(cp);
+    cleanup.adopt(cp);
 
     let pins = PathBuf::from(format!("/sys/fs/bpf/kmesh-demo-kn-{}", std::process::id()));
     let admin_addr = free_addr()?;
@@ -141,7 +109,7 @@ fn run() -> anyhow::Result<()> {
         .stderr(log)
         .spawn()
         .context("starting kmesh-daemon")?;
-    children.lock().unwrap().push(d);
+    cleanup.adopt(d);
     let deadline = Instant::now() + Duration::from_secs(20);
     while admin::request(admin_addr, "GET", "/debug/ready", None).is_err() {
         if Instant::now() > deadline {
@@ -189,19 +157,13 @@ fn run() -> anyhow::Result<()> {
     println!("    {}", String::from_utf8_lossy(&out.stdout).trim());
 
     // 7. Outlier detection: s3's endpoint in this cluster is a port nothing listens on.
-    let s = show("7. outlier detection: s3 refuses (consecutive_5xx: 3)", &bed, "10.96.0.16:80", 12)?;
-    let _ = s;
+    show("7. outlier detection: s3 refuses (consecutive_5xx: 3)", &bed, "10.96.0.16:80", 12)?;
     std::thread::sleep(Duration::from_millis(400));
     let ej = dump(admin_addr)?["outlier"].clone();
     println!("    ejected now: {}", ej["ejected"]);
     show("   ... the next connections skip it", &bed, "10.96.0.16:80", 12)?;
 
-    for c in children.lock().unwrap().iter_mut().rev() {
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let _ = c.wait();
-    }
-    children.lock().unwrap().clear();
-    let _ = std::fs::remove_dir_all(&dir);
+    cleanup.finish();
     drop(bed);
     println!(
         "\ncleaned up: daemon and control plane stopped, programs detached, pins {} removed, pods deleted",
