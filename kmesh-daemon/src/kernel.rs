@@ -40,6 +40,17 @@ pub const TELEMETRY_PROGRAM: &str = "kmesh_sockops";
 pub const DEFAULT_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 /// The authorization program, attached to each enrolled network namespace.
 pub const AUTHZ_PROGRAM: &str = "kmesh_authz";
+/// Every program loaded against the maps (the sk_msg program of waypoint headers aside).
+const LOADED_PROGRAMS: [&str; 8] = [
+    PROGRAMS[0],
+    PROGRAMS[1],
+    PROGRAMS[2],
+    PROGRAMS[3],
+    PROGRAMS[4],
+    PROGRAMS[5],
+    TELEMETRY_PROGRAM,
+    AUTHZ_PROGRAM,
+];
 /// Maps with fixed capacities (pinned next to the others): counters, ring buffers, socket
 /// storage, and maps the kernel writes.
 const FIXED_MAPS: [&str; 18] = [
@@ -161,14 +172,7 @@ pub(crate) fn load_programs(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(
                 })
             })
             .collect();
-        handles.into_iter().try_for_each(|h| {
-            h.join().unwrap_or_else(|_| {
-                Err(KernelError::Program {
-                    name: "loader thread",
-                    source: aya::programs::ProgramError::NotLoaded,
-                })
-            })
-        })
+        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
     })
 }
 
@@ -699,9 +703,8 @@ impl Dataplane {
                 .map_err(err)?;
             telemetry_conf.set(TCONF_FLAGS, TFLAG_ON, 0).map_err(err)?;
         }
-        let all: Vec<&'static str> = PROGRAMS.into_iter().chain([TELEMETRY_PROGRAM, AUTHZ_PROGRAM]).collect();
         let started = std::time::Instant::now();
-        load_programs(&mut ebpf, &all)?;
+        load_programs(&mut ebpf, &LOADED_PROGRAMS)?;
         tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "programs loaded (verified)");
 
         let cgroup = fs::File::open(&opts.cgroup)

@@ -228,7 +228,8 @@ impl Mesh {
             None => self.authz.compile(&self.model).map(|s| AuthzDiff::between(self.dp.authz_applied(), &s)),
         };
         let t_authz = std::time::Instant::now();
-        let mut phases = [0u64; 3];
+        // Time of the full load-balancing compilation (when not incremental) and of the writes.
+        let (mut full_us, mut write_us) = (0, 0);
         let r = match authz {
             Err(e) => Err(KernelError::from(e)),
             Ok(authz) => {
@@ -244,11 +245,8 @@ impl Mesh {
                 self.counters.waypoint_slot_errors = self.headers.host_write_errors();
                 let t_write = std::time::Instant::now();
                 let r = self.dp.apply_all(d, authz);
-                phases = [
-                    (t_authz - t_lb).as_micros() as u64,
-                    (t_write - t_authz).as_micros() as u64,
-                    t_write.elapsed().as_micros() as u64,
-                ];
+                (full_us, write_us) =
+                    ((t_write - t_authz).as_micros() as u64, t_write.elapsed().as_micros() as u64);
                 if r.is_ok() {
                     self.headers.after_apply(&del);
                 }
@@ -257,9 +255,9 @@ impl Mesh {
         };
         tracing::debug!(
             incremental = is_incremental,
-            lb_compile_us = (t_lb - t0).as_micros() as u64 + phases[1],
-            authz_compile_us = phases[0],
-            kernel_write_us = phases[2],
+            lb_compile_us = (t_lb - t0).as_micros() as u64 + full_us,
+            authz_compile_us = (t_authz - t_lb).as_micros() as u64,
+            kernel_write_us = write_us,
             "sync phases"
         );
         self.record(&r, is_incremental);

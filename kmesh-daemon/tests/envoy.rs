@@ -20,29 +20,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn start_daemon(scratch: &Scratch, bed: &Testbed, cp: SocketAddr) -> Daemon {
-    start_daemon_speaking(scratch, bed, cp, "delta")
-}
-
-fn start_daemon_speaking(scratch: &Scratch, bed: &Testbed, cp: SocketAddr, protocol: &str) -> Daemon {
-    let d = Daemon::start_with(
-        &[
-            "--mode",
-            "kernel-native",
-            "--xds-protocol",
-            protocol,
-            "--xds-address",
-            &cp.to_string(),
-            "--xds-plaintext",
-            "--xds-backoff-max-ms",
-            "500",
-        ],
-        bed,
-        &scratch.pins,
-    );
-    wait_for("readiness after the first sync", || d.get("/debug/ready").is_ok());
-    let req = serde_json::json!({ "netns": bed.pod("client").netns_path() }).to_string();
-    kmesh_daemon::admin::request(&d.socket, "POST", "/v1/enroll", Some(&req)).unwrap();
-    d
+    kernel_native_daemon(bed, &scratch.pins, cp, "delta")
 }
 
 /// `n` connections from the client to `target`, in order, made from one CPU (round robin is
@@ -233,7 +211,7 @@ fn state_of_the_world_ads_is_taken_with_the_same_discipline() {
     };
     cp.replace_all(LISTENER_TYPE, lds(vec![]));
     let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
-    let d = start_daemon_speaking(&scratch, &bed, server.addr, "sotw");
+    let d = kernel_native_daemon(&bed, &scratch.pins, server.addr, "sotw");
     let vip = format!("{VIP}:80");
     assert_eq!(spread(&bed, &vip, 20).keys().cloned().collect::<Vec<_>>(), ["s1", "s2"]);
     assert_eq!(spread(&bed, "10.96.0.11:9000", 5).keys().cloned().collect::<Vec<_>>(), ["s1"]);

@@ -425,7 +425,25 @@ impl Testbed {
         proxy_tcp: &[u16],
         http: &[u16],
     ) -> Result<u32> {
-        let mut args = vec!["serve".to_string(), "--name".into(), pod.spec.name.clone()];
+        self.serve_named(pod, &pod.spec.name, tcp, udp, proxy_tcp, http)
+    }
+
+    /// [`serve_ports`](Self::serve_ports) answering with `name` instead of the pod's name (a
+    /// pod with several servers, each an endpoint of its own).
+    pub fn serve_as(&self, pod: &Pod, name: &str, tcp: &[u16]) -> Result<u32> {
+        self.serve_named(pod, name, tcp, &[], &[], &[])
+    }
+
+    fn serve_named(
+        &self,
+        pod: &Pod,
+        name: &str,
+        tcp: &[u16],
+        udp: &[u16],
+        proxy_tcp: &[u16],
+        http: &[u16],
+    ) -> Result<u32> {
+        let mut args = vec!["serve".to_string(), "--name".into(), name.to_string()];
         for p in http {
             args.extend(["--http".into(), p.to_string()]);
         }

@@ -6,7 +6,7 @@
 //! says; one that names a nonce never sent is a protocol violation. A request may change the
 //! names of a named subscription at any time; the stream then gets the new set.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::pin::Pin;
 
 use kmesh_proto::discovery::{DiscoveryRequest, DiscoveryResponse};
@@ -18,13 +18,19 @@ use crate::{ControlPlane, NAMED_TYPES, Subscription, TYPES, TypeState};
 
 pub(crate) type SotwStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
 
+/// How many of a type's latest nonces a stream remembers. A request naming one of them that is
+/// not the latest is stale; one naming a nonce before all of them (once the history is full)
+/// is taken as stale too, as it cannot be told from one never sent.
+const NONCE_HISTORY: usize = 256;
+
 /// One subscribed type on one stream.
 #[derive(Default)]
 struct Watch {
     /// `None`: every resource of the type.
     names: Option<BTreeSet<String>>,
-    /// Every nonce sent for this type, and the latest (the only one an ACK may name).
-    nonces: BTreeSet<String>,
+    /// The latest nonces sent for this type (at most [`NONCE_HISTORY`], oldest first), to
+    /// tell a stale nonce from one never sent; `latest` is the only one an ACK may name.
+    nonces: VecDeque<String>,
     latest: Option<String>,
     /// Whether the latest response was ACKed or NACKed.
     answered: bool,
@@ -81,7 +87,13 @@ impl ControlPlane {
         let names = (!wildcard).then(|| req.resource_names.iter().cloned().collect::<BTreeSet<_>>());
         let w = st.types.entry(t.to_string()).or_default();
         if !req.response_nonce.is_empty() {
-            if !w.nonces.contains(&req.response_nonce) {
+            // Older than the history: sent (nonces count up) or never; taken as stale.
+            let seq = |n: &str| n.strip_prefix('n').and_then(|v| v.parse::<u64>().ok());
+            let older = matches!(
+                (seq(&req.response_nonce), w.nonces.front().and_then(|n| seq(n))),
+                (Some(a), Some(oldest)) if a < oldest && w.nonces.len() == NONCE_HISTORY
+            );
+            if !older && !w.nonces.contains(&req.response_nonce) {
                 return Err(self.violation(format!(
                     "request for {t} names nonce {:?}, which was never sent for it",
                     req.response_nonce
@@ -166,7 +178,10 @@ impl ControlPlane {
             ..Default::default()
         };
         drop(s);
-        w.nonces.insert(nonce.clone());
+        if w.nonces.len() == NONCE_HISTORY {
+            w.nonces.pop_front();
+        }
+        w.nonces.push_back(nonce.clone());
         w.latest = Some(nonce.clone());
         w.answered = false;
         w.seq = now;

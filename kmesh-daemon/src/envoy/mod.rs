@@ -429,13 +429,6 @@ async fn run_stream(
     }
 }
 
-/// Per type on a state-of-the-world stream: the version last accepted and the latest nonce.
-#[derive(Default)]
-struct SotwType {
-    version: String,
-    nonce: String,
-}
-
 /// The same source over state-of-the-world ADS: each response of LDS and CDS is the whole set,
 /// each of EDS and RDS the names subscribed; an ACK repeats the response's version and nonce
 /// with the names, a NACK the last version accepted with what was wrong. Versions accepted
@@ -451,17 +444,16 @@ async fn run_stream_sotw(
     let (tx, rx) = mpsc::channel::<DiscoveryRequest>(16);
     let mut subscribed: BTreeMap<&'static str, BTreeSet<String>> =
         TYPES.iter().map(|t| (*t, BTreeSet::new())).collect();
-    let mut per_type: BTreeMap<&'static str, SotwType> = BTreeMap::new();
+    // The latest nonce of each type on this stream (the versions accepted outlive it).
+    let mut nonces: BTreeMap<&'static str, String> = BTreeMap::new();
     let opening: Vec<&'static str> = opening_types(st).collect();
     for (i, t) in opening.into_iter().enumerate() {
         let names = st.wanted(t);
         subscribed.insert(t, names.clone());
-        let version = accepted.get(t).cloned().unwrap_or_default();
-        per_type.insert(t, SotwType { version: version.clone(), nonce: String::new() });
         let req = DiscoveryRequest {
             node: (i == 0).then(|| node(o)),
             type_url: t.to_string(),
-            version_info: version,
+            version_info: accepted.get(t).cloned().unwrap_or_default(),
             resource_names: names.into_iter().collect(),
             ..Default::default()
         };
@@ -492,15 +484,13 @@ async fn run_stream_sotw(
             }
             continue;
         };
-        let entry = per_type.entry(t).or_default();
-        entry.nonce = resp.nonce.clone();
+        nonces.insert(t, resp.nonce.clone());
         if rejected.is_empty() {
-            entry.version = resp.version_info.clone();
             accepted.insert(t, resp.version_info.clone());
         }
         let reply = DiscoveryRequest {
             type_url: resp.type_url.clone(),
-            version_info: entry.version.clone(),
+            version_info: accepted.get(t).cloned().unwrap_or_default(),
             response_nonce: resp.nonce.clone(),
             resource_names: subscribed[t].iter().cloned().collect(),
             error_detail: nack_detail(&rejected),
@@ -517,11 +507,10 @@ async fn run_stream_sotw(
             if subscribed[t] == want {
                 continue;
             }
-            let entry = per_type.entry(t).or_default();
             let req = DiscoveryRequest {
                 type_url: t.to_string(),
-                version_info: entry.version.clone(),
-                response_nonce: entry.nonce.clone(),
+                version_info: accepted.get(t).cloned().unwrap_or_default(),
+                response_nonce: nonces.get(t).cloned().unwrap_or_default(),
                 resource_names: want.iter().cloned().collect(),
                 ..Default::default()
             };

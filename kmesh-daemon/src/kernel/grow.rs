@@ -212,8 +212,7 @@ impl Dataplane {
                 _ => {}
             }
         }
-        let all: Vec<&'static str> = PROGRAMS.into_iter().chain([TELEMETRY_PROGRAM, AUTHZ_PROGRAM]).collect();
-        load_programs(&mut ebpf, &all)?;
+        load_programs(&mut ebpf, &LOADED_PROGRAMS)?;
         Ok((ebpf, maps))
     }
 }

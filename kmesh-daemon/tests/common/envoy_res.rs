@@ -8,6 +8,37 @@ use kmesh_proto::prost::Message;
 use kmesh_proto::{Any, core};
 use kmesh_testbed::Testbed;
 
+use super::{Daemon, wait_for};
+
+/// A daemon in the kernel-native mode on the control plane at `cp`, speaking `protocol`
+/// (`delta` or `sotw`), ready, with the client pod enrolled.
+pub fn kernel_native_daemon(
+    bed: &Testbed,
+    pins: &std::path::Path,
+    cp: std::net::SocketAddr,
+    protocol: &str,
+) -> Daemon {
+    let cp = cp.to_string();
+    let d = Daemon::start_with(
+        &[
+            "--mode",
+            "kernel-native",
+            "--xds-protocol",
+            protocol,
+            "--xds-address",
+            &cp,
+            "--xds-plaintext",
+            "--xds-backoff-max-ms",
+            "500",
+        ],
+        bed,
+        pins,
+    );
+    wait_for("readiness after the first sync", || d.get("/debug/ready").is_ok());
+    d.enroll_pod(bed.pod("client"));
+    d
+}
+
 pub fn address(ip: &str, port: u32) -> core::Address {
     core::Address {
         address: Some(core::address::Address::SocketAddress(core::SocketAddress {

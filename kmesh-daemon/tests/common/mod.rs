@@ -257,6 +257,12 @@ impl Daemon {
         d
     }
 
+    /// Enrolls a pod through the admin socket, as the CNI plugin would.
+    pub fn enroll_pod(&self, pod: &Pod) {
+        let req = serde_json::json!({ "netns": pod.netns_path() }).to_string();
+        admin::request(&self.socket, "POST", "/v1/enroll", Some(&req)).unwrap();
+    }
+
     pub fn get(&self, path: &str) -> Result<String, admin::ClientError> {
         admin::request(self.admin, "GET", path, None)
     }
