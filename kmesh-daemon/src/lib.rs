@@ -9,6 +9,7 @@
 pub use kmesh_model::{config, model};
 
 pub mod admin;
+pub mod ads;
 pub mod authz;
 pub mod cni;
 pub mod compile;

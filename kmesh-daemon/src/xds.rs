@@ -17,13 +17,13 @@ use kmesh_model::delta::ModelKeys;
 use kmesh_model::model::{Model, NodeInfo, Policy, Service, Workload};
 use kmesh_model::xds::{AddressResource, decode_address, decode_authorization};
 use kmesh_proto::core::Node;
-use kmesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use kmesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use kmesh_proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 use tokio::sync::mpsc;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::admin::Shared;
+use crate::ads::{Ads, Inbound};
 
 /// How to reach the control plane.
 #[derive(Clone, Debug)]
@@ -698,7 +698,7 @@ async fn channel(o: &XdsOptions) -> Result<Channel, XdsError> {
 
 /// An open stream: the request sender, the response stream, and the types subscribed without
 /// versions (their first response is the whole type).
-type Opened = (mpsc::Sender<DeltaDiscoveryRequest>, tonic::Streaming<DeltaDiscoveryResponse>, Vec<String>);
+type Opened = (mpsc::Sender<DeltaDiscoveryRequest>, Inbound<DeltaDiscoveryResponse>, Vec<String>);
 
 /// Opens a stream with both subscriptions.
 async fn open(o: &XdsOptions, state: &XdsState) -> Result<Opened, XdsError> {
@@ -716,48 +716,31 @@ async fn open(o: &XdsOptions, state: &XdsState) -> Result<Opened, XdsError> {
         }
         tx.send(req).await.expect("receiver alive");
     }
-    let stream = client
-        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|status| XdsError::Refused { address: o.address.clone(), status })?
-        .into_inner();
+    let stream =
+        client.delta(rx).await.map_err(|status| XdsError::Refused { address: o.address.clone(), status })?;
     tracing::info!(address = %o.address, node_id = %o.identity.node_id(), "xDS stream open");
     Ok((tx, stream, resync))
 }
 
 /// An ADS client on a new channel, sending the bearer token (re-read now) with every stream.
-pub(crate) type AdsClient =
-    AggregatedDiscoveryServiceClient<tonic::service::interceptor::InterceptedService<Channel, Interceptor>>;
-
-/// Adds the bearer token to each request.
-pub(crate) type Interceptor =
-    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
-
-pub(crate) async fn client(o: &XdsOptions) -> Result<AdsClient, XdsError> {
+pub(crate) async fn client(o: &XdsOptions) -> Result<Ads, XdsError> {
     let token = match &o.token_file {
         Some(p) => {
             let t =
                 std::fs::read_to_string(p).map_err(|source| XdsError::Token { path: p.clone(), source })?;
-            Some(format!("Bearer {}", t.trim()))
+            Some(format!("Bearer {}", t.trim()).parse::<http::HeaderValue>().map_err(|_| {
+                XdsError::Token {
+                    path: p.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "token is not a valid header value",
+                    ),
+                }
+            })?)
         }
         None => None,
     };
-    let ch = channel(o).await?;
-    let token_value = match token {
-        Some(t) => Some(t.parse::<tonic::metadata::MetadataValue<_>>().map_err(|_| XdsError::Token {
-            path: o.token_file.clone().unwrap_or_default(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "token is not a valid header value"),
-        })?),
-        None => None,
-    };
-    let interceptor: Interceptor = Box::new(move |mut req: tonic::Request<()>| {
-        if let Some(t) = &token_value {
-            req.metadata_mut().insert("authorization", t.clone());
-        }
-        Ok(req)
-    });
-    Ok(AggregatedDiscoveryServiceClient::with_interceptor(ch, interceptor)
-        .max_decoding_message_size(o.max_message_bytes))
+    Ok(Ads::new(channel(o).await?, token, o.max_message_bytes))
 }
 
 /// Connects, subscribes and waits for the first response: a check of address, TLS and token.

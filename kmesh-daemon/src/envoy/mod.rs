@@ -25,6 +25,7 @@ use kmesh_proto::envoy::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE}
 use tokio::sync::mpsc;
 
 use crate::admin::Shared;
+use crate::ads::Inbound;
 use crate::xds::{AdsFlavour, XdsError, XdsOptions};
 use translate::{Held, Report};
 
@@ -349,7 +350,7 @@ fn synced_now(
 
 /// The next response of a stream; its end (by the server, or with an error) is an error for
 /// the reconnect loop.
-async fn next<T>(o: &XdsOptions, stream: &mut tonic::Streaming<T>) -> Result<T, XdsError> {
+async fn next<T: prost::Message + Default>(o: &XdsOptions, stream: &mut Inbound<T>) -> Result<T, XdsError> {
     let status = match stream.message().await {
         Ok(Some(r)) => return Ok(r),
         Ok(None) => tonic::Status::ok("closed by the server"),
@@ -380,11 +381,8 @@ async fn run_stream(
         }
         tx.send(req).await.expect("receiver alive");
     }
-    let mut stream = client
-        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|status| XdsError::Refused { address: o.address.clone(), status })?
-        .into_inner();
+    let mut stream =
+        client.delta(rx).await.map_err(|status| XdsError::Refused { address: o.address.clone(), status })?;
     opened(o, "delta");
     let mut answered: BTreeSet<&'static str> = BTreeSet::new();
     loop {
@@ -459,11 +457,8 @@ async fn run_stream_sotw(
         };
         tx.send(req).await.expect("receiver alive");
     }
-    let mut stream = client
-        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|status| XdsError::Refused { address: o.address.clone(), status })?
-        .into_inner();
+    let mut stream =
+        client.sotw(rx).await.map_err(|status| XdsError::Refused { address: o.address.clone(), status })?;
     opened(o, "state of the world");
     let mut answered: BTreeSet<&'static str> = BTreeSet::new();
     loop {

@@ -1,0 +1,214 @@
+//! One ADS call (delta or state of the world) over a tonic channel, with a receive buffer that
+//! follows the message in hand.
+//!
+//! tonic's generated client reads responses through `tonic::Streaming`, whose buffer grows to
+//! the largest message the stream has carried and keeps that size for the stream's life: after
+//! the first full push of 10k services x 10 endpoints (a 26 MB response) the daemon held those
+//! 26 MB until the next reconnection, a seventh of its heap. Here the gRPC framing (RFC-style
+//! length-prefixed messages, status in the trailers) is read directly from the HTTP/2 body, and
+//! once a large message is decoded its buffer goes back to the allocator. Requests, headers,
+//! the bearer token, TLS and HTTP/2 are tonic's and hyper's as before.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use kmesh_proto::discovery::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use prost::Message;
+use tokio::sync::mpsc;
+use tonic::client::GrpcService;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+
+/// A gRPC message's prefix: a compression flag and a big-endian length.
+const PREFIX: usize = 5;
+
+/// A buffer larger than this is given back once the message it held is decoded.
+const KEEP: usize = 64 * 1024;
+
+/// A channel to the control plane with what every call on it sends.
+pub struct Ads {
+    channel: Channel,
+    /// `authorization: Bearer ...`, read when the channel was made.
+    token: Option<http::HeaderValue>,
+    /// The largest response taken (`--xds-max-message-bytes`).
+    max_message: usize,
+}
+
+impl Ads {
+    pub fn new(channel: Channel, token: Option<http::HeaderValue>, max_message: usize) -> Self {
+        Self { channel, token, max_message }
+    }
+
+    /// Opens a delta ADS stream sending what `requests` yields.
+    pub async fn delta(
+        &mut self,
+        requests: mpsc::Receiver<DeltaDiscoveryRequest>,
+    ) -> Result<Inbound<DeltaDiscoveryResponse>, Status> {
+        self.call(DELTA_PATH, requests).await
+    }
+
+    /// Opens a state-of-the-world ADS stream sending what `requests` yields.
+    pub async fn sotw(
+        &mut self,
+        requests: mpsc::Receiver<DiscoveryRequest>,
+    ) -> Result<Inbound<DiscoveryResponse>, Status> {
+        self.call(SOTW_PATH, requests).await
+    }
+
+    async fn call<Req, Resp>(
+        &mut self,
+        path: &'static str,
+        requests: mpsc::Receiver<Req>,
+    ) -> Result<Inbound<Resp>, Status>
+    where
+        Req: Message + Send + 'static,
+        Resp: Message + Default,
+    {
+        let mut req = http::Request::new(tonic::body::Body::new(Outbound { requests }));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = http::Uri::from_static(path);
+        let h = req.headers_mut();
+        h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+        h.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        if let Some(t) = &self.token {
+            h.insert(http::header::AUTHORIZATION, t.clone());
+        }
+        std::future::poll_fn(|cx| GrpcService::poll_ready(&mut self.channel, cx))
+            .await
+            .map_err(|e| Status::from_error(e.into()))?;
+        let resp =
+            GrpcService::call(&mut self.channel, req).await.map_err(|e| Status::from_error(e.into()))?;
+        // A refusal comes as headers only ("trailers-only"), whatever the HTTP status.
+        if let Some(status) = Status::from_header_map(resp.headers())
+            && status.code() != Code::Ok
+        {
+            return Err(status);
+        }
+        if resp.status() != http::StatusCode::OK {
+            return Err(Status::unknown(format!("the control plane answered HTTP {}", resp.status())));
+        }
+        Ok(Inbound {
+            body: resp.into_body(),
+            buf: BytesMut::new(),
+            max_message: self.max_message,
+            ended: None,
+            _msg: std::marker::PhantomData,
+        })
+    }
+}
+
+/// Requests as gRPC frames, as they are sent; the call's request side ends when the sender is
+/// dropped.
+struct Outbound<Req> {
+    requests: mpsc::Receiver<Req>,
+}
+
+impl<Req: Message> http_body::Body for Outbound<Req> {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.requests.poll_recv(cx).map(|r| r.map(|m| Ok(Frame::data(frame(&m)))))
+    }
+}
+
+/// One message with its prefix (uncompressed).
+fn frame(m: &impl Message) -> Bytes {
+    let len = m.encoded_len();
+    let mut b = BytesMut::with_capacity(PREFIX + len);
+    b.put_u8(0);
+    b.put_u32(len as u32);
+    m.encode(&mut b).expect("the buffer was sized for the message");
+    b.freeze()
+}
+
+/// The responses of one call.
+pub struct Inbound<Resp> {
+    body: tonic::body::Body,
+    buf: BytesMut,
+    max_message: usize,
+    /// How the call ended, once its trailers (or an error) came.
+    ended: Option<Status>,
+    _msg: std::marker::PhantomData<fn() -> Resp>,
+}
+
+impl<Resp: Message + Default> Inbound<Resp> {
+    /// The next response; `None` when the control plane ended the call with an OK status.
+    /// Cancel-safe: what has arrived stays in the buffer when the future is dropped.
+    pub async fn message(&mut self) -> Result<Option<Resp>, Status> {
+        loop {
+            if let Some(m) = self.decode()? {
+                return Ok(Some(m));
+            }
+            if let Some(status) = &self.ended {
+                return match status.code() {
+                    Code::Ok if self.buf.is_empty() => Ok(None),
+                    Code::Ok => Err(Status::internal(format!(
+                        "the call ended inside a message ({} bytes of it received)",
+                        self.buf.len()
+                    ))),
+                    _ => Err(status.clone()),
+                };
+            }
+            match self.body.frame().await {
+                None => {
+                    self.ended = Some(Status::internal("the control plane ended the call without a status"))
+                }
+                Some(Err(status)) => self.ended = Some(status),
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(data) => self.buf.extend_from_slice(&data),
+                    Err(f) => {
+                        let trailers = f.into_trailers().unwrap_or_default();
+                        self.ended = Some(Status::from_header_map(&trailers).unwrap_or_else(|| {
+                            Status::internal("the control plane ended the call without a grpc-status")
+                        }));
+                    }
+                },
+            }
+        }
+    }
+
+    /// A whole message from the buffer, if one has arrived.
+    fn decode(&mut self) -> Result<Option<Resp>, Status> {
+        if self.buf.len() < PREFIX {
+            return Ok(None);
+        }
+        if self.buf[0] != 0 {
+            return Err(Status::internal(
+                "the control plane sent a compressed message without being offered compression",
+            ));
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len > self.max_message {
+            return Err(Status::resource_exhausted(format!(
+                "a response of {len} bytes is too large: --xds-max-message-bytes is {}",
+                self.max_message
+            )));
+        }
+        if self.buf.len() < PREFIX + len {
+            // Room for the whole message at once, not by doubling.
+            self.buf.reserve(PREFIX + len - self.buf.len());
+            return Ok(None);
+        }
+        let m = Resp::decode(&self.buf[PREFIX..PREFIX + len])
+            .map_err(|e| Status::internal(format!("a response does not decode: {e}")))?;
+        self.buf.advance(PREFIX + len);
+        if self.buf.capacity() > KEEP && self.buf.len() < KEEP {
+            // Give the large buffer back; keep only what follows the message.
+            let rest = std::mem::take(&mut self.buf);
+            self.buf = BytesMut::from(&rest[..]);
+        }
+        Ok(Some(m))
+    }
+}
