@@ -204,8 +204,9 @@ impl<Resp: Message + Default> Inbound<Resp> {
         let m = Resp::decode(&self.buf[PREFIX..PREFIX + len])
             .map_err(|e| Status::internal(format!("a response does not decode: {e}")))?;
         self.buf.advance(PREFIX + len);
-        if self.buf.capacity() > KEEP && self.buf.len() < KEEP {
-            // Give the large buffer back; keep only what follows the message.
+        if PREFIX + len > KEEP {
+            // Give the large buffer back (its capacity no longer counts the bytes advanced
+            // over, so it is judged by the message); keep only what follows the message.
             let rest = std::mem::take(&mut self.buf);
             self.buf = BytesMut::from(&rest[..]);
         }
