@@ -27,7 +27,7 @@ fn main() {
         for e in 0..m {
             let mut services = BTreeMap::new();
             services.insert(key.clone(), vec![]);
-            let uid = format!("w-{s}-{e}");
+            let uid = kmesh_daemon::model::Istr::unique(&format!("w-{s}-{e}"));
             model.workloads.insert(
                 uid.clone(),
                 Arc::new(Workload {

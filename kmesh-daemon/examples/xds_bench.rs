@@ -82,7 +82,7 @@ fn workload(svc: usize, ep: usize, m: usize) -> Workload {
     let mut services = BTreeMap::new();
     services.insert(format!("bench/svc-{svc}.bench.svc.cluster.local"), vec![]);
     Workload {
-        uid: format!("Kubernetes//Pod/bench/svc-{svc}-{ep}"),
+        uid: format!("Kubernetes//Pod/bench/svc-{svc}-{ep}").as_str().into(),
         name: format!("svc-{svc}-{ep}"),
         namespace: "bench".into(),
         workload_name: Default::default(),
@@ -172,7 +172,7 @@ fn main() -> anyhow::Result<()> {
             res.insert(svc.key(), encode_address(&AddressResource::Service(svc)));
             for e in 0..m {
                 let w = workload(s, e, m);
-                res.insert(w.uid.clone(), encode_address(&AddressResource::Workload(w)));
+                res.insert(w.uid.to_string(), encode_address(&AddressResource::Workload(w)));
             }
         }
         println!("built {} resources ({n} services x {m} endpoints) in {:.2?}", res.len(), t.elapsed());
@@ -217,7 +217,7 @@ fn main() -> anyhow::Result<()> {
             let bytes = encode_address(&AddressResource::Workload(w.clone()));
             cp.remove(ADDRESS_TYPE, &[w.uid.as_str()]);
             lat.push(wait_until("a change", Duration::from_secs(60), || entries(n * m - 2))?);
-            cp.set(ADDRESS_TYPE, [(w.uid.clone(), bytes)]);
+            cp.set(ADDRESS_TYPE, [(w.uid.to_string(), bytes)]);
             lat.push(wait_until("a change", Duration::from_secs(60), || entries(n * m - 1))?);
         }
         let cp_share = (cp.push_time() - cp0).as_secs_f64() / lat.len() as f64;
@@ -273,11 +273,11 @@ fn main() -> anyhow::Result<()> {
                 std::thread::sleep(d);
             }
             let w = workload((i * 7919 + 13) % n, 1 + (i / 7) % (m - 1).max(1), m);
-            if out.remove(&w.uid) {
-                cp.set(ADDRESS_TYPE, [(w.uid.clone(), encode_address(&AddressResource::Workload(w)))]);
+            if out.remove(w.uid.as_str()) {
+                cp.set(ADDRESS_TYPE, [(w.uid.to_string(), encode_address(&AddressResource::Workload(w)))]);
             } else {
                 cp.remove(ADDRESS_TYPE, &[w.uid.as_str()]);
-                out.insert(w.uid);
+                out.insert(w.uid.to_string());
             }
             made.push((Instant::now(), cp.seq()));
         }

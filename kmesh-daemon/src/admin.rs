@@ -349,7 +349,7 @@ async fn enroll(State(s): State<AppState>, Json(req): Json<EnrollRequest>) -> Re
     let path2 = path.clone();
     let r = with_mesh(&s, move |m| {
         if let Some(w) = &workload {
-            match m.model().workloads.get(w) {
+            match m.model().workloads.get(w.as_str()) {
                 Some(known) if known.is_host_network() => {
                     return Err(format!(
                         "workload {w:?} is a host-network pod: it runs in the node's namespace and is never enrolled"

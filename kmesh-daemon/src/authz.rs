@@ -285,7 +285,7 @@ pub struct AuthzCompiler {
     identities: BTreeMap<Identity, (u32, usize)>,
     /// Address -> the uids of the workloads (not host-network) listing it, in uid order: the
     /// first owns the address (its identity, its destination).
-    claims: std::collections::HashMap<[u32; 4], Vec<String>>,
+    claims: std::collections::HashMap<[u32; 4], Vec<Istr>>,
     /// The memory above matches the maps in force, so a change can be compiled alone.
     ready: bool,
 }
@@ -558,7 +558,7 @@ impl AuthzCompiler {
         }
         // A refused compilation leaves the memory as it was: the claims are changed on a copy
         // of the entries touched, put in place only once every destination compiled.
-        let mut touched: BTreeMap<[u32; 4], Vec<String>> = BTreeMap::new();
+        let mut touched: BTreeMap<[u32; 4], Vec<Istr>> = BTreeMap::new();
         for (uid, old) in &change.workloads {
             let new = model.workloads.get(uid).filter(policed);
             for (w, add) in [(old.as_ref().filter(policed), false), (new, true)] {
@@ -845,7 +845,7 @@ policies:
             let mut m = model.clone();
             let i = next(12);
             if next(4) == 0 {
-                m.workloads.remove(&format!("w{i}"));
+                m.workloads.remove(format!("w{i}").as_str());
             } else {
                 let ns = ["prod", "dev"][next(2) as usize];
                 let sa = ["web", "api", "default"][next(3) as usize];
@@ -856,7 +856,7 @@ policies:
                     next(8) + 1
                 );
                 let w = config::parse(&text).unwrap().workloads.into_values().next().unwrap();
-                m.workloads.insert(format!("w{i}"), w);
+                m.workloads.insert(w.uid.clone(), w);
             }
             let keys = kmesh_model::delta::ModelKeys::between(&model, &m);
             let mut now = model.clone();

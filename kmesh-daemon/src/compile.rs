@@ -380,7 +380,7 @@ fn hash_members<'a>(members: &'a [Member<'_>], level: &[(u32, u32)]) -> Vec<hash
 
 /// Backends are per service (`(service id, workload uid, address)`), so that every map entry
 /// belongs to exactly one service and a service can be recompiled alone.
-pub type BackendKey = (u32, String, IpAddr);
+pub type BackendKey = (u32, Istr, IpAddr);
 
 /// The compiler's memory between compilations: the entries of each service and the index of
 /// which workloads back it, so that a change to a few workloads or services recompiles only the
@@ -389,7 +389,7 @@ pub type BackendKey = (u32, String, IpAddr);
 pub struct Compiler {
     pub ids: Ids,
     /// Service key -> uids of the workloads that list it.
-    members: BTreeMap<String, BTreeSet<String>>,
+    members: BTreeMap<String, BTreeSet<Istr>>,
     /// Client locality classes (0: the node).
     classes: BTreeMap<u32, ClientLocality>,
     /// Workloads whose locality defines a class (enrolled clients).
@@ -415,7 +415,7 @@ pub struct Compiler {
     route_deps: BTreeMap<WaypointDep, BTreeSet<String>>,
     /// Workloads that are endpoints of some waypoint route, with how many routes use them:
     /// their namespaces' own connections are never sent to a waypoint.
-    waypoint_uids: BTreeMap<String, u32>,
+    waypoint_uids: BTreeMap<Istr, u32>,
     /// The workload of each enrolled namespace that has one (for the `NS_F_WAYPOINT` flag).
     enrolled_uids: BTreeMap<u64, String>,
     /// Endpoint addresses ejected by outlier detection: left out of the tables of services
@@ -520,7 +520,7 @@ impl Compiler {
             let loc = e
                 .workload
                 .as_ref()
-                .and_then(|uid| model.workloads.get(uid))
+                .and_then(|uid| model.workloads.get(uid.as_str()))
                 .map(|w| ClientLocality::of_workload(w));
             let class_id = match loc {
                 Some(l) if l != node_loc => {
@@ -593,7 +593,7 @@ impl Compiler {
         }
         for (cookie, uid) in &self.enrolled_uids {
             if let Some(v) = self.netns.get_mut(cookie) {
-                v.flags = if self.waypoint_uids.contains_key(uid) { NS_F_WAYPOINT } else { 0 };
+                v.flags = if self.waypoint_uids.contains_key(uid.as_str()) { NS_F_WAYPOINT } else { 0 };
                 *v = v.sealed(cookie);
             }
         }
@@ -700,7 +700,7 @@ impl Compiler {
             return None;
         }
         let changed_w = &change.workloads;
-        if changed_w.keys().any(|uid| self.class_workloads.contains(uid)) {
+        if changed_w.keys().any(|uid| self.class_workloads.contains(uid.as_str())) {
             return None;
         }
         let mut affected: BTreeSet<String> = change.services.keys().cloned().collect();
@@ -829,7 +829,7 @@ impl Compiler {
         }
         // A namespace whose workload became (or stopped being) a waypoint endpoint.
         for (cookie, uid) in &self.enrolled_uids {
-            let flags = if self.waypoint_uids.contains_key(uid) { NS_F_WAYPOINT } else { 0 };
+            let flags = if self.waypoint_uids.contains_key(uid.as_str()) { NS_F_WAYPOINT } else { 0 };
             if let Some(v) = self.netns.get_mut(cookie)
                 && v.flags != flags
             {
@@ -875,7 +875,7 @@ impl Compiler {
             let loc = e
                 .workload
                 .as_ref()
-                .and_then(|uid| model.workloads.get(uid))
+                .and_then(|uid| model.workloads.get(uid.as_str()))
                 .map(|w| ClientLocality::of_workload(w));
             match loc {
                 None => Some(0),
@@ -890,7 +890,8 @@ impl Compiler {
                 continue;
             }
             let class_id = class_of(e)?;
-            let waypoint = e.workload.as_ref().is_some_and(|uid| self.waypoint_uids.contains_key(uid));
+            let waypoint =
+                e.workload.as_ref().is_some_and(|uid| self.waypoint_uids.contains_key(uid.as_str()));
             let flags = if waypoint { NS_F_WAYPOINT } else { 0 };
             let v = NetnsValue { class_id, flags, check: 0 }.sealed(cookie);
             netns.insert(*cookie, v);

@@ -152,15 +152,16 @@ impl Mesh {
             .iter()
             .filter(|(c, _)| self.enrolled.contains_key(c))
             .map(|(c, p)| {
-                let ns =
-                    self.enrolled[c].workload.as_ref().and_then(|uid| match self.model.workloads.get(uid) {
+                let ns = self.enrolled[c].workload.as_ref().and_then(|uid| {
+                    match self.model.workloads.get(uid.as_str()) {
                         Some(w) => Some(w.namespace.to_string()),
                         // Not in the model (yet): Istio's uid says it, `<cluster>//Pod/<ns>/<name>`.
                         None => uid
                             .split_once("//Pod/")
                             .and_then(|(_, r)| r.split_once('/'))
                             .map(|(ns, _)| ns.to_string()),
-                    });
+                    }
+                });
                 (*c, p.clone(), ns)
             })
             .collect()

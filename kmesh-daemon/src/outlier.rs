@@ -191,9 +191,9 @@ mod tests {
             let mut services = kmesh_model::vecmap::VecMap::default();
             services.insert("ns/s".to_string(), Vec::<PortMapping>::new());
             m.workloads.insert(
-                format!("w{i}"),
+                crate::model::Istr::unique(&format!("w{i}")),
                 Arc::new(Workload {
-                    uid: format!("w{i}"),
+                    uid: crate::model::Istr::unique(&format!("w{i}")),
                     addresses: vec![IpAddr::from([10, 0, 0, i])],
                     services,
                     ..Default::default()

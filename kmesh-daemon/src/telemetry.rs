@@ -361,7 +361,7 @@ impl Peers {
 }
 
 /// The workloads a series is about: when one leaves the model, so does the series.
-type Owners = (Option<String>, Option<String>);
+type Owners = (Option<kmesh_model::model::Istr>, Option<kmesh_model::model::Istr>);
 
 /// Direction, source address, destination address and port, dialled service address and port.
 type PeersKey = (u32, IpAddr, IpAddr, u16, IpAddr, u16);
@@ -930,7 +930,7 @@ impl Telemetry {
             return;
         }
         self.peers.clear();
-        let gone: Vec<&String> =
+        let gone: Vec<&kmesh_model::model::Istr> =
             change.workloads.keys().filter(|uid| !model.workloads.contains_key(*uid)).collect();
         if gone.is_empty() {
             return;

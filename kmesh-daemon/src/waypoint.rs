@@ -21,7 +21,7 @@ use crate::model::Model;
 /// padding when it has no workload in the model (or an identity too long for a slot, which
 /// is logged).
 pub fn identity_slot(model: &Model, e: &Enrollment) -> PpSlot {
-    let Some(w) = e.workload.as_ref().and_then(|uid| model.workloads.get(uid)) else {
+    let Some(w) = e.workload.as_ref().and_then(|uid| model.workloads.get(uid.as_str())) else {
         return PpSlot::default();
     };
     let id = Identity::of(w).principal();

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use kmesh_model::delta::ModelKeys;
-use kmesh_model::model::{Model, NodeInfo, Policy, Service, Workload};
+use kmesh_model::model::{Istr, Model, NodeInfo, Policy, Service, Workload};
 use kmesh_model::xds::{AddressResource, decode_address, decode_authorization};
 use kmesh_proto::core::Node;
 use kmesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
@@ -251,12 +251,12 @@ impl Kind {
 }
 
 impl Parsed {
-    /// The model map and key this resource is held under.
-    fn slot(&self) -> (Kind, String) {
+    /// The model map and key this resource is held under (a workload's: its uid's one copy).
+    fn slot(&self) -> (Kind, Istr) {
         match self {
             Parsed::Workload(w) => (Kind::Workload, w.uid.clone()),
-            Parsed::Service(s) => (Kind::Service, s.key()),
-            Parsed::Policy(p) => (Kind::Policy, p.key()),
+            Parsed::Service(s) => (Kind::Service, Istr::unique(&s.key())),
+            Parsed::Policy(p) => (Kind::Policy, Istr::unique(&p.key())),
         }
     }
 }
@@ -264,9 +264,9 @@ impl Parsed {
 /// One step of a merge, as what to put back to undo it.
 enum Undo {
     /// A resource's previous (version, body), by type (one of [`SUBSCRIBED`]) and name.
-    Resource(&'static str, String, Option<(String, Parsed)>),
+    Resource(&'static str, Istr, Option<(String, Parsed)>),
     /// A model entry's previous value.
-    Entry(Kind, String, Option<Parsed>),
+    Entry(Kind, Istr, Option<Parsed>),
     /// The previous name of the resource holding a slot whose key is not its name.
     Alias(Kind, String, Option<String>),
 }
@@ -276,7 +276,9 @@ enum Undo {
 /// follows its size, not the number of resources held.
 #[derive(Clone, Debug, Default)]
 pub struct XdsState {
-    by_type: BTreeMap<String, BTreeMap<String, (String, Parsed)>>,
+    /// Resources by type and name; a workload named by its uid (as istiod names them) shares
+    /// the uid's copy with the model.
+    by_type: BTreeMap<String, BTreeMap<Istr, (String, Parsed)>>,
     model: Model,
     /// Slots held by a resource of another name (Istio names a resource by its key, so this
     /// is empty in practice), to tell a rename from a second resource claiming a key.
@@ -284,14 +286,14 @@ pub struct XdsState {
     /// The node as configured, and the uids of the workloads that run on it (the first gives
     /// the node its locality when none is configured).
     node: NodeInfo,
-    local: BTreeSet<String>,
+    local: BTreeSet<Istr>,
 }
 
 impl XdsState {
     pub fn versions(&self, type_url: &str) -> HashMap<String, String> {
         self.by_type
             .get(type_url)
-            .map(|m| m.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect())
+            .map(|m| m.iter().map(|(n, (v, _))| (n.to_string(), v.clone())).collect())
             .unwrap_or_default()
     }
 
@@ -327,29 +329,37 @@ impl XdsState {
     }
 
     /// Sets a model slot (and what depends on it); records how to undo it.
-    fn set_entry(&mut self, kind: Kind, key: &str, value: Option<Parsed>, undo: Option<&mut Vec<Undo>>) {
+    fn set_entry(&mut self, kind: Kind, key: &Istr, value: Option<Parsed>, undo: Option<&mut Vec<Undo>>) {
         let m = &mut self.model;
-        let k = key.to_string();
         let prev = match (kind, value) {
-            (Kind::Workload, Some(Parsed::Workload(w))) => m.workloads.insert(k, w).map(Parsed::Workload),
-            (Kind::Service, Some(Parsed::Service(s))) => m.services.insert(k, s).map(Parsed::Service),
-            (Kind::Policy, Some(Parsed::Policy(p))) => m.policies.insert(k, p).map(Parsed::Policy),
+            (Kind::Workload, Some(Parsed::Workload(w))) => {
+                // The new value's key: the uid copy the new workload holds.
+                let prev = m.workloads.remove(key.as_str());
+                m.workloads.insert(w.uid.clone(), w);
+                prev.map(Parsed::Workload)
+            }
+            (Kind::Service, Some(Parsed::Service(s))) => {
+                m.services.insert(key.to_string(), s).map(Parsed::Service)
+            }
+            (Kind::Policy, Some(Parsed::Policy(p))) => {
+                m.policies.insert(key.to_string(), p).map(Parsed::Policy)
+            }
             (Kind::Workload, _) => m.workloads.remove(key).map(Parsed::Workload),
-            (Kind::Service, _) => m.services.remove(key).map(Parsed::Service),
-            (Kind::Policy, _) => m.policies.remove(key).map(Parsed::Policy),
+            (Kind::Service, _) => m.services.remove(key.as_str()).map(Parsed::Service),
+            (Kind::Policy, _) => m.policies.remove(key.as_str()).map(Parsed::Policy),
         };
         if kind == Kind::Workload {
-            match m.workloads.get(key) {
+            match m.workloads.get(key.as_str()) {
                 Some(w) if !self.node.name.is_empty() && w.node == self.node.name => {
-                    self.local.insert(key.to_string());
+                    self.local.insert(w.uid.clone());
                 }
                 _ => {
-                    self.local.remove(key);
+                    self.local.remove(key.as_str());
                 }
             }
         }
         if let Some(u) = undo {
-            u.push(Undo::Entry(kind, key.to_string(), prev));
+            u.push(Undo::Entry(kind, key.clone(), prev));
         }
     }
 
@@ -367,7 +377,7 @@ impl XdsState {
     /// Withdraws what resource `name` put in the model.
     fn vacate(&mut self, name: &str, old: &Parsed, keys: &mut ModelKeys, undo: &mut Vec<Undo>) {
         let (kind, key) = old.slot();
-        if key != name {
+        if *key != *name {
             self.set_alias(kind, &key, None, Some(&mut *undo));
         }
         self.set_entry(kind, &key, None, Some(undo));
@@ -407,7 +417,7 @@ impl XdsState {
         self.node = node.clone();
         let mut n = node.clone();
         if n.locality == Default::default()
-            && let Some(w) = self.local.first().and_then(|uid| self.model.workloads.get(uid))
+            && let Some(w) = self.local.first().and_then(|uid| self.model.workloads.get(uid.as_str()))
         {
             n.locality = w.locality.clone();
             if n.network.is_empty() {
@@ -424,11 +434,11 @@ impl XdsState {
 }
 
 /// Records that the model slot `(kind, key)` changed.
-fn touched(keys: &mut ModelKeys, kind: Kind, key: String) {
+fn touched(keys: &mut ModelKeys, kind: Kind, key: Istr) {
     match kind {
         Kind::Workload => keys.workloads.insert(key),
-        Kind::Service => keys.services.insert(key),
-        Kind::Policy => keys.policies.insert(key),
+        Kind::Service => keys.services.insert(key.to_string()),
+        Kind::Policy => keys.policies.insert(key.to_string()),
     };
 }
 
@@ -498,25 +508,31 @@ fn merge(
             continue;
         }
         let items = state.by_type.get_mut(type_url).expect("the type's map was made above");
-        let old = items.insert(r.name.clone(), (r.version.clone(), p.clone()));
+        // Named by its key (as istiod names resources): one copy of the name for both maps.
+        let name = if *key == *r.name { key.clone() } else { Istr::unique(&r.name) };
+        // Removed first so that the key held is the new one (an insert keeps the old key).
+        let old = items.remove(r.name.as_str());
+        items.insert(name.clone(), (r.version.clone(), p.clone()));
         if let Some((_, prev)) = &old
             && prev.slot() != (kind, key.clone())
         {
             state.vacate(&r.name, prev, keys, undo);
         }
-        undo.push(Undo::Resource(type_url, r.name.clone(), old));
-        if key != r.name {
+        undo.push(Undo::Resource(type_url, name, old));
+        if *key != *r.name {
             state.set_alias(kind, &key, Some(r.name.clone()), Some(&mut *undo));
         }
         state.set_entry(kind, &key, Some(p), Some(&mut *undo));
         touched(keys, kind, key);
     }
     for name in &resp.removed_resources {
-        let Some(old) = state.by_type.get_mut(type_url).and_then(|items| items.remove(name)) else {
+        let Some((name, old)) =
+            state.by_type.get_mut(type_url).and_then(|items| items.remove_entry(name.as_str()))
+        else {
             continue;
         };
-        state.vacate(name, &old.1, keys, undo);
-        undo.push(Undo::Resource(type_url, name.clone(), Some(old)));
+        state.vacate(&name, &old.1, keys, undo);
+        undo.push(Undo::Resource(type_url, name, Some(old)));
     }
     rejected
 }
@@ -664,7 +680,8 @@ pub fn complete_resync(state: &XdsState, resp: &mut DeltaDiscoveryResponse) -> u
         .map(|r| r.name.as_str())
         .chain(resp.removed_resources.iter().map(String::as_str))
         .collect();
-    let gone: Vec<String> = held.keys().filter(|n| !named.contains(n.as_str())).cloned().collect();
+    let gone: Vec<String> =
+        held.keys().filter(|n| !named.contains(n.as_str())).map(|n| n.to_string()).collect();
     let n = gone.len();
     resp.removed_resources.extend(gone);
     n
@@ -1050,14 +1067,14 @@ mod tests {
             Ok(())
         })
         .state;
-        assert_eq!(seen.workloads, BTreeSet::from(["a".to_string(), "b".to_string()]));
+        assert_eq!(seen.workloads, BTreeSet::<Istr>::from(["a".into(), "b".into()]));
         assert!(!seen.node, "the default node derives nothing");
 
         // One removal touches one key; a refused one leaves the model as it was.
         let before = s1.model().clone();
         let rm = resp("n2", vec![], &["a"]);
         let refused = handle_batch(s1.clone(), &node, vec![rm.clone()], |m, k| {
-            assert_eq!(k.workloads, BTreeSet::from(["a".to_string()]));
+            assert_eq!(k.workloads, BTreeSet::<Istr>::from(["a".into()]));
             assert!(!m.workloads.contains_key("a"));
             Err("map full".into())
         });
@@ -1071,7 +1088,7 @@ mod tests {
         assert!(msg.contains("other: workload \"a\" is already described by resource \"a\""), "{msg}");
         let moved = resp("n4", vec![res("b", ADDRESS_TYPE, workload("c"))], &[]);
         let h = handle_batch(h.state, &node, vec![moved], |m, k| {
-            assert_eq!(k.workloads, BTreeSet::from(["b".to_string(), "c".to_string()]));
+            assert_eq!(k.workloads, BTreeSet::<Istr>::from(["b".into(), "c".into()]));
             assert!(m.workloads.contains_key("c") && !m.workloads.contains_key("b"));
             Ok(())
         });

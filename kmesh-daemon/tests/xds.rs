@@ -199,14 +199,14 @@ fn scale_resources(n: usize, m: usize) -> BTreeMap<String, Vec<u8>> {
         for e in 0..m {
             let k = (s * m + e) as u32 + 1;
             let w = Workload {
-                uid: format!("Kubernetes//Pod/bench/svc-{s}-{e}"),
+                uid: kmesh_model::model::Istr::unique(&format!("Kubernetes//Pod/bench/svc-{s}-{e}")),
                 name: format!("svc-{s}-{e}"),
                 namespace: "bench".into(),
                 addresses: vec![IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + k))],
                 services: [(format!("bench/{hostname}"), vec![])].into_iter().collect(),
                 ..Default::default()
             };
-            res.insert(w.uid.clone(), encode_address(&AddressResource::Workload(w)));
+            res.insert(w.uid.to_string(), encode_address(&AddressResource::Workload(w)));
         }
     }
     res

@@ -530,7 +530,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
         required(&format!("{f}.uid"), &w.uid)?;
         required(&format!("{f}.name"), &w.name)?;
         required(&format!("{f}.namespace"), &w.namespace)?;
-        if model.workloads.contains_key(&w.uid) {
+        if model.workloads.contains_key(w.uid.as_str()) {
             return Err(invalid(format!("{f}.uid"), format!("uid {:?} is used twice", w.uid)));
         }
         let network_mode = match w.network_mode.as_deref() {
@@ -588,10 +588,11 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             }
             services.insert(key, maps);
         }
+        let uid = Istr::unique(&w.uid);
         model.workloads.insert(
-            w.uid.clone(),
+            uid.clone(),
             std::sync::Arc::new(Workload {
-                uid: w.uid,
+                uid,
                 name: w.name,
                 namespace: w.namespace.into(),
                 workload_name: w.workload_name.into(),

@@ -6,13 +6,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use crate::istr::Istr;
 use crate::model::{Model, NodeInfo, Policy, Service, Workload};
 
 /// The entries of a model a change touches (added, changed or removed), by kind and key.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelKeys {
     pub node: bool,
-    pub workloads: BTreeSet<String>,
+    pub workloads: BTreeSet<Istr>,
     pub services: BTreeSet<String>,
     pub policies: BTreeSet<String>,
 }
@@ -51,7 +52,7 @@ impl ModelKeys {
 pub struct ModelChange {
     /// The node before, when it changed.
     pub node: Option<NodeInfo>,
-    pub workloads: BTreeMap<String, Option<Arc<Workload>>>,
+    pub workloads: BTreeMap<Istr, Option<Arc<Workload>>>,
     pub services: BTreeMap<String, Option<Arc<Service>>>,
     pub policies: BTreeMap<String, Option<Arc<Policy>>>,
 }
@@ -89,30 +90,35 @@ fn same<T: PartialEq>(a: Option<&Arc<T>>, b: Option<&Arc<T>>) -> bool {
     }
 }
 
-fn changed_keys<T: PartialEq>(
-    a: &BTreeMap<String, Arc<T>>,
-    b: &BTreeMap<String, Arc<T>>,
-) -> BTreeSet<String> {
-    let mut out: BTreeSet<String> =
+fn changed_keys<K: Ord + Clone, T: PartialEq>(
+    a: &BTreeMap<K, Arc<T>>,
+    b: &BTreeMap<K, Arc<T>>,
+) -> BTreeSet<K> {
+    let mut out: BTreeSet<K> =
         a.iter().filter(|(k, v)| !same(Some(v), b.get(*k))).map(|(k, _)| k.clone()).collect();
     out.extend(b.keys().filter(|k| !a.contains_key(*k)).cloned());
     out
 }
 
 /// Takes `keys` of `src` into `dst`; returns what they held in `dst` (equal entries left out).
-fn take<T: PartialEq>(
-    dst: &mut BTreeMap<String, Arc<T>>,
-    src: &BTreeMap<String, Arc<T>>,
-    keys: &BTreeSet<String>,
-) -> BTreeMap<String, Option<Arc<T>>> {
+fn take<K: Ord + Clone, T: PartialEq>(
+    dst: &mut BTreeMap<K, Arc<T>>,
+    src: &BTreeMap<K, Arc<T>>,
+    keys: &BTreeSet<K>,
+) -> BTreeMap<K, Option<Arc<T>>> {
     let mut old = BTreeMap::new();
     for k in keys {
-        let next = src.get(k);
-        if same(dst.get(k), next) {
+        let next = src.get_key_value(k);
+        if same(dst.get(k), next.map(|(_, v)| v)) {
             continue;
         }
+        // The source's key is kept (for workloads, the uid's one shared copy).
         let prev = match next {
-            Some(v) => dst.insert(k.clone(), v.clone()),
+            Some((sk, v)) => {
+                let prev = dst.remove(k);
+                dst.insert(sk.clone(), v.clone());
+                prev
+            }
             None => dst.remove(k),
         };
         old.insert(k.clone(), prev);
@@ -120,7 +126,7 @@ fn take<T: PartialEq>(
     old
 }
 
-fn put_back<T>(dst: &mut BTreeMap<String, Arc<T>>, old: BTreeMap<String, Option<Arc<T>>>) {
+fn put_back<K: Ord, T>(dst: &mut BTreeMap<K, Arc<T>>, old: BTreeMap<K, Option<Arc<T>>>) {
     for (k, v) in old {
         match v {
             Some(v) => dst.insert(k, v),

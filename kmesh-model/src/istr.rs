@@ -43,6 +43,15 @@ impl Istr {
         Self(a)
     }
 
+    /// A string shared by its holders but not interned: for values that are unique anyway
+    /// (a workload's uid), held by several maps at once as one copy without a table entry.
+    pub fn unique(s: &str) -> Self {
+        if s.is_empty() {
+            return Self::default();
+        }
+        Self(Arc::from(s))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -100,7 +100,9 @@ pub struct ApplicationTunnel {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Workload {
-    pub uid: String,
+    /// Shared, not interned ([`Istr::unique`]): the model's maps and the compiler's indexes
+    /// key on this one copy.
+    pub uid: Istr,
     pub name: String,
     pub namespace: Istr,
     /// The owning workload (deployment) name; telemetry's `*_workload` label (falls back to
@@ -312,7 +314,7 @@ impl Default for OutlierDetection {
 pub struct Model {
     pub node: NodeInfo,
     /// By uid. Entries are shared (`Arc`), so copies of a model made per update are cheap.
-    pub workloads: BTreeMap<String, Arc<Workload>>,
+    pub workloads: BTreeMap<Istr, Arc<Workload>>,
     /// By `namespace/hostname`.
     pub services: BTreeMap<String, Arc<Service>>,
     /// Authorization policies by `namespace/name`.

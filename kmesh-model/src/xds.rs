@@ -165,7 +165,7 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
         keep("extensions", extension_names(&w.extensions));
     }
     Ok(Workload {
-        uid: w.uid,
+        uid: Istr::unique(&w.uid),
         name: w.name,
         namespace: w.namespace.into(),
         workload_name: w.workload_name.into(),
@@ -494,7 +494,7 @@ pub fn policy_from_proto(p: ps::Authorization) -> Result<Policy, ResourceError> 
 
 pub fn workload_to_proto(w: &Workload) -> pw::Workload {
     pw::Workload {
-        uid: w.uid.clone(),
+        uid: w.uid.to_string(),
         name: w.name.clone(),
         namespace: w.namespace.to_string(),
         workload_name: w.workload_name.to_string(),

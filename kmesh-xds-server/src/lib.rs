@@ -46,7 +46,7 @@ pub fn address_resources(m: &kmesh_model::model::Model) -> BTreeMap<String, Vec<
     use kmesh_model::xds::{AddressResource, encode_address};
     let mut out = BTreeMap::new();
     for (uid, w) in &m.workloads {
-        out.insert(uid.clone(), encode_address(&AddressResource::Workload((**w).clone())));
+        out.insert(uid.to_string(), encode_address(&AddressResource::Workload((**w).clone())));
     }
     for (key, s) in &m.services {
         out.insert(key.clone(), encode_address(&AddressResource::Service((**s).clone())));

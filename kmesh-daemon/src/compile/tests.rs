@@ -177,7 +177,7 @@ fn per_workload_target_ports_override_only_when_they_differ() {
     assert_eq!(s.ports.len(), 1);
     let (k, v) = s.ports.iter().next().unwrap();
     let sid = ids.services.get(&SVC.to_string()).unwrap();
-    let b = ids.backends.get(&(sid, "b".to_string(), "10.244.0.3".parse().unwrap())).unwrap();
+    let b = ids.backends.get(&(sid, "b".into(), "10.244.0.3".parse().unwrap())).unwrap();
     assert_eq!(k.backend_id, b);
     assert_eq!(u16::from_be(v.target_port), 9999);
 }
@@ -427,11 +427,11 @@ fn incremental_compilation_matches_a_full_one_through_random_changes() {
                     svc_key(next(8))
                 );
                 let w = config::parse(&text).unwrap().workloads.into_values().next().unwrap();
-                m.workloads.insert(format!("w{i}"), w);
+                m.workloads.insert(w.uid.clone(), w);
             }
             // A workload goes.
             _ => {
-                m.workloads.remove(&format!("w{}", next(30)));
+                m.workloads.remove(format!("w{}", next(30)).as_str());
             }
         }
         // The change as a source hands it over: the keys it touched, and what they held.
@@ -879,7 +879,7 @@ fn an_ejected_address_leaves_its_tables_incrementally() {
     let s0 = c.full(&m, &no_clients(), &MapState::default());
     let mut state = s0.clone();
     let change = |uids: &[&str]| kmesh_model::delta::ModelChange {
-        workloads: uids.iter().map(|u| (u.to_string(), Some(m.workloads[*u].clone()))).collect(),
+        workloads: uids.iter().map(|u| (Istr::from(*u), Some(m.workloads[*u].clone()))).collect(),
         ..Default::default()
     };
     c.ejected.insert("10.244.0.3".parse().unwrap());

@@ -28,7 +28,7 @@ pub(super) enum WaypointDep {
 #[derive(Clone, Debug, Default)]
 pub(super) struct RouteInfo {
     pub(super) deps: Vec<WaypointDep>,
-    pub(super) members: Vec<String>,
+    pub(super) members: Vec<Istr>,
     pub(super) backends: BTreeSet<BackendKey>,
 }
 

@@ -366,7 +366,7 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
                     Some(((share * SHARE_SCALE).round() as u32).clamp(1, kmesh_model::config::MAX_CAPACITY))
                 };
                 let sa = std::net::SocketAddr::new(e.address, e.port);
-                let uid = format!("{key}|{}|{sa}", t.cluster);
+                let uid = Istr::unique(&format!("{key}|{}|{sa}", t.cluster));
                 let mut services = kmesh_model::vecmap::VecMap::default();
                 services.insert(key.clone(), vec![PortMapping { service_port: *port, target_port: e.port }]);
                 model.workloads.insert(
