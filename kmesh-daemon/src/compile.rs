@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::model::*;
 use kmesh_model::delta::ModelChange;
+use kmesh_model::repack;
 use std::sync::Arc;
 
 /// The full contents of the maps that the daemon owns.
@@ -88,12 +89,20 @@ impl MapState {
 
     /// Takes `d` in: what a map holds after `d` was written to it.
     pub fn apply(&mut self, d: Diff) {
-        self.netns.extend(d.set.netns);
-        self.frontends.extend(d.set.frontends);
-        self.tables.extend(d.set.tables);
-        self.endpoints.extend(d.set.endpoints);
-        self.backends.extend(d.set.backends);
-        self.ports.extend(d.set.ports);
+        fn take<K: Ord, V>(m: &mut BTreeMap<K, V>, set: BTreeMap<K, V>) {
+            let n = set.len();
+            m.extend(set);
+            // A full push's entries arrive in key order (see `kmesh_model::repack`).
+            if repack::worth_it(n, m.len()) {
+                repack::map(m);
+            }
+        }
+        take(&mut self.netns, d.set.netns);
+        take(&mut self.frontends, d.set.frontends);
+        take(&mut self.tables, d.set.tables);
+        take(&mut self.endpoints, d.set.endpoints);
+        take(&mut self.backends, d.set.backends);
+        take(&mut self.ports, d.set.ports);
         for k in &d.del_netns {
             self.netns.remove(k);
         }
@@ -232,6 +241,15 @@ impl<K: Ord + Clone> IdPool<K> {
             }
             keep
         });
+    }
+
+    /// Rebuilds the indexes with full nodes when they are large (after a full compilation,
+    /// which fills them in key order).
+    pub fn repack(&mut self) {
+        if repack::worth_it(self.ids.len(), self.ids.len()) {
+            repack::map(&mut self.ids);
+            repack::set(&mut self.in_use);
+        }
     }
 
     /// Forgets one name.
@@ -600,6 +618,14 @@ impl Compiler {
         self.adoptable_backends.clear();
         self.ids.services.retain(&used_services);
         self.ids.backends.retain(&used_backends);
+        // Everything above was filled in key order (see `kmesh_model::repack`).
+        self.ids.services.repack();
+        self.ids.backends.repack();
+        if repack::worth_it(self.fragments.len(), self.fragments.len()) {
+            repack::map(&mut self.members);
+            repack::map(&mut self.fragments);
+            repack::map(&mut self.claims);
+        }
         self.state()
     }
 

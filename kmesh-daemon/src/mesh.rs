@@ -364,6 +364,11 @@ impl Mesh {
         }
         self.source_locality = source_locality;
         self.model_gen += 1;
+        // A bulk change filled the model's maps in key order (see `kmesh_model::repack`).
+        if kmesh_model::repack::worth_it(keys.len(), self.model.workloads.len() + self.model.services.len()) {
+            kmesh_model::repack::map(&mut self.model.workloads);
+            kmesh_model::repack::map(&mut self.model.services);
+        }
         let names = self.authz.policy_ids.iter().map(|(k, v)| (*v, k.clone())).collect();
         let t_obs = std::time::Instant::now();
         self.observer().model_changed(&self.model, &change, names);

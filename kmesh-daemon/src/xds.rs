@@ -264,7 +264,7 @@ impl Parsed {
 /// One step of a merge, as what to put back to undo it.
 enum Undo {
     /// A resource's previous (version, body), by type (one of [`SUBSCRIBED`]) and name.
-    Resource(&'static str, Istr, Option<(String, Parsed)>),
+    Resource(&'static str, Istr, Option<(Istr, Parsed)>),
     /// A model entry's previous value.
     Entry(Kind, Istr, Option<Parsed>),
     /// The previous name of the resource holding a slot whose key is not its name.
@@ -278,7 +278,8 @@ enum Undo {
 pub struct XdsState {
     /// Resources by type and name; a workload named by its uid (as istiod names them) shares
     /// the uid's copy with the model.
-    by_type: BTreeMap<String, BTreeMap<Istr, (String, Parsed)>>,
+    /// Versions are interned: a push usually gives many resources one version.
+    by_type: BTreeMap<String, BTreeMap<Istr, (Istr, Parsed)>>,
     model: Model,
     /// Slots held by a resource of another name (Istio names a resource by its key, so this
     /// is empty in practice), to tell a rename from a second resource claiming a key.
@@ -293,7 +294,7 @@ impl XdsState {
     pub fn versions(&self, type_url: &str) -> HashMap<String, String> {
         self.by_type
             .get(type_url)
-            .map(|m| m.iter().map(|(n, (v, _))| (n.to_string(), v.clone())).collect())
+            .map(|m| m.iter().map(|(n, (v, _))| (n.to_string(), v.to_string())).collect())
             .unwrap_or_default()
     }
 
@@ -313,6 +314,19 @@ impl XdsState {
     /// The model these resources describe.
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// Rebuilds the indexes a batch of `changed` entries filled in bulk (a full push), whose
+    /// B-tree nodes key order left half empty (see `kmesh_model::repack`).
+    fn repack(&mut self, changed: usize) {
+        use kmesh_model::repack::{map, set, worth_it};
+        if !worth_it(changed, self.len()) {
+            return;
+        }
+        self.by_type.values_mut().for_each(map);
+        map(&mut self.model.workloads);
+        map(&mut self.model.services);
+        set(&mut self.local);
     }
 
     /// The resource name holding a model slot, if any.
@@ -512,7 +526,7 @@ fn merge(
         let name = if *key == *r.name { key.clone() } else { Istr::unique(&r.name) };
         // Removed first so that the key held is the new one (an insert keeps the old key).
         let old = items.remove(r.name.as_str());
-        items.insert(name.clone(), (r.version.clone(), p.clone()));
+        items.insert(name.clone(), (Istr::new(&r.version), p.clone()));
         if let Some((_, prev)) = &old
             && prev.slot() != (kind, key.clone())
         {
@@ -588,6 +602,7 @@ pub fn handle_batch(
             .collect();
         return HandledBatch { state: next, replies };
     }
+    next.repack(keys.len());
     let replies = resps
         .iter()
         .zip(rejected)

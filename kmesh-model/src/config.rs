@@ -610,7 +610,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                 authorization_policies: w.authorization_policies,
                 services: services.into(),
                 network_mode,
-                waypoint,
+                waypoint: waypoint.map(Box::new),
                 application_tunnel,
                 priority: 0,
                 unused: BTreeMap::new(),

@@ -5,11 +5,13 @@
 //! - [`delta`]: a change of the model as the keys it touches and what they held before.
 //! - [`alloc`]: addresses for mesh-only hostnames the local file gives none.
 //! - [`xds`]: Istio workload and authorization resources from the control plane.
+//! - [`repack`]: B-tree indexes rebuilt full after a bulk insert in key order.
 
 pub mod alloc;
 pub mod config;
 pub mod delta;
 pub mod istr;
 pub mod model;
+pub mod repack;
 pub mod vecmap;
 pub mod xds;

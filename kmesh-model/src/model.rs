@@ -127,9 +127,10 @@ pub struct Workload {
     pub services: crate::vecmap::VecMap<String, Vec<PortMapping>>,
     pub network_mode: NetworkMode,
     /// The waypoint that connections addressed to this workload go through (Istio's
-    /// `Workload.waypoint`): every TCP port of its addresses.
+    /// `Workload.waypoint`): every TCP port of its addresses. Boxed: few workloads have one,
+    /// and inline it would be a sixth of every workload's size.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub waypoint: Option<GatewayAddress>,
+    pub waypoint: Option<Box<GatewayAddress>>,
     /// Set on waypoints that take PROXY protocol (Istio's `Workload.application_tunnel`): only
     /// such a waypoint endpoint receives redirected connections (it is told where they were
     /// going); one reachable only by HBONE is not used.

@@ -74,9 +74,11 @@ fn required(field: &str, v: &str) -> Result<(), ResourceError> {
 
 pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
     required("Workload.uid", &w.uid)?;
-    let mut addresses = Vec::new();
+    // Exactly as long as the list (a workload holds it for its life); the field is named
+    // only for an error.
+    let mut addresses = Vec::with_capacity(w.addresses.len());
     for (i, a) in w.addresses.iter().enumerate() {
-        addresses.push(ip(&format!("Workload.addresses[{i}]"), a)?);
+        addresses.push(ip("", a).map_err(|e| err(format!("Workload.addresses[{i}]"), e.problem))?);
     }
     let status = match pw::WorkloadStatus::try_from(w.status) {
         Ok(pw::WorkloadStatus::Healthy) => HealthStatus::Healthy,
@@ -183,7 +185,7 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
         authorization_policies: w.authorization_policies,
         services,
         network_mode,
-        waypoint,
+        waypoint: waypoint.map(Box::new),
         application_tunnel,
         priority: 0,
         unused,
@@ -521,7 +523,7 @@ pub fn workload_to_proto(w: &Workload) -> pw::Workload {
             NetworkMode::HostNetwork => pw::NetworkMode::HostNetwork as i32,
         },
         authorization_policies: w.authorization_policies.clone(),
-        waypoint: w.waypoint.as_ref().map(gateway_to_proto),
+        waypoint: w.waypoint.as_deref().map(gateway_to_proto),
         application_tunnel: w.application_tunnel.map(|t| pw::ApplicationTunnel {
             protocol: match t.protocol {
                 TunnelProtocol::None => pw::application_tunnel::Protocol::None as i32,
@@ -865,7 +867,7 @@ mod tests {
             },
             hbone_mtls_port: 15008,
         };
-        assert_eq!(m.waypoint.as_ref(), Some(&waypoint));
+        assert_eq!(m.waypoint.as_deref(), Some(&waypoint));
         assert_eq!(
             m.application_tunnel,
             Some(ApplicationTunnel { protocol: TunnelProtocol::Proxy, port: 15088 })

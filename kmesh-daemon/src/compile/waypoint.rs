@@ -161,7 +161,7 @@ impl Compiler {
             match owner.strip_prefix(WORKLOAD_FRAGMENT) {
                 Some(uid) => {
                     let w = model.workloads.get(uid)?;
-                    let g = w.waypoint.clone()?;
+                    let g = w.waypoint.as_deref()?.clone();
                     (vec![(g, 1)], w.addresses.iter().map(family_of).collect(), vec![PORT_ANY])
                 }
                 None => {
