@@ -26,7 +26,7 @@ fn main() {
         );
         for e in 0..m {
             let mut services = BTreeMap::new();
-            services.insert(key.clone(), vec![]);
+            services.insert(kmesh_daemon::model::Istr::new(&key), vec![]);
             let uid = kmesh_daemon::model::Istr::unique(&format!("w-{s}-{e}"));
             model.workloads.insert(
                 uid.clone(),

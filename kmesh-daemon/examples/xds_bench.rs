@@ -80,7 +80,7 @@ fn workload(svc: usize, ep: usize, m: usize) -> Workload {
     let n = (svc * m + ep) as u32 + 1;
     let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + n);
     let mut services = BTreeMap::new();
-    services.insert(format!("bench/svc-{svc}.bench.svc.cluster.local"), vec![]);
+    services.insert(format!("bench/svc-{svc}.bench.svc.cluster.local").as_str().into(), vec![]);
     Workload {
         uid: format!("Kubernetes//Pod/bench/svc-{svc}-{ep}").as_str().into(),
         name: format!("svc-{svc}-{ep}"),

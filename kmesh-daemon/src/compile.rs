@@ -407,7 +407,7 @@ pub type BackendKey = (u32, Istr, IpAddr);
 pub struct Compiler {
     pub ids: Ids,
     /// Service key -> uids of the workloads that list it.
-    members: BTreeMap<String, BTreeSet<Istr>>,
+    members: BTreeMap<Istr, BTreeSet<Istr>>,
     /// Client locality classes (0: the node).
     classes: BTreeMap<u32, ClientLocality>,
     /// Workloads whose locality defines a class (enrolled clients).
@@ -740,8 +740,8 @@ impl Compiler {
         }
         for (uid, old) in changed_w {
             for w in [old.as_ref(), new.workloads.get(uid)].into_iter().flatten() {
-                affected.extend(w.services.keys().cloned());
-                deps.extend(w.services.keys().map(|k| WaypointDep::Service(k.clone())));
+                affected.extend(w.services.keys().map(|k| k.to_string()));
+                deps.extend(w.services.keys().map(|k| WaypointDep::Service(k.to_string())));
                 deps.extend(w.addresses.iter().map(|a| WaypointDep::Addr(*a)));
                 if w.waypoint.is_some() {
                     affected.insert(format!("{WORKLOAD_FRAGMENT}{uid}"));
@@ -756,7 +756,7 @@ impl Compiler {
         for (uid, old) in changed_w {
             if let Some(w) = old {
                 for key in w.services.keys() {
-                    if let Some(set) = self.members.get_mut(key) {
+                    if let Some(set) = self.members.get_mut(key.as_str()) {
                         set.remove(uid);
                     }
                 }
@@ -812,8 +812,8 @@ impl Compiler {
             if next != MapState::default() {
                 self.fragments.insert(key.clone(), next.into());
             }
-            if self.members.get(&key).is_some_and(|m| m.is_empty()) {
-                self.members.remove(&key);
+            if self.members.get(key.as_str()).is_some_and(|m| m.is_empty()) {
+                self.members.remove(key.as_str());
             }
         }
         // Waypoint routes: of the owners recompiled, and of every waypoint that resolved

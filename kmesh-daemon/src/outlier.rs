@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use kmesh_model::model::{Model, OutlierDetection};
+use kmesh_model::model::{Istr, Model, OutlierDetection};
 
 #[derive(Clone, Debug, Default)]
 struct Host {
@@ -39,7 +39,7 @@ pub struct Detector {
 /// The services an address backs, with their settings (the first service's wins) and member
 /// addresses, for the ejection cap.
 fn services_of(model: &Model, ip: IpAddr) -> Vec<(String, Option<OutlierDetection>, Vec<IpAddr>)> {
-    let keys: BTreeSet<&String> = model
+    let keys: BTreeSet<&Istr> = model
         .workloads
         .values()
         .filter(|w| w.addresses.contains(&ip))
@@ -53,7 +53,7 @@ fn services_of(model: &Model, ip: IpAddr) -> Vec<(String, Option<OutlierDetectio
                 .filter(|w| w.services.get(k.as_str()).is_some())
                 .flat_map(|w| w.addresses.first().copied())
                 .collect();
-            (k.clone(), model.services.get(k).and_then(|s| s.outlier), members)
+            (k.to_string(), model.services.get(k.as_str()).and_then(|s| s.outlier), members)
         })
         .collect()
 }
@@ -189,11 +189,11 @@ mod tests {
         m.services.insert("ns/s".into(), Arc::new(Service { outlier: cfg, ..Default::default() }));
         for i in 1..=n {
             let mut services = kmesh_model::vecmap::VecMap::default();
-            services.insert("ns/s".to_string(), Vec::<PortMapping>::new());
+            services.insert(Istr::new("ns/s"), Vec::<PortMapping>::new());
             m.workloads.insert(
-                crate::model::Istr::unique(&format!("w{i}")),
+                Istr::unique(&format!("w{i}")),
                 Arc::new(Workload {
-                    uid: crate::model::Istr::unique(&format!("w{i}")),
+                    uid: Istr::unique(&format!("w{i}")),
                     addresses: vec![IpAddr::from([10, 0, 0, i])],
                     services,
                     ..Default::default()

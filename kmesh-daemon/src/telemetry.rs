@@ -676,7 +676,7 @@ impl Telemetry {
         let w = dst?;
         // The destination workload's own services, in key order (a few), not every service.
         for (key, maps) in &w.services {
-            let Some(s) = self.index.by_key.get(key) else { continue };
+            let Some(s) = self.index.by_key.get(key.as_str()) else { continue };
             {
                 let hit = s.ports.iter().any(|p| {
                     let target = maps

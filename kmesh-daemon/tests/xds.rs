@@ -203,7 +203,7 @@ fn scale_resources(n: usize, m: usize) -> BTreeMap<String, Vec<u8>> {
                 name: format!("svc-{s}-{e}"),
                 namespace: "bench".into(),
                 addresses: vec![IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + k))],
-                services: [(format!("bench/{hostname}"), vec![])].into_iter().collect(),
+                services: [(format!("bench/{hostname}").as_str().into(), vec![])].into_iter().collect(),
                 ..Default::default()
             };
             res.insert(w.uid.to_string(), encode_address(&AddressResource::Workload(w)));

@@ -586,7 +586,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                     target_port: port(&format!("{pf}.target_port"), p.target_port, true)?,
                 });
             }
-            services.insert(key, maps);
+            services.insert(Istr::new(&key), maps);
         }
         let uid = Istr::unique(&w.uid);
         model.workloads.insert(

@@ -123,8 +123,9 @@ pub struct Workload {
     pub capacity: Option<u32>,
     /// Selector-based policies that apply to this workload, as `namespace/name`.
     pub authorization_policies: Vec<String>,
-    /// Services this workload backs, keyed `namespace/hostname`, with per-workload port maps.
-    pub services: crate::vecmap::VecMap<String, Vec<PortMapping>>,
+    /// Services this workload backs, keyed `namespace/hostname` (interned: a service's
+    /// endpoints share one copy), with per-workload port maps.
+    pub services: crate::vecmap::VecMap<Istr, Vec<PortMapping>>,
     pub network_mode: NetworkMode,
     /// The waypoint that connections addressed to this workload go through (Istio's
     /// `Workload.waypoint`): every TCP port of its addresses. Boxed: few workloads have one,

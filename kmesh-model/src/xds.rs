@@ -108,7 +108,7 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
                 .map_err(|e| err(f(&format!(".ports[{j}].target_port")), e.problem))?;
             maps.push(PortMapping { service_port, target_port });
         }
-        services.insert(key, maps);
+        services.insert(Istr::new(&key), maps);
     }
     let locality = w.locality.map(|l| Locality {
         region: l.region.into(),
@@ -543,7 +543,7 @@ pub fn workload_to_proto(w: &Workload) -> pw::Workload {
                         app_protocol: 0,
                     })
                     .collect();
-                (k.clone(), pw::PortList { ports })
+                (k.to_string(), pw::PortList { ports })
             })
             .collect(),
         ..Default::default()

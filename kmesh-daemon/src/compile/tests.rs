@@ -473,7 +473,10 @@ fn incremental_compilation_matches_a_full_one_through_random_changes() {
     for ((sid, uid, addr), _) in compiler.ids.backends.iter() {
         let key = sids.get(sid).expect("backend id of a removed service");
         let w = model.workloads.get(uid).expect("backend id of a removed workload");
-        assert!(w.services.contains_key(*key) && w.addresses.contains(addr), "stale backend id {uid} {addr}");
+        assert!(
+            w.services.contains_key(key.as_str()) && w.addresses.contains(addr),
+            "stale backend id {uid} {addr}"
+        );
     }
 }
 

@@ -83,7 +83,7 @@ impl NameTable {
         if !backends.is_empty() {
             for w in model.workloads.values().filter(|w| w.status == HealthStatus::Healthy) {
                 for key in w.services.keys() {
-                    if let Some((v4, v6)) = backends.get_mut(key) {
+                    if let Some((v4, v6)) = backends.get_mut(key.as_str()) {
                         for ip in &w.addresses {
                             match split(*ip) {
                                 IpAddr::V4(a) => v4.insert(a),
@@ -272,7 +272,7 @@ pub(crate) mod tests {
             namespace: backs.namespace.as_str().into(),
             addresses: vec![ip.parse().unwrap()],
             status: if healthy { HealthStatus::Healthy } else { HealthStatus::Unhealthy },
-            services: [(backs.key(), vec![])].into_iter().collect(),
+            services: [(backs.key().into(), vec![])].into_iter().collect(),
             ..Default::default()
         }
     }

@@ -368,7 +368,8 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
                 let sa = std::net::SocketAddr::new(e.address, e.port);
                 let uid = Istr::unique(&format!("{key}|{}|{sa}", t.cluster));
                 let mut services = kmesh_model::vecmap::VecMap::default();
-                services.insert(key.clone(), vec![PortMapping { service_port: *port, target_port: e.port }]);
+                services
+                    .insert(Istr::new(key), vec![PortMapping { service_port: *port, target_port: e.port }]);
                 model.workloads.insert(
                     uid.clone(),
                     Arc::new(Workload {
