@@ -278,7 +278,7 @@ enum Undo {
 pub struct XdsState {
     /// Resources by type and name; a workload named by its uid (as istiod names them) shares
     /// the uid's copy with the model.
-    /// Versions are interned: a push usually gives many resources one version.
+    /// Consecutive resources of a response with the same version share one copy of it.
     by_type: BTreeMap<String, BTreeMap<Istr, (Istr, Parsed)>>,
     model: Model,
     /// Slots held by a resource of another name (Istio names a resource by its key, so this
@@ -479,6 +479,9 @@ fn merge(
         rejected.push(format!("type {:?} was not subscribed", resp.type_url));
         return rejected;
     };
+    // Resources of one push often share a version (one copy for them all); a control plane
+    // that versions each resource apart pays one copy each and no table.
+    let mut version = Istr::default();
     // Room for every undo record a full push makes (a resource and its model entry each), so
     // that the log of a 100k-resource push is not grown by doubling.
     undo.reserve(2 * resp.resources.len() + resp.removed_resources.len());
@@ -526,7 +529,10 @@ fn merge(
         let name = if *key == *r.name { key.clone() } else { Istr::unique(&r.name) };
         // Removed first so that the key held is the new one (an insert keeps the old key).
         let old = items.remove(r.name.as_str());
-        items.insert(name.clone(), (Istr::new(&r.version), p.clone()));
+        if *version != *r.version {
+            version = Istr::unique(&r.version);
+        }
+        items.insert(name.clone(), (version.clone(), p.clone()));
         if let Some((_, prev)) = &old
             && prev.slot() != (kind, key.clone())
         {
