@@ -714,6 +714,9 @@ async fn channel(o: &XdsOptions) -> Result<Channel, XdsError> {
     let mut ep =
         Endpoint::from_shared(format!("{scheme}://{}", o.address)).map_err(|e| bad(e.to_string()))?;
     ep = ep.connect_timeout(Duration::from_secs(5)).http2_keep_alive_interval(Duration::from_secs(30));
+    // HTTP/2 flow-control windows sized for full pushes (tens of MB), not hyper's 64 KiB
+    // defaults, under which a large response waits on window updates.
+    ep = ep.initial_stream_window_size(Some(4 << 20)).initial_connection_window_size(Some(8 << 20));
     if let Some(ca) = &o.ca_file {
         let pem = std::fs::read(ca).map_err(|source| XdsError::Ca { path: ca.clone(), source })?;
         let host = o
