@@ -65,16 +65,41 @@ struct Table {
 
 static TABLE: Mutex<Option<Table>> = Mutex::new(None);
 
+/// The most values a thread keeps at hand (see `RECENT`).
+const RECENT_MAX: usize = 256;
+
+thread_local! {
+    /// Values this thread looked up lately: a push repeats a few labels on every workload, so
+    /// threads decoding one in parallel find nearly all of them here, without the table's lock.
+    /// Bounded (emptied when full): what it keeps alive is a few hundred strings at most.
+    static RECENT: std::cell::RefCell<HashSet<Thin>> = std::cell::RefCell::new(HashSet::new());
+}
+
 impl Istr {
     /// The shared copy of `s`.
     pub fn new(s: &str) -> Self {
         if s.is_empty() {
             return Self::default();
         }
+        if let Some(a) = RECENT.with(|r| r.borrow().get(s).cloned()) {
+            return Self(Some(a));
+        }
+        let a = Self::from_table(s);
+        RECENT.with(|r| {
+            let mut r = r.borrow_mut();
+            if r.len() >= RECENT_MAX {
+                r.clear();
+            }
+            r.insert(a.clone());
+        });
+        Self(Some(a))
+    }
+
+    fn from_table(s: &str) -> Thin {
         let mut guard = TABLE.lock().unwrap_or_else(|p| p.into_inner());
         let t = guard.get_or_insert_with(|| Table { set: HashSet::new(), sweep_at: 1024 });
         if let Some(a) = t.set.get(s) {
-            return Self(Some(a.clone()));
+            return a.clone();
         }
         if t.set.len() >= t.sweep_at {
             t.set.retain(|a| ThinArc::strong_count(&a.0) > 1);
@@ -82,7 +107,7 @@ impl Istr {
         }
         let a = Thin::new(s);
         t.set.insert(a.clone());
-        Self(Some(a))
+        a
     }
 
     /// A string shared by its holders but not interned: for values that are unique anyway
