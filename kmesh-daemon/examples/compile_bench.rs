@@ -32,7 +32,7 @@ fn main() {
                 uid.clone(),
                 Arc::new(Workload {
                     uid,
-                    name: String::new(),
+                    name: Default::default(),
                     namespace: "bench".into(),
                     workload_name: Default::default(),
                     canonical_name: Default::default(),

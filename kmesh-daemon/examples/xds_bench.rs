@@ -83,7 +83,7 @@ fn workload(svc: usize, ep: usize, m: usize) -> Workload {
     services.insert(format!("bench/svc-{svc}.bench.svc.cluster.local").as_str().into(), vec![]);
     Workload {
         uid: format!("Kubernetes//Pod/bench/svc-{svc}-{ep}").as_str().into(),
-        name: format!("svc-{svc}-{ep}"),
+        name: format!("svc-{svc}-{ep}").as_str().into(),
         namespace: "bench".into(),
         workload_name: Default::default(),
         canonical_name: Default::default(),

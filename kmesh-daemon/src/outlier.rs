@@ -53,7 +53,11 @@ fn services_of(model: &Model, ip: IpAddr) -> Vec<(String, Option<OutlierDetectio
                 .filter(|w| w.services.get(k.as_str()).is_some())
                 .flat_map(|w| w.addresses.first().copied())
                 .collect();
-            (k.to_string(), model.services.get(k.as_str()).and_then(|s| s.outlier), members)
+            (
+                k.to_string(),
+                model.services.get(k.as_str()).and_then(|s| s.outlier.as_deref().copied()),
+                members,
+            )
         })
         .collect()
 }
@@ -186,7 +190,8 @@ mod tests {
 
     fn model(n: u8, cfg: Option<OutlierDetection>) -> Model {
         let mut m = Model::default();
-        m.services.insert("ns/s".into(), Arc::new(Service { outlier: cfg, ..Default::default() }));
+        m.services
+            .insert("ns/s".into(), Arc::new(Service { outlier: cfg.map(Box::new), ..Default::default() }));
         for i in 1..=n {
             let mut services = kmesh_model::vecmap::VecMap::default();
             services.insert(Istr::new("ns/s"), Vec::<PortMapping>::new());

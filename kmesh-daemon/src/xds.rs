@@ -496,7 +496,8 @@ fn decode_one(type_url: &str, r: &mut Resource) -> Result<Parsed, String> {
 /// is most of a full push's time in the daemon, and each resource decodes on its own).
 fn decode_all(type_url: &str, resources: &mut [Resource]) -> Vec<Result<Parsed, String>> {
     const PER_THREAD: usize = 4096;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(resources.len() / PER_THREAD);
+    let threads =
+        std::thread::available_parallelism().map_or(1, |n| n.get()).min(resources.len() / PER_THREAD);
     if threads <= 1 {
         return resources.iter_mut().map(|r| decode_one(type_url, r)).collect();
     }
@@ -535,8 +536,11 @@ fn merge(
     let started = std::time::Instant::now();
     let parsed = decode_all(type_url, &mut resp.resources);
     if resp.resources.len() >= 1024 {
-        tracing::debug!(resources = resp.resources.len(), elapsed_us = started.elapsed().as_micros() as u64,
-            "resources decoded");
+        tracing::debug!(
+            resources = resp.resources.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "resources decoded"
+        );
     }
     for (r, parsed) in resp.resources.iter().zip(parsed) {
         let p = match parsed {

@@ -510,7 +510,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             address_ranges,
             ports,
             load_balancing: lb,
-            waypoint,
+            waypoint: waypoint.map(Box::new),
             weighted_waypoints,
             outlier: None,
             max_connections: None,
@@ -593,7 +593,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             uid.clone(),
             std::sync::Arc::new(Workload {
                 uid,
-                name: w.name,
+                name: Istr::unique(&w.name),
                 namespace: w.namespace.into(),
                 workload_name: w.workload_name.into(),
                 canonical_name: w.canonical_name.into(),
@@ -883,7 +883,7 @@ workloads:
         .unwrap();
         let a = &m.services["n/a.n.svc.cluster.local"];
         assert_eq!(
-            a.waypoint,
+            a.waypoint.as_deref().cloned(),
             Some(GatewayAddress {
                 destination: GatewayDestination::Hostname {
                     namespace: "n".into(),

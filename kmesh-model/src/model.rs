@@ -103,7 +103,8 @@ pub struct Workload {
     /// Shared, not interned ([`Istr::unique`]): the model's maps and the compiler's indexes
     /// key on this one copy.
     pub uid: Istr,
-    pub name: String,
+    /// The pod's name (shared, not interned, as the uid).
+    pub name: Istr,
     pub namespace: Istr,
     /// The owning workload (deployment) name; telemetry's `*_workload` label (falls back to
     /// `name`).
@@ -255,9 +256,10 @@ pub struct Service {
     pub load_balancing: LoadBalancing,
     /// The waypoint connections to this service's TCP ports go through (Istio's
     /// `Service.waypoint`), and `weighted_waypoints` to choose among by weight per connection
-    /// (when given, `waypoint` is not used).
+    /// (when given, `waypoint` is not used). Boxed, as the outlier settings: few services have
+    /// them, and inline they would be a quarter of every service's size.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub waypoint: Option<GatewayAddress>,
+    pub waypoint: Option<Box<GatewayAddress>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub weighted_waypoints: Vec<WeightedWaypoint>,
     /// The most connections open to this service at once (Envoy's circuit breaker
@@ -267,7 +269,7 @@ pub struct Service {
     /// Passive outlier detection for this service's endpoints (Envoy's
     /// `Cluster.outlier_detection`; `None`: the node's default, if any).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub outlier: Option<OutlierDetection>,
+    pub outlier: Option<Box<OutlierDetection>>,
     /// `addresses` were allocated by this data plane (see [`crate::alloc`]), not given.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub auto_allocated: bool,

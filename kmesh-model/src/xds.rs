@@ -168,7 +168,7 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
     }
     Ok(Workload {
         uid: Istr::unique(&w.uid),
-        name: w.name,
+        name: Istr::unique(&w.name),
         namespace: w.namespace.into(),
         workload_name: w.workload_name.into(),
         canonical_name: w.canonical_name.into(),
@@ -396,7 +396,7 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
         address_ranges,
         ports,
         load_balancing,
-        waypoint,
+        waypoint: waypoint.map(Box::new),
         weighted_waypoints,
         outlier: None,
         max_connections: None,
@@ -497,7 +497,7 @@ pub fn policy_from_proto(p: ps::Authorization) -> Result<Policy, ResourceError> 
 pub fn workload_to_proto(w: &Workload) -> pw::Workload {
     pw::Workload {
         uid: w.uid.to_string(),
-        name: w.name.clone(),
+        name: w.name.to_string(),
         namespace: w.namespace.to_string(),
         workload_name: w.workload_name.to_string(),
         canonical_name: w.canonical_name.to_string(),
@@ -602,7 +602,7 @@ pub fn service_to_proto(s: &Service) -> pw::Service {
                 HealthPolicy::AllowAll => H::AllowAll,
             }) as i32,
         }),
-        waypoint: s.waypoint.as_ref().map(gateway_to_proto),
+        waypoint: s.waypoint.as_deref().map(gateway_to_proto),
         weighted_waypoints: s
             .weighted_waypoints
             .iter()

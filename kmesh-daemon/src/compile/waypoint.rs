@@ -38,7 +38,7 @@ pub fn service_waypoints(svc: &Service) -> Vec<(&GatewayAddress, u32)> {
     if !svc.weighted_waypoints.is_empty() {
         return svc.weighted_waypoints.iter().map(|w| (&w.destination, w.weight)).collect();
     }
-    svc.waypoint.iter().map(|g| (g, 1)).collect()
+    svc.waypoint.iter().map(|g| (&**g, 1)).collect()
 }
 
 /// The port a waypoint endpoint takes redirected connections on: its PROXY application

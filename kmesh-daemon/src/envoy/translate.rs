@@ -338,7 +338,7 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
                 addresses,
                 ports: vec![ServicePort { service_port: *port, target_port: 0, protocol: Protocol::Tcp }],
                 load_balancing: LoadBalancing { policy, ..Default::default() },
-                outlier,
+                outlier: outlier.map(Box::new),
                 max_connections,
                 ..Default::default()
             }),
@@ -374,7 +374,7 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
                     uid.clone(),
                     Arc::new(Workload {
                         uid,
-                        name: sa.to_string(),
+                        name: Istr::unique(&sa.to_string()),
                         namespace: Istr::new(NAMESPACE),
                         workload_name: Istr::new(&t.cluster),
                         canonical_name: Istr::new(&t.cluster),
@@ -457,7 +457,7 @@ mod tests {
         let svc = &m.services["envoy/l:c"];
         assert_eq!(svc.addresses, ["10.96.0.11".parse::<IpAddr>().unwrap()]);
         let caps: BTreeMap<String, Option<u32>> =
-            m.workloads.values().map(|w| (w.name.clone(), w.capacity)).collect();
+            m.workloads.values().map(|w| (w.name.to_string(), w.capacity)).collect();
         // a: 1/4; b: 3/4 split 1:3.
         assert_eq!(
             caps,
