@@ -213,3 +213,79 @@ impl<Resp: Message + Default> Inbound<Resp> {
         Ok(Some(m))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kmesh_proto::discovery::Resource;
+
+    /// Responses as a control plane sends them: the given data frames, then trailers.
+    fn inbound(data: Vec<Bytes>, status: Code, max_message: usize) -> Inbound<DeltaDiscoveryResponse> {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", (status as i32).to_string().parse().unwrap());
+        let frames: Vec<Result<Frame<Bytes>, Status>> =
+            data.into_iter().map(|d| Ok(Frame::data(d))).chain([Ok(Frame::trailers(trailers))]).collect();
+        let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+        Inbound {
+            body: tonic::body::Body::new(body),
+            buf: BytesMut::new(),
+            max_message,
+            ended: None,
+            _msg: std::marker::PhantomData,
+        }
+    }
+
+    fn response(nonce: &str, resources: usize) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            nonce: nonce.into(),
+            resources: (0..resources)
+                .map(|i| Resource {
+                    name: format!("resource-{i:08}"),
+                    version: "v1".into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn messages_across_frames_are_read_in_order_and_a_large_ones_buffer_is_given_back() {
+        let big = response("big", 60_000);
+        let small = response("small", 1);
+        let mut wire = BytesMut::new();
+        wire.extend_from_slice(&frame(&big));
+        wire.extend_from_slice(&frame(&small));
+        assert!(wire.len() > 16 * KEEP, "{}", wire.len());
+        // Cut anywhere: 16 KiB data frames, the small message's start in the big one's last frame.
+        let frames: Vec<Bytes> = wire.freeze().chunks(16 * 1024).map(Bytes::copy_from_slice).collect();
+        let mut s = inbound(frames, Code::Ok, 64 << 20);
+        block_on(async {
+            assert_eq!(s.message().await.unwrap(), Some(big));
+            assert!(s.buf.capacity() <= KEEP, "the large buffer is kept: {} bytes", s.buf.capacity());
+            assert_eq!(s.message().await.unwrap(), Some(small));
+            assert_eq!(s.message().await.unwrap(), None, "the call ended with an OK status");
+        });
+    }
+
+    #[test]
+    fn an_error_status_a_cut_message_and_an_oversized_one_are_errors_that_say_so() {
+        let one = frame(&response("one", 1));
+        let mut s = inbound(vec![one.clone()], Code::Unavailable, 64 << 20);
+        block_on(async {
+            assert!(s.message().await.unwrap().is_some());
+            assert_eq!(s.message().await.unwrap_err().code(), Code::Unavailable);
+        });
+        let mut s = inbound(vec![one.slice(..one.len() - 1)], Code::Ok, 64 << 20);
+        let e = block_on(s.message()).unwrap_err();
+        assert!(e.message().contains("inside a message"), "{e}");
+        let mut s = inbound(vec![frame(&response("big", 100))], Code::Ok, 64);
+        let e = block_on(s.message()).unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        assert!(e.message().contains("too large") && e.message().contains("--xds-max-message-bytes"), "{e}");
+    }
+}
