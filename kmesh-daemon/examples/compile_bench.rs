@@ -13,7 +13,7 @@ fn main() {
     for s in 0..n {
         let key = format!("bench/svc-{s}.bench.svc.cluster.local");
         model.services.insert(
-            key.clone(),
+            kmesh_daemon::model::Istr::new(&key),
             Arc::new(Service {
                 name: format!("svc-{s}"),
                 namespace: "bench".into(),

@@ -573,11 +573,11 @@ impl Compiler {
         let mut route_owners = Vec::new();
         for (key, svc) in &model.services {
             if let Some(frag) = self.compile_service(model, key, svc, prev, &mut used_backends) {
-                used_services.insert(key.clone());
+                used_services.insert(key.to_string());
                 if frag.frontends.values().any(|v| v.waypoint_id != 0) {
-                    route_owners.push(key.clone());
+                    route_owners.push(key.to_string());
                 }
-                self.fragments.insert(key.clone(), frag.into());
+                self.fragments.insert(key.to_string(), frag.into());
             }
         }
         for w in model.workloads.values().filter(|w| w.waypoint.is_some()) {
@@ -729,11 +729,11 @@ impl Compiler {
         if changed_w.keys().any(|uid| self.class_workloads.contains(uid.as_str())) {
             return None;
         }
-        let mut affected: BTreeSet<String> = change.services.keys().cloned().collect();
+        let mut affected: BTreeSet<String> = change.services.keys().map(|k| k.to_string()).collect();
         // What waypoint routes may have resolved through (recompiled below).
         let mut deps: BTreeSet<WaypointDep> = BTreeSet::new();
         for (k, old) in &change.services {
-            deps.insert(WaypointDep::Service(k.clone()));
+            deps.insert(WaypointDep::Service(k.to_string()));
             for svc in [old.as_ref(), new.services.get(k)].into_iter().flatten() {
                 deps.extend(svc.addresses.iter().map(|a| WaypointDep::Addr(*a)));
             }
@@ -792,7 +792,7 @@ impl Compiler {
             let mut used_backends = BTreeSet::new();
             let next = match key.strip_prefix(WORKLOAD_FRAGMENT) {
                 Some(uid) => new.workloads.get(uid).and_then(|w| self.compile_workload_frontends(w, &prev)),
-                None => match new.services.get(&key) {
+                None => match new.services.get(key.as_str()) {
                     Some(svc) => self.compile_service(new, &key, svc, &prev, &mut used_backends),
                     None => None,
                 },

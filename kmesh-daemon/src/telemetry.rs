@@ -449,7 +449,7 @@ struct Index {
     /// (VIP, port) -> services, smallest key first: a shared VIP belongs to the first service
     /// key (the compiler's rule).
     services: HashMap<(IpAddr, u16), Claimants<Service>>,
-    by_key: HashMap<String, Arc<Service>>,
+    by_key: HashMap<kmesh_model::model::Istr, Arc<Service>>,
 }
 
 /// What an index key leads to: usually one value; when several claim it, all of them in key

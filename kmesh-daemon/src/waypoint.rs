@@ -54,7 +54,7 @@ pub fn host_changes<'a>(
     let mut del = Vec::new();
     for (fk, v) in &d.set.frontends {
         let slot = (v.waypoint_id != 0)
-            .then(|| owner(fk).and_then(|k| model.services.get(k)))
+            .then(|| owner(fk).and_then(|k| model.services.get(k.as_str())))
             .flatten()
             .and_then(|svc| hostname_slot(&svc.hostname));
         match slot {

@@ -255,7 +255,8 @@ impl Parsed {
     fn slot(&self) -> (Kind, Istr) {
         match self {
             Parsed::Workload(w) => (Kind::Workload, w.uid.clone()),
-            Parsed::Service(s) => (Kind::Service, Istr::unique(&s.key())),
+            // Interned: the key workloads list the service by, so the two share one copy.
+            Parsed::Service(s) => (Kind::Service, Istr::new(&s.key())),
             Parsed::Policy(p) => (Kind::Policy, Istr::unique(&p.key())),
         }
     }
@@ -358,7 +359,7 @@ impl XdsState {
                 prev.map(Parsed::Workload)
             }
             (Kind::Service, Some(Parsed::Service(s))) => {
-                m.services.insert(key.to_string(), s).map(Parsed::Service)
+                m.services.insert(key.clone(), s).map(Parsed::Service)
             }
             (Kind::Policy, Some(Parsed::Policy(p))) => {
                 m.policies.insert(key.to_string(), p).map(Parsed::Policy)
@@ -456,7 +457,7 @@ impl XdsState {
 fn touched(keys: &mut ModelKeys, kind: Kind, key: Istr) {
     match kind {
         Kind::Workload => keys.workloads.insert(key),
-        Kind::Service => keys.services.insert(key.to_string()),
+        Kind::Service => keys.services.insert(key),
         Kind::Policy => keys.policies.insert(key.to_string()),
     };
 }

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use crate::model::{Model, Service};
+use crate::model::{Istr, Model, Service};
 
 /// Whether a service gets addresses: none given (no VIP, no range), a plain hostname (not a
 /// wildcard), and not a Kubernetes service name (`name.namespace.svc...`, where no address
@@ -48,7 +48,7 @@ fn v6(low: u64) -> IpAddr {
 pub fn auto_allocate(model: &mut Model) {
     let mut used: BTreeSet<IpAddr> =
         model.services.values().flat_map(|s| s.addresses.iter().copied()).collect();
-    let keys: Vec<String> =
+    let keys: Vec<Istr> =
         model.services.iter().filter(|(_, s)| needs_address(s)).map(|(k, _)| k.clone()).collect();
     for key in keys {
         let svc = model.services.get_mut(&key).expect("key taken from the map");
@@ -133,7 +133,7 @@ mod tests {
                 hostname: format!("h{i}.example.com"),
                 ..Default::default()
             };
-            m.services.insert(s.key(), Arc::new(s));
+            m.services.insert(s.key().into(), Arc::new(s));
         }
         auto_allocate(&mut m);
         let all: BTreeSet<IpAddr> = m.services.values().flat_map(|s| s.addresses.iter().copied()).collect();

@@ -517,7 +517,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             auto_allocated: false,
             unused: BTreeMap::new(),
         };
-        let key = svc.key();
+        let key = Istr::new(&svc.key());
         if model.services.contains_key(&key) {
             return Err(invalid(format!("{f}.hostname"), format!("service {key} is defined twice")));
         }

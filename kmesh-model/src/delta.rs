@@ -14,7 +14,7 @@ use crate::model::{Model, NodeInfo, Policy, Service, Workload};
 pub struct ModelKeys {
     pub node: bool,
     pub workloads: BTreeSet<Istr>,
-    pub services: BTreeSet<String>,
+    pub services: BTreeSet<Istr>,
     pub policies: BTreeSet<String>,
 }
 
@@ -53,7 +53,7 @@ pub struct ModelChange {
     /// The node before, when it changed.
     pub node: Option<NodeInfo>,
     pub workloads: BTreeMap<Istr, Option<Arc<Workload>>>,
-    pub services: BTreeMap<String, Option<Arc<Service>>>,
+    pub services: BTreeMap<Istr, Option<Arc<Service>>>,
     pub policies: BTreeMap<String, Option<Arc<Policy>>>,
 }
 

@@ -319,8 +319,9 @@ pub struct Model {
     pub node: NodeInfo,
     /// By uid. Entries are shared (`Arc`), so copies of a model made per update are cheap.
     pub workloads: BTreeMap<Istr, Arc<Workload>>,
-    /// By `namespace/hostname`.
-    pub services: BTreeMap<String, Arc<Service>>,
+    /// By `namespace/hostname` (interned: the key workloads list their services by, one copy
+    /// shared by every index).
+    pub services: BTreeMap<Istr, Arc<Service>>,
     /// Authorization policies by `namespace/name`.
     pub policies: BTreeMap<String, Arc<Policy>>,
 }

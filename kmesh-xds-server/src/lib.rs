@@ -49,7 +49,7 @@ pub fn address_resources(m: &kmesh_model::model::Model) -> BTreeMap<String, Vec<
         out.insert(uid.to_string(), encode_address(&AddressResource::Workload((**w).clone())));
     }
     for (key, s) in &m.services {
-        out.insert(key.clone(), encode_address(&AddressResource::Service((**s).clone())));
+        out.insert(key.to_string(), encode_address(&AddressResource::Service((**s).clone())));
     }
     out
 }

@@ -409,11 +409,11 @@ fn incremental_compilation_matches_a_full_one_through_random_changes() {
                     80 + next(3)
                 );
                 let s = config::parse(&text).unwrap().services.into_values().next().unwrap();
-                m.services.insert(svc_key(i), s);
+                m.services.insert(svc_key(i).into(), s);
             }
             // A service goes.
             2 => {
-                m.services.remove(&svc_key(next(8)));
+                m.services.remove(svc_key(next(8)).as_str());
             }
             // A workload appears, moves or changes health.
             3 | 4 => {

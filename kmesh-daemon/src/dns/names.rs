@@ -279,7 +279,7 @@ pub(crate) mod tests {
 
     pub(crate) fn model(services: Vec<Service>, workloads: Vec<Workload>) -> Model {
         Model {
-            services: services.into_iter().map(|s| (s.key(), Arc::new(s))).collect(),
+            services: services.into_iter().map(|s| (s.key().into(), Arc::new(s))).collect(),
             workloads: workloads.into_iter().map(|w| (w.uid.clone(), Arc::new(w))).collect(),
             ..Default::default()
         }

@@ -330,7 +330,7 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
         let max_connections = first.and_then(|c| c.max_connections);
         let name = targets.iter().map(|t| t.cluster.as_str()).collect::<Vec<_>>().join("+");
         model.services.insert(
-            key.clone(),
+            Istr::new(key),
             Arc::new(Service {
                 name: name.clone(),
                 namespace: NAMESPACE.into(),
