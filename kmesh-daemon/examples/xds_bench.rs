@@ -9,6 +9,7 @@
 //!   cargo build --release --bins --examples && target/release/examples/xds_bench [N] [M] [CHURN_SECS] [POLICED_PERCENT]
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -123,7 +124,17 @@ fn main() -> anyhow::Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let admin_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let spawn = || {
-        with_default_signals(&mut Command::new(&bin))
+        let mut cmd = Command::new(&bin);
+        // A bench that dies (a closed pipe, ^C) takes its daemon along, whose
+        // --uninstall-on-exit then removes its pins. The thread that spawns is the main one.
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        with_default_signals(&mut cmd)
             .args([
                 "run",
                 "--xds-address",
@@ -189,6 +200,7 @@ fn main() -> anyhow::Result<()> {
         }
         let t0 = Instant::now();
         cp.replace_all(ADDRESS_TYPE, res);
+        println!("the control plane took the resources in {:.2?}", t0.elapsed());
         let full = wait_until("all maps written", Duration::from_secs(600), || {
             metric(admin_addr, "kmesh_map_entries{map=\"FRONTENDS\"}") == n as f64
                 && metric(admin_addr, "kmesh_map_entries{map=\"ENDPOINTS\"}") == (n * m) as f64

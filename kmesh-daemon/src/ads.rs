@@ -100,6 +100,7 @@ impl Ads {
             buf: BytesMut::new(),
             max_message: self.max_message,
             ended: None,
+            receiving: None,
             _msg: std::marker::PhantomData,
         })
     }
@@ -140,6 +141,8 @@ pub struct Inbound<Resp> {
     max_message: usize,
     /// How the call ended, once its trailers (or an error) came.
     ended: Option<Status>,
+    /// When the first bytes of a large message came (for the debug log of its receipt).
+    receiving: Option<std::time::Instant>,
     _msg: std::marker::PhantomData<fn() -> Resp>,
 }
 
@@ -199,10 +202,22 @@ impl<Resp: Message + Default> Inbound<Resp> {
         if self.buf.len() < PREFIX + len {
             // Room for the whole message at once, not by doubling.
             self.buf.reserve(PREFIX + len - self.buf.len());
+            if len > KEEP && self.receiving.is_none() {
+                self.receiving = Some(std::time::Instant::now());
+            }
             return Ok(None);
         }
+        let decoding = std::time::Instant::now();
         let m = Resp::decode(&self.buf[PREFIX..PREFIX + len])
             .map_err(|e| Status::internal(format!("a response does not decode: {e}")))?;
+        if let Some(since) = self.receiving.take() {
+            tracing::debug!(
+                bytes = len,
+                receive_us = (decoding - since).as_micros() as u64,
+                envelope_decode_us = decoding.elapsed().as_micros() as u64,
+                "large response received"
+            );
+        }
         self.buf.advance(PREFIX + len);
         if PREFIX + len > KEEP {
             // Give the large buffer back (its capacity no longer counts the bytes advanced
@@ -231,6 +246,7 @@ mod tests {
             buf: BytesMut::new(),
             max_message,
             ended: None,
+            receiving: None,
             _msg: std::marker::PhantomData,
         }
     }

@@ -148,6 +148,33 @@ impl MapState {
     }
 }
 
+/// A quick estimate of the load-balancing peaks a full compilation of `model` over `prev`
+/// reaches, from the model's sizes alone (a frontend per service address and port, a table
+/// per service, an endpoint and a backend per membership of a workload with an address): what
+/// maps to grow before the compilation has said exactly (see `Dataplane::prepare_grow`).
+/// Hash rings and locality classes make more entries, so it is a guess, never a limit.
+pub fn expected_peaks(model: &Model, prev: &MapState) -> MapCounts {
+    let mut n = MapCounts::default();
+    for svc in model.services.values() {
+        if svc.load_balancing.mode != LbMode::Passthrough {
+            n.frontends += svc.addresses.len() * svc.ports.len();
+            n.tables += usize::from(!svc.addresses.is_empty() && !svc.ports.is_empty());
+        }
+    }
+    for w in model.workloads.values().filter(|w| !w.addresses.is_empty()) {
+        n.endpoints += w.services.len();
+    }
+    n.backends = n.endpoints;
+    MapCounts {
+        netns: prev.netns.len(),
+        frontends: n.frontends.max(prev.frontends.len()),
+        tables: n.tables.max(prev.tables.len()),
+        endpoints: n.endpoints.max(prev.endpoints.len()),
+        backends: n.backends.max(prev.backends.len()),
+        ports: prev.ports.len(),
+    }
+}
+
 /// Stable ids for names, so that unchanged entries keep their keys across compilations.
 /// Ids only grow (wrapping at u32::MAX, skipping ids in use): an id freed by one compilation
 /// is never handed out while entries of the previous state may still use it.

@@ -20,7 +20,7 @@ use crate::authz::{AuthzDiff, AuthzState};
 use crate::compile::{Diff, MapCounts, MapState, changed_entries, diff, union_len};
 
 mod grow;
-pub use grow::{INITIAL_CAPACITY, capacity_for};
+pub use grow::{Grown, INITIAL_CAPACITY, capacity_for};
 
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmesh-ebpf"));
@@ -143,7 +143,7 @@ fn attach_proxy_header(ebpf: &mut Ebpf) -> Result<(), KernelError> {
 /// are CPUs (at most four): the verifier takes hundreds of milliseconds for each
 /// load-balancing program, in the loading thread, and the programs are independent.
 pub(crate) fn load_programs(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), KernelError> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+    let threads = crate::cpus().clamp(1, 4);
     let mut progs: Vec<(&'static str, &mut aya::programs::Program)> = Vec::new();
     for (n, p) in ebpf.programs_mut() {
         if let Some(name) = names.iter().find(|x| **x == n) {

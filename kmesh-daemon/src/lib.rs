@@ -27,3 +27,11 @@ pub mod outlier;
 pub mod telemetry;
 pub mod waypoint;
 pub mod xds;
+
+/// The CPUs this process may use, read once: `std::thread::available_parallelism` reads the
+/// cgroup's files on every call (milliseconds on a busy node), and the answer does not change
+/// in a way the callers (decoding, program loading) need to follow.
+pub fn cpus() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}

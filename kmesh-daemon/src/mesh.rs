@@ -237,7 +237,7 @@ impl Mesh {
                 let d = match incremental {
                     Some(d) => d,
                     None => {
-                        let next = self.compiler.full(&self.model, enrolled, self.dp.applied());
+                        let next = self.compile_full_growing(enrolled);
                         crate::compile::diff(self.dp.applied(), &next)
                     }
                 };
@@ -282,6 +282,31 @@ impl Mesh {
             Err(_) => self.authz = AuthzCompiler::adopting(self.dp.authz_applied()),
         }
         r
+    }
+
+    /// A full load-balancing compilation. When the model looks bigger than the maps, the
+    /// grown maps are made and the programs verified against them on a second thread while
+    /// this one compiles (the two take about as long at 10k services), and put in force before
+    /// the writes; the apply then grows again only if the guess fell short.
+    fn compile_full_growing(&mut self, enrolled: &BTreeMap<u64, Enrollment>) -> crate::compile::MapState {
+        let guess = crate::compile::expected_peaks(&self.model, self.dp.applied());
+        let fits = guess.as_array().into_iter().all(|(m, n)| n <= self.dp.capacities().get(m) as usize);
+        if fits {
+            return self.compiler.full(&self.model, enrolled, self.dp.applied());
+        }
+        let (compiler, model, dp) = (&mut self.compiler, &self.model, &self.dp);
+        let (next, grown) = std::thread::scope(|s| {
+            let grown = s.spawn(|| dp.prepare_grow(&guess));
+            let next = compiler.full(model, enrolled, dp.applied());
+            (next, grown.join())
+        });
+        // On failure the apply grows what it needs, or says why it cannot.
+        match grown.map(|g| g.and_then(|g| g.map_or(Ok(()), |g| self.dp.switch_grown(g)))) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot grow the maps ahead of the writes"),
+            Err(_) => tracing::error!("the thread growing the maps panicked"),
+        }
+        next
     }
 
     /// Brings the identity slots of waypoint headers to `enrolled` (after the maps took it).

@@ -70,6 +70,26 @@ fn gauge(r: &mut Registry, name: &str, help: &str, v: u64) {
     r.register(name, help, g);
 }
 
+/// The kernel memory of each map (see [`crate::kernel::map_memory`]), read at most once a
+/// second: each read opens every map, reads its fdinfo and closes it (about half a
+/// millisecond for thirty maps), and a scraper polling every few milliseconds would otherwise
+/// take a good part of a CPU from the daemon.
+fn map_memory(layout_dir: &std::path::Path) -> Vec<(String, u64)> {
+    type Cached = Option<(std::time::Instant, std::path::PathBuf, Vec<(String, u64)>)>;
+    static CACHE: std::sync::Mutex<Cached> = std::sync::Mutex::new(None);
+    let mut c = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    match &*c {
+        Some((at, dir, v)) if dir == layout_dir && at.elapsed() < std::time::Duration::from_secs(1) => {
+            v.clone()
+        }
+        _ => {
+            let v = crate::kernel::map_memory(layout_dir);
+            *c = Some((std::time::Instant::now(), layout_dir.to_owned(), v.clone()));
+            v
+        }
+    }
+}
+
 /// Everything `/status/metric` and the admin `/metrics` serve: from the observer alone (the
 /// state the mesh last published, the kernel's counters, the telemetry families), never
 /// waiting for an apply.
@@ -98,7 +118,7 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth, dns: Option<&crate::dn
         of_every_map(&p.ceilings),
     );
     counter(&mut r, "kmesh_map_grows", "Times BPF maps were grown (make-before-break)", p.map_grows);
-    let memory = crate::kernel::map_memory(&p.layout_dir);
+    let memory = map_memory(&p.layout_dir);
     gauges(
         &mut r,
         "kmesh_map_memory_bytes",

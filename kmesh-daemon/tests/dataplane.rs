@@ -739,6 +739,10 @@ fn maps_grow_under_load_and_lose_nothing() {
         text
     };
     env.apply(&cfg(0, false));
+    // The first (full) compilation needs room for three endpoints: the maps are grown once,
+    // ahead of the writes, while it compiles.
+    assert_eq!(env.mesh().dataplane().grows(), 1, "{:?}", env.mesh().dataplane().capacities());
+    assert_eq!(env.mesh().dataplane().read_state().unwrap(), *env.mesh().dataplane().applied());
     env.enroll("client", None);
     env.enroll("s1", None);
     let small = env.mesh().dataplane().capacities();

@@ -106,6 +106,9 @@ fn take<K: Ord + Clone, T: PartialEq>(
     src: &BTreeMap<K, Arc<T>>,
     keys: &BTreeSet<K>,
 ) -> BTreeMap<K, Option<Arc<T>>> {
+    if dst.is_empty() {
+        return take_into_empty(dst, src, keys);
+    }
     let mut old = BTreeMap::new();
     for k in keys {
         let next = src.get_key_value(k);
@@ -123,6 +126,32 @@ fn take<K: Ord + Clone, T: PartialEq>(
         };
         old.insert(k.clone(), prev);
     }
+    old
+}
+
+/// [`take`] into an empty map (a first push, a restart): every taken entry is new, so the
+/// entries are collected in key order and the map built from them in one pass, with no
+/// search of `dst` and full nodes, instead of a search, a removal and an insertion per key.
+fn take_into_empty<K: Ord + Clone, T>(
+    dst: &mut BTreeMap<K, Arc<T>>,
+    src: &BTreeMap<K, Arc<T>>,
+    keys: &BTreeSet<K>,
+) -> BTreeMap<K, Option<Arc<T>>> {
+    let taken: Vec<(K, Arc<T>)> = if keys.len() * 4 >= src.len() {
+        // Most of the source: one walk over both, in key order.
+        let mut want = keys.iter().peekable();
+        src.iter()
+            .filter(|(k, _)| {
+                while want.next_if(|w| *w < *k).is_some() {}
+                want.next_if(|w| *w == *k).is_some()
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    } else {
+        keys.iter().filter_map(|k| src.get_key_value(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    let old = taken.iter().map(|(k, _)| (k.clone(), None)).collect();
+    *dst = taken.into_iter().collect();
     old
 }
 
@@ -190,6 +219,35 @@ mod tests {
         assert!(change.old_workload(&m, "w3").is_none());
         m.revert(change);
         assert_eq!(m, a);
+    }
+
+    #[test]
+    fn taking_into_an_empty_model_takes_only_the_named_entries_and_reverts_to_empty() {
+        let mut src = Model::default();
+        for i in 0..100 {
+            let uid = format!("w{i:03}");
+            src.workloads.insert(uid.as_str().into(), workload(&uid, "x"));
+        }
+        // Most of the source (one walk over both), then a few keys (a search each); some named
+        // keys are not in the source.
+        for named in
+            [(0..90).map(|i| format!("w{i:03}")).collect::<Vec<_>>(), vec!["w005".into(), "w077".into()]]
+        {
+            let mut keys = ModelKeys {
+                workloads: named.iter().map(|k| k.as_str().into()).collect(),
+                ..Default::default()
+            };
+            keys.workloads.insert("gone".into());
+            keys.workloads.insert("w999".into());
+            let mut m = Model::default();
+            let change = m.take_from(&src, &keys);
+            let got: Vec<&str> = m.workloads.keys().map(|k| k.as_str()).collect();
+            assert_eq!(got, named.iter().map(|k| k.as_str()).collect::<Vec<_>>());
+            assert_eq!(change.workloads.len(), named.len(), "only what was added is recorded");
+            assert!(change.workloads.values().all(|v| v.is_none()));
+            m.revert(change);
+            assert!(m.workloads.is_empty());
+        }
     }
 
     #[test]

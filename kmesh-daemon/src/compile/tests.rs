@@ -892,3 +892,22 @@ fn an_ejected_address_leaves_its_tables_incrementally() {
     state.apply(c.incremental(&m, &change(&["b"])).expect("incremental"));
     assert_eq!(levels(&state, 0, FAMILY_V4)[0], ips(&["10.244.0.2", "10.244.0.3"]));
 }
+
+#[test]
+fn the_guess_of_a_full_compilations_peaks_matches_a_plain_mesh_and_never_goes_below_what_is_held() {
+    // Random load balancing, one address and port, no client classes: the guess is exact.
+    let w = (0..20)
+        .map(|i| workload(&format!("w{i}"), &format!("10.244.0.{}", i + 2), "z1", ""))
+        .collect::<Vec<_>>();
+    let m = model(&echo_service("{}"), &w.join("\n"));
+    let (s, _) = compile_fresh(&m, &no_clients());
+    let guess = expected_peaks(&m, &MapState::default());
+    assert_eq!(
+        (guess.frontends, guess.tables, guess.endpoints, guess.backends),
+        (s.frontends.len(), s.tables.len(), s.endpoints.len(), s.backends.len())
+    );
+    // Against what the maps hold, the guess is at least that (the peak holds both).
+    let small = model(&echo_service("{}"), &w[..2].join("\n"));
+    let held = expected_peaks(&small, &s);
+    assert_eq!((held.endpoints, held.backends, held.frontends), (20, 20, 1));
+}

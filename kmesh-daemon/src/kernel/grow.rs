@@ -71,11 +71,40 @@ fn fill<K: Pod, V: Pod>(
     Ok(())
 }
 
+/// Grown maps, filled, with programs loaded against them and pinned next to the maps in
+/// force, not yet switched to (see [`Dataplane::prepare_grow`]). Dropped unswitched, it
+/// removes its pins.
+pub struct Grown {
+    /// The capacities the maps had when these were made, and the ones they have.
+    from: Capacities,
+    want: Capacities,
+    grown: Vec<&'static str>,
+    /// Where each of `grown` is pinned until the switch.
+    tmp: Vec<PathBuf>,
+    ebpf: Option<(Ebpf, Maps)>,
+    started: std::time::Instant,
+}
+
+impl Drop for Grown {
+    fn drop(&mut self) {
+        // Switched, the pins were moved into place and these paths are gone.
+        for t in &self.tmp {
+            let _ = fs::remove_file(t);
+        }
+    }
+}
+
 impl Dataplane {
     /// Grows the maps that the peaks of the next apply (`lb`: load balancing,
     /// `authz`: [`AUTHZ_MAP_NAMES`]) do not fit, or refuses it, naming the first map whose
     /// ceiling is too small, before anything is written.
     pub(super) fn fit(&mut self, lb: &MapCounts, authz: [usize; 4]) -> Result<(), KernelError> {
+        let want = self.wanted(lb, authz)?;
+        if want != self.capacities { self.grow(want) } else { Ok(()) }
+    }
+
+    /// The capacities the peaks `lb` and `authz` need (see [`fit`](Self::fit)).
+    fn wanted(&self, lb: &MapCounts, authz: [usize; 4]) -> Result<Capacities, KernelError> {
         let needed = lb.as_array().into_iter().chain(AUTHZ_MAP_NAMES.into_iter().zip(authz));
         let mut want = self.capacities;
         for (map, needed) in needed {
@@ -92,34 +121,59 @@ impl Dataplane {
                 }
             }
         }
-        if want != self.capacities { self.grow(want) } else { Ok(()) }
+        Ok(want)
+    }
+
+    /// Makes the grown maps that load-balancing peaks of at least `lb` will need, and loads
+    /// the programs against them, without putting them in force: the part of a grow that
+    /// takes time (the verifier), from a shared reference so that it can run while the
+    /// compiler works on another thread. `None` when the maps are big enough already, or the
+    /// peaks are over a ceiling (the apply refuses that when it knows the real peaks).
+    /// [`switch_grown`](Self::switch_grown) puts the result in force; nothing may be written
+    /// to the maps in between.
+    pub fn prepare_grow(&self, lb: &MapCounts) -> Result<Option<Grown>, KernelError> {
+        let Ok(want) = self.wanted(lb, [0; 4]) else { return Ok(None) };
+        self.prepare(want)
     }
 
     /// Replaces the maps whose capacity `want` raises by bigger ones holding the same
     /// entries, make-before-break (see the module's documentation).
     pub fn grow(&mut self, want: Capacities) -> Result<(), KernelError> {
+        match self.prepare(want)? {
+            Some(g) => self.switch_grown(g),
+            None => Ok(()),
+        }
+    }
+
+    fn prepare(&self, want: Capacities) -> Result<Option<Grown>, KernelError> {
         let grown: Vec<&'static str> =
             want.all().into_iter().filter(|(n, c)| *c > self.capacities.get(n)).map(|(n, _)| n).collect();
         if grown.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let started = std::time::Instant::now();
         let maps_dir = self.dir.join("maps");
         // bpffs names take no dots.
-        let tmp = |n: &str| maps_dir.join(format!("{n}_grown"));
-        let remove_tmp = || {
-            for n in &grown {
-                let _ = fs::remove_file(tmp(n));
-            }
-        };
-        remove_tmp();
-        let (ebpf, maps) = match self.load_grown(want, &grown, &tmp) {
-            Ok(x) => x,
-            Err(e) => {
-                remove_tmp();
-                return Err(e);
-            }
-        };
+        let tmp: Vec<PathBuf> = grown.iter().map(|n| maps_dir.join(format!("{n}_grown"))).collect();
+        for t in &tmp {
+            let _ = fs::remove_file(t);
+        }
+        // From here on a failure or a grow never switched removes the new pins (on drop).
+        let mut g = Grown { from: self.capacities, want, grown, tmp, ebpf: None, started };
+        let (ebpf, maps) = self.load_grown(want, &g.grown, &g.tmp)?;
+        g.ebpf = Some((ebpf, maps));
+        Ok(Some(g))
+    }
+
+    /// Puts maps made by [`prepare_grow`](Self::prepare_grow) in force: each hook is
+    /// switched to the new programs, and the new maps take the old ones' pins. A grow made
+    /// made before another grow is dropped (the next apply grows what it needs).
+    pub fn switch_grown(&mut self, mut g: Grown) -> Result<(), KernelError> {
+        let Some((ebpf, maps)) = g.ebpf.take() else { return Ok(()) };
+        if g.from != self.capacities {
+            return Ok(());
+        }
+        let want = g.want;
         // The switch: each hook runs the new programs from here on.
         let mut switched: Vec<(PathBuf, &'static str)> = Vec::new();
         for (pin, name) in link_pins(&self.dir) {
@@ -145,19 +199,19 @@ impl Dataplane {
                             tracing::error!(pin = %pin.display(), error = %e, "cannot put the old program back");
                         }
                     }
-                    remove_tmp();
                     return Err(e);
                 }
             }
         }
-        for n in &grown {
+        let maps_dir = self.dir.join("maps");
+        for (n, t) in g.grown.iter().zip(&g.tmp) {
             // rename() replaces the old pin atomically; the old map lives on until the old
             // programs and handles are dropped below.
-            if let Err(e) = fs::rename(tmp(n), maps_dir.join(n)) {
+            if let Err(e) = fs::rename(t, maps_dir.join(n)) {
                 tracing::error!(map = n, error = %e, "cannot move the grown map's pin into place; it is pinned again by the pin check");
             }
         }
-        let old: Vec<(&str, u32)> = grown.iter().map(|n| (*n, self.capacities.get(n))).collect();
+        let old: Vec<(&str, u32)> = g.grown.iter().map(|n| (*n, self.capacities.get(n))).collect();
         self.m = maps;
         self.ebpf = ebpf;
         self.capacities = want;
@@ -167,7 +221,7 @@ impl Dataplane {
                 map,
                 from,
                 to = want.get(map),
-                elapsed_ms = started.elapsed().as_millis() as u64,
+                elapsed_ms = g.started.elapsed().as_millis() as u64,
                 "map grown"
             );
         }
@@ -180,10 +234,13 @@ impl Dataplane {
         &self,
         want: Capacities,
         grown: &[&'static str],
-        tmp: &dyn Fn(&str) -> PathBuf,
+        tmp: &[PathBuf],
     ) -> Result<(Ebpf, Maps), KernelError> {
         let maps_dir = self.dir.join("maps");
-        let mut ebpf = load_object(want, |n| if grown.contains(&n) { tmp(n) } else { maps_dir.join(n) })?;
+        let mut ebpf = load_object(want, |n| match grown.iter().position(|g| *g == n) {
+            Some(i) => tmp[i].clone(),
+            None => maps_dir.join(n),
+        })?;
         let mut maps = Maps::take(&mut ebpf)?;
         let a = &self.applied;
         let z = &self.authz_applied;
