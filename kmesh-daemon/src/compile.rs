@@ -90,6 +90,11 @@ impl MapState {
     /// Takes `d` in: what a map holds after `d` was written to it.
     pub fn apply(&mut self, d: Diff) {
         fn take<K: Ord, V>(m: &mut BTreeMap<K, V>, set: BTreeMap<K, V>) {
+            if m.is_empty() {
+                // A first push: the written entries are the map.
+                *m = set;
+                return;
+            }
             let n = set.len();
             m.extend(set);
             // A full push's entries arrive in key order (see `kmesh_model::repack`).
@@ -735,12 +740,19 @@ impl Compiler {
     pub fn state(&self) -> MapState {
         let mut out = MapState { netns: self.netns.clone(), ..Default::default() };
         out.frontends = self.claims.keys().filter_map(|k| Some((*k, self.resolve(k)?))).collect();
+        // Gathered, then each map built at once (sorted, full nodes), not inserted into.
+        let (mut tables, mut endpoints, mut backends, mut ports) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for f in self.fragments.values() {
-            out.tables.extend(f.tables.iter().map(|(k, v)| (*k, *v)));
-            out.endpoints.extend(f.endpoints.iter().map(|(k, v)| (*k, *v)));
-            out.backends.extend(f.backends.iter().map(|(k, v)| (*k, *v)));
-            out.ports.extend(f.ports.iter().map(|(k, v)| (*k, *v)));
+            tables.extend(f.tables.iter().map(|(k, v)| (*k, *v)));
+            endpoints.extend(f.endpoints.iter().map(|(k, v)| (*k, *v)));
+            backends.extend(f.backends.iter().map(|(k, v)| (*k, *v)));
+            ports.extend(f.ports.iter().map(|(k, v)| (*k, *v)));
         }
+        out.tables = tables.into_iter().collect();
+        out.endpoints = endpoints.into_iter().collect();
+        out.backends = backends.into_iter().collect();
+        out.ports = ports.into_iter().collect();
         out
     }
 

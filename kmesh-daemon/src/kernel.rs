@@ -585,6 +585,30 @@ enum Undo<K, V> {
 /// Entries written per `BPF_MAP_UPDATE_BATCH` call.
 const WRITE_BATCH: usize = 4096;
 
+/// Fresh entries (see [`Dataplane::write_lb`]) from each side at least this many: written on
+/// two threads at once. Below, a thread costs more than it saves.
+const PARALLEL_WRITES: usize = 8192;
+
+/// The entries of `set` whose keys `old` lacks, and those it holds: by one walk over both
+/// when `set` is a good part of `old`, else a search each.
+#[allow(clippy::type_complexity)]
+fn split_fresh<'a, K: Ord, V>(
+    old: &BTreeMap<K, V>,
+    set: &'a BTreeMap<K, V>,
+) -> (Vec<(&'a K, &'a V)>, Vec<(&'a K, &'a V)>) {
+    if old.is_empty() {
+        return (set.iter().collect(), Vec::new());
+    }
+    if set.len() * 8 < old.len() {
+        return set.iter().partition(|(k, _)| !old.contains_key(*k));
+    }
+    let mut held = old.keys().peekable();
+    set.iter().partition(|(k, _)| {
+        while held.next_if(|h| *h < *k).is_some() {}
+        held.next_if(|h| *h == *k).is_none()
+    })
+}
+
 /// Upserts `set` into `m`, recording how to undo each write. Entries go in batches
 /// (`BPF_MAP_UPDATE_BATCH`, one system call for up to [`WRITE_BATCH`] of them: a full push
 /// writes hundreds of thousands); the kernel says how many of a batch it wrote before an
@@ -596,8 +620,19 @@ fn upsert<K: Pod + Ord, V: Pod>(
     set: &BTreeMap<K, V>,
     undo: &mut Vec<Undo<K, V>>,
 ) -> Result<(), KernelError> {
+    upsert_entries(m, name, old, &set.iter().collect::<Vec<_>>(), undo)
+}
+
+/// [`upsert`] of a list of entries.
+fn upsert_entries<K: Pod + Ord, V: Pod>(
+    m: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    old: &BTreeMap<K, V>,
+    entries: &[(&K, &V)],
+    undo: &mut Vec<Undo<K, V>>,
+) -> Result<(), KernelError> {
     use std::os::fd::AsFd as _;
-    let entries: Vec<(&K, &V)> = set.iter().collect();
+    undo.reserve(entries.len());
     let mut keys = Vec::with_capacity(WRITE_BATCH.min(entries.len()));
     let mut values = Vec::with_capacity(WRITE_BATCH.min(entries.len()));
     for chunk in entries.chunks(WRITE_BATCH) {
@@ -890,14 +925,47 @@ impl Dataplane {
         Ok(report)
     }
 
+    /// Writes the load-balancing entries of `d` so that a lookup never finds an entry that
+    /// leads to one not written yet. Keys the maps do not hold are referenced by nothing they
+    /// hold, so those of the maps below the frontends are written first, in any order: with
+    /// many of them (a full push), on two threads at once. Then the keys the maps hold, in the
+    /// order references go (backends and ports, slots, tables), then frontends and namespaces,
+    /// the roots of every lookup.
     fn write_lb(&mut self, d: &Diff, u: &mut LbUndo) -> Result<(), KernelError> {
         let old = &self.applied;
-        upsert(&mut self.m.backends, "BACKENDS", &old.backends, &d.set.backends, &mut u.backends)?;
-        upsert(&mut self.m.ports, "PORTS", &old.ports, &d.set.ports, &mut u.ports)?;
-        upsert(&mut self.m.endpoints, "ENDPOINTS", &old.endpoints, &d.set.endpoints, &mut u.endpoints)?;
-        upsert(&mut self.m.tables, "LB_TABLES", &old.tables, &d.set.tables, &mut u.tables)?;
-        upsert(&mut self.m.frontends, "FRONTENDS", &old.frontends, &d.set.frontends, &mut u.frontends)?;
-        upsert(&mut self.m.netns, "NETNS", &old.netns, &d.set.netns, &mut u.netns)
+        let set = &d.set;
+        let (nb, cb) = split_fresh(&old.backends, &set.backends);
+        let (np, cp) = split_fresh(&old.ports, &set.ports);
+        let (ne, ce) = split_fresh(&old.endpoints, &set.endpoints);
+        let (nt, ct) = split_fresh(&old.tables, &set.tables);
+        let m = &mut self.m;
+        let (ub, up, ue, ut) = (&mut u.backends, &mut u.ports, &mut u.endpoints, &mut u.tables);
+        let mut leaves = || -> Result<(), KernelError> {
+            upsert_entries(&mut m.backends, "BACKENDS", &old.backends, &nb, ub)?;
+            upsert_entries(&mut m.ports, "PORTS", &old.ports, &np, up)
+        };
+        let mut slots = || -> Result<(), KernelError> {
+            upsert_entries(&mut m.endpoints, "ENDPOINTS", &old.endpoints, &ne, ue)?;
+            upsert_entries(&mut m.tables, "LB_TABLES", &old.tables, &nt, ut)
+        };
+        if nb.len() + np.len() >= PARALLEL_WRITES && ne.len() + nt.len() >= PARALLEL_WRITES {
+            let (a, b) = std::thread::scope(|s| {
+                let a = s.spawn(leaves);
+                let b = slots();
+                (a.join().expect("a map write does not panic"), b)
+            });
+            a?;
+            b?;
+        } else {
+            leaves()?;
+            slots()?;
+        }
+        upsert_entries(&mut m.backends, "BACKENDS", &old.backends, &cb, &mut u.backends)?;
+        upsert_entries(&mut m.ports, "PORTS", &old.ports, &cp, &mut u.ports)?;
+        upsert_entries(&mut m.endpoints, "ENDPOINTS", &old.endpoints, &ce, &mut u.endpoints)?;
+        upsert_entries(&mut m.tables, "LB_TABLES", &old.tables, &ct, &mut u.tables)?;
+        upsert(&mut m.frontends, "FRONTENDS", &old.frontends, &set.frontends, &mut u.frontends)?;
+        upsert(&mut m.netns, "NETNS", &old.netns, &set.netns, &mut u.netns)
     }
 
     /// Undoes in the reverse order of writing: roots first.
@@ -1577,5 +1645,26 @@ mod sys {
             ..Default::default()
         };
         bpf(BPF_LINK_UPDATE, &attr).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_split_into_keys_the_maps_lack_and_keys_they_hold_either_way() {
+        let old: BTreeMap<u32, u32> = (0..100).map(|k| (k * 2, 0)).collect();
+        let keys = |v: &[(&u32, &u32)]| v.iter().map(|(k, _)| **k).collect::<Vec<_>>();
+        // A good part of the maps (one walk), then a few keys (a search each), then no maps.
+        let many: BTreeMap<u32, u32> = (150..250).map(|k| (k, 1)).collect();
+        let (fresh, held) = split_fresh(&old, &many);
+        assert_eq!(keys(&fresh), (150..250).filter(|k| k % 2 == 1 || *k >= 200).collect::<Vec<_>>());
+        assert_eq!(keys(&held), (150..200).filter(|k| k % 2 == 0).collect::<Vec<_>>());
+        let few: BTreeMap<u32, u32> = [(3, 1), (4, 1), (500, 1)].into();
+        let (fresh, held) = split_fresh(&old, &few);
+        assert_eq!((keys(&fresh), keys(&held)), (vec![3, 500], vec![4]));
+        let (fresh, held) = split_fresh(&BTreeMap::new(), &few);
+        assert_eq!((keys(&fresh), keys(&held)), (vec![3, 4, 500], vec![]));
     }
 }

@@ -508,11 +508,23 @@ fn unclaim<K: std::hash::Hash + Eq, T: Claimant>(map: &mut HashMap<K, Claimants<
 impl Index {
     /// Takes in what `change` touched, as `model` now has it.
     fn update(&mut self, model: &Model, change: &ModelChange) {
+        // A change touching much of the model (a first push) finds its workloads by one walk
+        // over the model alongside it (both are in key order), not by a search each.
+        let walk = change.workloads.len() * 4 >= model.workloads.len();
+        let mut now = model.workloads.iter().peekable();
+        let added = change.workloads.values().filter(|old| old.is_none()).count();
+        self.workloads.reserve(added);
         for (uid, old) in &change.workloads {
             for a in old.iter().flat_map(|w| &w.addresses) {
                 unclaim(&mut self.workloads, a, uid);
             }
-            if let Some(w) = model.workloads.get(uid) {
+            let w = if walk {
+                while now.next_if(|(k, _)| *k < uid).is_some() {}
+                now.next_if(|(k, _)| *k == uid).map(|(_, w)| w)
+            } else {
+                model.workloads.get(uid)
+            };
+            if let Some(w) = w {
                 for a in &w.addresses {
                     claim(&mut self.workloads, *a, w);
                 }
@@ -930,8 +942,13 @@ impl Telemetry {
             return;
         }
         self.peers.clear();
-        let gone: Vec<&kmesh_model::model::Istr> =
-            change.workloads.keys().filter(|uid| !model.workloads.contains_key(*uid)).collect();
+        // Only a workload the model held before can have left it.
+        let gone: Vec<&kmesh_model::model::Istr> = change
+            .workloads
+            .iter()
+            .filter(|(uid, old)| old.is_some() && !model.workloads.contains_key(*uid))
+            .map(|(uid, _)| uid)
+            .collect();
         if gone.is_empty() {
             return;
         }
