@@ -39,6 +39,18 @@ pub struct MapCounts {
 }
 
 impl MapCounts {
+    /// Each map's count, the larger of the two.
+    pub fn max(&self, o: &MapCounts) -> MapCounts {
+        MapCounts {
+            netns: self.netns.max(o.netns),
+            frontends: self.frontends.max(o.frontends),
+            tables: self.tables.max(o.tables),
+            endpoints: self.endpoints.max(o.endpoints),
+            backends: self.backends.max(o.backends),
+            ports: self.ports.max(o.ports),
+        }
+    }
+
     pub fn as_array(&self) -> [(&'static str, usize); 6] {
         let n = [self.netns, self.frontends, self.tables, self.endpoints, self.backends, self.ports];
         std::array::from_fn(|i| (LB_MAP_NAMES[i], n[i]))
@@ -159,14 +171,27 @@ impl MapState {
 /// maps to grow before the compilation has said exactly (see `Dataplane::prepare_grow`).
 /// Hash rings and locality classes make more entries, so it is a guess, never a limit.
 pub fn expected_peaks(model: &Model, prev: &MapState) -> MapCounts {
+    expected_peaks_of(
+        model.workloads.values().map(|w| w.as_ref()),
+        model.services.values().map(|s| s.as_ref()),
+        prev,
+    )
+}
+
+/// [`expected_peaks`] of these workloads and services.
+pub fn expected_peaks_of<'a>(
+    workloads: impl Iterator<Item = &'a Workload>,
+    services: impl Iterator<Item = &'a Service>,
+    prev: &MapState,
+) -> MapCounts {
     let mut n = MapCounts::default();
-    for svc in model.services.values() {
+    for svc in services {
         if svc.load_balancing.mode != LbMode::Passthrough {
             n.frontends += svc.addresses.len() * svc.ports.len();
             n.tables += usize::from(!svc.addresses.is_empty() && !svc.ports.is_empty());
         }
     }
-    for w in model.workloads.values().filter(|w| !w.addresses.is_empty()) {
+    for w in workloads.filter(|w| !w.addresses.is_empty()) {
         n.endpoints += w.services.len();
     }
     n.backends = n.endpoints;

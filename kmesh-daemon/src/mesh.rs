@@ -61,7 +61,12 @@ pub struct Mesh {
     headers: crate::waypoint::Headers,
     /// Passive outlier detection (what it ejects, the compiler leaves out).
     pub outlier: crate::outlier::Detector,
+    /// Maps being grown on another thread for a batch not applied yet (see
+    /// [`grow_ahead`](Self::grow_ahead)).
+    pending_grow: Option<PendingGrow>,
 }
+
+type PendingGrow = std::thread::JoinHandle<Result<Option<crate::kernel::Grown>, KernelError>>;
 
 impl Mesh {
     /// Wraps a loaded data plane. Namespaces enrolled by an earlier run (found in the adopted
@@ -94,6 +99,7 @@ impl Mesh {
             source_locality: Locality::default(),
             changed: Arc::new(tokio::sync::Notify::new()),
             outlier: crate::outlier::Detector::default(),
+            pending_grow: None,
         };
         mesh.publish();
         mesh
@@ -241,6 +247,9 @@ impl Mesh {
                         crate::compile::diff(self.dp.applied(), &next)
                     }
                 };
+                if let Some(pending) = self.pending_grow.take() {
+                    self.finish_grow(pending.join());
+                }
                 let compiler = &self.compiler;
                 let del = self.headers.before_apply(&d, &self.model, |fk| compiler.frontend_owner(fk));
                 self.counters.waypoint_slot_errors = self.headers.host_write_errors();
@@ -284,11 +293,40 @@ impl Mesh {
         r
     }
 
+    /// Starts growing the maps on another thread when a batch that will hold at least `lb`
+    /// (from the resources alone: see `xds::handle_batch_with`) does not fit them, so that the
+    /// verifier runs while the batch is merged and compiled. The next apply puts the grown maps
+    /// in force before its writes, if they still fit what the maps hold then.
+    pub fn grow_ahead(&mut self, lb: &crate::compile::MapCounts) {
+        if self.pending_grow.is_some() {
+            return;
+        }
+        let held =
+            crate::compile::expected_peaks_of(std::iter::empty(), std::iter::empty(), self.dp.applied());
+        self.pending_grow = self.dp.grow_in_background(&lb.max(&held));
+    }
+
+    /// Puts maps grown ahead in force, waiting for them if they are not ready yet.
+    fn finish_grow(&mut self, grown: std::thread::Result<Result<Option<crate::kernel::Grown>, KernelError>>) {
+        // On failure the apply grows what it needs, or says why it cannot.
+        match grown.map(|g| g.and_then(|g| g.map_or(Ok(()), |g| self.dp.switch_grown(g)))) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot grow the maps ahead of the writes"),
+            Err(_) => tracing::error!("the thread growing the maps panicked"),
+        }
+    }
+
     /// A full load-balancing compilation. When the model looks bigger than the maps, the
     /// grown maps are made and the programs verified against them on a second thread while
     /// this one compiles (the two take about as long at 10k services), and put in force before
     /// the writes; the apply then grows again only if the guess fell short.
     fn compile_full_growing(&mut self, enrolled: &BTreeMap<u64, Enrollment>) -> crate::compile::MapState {
+        if let Some(pending) = self.pending_grow.take() {
+            // Started when the batch was decoded.
+            let next = self.compiler.full(&self.model, enrolled, self.dp.applied());
+            self.finish_grow(pending.join());
+            return next;
+        }
         let guess = crate::compile::expected_peaks(&self.model, self.dp.applied());
         let fits = guess.as_array().into_iter().all(|(m, n)| n <= self.dp.capacities().get(m) as usize);
         if fits {
@@ -300,12 +338,7 @@ impl Mesh {
             let next = compiler.full(model, enrolled, dp.applied());
             (next, grown.join())
         });
-        // On failure the apply grows what it needs, or says why it cannot.
-        match grown.map(|g| g.and_then(|g| g.map_or(Ok(()), |g| self.dp.switch_grown(g)))) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot grow the maps ahead of the writes"),
-            Err(_) => tracing::error!("the thread growing the maps panicked"),
-        }
+        self.finish_grow(grown);
         next
     }
 

@@ -493,6 +493,39 @@ fn decode_one(type_url: &str, r: &mut Resource) -> Result<Parsed, String> {
     parsed.map_err(|e| e.to_string())
 }
 
+/// A response's resources, decoded in order.
+type Decoded = Vec<Result<Parsed, String>>;
+
+/// The resources of a subscribed type's response decoded (`None` for another type).
+fn decode_response(resp: &mut DeltaDiscoveryResponse) -> Option<Decoded> {
+    let type_url = SUBSCRIBED.into_iter().find(|t| *t == resp.type_url)?;
+    let started = std::time::Instant::now();
+    let parsed = decode_all(type_url, &mut resp.resources);
+    if resp.resources.len() >= 1024 {
+        tracing::debug!(
+            resources = resp.resources.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "resources decoded"
+        );
+    }
+    Some(parsed)
+}
+
+/// What the load-balancing maps will hold at least once `decoded` is applied, from the
+/// resources alone (see [`crate::compile::expected_peaks_of`]).
+fn expected_peaks(decoded: &[Option<Decoded>]) -> crate::compile::MapCounts {
+    let ok = || decoded.iter().flatten().flatten().filter_map(|p| p.as_ref().ok());
+    let workloads = ok().filter_map(|p| match p {
+        Parsed::Workload(w) => Some(w.as_ref()),
+        _ => None,
+    });
+    let services = ok().filter_map(|p| match p {
+        Parsed::Service(s) => Some(s.as_ref()),
+        _ => None,
+    });
+    crate::compile::expected_peaks_of(workloads, services, &Default::default())
+}
+
 /// A response's resources decoded, in order; a large response on every CPU at once (each
 /// resource decodes on its own; a full push of 110k takes 0.08-0.14 s this way on two CPUs).
 fn decode_all(type_url: &str, resources: &mut [Resource]) -> Vec<Result<Parsed, String>> {
@@ -515,12 +548,14 @@ fn decode_all(type_url: &str, resources: &mut [Resource]) -> Vec<Result<Parsed, 
 /// model entries it touched and in `undo` how to put them back); returns what it rejected.
 fn merge(
     state: &mut XdsState,
-    resp: &mut DeltaDiscoveryResponse,
+    resp: &DeltaDiscoveryResponse,
+    parsed: Option<Decoded>,
     keys: &mut ModelKeys,
     undo: &mut Vec<Undo>,
 ) -> Vec<String> {
     let mut rejected = Vec::new();
-    let Some(type_url) = SUBSCRIBED.into_iter().find(|t| *t == resp.type_url) else {
+    let (Some(type_url), Some(parsed)) = (SUBSCRIBED.into_iter().find(|t| *t == resp.type_url), parsed)
+    else {
         rejected.push(format!("type {:?} was not subscribed", resp.type_url));
         return rejected;
     };
@@ -532,15 +567,6 @@ fn merge(
     undo.reserve(2 * resp.resources.len() + resp.removed_resources.len());
     if !state.by_type.contains_key(type_url) {
         state.by_type.insert(type_url.to_string(), BTreeMap::new());
-    }
-    let started = std::time::Instant::now();
-    let parsed = decode_all(type_url, &mut resp.resources);
-    if resp.resources.len() >= 1024 {
-        tracing::debug!(
-            resources = resp.resources.len(),
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "resources decoded"
-        );
     }
     let parsed = match merge_into_empty(state, type_url, resp, parsed, keys, undo, &mut rejected) {
         Ok(()) => Vec::new(),
@@ -715,15 +741,38 @@ fn reply_to(resp: &DeltaDiscoveryResponse, error: Option<String>) -> DeltaDiscov
 pub fn handle_batch(
     state: XdsState,
     node: &NodeInfo,
+    resps: Vec<DeltaDiscoveryResponse>,
+    apply: impl FnOnce(&Model, &ModelKeys) -> Result<(), String>,
+) -> HandledBatch {
+    handle_batch_with(state, node, resps, |_| {}, apply)
+}
+
+/// Resources in a batch from which [`handle_batch_with`] says ahead what the maps will need.
+const AHEAD_OF: usize = 4096;
+
+/// [`handle_batch`], telling `ahead` what the load-balancing maps will hold at least (a lower
+/// bound from the resources alone) as soon as a large batch is decoded, before it is merged:
+/// the data plane can start making room while the state is merged and compiled.
+pub fn handle_batch_with(
+    state: XdsState,
+    node: &NodeInfo,
     mut resps: Vec<DeltaDiscoveryResponse>,
+    ahead: impl FnOnce(&crate::compile::MapCounts),
     apply: impl FnOnce(&Model, &ModelKeys) -> Result<(), String>,
 ) -> HandledBatch {
     let mut next = state;
     let mut undo = Vec::new();
     let mut keys = ModelKeys::default();
     let started = std::time::Instant::now();
-    let rejected: Vec<Vec<String>> =
-        resps.iter_mut().map(|r| merge(&mut next, r, &mut keys, &mut undo)).collect();
+    let decoded: Vec<Option<Decoded>> = resps.iter_mut().map(decode_response).collect();
+    if resps.iter().map(|r| r.resources.len()).sum::<usize>() >= AHEAD_OF {
+        ahead(&expected_peaks(&decoded));
+    }
+    let rejected: Vec<Vec<String>> = resps
+        .iter()
+        .zip(decoded)
+        .map(|(r, parsed)| merge(&mut next, r, parsed, &mut keys, &mut undo))
+        .collect();
     tracing::debug!(
         responses = resps.len(),
         elapsed_us = started.elapsed().as_micros() as u64,
@@ -1014,10 +1063,15 @@ async fn run_stream(
         let n_res: usize = batch.iter().map(|r| r.resources.len()).sum();
         let n_rm: usize = batch.iter().map(|r| r.removed_resources.len()).sum();
         let handled = tokio::task::spawn_blocking(move || {
-            handle_batch(st, &node, batch, |model, keys| {
-                let mut mesh = shared2.mesh.lock().unwrap_or_else(|p| p.into_inner());
-                mesh.apply_change(model, keys).map(|_| ()).map_err(|e| e.to_string())
-            })
+            let mesh = &shared2.mesh;
+            let lock = || mesh.lock().unwrap_or_else(|p| p.into_inner());
+            handle_batch_with(
+                st,
+                &node,
+                batch,
+                |lb| lock().grow_ahead(lb),
+                |model, keys| lock().apply_change(model, keys).map(|_| ()).map_err(|e| e.to_string()),
+            )
         })
         .await;
         let handled = match handled {

@@ -827,3 +827,49 @@ fn maps_grow_under_load_and_lose_nothing() {
     assert!(env.connect("client", &format!("{s2_addr}:8080"), 5).iter().all(|a| a.ok));
     assert_eq!(env.mesh().dataplane().read_authz().unwrap(), *env.mesh().dataplane().authz_applied());
 }
+
+/// Issue 18 (push time): maps grown ahead on another thread (for a large xDS batch, while it
+/// is merged and compiled) are put in force by the next apply before its writes; if the maps
+/// they would replace were written meanwhile, they are dropped, and no entry written in
+/// between is lost.
+#[test]
+fn maps_grown_ahead_are_used_and_dropped_when_written_meanwhile() {
+    if !root_or_skip("maps_grown_ahead_are_used_and_dropped_when_written_meanwhile") {
+        return;
+    }
+    let mut env = Env::with_ceilings(&three_backends_two_zones(), Capacities::default(), 2);
+    start_servers(&env, &[8080], &[]);
+    let mut w = workload(env.pod("client"), &[], "");
+    for s in ["s1", "s2", "s3"] {
+        w += &workload(env.pod(s), &[(SVC_KEY, "[]")], "");
+    }
+    let cfg = |ports: &str| config("zone-a", &service(&format!("[{VIP}]"), ports, "{}"), &w);
+    // Three endpoints do not fit maps of two: grown ahead, used by the apply, one grow.
+    let ahead = kmesh_daemon::compile::MapCounts { endpoints: 3, backends: 3, ..Default::default() };
+    env.mesh().grow_ahead(&ahead);
+    env.apply(&cfg("[{service_port: 80, target_port: 8080}]"));
+    let dp = env.mesh().dataplane();
+    assert_eq!(dp.grows(), 1, "{:?}", dp.capacities());
+    assert_eq!((dp.capacities().endpoints, dp.capacities().backends), (4, 4));
+    assert_eq!(dp.read_state().unwrap(), *dp.applied());
+
+    // NETNS grown ahead, then a namespace enrolled (its NETNS entry written) before the next
+    // apply: the grown maps, copied before the entry, are dropped.
+    env.mesh().grow_ahead(&kmesh_daemon::compile::MapCounts { netns: 3, ..Default::default() });
+    env.enroll("client", None);
+    env.apply(&cfg("[{service_port: 80, target_port: 8080}, {service_port: 81, target_port: 8080}]"));
+    let dp = env.mesh().dataplane();
+    assert_eq!(dp.grows(), 1, "the grown NETNS was dropped: {:?}", dp.capacities());
+    assert_eq!(dp.applied().netns.len(), 1);
+    assert_eq!(dp.read_state().unwrap(), *dp.applied(), "the enrolled namespace's entry is in the map");
+    assert!(
+        dp.layout_dir()
+            .join("maps")
+            .read_dir()
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().ends_with("_grown"))
+    );
+    let a = env.connect("client", &format!("{VIP}:81"), 20);
+    assert!(a.iter().all(|a| a.ok), "{:?}", a.iter().find(|a| !a.ok));
+}

@@ -83,6 +83,8 @@ pub struct Grown {
     tmp: Vec<PathBuf>,
     ebpf: Option<(Ebpf, Maps)>,
     started: std::time::Instant,
+    /// For maps made on another thread: what the maps held when they were copied.
+    snapshot: Option<Box<(MapState, AuthzState)>>,
 }
 
 impl Drop for Grown {
@@ -146,23 +148,35 @@ impl Dataplane {
     }
 
     fn prepare(&self, want: Capacities) -> Result<Option<Grown>, KernelError> {
-        let grown: Vec<&'static str> =
-            want.all().into_iter().filter(|(n, c)| *c > self.capacities.get(n)).map(|(n, _)| n).collect();
-        if grown.is_empty() {
-            return Ok(None);
+        prepare(&self.dir, self.capacities, want, &self.applied, &self.authz_applied)
+    }
+
+    /// [`prepare_grow`](Self::prepare_grow) on a thread of its own, from a copy of what the
+    /// maps hold: for a large batch of resources the daemon has only decoded, so that the
+    /// verifier runs while the batch is merged and compiled. `None` when nothing needs to
+    /// grow. The maps are switched to only if the ones it replaces still hold what was copied
+    /// (see [`switch_grown`](Self::switch_grown)).
+    pub fn grow_in_background(
+        &self,
+        lb: &MapCounts,
+    ) -> Option<std::thread::JoinHandle<Result<Option<Grown>, KernelError>>> {
+        let want = self.wanted(lb, [0; 4]).ok().filter(|w| *w != self.capacities)?;
+        let (dir, from) = (self.dir.clone(), self.capacities);
+        let snapshot = Box::new((self.applied.clone(), self.authz_applied.clone()));
+        let spawned = std::thread::Builder::new().name("kmesh-grow".into()).spawn(move || {
+            let g = prepare(&dir, from, want, &snapshot.0, &snapshot.1)?;
+            Ok(g.map(|mut g| {
+                g.snapshot = Some(snapshot);
+                g
+            }))
+        });
+        match spawned {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a thread to grow the maps ahead");
+                None
+            }
         }
-        let started = std::time::Instant::now();
-        let maps_dir = self.dir.join("maps");
-        // bpffs names take no dots.
-        let tmp: Vec<PathBuf> = grown.iter().map(|n| maps_dir.join(format!("{n}_grown"))).collect();
-        for t in &tmp {
-            let _ = fs::remove_file(t);
-        }
-        // From here on a failure or a grow never switched removes the new pins (on drop).
-        let mut g = Grown { from: self.capacities, want, grown, tmp, ebpf: None, started };
-        let (ebpf, maps) = self.load_grown(want, &g.grown, &g.tmp)?;
-        g.ebpf = Some((ebpf, maps));
-        Ok(Some(g))
     }
 
     /// Puts maps made by [`prepare_grow`](Self::prepare_grow) in force: each hook is
@@ -171,6 +185,14 @@ impl Dataplane {
     pub fn switch_grown(&mut self, mut g: Grown) -> Result<(), KernelError> {
         let Some((ebpf, maps)) = g.ebpf.take() else { return Ok(()) };
         if g.from != self.capacities {
+            return Ok(());
+        }
+        if let Some(snap) = &g.snapshot
+            && g.grown
+                .iter()
+                .any(|n| !same_entries(n, (&snap.0, &snap.1), (&self.applied, &self.authz_applied)))
+        {
+            tracing::debug!("maps grown ahead are dropped: the maps they replace changed meanwhile");
             return Ok(());
         }
         let want = g.want;
@@ -227,50 +249,96 @@ impl Dataplane {
         }
         Ok(())
     }
+}
 
-    /// Loads the programs again with the grown maps (created and pinned at `tmp`, filled with
-    /// what the old ones hold) and every other map shared through its pin; attaches nothing.
-    fn load_grown(
-        &self,
-        want: Capacities,
-        grown: &[&'static str],
-        tmp: &[PathBuf],
-    ) -> Result<(Ebpf, Maps), KernelError> {
-        let maps_dir = self.dir.join("maps");
-        let mut ebpf = load_object(want, |n| match grown.iter().position(|g| *g == n) {
-            Some(i) => tmp[i].clone(),
-            None => maps_dir.join(n),
-        })?;
-        let mut maps = Maps::take(&mut ebpf)?;
-        let a = &self.applied;
-        let z = &self.authz_applied;
-        for n in grown {
-            match *n {
-                "NETNS" => fill(&mut maps.netns, n, &a.netns)?,
-                "FRONTENDS" => fill(&mut maps.frontends, n, &a.frontends)?,
-                "LB_TABLES" => fill(&mut maps.tables, n, &a.tables)?,
-                "ENDPOINTS" => fill(&mut maps.endpoints, n, &a.endpoints)?,
-                "BACKENDS" => fill(&mut maps.backends, n, &a.backends)?,
-                "PORTS" => fill(&mut maps.ports, n, &a.ports)?,
-                "AUTHZ_DEST" => fill(&mut maps.authz_dest, n, &z.dest)?,
-                "IDENTITY" => {
-                    let sealed =
-                        z.identity.iter().map(|(k, id)| (*k, IdentityValue { id: *id, check: 0 }.sealed(k)));
-                    fill(&mut maps.identity, n, &sealed.collect())?
-                }
-                "AUTHZ_REGION" => {
-                    for ((k, len), v) in &z.region {
-                        maps.authz_region
-                            .insert(&LpmKey::new(*len, *k), v, 0)
-                            .map_err(|source| KernelError::Write { map: n, source })?;
-                    }
-                }
-                "AUTHZ_VERDICT" => fill(&mut maps.authz_verdict, n, &z.verdict)?,
-                _ => {}
+/// Loads the programs again with the grown maps (created and pinned at `tmp`, filled with
+/// what the old ones hold) and every other map shared through its pin; attaches nothing.
+fn load_grown(
+    dir: &Path,
+    want: Capacities,
+    grown: &[&'static str],
+    tmp: &[PathBuf],
+    a: &MapState,
+    z: &AuthzState,
+) -> Result<(Ebpf, Maps), KernelError> {
+    let maps_dir = dir.join("maps");
+    let mut ebpf = load_object(want, |n| match grown.iter().position(|g| *g == n) {
+        Some(i) => tmp[i].clone(),
+        None => maps_dir.join(n),
+    })?;
+    let mut maps = Maps::take(&mut ebpf)?;
+    for n in grown {
+        match *n {
+            "NETNS" => fill(&mut maps.netns, n, &a.netns)?,
+            "FRONTENDS" => fill(&mut maps.frontends, n, &a.frontends)?,
+            "LB_TABLES" => fill(&mut maps.tables, n, &a.tables)?,
+            "ENDPOINTS" => fill(&mut maps.endpoints, n, &a.endpoints)?,
+            "BACKENDS" => fill(&mut maps.backends, n, &a.backends)?,
+            "PORTS" => fill(&mut maps.ports, n, &a.ports)?,
+            "AUTHZ_DEST" => fill(&mut maps.authz_dest, n, &z.dest)?,
+            "IDENTITY" => {
+                let sealed =
+                    z.identity.iter().map(|(k, id)| (*k, IdentityValue { id: *id, check: 0 }.sealed(k)));
+                fill(&mut maps.identity, n, &sealed.collect())?
             }
+            "AUTHZ_REGION" => {
+                for ((k, len), v) in &z.region {
+                    maps.authz_region
+                        .insert(&LpmKey::new(*len, *k), v, 0)
+                        .map_err(|source| KernelError::Write { map: n, source })?;
+                }
+            }
+            "AUTHZ_VERDICT" => fill(&mut maps.authz_verdict, n, &z.verdict)?,
+            _ => {}
         }
-        load_programs(&mut ebpf, &LOADED_PROGRAMS)?;
-        Ok((ebpf, maps))
+    }
+    load_programs(&mut ebpf, &LOADED_PROGRAMS)?;
+    Ok((ebpf, maps))
+}
+
+/// Makes the maps `want` grows, next to those of layout directory `dir` (capacities `from`),
+/// filled with `a` and `z` (what the maps hold), and loads the programs against them.
+fn prepare(
+    dir: &Path,
+    from: Capacities,
+    want: Capacities,
+    a: &MapState,
+    z: &AuthzState,
+) -> Result<Option<Grown>, KernelError> {
+    let grown: Vec<&'static str> =
+        want.all().into_iter().filter(|(n, c)| *c > from.get(n)).map(|(n, _)| n).collect();
+    if grown.is_empty() {
+        return Ok(None);
+    }
+    let started = std::time::Instant::now();
+    let maps_dir = dir.join("maps");
+    // bpffs names take no dots.
+    let tmp: Vec<PathBuf> = grown.iter().map(|n| maps_dir.join(format!("{n}_grown"))).collect();
+    for t in &tmp {
+        let _ = fs::remove_file(t);
+    }
+    // From here on a failure or a grow never switched removes the new pins (on drop).
+    let mut g = Grown { from, want, grown, tmp, ebpf: None, started, snapshot: None };
+    let (ebpf, maps) = load_grown(dir, want, &g.grown, &g.tmp, a, z)?;
+    g.ebpf = Some((ebpf, maps));
+    Ok(Some(g))
+}
+
+/// Whether map `name` holds the same entries in `a` and `b` (the load-balancing and the
+/// authorization mirrors).
+fn same_entries(name: &str, a: (&MapState, &AuthzState), b: (&MapState, &AuthzState)) -> bool {
+    match name {
+        "NETNS" => a.0.netns == b.0.netns,
+        "FRONTENDS" => a.0.frontends == b.0.frontends,
+        "LB_TABLES" => a.0.tables == b.0.tables,
+        "ENDPOINTS" => a.0.endpoints == b.0.endpoints,
+        "BACKENDS" => a.0.backends == b.0.backends,
+        "PORTS" => a.0.ports == b.0.ports,
+        "AUTHZ_DEST" => a.1.dest == b.1.dest,
+        "IDENTITY" => a.1.identity == b.1.identity,
+        "AUTHZ_REGION" => a.1.region == b.1.region,
+        "AUTHZ_VERDICT" => a.1.verdict == b.1.verdict,
+        _ => false,
     }
 }
 
