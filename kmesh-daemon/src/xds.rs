@@ -649,24 +649,22 @@ fn merge_into_empty(
     if !empty {
         return Err(parsed);
     }
-    let by_key = resp.resources.iter().zip(&parsed).all(|(r, p)| match p {
-        Ok(p) => *p.slot().1 == *r.name,
-        Err(_) => true,
-    });
-    if !by_key {
-        return Err(parsed);
-    }
-    // (key, version, resource) in the response's order, versions shared as `merge` shares them.
+    // (key, version, resource) in the response's order, versions shared as `merge` shares them;
+    // each resource's key made once (a service's is formatted and interned).
     let mut items: Vec<(Istr, Istr, Parsed)> = Vec::with_capacity(parsed.len());
     let mut errors = Vec::new();
     let mut version = Istr::default();
     for (r, p) in resp.resources.iter().zip(&parsed) {
         match p {
             Ok(p) => {
+                let key = p.slot().1;
+                if *key != *r.name {
+                    return Err(parsed);
+                }
                 if *version != *r.version {
                     version = Istr::unique(&r.version);
                 }
-                items.push((p.slot().1, version.clone(), p.clone()));
+                items.push((key, version.clone(), p.clone()));
             }
             Err(e) => errors.push(format!("{}: {e}", r.name)),
         }
