@@ -171,18 +171,18 @@ impl MapState {
 /// maps to grow before the compilation has said exactly (see `Dataplane::prepare_grow`).
 /// Hash rings and locality classes make more entries, so it is a guess, never a limit.
 pub fn expected_peaks(model: &Model, prev: &MapState) -> MapCounts {
-    expected_peaks_of(
+    let new = expected_counts(
         model.workloads.values().map(|w| w.as_ref()),
         model.services.values().map(|s| s.as_ref()),
-        prev,
-    )
+    );
+    new.max(&prev.counts())
 }
 
-/// [`expected_peaks`] of these workloads and services.
-pub fn expected_peaks_of<'a>(
+/// What these workloads and services alone fill the maps with, by the guess of
+/// [`expected_peaks`].
+pub fn expected_counts<'a>(
     workloads: impl Iterator<Item = &'a Workload>,
     services: impl Iterator<Item = &'a Service>,
-    prev: &MapState,
 ) -> MapCounts {
     let mut n = MapCounts::default();
     for svc in services {
@@ -195,14 +195,7 @@ pub fn expected_peaks_of<'a>(
         n.endpoints += w.services.len();
     }
     n.backends = n.endpoints;
-    MapCounts {
-        netns: prev.netns.len(),
-        frontends: n.frontends.max(prev.frontends.len()),
-        tables: n.tables.max(prev.tables.len()),
-        endpoints: n.endpoints.max(prev.endpoints.len()),
-        backends: n.backends.max(prev.backends.len()),
-        ports: prev.ports.len(),
-    }
+    n
 }
 
 /// Stable ids for names, so that unchanged entries keep their keys across compilations.

@@ -589,13 +589,15 @@ const WRITE_BATCH: usize = 4096;
 /// two threads at once. Below, a thread costs more than it saves.
 const PARALLEL_WRITES: usize = 8192;
 
+/// Entries of a map's state, borrowed, in key order.
+type Entries<'a, K, V> = Vec<(&'a K, &'a V)>;
+
 /// The entries of `set` whose keys `old` lacks, and those it holds: by one walk over both
 /// when `set` is a good part of `old`, else a search each.
-#[allow(clippy::type_complexity)]
 fn split_fresh<'a, K: Ord, V>(
     old: &BTreeMap<K, V>,
     set: &'a BTreeMap<K, V>,
-) -> (Vec<(&'a K, &'a V)>, Vec<(&'a K, &'a V)>) {
+) -> (Entries<'a, K, V>, Entries<'a, K, V>) {
     if old.is_empty() {
         return (set.iter().collect(), Vec::new());
     }
@@ -603,10 +605,7 @@ fn split_fresh<'a, K: Ord, V>(
         return set.iter().partition(|(k, _)| !old.contains_key(*k));
     }
     let mut held = old.keys().peekable();
-    set.iter().partition(|(k, _)| {
-        while held.next_if(|h| *h < *k).is_some() {}
-        held.next_if(|h| *h == *k).is_none()
-    })
+    set.iter().partition(|(k, _)| kmesh_model::sorted::seek(&mut held, *k, |h| *h).is_none())
 }
 
 /// Upserts `set` into `m`, recording how to undo each write. Entries go in batches

@@ -301,9 +301,7 @@ impl Mesh {
         if self.pending_grow.is_some() {
             return;
         }
-        let held =
-            crate::compile::expected_peaks_of(std::iter::empty(), std::iter::empty(), self.dp.applied());
-        self.pending_grow = self.dp.grow_in_background(&lb.max(&held));
+        self.pending_grow = self.dp.grow_in_background(&lb.max(&self.dp.applied().counts()));
     }
 
     /// Puts maps grown ahead in force, waiting for them if they are not ready yet.

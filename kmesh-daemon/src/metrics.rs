@@ -71,7 +71,7 @@ fn gauge(r: &mut Registry, name: &str, help: &str, v: u64) {
 }
 
 /// The kernel memory of each map (see [`crate::kernel::map_memory`]), read at most once a
-/// second: each read opens every map, reads its fdinfo and closes it (about half a
+/// second: each read opens every map, reads its fdinfo and closes it (a few tenths of a
 /// millisecond for thirty maps), and a scraper polling every few milliseconds would otherwise
 /// take a good part of a CPU from the daemon.
 fn map_memory(layout_dir: &std::path::Path) -> Vec<(String, u64)> {

@@ -519,8 +519,7 @@ impl Index {
                 unclaim(&mut self.workloads, a, uid);
             }
             let w = if walk {
-                while now.next_if(|(k, _)| *k < uid).is_some() {}
-                now.next_if(|(k, _)| *k == uid).map(|(_, w)| w)
+                kmesh_model::sorted::seek(&mut now, uid, |(k, _)| *k).map(|(_, w)| w)
             } else {
                 model.workloads.get(uid)
             };

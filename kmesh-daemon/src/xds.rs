@@ -512,8 +512,8 @@ fn decode_response(resp: &mut DeltaDiscoveryResponse) -> Option<Decoded> {
 }
 
 /// What the load-balancing maps will hold at least once `decoded` is applied, from the
-/// resources alone (see [`crate::compile::expected_peaks_of`]).
-fn expected_peaks(decoded: &[Option<Decoded>]) -> crate::compile::MapCounts {
+/// resources alone (see [`crate::compile::expected_counts`]).
+fn expected_counts(decoded: &[Option<Decoded>]) -> crate::compile::MapCounts {
     let ok = || decoded.iter().flatten().flatten().filter_map(|p| p.as_ref().ok());
     let workloads = ok().filter_map(|p| match p {
         Parsed::Workload(w) => Some(w.as_ref()),
@@ -523,12 +523,12 @@ fn expected_peaks(decoded: &[Option<Decoded>]) -> crate::compile::MapCounts {
         Parsed::Service(s) => Some(s.as_ref()),
         _ => None,
     });
-    crate::compile::expected_peaks_of(workloads, services, &Default::default())
+    crate::compile::expected_counts(workloads, services)
 }
 
 /// A response's resources decoded, in order; a large response on every CPU at once (each
 /// resource decodes on its own; a full push of 110k takes 0.08-0.14 s this way on two CPUs).
-fn decode_all(type_url: &str, resources: &mut [Resource]) -> Vec<Result<Parsed, String>> {
+fn decode_all(type_url: &str, resources: &mut [Resource]) -> Decoded {
     const PER_THREAD: usize = 4096;
     let threads = crate::cpus().min(resources.len() / PER_THREAD);
     if threads <= 1 {
@@ -628,16 +628,15 @@ fn merge(
 /// keys are each built in one pass from a sorted list, not inserted one search at a time.
 /// The result and the undo records are those of the general merge. Hands the decoded
 /// resources back when the response is not of that shape.
-#[allow(clippy::type_complexity)]
 fn merge_into_empty(
     state: &mut XdsState,
     type_url: &'static str,
     resp: &DeltaDiscoveryResponse,
-    parsed: Vec<Result<Parsed, String>>,
+    parsed: Decoded,
     keys: &mut ModelKeys,
     undo: &mut Vec<Undo>,
     rejected: &mut Vec<String>,
-) -> Result<(), Vec<Result<Parsed, String>>> {
+) -> Result<(), Decoded> {
     const MIN: usize = 1024;
     let m = &state.model;
     let empty = resp.resources.len() >= MIN
@@ -764,7 +763,7 @@ pub fn handle_batch_with(
     let started = std::time::Instant::now();
     let decoded: Vec<Option<Decoded>> = resps.iter_mut().map(decode_response).collect();
     if resps.iter().map(|r| r.resources.len()).sum::<usize>() >= AHEAD_OF {
-        ahead(&expected_peaks(&decoded));
+        ahead(&expected_counts(&decoded));
     }
     let rejected: Vec<Vec<String>> = resps
         .iter()

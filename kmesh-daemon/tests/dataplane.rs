@@ -739,8 +739,8 @@ fn maps_grow_under_load_and_lose_nothing() {
         text
     };
     env.apply(&cfg(0, false));
-    // The first (full) compilation needs room for three endpoints: the maps are grown once,
-    // ahead of the writes, while it compiles.
+    // The first (full) compilation needs room for three endpoints: the maps grow once (the
+    // guess made before compiling is exact here, so the apply does not grow a second time).
     assert_eq!(env.mesh().dataplane().grows(), 1, "{:?}", env.mesh().dataplane().capacities());
     assert_eq!(env.mesh().dataplane().read_state().unwrap(), *env.mesh().dataplane().applied());
     env.enroll("client", None);

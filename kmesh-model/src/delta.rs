@@ -141,10 +141,7 @@ fn take_into_empty<K: Ord + Clone, T>(
         // Most of the source: one walk over both, in key order.
         let mut want = keys.iter().peekable();
         src.iter()
-            .filter(|(k, _)| {
-                while want.next_if(|w| *w < *k).is_some() {}
-                want.next_if(|w| *w == *k).is_some()
-            })
+            .filter(|(k, _)| crate::sorted::seek(&mut want, *k, |w| *w).is_some())
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     } else {

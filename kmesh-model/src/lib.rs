@@ -6,6 +6,7 @@
 //! - [`alloc`]: addresses for mesh-only hostnames the local file gives none.
 //! - [`xds`]: Istio workload and authorization resources from the control plane.
 //! - [`repack`]: B-tree indexes rebuilt full after a bulk insert in key order.
+//! - [`sorted`]: one walk over a sorted index alongside sorted keys, for bulk changes.
 
 pub mod alloc;
 pub mod config;
@@ -13,5 +14,6 @@ pub mod delta;
 pub mod istr;
 pub mod model;
 pub mod repack;
+pub mod sorted;
 pub mod vecmap;
 pub mod xds;

@@ -180,8 +180,9 @@ impl Dataplane {
     }
 
     /// Puts maps made by [`prepare_grow`](Self::prepare_grow) in force: each hook is
-    /// switched to the new programs, and the new maps take the old ones' pins. A grow made
-    /// made before another grow is dropped (the next apply grows what it needs).
+    /// switched to the new programs, and the new maps take the old ones' pins. Maps prepared
+    /// before another grow, or (made on another thread) from entries the maps no longer hold,
+    /// are dropped: the next apply grows what it needs.
     pub fn switch_grown(&mut self, mut g: Grown) -> Result<(), KernelError> {
         let Some((ebpf, maps)) = g.ebpf.take() else { return Ok(()) };
         if g.from != self.capacities {
