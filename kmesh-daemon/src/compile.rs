@@ -218,7 +218,10 @@ impl<K: Ord> Default for IdPool<K> {
 }
 
 impl<K: Ord + Clone> IdPool<K> {
-    pub fn get(&self, k: &K) -> Option<u32> {
+    pub fn get<Q: Ord + ?Sized>(&self, k: &Q) -> Option<u32>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
         self.ids.get(k).copied()
     }
 
@@ -303,7 +306,10 @@ impl<K: Ord + Clone> IdPool<K> {
     }
 
     /// Forgets one name.
-    pub fn release(&mut self, k: &K) {
+    pub fn release<Q: Ord + ?Sized>(&mut self, k: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+    {
         if let Some(id) = self.ids.remove(k) {
             self.in_use.remove(&id);
         }
@@ -328,7 +334,8 @@ impl<K: Ord + Clone> IdPool<K> {
 /// locality classes (class 0 is always the node's own locality).
 #[derive(Clone, Debug, Default)]
 pub struct Ids {
-    pub services: IdPool<String>,
+    /// By service key (the model's shared copy) or route key.
+    pub services: IdPool<Istr>,
     pub backends: IdPool<BackendKey>,
     pub classes: IdPool<ClientLocality>,
 }
@@ -457,13 +464,15 @@ pub type BackendKey = (u32, Istr, IpAddr);
 pub struct Compiler {
     pub ids: Ids,
     /// Service key -> uids of the workloads that list it.
-    members: BTreeMap<Istr, BTreeSet<Istr>>,
+    members: BTreeMap<Istr, Uids>,
     /// Client locality classes (0: the node).
     classes: BTreeMap<u32, ClientLocality>,
     /// Workloads whose locality defines a class (enrolled clients).
     class_workloads: BTreeSet<String>,
     /// Service key -> the entries compiled for it.
-    fragments: BTreeMap<String, Fragment>,
+    /// Keyed by the model's copy of the service key (workload fragments and routes by their
+    /// own), not a `String` per service.
+    fragments: BTreeMap<Istr, Fragment>,
     netns: BTreeMap<u64, NetnsValue>,
     /// Frontend -> the services whose fragments claim it. Two services may claim one address
     /// and port (two control-plane objects naming the same VIP): the one whose key
@@ -492,9 +501,57 @@ pub struct Compiler {
     pub eject_everywhere: bool,
 }
 
+/// The uids of the workloads listing one service, sorted: a vector (8 bytes a member), not a
+/// `BTreeSet` (a node of about 100 bytes for the one member most services have).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Uids(Vec<Istr>);
+
+impl Uids {
+    /// Every service's members in `model`, each vector exactly sized.
+    fn index(model: &Model) -> BTreeMap<Istr, Uids> {
+        // (service, uid) pairs come out in uid order; a stable sort by service keeps it.
+        let mut pairs: Vec<(&Istr, &Istr)> =
+            model.workloads.values().flat_map(|w| w.services.keys().map(move |k| (k, &w.uid))).collect();
+        pairs.sort_by(|a, b| a.0.cmp(b.0));
+        let mut out = Vec::new();
+        for group in pairs.chunk_by(|a, b| a.0 == b.0) {
+            let mut uids = Vec::with_capacity(group.len());
+            uids.extend(group.iter().map(|(_, u)| (*u).clone()));
+            out.push((group[0].0.clone(), Uids(uids)));
+        }
+        // Sorted and distinct: built at once.
+        out.into_iter().collect()
+    }
+
+    fn insert(&mut self, uid: &Istr) {
+        if let Err(i) = self.0.binary_search(uid) {
+            self.0.insert(i, uid.clone());
+        }
+    }
+
+    fn remove(&mut self, uid: &str) {
+        if let Ok(i) = self.0.binary_search_by(|u| u.as_str().cmp(uid)) {
+            self.0.remove(i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> IntoIterator for &'a Uids {
+    type Item = &'a Istr;
+    type IntoIter = std::slice::Iter<'a, Istr>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// The services claiming one frontend, in key order (the first owns it): nearly always one, so
 /// a sorted vector, not a `BTreeSet` node per frontend.
-type Owners = kmesh_model::vecmap::VecMap<String, ()>;
+type Owners = kmesh_model::vecmap::VecMap<Istr, ()>;
 
 /// One service's map entries as the compiler keeps them between compilations: sorted slices,
 /// not the `BTreeMap`s of a [`MapState`] (a node of several hundred bytes per map per service,
@@ -608,12 +665,7 @@ impl Compiler {
         self.ids.classes.retain(&used_classes);
         self.enrolled_uids = enrolled.iter().filter_map(|(c, e)| Some((*c, e.workload.clone()?))).collect();
 
-        self.members.clear();
-        for w in model.workloads.values() {
-            for key in w.services.keys() {
-                self.members.entry(key.clone()).or_default().insert(w.uid.clone());
-            }
-        }
+        self.members = Uids::index(model);
 
         self.fragments.clear();
         self.adoptable_backends =
@@ -623,15 +675,15 @@ impl Compiler {
         let mut route_owners = Vec::new();
         for (key, svc) in &model.services {
             if let Some(frag) = self.compile_service(model, key, svc, prev, &mut used_backends) {
-                used_services.insert(key.to_string());
+                used_services.insert(key.clone());
                 if frag.frontends.values().any(|v| v.waypoint_id != 0) {
-                    route_owners.push(key.to_string());
+                    route_owners.push(key.clone());
                 }
-                self.fragments.insert(key.to_string(), frag.into());
+                self.fragments.insert(key.clone(), frag.into());
             }
         }
         for w in model.workloads.values().filter(|w| w.waypoint.is_some()) {
-            let key = format!("{WORKLOAD_FRAGMENT}{}", w.uid);
+            let key = Istr::unique(&format!("{WORKLOAD_FRAGMENT}{}", w.uid));
             if let Some(frag) = self.compile_workload_frontends(w, prev) {
                 route_owners.push(key.clone());
                 self.fragments.insert(key, frag.into());
@@ -652,11 +704,12 @@ impl Compiler {
         for owner in route_owners {
             let rk = route_key(&owner);
             if let Some((frag, info)) = self.compile_route(model, &owner, prev) {
-                used_services.insert(rk.clone());
+                let rk_key = Istr::from(rk.as_str());
+                used_services.insert(rk_key.clone());
                 used_backends.extend(info.backends.iter().cloned());
                 self.index_route(&rk, &info, true);
-                self.routes.insert(rk.clone(), info);
-                self.fragments.insert(rk, frag.into());
+                self.routes.insert(rk, info);
+                self.fragments.insert(rk_key, frag.into());
             }
         }
         for (cookie, uid) in &self.enrolled_uids {
@@ -684,7 +737,7 @@ impl Compiler {
     /// rewrite.
     fn adopt_service_id(
         &mut self,
-        name: &String,
+        name: &Istr,
         svc: &Service,
         prev: &MapState,
         pick: impl Fn(&FrontendValue) -> Option<u32>,
@@ -730,7 +783,7 @@ impl Compiler {
     }
 
     /// The key of the service (or workload fragment) that owns frontend `k`.
-    pub fn frontend_owner(&self, k: &FrontendKey) -> Option<&String> {
+    pub fn frontend_owner(&self, k: &FrontendKey) -> Option<&Istr> {
         self.claims.get(k)?.keys().next()
     }
 
@@ -741,7 +794,7 @@ impl Compiler {
             .filter_map(|k| Some((k, self.claims.get(k)?)))
             .map(|(k, owners)| {
                 let proto = if k.proto == PROTO_UDP { "UDP" } else { "TCP" };
-                let mut it = owners.keys().cloned();
+                let mut it = owners.keys().map(|k| k.to_string());
                 FrontendConflict {
                     frontend: format!(
                         "{}/{proto}",
@@ -786,7 +839,7 @@ impl Compiler {
         if changed_w.keys().any(|uid| self.class_workloads.contains(uid.as_str())) {
             return None;
         }
-        let mut affected: BTreeSet<String> = change.services.keys().map(|k| k.to_string()).collect();
+        let mut affected: BTreeSet<Istr> = change.services.keys().cloned().collect();
         // What waypoint routes may have resolved through (recompiled below).
         let mut deps: BTreeSet<WaypointDep> = BTreeSet::new();
         for (k, old) in &change.services {
@@ -797,16 +850,16 @@ impl Compiler {
         }
         for (uid, old) in changed_w {
             for w in [old.as_ref(), new.workloads.get(uid)].into_iter().flatten() {
-                affected.extend(w.services.keys().map(|k| k.to_string()));
+                affected.extend(w.services.keys().cloned());
                 deps.extend(w.services.keys().map(|k| WaypointDep::Service(k.to_string())));
                 deps.extend(w.addresses.iter().map(|a| WaypointDep::Addr(*a)));
                 if w.waypoint.is_some() {
-                    affected.insert(format!("{WORKLOAD_FRAGMENT}{uid}"));
+                    affected.insert(Istr::unique(&format!("{WORKLOAD_FRAGMENT}{uid}")));
                 }
             }
         }
         // Backend keys each affected service may hold now, before the index changes.
-        let old_backends: BTreeMap<String, BTreeSet<BackendKey>> = affected
+        let old_backends: BTreeMap<Istr, BTreeSet<BackendKey>> = affected
             .iter()
             .map(|k| (k.clone(), self.backend_keys(|uid| change.old_workload(new, uid), k)))
             .collect();
@@ -820,7 +873,7 @@ impl Compiler {
             }
             if let Some(w) = new.workloads.get(uid) {
                 for key in w.services.keys() {
-                    self.members.entry(key.clone()).or_default().insert(uid.clone());
+                    self.members.entry(key.clone()).or_default().insert(uid);
                 }
             }
         }
@@ -878,25 +931,25 @@ impl Compiler {
         let mut routes: BTreeSet<String> = affected_owners
             .iter()
             .map(|k| route_key(k))
-            .filter(|rk| self.routes.contains_key(rk) || self.ids.services.get(rk).is_some())
+            .filter(|rk| self.routes.contains_key(rk) || self.ids.services.get(rk.as_str()).is_some())
             .collect();
         for dep in &deps {
             routes.extend(self.route_deps.get(dep).into_iter().flatten().cloned());
         }
         for rk in routes {
-            let prev = self.fragments.remove(&rk).map(|f| f.expand()).unwrap_or_default();
+            let prev = self.fragments.remove(rk.as_str()).map(|f| f.expand()).unwrap_or_default();
             let old = self.routes.remove(&rk).unwrap_or_default();
             self.index_route(&rk, &old, false);
             let owner = rk.strip_suffix("#waypoint").unwrap_or(&rk).to_string();
             let owns_route = self
                 .fragments
-                .get(&owner)
+                .get(owner.as_str())
                 .is_some_and(|f| f.frontends.iter().any(|(_, v)| v.waypoint_id != 0));
             let next = if owns_route { self.compile_route(new, &owner, &prev) } else { None };
             let (next, info) = match next {
                 Some((m, info)) => (m, info),
                 None => {
-                    self.ids.services.release(&rk);
+                    self.ids.services.release(rk.as_str());
                     (MapState::default(), RouteInfo::default())
                 }
             };
@@ -906,8 +959,8 @@ impl Compiler {
             d.merge(diff(&prev, &next));
             if next != MapState::default() {
                 self.index_route(&rk, &info, true);
-                self.routes.insert(rk.clone(), info);
-                self.fragments.insert(rk, next.into());
+                self.fragments.insert(Istr::from(rk.as_str()), next.into());
+                self.routes.insert(rk, info);
             }
         }
         // A namespace whose workload became (or stopped being) a waypoint endpoint.
@@ -1001,7 +1054,7 @@ impl Compiler {
         workload: impl Fn(&str) -> Option<&'a Arc<Workload>>,
         key: &str,
     ) -> BTreeSet<BackendKey> {
-        let Some(sid) = self.ids.services.get(&key.to_string()) else { return BTreeSet::new() };
+        let Some(sid) = self.ids.services.get(key) else { return BTreeSet::new() };
         self.members
             .get(key)
             .into_iter()
@@ -1015,7 +1068,7 @@ impl Compiler {
     fn compile_service(
         &mut self,
         model: &Model,
-        key: &str,
+        key: &Istr,
         svc: &Service,
         prev: &MapState,
         used_backends: &mut BTreeSet<BackendKey>,
@@ -1025,17 +1078,16 @@ impl Compiler {
             return None;
         }
         let mut out = MapState::default();
-        let skey = key.to_string();
         // After a restart: the id the adopted frontends of this service's addresses carry.
-        self.adopt_service_id(&skey, svc, prev, |v| Some(v.service_id));
-        let service_id = self.ids.services.get_or_alloc(&skey);
+        self.adopt_service_id(key, svc, prev, |v| Some(v.service_id));
+        let service_id = self.ids.services.get_or_alloc(key);
         let lb = &svc.load_balancing;
         let locality = is_locality_aware(lb);
         // Connections to a service with a waypoint go through it (TCP: waypoints take TCP).
         let waypoint_id = if service_waypoints(svc).is_empty() {
             0
         } else {
-            let rk = route_key(key);
+            let rk = Istr::from(route_key(key).as_str());
             self.adopt_service_id(&rk, svc, prev, |v| Some(v.waypoint_id).filter(|id| *id != 0));
             self.ids.services.get_or_alloc(&rk)
         };

@@ -408,11 +408,15 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// jemalloc's options, read before `main`: memory a burst freed (the decode of a full push) goes
 /// back to the system within about a second, by a background thread, instead of staying
 /// resident until later allocations happen to purge it (jemalloc's default: 10 s, on
-/// allocation).
+/// allocation). One arena, not four per CPU: the daemon's heavy work runs on one thread at a
+/// time (the decode on two), each thread's cache takes the small allocations, and memory one
+/// thread freed is reused by the next instead of sitting in another arena (10k x 10 peak RSS
+/// 233 -> 185 MiB, 100k x 1 385 -> 363 MiB, push time unchanged; `_RJEM_MALLOC_CONF` overrides).
 #[cfg(feature = "jemalloc")]
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8; 63] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000\0";
+pub static malloc_conf: &[u8; 73] =
+    b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000,narenas:1\0";
 
 fn main() -> anyhow::Result<()> {
     kmesh_daemon::logging::init();

@@ -614,7 +614,8 @@ impl Mesh {
     pub fn dump_maps(&self) -> Result<serde_json::Value, KernelError> {
         use kmesh_common::PROTO_UDP;
         let s = self.dp.read_state()?;
-        let names: BTreeMap<u32, &String> = self.compiler.ids.services.iter().map(|(k, v)| (*v, k)).collect();
+        let names: BTreeMap<u32, &kmesh_model::model::Istr> =
+            self.compiler.ids.services.iter().map(|(k, v)| (*v, k)).collect();
         let obs = self.observer();
         let who = |a: [u32; 4]| {
             let ip = words_addr(a);

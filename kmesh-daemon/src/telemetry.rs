@@ -505,6 +505,8 @@ impl<P: std::hash::Hash + Eq, V> ByAddr<P, V> {
 #[derive(Debug)]
 enum Claimants<T> {
     One(Arc<T>),
+    // Boxed so that the enum stays two words: a shared address is rare.
+    #[allow(clippy::box_collection)]
     Many(Box<Vec<Arc<T>>>),
 }
 

@@ -47,7 +47,7 @@ pub fn hostname_slot(hostname: &str) -> Option<PpSlot> {
 pub fn host_changes<'a>(
     d: &Diff,
     model: &Model,
-    owner: impl Fn(&FrontendKey) -> Option<&'a String>,
+    owner: impl Fn(&FrontendKey) -> Option<&'a kmesh_model::model::Istr>,
     written: &BTreeMap<FrontendKey, PpSlot>,
 ) -> (Vec<(FrontendKey, PpSlot)>, Vec<FrontendKey>) {
     let mut set = Vec::new();
@@ -113,7 +113,7 @@ impl Headers {
         &mut self,
         d: &Diff,
         model: &Model,
-        owner: impl Fn(&FrontendKey) -> Option<&'a String>,
+        owner: impl Fn(&FrontendKey) -> Option<&'a kmesh_model::model::Istr>,
     ) -> Vec<FrontendKey> {
         let (set, del) = host_changes(d, model, owner, &self.hosts);
         let mut failed = 0;

@@ -176,7 +176,7 @@ fn per_workload_target_ports_override_only_when_they_differ() {
     let (s, ids) = compile_fresh(&m, &no_clients());
     assert_eq!(s.ports.len(), 1);
     let (k, v) = s.ports.iter().next().unwrap();
-    let sid = ids.services.get(&SVC.to_string()).unwrap();
+    let sid = ids.services.get(SVC).unwrap();
     let b = ids.backends.get(&(sid, "b".into(), "10.244.0.3".parse().unwrap())).unwrap();
     assert_eq!(k.backend_id, b);
     assert_eq!(u16::from_be(v.target_port), 9999);
@@ -469,7 +469,7 @@ fn incremental_compilation_matches_a_full_one_through_random_changes() {
     // Ids of everything removed were given back: every backend id still held belongs to a
     // workload that still lists a service that still exists.
     assert_eq!(compiler.ids.services.iter().count(), model.services.len());
-    let sids: BTreeMap<u32, &String> = compiler.ids.services.iter().map(|(k, v)| (*v, k)).collect();
+    let sids: BTreeMap<u32, &Istr> = compiler.ids.services.iter().map(|(k, v)| (*v, k)).collect();
     for ((sid, uid, addr), _) in compiler.ids.backends.iter() {
         let key = sids.get(sid).expect("backend id of a removed service");
         let w = model.workloads.get(uid).expect("backend id of a removed workload");

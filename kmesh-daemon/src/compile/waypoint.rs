@@ -77,7 +77,7 @@ impl Compiler {
     }
 
     /// The service that claims TCP frontends on `ip` (a VIP), if any.
-    fn service_at(&self, ip: IpAddr) -> Option<&String> {
+    fn service_at(&self, ip: IpAddr) -> Option<&Istr> {
         let addr = addr_words(ip);
         let lo = FrontendKey { addr, port: 0, proto: 0, _pad: 0 };
         let hi = FrontendKey { addr, port: u16::MAX, proto: u8::MAX, _pad: u8::MAX };
@@ -114,7 +114,7 @@ impl Compiler {
                     return Vec::new();
                 }
                 if let Some(key) = self.service_at(*address) {
-                    deps.push(WaypointDep::Service(key.clone()));
+                    deps.push(WaypointDep::Service(key.to_string()));
                     return members_of(key);
                 }
                 model.workload_by_address(*address).into_iter().collect()
@@ -129,7 +129,7 @@ impl Compiler {
             return None;
         }
         let key = format!("{WORKLOAD_FRAGMENT}{}", w.uid);
-        let rk = route_key(&key);
+        let rk = Istr::from(route_key(&key).as_str());
         let mut out = MapState::default();
         for a in &w.addresses {
             let fk = FrontendKey { addr: addr_words(*a), port: PORT_ANY, proto: PROTO_TCP, _pad: 0 };
@@ -155,7 +155,7 @@ impl Compiler {
         prev: &MapState,
     ) -> Option<(MapState, RouteInfo)> {
         let rk = route_key(owner);
-        let route_id = self.ids.services.get(&rk)?;
+        let route_id = self.ids.services.get(rk.as_str())?;
         // (waypoint, weight), the families to serve, the frontend ports (network order).
         let (waypoints, families, ports): (Vec<(GatewayAddress, u32)>, BTreeSet<u8>, Vec<u16>) =
             match owner.strip_prefix(WORKLOAD_FRAGMENT) {
