@@ -553,41 +553,46 @@ impl<'a> IntoIterator for &'a Uids {
 /// a sorted vector, not a `BTreeSet` node per frontend.
 type Owners = kmesh_model::vecmap::VecMap<Istr, ()>;
 
-/// One service's map entries as the compiler keeps them between compilations: sorted slices,
-/// not the `BTreeMap`s of a [`MapState`] (a node of several hundred bytes per map per service,
-/// most of the compiler's memory at 100k services).
+/// One service's map entries as the compiler keeps them between compilations: which keys it
+/// holds, as sorted slices. Values are kept only for frontends (a frontend several services
+/// claim takes its owner's value, so the maps do not hold every claimant's); the others' are
+/// what the maps in force hold, read from their mirror when the service is recompiled, not kept
+/// a second time here (a table's value is 64 bytes: at 100k services the values alone were 18
+/// MB, the same bytes as the mirror's).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Fragment {
     frontends: Box<[(FrontendKey, FrontendValue)]>,
-    tables: Box<[(TableKey, TableValue)]>,
-    endpoints: Box<[(EndpointKey, EndpointValue)]>,
-    backends: Box<[(u32, BackendValue)]>,
-    ports: Box<[(PortKey, PortValue)]>,
-}
-
-impl From<MapState> for Fragment {
-    fn from(m: MapState) -> Self {
-        debug_assert!(m.netns.is_empty(), "a service's entries hold no namespace");
-        Self {
-            frontends: m.frontends.into_iter().collect(),
-            tables: m.tables.into_iter().collect(),
-            endpoints: m.endpoints.into_iter().collect(),
-            backends: m.backends.into_iter().collect(),
-            ports: m.ports.into_iter().collect(),
-        }
-    }
+    tables: Box<[TableKey]>,
+    endpoints: Box<[EndpointKey]>,
+    backends: Box<[u32]>,
+    ports: Box<[PortKey]>,
 }
 
 impl Fragment {
-    /// The entries as a map state (to diff against, or to compile next to).
-    fn expand(&self) -> MapState {
+    fn keys_of(m: &MapState) -> Self {
+        debug_assert!(m.netns.is_empty(), "a service's entries hold no namespace");
+        Self {
+            frontends: m.frontends.iter().map(|(k, v)| (*k, *v)).collect(),
+            tables: m.tables.keys().copied().collect(),
+            endpoints: m.endpoints.keys().copied().collect(),
+            backends: m.backends.keys().copied().collect(),
+            ports: m.ports.keys().copied().collect(),
+        }
+    }
+
+    /// The entries, with the values `applied` (the maps in force) holds for them: what the
+    /// service's recompilation is diffed against.
+    fn expand(&self, applied: &MapState) -> MapState {
+        fn values<K: Ord + Copy, V: Copy>(keys: &[K], from: &BTreeMap<K, V>) -> BTreeMap<K, V> {
+            keys.iter().filter_map(|k| Some((*k, *from.get(k)?))).collect()
+        }
         MapState {
             netns: BTreeMap::new(),
             frontends: self.frontends.iter().copied().collect(),
-            tables: self.tables.iter().copied().collect(),
-            endpoints: self.endpoints.iter().copied().collect(),
-            backends: self.backends.iter().copied().collect(),
-            ports: self.ports.iter().copied().collect(),
+            tables: values(&self.tables, &applied.tables),
+            endpoints: values(&self.endpoints, &applied.endpoints),
+            backends: values(&self.backends, &applied.backends),
+            ports: values(&self.ports, &applied.ports),
         }
     }
 
@@ -597,6 +602,28 @@ impl Fragment {
 
     fn frontend(&self, k: &FrontendKey) -> Option<FrontendValue> {
         self.frontends.binary_search_by(|(x, _)| x.cmp(k)).ok().map(|i| self.frontends[i].1)
+    }
+}
+
+/// The values of a full compilation's fragments, gathered as they are compiled, to build the
+/// full map state at once (the fragments keep only keys).
+#[derive(Default)]
+struct Gathered {
+    tables: Vec<(TableKey, TableValue)>,
+    endpoints: Vec<(EndpointKey, EndpointValue)>,
+    backends: Vec<(u32, BackendValue)>,
+    ports: Vec<(PortKey, PortValue)>,
+}
+
+impl Gathered {
+    /// Takes `m`'s values and returns its fragment.
+    fn keep(&mut self, m: MapState) -> Fragment {
+        let f = Fragment::keys_of(&m);
+        self.tables.extend(m.tables);
+        self.endpoints.extend(m.endpoints);
+        self.backends.extend(m.backends);
+        self.ports.extend(m.ports);
+        f
     }
 }
 
@@ -673,20 +700,21 @@ impl Compiler {
         let mut used_services = BTreeSet::new();
         let mut used_backends = BTreeSet::new();
         let mut route_owners = Vec::new();
+        let mut gathered = Gathered::default();
         for (key, svc) in &model.services {
             if let Some(frag) = self.compile_service(model, key, svc, prev, &mut used_backends) {
                 used_services.insert(key.clone());
                 if frag.frontends.values().any(|v| v.waypoint_id != 0) {
                     route_owners.push(key.clone());
                 }
-                self.fragments.insert(key.clone(), frag.into());
+                self.fragments.insert(key.clone(), gathered.keep(frag));
             }
         }
         for w in model.workloads.values().filter(|w| w.waypoint.is_some()) {
             let key = Istr::unique(&format!("{WORKLOAD_FRAGMENT}{}", w.uid));
             if let Some(frag) = self.compile_workload_frontends(w, prev) {
                 route_owners.push(key.clone());
-                self.fragments.insert(key, frag.into());
+                self.fragments.insert(key, gathered.keep(frag));
             }
         }
         self.claims.clear();
@@ -709,7 +737,7 @@ impl Compiler {
                 used_backends.extend(info.backends.iter().cloned());
                 self.index_route(&rk, &info, true);
                 self.routes.insert(rk, info);
-                self.fragments.insert(rk_key, frag.into());
+                self.fragments.insert(rk_key, gathered.keep(frag));
             }
         }
         for (cookie, uid) in &self.enrolled_uids {
@@ -729,7 +757,7 @@ impl Compiler {
             repack::map(&mut self.fragments);
             repack::map(&mut self.claims);
         }
-        self.state()
+        self.state_of(gathered)
     }
 
     /// After a restart, gives `name` the id that `pick` reads from the adopted frontends of
@@ -807,31 +835,36 @@ impl Compiler {
             .collect()
     }
 
-    /// The full map contents: the union of every service's entries and the enrolled namespaces.
-    pub fn state(&self) -> MapState {
-        let mut out = MapState { netns: self.netns.clone(), ..Default::default() };
-        out.frontends = self.claims.keys().filter_map(|k| Some((*k, self.resolve(k)?))).collect();
-        // Gathered, then each map built at once (sorted, full nodes), not inserted into.
-        let (mut tables, mut endpoints, mut backends, mut ports) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for f in self.fragments.values() {
-            tables.extend(f.tables.iter().map(|(k, v)| (*k, *v)));
-            endpoints.extend(f.endpoints.iter().map(|(k, v)| (*k, *v)));
-            backends.extend(f.backends.iter().map(|(k, v)| (*k, *v)));
-            ports.extend(f.ports.iter().map(|(k, v)| (*k, *v)));
+    /// The full map contents: the union of every service's entries (their values `gathered`)
+    /// and the enrolled namespaces.
+    fn state_of(&self, gathered: Gathered) -> MapState {
+        MapState {
+            netns: self.netns.clone(),
+            frontends: self.claims.keys().filter_map(|k| Some((*k, self.resolve(k)?))).collect(),
+            // Each map built at once (sorted, full nodes), not inserted into.
+            tables: gathered.tables.into_iter().collect(),
+            endpoints: gathered.endpoints.into_iter().collect(),
+            backends: gathered.backends.into_iter().collect(),
+            ports: gathered.ports.into_iter().collect(),
         }
-        out.tables = tables.into_iter().collect();
-        out.endpoints = endpoints.into_iter().collect();
-        out.backends = backends.into_iter().collect();
-        out.ports = ports.into_iter().collect();
-        out
+    }
+
+    /// What the compiler says the maps hold, with the values `applied` holds: equal to
+    /// `applied` unless the compiler's bookkeeping of which entries are whose drifted.
+    #[cfg(test)]
+    fn state_with(&self, applied: &MapState) -> MapState {
+        let mut g = Gathered::default();
+        for f in self.fragments.values() {
+            g.keep(f.expand(applied));
+        }
+        self.state_of(g)
     }
 
     /// Recompiles only the services `change` touched in `new`, or whose workloads it touched
     /// (before or after), and returns what to write and delete. Returns `None` when a full
     /// compilation is needed: the node changed, or a workload that gives an enrolled client its
     /// locality changed. Costs what the change touches, not what the model holds.
-    pub fn incremental(&mut self, new: &Model, change: &ModelChange) -> Option<Diff> {
+    pub fn incremental(&mut self, new: &Model, change: &ModelChange, applied: &MapState) -> Option<Diff> {
         if change.node.is_some() {
             return None;
         }
@@ -890,7 +923,7 @@ impl Compiler {
             touched.iter().filter_map(|k| Some((*k, self.resolve(k)?))).collect();
         let affected_owners = affected.clone();
         for key in affected {
-            let prev = self.fragments.remove(&key).map(|f| f.expand()).unwrap_or_default();
+            let prev = self.fragments.remove(&key).map(|f| f.expand(applied)).unwrap_or_default();
             for fk in prev.frontends.keys() {
                 if let Some(c) = self.claims.get_mut(fk) {
                     c.remove(key.as_str());
@@ -920,7 +953,7 @@ impl Compiler {
             }
             d.merge(diff(&prev, &next));
             if next != MapState::default() {
-                self.fragments.insert(key.clone(), next.into());
+                self.fragments.insert(key.clone(), Fragment::keys_of(&next));
             }
             if self.members.get(key.as_str()).is_some_and(|m| m.is_empty()) {
                 self.members.remove(key.as_str());
@@ -937,7 +970,7 @@ impl Compiler {
             routes.extend(self.route_deps.get(dep).into_iter().flatten().cloned());
         }
         for rk in routes {
-            let prev = self.fragments.remove(rk.as_str()).map(|f| f.expand()).unwrap_or_default();
+            let prev = self.fragments.remove(rk.as_str()).map(|f| f.expand(applied)).unwrap_or_default();
             let old = self.routes.remove(&rk).unwrap_or_default();
             self.index_route(&rk, &old, false);
             let owner = rk.strip_suffix("#waypoint").unwrap_or(&rk).to_string();
@@ -959,7 +992,7 @@ impl Compiler {
             d.merge(diff(&prev, &next));
             if next != MapState::default() {
                 self.index_route(&rk, &info, true);
-                self.fragments.insert(Istr::from(rk.as_str()), next.into());
+                self.fragments.insert(Istr::from(rk.as_str()), Fragment::keys_of(&next));
                 self.routes.insert(rk, info);
             }
         }

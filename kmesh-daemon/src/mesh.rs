@@ -222,7 +222,7 @@ impl Mesh {
         let t0 = std::time::Instant::now();
         let incremental = match change {
             Some(c) if !self.needs_full && *enrolled == self.enrolled => {
-                self.compiler.incremental(&self.model, c)
+                self.compiler.incremental(&self.model, c, self.dp.applied())
             }
             _ => None,
         };

@@ -439,10 +439,10 @@ fn incremental_compilation_matches_a_full_one_through_random_changes() {
         let mut now = model.clone();
         let change = now.take_from(&m, &keys);
         assert_eq!(now, m);
-        let d = compiler.incremental(&now, &change).expect("no node or client change");
+        let d = compiler.incremental(&now, &change, &kernel).expect("no node or client change");
         kernel.apply(d);
         assert_consistent(&kernel);
-        assert_eq!(kernel, compiler.state(), "step {step}: bookkeeping drifted");
+        assert_eq!(kernel, compiler.state_with(&kernel), "step {step}: bookkeeping drifted");
         let mut ids = Ids::default();
         let fresh = compile(&m, &BTreeMap::new(), &mut ids, &MapState::default());
         assert_eq!(
@@ -833,12 +833,12 @@ fn waypoint_changes_recompile_incrementally_to_what_a_full_compile_gives() {
         let mut now = model.clone();
         let change = now.take_from(&m, &keys);
         // A change of an enrolled workload (wp-9's) is compiled whole, as the mesh does.
-        let d = match compiler.incremental(&now, &change) {
+        let d = match compiler.incremental(&now, &change, &kernel) {
             Some(d) => d,
             None => diff(&kernel, &compiler.full(&now, &enrolled, &kernel)),
         };
         kernel.apply(d);
-        assert_eq!(kernel, compiler.state(), "step {i}: bookkeeping drifted");
+        assert_eq!(kernel, compiler.state_with(&kernel), "step {i}: bookkeeping drifted");
         let fresh = Compiler::default().full(&m, &enrolled, &MapState::default());
         assert_eq!(kernel.netns, fresh.netns, "step {i}: the waypoint flag drifted");
         flags.push(kernel.netns[&10].flags);
@@ -886,10 +886,12 @@ fn an_ejected_address_leaves_its_tables_incrementally() {
         ..Default::default()
     };
     c.ejected.insert("10.244.0.3".parse().unwrap());
-    state.apply(c.incremental(&m, &change(&["b"])).expect("incremental"));
+    let d = c.incremental(&m, &change(&["b"]), &state).expect("incremental");
+    state.apply(d);
     assert_eq!(levels(&state, 0, FAMILY_V4)[0], ips(&["10.244.0.2"]));
     c.ejected.clear();
-    state.apply(c.incremental(&m, &change(&["b"])).expect("incremental"));
+    let d = c.incremental(&m, &change(&["b"]), &state).expect("incremental");
+    state.apply(d);
     assert_eq!(levels(&state, 0, FAMILY_V4)[0], ips(&["10.244.0.2", "10.244.0.3"]));
 }
 
