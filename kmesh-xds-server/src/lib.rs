@@ -168,8 +168,10 @@ const MAX_PUSH_RECORDS: usize = 1 << 16;
 /// reads only what changed since its last one (not every resource held).
 #[derive(Default)]
 struct TypeState {
-    /// name -> (version, encoded resource)
-    items: BTreeMap<String, (String, Vec<u8>)>,
+    /// name -> (version, encoded resource). A version is the generation of the change that
+    /// last set the resource: the resources one call sets share it (and its one copy), so a
+    /// client keeping versions keeps one per change, not one per resource.
+    items: BTreeMap<String, (Arc<str>, Vec<u8>)>,
     /// seq -> the name that changed (set or removed) then; one entry per name, its last.
     log: BTreeMap<u64, String>,
     /// name -> its entry in `log`.
@@ -270,17 +272,22 @@ impl ControlPlane {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    /// Adds or replaces resources of one type (each gets a new version).
+    /// Adds or replaces resources of one type (together they get a new version).
     pub fn set(&self, type_url: &str, items: impl IntoIterator<Item = (String, Vec<u8>)>) {
         {
             let mut s = self.state.lock().unwrap();
+            let v: Arc<str> = format!("v{}", s.next_version + 1).into();
+            let mut any = false;
             for (name, bytes) in items {
-                s.next_version += 1;
+                any = true;
                 s.seq += 1;
-                let (v, seq) = (format!("v{}", s.next_version), s.seq);
+                let seq = s.seq;
                 let t = s.resources.entry(type_url.to_string()).or_default();
                 t.touch(&name, seq);
-                t.items.insert(name, (v, bytes));
+                t.items.insert(name, (v.clone(), bytes));
+            }
+            if any {
+                s.next_version += 1;
             }
         }
         self.bump();
@@ -304,12 +311,15 @@ impl ControlPlane {
         self.bump();
     }
 
-    /// Makes the resources of one type exactly `items`: unchanged bytes keep their version.
+    /// Makes the resources of one type exactly `items`: unchanged bytes keep their version, the
+    /// others get the next one.
     pub fn replace_all(&self, type_url: &str, items: BTreeMap<String, Vec<u8>>) {
         {
             let mut s = self.state.lock().unwrap();
             let mut t = s.resources.remove(type_url).unwrap_or_default();
-            let (mut seq, mut version) = (s.seq, s.next_version);
+            let mut seq = s.seq;
+            let v: Arc<str> = format!("v{}", s.next_version + 1).into();
+            let mut changed = false;
             let gone: Vec<String> = t.items.keys().filter(|n| !items.contains_key(*n)).cloned().collect();
             for n in gone {
                 t.items.remove(&n);
@@ -320,12 +330,13 @@ impl ControlPlane {
                 if t.items.get(&name).is_some_and(|(_, b)| *b == bytes) {
                     continue;
                 }
-                version += 1;
+                changed = true;
                 seq += 1;
                 t.touch(&name, seq);
-                t.items.insert(name, (format!("v{version}"), bytes));
+                t.items.insert(name, (v.clone(), bytes));
             }
-            (s.seq, s.next_version) = (seq, version);
+            s.seq = seq;
+            s.next_version += u64::from(changed);
             s.resources.insert(type_url.to_string(), t);
         }
         self.bump();
@@ -373,7 +384,7 @@ impl ControlPlane {
 
     /// Current version of a resource.
     pub fn version(&self, type_url: &str, name: &str) -> Option<String> {
-        self.state.lock().unwrap().resources.get(type_url)?.items.get(name).map(|(v, _)| v.clone())
+        self.state.lock().unwrap().resources.get(type_url)?.items.get(name).map(|(v, _)| v.to_string())
     }
 
     pub fn service(&self) -> AggregatedDiscoveryServiceServer<ControlPlane> {
@@ -458,9 +469,9 @@ impl ControlPlane {
         let now = s.seq;
         let empty = TypeState::default();
         let t = s.resources.get(type_url).unwrap_or(&empty);
-        let resource = |n: &String, (v, b): &(String, Vec<u8>)| Resource {
+        let resource = |n: &String, (v, b): &(Arc<str>, Vec<u8>)| Resource {
             name: n.clone(),
-            version: v.clone(),
+            version: v.to_string(),
             resource: Some(kmesh_proto::Any { type_url: type_url.to_string(), value: b.clone() }),
             ..Default::default()
         };
@@ -468,7 +479,7 @@ impl ControlPlane {
             None => (
                 t.items
                     .iter()
-                    .filter(|(n, (v, _))| wanted(n) && sent.get(*n) != Some(v))
+                    .filter(|(n, (v, _))| wanted(n) && sent.get(*n).map(String::as_str) != Some(&**v))
                     .map(|(n, e)| resource(n, e))
                     .collect(),
                 sent.keys().filter(|n| !t.items.contains_key(*n)).cloned().collect(),
@@ -478,7 +489,9 @@ impl ControlPlane {
                 let mut rm = Vec::new();
                 for name in t.log.range(since + 1..).map(|(_, n)| n).filter(|n| wanted(n)) {
                     match t.items.get(name) {
-                        Some(e) if sent.get(name) != Some(&e.0) => res.push(resource(name, e)),
+                        Some(e) if sent.get(name).map(String::as_str) != Some(&*e.0) => {
+                            res.push(resource(name, e))
+                        }
                         Some(_) => {}
                         None if sent.contains_key(name) => rm.push(name.clone()),
                         None => {}
