@@ -15,9 +15,9 @@ fn main() {
         model.services.insert(
             kmesh_daemon::model::Istr::new(&key),
             Arc::new(Service {
-                name: format!("svc-{s}"),
+                name: format!("svc-{s}").into(),
                 namespace: "bench".into(),
-                hostname: format!("svc-{s}.bench.svc.cluster.local"),
+                hostname: format!("svc-{s}.bench.svc.cluster.local").into(),
                 addresses: vec![IpAddr::V4(Ipv4Addr::from(0x0a60_0000u32 + s as u32 + 1))],
                 ports: vec![ServicePort { service_port: 80, target_port: 8080, protocol: Protocol::Tcp }],
                 load_balancing: LoadBalancing::default(),

@@ -170,9 +170,9 @@ fn main() -> anyhow::Result<()> {
         let mut res = BTreeMap::new();
         for s in 0..n {
             let svc = Service {
-                name: format!("svc-{s}"),
+                name: format!("svc-{s}").into(),
                 namespace: "bench".into(),
-                hostname: format!("svc-{s}.bench.svc.cluster.local"),
+                hostname: format!("svc-{s}.bench.svc.cluster.local").into(),
                 addresses: vec![IpAddr::V4(Ipv4Addr::from(
                     u32::from(Ipv4Addr::new(10, 96, 0, 0)) + s as u32 + 1,
                 ))],

@@ -861,9 +861,9 @@ impl Telemetry {
         let destination = destination_labels(dw);
         let service = match &svc {
             Some(s) => ServiceDestination {
-                destination_service: s.hostname.clone(),
-                destination_service_namespace: s.namespace.clone(),
-                destination_service_name: s.name.clone(),
+                destination_service: s.hostname.to_string(),
+                destination_service_namespace: s.namespace.to_string(),
+                destination_service_name: s.name.to_string(),
             },
             None => ServiceDestination {
                 destination_service: "unknown".into(),

@@ -186,9 +186,9 @@ fn scale_resources(n: usize, m: usize) -> BTreeMap<String, Vec<u8>> {
     for s in 0..n {
         let hostname = format!("svc-{s}.bench.svc.cluster.local");
         let svc = Service {
-            name: format!("svc-{s}"),
+            name: format!("svc-{s}").into(),
             namespace: "bench".into(),
-            hostname: hostname.clone(),
+            hostname: hostname.as_str().into(),
             addresses: vec![IpAddr::V4(Ipv4Addr::from(
                 u32::from(Ipv4Addr::new(10, 112, 0, 0)) + s as u32 + 1,
             ))],

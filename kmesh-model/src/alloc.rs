@@ -128,9 +128,9 @@ mod tests {
         let mut m = Model::default();
         for i in 0..3000 {
             let s = Service {
-                name: format!("s{i}"),
+                name: format!("s{i}").into(),
                 namespace: "n".into(),
-                hostname: format!("h{i}.example.com"),
+                hostname: format!("h{i}.example.com").into(),
                 ..Default::default()
             };
             m.services.insert(s.key().into(), Arc::new(s));

@@ -503,9 +503,9 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             });
         }
         let svc = Service {
-            name: s.name,
-            namespace: s.namespace,
-            hostname: s.hostname,
+            name: s.name.into(),
+            namespace: s.namespace.into(),
+            hostname: s.hostname.into(),
             addresses,
             address_ranges,
             ports,
@@ -515,7 +515,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             outlier: None,
             max_connections: None,
             auto_allocated: false,
-            unused: BTreeMap::new(),
+            unused: Default::default(),
         };
         let key = Istr::new(&svc.key());
         if model.services.contains_key(&key) {
@@ -613,7 +613,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                 waypoint: waypoint.map(Box::new),
                 application_tunnel,
                 priority: 0,
-                unused: BTreeMap::new(),
+                unused: Default::default(),
             }),
         );
     }
@@ -727,7 +727,7 @@ fn policy(f: &str, p: PolicySpec) -> Result<Policy, ConfigError> {
         action,
         rules,
         dry_run: p.dry_run,
-        unused: BTreeMap::new(),
+        unused: Default::default(),
     })
 }
 

@@ -188,7 +188,7 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
         waypoint: waypoint.map(Box::new),
         application_tunnel,
         priority: 0,
-        unused,
+        unused: unused.into(),
     })
 }
 
@@ -389,9 +389,9 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
         keep("app_protocol", protocols.join(","));
     }
     Ok(Service {
-        name: s.name,
-        namespace: s.namespace,
-        hostname: s.hostname,
+        name: Istr::unique(&s.name),
+        namespace: Istr::new(&s.namespace),
+        hostname: Istr::unique(&s.hostname),
         addresses,
         address_ranges,
         ports,
@@ -402,7 +402,7 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
         max_connections: None,
         // istiod allocates addresses for ServiceEntries itself and sends them as VIPs.
         auto_allocated: false,
-        unused,
+        unused: unused.into(),
     })
 }
 
@@ -487,7 +487,15 @@ pub fn policy_from_proto(p: ps::Authorization) -> Result<Policy, ResourceError> 
         }
         rules.push(Rule { clauses });
     }
-    Ok(Policy { name: p.name, namespace: p.namespace, scope, action, rules, dry_run: p.dry_run, unused })
+    Ok(Policy {
+        name: p.name,
+        namespace: p.namespace,
+        scope,
+        action,
+        rules,
+        dry_run: p.dry_run,
+        unused: unused.into(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -554,9 +562,9 @@ pub fn service_to_proto(s: &Service) -> pw::Service {
     use pw::load_balancing::{HealthPolicy as H, Mode as M, Scope as S};
     let lb = &s.load_balancing;
     pw::Service {
-        name: s.name.clone(),
-        namespace: s.namespace.clone(),
-        hostname: s.hostname.clone(),
+        name: s.name.to_string(),
+        namespace: s.namespace.to_string(),
+        hostname: s.hostname.to_string(),
         addresses: s
             .addresses
             .iter()

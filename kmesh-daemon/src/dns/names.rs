@@ -111,7 +111,7 @@ impl NameTable {
             };
             let variants = by_host.entry(host).or_default();
             if !variants.iter().any(|(ns, _)| *ns == svc.namespace) {
-                variants.push((svc.namespace.clone(), addrs));
+                variants.push((svc.namespace.to_string(), addrs));
             }
         }
 
@@ -257,7 +257,7 @@ pub(crate) mod tests {
 
     pub(crate) fn svc(ns: &str, host: &str, addrs: &[&str]) -> Service {
         Service {
-            name: host.split('.').next().unwrap_or_default().to_string(),
+            name: host.split('.').next().unwrap_or_default().into(),
             namespace: ns.into(),
             hostname: host.into(),
             addresses: addrs.iter().map(|a| a.parse().unwrap()).collect(),

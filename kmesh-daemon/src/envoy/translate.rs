@@ -332,9 +332,9 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
         model.services.insert(
             Istr::new(key),
             Arc::new(Service {
-                name: name.clone(),
+                name: name.as_str().into(),
                 namespace: NAMESPACE.into(),
-                hostname: hostname.clone(),
+                hostname: hostname.as_str().into(),
                 addresses,
                 ports: vec![ServicePort { service_port: *port, target_port: 0, protocol: Protocol::Tcp }],
                 load_balancing: LoadBalancing { policy, ..Default::default() },
