@@ -89,7 +89,7 @@ fn workload(svc: usize, ep: usize, m: usize) -> Workload {
         workload_name: Default::default(),
         canonical_name: Default::default(),
         canonical_revision: Default::default(),
-        addresses: vec![IpAddr::V4(addr)],
+        addresses: kmesh_daemon::model::Addrs::One(IpAddr::V4(addr)),
         node: format!("node-{}", ep % 3).into(),
         network: Default::default(),
         cluster_id: "Kubernetes".into(),
@@ -97,13 +97,14 @@ fn workload(svc: usize, ep: usize, m: usize) -> Workload {
             region: "r".into(),
             zone: format!("z{}", ep % 3).into(),
             subzone: Default::default(),
-        },
+        }
+        .into(),
         status: HealthStatus::Healthy,
         service_account: "default".into(),
         trust_domain: "cluster.local".into(),
         capacity: None,
-        authorization_policies: if policed(svc) { vec!["bench/allow".into()] } else { vec![] },
-        services: services.into(),
+        authorization_policies: if policed(svc) { vec!["bench/allow".into()].into() } else { Box::default() },
+        services: services.into_iter().collect(),
         ..Default::default()
     }
 }

@@ -131,7 +131,7 @@ pub fn applicable<'a>(model: &'a Model, w: &Workload) -> Vec<&'a Policy> {
         .filter(|p| match p.scope {
             PolicyScope::Global => true,
             PolicyScope::Namespace => p.namespace == w.namespace,
-            PolicyScope::WorkloadSelector => w.authorization_policies.contains(&p.key()),
+            PolicyScope::WorkloadSelector => w.authorization_policies.iter().any(|k| *k == p.key()),
         })
         .collect()
 }

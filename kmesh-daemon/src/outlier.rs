@@ -193,13 +193,12 @@ mod tests {
         m.services
             .insert("ns/s".into(), Arc::new(Service { outlier: cfg.map(Box::new), ..Default::default() }));
         for i in 1..=n {
-            let mut services = kmesh_model::vecmap::VecMap::default();
-            services.insert(Istr::new("ns/s"), Vec::<PortMapping>::new());
+            let services = [(Istr::new("ns/s"), Vec::<PortMapping>::new())].into_iter().collect();
             m.workloads.insert(
                 Istr::unique(&format!("w{i}")),
                 Arc::new(Workload {
                     uid: Istr::unique(&format!("w{i}")),
-                    addresses: vec![IpAddr::from([10, 0, 0, i])],
+                    addresses: kmesh_model::model::Addrs::One(IpAddr::from([10, 0, 0, i])),
                     services,
                     ..Default::default()
                 }),

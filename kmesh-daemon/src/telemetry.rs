@@ -773,7 +773,7 @@ impl Telemetry {
         }
         let w = dst?;
         // The destination workload's own services, in key order (a few), not every service.
-        for (key, maps) in &w.services {
+        for (key, maps) in w.services.iter() {
             let Some(s) = self.index.by_key.get(key.as_str()) else { continue };
             {
                 let hit = s.ports.iter().any(|p| {

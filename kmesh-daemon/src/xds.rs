@@ -439,7 +439,7 @@ impl XdsState {
         if n.locality == Default::default()
             && let Some(w) = self.local.first().and_then(|uid| self.model.workloads.get(uid.as_str()))
         {
-            n.locality = w.locality.clone();
+            n.locality = (*w.locality).clone();
             if n.network.is_empty() {
                 n.network = w.network.to_string();
             }

@@ -202,7 +202,9 @@ fn scale_resources(n: usize, m: usize) -> BTreeMap<String, Vec<u8>> {
                 uid: kmesh_model::model::Istr::unique(&format!("Kubernetes//Pod/bench/svc-{s}-{e}")),
                 name: format!("svc-{s}-{e}").as_str().into(),
                 namespace: "bench".into(),
-                addresses: vec![IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + k))],
+                addresses: kmesh_daemon::model::Addrs::One(IpAddr::V4(Ipv4Addr::from(
+                    u32::from(Ipv4Addr::new(10, 128, 0, 0)) + k,
+                ))),
                 services: [(format!("bench/{hostname}").as_str().into(), vec![])].into_iter().collect(),
                 ..Default::default()
             };

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 pub use crate::istr::Istr;
+pub use crate::shared::{ServiceList, Shared};
 
 /// Where a node, a workload or a client sits, as Istio's `Locality`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -36,7 +37,7 @@ pub enum HealthStatus {
 }
 
 /// One service port mapped to a target port on a workload (Istio `Port` in a `PortList`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct PortMapping {
     pub service_port: u16,
     pub target_port: u16,
@@ -112,21 +113,22 @@ pub struct Workload {
     /// `service.istio.io/canonical-name` / `-revision` (telemetry's app and version labels).
     pub canonical_name: Istr,
     pub canonical_revision: Istr,
-    pub addresses: Vec<IpAddr>,
+    pub addresses: Addrs,
     pub node: Istr,
     pub network: Istr,
     pub cluster_id: Istr,
-    pub locality: Locality,
+    /// Shared: the workloads of a zone hold one copy.
+    pub locality: Shared<Locality>,
     pub status: HealthStatus,
     pub service_account: Istr,
     pub trust_domain: Istr,
     /// Relative weight for load balancing (`None`: every endpoint weighs the same).
     pub capacity: Option<u32>,
     /// Selector-based policies that apply to this workload, as `namespace/name`.
-    pub authorization_policies: Vec<String>,
-    /// Services this workload backs, keyed `namespace/hostname` (interned: a service's
-    /// endpoints share one copy), with per-workload port maps.
-    pub services: crate::vecmap::VecMap<Istr, Vec<PortMapping>>,
+    pub authorization_policies: Box<[Istr]>,
+    /// Services this workload backs, keyed `namespace/hostname`, with per-workload port maps;
+    /// interned whole (a service's endpoints usually share one list).
+    pub services: Shared<ServiceList>,
     pub network_mode: NetworkMode,
     /// The waypoint that connections addressed to this workload go through (Istio's
     /// `Workload.waypoint`): every TCP port of its addresses. Boxed: few workloads have one,
@@ -146,6 +148,79 @@ pub struct Workload {
     /// protocol, extensions, ...), by field name, rendered for the config dump.
     #[serde(skip_serializing_if = "Unused::is_empty")]
     pub unused: Unused,
+}
+
+/// A workload's addresses: nearly always one, held inline (a list would be a pointer here and
+/// an allocation of its own per workload); more in a boxed slice. Reads as `[IpAddr]`.
+#[derive(Clone)]
+pub enum Addrs {
+    One(IpAddr),
+    Many(Box<[IpAddr]>),
+}
+
+impl Default for Addrs {
+    fn default() -> Self {
+        Addrs::Many(Box::default())
+    }
+}
+
+impl std::ops::Deref for Addrs {
+    type Target = [IpAddr];
+    fn deref(&self) -> &[IpAddr] {
+        match self {
+            Addrs::One(a) => std::slice::from_ref(a),
+            Addrs::Many(v) => v,
+        }
+    }
+}
+
+impl From<Vec<IpAddr>> for Addrs {
+    fn from(v: Vec<IpAddr>) -> Self {
+        match *v {
+            [a] => Addrs::One(a),
+            _ => Addrs::Many(v.into_boxed_slice()),
+        }
+    }
+}
+
+impl FromIterator<IpAddr> for Addrs {
+    fn from_iter<I: IntoIterator<Item = IpAddr>>(it: I) -> Self {
+        it.into_iter().collect::<Vec<_>>().into()
+    }
+}
+
+impl<'a> IntoIterator for &'a Addrs {
+    type Item = &'a IpAddr;
+    type IntoIter = std::slice::Iter<'a, IpAddr>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl PartialEq for Addrs {
+    fn eq(&self, o: &Self) -> bool {
+        **self == **o
+    }
+}
+
+impl Eq for Addrs {}
+
+impl PartialEq<Vec<IpAddr>> for Addrs {
+    fn eq(&self, o: &Vec<IpAddr>) -> bool {
+        **self == **o
+    }
+}
+
+impl std::fmt::Debug for Addrs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl Serialize for Addrs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (**self).serialize(s)
+    }
 }
 
 /// Fields of a resource received but not acted on, by field name: nearly always none, so a
@@ -390,7 +465,7 @@ impl ClientLocality {
 
     pub fn of_workload(w: &Workload) -> Self {
         Self {
-            locality: w.locality.clone(),
+            locality: (*w.locality).clone(),
             node: w.node.clone(),
             cluster_id: w.cluster_id.clone(),
             network: w.network.clone(),

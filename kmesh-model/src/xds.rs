@@ -92,7 +92,7 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
         }
         Some(c) => Some(c),
     };
-    let mut services = crate::vecmap::VecMap::new();
+    let mut services = Vec::with_capacity(w.services.len());
     for (key, list) in w.services {
         // Field names are formatted only for an error: this runs for every workload of a push.
         let f = |rest: &str| format!("Workload.services[{key:?}]{rest}");
@@ -108,7 +108,7 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
                 .map_err(|e| err(f(&format!(".ports[{j}].target_port")), e.problem))?;
             maps.push(PortMapping { service_port, target_port });
         }
-        services.insert(Istr::new(&key), maps);
+        services.push((Istr::new(&key), maps));
     }
     let locality = w.locality.map(|l| Locality {
         region: l.region.into(),
@@ -173,17 +173,17 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
         workload_name: w.workload_name.into(),
         canonical_name: w.canonical_name.into(),
         canonical_revision: w.canonical_revision.into(),
-        addresses,
+        addresses: addresses.into(),
         node: w.node.into(),
         network: w.network.into(),
         cluster_id: w.cluster_id.into(),
-        locality: locality.unwrap_or_default(),
+        locality: locality.unwrap_or_default().into(),
         status,
         service_account: w.service_account.into(),
         trust_domain: w.trust_domain.into(),
         capacity,
-        authorization_policies: w.authorization_policies,
-        services,
+        authorization_policies: w.authorization_policies.iter().map(|p| Istr::new(p)).collect(),
+        services: services.into_iter().collect(),
         network_mode,
         waypoint: waypoint.map(Box::new),
         application_tunnel,
@@ -530,7 +530,7 @@ pub fn workload_to_proto(w: &Workload) -> pw::Workload {
             NetworkMode::Standard => pw::NetworkMode::Standard as i32,
             NetworkMode::HostNetwork => pw::NetworkMode::HostNetwork as i32,
         },
-        authorization_policies: w.authorization_policies.clone(),
+        authorization_policies: w.authorization_policies.iter().map(|p| p.to_string()).collect(),
         waypoint: w.waypoint.as_deref().map(gateway_to_proto),
         application_tunnel: w.application_tunnel.map(|t| pw::ApplicationTunnel {
             protocol: match t.protocol {

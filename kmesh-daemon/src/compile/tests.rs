@@ -798,7 +798,7 @@ fn waypoint_changes_recompile_incrementally_to_what_a_full_compile_gives() {
         Box::new(|m: &mut Model| {
             let mut w = (*m.workloads["wp-1"]).clone();
             w.uid = "wp-9".into();
-            w.addresses = vec!["10.244.0.59".parse().unwrap()];
+            w.addresses = Addrs::One("10.244.0.59".parse().unwrap());
             m.workloads.insert("wp-9".into(), Arc::new(w));
         }),
         // wp-1 turns unhealthy.

@@ -270,7 +270,7 @@ pub(crate) mod tests {
             uid: uid.into(),
             name: uid.into(),
             namespace: backs.namespace.as_str().into(),
-            addresses: vec![ip.parse().unwrap()],
+            addresses: kmesh_model::model::Addrs::One(ip.parse().unwrap()),
             status: if healthy { HealthStatus::Healthy } else { HealthStatus::Unhealthy },
             services: [(backs.key().into(), vec![])].into_iter().collect(),
             ..Default::default()

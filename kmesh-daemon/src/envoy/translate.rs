@@ -367,9 +367,10 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
                 };
                 let sa = std::net::SocketAddr::new(e.address, e.port);
                 let uid = Istr::unique(&format!("{key}|{}|{sa}", t.cluster));
-                let mut services = kmesh_model::vecmap::VecMap::default();
-                services
-                    .insert(Istr::new(key), vec![PortMapping { service_port: *port, target_port: e.port }]);
+                let services =
+                    [(Istr::new(key), vec![PortMapping { service_port: *port, target_port: e.port }])]
+                        .into_iter()
+                        .collect();
                 model.workloads.insert(
                     uid.clone(),
                     Arc::new(Workload {
@@ -378,8 +379,8 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
                         namespace: Istr::new(NAMESPACE),
                         workload_name: Istr::new(&t.cluster),
                         canonical_name: Istr::new(&t.cluster),
-                        addresses: vec![e.address],
-                        locality: e.locality.clone(),
+                        addresses: Addrs::One(e.address),
+                        locality: e.locality.clone().into(),
                         status: if e.healthy { HealthStatus::Healthy } else { HealthStatus::Unhealthy },
                         capacity,
                         priority: e.priority,
