@@ -592,8 +592,8 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
         model.workloads.insert(
             uid.clone(),
             std::sync::Arc::new(Workload {
+                name: crate::model::WorkloadName::new(&uid, &w.name),
                 uid,
-                name: Istr::unique(&w.name),
                 namespace: w.namespace.into(),
                 workload_name: w.workload_name.into(),
                 canonical_name: w.canonical_name.into(),

@@ -104,8 +104,9 @@ pub struct Workload {
     /// Shared, not interned ([`Istr::unique`]): the model's maps and the compiler's indexes
     /// key on this one copy.
     pub uid: Istr,
-    /// The pod's name (shared, not interned, as the uid).
-    pub name: Istr,
+    /// The pod's name: read from the uid when the uid ends with it, as istiod's do (see
+    /// [`WorkloadName`]).
+    pub name: WorkloadName,
     pub namespace: Istr,
     /// The owning workload (deployment) name; telemetry's `*_workload` label (falls back to
     /// `name`).
@@ -148,6 +149,84 @@ pub struct Workload {
     /// protocol, extensions, ...), by field name, rendered for the config dump.
     #[serde(skip_serializing_if = "Unused::is_empty")]
     pub unused: Unused,
+}
+
+/// A workload's name, one pointer wide and, when the uid ends with `/NAME` (istiod's uids end
+/// with the pod's name), without an allocation of its own: it then holds the uid and reads as
+/// the uid's last segment. Reads (`Deref`, `Display`, comparisons, serialization) see the name.
+///
+/// What the pointer holds, and how it reads: the uid (ends in neither `\0` nor a name holding
+/// `/`): the part after its last `/`; a name that holds a `/` or ends in `\0`: that name and
+/// a `\0` after it, read without the `\0`; any other name: itself.
+#[derive(Clone, Default)]
+pub struct WorkloadName(Istr);
+
+impl WorkloadName {
+    /// `name` for the workload `uid`, sharing the uid's allocation when it ends with `/name`.
+    pub fn new(uid: &Istr, name: &str) -> Self {
+        let in_uid = !name.is_empty()
+            && !name.contains('/')
+            && !uid.ends_with('\0')
+            && uid.strip_suffix(name).is_some_and(|rest| rest.ends_with('/'));
+        if in_uid { Self(uid.clone()) } else { Self::own(name) }
+    }
+
+    /// A name held on its own (not derived from a uid).
+    pub fn own(name: &str) -> Self {
+        if name.contains('/') || name.ends_with('\0') {
+            Self(Istr::unique(&format!("{name}\0")))
+        } else {
+            Self(Istr::unique(name))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let s = self.0.as_str();
+        if let Some(own) = s.strip_suffix('\0') {
+            own
+        } else {
+            s.rsplit_once('/').map_or(s, |(_, tail)| tail)
+        }
+    }
+}
+
+impl From<&str> for WorkloadName {
+    fn from(s: &str) -> Self {
+        Self::own(s)
+    }
+}
+
+impl std::ops::Deref for WorkloadName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for WorkloadName {
+    fn eq(&self, o: &Self) -> bool {
+        self.as_str() == o.as_str()
+    }
+}
+
+impl Eq for WorkloadName {}
+
+impl std::fmt::Display for WorkloadName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for WorkloadName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl Serialize for WorkloadName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// A workload's addresses: nearly always one, held inline (a list would be a pointer here and
@@ -600,6 +679,29 @@ mod tests {
 
     /// Every workload and service the daemon holds is one of these: at 100k of each, 8 bytes
     /// is 0.8 MB. A field that grows them should be a deliberate choice.
+    #[test]
+    fn a_workload_name_reads_the_same_whether_or_not_the_uid_holds_it() {
+        let uid = Istr::unique("Kubernetes//Pod/prod/web-1");
+        let n = WorkloadName::new(&uid, "web-1");
+        assert_eq!((&*n, std::ptr::eq(n.0.as_str(), uid.as_str())), ("web-1", true), "shared with the uid");
+        for (uid, name) in [
+            ("Kubernetes//Pod/prod/web-1", "web"),
+            ("Kubernetes//Pod/prod/web-1", "eb-1"),
+            ("Kubernetes//Pod/prod/web-1", ""),
+            ("Kubernetes//Pod/prod/web-1", "prod/web-1"),
+            ("a/b\0", "b\0"),
+            ("x", "name\0"),
+            ("x", "a/b"),
+            ("web-1", "web-1"),
+        ] {
+            let n = WorkloadName::new(&Istr::unique(uid), name);
+            assert_eq!(&*n, name, "uid {uid:?}");
+            assert_eq!(n.to_string(), name);
+            assert_eq!(serde_json::to_string(&n).unwrap(), serde_json::to_string(name).unwrap());
+        }
+        assert_eq!(WorkloadName::from("a/b"), WorkloadName::new(&Istr::unique("x/a/b"), "a/b"));
+    }
+
     #[test]
     fn workloads_and_services_stay_small() {
         let (w, s) = (std::mem::size_of::<Workload>(), std::mem::size_of::<Service>());

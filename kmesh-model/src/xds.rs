@@ -166,9 +166,10 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
     if !w.extensions.is_empty() {
         keep("extensions", extension_names(&w.extensions));
     }
+    let uid = Istr::unique(&w.uid);
     Ok(Workload {
-        uid: Istr::unique(&w.uid),
-        name: Istr::unique(&w.name),
+        name: crate::model::WorkloadName::new(&uid, &w.name),
+        uid,
         namespace: w.namespace.into(),
         workload_name: w.workload_name.into(),
         canonical_name: w.canonical_name.into(),

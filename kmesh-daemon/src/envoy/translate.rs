@@ -375,7 +375,7 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
                     uid.clone(),
                     Arc::new(Workload {
                         uid,
-                        name: Istr::unique(&sa.to_string()),
+                        name: kmesh_model::model::WorkloadName::own(&sa.to_string()),
                         namespace: Istr::new(NAMESPACE),
                         workload_name: Istr::new(&t.cluster),
                         canonical_name: Istr::new(&t.cluster),
