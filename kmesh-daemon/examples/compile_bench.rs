@@ -18,8 +18,11 @@ fn main() {
                 name: format!("svc-{s}").into(),
                 namespace: "bench".into(),
                 hostname: format!("svc-{s}.bench.svc.cluster.local").into(),
-                addresses: vec![IpAddr::V4(Ipv4Addr::from(0x0a60_0000u32 + s as u32 + 1))],
-                ports: vec![ServicePort { service_port: 80, target_port: 8080, protocol: Protocol::Tcp }],
+                addresses: kmesh_daemon::model::Addrs::One(IpAddr::V4(Ipv4Addr::from(
+                    0x0a60_0000u32 + s as u32 + 1,
+                ))),
+                ports: vec![ServicePort { service_port: 80, target_port: 8080, protocol: Protocol::Tcp }]
+                    .into(),
                 load_balancing: LoadBalancing::default(),
                 ..Default::default()
             }),

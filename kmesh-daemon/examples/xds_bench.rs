@@ -176,8 +176,10 @@ fn main() -> anyhow::Result<()> {
                 hostname: format!("svc-{s}.bench.svc.cluster.local").into(),
                 addresses: vec![IpAddr::V4(Ipv4Addr::from(
                     u32::from(Ipv4Addr::new(10, 96, 0, 0)) + s as u32 + 1,
-                ))],
-                ports: vec![ServicePort { service_port: 80, target_port: 8080, protocol: Protocol::Tcp }],
+                ))]
+                .into(),
+                ports: vec![ServicePort { service_port: 80, target_port: 8080, protocol: Protocol::Tcp }]
+                    .into(),
                 load_balancing: LoadBalancing::default(),
                 ..Default::default()
             };

@@ -191,8 +191,9 @@ fn scale_resources(n: usize, m: usize) -> BTreeMap<String, Vec<u8>> {
             hostname: hostname.as_str().into(),
             addresses: vec![IpAddr::V4(Ipv4Addr::from(
                 u32::from(Ipv4Addr::new(10, 112, 0, 0)) + s as u32 + 1,
-            ))],
-            ports: vec![ServicePort { service_port: 80, target_port: 8080, protocol: Protocol::Tcp }],
+            ))]
+            .into(),
+            ports: vec![ServicePort { service_port: 80, target_port: 8080, protocol: Protocol::Tcp }].into(),
             ..Default::default()
         };
         res.insert(svc.key(), encode_address(&AddressResource::Service(svc)));

@@ -70,7 +70,7 @@ pub fn auto_allocate(model: &mut Model) {
             low = low.wrapping_add(1);
         };
         let s = Arc::make_mut(svc);
-        s.addresses = vec![a4, a6];
+        s.addresses = vec![a4, a6].into();
         s.auto_allocated = true;
     }
 }

@@ -475,7 +475,7 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                 }
             }
         }
-        let mut ports = Vec::new();
+        let mut ports = Vec::with_capacity(s.ports.len());
         let mut seen = BTreeSet::new();
         for (j, p) in s.ports.iter().enumerate() {
             let pf = format!("{f}.ports[{j}]");
@@ -506,12 +506,12 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             name: s.name.into(),
             namespace: s.namespace.into(),
             hostname: s.hostname.into(),
-            addresses,
-            address_ranges,
-            ports,
+            addresses: addresses.into(),
+            address_ranges: address_ranges.into(),
+            ports: ports.into(),
             load_balancing: lb,
             waypoint: waypoint.map(Box::new),
-            weighted_waypoints,
+            weighted_waypoints: weighted_waypoints.into(),
             outlier: None,
             max_connections: None,
             auto_allocated: false,
@@ -940,7 +940,7 @@ workloads:
         .unwrap();
         let s = &m.services["n/a"];
         assert_eq!(s.addresses.len(), 2);
-        assert_eq!(s.address_ranges, [Cidr { addr: "240.1.0.0".parse().unwrap(), len: 16 }]);
+        assert_eq!(*s.address_ranges, [Cidr { addr: "240.1.0.0".parse().unwrap(), len: 16 }]);
         assert!(m.workloads["h1"].is_host_network() && m.workloads["h2"].is_host_network());
         for (text, field, says) in [
             (

@@ -288,7 +288,7 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
             }
         }
     }
-    let mut ports = Vec::new();
+    let mut ports = Vec::with_capacity(s.ports.len());
     for (i, p) in s.ports.iter().enumerate() {
         ports.push(ServicePort {
             service_port: port(&format!("Service.ports[{i}].service_port"), p.service_port, false)?,
@@ -393,12 +393,12 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
         name: Istr::unique(&s.name),
         namespace: Istr::new(&s.namespace),
         hostname: Istr::unique(&s.hostname),
-        addresses,
-        address_ranges,
-        ports,
+        addresses: addresses.into(),
+        address_ranges: address_ranges.into(),
+        ports: ports.into(),
         load_balancing,
         waypoint: waypoint.map(Box::new),
-        weighted_waypoints,
+        weighted_waypoints: weighted_waypoints.into(),
         outlier: None,
         max_connections: None,
         // istiod allocates addresses for ServiceEntries itself and sends them as VIPs.
@@ -839,8 +839,8 @@ mod tests {
             ..Default::default()
         };
         let m = service_from_proto(s.clone()).unwrap();
-        assert_eq!(m.addresses, ["10.96.0.1".parse::<IpAddr>().unwrap(), "10.96.0.2".parse().unwrap()]);
-        assert_eq!(m.address_ranges, [Cidr { addr: "240.1.2.0".parse().unwrap(), len: 24 }]);
+        assert_eq!(*m.addresses, ["10.96.0.1".parse::<IpAddr>().unwrap(), "10.96.0.2".parse().unwrap()]);
+        assert_eq!(*m.address_ranges, [Cidr { addr: "240.1.2.0".parse().unwrap(), len: 24 }]);
         let again = service_from_proto(service_to_proto(&m)).unwrap();
         assert_eq!(again, m);
         let mut bad = s;
@@ -933,7 +933,7 @@ mod tests {
         assert_eq!(m.unused["visibility"], "Namespace");
         assert_eq!(m.unused["app_protocol"], "443=Tls");
         assert_eq!(m.unused["canonical"], "true");
-        assert_eq!(m.weighted_waypoints, vec![WeightedWaypoint { destination: waypoint, weight: 3 }]);
+        assert_eq!(*m.weighted_waypoints, [WeightedWaypoint { destination: waypoint, weight: 3 }]);
         assert_eq!(
             service_from_proto(service_to_proto(&m)).unwrap().weighted_waypoints,
             m.weighted_waypoints

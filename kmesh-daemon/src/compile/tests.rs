@@ -810,13 +810,13 @@ fn waypoint_changes_recompile_incrementally_to_what_a_full_compile_gives() {
         // The waypoint service moves to another VIP: the address no longer resolves.
         Box::new(|m: &mut Model| {
             let mut s = (*m.services[WP]).clone();
-            s.addresses = vec!["10.96.0.98".parse().unwrap()];
+            s.addresses = vec!["10.96.0.98".parse().unwrap()].into();
             m.services.insert(WP.into(), Arc::new(s));
         }),
         // ... and comes back.
         Box::new(|m: &mut Model| {
             let mut s = (*m.services[WP]).clone();
-            s.addresses = vec!["10.96.0.99".parse().unwrap()];
+            s.addresses = vec!["10.96.0.99".parse().unwrap()].into();
             m.services.insert(WP.into(), Arc::new(s));
         }),
         // echo drops its waypoint.

@@ -335,8 +335,9 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
                 name: name.as_str().into(),
                 namespace: NAMESPACE.into(),
                 hostname: hostname.as_str().into(),
-                addresses,
-                ports: vec![ServicePort { service_port: *port, target_port: 0, protocol: Protocol::Tcp }],
+                addresses: addresses.into(),
+                ports: vec![ServicePort { service_port: *port, target_port: 0, protocol: Protocol::Tcp }]
+                    .into(),
                 load_balancing: LoadBalancing { policy, ..Default::default() },
                 outlier: outlier.map(Box::new),
                 max_connections,
@@ -456,7 +457,7 @@ mod tests {
             translate(&held(vec![tcp_chain(&["10.96.0.11"], &[("a", 1), ("b", 3)])]), &NodeInfo::default());
         assert_eq!(r.count("compiled"), 1, "{r:?}");
         let svc = &m.services["envoy/l:c"];
-        assert_eq!(svc.addresses, ["10.96.0.11".parse::<IpAddr>().unwrap()]);
+        assert_eq!(*svc.addresses, ["10.96.0.11".parse::<IpAddr>().unwrap()]);
         let caps: BTreeMap<String, Option<u32>> =
             m.workloads.values().map(|w| (w.name.to_string(), w.capacity)).collect();
         // a: 1/4; b: 3/4 split 1:3.
@@ -481,7 +482,7 @@ mod tests {
         huge.prefix_ranges = vec![Cidr { addr: "10.0.0.0".parse().unwrap(), len: 16 }];
         let (m, r) =
             translate(&held(vec![tcp_chain(&["10.96.0.1"], &[("a", 1)]), wide, huge]), &NodeInfo::default());
-        assert_eq!(m.services["envoy/l:c"].addresses, ["10.96.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(*m.services["envoy/l:c"].addresses, ["10.96.0.1".parse::<IpAddr>().unwrap()]);
         let wide: Vec<String> = m.services["envoy/l:wide"].addresses.iter().map(|a| a.to_string()).collect();
         assert_eq!(wide, ["10.96.0.0", "10.96.0.2", "10.96.0.3"]);
         let huge = r.chains.iter().find(|c| c.chain == "huge").unwrap();
