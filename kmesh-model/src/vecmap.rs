@@ -1,5 +1,6 @@
 //! A map kept as a sorted vector: for small maps held once per entry of a large index (the
-//! services claiming one frontend in the compiler), where a `BTreeMap` costs a 500-byte node per entry held.
+//! services claiming one frontend in the compiler), where a `BTreeMap` costs a 500-byte node
+//! per entry held.
 
 use std::borrow::Borrow;
 
