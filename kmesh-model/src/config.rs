@@ -502,10 +502,11 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                 weight: w.weight,
             });
         }
+        let hostname = crate::model::Hostname::new(&s.namespace, &s.hostname);
         let svc = Service {
-            name: s.name.into(),
+            name: crate::model::ServiceName::new(&hostname, &s.name),
             namespace: s.namespace.into(),
-            hostname: s.hostname.into(),
+            hostname,
             addresses: addresses.into(),
             address_ranges: address_ranges.into(),
             ports: ports.into(),

@@ -389,10 +389,11 @@ pub fn service_from_proto(s: pw::Service) -> Result<Service, ResourceError> {
     if !protocols.is_empty() {
         keep("app_protocol", protocols.join(","));
     }
+    let hostname = crate::model::Hostname::new(&s.namespace, &s.hostname);
     Ok(Service {
-        name: Istr::unique(&s.name),
+        name: crate::model::ServiceName::new(&hostname, &s.name),
         namespace: Istr::new(&s.namespace),
-        hostname: Istr::unique(&s.hostname),
+        hostname,
         addresses: addresses.into(),
         address_ranges: address_ranges.into(),
         ports: ports.into(),
