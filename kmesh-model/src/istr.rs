@@ -3,7 +3,8 @@
 //! distinct value instead of one heap string per workload and field.
 //!
 //! An `Istr` is one pointer wide (8 bytes, not the 16 of an `Arc<str>`): the length lives in the
-//! shared allocation, next to the bytes. A workload holds fourteen of them, and the model's
+//! shared allocation, next to the bytes. A workload holds eleven of them (its name and a
+//! service's name and hostname are one too, see [`names`](crate::names)), and the model's
 //! indexes key on them, so this halves what each holder pays.
 
 use std::borrow::Borrow;

@@ -7,6 +7,7 @@
 //! - [`xds`]: Istio workload and authorization resources from the control plane.
 //! - [`repack`]: B-tree indexes rebuilt full after a bulk insert in key order.
 //! - [`sorted`]: one walk over a sorted index alongside sorted keys, for bulk changes.
+//! - [`names`]: workload and service names read out of the uid or key that holds them.
 //! - [`shared`]: values many workloads hold alike (service lists, localities), interned.
 
 pub mod alloc;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod delta;
 pub mod istr;
 pub mod model;
+pub mod names;
 pub mod repack;
 pub mod shared;
 pub mod sorted;
