@@ -12,12 +12,10 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http_body::Frame;
 use http_body_util::BodyExt;
-use kmesh_proto::discovery::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use kmesh_proto::discovery::{DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse};
 use prost::Message;
 use tokio::sync::mpsc;
 use tonic::client::GrpcService;
@@ -47,11 +45,12 @@ impl Ads {
         Self { channel, token, max_message }
     }
 
-    /// Opens a delta ADS stream sending what `requests` yields.
-    pub async fn delta(
+    /// Opens a delta ADS stream sending what `requests` yields, its responses read as `Resp`
+    /// (Envoy's `DeltaDiscoveryResponse`, or `kmesh_proto::lean`'s).
+    pub async fn delta<Resp: Message + Default>(
         &mut self,
         requests: mpsc::Receiver<DeltaDiscoveryRequest>,
-    ) -> Result<Inbound<DeltaDiscoveryResponse>, Status> {
+    ) -> Result<Inbound<Resp>, Status> {
         self.call(DELTA_PATH, requests).await
     }
 
@@ -208,7 +207,10 @@ impl<Resp: Message + Default> Inbound<Resp> {
             return Ok(None);
         }
         let decoding = std::time::Instant::now();
-        let m = Resp::decode(&self.buf[PREFIX..PREFIX + len])
+        // Decoded from shared bytes, `Bytes` fields (resource bodies, see
+        // `kmesh_proto::lean`) are slices of the message, not copies.
+        let message = self.buf.split_to(PREFIX + len).freeze().slice(PREFIX..);
+        let m = Resp::decode(message)
             .map_err(|e| Status::internal(format!("a response does not decode: {e}")))?;
         if let Some(since) = self.receiving.take() {
             tracing::debug!(
@@ -218,10 +220,9 @@ impl<Resp: Message + Default> Inbound<Resp> {
                 "large response received"
             );
         }
-        self.buf.advance(PREFIX + len);
         if PREFIX + len > KEEP {
-            // Give the large buffer back (its capacity no longer counts the bytes advanced
-            // over, so it is judged by the message); keep only what follows the message.
+            // What follows the message shares its allocation: copied out, the large buffer
+            // goes back to the allocator once the message's bodies are dropped.
             let rest = std::mem::take(&mut self.buf);
             self.buf = BytesMut::from(&rest[..]);
         }
@@ -232,7 +233,7 @@ impl<Resp: Message + Default> Inbound<Resp> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kmesh_proto::discovery::Resource;
+    use kmesh_proto::discovery::{DeltaDiscoveryResponse, Resource};
 
     /// Responses as a control plane sends them: the given data frames, then trailers.
     fn inbound(data: Vec<Bytes>, status: Code, max_message: usize) -> Inbound<DeltaDiscoveryResponse> {

@@ -166,7 +166,13 @@ pub(crate) fn load_programs(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(
             .map(|share| {
                 s.spawn(move || {
                     for (name, p) in share {
+                        let t = std::time::Instant::now();
                         load_one(p, name)?;
+                        tracing::debug!(
+                            program = name,
+                            elapsed_ms = t.elapsed().as_millis() as u64,
+                            "program verified"
+                        );
                     }
                     Ok::<(), KernelError>(())
                 })

@@ -17,7 +17,8 @@ use kmesh_model::delta::ModelKeys;
 use kmesh_model::model::{Istr, Model, NodeInfo, Policy, Service, Workload};
 use kmesh_model::xds::{AddressResource, decode_address, decode_authorization};
 use kmesh_proto::core::Node;
-use kmesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use kmesh_proto::discovery::DeltaDiscoveryRequest;
+use kmesh_proto::lean::{DeltaDiscoveryResponse, Resource};
 use kmesh_proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 use tokio::sync::mpsc;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -1173,14 +1174,13 @@ mod tests {
         Handled { state: b.state, reply }
     }
     use kmesh_model::xds::encode_address;
-    use kmesh_proto::discovery::Resource;
+    use kmesh_proto::lean::Resource;
 
     fn res(name: &str, type_url: &str, value: Vec<u8>) -> Resource {
         Resource {
             name: name.into(),
             version: "v1".into(),
-            resource: Some(kmesh_proto::Any { type_url: type_url.into(), value }),
-            ..Default::default()
+            resource: Some(kmesh_proto::lean::Any { type_url: type_url.into(), value: value.into() }),
         }
     }
 

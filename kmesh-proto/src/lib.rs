@@ -18,6 +18,9 @@ pub use envoy_types::pb::envoy::config::core::v3 as core;
 /// Envoy's discovery service: `DeltaDiscoveryRequest`, `DeltaDiscoveryResponse`, `Resource`,
 /// and the `AggregatedDiscoveryService` client and server.
 pub use envoy_types::pb::envoy::service::discovery::v3 as discovery;
+/// The delta response as the workload source decodes it: bodies sliced out of the received
+/// buffer (see the module).
+pub mod lean;
 /// `google.rpc.Status`, carried by a NACK.
 pub use envoy_types::pb::google::rpc;
 /// `Node`, sent in the first request of a stream.
