@@ -553,58 +553,6 @@ impl<'a> IntoIterator for &'a Uids {
 /// a sorted vector, not a `BTreeSet` node per frontend.
 type Owners = kmesh_model::vecmap::VecMap<Istr, ()>;
 
-/// One service's map entries as the compiler keeps them between compilations: which keys it
-/// holds, as sorted slices. Values are kept only for frontends (a frontend several services
-/// claim takes its owner's value, so the maps do not hold every claimant's); the others' are
-/// what the maps in force hold, read from their mirror when the service is recompiled, not kept
-/// a second time here (a table's value is 64 bytes: at 100k services the values alone were 18
-/// MB, the same bytes as the mirror's).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Fragment {
-    frontends: Box<[(FrontendKey, FrontendValue)]>,
-    tables: Box<[TableKey]>,
-    endpoints: Box<[EndpointKey]>,
-    backends: Box<[u32]>,
-    ports: Box<[PortKey]>,
-}
-
-impl Fragment {
-    fn keys_of(m: &MapState) -> Self {
-        debug_assert!(m.netns.is_empty(), "a service's entries hold no namespace");
-        Self {
-            frontends: m.frontends.iter().map(|(k, v)| (*k, *v)).collect(),
-            tables: m.tables.keys().copied().collect(),
-            endpoints: m.endpoints.keys().copied().collect(),
-            backends: m.backends.keys().copied().collect(),
-            ports: m.ports.keys().copied().collect(),
-        }
-    }
-
-    /// The entries, with the values `applied` (the maps in force) holds for them: what the
-    /// service's recompilation is diffed against.
-    fn expand(&self, applied: &MapState) -> MapState {
-        fn values<K: Ord + Copy, V: Copy>(keys: &[K], from: &BTreeMap<K, V>) -> BTreeMap<K, V> {
-            keys.iter().filter_map(|k| Some((*k, *from.get(k)?))).collect()
-        }
-        MapState {
-            netns: BTreeMap::new(),
-            frontends: self.frontends.iter().copied().collect(),
-            tables: values(&self.tables, &applied.tables),
-            endpoints: values(&self.endpoints, &applied.endpoints),
-            backends: values(&self.backends, &applied.backends),
-            ports: values(&self.ports, &applied.ports),
-        }
-    }
-
-    fn frontend_keys(&self) -> impl Iterator<Item = &FrontendKey> {
-        self.frontends.iter().map(|(k, _)| k)
-    }
-
-    fn frontend(&self, k: &FrontendKey) -> Option<FrontendValue> {
-        self.frontends.binary_search_by(|(x, _)| x.cmp(k)).ok().map(|i| self.frontends[i].1)
-    }
-}
-
 /// The values of a full compilation's fragments, gathered as they are compiled, to build the
 /// full map state at once (the fragments keep only keys).
 #[derive(Default)]
@@ -720,7 +668,7 @@ impl Compiler {
         self.claims.clear();
         for (key, f) in &self.fragments {
             for fk in f.frontend_keys() {
-                self.claims.entry(*fk).or_default().insert(key.clone(), ());
+                self.claims.entry(fk).or_default().insert(key.clone(), ());
             }
         }
         self.contested = self.claims.iter().filter(|(_, o)| o.len() > 1).map(|(k, _)| *k).collect();
@@ -916,7 +864,7 @@ impl Compiler {
         let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
         for key in &affected {
             if let Some(f) = self.fragments.get(key) {
-                touched.extend(f.frontend_keys().copied());
+                touched.extend(f.frontend_keys());
             }
         }
         let before: BTreeMap<FrontendKey, FrontendValue> =
@@ -977,7 +925,7 @@ impl Compiler {
             let owns_route = self
                 .fragments
                 .get(owner.as_str())
-                .is_some_and(|f| f.frontends.iter().any(|(_, v)| v.waypoint_id != 0));
+                .is_some_and(|f| f.frontends().any(|(_, v)| v.waypoint_id != 0));
             let next = if owns_route { self.compile_route(new, &owner, &prev) } else { None };
             let (next, info) = match next {
                 Some((m, info)) => (m, info),
@@ -1396,8 +1344,10 @@ pub fn diff(prev: &MapState, next: &MapState) -> Diff {
     }
 }
 
+mod fragment;
 pub mod hash;
 mod waypoint;
+use fragment::Fragment;
 use waypoint::{RouteInfo, WORKLOAD_FRAGMENT, WaypointDep};
 pub use waypoint::{route_key, service_waypoints, waypoint_port};
 
