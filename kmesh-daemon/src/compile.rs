@@ -296,6 +296,18 @@ impl<K: Ord + Clone> IdPool<K> {
         });
     }
 
+    /// Forgets every name whose id is not in `keep` (sorted).
+    pub fn retain_ids(&mut self, keep: &[u32]) {
+        let in_use = &mut self.in_use;
+        self.ids.retain(|_, id| {
+            let keep = keep.binary_search(id).is_ok();
+            if !keep {
+                in_use.remove(id);
+            }
+            keep
+        });
+    }
+
     /// Rebuilds the indexes with full nodes when they are large (after a full compilation,
     /// which fills them in key order).
     pub fn repack(&mut self) {
@@ -646,11 +658,15 @@ impl Compiler {
         self.adoptable_backends =
             if self.ids.backends.adopting() { adoptable_backends(prev) } else { Default::default() };
         let mut used_services = BTreeSet::new();
-        let mut used_backends = BTreeSet::new();
+        // The backend ids this compilation hands out, to forget every other one at the end:
+        // ids (sorted once), not their keys (a B-tree of 100k keys compared by uid).
+        let mut used_backends: Vec<u32> = Vec::new();
         let mut route_owners = Vec::new();
         let mut gathered = Gathered::default();
         for (key, svc) in &model.services {
-            if let Some(frag) = self.compile_service(model, key, svc, prev, &mut used_backends) {
+            if let Some(frag) =
+                self.compile_service(model, key, svc, prev, &mut |_, id| used_backends.push(id))
+            {
                 used_services.insert(key.clone());
                 if frag.frontends.values().any(|v| v.waypoint_id != 0) {
                     route_owners.push(key.clone());
@@ -682,7 +698,7 @@ impl Compiler {
             if let Some((frag, info)) = self.compile_route(model, &owner, prev) {
                 let rk_key = Istr::from(rk.as_str());
                 used_services.insert(rk_key.clone());
-                used_backends.extend(info.backends.iter().cloned());
+                used_backends.extend(info.backends.iter().filter_map(|k| self.ids.backends.get(k)));
                 self.index_route(&rk, &info, true);
                 self.routes.insert(rk, info);
                 self.fragments.insert(rk_key, gathered.keep(frag));
@@ -696,7 +712,8 @@ impl Compiler {
         }
         self.adoptable_backends.clear();
         self.ids.services.retain(&used_services);
-        self.ids.backends.retain(&used_backends);
+        used_backends.sort_unstable();
+        self.ids.backends.retain_ids(&used_backends);
         // Everything above was filled in key order (see `kmesh_model::repack`).
         self.ids.services.repack();
         self.ids.backends.repack();
@@ -884,7 +901,9 @@ impl Compiler {
             let next = match key.strip_prefix(WORKLOAD_FRAGMENT) {
                 Some(uid) => new.workloads.get(uid).and_then(|w| self.compile_workload_frontends(w, &prev)),
                 None => match new.services.get(key.as_str()) {
-                    Some(svc) => self.compile_service(new, &key, svc, &prev, &mut used_backends),
+                    Some(svc) => self.compile_service(new, &key, svc, &prev, &mut |k, _| {
+                        used_backends.insert(k.clone());
+                    }),
                     None => None,
                 },
             };
@@ -1052,7 +1071,7 @@ impl Compiler {
         key: &Istr,
         svc: &Service,
         prev: &MapState,
-        used_backends: &mut BTreeSet<BackendKey>,
+        used_backend: &mut impl FnMut(&BackendKey, u32),
     ) -> Option<MapState> {
         if svc.load_balancing.mode == LbMode::Passthrough || svc.addresses.is_empty() || svc.ports.is_empty()
         {
@@ -1115,7 +1134,7 @@ impl Compiler {
                 let Some(addr) = w.addresses.iter().find(|a| family_of(a) == family) else { continue };
                 let bkey = (service_id, w.uid.clone(), *addr);
                 let backend_id = self.backend_id(&bkey);
-                used_backends.insert(bkey);
+                used_backend(&bkey, backend_id);
                 out.backends.insert(
                     backend_id,
                     BackendValue { addr: addr_words(*addr), check: 0 }.sealed(&backend_id),
