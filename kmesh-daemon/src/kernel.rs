@@ -171,6 +171,7 @@ pub(crate) fn load_programs(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(
                         tracing::debug!(
                             program = name,
                             elapsed_ms = t.elapsed().as_millis() as u64,
+                            verified_insns = p.info().ok().and_then(|i| i.verified_instruction_count()),
                             "program verified"
                         );
                     }
