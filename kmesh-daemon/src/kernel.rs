@@ -714,8 +714,25 @@ impl Dataplane {
     /// Loads the programs, creates or adopts the pinned maps, attaches to the cgroup and pins
     /// the links. Maps pinned by an earlier run are adopted with their contents, so traffic
     /// keeps flowing across a restart; the first [`apply`](Self::apply) then changes only
-    /// what differs.
+    /// what differs. A first start that fails (a program the kernel refuses, a cgroup that
+    /// is not there) leaves no pin behind: what it pinned is removed with the directories it
+    /// made. An adopted layout is left as it is, whatever happens.
     pub fn load(opts: &LoadOptions) -> Result<Self, KernelError> {
+        let dir = layout_dir_of(&opts.pin_dir, opts.layout_version);
+        let (fresh_root, fresh) = (!opts.pin_dir.exists(), !dir.exists());
+        let r = Self::load_at(opts);
+        if r.is_err() && fresh {
+            if let Err(e) = uninstall(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the pins of a failed start");
+            }
+            if fresh_root {
+                let _ = fs::remove_dir(&opts.pin_dir);
+            }
+        }
+        r
+    }
+
+    fn load_at(opts: &LoadOptions) -> Result<Self, KernelError> {
         let parent = opts.pin_dir.parent().unwrap_or(Path::new("/"));
         if !is_bpffs(&opts.pin_dir) && !is_bpffs(parent) {
             return Err(KernelError::NotBpffs { path: opts.pin_dir.clone() });

@@ -873,3 +873,29 @@ fn maps_grown_ahead_are_used_and_dropped_when_written_meanwhile() {
     let a = env.connect("client", &format!("{VIP}:81"), 20);
     assert!(a.iter().all(|a| a.ok), "{:?}", a.iter().find(|a| !a.ok));
 }
+
+#[test]
+fn a_first_start_that_fails_leaves_no_pin_and_an_adopted_layout_is_left_alone() {
+    if !root_or_skip("a_first_start_that_fails_leaves_no_pin_and_an_adopted_layout_is_left_alone") {
+        return;
+    }
+    use kmesh_daemon::kernel::{Dataplane, LoadOptions};
+    let bed = kmesh_testbed::Testbed::new().expect("testbed");
+    let missing = bed.cgroup().join("not-there");
+    // The maps are created and pinned before the cgroup is opened: a fresh start that fails
+    // there takes its pins (and the directories it made) away again.
+    let pins = pin_dir();
+    let e = Dataplane::load(&LoadOptions::new(missing.clone(), pins.clone())).err().expect("no such cgroup");
+    assert!(e.to_string().contains("not-there"), "the error names the cgroup: {e}");
+    assert!(!pins.exists(), "a failed first start left {}", pins.display());
+
+    // A layout in use (pinned by a run before) survives a start that fails.
+    let dp = Dataplane::load(&LoadOptions::new(bed.cgroup().to_owned(), pins.clone())).expect("load");
+    drop(dp);
+    let layout = kernel::layout_dir(&pins);
+    assert!(layout.join("maps").join("FRONTENDS").exists());
+    assert!(Dataplane::load(&LoadOptions::new(missing, pins.clone())).is_err());
+    assert!(layout.join("maps").join("FRONTENDS").exists(), "the adopted maps are still pinned");
+    assert!(layout.join("links").read_dir().unwrap().next().is_some(), "and the links");
+    kernel::uninstall(&pins).expect("uninstall");
+}
