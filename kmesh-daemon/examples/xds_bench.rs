@@ -196,6 +196,12 @@ fn main() -> anyhow::Result<()> {
         )?;
         if (0..n).any(policed) {
             cp.replace_all(AUTHORIZATION_TYPE, kmesh_xds_server::authorization_resources(&policy));
+            // Applied before the addresses are pushed: the push timed below is then the first
+            // one the control plane records after them (records do not name their type).
+            let pseq = cp.seq();
+            wait_until("the policy applied", Duration::from_secs(60), || {
+                cp.push_records().iter().any(|p| p.seq >= pseq && p.answered.is_some())
+            })?;
             println!(
                 "one policy selects the workloads of {} services",
                 (0..n).filter(|s| policed(*s)).count()
