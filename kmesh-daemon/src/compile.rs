@@ -1065,6 +1065,7 @@ impl Compiler {
     }
 
     /// Compiles one service; `None` when it has no frontends (passthrough, no address or port).
+    /// `used_backend` hears of every backend it gives an id to (some may end up in no slot).
     fn compile_service(
         &mut self,
         model: &Model,

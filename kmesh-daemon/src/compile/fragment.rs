@@ -5,7 +5,7 @@
 //! here (a table's value is 80 bytes).
 //!
 //! The keys are packed in one allocation of 32-bit words: five counts, then each map's keys in
-//! key order. Five boxed slices cost a 88-byte B-tree slot and four allocations rounded up to
+//! key order. Five boxed slices cost an 88-byte B-tree slot and four allocations rounded up to
 //! their size classes for the one frontend, table, slot and backend most services have (192
 //! bytes a service, 19 MB at 100k services); packed they cost 24 bytes and one 96-byte
 //! allocation.
