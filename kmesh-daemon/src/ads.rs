@@ -6,7 +6,8 @@
 //! the first full push of 10k services x 10 endpoints (a 26 MB response) the daemon held those
 //! 26 MB until the next reconnection, a seventh of its heap. Here the gRPC framing (gRPC over
 //! HTTP/2: length-prefixed messages, status in the trailers) is read directly from the HTTP/2 body, and
-//! once a large message is decoded its buffer goes back to the allocator. Requests, headers,
+//! once a large message is decoded its buffer goes back to the allocator as soon as what was
+//! decoded from it is dropped (bodies decoded as `Bytes` are slices of it). Requests, headers,
 //! the bearer token, TLS and HTTP/2 are tonic's and hyper's as before.
 
 use std::pin::Pin;

@@ -6,8 +6,8 @@
 //!
 //! The keys are packed in one allocation of 32-bit words: five counts, then each map's keys in
 //! key order. Five boxed slices cost an 88-byte B-tree slot and four allocations rounded up to
-//! their size classes for the one frontend, table, slot and backend most services have (192
-//! bytes a service, 19 MB at 100k services); packed they cost 24 bytes and one 96-byte
+//! their size classes for the one frontend, table, slot and backend most services have (about
+//! 192 bytes a service); packed they cost 24 bytes and one 96-byte
 //! allocation.
 
 use std::collections::BTreeMap;
@@ -127,14 +127,9 @@ const TABLES: usize = 1;
 const ENDPOINTS: usize = 2;
 const BACKENDS: usize = 3;
 const PORTS: usize = 4;
+const FRONTEND_WORDS: usize = FrontendKey::WORDS + FrontendValue::WORDS;
 /// Words each part's entries take.
-const STRIDE: [usize; 5] = [
-    FrontendKey::WORDS + FrontendValue::WORDS,
-    TableKey::WORDS,
-    EndpointKey::WORDS,
-    u32::WORDS,
-    PortKey::WORDS,
-];
+const STRIDE: [usize; 5] = [FRONTEND_WORDS, TableKey::WORDS, EndpointKey::WORDS, u32::WORDS, PortKey::WORDS];
 const HEADER: usize = STRIDE.len();
 
 /// One service's keys (and frontend values), packed (see the module).
@@ -190,10 +185,15 @@ impl Fragment {
         self.part(i).chunks_exact(STRIDE[i]).map(K::get)
     }
 
+    /// The frontends' entries, whole (key words, then value words).
+    fn frontend_entries(&self) -> &[[u32; FRONTEND_WORDS]] {
+        self.part(FRONTENDS).as_chunks().0
+    }
+
     /// The frontends with their values, in key order.
     pub(super) fn frontends(&self) -> impl Iterator<Item = (FrontendKey, FrontendValue)> + '_ {
-        self.part(FRONTENDS)
-            .chunks_exact(STRIDE[FRONTENDS])
+        self.frontend_entries()
+            .iter()
             .map(|e| (FrontendKey::get(e), FrontendValue::get(&e[FrontendKey::WORDS..])))
     }
 
@@ -203,18 +203,9 @@ impl Fragment {
 
     /// The value of frontend `k`, if this fragment has it.
     pub(super) fn frontend(&self, k: &FrontendKey) -> Option<FrontendValue> {
-        let part = self.part(FRONTENDS);
-        let (mut lo, mut hi) = (0, part.len() / STRIDE[FRONTENDS]);
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            let e = &part[mid * STRIDE[FRONTENDS]..(mid + 1) * STRIDE[FRONTENDS]];
-            match FrontendKey::get(e).cmp(k) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return Some(FrontendValue::get(&e[FrontendKey::WORDS..])),
-            }
-        }
-        None
+        let entries = self.frontend_entries();
+        let i = entries.binary_search_by(|e| FrontendKey::get(e).cmp(k)).ok()?;
+        Some(FrontendValue::get(&entries[i][FrontendKey::WORDS..]))
     }
 
     /// The entries, with the values `applied` (the maps in force) holds for them: what the
