@@ -40,14 +40,17 @@ fn daemon_follows_its_config_file_and_keeps_the_last_good_one() {
     let s = connect(&bed, 60);
     assert_eq!(s.get("s3"), None, "{s:?}");
 
-    // Garbage and an invalid field: refused, the previous config stays in force.
+    // Garbage and an invalid field: refused, the previous config stays in force. (The count
+    // may already hold one error: the file missing at start, if the daemon polled before the
+    // first write.)
+    let errors = d.metric("kmesh_config_errors_total");
     scratch.write_config("services: [ {name: broken");
-    wait_for("the syntax error", || d.metric("kmesh_config_errors_total") == 1.0);
+    wait_for("the syntax error", || d.metric("kmesh_config_errors_total") == errors + 1.0);
     let bad = echo_config(&bed, &["s1"], "{}")
         .replace("service_account: s1,", "status: SICK, service_account: s1,");
     assert!(bad.contains("SICK"));
     scratch.write_config(&bad);
-    wait_for("the validation error", || d.metric("kmesh_config_errors_total") == 2.0);
+    wait_for("the validation error", || d.metric("kmesh_config_errors_total") == errors + 2.0);
     let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap();
     let err = dump["config_error"].as_str().unwrap();
     assert!(err.contains("workloads[1].status") && err.contains("SICK"), "{err}");
