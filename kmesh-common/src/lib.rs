@@ -13,9 +13,11 @@
 //! override).
 #![no_std]
 
-/// Layout version of the maps below. Bumped whenever a key or value changes shape; the daemon
-/// keeps its pins under a directory named after it.
-pub const MAP_LAYOUT_VERSION: u32 = 8;
+/// Layout version of the maps below. Bumped whenever a key or value changes shape, or how the
+/// maps are reached (9: each map the daemon writes sits in the one slot of an array of maps,
+/// so that it can grow without loading the programs again); the daemon keeps its pins under a
+/// directory named after it.
+pub const MAP_LAYOUT_VERSION: u32 = 9;
 
 /// Names of the load-balancing maps, in the order user space lists them everywhere (map
 /// counts, capacities, pins).

@@ -20,7 +20,7 @@ use crate::authz::{AuthzDiff, AuthzState};
 use crate::compile::{Diff, MapCounts, MapState, changed_entries, diff, union_len};
 
 mod grow;
-pub use grow::{Grown, INITIAL_CAPACITY, capacity_for};
+pub use grow::{Grown, INITIAL_CAPACITY, capacity_for, open_pinned};
 
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmesh-ebpf"));
@@ -77,15 +77,18 @@ const FIXED_MAPS: [&str; 18] = [
 /// `WAYPOINT_SOCKS` map.
 pub const PROXY_HEADER_PROGRAM: &str = "kmesh_proxy_header";
 
-/// Loads the eBPF object: the maps the daemon writes with capacities `caps`, every map pinned
-/// at `pin_of(name)` (adopted when a pin is there, created and pinned there otherwise).
-fn load_object(caps: Capacities, pin_of: impl Fn(&str) -> PathBuf) -> Result<Ebpf, KernelError> {
-    let pins: Vec<(&'static str, PathBuf)> =
-        caps.all().into_iter().map(|(n, _)| n).chain(FIXED_MAPS).map(|n| (n, pin_of(n))).collect();
+/// Loads the eBPF object, every map pinned at `pin_of(name)` (adopted when a pin is there,
+/// created and pinned there otherwise). The maps the daemon writes are outer maps here; what
+/// their slots hold is made by [`Maps::take`].
+fn load_object(pin_of: impl Fn(&str) -> PathBuf) -> Result<Ebpf, KernelError> {
+    let pins: Vec<(&'static str, PathBuf)> = Capacities::default()
+        .all()
+        .into_iter()
+        .map(|(n, _)| n)
+        .chain(FIXED_MAPS)
+        .map(|n| (n, pin_of(n)))
+        .collect();
     let mut loader = EbpfLoader::new();
-    for (name, cap) in caps.all() {
-        loader.map_max_entries(name, cap);
-    }
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
@@ -439,8 +442,11 @@ pub struct Dataplane {
     adopted: bool,
 }
 
-/// Handles of the maps a loaded object holds (taken out of its [`Ebpf`]).
+/// Handles of the maps a loaded object holds (taken out of its [`Ebpf`]). The growable ones
+/// are the maps in their outer maps' slots (see `grow`).
 struct Maps {
+    /// The outer maps of the growable ones, by name.
+    outers: Vec<(&'static str, grow::Outer)>,
     netns: HashMap<MapData, u64, NetnsValue>,
     frontends: HashMap<MapData, FrontendKey, FrontendValue>,
     tables: HashMap<MapData, TableKey, TableValue>,
@@ -475,7 +481,9 @@ impl Maps {
         ]
     }
 
-    fn take(ebpf: &mut Ebpf) -> Result<Maps, KernelError> {
+    /// Takes the maps out of `ebpf`. An outer map with an empty slot (created by this load)
+    /// gets a map with the capacity `initial` gives it; an adopted one keeps what it holds.
+    fn take(ebpf: &mut Ebpf, initial: Capacities) -> Result<Maps, KernelError> {
         fn other<T: TryFrom<aya::maps::Map, Error = MapError>>(
             ebpf: &mut Ebpf,
             name: &'static str,
@@ -483,18 +491,44 @@ impl Maps {
             let m = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
             T::try_from(m).map_err(|source| KernelError::MapType { name, source })
         }
+        let mut outers = Vec::new();
+        let mut slot = |ebpf: &mut Ebpf, name: &'static str| -> Result<aya::maps::Map, KernelError> {
+            let ty = |source| KernelError::MapType { name, source };
+            let m = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
+            let mut outer = grow::Outer::new(name, m)?;
+            let inner = grow::slot_map(&mut outer, name, initial.get(name))?;
+            outers.push((name, outer));
+            aya::maps::Map::from_map_data(inner).map_err(ty)
+        };
+        fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(
+            name: &'static str,
+            m: Result<aya::maps::Map, KernelError>,
+        ) -> Result<T, KernelError> {
+            T::try_from(m?).map_err(|source| KernelError::MapType { name, source })
+        }
+        let netns = typed("NETNS", slot(ebpf, "NETNS"))?;
+        let frontends = typed("FRONTENDS", slot(ebpf, "FRONTENDS"))?;
+        let tables = typed("LB_TABLES", slot(ebpf, "LB_TABLES"))?;
+        let endpoints = typed("ENDPOINTS", slot(ebpf, "ENDPOINTS"))?;
+        let backends = typed("BACKENDS", slot(ebpf, "BACKENDS"))?;
+        let ports = typed("PORTS", slot(ebpf, "PORTS"))?;
+        let authz_dest = typed("AUTHZ_DEST", slot(ebpf, "AUTHZ_DEST"))?;
+        let identity = typed("IDENTITY", slot(ebpf, "IDENTITY"))?;
+        let authz_region = typed("AUTHZ_REGION", slot(ebpf, "AUTHZ_REGION"))?;
+        let authz_verdict = typed("AUTHZ_VERDICT", slot(ebpf, "AUTHZ_VERDICT"))?;
         Ok(Maps {
-            netns: take(ebpf, "NETNS")?,
-            frontends: take(ebpf, "FRONTENDS")?,
-            tables: take(ebpf, "LB_TABLES")?,
-            endpoints: take(ebpf, "ENDPOINTS")?,
-            backends: take(ebpf, "BACKENDS")?,
-            ports: take(ebpf, "PORTS")?,
+            outers,
+            netns,
+            frontends,
+            tables,
+            endpoints,
+            backends,
+            ports,
             stats: other(ebpf, "STATS")?,
-            authz_dest: take(ebpf, "AUTHZ_DEST")?,
-            identity: take(ebpf, "IDENTITY")?,
-            authz_region: other(ebpf, "AUTHZ_REGION")?,
-            authz_verdict: take(ebpf, "AUTHZ_VERDICT")?,
+            authz_dest,
+            identity,
+            authz_region,
+            authz_verdict,
             authz_counts: other(ebpf, "AUTHZ_COUNTS")?,
             authz_events: other(ebpf, "AUTHZ_EVENTS")?,
             telemetry: other(ebpf, "TELEMETRY")?,
@@ -544,11 +578,6 @@ fn is_not_found(e: &MapError) -> bool {
         MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
         _ => false,
     }
-}
-
-fn take<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>, KernelError> {
-    let map = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
-    HashMap::try_from(map).map_err(|source| KernelError::MapType { name, source })
 }
 
 fn read_all<K: Pod + Ord, V: Pod>(
@@ -748,9 +777,9 @@ impl Dataplane {
         // one keeps the capacity it has.
         let initial = opts.ceilings.at_most(opts.initial_capacity.max(1));
         let maps_dir = dir.join("maps");
-        let mut ebpf = load_object(initial, |n| maps_dir.join(n))?;
+        let mut ebpf = load_object(|n| maps_dir.join(n))?;
 
-        let mut m = Maps::take(&mut ebpf)?;
+        let mut m = Maps::take(&mut ebpf, initial)?;
         let telemetry_conf = &mut m.telemetry_conf;
         // A fresh map (no interval yet): telemetry on, reports every 5 s, before any program
         // is attached. An adopted map keeps what the operator last set.
@@ -1171,6 +1200,11 @@ impl Dataplane {
         Ok((linked, loaded))
     }
 
+    /// The kernel's id of the loaded program `name` (`None` for a program not loaded).
+    pub fn program_id(&self, name: &str) -> Option<u32> {
+        self.ebpf.program(name)?.info().ok().map(|i| i.id())
+    }
+
     /// Whether the authorization program is attached to a namespace (its link is pinned).
     pub fn authz_attached(&self, cookie: u64) -> bool {
         self.dir.join("links").join(format!("authz_{cookie}")).exists()
@@ -1437,8 +1471,7 @@ impl Dataplane {
         fn fd(m: &MapData) -> BorrowedFd<'_> {
             m.fd().as_fd()
         }
-        let mut maps: Vec<(&str, BorrowedFd<'_>)> =
-            self.m.growable().into_iter().map(|(n, m)| (n, fd(m))).collect();
+        let mut maps: Vec<(&str, BorrowedFd<'_>)> = self.m.outers.iter().map(|(n, m)| (*n, m.fd())).collect();
         maps.extend([
             ("STATS", fd(self.m.stats.map())),
             ("AUTHZ_COUNTS", fd(self.m.authz_counts.map())),
@@ -1500,14 +1533,22 @@ impl Dataplane {
 }
 
 /// The kernel memory each map pinned under a layout directory takes (see [`layout_dir`]), in
-/// bytes, by map name. Maps whose memory cannot be read are left out.
+/// bytes, by map name; for a map that grows, its outer map and the map in its slot together.
+/// Maps whose memory cannot be read are left out.
 pub fn map_memory(layout_dir: &Path) -> Vec<(String, u64)> {
+    use std::os::fd::AsFd as _;
     let Ok(entries) = fs::read_dir(layout_dir.join("maps")) else { return Vec::new() };
+    let growable = Capacities::default().all().map(|(n, _)| n);
     let mut out: Vec<(String, u64)> = entries
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            Some((name, sys::memlock(&e.path()).ok()?))
+            let mut bytes = sys::memlock(&e.path()).ok()?;
+            if let Some(n) = growable.iter().find(|n| **n == name) {
+                let inner = open_pinned(layout_dir, n).ok()?;
+                bytes += sys::memlock_of(inner.fd().as_fd()).ok()?;
+            }
+            Some((name, bytes))
         })
         .collect();
     out.sort();
@@ -1545,7 +1586,7 @@ pub fn uninstall(pin_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 mod sys {
     use std::ffi::CString;
     use std::io;
-    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
     use std::os::unix::ffi::OsStrExt;
     use std::path::Path;
 
@@ -1648,6 +1689,11 @@ mod sys {
         let fd = bpf(BPF_OBJ_GET, &attr)?;
         // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        memlock_of(fd.as_fd())
+    }
+
+    /// The kernel memory charged to the bpf object behind `fd` (see [`memlock`]).
+    pub fn memlock_of(fd: BorrowedFd<'_>) -> io::Result<u64> {
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
         info.lines()
             .find_map(|l| l.strip_prefix("memlock:").and_then(|v| v.trim().parse().ok()))

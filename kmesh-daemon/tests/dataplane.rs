@@ -476,9 +476,9 @@ fn a_change_whose_policy_does_not_fit_changes_no_map_of_either_family() {
 
 /// Removes every entry of the pinned map `name` of `env` (an inconsistency only a bug, a hand
 /// edit or a lost write could leave).
-fn clear_pinned<K: aya::Pod, V: aya::Pod>(env: &Env, name: &str) -> usize {
-    let path = env.pin_dir.join(format!("v{}/maps/{name}", kmesh_common::MAP_LAYOUT_VERSION));
-    let data = aya::maps::MapData::from_pin(&path).unwrap();
+fn clear_pinned<K: aya::Pod, V: aya::Pod>(env: &Env, name: &'static str) -> usize {
+    let data =
+        kmesh_daemon::kernel::open_pinned(&kmesh_daemon::kernel::layout_dir(&env.pin_dir), name).unwrap();
     let mut m: aya::maps::HashMap<_, K, V> =
         aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
     let keys: Vec<K> = m.keys().map(Result::unwrap).collect();
@@ -709,10 +709,11 @@ fn a_full_ring_buffer_counts_every_lost_event() {
 
 /// Issue 18, item 3: maps start small and grow, make-before-break, as the configuration
 /// needs. Connections opened back to back while a load-balancing map grows all succeed, a
-/// UDP socket keeps its backend (its socket storage is shared by the old and new programs),
-/// the maps then hold exactly what was applied, no pin is left behind, and the authorization
-/// maps grown later are the ones the pods' hooks enforce (a pod deleted while still enrolled,
-/// its hook detached by the kernel, does not keep them from growing).
+/// UDP socket keeps its backend, the maps then hold exactly what was applied, no program is
+/// loaded again (a grown map goes into its outer map's slot), no pin is left behind, the
+/// maps' memory as the metrics read it follows the grown maps, and the authorization maps
+/// grown later are the ones the pods' hooks enforce (a pod deleted while still enrolled, its
+/// hook detached by the kernel, does not keep them from growing).
 #[test]
 fn maps_grow_under_load_and_lose_nothing() {
     if !root_or_skip("maps_grow_under_load_and_lose_nothing") {
@@ -765,6 +766,13 @@ fn maps_grow_under_load_and_lose_nothing() {
     let udp_bg = c.connect_background(format!("{VIP}:53").parse().unwrap(), &udp).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(800));
     let grows = env.mesh().dataplane().grows();
+    let layout = env.mesh().dataplane().layout_dir().to_path_buf();
+    let memory = |map: &str| {
+        let m = kmesh_daemon::kernel::map_memory(&layout);
+        m.into_iter().find(|(n, _)| n == map).map(|(_, b)| b).unwrap_or(0)
+    };
+    let (connect_id, frontends_memory) =
+        (env.mesh().dataplane().program_id("kmesh_connect4"), memory("FRONTENDS"));
     let t = std::time::Instant::now();
     env.apply(&cfg(40, false));
     eprintln!("apply with growth took {:?}", t.elapsed());
@@ -779,6 +787,12 @@ fn maps_grow_under_load_and_lose_nothing() {
     );
     assert!(dp.grows() > grows, "the change grew maps");
     assert!(big.frontends >= 42 && big.frontends <= 128, "{big:?}");
+    assert_eq!(dp.program_id("kmesh_connect4"), connect_id, "no program was loaded again");
+    assert!(
+        memory("FRONTENDS") > frontends_memory,
+        "the grown map's memory is counted: {frontends_memory} -> {}",
+        memory("FRONTENDS")
+    );
     assert!(tcp_a.len() > 100 && udp_a.len() > 100, "too few attempts to judge");
     assert_eq!(tcp_a.iter().filter(|a| !a.ok).count(), 0, "{:?}", tcp_a.iter().find(|a| !a.ok));
     assert!(
@@ -819,7 +833,7 @@ fn maps_grow_under_load_and_lose_nothing() {
     );
     let s1 = kmesh_daemon::netns::cookie_of(&env.pod("s1").netns_path()).unwrap();
     let (linked, loaded) = env.mesh().dataplane().authz_program_ids(s1).unwrap();
-    assert_eq!(linked, loaded, "s1's hook was switched to the new program");
+    assert_eq!(linked, loaded, "s1's hook runs the program loaded at start");
     let s1_addr = env.pod("s1").ipv4;
     let s2_addr = env.pod("s2").ipv4;
     let denied = env.connect("client", &format!("{s1_addr}:8080"), 5);

@@ -5,7 +5,7 @@ use aya_ebpf::{btf_maps::lpm_trie::Key, macros::sk_lookup, programs::SkLookupCon
 use kmesh_common::*;
 
 use crate::maps::{
-    AUTHZ_COUNTS, AUTHZ_DEST, AUTHZ_EVENTS, AUTHZ_REGION, AUTHZ_VERDICT, IDENTITY, NODE_CONNS,
+    AUTHZ_COUNTS, AUTHZ_DEST, AUTHZ_EVENTS, AUTHZ_REGION, AUTHZ_VERDICT, IDENTITY, Lookup, NODE_CONNS,
 };
 use crate::shared::{BPF_RB_NO_WAKEUP, count};
 
@@ -14,7 +14,7 @@ use crate::shared::{BPF_RB_NO_WAKEUP, count};
 #[inline(always)]
 fn verdict(dest_id: u32, identity: u32, region: u32, port: u16) -> Result<Option<VerdictValue>, ()> {
     let key = VerdictKey { dest_id, identity, region, port, _pad: 0 };
-    match unsafe { AUTHZ_VERDICT.get(key) }.copied() {
+    match unsafe { AUTHZ_VERDICT.find(key) }.copied() {
         None => Ok(None),
         Some(v) if v.belongs_to(&key) => Ok(Some(v)),
         Some(_) => Err(()),
@@ -54,7 +54,7 @@ fn identity_of(src: &[u32; 4]) -> Option<u32> {
     let mut attempt = 0;
     while attempt < 2 {
         attempt += 1;
-        match unsafe { IDENTITY.get(*src) }.copied() {
+        match unsafe { IDENTITY.find(*src) }.copied() {
             None => return Some(IDENTITY_UNKNOWN),
             Some(x) if x.belongs_to(src) => return Some(x.id),
             Some(_) => {}
@@ -102,7 +102,7 @@ pub fn kmesh_authz(ctx: SkLookupContext) -> u32 {
     let mut attempt = 0;
     while attempt < 2 {
         attempt += 1;
-        match unsafe { AUTHZ_DEST.get(dst) }.copied() {
+        match unsafe { AUTHZ_DEST.find(dst) }.copied() {
             None => return SK_PASS,
             Some(d) if d.belongs_to(&dst) => {
                 dest = Some(d);
@@ -136,7 +136,7 @@ pub fn kmesh_authz(ctx: SkLookupContext) -> u32 {
         rkey.addr[i * 4 + 3] = b[3];
         i += 1;
     }
-    let region = AUTHZ_REGION.get(&Key { prefix_len: 160, data: rkey }).copied().unwrap_or(0);
+    let region = unsafe { AUTHZ_REGION.find(&Key { prefix_len: 160, data: rkey }) }.copied().unwrap_or(0);
     let other = if identity == IDENTITY_UNKNOWN { IDENTITY_UNKNOWN } else { IDENTITY_OTHER };
     let Ok(v) = first_verdict(dest_id, region, identity, other, port) else {
         // No row, or a torn one: the maps are inconsistent. Fail closed.

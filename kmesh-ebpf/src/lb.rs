@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use kmesh_common::*;
 
-use crate::maps::{ACTIVE, BACKENDS, ENDPOINTS, FRONTENDS, LB_TABLES, NETNS, PORTS, RR_TURNS};
+use crate::maps::{ACTIVE, BACKENDS, ENDPOINTS, FRONTENDS, LB_TABLES, Lookup, NETNS, PORTS, RR_TURNS};
 use crate::shared::{count, refuse, set_ip6};
 
 /// What to do with one connect().
@@ -36,7 +36,7 @@ pub enum Verdict {
 #[inline(always)]
 pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, family: u8) -> Verdict {
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(ns) = (unsafe { NETNS.get(cookie) }).copied() else {
+    let Some(ns) = (unsafe { NETNS.find(cookie) }).copied() else {
         return Verdict::Pass;
     };
     if !ns.belongs_to(&cookie) {
@@ -44,12 +44,12 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
         return Verdict::Pass;
     }
     let mut fe_key = FrontendKey { addr, port, proto, _pad: 0 };
-    let fe = match unsafe { FRONTENDS.get(fe_key) }.copied() {
+    let fe = match unsafe { FRONTENDS.find(fe_key) }.copied() {
         Some(fe) => fe,
         None if proto == PROTO_TCP => {
             // A workload address whose connections go through a waypoint, on any port.
             fe_key.port = PORT_ANY;
-            match unsafe { FRONTENDS.get(fe_key) }.copied() {
+            match unsafe { FRONTENDS.find(fe_key) }.copied() {
                 Some(fe) => fe,
                 None => {
                     count(stat::PASSED);
@@ -88,7 +88,7 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
     let mut attempt = 0;
     while attempt < 2 {
         attempt += 1;
-        let Some(table) = (unsafe { LB_TABLES.get(tkey) }).copied() else {
+        let Some(table) = (unsafe { LB_TABLES.find(tkey) }).copied() else {
             count(stat::INCONSISTENT);
             return Verdict::Refuse(ERRNO_INCONSISTENT);
         };
@@ -132,7 +132,7 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
         };
         let slot = pick_slot(&table, level, rand, |i| {
             ekey.index = i;
-            unsafe { ENDPOINTS.get(ekey) }.copied().filter(|e| e.belongs_to(&ekey)).map(|e| e.cum_weight)
+            unsafe { ENDPOINTS.find(ekey) }.copied().filter(|e| e.belongs_to(&ekey)).map(|e| e.cum_weight)
         });
         let Some(mut slot) = slot else {
             count(stat::RETRIED);
@@ -151,18 +151,18 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
             }
         }
         ekey.index = slot;
-        let Some(ep) = (unsafe { ENDPOINTS.get(ekey) }).copied().filter(|e| e.belongs_to(&ekey)) else {
+        let Some(ep) = (unsafe { ENDPOINTS.find(ekey) }).copied().filter(|e| e.belongs_to(&ekey)) else {
             count(stat::RETRIED);
             continue;
         };
         let backend_id = ep.backend_id;
-        let Some(be) = (unsafe { BACKENDS.get(backend_id) }).copied().filter(|b| b.belongs_to(&backend_id))
+        let Some(be) = (unsafe { BACKENDS.find(backend_id) }).copied().filter(|b| b.belongs_to(&backend_id))
         else {
             count(stat::RETRIED);
             continue;
         };
         let pkey = PortKey { service_id, backend_id, service_port: fe_key.port, _pad: 0 };
-        let target = match unsafe { PORTS.get(pkey) }.copied() {
+        let target = match unsafe { PORTS.find(pkey) }.copied() {
             Some(p) if p.belongs_to(&pkey) => p.target_port,
             Some(_) => {
                 count(stat::RETRIED);
@@ -196,7 +196,7 @@ pub fn active(kind: u32, id: u32) -> u64 {
 #[inline(always)]
 fn load_at(mut ekey: EndpointKey, index: u32) -> u64 {
     ekey.index = index;
-    match unsafe { ENDPOINTS.get(ekey) }.copied().filter(|e| e.belongs_to(&ekey)) {
+    match unsafe { ENDPOINTS.find(ekey) }.copied().filter(|e| e.belongs_to(&ekey)) {
         Some(e) => active(ACTIVE_BACKEND, e.backend_id),
         None => u64::MAX,
     }

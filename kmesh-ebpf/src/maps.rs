@@ -1,31 +1,73 @@
-//! Every map the programs share. The capacities given here are placeholders for the maps the
-//! daemon writes (it creates them small and grows them with the configuration); the others
-//! keep these. Key and value types are `kmesh_common`'s.
+//! Every map the programs share. Key and value types are `kmesh_common`'s.
+//!
+//! The maps the daemon writes grow with the configuration, so a program does not name them
+//! directly: each is the one slot of an array of maps ([`Slot`]), and a grow puts a bigger map
+//! in that slot (user space makes it, fills it, and swaps it in with one update). The
+//! programs are never loaded again for a grow. The inner capacities given here only shape the
+//! template the outer map is created with (the kernel checks type, key, value and flags of
+//! what goes in the slot, not its size); the daemon sizes the real ones.
 
 use aya_ebpf::{
     btf_maps::{
-        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage, SockHash,
+        Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage,
+        SockHash, lpm_trie::Key,
     },
     macros::btf_map,
 };
+use core::borrow::Borrow;
+
 use kmesh_common::*;
 
 /// Hash maps allocate on demand: large capacities cost nothing until used, and an update that
 /// replaces a value frees the old one only after an RCU grace period.
 pub const NO_PREALLOC: usize = 1; // BPF_F_NO_PREALLOC
 
+/// Capacity of the template of a growable map (see the module's documentation).
+const TEMPLATE: usize = 1024;
+
+/// A growable map: the one slot of an array of maps holding it.
+pub type Slot<M> = ArrayOfMaps<M, 1>;
+
+/// A growable hash map, by key and value.
+pub type GrowHash<K, V> = Slot<HashMap<K, V, TEMPLATE, NO_PREALLOC>>;
+
+/// Lookups through a growable map's slot. An empty slot (never the case once the daemon has
+/// loaded the programs) reads as a missing entry.
+pub trait Lookup<K, V> {
+    /// The value at `key`.
+    ///
+    /// # Safety
+    /// As `HashMap::get`: the value may be changed or freed by a concurrent update; copy it
+    /// out at once.
+    unsafe fn find(&self, key: impl Borrow<K>) -> Option<&V>;
+}
+
+impl<K, V> Lookup<K, V> for GrowHash<K, V> {
+    #[inline(always)]
+    unsafe fn find(&self, key: impl Borrow<K>) -> Option<&V> {
+        unsafe { self.get(0)?.get(key) }
+    }
+}
+
+impl<K, V> Lookup<Key<K>, V> for Slot<LpmTrie<K, V, TEMPLATE>> {
+    #[inline(always)]
+    unsafe fn find(&self, key: impl Borrow<Key<K>>) -> Option<&V> {
+        self.get(0)?.get(key.borrow())
+    }
+}
+
 #[btf_map]
-pub static NETNS: HashMap<u64, NetnsValue, 65536, NO_PREALLOC> = HashMap::new();
+pub static NETNS: GrowHash<u64, NetnsValue> = ArrayOfMaps::new();
 #[btf_map]
-pub static FRONTENDS: HashMap<FrontendKey, FrontendValue, 131072, NO_PREALLOC> = HashMap::new();
+pub static FRONTENDS: GrowHash<FrontendKey, FrontendValue> = ArrayOfMaps::new();
 #[btf_map]
-pub static LB_TABLES: HashMap<TableKey, TableValue, 131072, NO_PREALLOC> = HashMap::new();
+pub static LB_TABLES: GrowHash<TableKey, TableValue> = ArrayOfMaps::new();
 #[btf_map]
-pub static ENDPOINTS: HashMap<EndpointKey, EndpointValue, 524288, NO_PREALLOC> = HashMap::new();
+pub static ENDPOINTS: GrowHash<EndpointKey, EndpointValue> = ArrayOfMaps::new();
 #[btf_map]
-pub static BACKENDS: HashMap<u32, BackendValue, 262144, NO_PREALLOC> = HashMap::new();
+pub static BACKENDS: GrowHash<u32, BackendValue> = ArrayOfMaps::new();
 #[btf_map]
-pub static PORTS: HashMap<PortKey, PortValue, 262144, NO_PREALLOC> = HashMap::new();
+pub static PORTS: GrowHash<PortKey, PortValue> = ArrayOfMaps::new();
 #[btf_map]
 pub static STATS: PerCpuArray<u64, { stat::COUNT as usize }> = PerCpuArray::new();
 /// Active connections of counted tables (least request, connection limits), by service and
@@ -46,13 +88,13 @@ pub static RR_TURNS: PerCpuArray<u32, { RR_SLOTS as usize }> = PerCpuArray::new(
 // the destination pod's namespace. SK_DROP there makes the kernel answer a TCP SYN with a
 // reset, so a denied client fails at once with ECONNREFUSED and the server never sees it.
 #[btf_map]
-pub static AUTHZ_DEST: HashMap<[u32; 4], DestValue, 262144, NO_PREALLOC> = HashMap::new();
+pub static AUTHZ_DEST: GrowHash<[u32; 4], DestValue> = ArrayOfMaps::new();
 #[btf_map]
-pub static IDENTITY: HashMap<[u32; 4], IdentityValue, 524288, NO_PREALLOC> = HashMap::new();
+pub static IDENTITY: GrowHash<[u32; 4], IdentityValue> = ArrayOfMaps::new();
 #[btf_map]
-pub static AUTHZ_REGION: LpmTrie<RegionKey, u32, 262144> = LpmTrie::new();
+pub static AUTHZ_REGION: Slot<LpmTrie<RegionKey, u32, TEMPLATE>> = ArrayOfMaps::new();
 #[btf_map]
-pub static AUTHZ_VERDICT: HashMap<VerdictKey, VerdictValue, 1048576, NO_PREALLOC> = HashMap::new();
+pub static AUTHZ_VERDICT: GrowHash<VerdictKey, VerdictValue> = ArrayOfMaps::new();
 #[btf_map]
 pub static AUTHZ_COUNTS: PerCpuHashMap<CountKey, u64, 65536, NO_PREALLOC> = PerCpuHashMap::new();
 #[btf_map]

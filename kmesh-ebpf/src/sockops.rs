@@ -10,8 +10,8 @@ use aya_ebpf::{
 use kmesh_common::*;
 
 use crate::maps::{
-    ACTIVE, AUTHZ_DEST, CONN_META, DNS_ORIG, DNS_TCP, LB_CONN, NETNS, NODE_CONNS, TELEMETRY, TELEMETRY_CONF,
-    WAYPOINT_SOCKS, WP_CONN,
+    ACTIVE, AUTHZ_DEST, CONN_META, DNS_ORIG, DNS_TCP, LB_CONN, Lookup, NETNS, NODE_CONNS, TELEMETRY,
+    TELEMETRY_CONF, WAYPOINT_SOCKS, WP_CONN,
 };
 use crate::shared::{BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE, count, telemetry_on};
 
@@ -150,7 +150,7 @@ fn node_conn(ctx: &SockOpsContext, op: u32) -> bool {
     }
     let key = node_conn_key(ctx);
     if op == SOCK_OPS_TCP_CONNECT {
-        if unsafe { AUTHZ_DEST.get(key.dst) }.is_some() {
+        if unsafe { AUTHZ_DEST.find(key.dst) }.is_some() {
             let _ = NODE_CONNS.insert(key, 1, 0);
             // Be told when it closes, to forget it.
             let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG) as i32);
@@ -249,7 +249,7 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
     }
     if op == SOCK_OPS_TCP_CONNECT || op == SOCK_OPS_PASSIVE_ESTABLISHED {
         let ns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-        if unsafe { NETNS.get(ns) }.is_none() {
+        if unsafe { NETNS.find(ns) }.is_none() {
             return 0;
         }
         let Some(m) = sock_meta(&ctx, true) else { return 0 };

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use kmesh_common::*;
 
 use crate::lb::{Verdict, apply_v4, apply_v6, balance};
-use crate::maps::{BACKENDS, NETNS, UDP_REV};
+use crate::maps::{BACKENDS, Lookup, NETNS, UDP_REV};
 use crate::shared::{count, eq4, set_ip6};
 
 /// A datagram of an unconnected UDP socket to `addr:port`: the backend this socket already
@@ -20,7 +20,7 @@ use crate::shared::{count, eq4, set_ip6};
 #[inline(always)]
 pub fn udp_send(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u8) -> Verdict {
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if unsafe { NETNS.get(cookie) }.is_none() {
+    if unsafe { NETNS.find(cookie) }.is_none() {
         return Verdict::Pass;
     }
     let now = unsafe { bpf_ktime_get_ns() };
@@ -38,7 +38,7 @@ pub fn udp_send(ctx: &SockAddrContext, addr: [u32; 4], port: u16, family: u8) ->
                 // the service has no BACKENDS entry any more).
                 let bid = e.backend_id;
                 let backend = e.backend;
-                let alive = unsafe { BACKENDS.get(bid) }
+                let alive = unsafe { BACKENDS.find(bid) }
                     .copied()
                     .is_some_and(|b| b.belongs_to(&bid) && eq4(&b.addr, &backend));
                 if alive {

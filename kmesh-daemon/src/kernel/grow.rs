@@ -1,19 +1,19 @@
-//! Maps sized from what the configuration needs. A fresh map starts small
-//! ([`INITIAL_CAPACITY`]); an apply that would not fit first grows the maps it needs to:
-//! bigger maps are created next to the old ones and filled with what the old ones hold, a new
-//! copy of the programs is loaded against them (every other map shared through its pin), each
-//! attached link is switched to the new program in one step (BPF_LINK_UPDATE), and only then
-//! do the new maps take the old ones' pins. Until the switch every hook runs the old programs
-//! on the old maps, which nothing has touched; a failure before or during the switch puts
-//! every link back and leaves no trace. The capacity flags are ceilings, never sizes.
+//! Maps sized from what the configuration needs. Each map the daemon writes sits in the one
+//! slot of an array of maps, and the programs reach it through that slot (see the eBPF
+//! crate's `maps::Slot`). A fresh map starts small ([`INITIAL_CAPACITY`]); an apply that would
+//! not fit first grows the maps it needs to: a bigger map is made next to the old one, filled
+//! with what the old one holds, and put in the slot with one map update, after which every
+//! program run reads the new map. Nothing is loaded again (no verifier runs), nothing is
+//! pinned but the outer maps, and until the update the programs read the old map, which
+//! nothing has touched; a map made and never put in a slot is freed with its handle. The
+//! capacity flags are ceilings, never sizes.
 
-use std::fs;
-use std::os::fd::{AsFd, BorrowedFd};
-use std::path::{Path, PathBuf};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::LazyLock;
 
-use aya::maps::lpm_trie::Key as LpmKey;
-use aya::maps::{HashMap, MapData};
-use aya::{Ebpf, Pod};
+use aya::Pod;
+use aya::maps::{ArrayOfMaps, Map, MapData};
 
 use super::*;
 
@@ -35,65 +35,131 @@ pub fn capacity_for(current: u32, needed: usize, ceiling: u32) -> Option<u32> {
     Some(u32::try_from(want).unwrap_or(u32::MAX).min(ceiling))
 }
 
-/// Link pins whose program is this data plane's: the cgroup hooks and every namespace's
-/// authorization hook, with the program each one runs.
-fn link_pins(dir: &Path) -> Vec<(PathBuf, &'static str)> {
-    let links = dir.join("links");
-    let mut out: Vec<(PathBuf, &'static str)> =
-        PROGRAMS.iter().chain(&[TELEMETRY_PROGRAM]).map(|n| (links.join(n), *n)).collect();
-    if let Ok(entries) = fs::read_dir(&links) {
-        for e in entries.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with("authz_") && !n.ends_with("_new") {
-                out.push((e.path(), AUTHZ_PROGRAM));
-            }
+/// An outer map: the array of maps whose one slot holds a growable map.
+pub(super) struct Outer(Map);
+
+impl Outer {
+    pub(super) fn new(name: &'static str, m: Map) -> Result<Self, KernelError> {
+        match m {
+            Map::ArrayOfMaps(_) => Ok(Self(m)),
+            _ => Err(KernelError::MapType { name, source: MapError::InvalidMapType { map_type: 0 } }),
         }
     }
-    out.sort();
-    out
+
+    pub(super) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match &self.0 {
+            Map::ArrayOfMaps(d) => d.fd().as_fd(),
+            _ => unreachable!("checked by Outer::new"),
+        }
+    }
+
+    fn slot(&mut self, name: &'static str) -> Result<ArrayOfMaps<&mut MapData, MapData>, KernelError> {
+        (&mut self.0).try_into().map_err(|source| KernelError::MapType { name, source })
+    }
 }
 
-fn program_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<BorrowedFd<'a>, KernelError> {
-    let p = ebpf
-        .program(name)
-        .ok_or(KernelError::Program { name, source: aya::programs::ProgramError::NotLoaded })?;
-    Ok(p.fd().map_err(|source| KernelError::Program { name, source })?.as_fd())
+/// The definitions of what goes in each outer map's slot, from the eBPF object itself: the
+/// kernel takes in a slot only a map of the template's type, key size, value size and flags
+/// (any capacity). Kept without their BTF type ids: maps made here carry no BTF.
+static TEMPLATES: LazyLock<Result<Vec<(String, aya_obj::Map)>, String>> = LazyLock::new(|| {
+    let obj = aya_obj::Object::parse(EBPF_OBJ).map_err(|e| e.to_string())?;
+    let plain = |m: aya_obj::Map| {
+        aya_obj::Map::new_from_params(
+            m.map_type(),
+            m.key_size(),
+            m.value_size(),
+            m.max_entries(),
+            m.map_flags(),
+        )
+    };
+    Ok(obj.maps.iter().filter_map(|(n, m)| Some((n.clone(), plain(m.inner()?)))).collect())
+});
+
+/// A new, empty map for the slot of `name`, with room for `capacity` entries.
+pub(super) fn new_inner(name: &'static str, capacity: u32) -> Result<MapData, KernelError> {
+    let err = |source| KernelError::MapType { name, source };
+    let templates = TEMPLATES.as_ref().map_err(|e| {
+        err(MapError::InvalidName { name: format!("{name} (the eBPF object cannot be read: {e})") })
+    })?;
+    let mut def = templates
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, m)| m.clone())
+        .ok_or(KernelError::MissingMap(name))?;
+    def.set_max_entries(capacity);
+    MapData::create(def, name, None).map_err(err)
 }
 
-fn fill<K: Pod, V: Pod>(
-    m: &mut HashMap<MapData, K, V>,
+/// The map in the slot of outer map `name`; made with room for `capacity` entries and put
+/// there when the slot is empty (an outer map this run created).
+pub(super) fn slot_map(outer: &mut Outer, name: &'static str, capacity: u32) -> Result<MapData, KernelError> {
+    let mut outer = outer.slot(name)?;
+    match outer.get(&0, 0) {
+        Ok(inner) => Ok(inner),
+        Err(e) if is_not_found(&e) => {
+            let inner = new_inner(name, capacity)?;
+            outer.set(0, &inner, 0).map_err(|source| KernelError::Write { map: name, source })?;
+            Ok(inner)
+        }
+        Err(source) => Err(KernelError::Read { map: name, source }),
+    }
+}
+
+/// The map named `name` of the layout directory `dir` (see [`layout_dir`]), opened from its
+/// pin: for a map that grows, the one in its outer map's slot (for tools and tests that read
+/// or edit the maps of a running daemon).
+pub fn open_pinned(dir: &Path, name: &'static str) -> Result<MapData, KernelError> {
+    let data = MapData::from_pin(dir.join("maps").join(name))
+        .map_err(|source| KernelError::MapType { name, source })?;
+    let m = Map::from_map_data(data).map_err(|source| KernelError::MapType { name, source })?;
+    match m {
+        Map::ArrayOfMaps(_) => {
+            let mut outer = Outer::new(name, m)?;
+            let slot = outer.slot(name)?;
+            slot.get(&0, 0).map_err(|source| KernelError::Read { map: name, source })
+        }
+        Map::HashMap(d) | Map::LpmTrie(d) | Map::Array(d) | Map::PerCpuArray(d) | Map::PerCpuHashMap(d) => {
+            Ok(d)
+        }
+        _ => Err(KernelError::MapType { name, source: MapError::InvalidMapType { map_type: 0 } }),
+    }
+}
+
+/// Writes `from` into the new map `m` (in batches: one system call per [`WRITE_BATCH`]).
+fn fill<'a, K: Pod + 'a, V: Pod + 'a>(
+    m: &MapData,
     name: &'static str,
-    from: &BTreeMap<K, V>,
+    from: impl IntoIterator<Item = (&'a K, V)>,
 ) -> Result<(), KernelError> {
-    for (k, v) in from {
-        m.insert(k, v, 0).map_err(|source| KernelError::Write { map: name, source })?;
+    let mut keys = Vec::new();
+    let mut values = Vec::new();
+    let mut from = from.into_iter().peekable();
+    while from.peek().is_some() {
+        keys.clear();
+        values.clear();
+        for (k, v) in from.by_ref().take(WRITE_BATCH) {
+            keys.push(*k);
+            values.push(v);
+        }
+        if let (_, Some(io_error)) = sys::update_batch(m.fd().as_fd(), &keys, &values) {
+            let source =
+                MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error });
+            return Err(KernelError::Write { map: name, source });
+        }
     }
     Ok(())
 }
 
-/// Grown maps, filled, with programs loaded against them and pinned next to the maps in
-/// force, not yet switched to (see [`Dataplane::prepare_grow`]). Dropped unswitched, it
-/// removes its pins.
+/// Grown maps, filled, not yet in their slots (see [`Dataplane::prepare_grow`]). Dropped
+/// unswitched, they are freed.
 pub struct Grown {
     /// The capacities the maps had when these were made, and the ones they have.
     from: Capacities,
     want: Capacities,
-    grown: Vec<&'static str>,
-    /// Where each of `grown` is pinned until the switch.
-    tmp: Vec<PathBuf>,
-    ebpf: Option<(Ebpf, Maps)>,
+    grown: Vec<(&'static str, MapData)>,
     started: std::time::Instant,
     /// For maps made on another thread: what the maps held when they were copied.
     snapshot: Option<Box<(MapState, AuthzState)>>,
-}
-
-impl Drop for Grown {
-    fn drop(&mut self) {
-        // Switched, the pins were moved into place and these paths are gone.
-        for t in &self.tmp {
-            let _ = fs::remove_file(t);
-        }
-    }
 }
 
 impl Dataplane {
@@ -126,45 +192,40 @@ impl Dataplane {
         Ok(want)
     }
 
-    /// Makes the grown maps that load-balancing peaks of at least `lb` will need, and loads
-    /// the programs against them, without putting them in force: the part of a grow that
-    /// takes time (the verifier), from a shared reference so that it can run while the
+    /// Makes and fills the grown maps that load-balancing peaks of at least `lb` will need,
+    /// without putting them in force, from a shared reference so that it can run while the
     /// compiler works on another thread. `None` when the maps are big enough already, or the
     /// peaks are over a ceiling (the apply refuses that when it knows the real peaks).
     /// [`switch_grown`](Self::switch_grown) puts the result in force; nothing may be written
     /// to the maps in between.
     pub fn prepare_grow(&self, lb: &MapCounts) -> Result<Option<Grown>, KernelError> {
         let Ok(want) = self.wanted(lb, [0; 4]) else { return Ok(None) };
-        self.prepare(want)
+        prepare(self.capacities, want, &self.applied, &self.authz_applied)
     }
 
     /// Replaces the maps whose capacity `want` raises by bigger ones holding the same
     /// entries, make-before-break (see the module's documentation).
     pub fn grow(&mut self, want: Capacities) -> Result<(), KernelError> {
-        match self.prepare(want)? {
+        match prepare(self.capacities, want, &self.applied, &self.authz_applied)? {
             Some(g) => self.switch_grown(g),
             None => Ok(()),
         }
     }
 
-    fn prepare(&self, want: Capacities) -> Result<Option<Grown>, KernelError> {
-        prepare(&self.dir, self.capacities, want, &self.applied, &self.authz_applied)
-    }
-
     /// [`prepare_grow`](Self::prepare_grow) on a thread of its own, from a copy of what the
     /// maps hold: for a large batch of resources the daemon has only decoded, so that the
-    /// verifier runs while the batch is merged and compiled. `None` when nothing needs to
-    /// grow. The maps are switched to only if the ones it replaces still hold what was copied
-    /// (see [`switch_grown`](Self::switch_grown)).
+    /// maps are made and filled while the batch is merged and compiled. `None` when nothing
+    /// needs to grow. The maps are switched to only if the ones they replace still hold what
+    /// was copied (see [`switch_grown`](Self::switch_grown)).
     pub fn grow_in_background(
         &self,
         lb: &MapCounts,
     ) -> Option<std::thread::JoinHandle<Result<Option<Grown>, KernelError>>> {
         let want = self.wanted(lb, [0; 4]).ok().filter(|w| *w != self.capacities)?;
-        let (dir, from) = (self.dir.clone(), self.capacities);
+        let from = self.capacities;
         let snapshot = Box::new((self.applied.clone(), self.authz_applied.clone()));
         let spawned = std::thread::Builder::new().name("kmesh-grow".into()).spawn(move || {
-            let g = prepare(&dir, from, want, &snapshot.0, &snapshot.1)?;
+            let g = prepare(from, want, &snapshot.0, &snapshot.1)?;
             Ok(g.map(|mut g| {
                 g.snapshot = Some(snapshot);
                 g
@@ -179,150 +240,139 @@ impl Dataplane {
         }
     }
 
-    /// Puts maps made by [`prepare_grow`](Self::prepare_grow) in force: each hook is
-    /// switched to the new programs, and the new maps take the old ones' pins. Maps prepared
+    /// Puts maps made by [`prepare_grow`](Self::prepare_grow) in their slots. Maps prepared
     /// before another grow, or (made on another thread) from entries the maps no longer hold,
-    /// are dropped: the next apply grows what it needs.
-    pub fn switch_grown(&mut self, mut g: Grown) -> Result<(), KernelError> {
-        let Some((ebpf, maps)) = g.ebpf.take() else { return Ok(()) };
+    /// are dropped: the next apply grows what it needs. Each map is switched on its own; the
+    /// old and the new one hold the same entries, so a program that reads some maps before
+    /// and some after a switch reads a consistent state. A failed switch leaves the maps
+    /// switched before it in force, with their capacities.
+    pub fn switch_grown(&mut self, g: Grown) -> Result<(), KernelError> {
         if g.from != self.capacities {
             return Ok(());
         }
         if let Some(snap) = &g.snapshot
             && g.grown
                 .iter()
-                .any(|n| !same_entries(n, (&snap.0, &snap.1), (&self.applied, &self.authz_applied)))
+                .any(|(n, _)| !same_entries(n, (&snap.0, &snap.1), (&self.applied, &self.authz_applied)))
         {
             tracing::debug!("maps grown ahead are dropped: the maps they replace changed meanwhile");
             return Ok(());
         }
-        let want = g.want;
-        // The switch: each hook runs the new programs from here on.
-        let mut switched: Vec<(PathBuf, &'static str)> = Vec::new();
-        for (pin, name) in link_pins(&self.dir) {
-            let r = program_fd(&ebpf, name).and_then(|fd| match sys::replace_link_program(&pin, fd) {
-                Ok(()) => Ok(true),
-                // A namespace that is gone (its link detached: ENOLINK) or went away with its
-                // pin runs nothing to switch; its unenrollment removes the pin.
-                Err(e) if e.raw_os_error() == Some(libc::ENOLINK) || !pin.exists() => Ok(false),
-                Err(e) => Err(KernelError::Pin {
-                    path: pin.clone(),
-                    reason: format!("switching to grown maps: {e}"),
-                }),
-            });
-            match r {
-                Ok(true) => switched.push((pin, name)),
-                Ok(false) => tracing::debug!(pin = %pin.display(), "a detached link is left as it is"),
-                Err(e) => {
-                    for (pin, name) in switched.iter().rev() {
-                        if let Err(e) = program_fd(&self.ebpf, name).and_then(|fd| {
-                            sys::replace_link_program(pin, fd)
-                                .map_err(|e| KernelError::Pin { path: pin.clone(), reason: e.to_string() })
-                        }) {
-                            tracing::error!(pin = %pin.display(), error = %e, "cannot put the old program back");
-                        }
-                    }
-                    return Err(e);
-                }
+        // A slot's update returns once no program still runs on the map it replaced (an RCU
+        // grace period, milliseconds): the slots are updated side by side, one wait for all.
+        let Grown { want, grown, started, .. } = g;
+        let done: Vec<Result<(), KernelError>> = std::thread::scope(|s| {
+            let mut outers: Vec<&mut (&'static str, Outer)> = self.m.outers.iter_mut().collect();
+            let handles: Vec<_> = grown
+                .iter()
+                .map(|(map, inner)| {
+                    let at = outers.iter().position(|(n, _)| n == map);
+                    let outer = at.map(|i| outers.swap_remove(i));
+                    s.spawn(move || {
+                        let (_, outer) = outer.ok_or(KernelError::MissingMap(map))?;
+                        outer.slot(map)?.set(0, inner, 0).map_err(|source| KernelError::Write { map, source })
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        });
+        let mut first_error = None;
+        for ((map, inner), r) in grown.into_iter().zip(done) {
+            if let Err(e) = r {
+                first_error.get_or_insert(e);
+                continue;
             }
-        }
-        let maps_dir = self.dir.join("maps");
-        for (n, t) in g.grown.iter().zip(&g.tmp) {
-            // rename() replaces the old pin atomically; the old map lives on until the old
-            // programs and handles are dropped below.
-            if let Err(e) = fs::rename(t, maps_dir.join(n)) {
-                tracing::error!(map = n, error = %e, "cannot move the grown map's pin into place; it is pinned again by the pin check");
-            }
-        }
-        let old: Vec<(&str, u32)> = g.grown.iter().map(|n| (*n, self.capacities.get(n))).collect();
-        self.m = maps;
-        self.ebpf = ebpf;
-        self.capacities = want;
-        self.grows += 1;
-        for (map, from) in old {
+            let from = self.capacities.get(map);
+            self.m.take_handle(map, inner)?;
+            self.capacities.set(map, want.get(map));
             tracing::info!(
                 map,
                 from,
                 to = want.get(map),
-                elapsed_ms = g.started.elapsed().as_millis() as u64,
+                elapsed_ms = started.elapsed().as_millis() as u64,
                 "map grown"
             );
+        }
+        self.grows += 1;
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Maps {
+    /// Makes `inner`, just put in the slot of outer map `name`, the handle the daemon writes
+    /// through.
+    fn take_handle(&mut self, name: &'static str, inner: MapData) -> Result<(), KernelError> {
+        let ty = |source| KernelError::MapType { name, source };
+        let m = Map::from_map_data(inner).map_err(ty)?;
+        match name {
+            "NETNS" => self.netns = m.try_into().map_err(ty)?,
+            "FRONTENDS" => self.frontends = m.try_into().map_err(ty)?,
+            "LB_TABLES" => self.tables = m.try_into().map_err(ty)?,
+            "ENDPOINTS" => self.endpoints = m.try_into().map_err(ty)?,
+            "BACKENDS" => self.backends = m.try_into().map_err(ty)?,
+            "PORTS" => self.ports = m.try_into().map_err(ty)?,
+            "AUTHZ_DEST" => self.authz_dest = m.try_into().map_err(ty)?,
+            "IDENTITY" => self.identity = m.try_into().map_err(ty)?,
+            "AUTHZ_REGION" => self.authz_region = m.try_into().map_err(ty)?,
+            "AUTHZ_VERDICT" => self.authz_verdict = m.try_into().map_err(ty)?,
+            _ => return Err(KernelError::MissingMap(name)),
         }
         Ok(())
     }
 }
 
-/// Loads the programs again with the grown maps (created and pinned at `tmp`, filled with
-/// what the old ones hold) and every other map shared through its pin; attaches nothing.
-fn load_grown(
-    dir: &Path,
-    want: Capacities,
-    grown: &[&'static str],
-    tmp: &[PathBuf],
-    a: &MapState,
-    z: &AuthzState,
-) -> Result<(Ebpf, Maps), KernelError> {
-    let maps_dir = dir.join("maps");
-    let mut ebpf = load_object(want, |n| match grown.iter().position(|g| *g == n) {
-        Some(i) => tmp[i].clone(),
-        None => maps_dir.join(n),
-    })?;
-    let mut maps = Maps::take(&mut ebpf)?;
-    for n in grown {
-        match *n {
-            "NETNS" => fill(&mut maps.netns, n, &a.netns)?,
-            "FRONTENDS" => fill(&mut maps.frontends, n, &a.frontends)?,
-            "LB_TABLES" => fill(&mut maps.tables, n, &a.tables)?,
-            "ENDPOINTS" => fill(&mut maps.endpoints, n, &a.endpoints)?,
-            "BACKENDS" => fill(&mut maps.backends, n, &a.backends)?,
-            "PORTS" => fill(&mut maps.ports, n, &a.ports)?,
-            "AUTHZ_DEST" => fill(&mut maps.authz_dest, n, &z.dest)?,
-            "IDENTITY" => {
-                let sealed =
-                    z.identity.iter().map(|(k, id)| (*k, IdentityValue { id: *id, check: 0 }.sealed(k)));
-                fill(&mut maps.identity, n, &sealed.collect())?
-            }
-            "AUTHZ_REGION" => {
-                for ((k, len), v) in &z.region {
-                    maps.authz_region
-                        .insert(&LpmKey::new(*len, *k), v, 0)
-                        .map_err(|source| KernelError::Write { map: n, source })?;
-                }
-            }
-            "AUTHZ_VERDICT" => fill(&mut maps.authz_verdict, n, &z.verdict)?,
-            _ => {}
-        }
-    }
-    load_programs(&mut ebpf, &LOADED_PROGRAMS)?;
-    Ok((ebpf, maps))
-}
-
-/// Makes the maps `want` grows, next to those of layout directory `dir` (capacities `from`),
-/// filled with `a` and `z` (what the maps hold), and loads the programs against them.
+/// Makes the maps `want` grows (from capacities `from`), filled with `a` and `z` (what the
+/// maps hold). `None` when nothing grows.
 fn prepare(
-    dir: &Path,
     from: Capacities,
     want: Capacities,
     a: &MapState,
     z: &AuthzState,
 ) -> Result<Option<Grown>, KernelError> {
-    let grown: Vec<&'static str> =
+    let names: Vec<&'static str> =
         want.all().into_iter().filter(|(n, c)| *c > from.get(n)).map(|(n, _)| n).collect();
-    if grown.is_empty() {
+    if names.is_empty() {
         return Ok(None);
     }
     let started = std::time::Instant::now();
-    let maps_dir = dir.join("maps");
-    // bpffs names take no dots.
-    let tmp: Vec<PathBuf> = grown.iter().map(|n| maps_dir.join(format!("{n}_grown"))).collect();
-    for t in &tmp {
-        let _ = fs::remove_file(t);
+    let mut grown = Vec::with_capacity(names.len());
+    for n in names {
+        let m = new_inner(n, want.get(n))?;
+        match n {
+            "NETNS" => fill(&m, n, a.netns.iter().map(|(k, v)| (k, *v)))?,
+            "FRONTENDS" => fill(&m, n, a.frontends.iter().map(|(k, v)| (k, *v)))?,
+            "LB_TABLES" => fill(&m, n, a.tables.iter().map(|(k, v)| (k, *v)))?,
+            "ENDPOINTS" => fill(&m, n, a.endpoints.iter().map(|(k, v)| (k, *v)))?,
+            "BACKENDS" => fill(&m, n, a.backends.iter().map(|(k, v)| (k, *v)))?,
+            "PORTS" => fill(&m, n, a.ports.iter().map(|(k, v)| (k, *v)))?,
+            "AUTHZ_DEST" => fill(&m, n, z.dest.iter().map(|(k, v)| (k, *v)))?,
+            "IDENTITY" => fill(
+                &m,
+                n,
+                z.identity.iter().map(|(k, id)| (k, IdentityValue { id: *id, check: 0 }.sealed(k))),
+            )?,
+            "AUTHZ_VERDICT" => fill(&m, n, z.verdict.iter().map(|(k, v)| (k, *v)))?,
+            "AUTHZ_REGION" => {
+                // An LPM trie takes no batches.
+                let mut m =
+                    Map::from_map_data(m).map_err(|source| KernelError::MapType { name: n, source })?;
+                {
+                    let mut trie: LpmTrie<&mut MapData, RegionKey, u32> =
+                        (&mut m).try_into().map_err(|source| KernelError::MapType { name: n, source })?;
+                    for ((k, len), v) in &z.region {
+                        trie.insert(&LpmKey::new(*len, *k), v, 0)
+                            .map_err(|source| KernelError::Write { map: n, source })?;
+                    }
+                }
+                let Map::LpmTrie(m) = m else { return Err(KernelError::MissingMap(n)) };
+                grown.push((n, m));
+                continue;
+            }
+            _ => {}
+        }
+        grown.push((n, m));
     }
-    // From here on a failure or a grow never switched removes the new pins (on drop).
-    let mut g = Grown { from, want, grown, tmp, ebpf: None, started, snapshot: None };
-    let (ebpf, maps) = load_grown(dir, want, &g.grown, &g.tmp, a, z)?;
-    g.ebpf = Some((ebpf, maps));
-    Ok(Some(g))
+    Ok(Some(Grown { from, want, grown, started, snapshot: None }))
 }
 
 /// Whether map `name` holds the same entries in `a` and `b` (the load-balancing and the
