@@ -51,6 +51,19 @@ fn rss_now(pid: u32) -> f64 {
         / 1024.0
 }
 
+/// A process's resident memory by kind (`RssAnon`, `RssFile`, `RssShmem` of /proc/PID/status), in MiB.
+fn rss_kinds(pid: u32) -> [f64; 3] {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    ["RssAnon:", "RssFile:", "RssShmem:"].map(|k| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    })
+}
+
 /// (peak RSS in MiB, CPU seconds) of a process.
 fn usage(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -257,6 +270,11 @@ fn main() -> anyhow::Result<()> {
         // What the daemon keeps once the push's transient memory has been given back.
         std::thread::sleep(Duration::from_secs(3));
         let rss_held = rss_now(pid);
+        let [anon, file, shmem] = rss_kinds(pid);
+        if let Ok(to) = std::env::var("KMESH_BENCH_SMAPS") {
+            // Every mapping's residency, for finding what holds the memory that is not heap.
+            std::fs::copy(format!("/proc/{pid}/smaps"), &to).context("copying the daemon's smaps")?;
+        }
         lat.sort();
         let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1000.0;
         let daemon_cpu = (cpu3 - cpu2) / lat.len() as f64;
@@ -286,6 +304,9 @@ fn main() -> anyhow::Result<()> {
         println!("| daemon peak RSS (VmHWM) | {:.1} MiB |", rss1.max(rss2));
         println!(
             "| daemon RSS holding the configuration, 3 s after the changes (VmRSS) | {rss_held:.1} MiB |"
+        );
+        println!(
+            "| of which anonymous (heap, stacks) / file (the binary's pages) / shared (BPF maps mmapped) | {anon:.1} / {file:.1} / {shmem:.1} MiB |"
         );
         println!(
             "| map entries | frontends {}, tables {}, endpoints {}, backends {} |",

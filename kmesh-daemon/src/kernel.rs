@@ -459,8 +459,11 @@ struct Maps {
     authz_region: LpmTrie<MapData, RegionKey, u32>,
     authz_verdict: HashMap<MapData, VerdictKey, VerdictValue>,
     authz_counts: PerCpuHashMap<MapData, CountKey, u64>,
-    authz_events: RingBuf<MapData>,
-    telemetry: RingBuf<MapData>,
+    /// The rings, only to pin them again: the observer reads them through its own handles
+    /// ([`EventMaps`]). Not `RingBuf`s: a `RingBuf` maps the ring's pages (twice, for reads
+    /// that wrap), which is 2.5 MiB of resident memory per reader.
+    authz_events: MapData,
+    telemetry: MapData,
     telemetry_conf: aya::maps::Array<MapData, u64>,
 }
 
@@ -490,6 +493,16 @@ impl Maps {
         ) -> Result<T, KernelError> {
             let m = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
             T::try_from(m).map_err(|source| KernelError::MapType { name, source })
+        }
+        fn ring(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, KernelError> {
+            match ebpf.take_map(name).ok_or(KernelError::MissingMap(name))? {
+                aya::maps::Map::RingBuf(d) => Ok(d),
+                // Another type: the error a `RingBuf` of it would give.
+                m => Err(KernelError::MapType {
+                    name,
+                    source: RingBuf::try_from(m).err().unwrap_or(MapError::InvalidMapType { map_type: 0 }),
+                }),
+            }
         }
         let mut outers = Vec::new();
         let mut slot = |ebpf: &mut Ebpf, name: &'static str| -> Result<aya::maps::Map, KernelError> {
@@ -530,8 +543,8 @@ impl Maps {
             authz_region,
             authz_verdict,
             authz_counts: other(ebpf, "AUTHZ_COUNTS")?,
-            authz_events: other(ebpf, "AUTHZ_EVENTS")?,
-            telemetry: other(ebpf, "TELEMETRY")?,
+            authz_events: ring(ebpf, "AUTHZ_EVENTS")?,
+            telemetry: ring(ebpf, "TELEMETRY")?,
             telemetry_conf: other(ebpf, "TELEMETRY_CONF")?,
         })
     }
@@ -1475,8 +1488,8 @@ impl Dataplane {
         maps.extend([
             ("STATS", fd(self.m.stats.map())),
             ("AUTHZ_COUNTS", fd(self.m.authz_counts.map())),
-            ("AUTHZ_EVENTS", self.m.authz_events.as_fd()),
-            ("TELEMETRY", self.m.telemetry.as_fd()),
+            ("AUTHZ_EVENTS", fd(&self.m.authz_events)),
+            ("TELEMETRY", fd(&self.m.telemetry)),
             ("TELEMETRY_CONF", fd(self.m.telemetry_conf.map())),
         ]);
         let conn_meta = self.ebpf.map("CONN_META").and_then(|m| match m {
