@@ -40,24 +40,13 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> anyho
     bail!("timed out waiting for {what}")
 }
 
-/// Resident memory of a process now, in MiB.
-fn rss_now(pid: u32) -> f64 {
+/// Memory fields of /proc/PID/status (`VmRSS`, `VmHWM`, `RssAnon`, ...), in MiB.
+fn status_mib<const N: usize>(pid: u32, fields: [&str; N]) -> [f64; N] {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
-/// A process's resident memory by kind (`RssAnon`, `RssFile`, `RssShmem` of /proc/PID/status), in MiB.
-fn rss_kinds(pid: u32) -> [f64; 3] {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    ["RssAnon:", "RssFile:", "RssShmem:"].map(|k| {
+    fields.map(|f| {
         status
             .lines()
-            .find_map(|l| l.strip_prefix(k))
+            .find_map(|l| l.strip_prefix(f)?.strip_prefix(':'))
             .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
             .unwrap_or(0.0)
             / 1024.0
@@ -66,19 +55,14 @@ fn rss_kinds(pid: u32) -> [f64; 3] {
 
 /// (peak RSS in MiB, CPU seconds) of a process.
 fn usage(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm_kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0);
+    let [hwm] = status_mib(pid, ["VmHWM"]);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
         + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (hwm_kb / 1024.0, ticks / hz)
+    (hwm, ticks / hz)
 }
 
 /// Whether service `svc`'s workloads are selected by the benchmark's policy.
@@ -269,8 +253,8 @@ fn main() -> anyhow::Result<()> {
         let (_, cpu3) = usage(pid);
         // What the daemon keeps once the push's transient memory has been given back.
         std::thread::sleep(Duration::from_secs(3));
-        let rss_held = rss_now(pid);
-        let [anon, file, shmem] = rss_kinds(pid);
+        // Resident memory by kind: anonymous (heap, stacks), file pages (the binary's), shared.
+        let [rss_held, anon, file, shmem] = status_mib(pid, ["VmRSS", "RssAnon", "RssFile", "RssShmem"]);
         if let Ok(to) = std::env::var("KMESH_BENCH_SMAPS") {
             // Every mapping's residency, for finding what holds the memory that is not heap.
             std::fs::copy(format!("/proc/{pid}/smaps"), &to).context("copying the daemon's smaps")?;
