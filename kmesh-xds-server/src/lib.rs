@@ -475,15 +475,21 @@ impl ControlPlane {
             resource: Some(kmesh_proto::Any { type_url: type_url.to_string(), value: b.clone() }),
             ..Default::default()
         };
+        // A stream that holds nothing of the type is sent all of it, in name order, whatever
+        // the change log says (its first push: no search per logged name).
+        let since = since.filter(|_| !sent.is_empty());
         let (resources, removed): (Vec<Resource>, Vec<String>) = match since {
-            None => (
-                t.items
+            None => {
+                let due: Vec<_> = t
+                    .items
                     .iter()
                     .filter(|(n, (v, _))| wanted(n) && sent.get(*n).map(String::as_str) != Some(&**v))
-                    .map(|(n, e)| resource(n, e))
-                    .collect(),
-                sent.keys().filter(|n| !t.items.contains_key(*n)).cloned().collect(),
-            ),
+                    .collect();
+                (
+                    build_resources(&due, |(n, e)| resource(n, e)),
+                    sent.keys().filter(|n| !t.items.contains_key(*n)).cloned().collect(),
+                )
+            }
             Some(since) => {
                 let mut res = Vec::new();
                 let mut rm = Vec::new();
@@ -525,6 +531,24 @@ impl ControlPlane {
             ..Default::default()
         }
     }
+}
+
+/// The resources of a response, built from `due` in order: a large push (a stream's first, a
+/// whole state) on two threads, since each resource is three strings and its body copied
+/// (27 MB at 10k services x 10 endpoints).
+fn build_resources<T: Sync>(due: &[T], make: impl Fn(&T) -> Resource + Sync) -> Vec<Resource> {
+    const PARALLEL_FROM: usize = 16_384;
+    if due.len() < PARALLEL_FROM {
+        return due.iter().map(&make).collect();
+    }
+    let (first, second) = due.split_at(due.len() / 2);
+    let make = &make;
+    std::thread::scope(|sc| {
+        let rest = sc.spawn(move || second.iter().map(make).collect::<Vec<_>>());
+        let mut out: Vec<Resource> = first.iter().map(make).collect();
+        out.extend(rest.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+        out
+    })
 }
 
 /// A running server; stops when dropped.
@@ -750,15 +774,25 @@ impl ControlPlane {
         let since = st.pushed.get(type_url).copied();
         let started = std::time::Instant::now();
         let (resp, now) = self.delta_for(type_url, sent, since, st.names.get(type_url));
-        self.push_ns.fetch_add(started.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
         st.pushed.insert(type_url.to_string(), now);
+        if let Some(resp) = &resp {
+            if sent.is_empty() {
+                // A stream's first push of a type: the map is built at once from the sorted
+                // names (110k searches comparing names took 50 ms of a 10k x 10 push).
+                *sent = resp.resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
+            } else {
+                for r in &resp.resources {
+                    sent.insert(r.name.clone(), r.version.clone());
+                }
+            }
+            for n in &resp.removed_resources {
+                sent.remove(n);
+            }
+        }
+        // The control plane's share of a push: computing the response and recording what the
+        // stream was sent, up to handing the response to gRPC.
+        self.push_ns.fetch_add(started.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
         let resp = resp?;
-        for r in &resp.resources {
-            sent.insert(r.name.clone(), r.version.clone());
-        }
-        for n in &resp.removed_resources {
-            sent.remove(n);
-        }
         st.pending.insert(resp.nonce.clone(), type_url.to_string());
         self.record_push(&resp.nonce, now);
         Some(resp)
@@ -899,6 +933,32 @@ mod tests {
         // A second stream subscribing now gets the whole current set.
         let mut other = stream();
         assert_eq!(names(&cp.push(&mut other, T).unwrap()), (vec!["b".into(), "d".into()], vec![]));
+    }
+
+    /// A stream's first push of a large set is built on two threads and recorded at once: it
+    /// carries every resource once, in name order, with its bytes, and the next push is again
+    /// only what changed (the record of what the stream holds is complete).
+    #[test]
+    fn a_large_first_push_is_whole_ordered_and_recorded() {
+        const T: &str = kmesh_proto::ADDRESS_TYPE;
+        let cp = ControlPlane::new();
+        let n = 40_000u32;
+        let name = |i: u32| format!("w{i:06}");
+        cp.set(T, (0..n).map(|i| (name(i), i.to_le_bytes().to_vec())));
+        let mut st = stream();
+        // The stream saw the type before anything was set: its change log is read from then.
+        st.pushed.insert(T.to_string(), 0);
+        let first = cp.push(&mut st, T).unwrap();
+        assert_eq!(first.resources.len(), n as usize);
+        for (i, r) in first.resources.iter().enumerate() {
+            assert_eq!(r.name, name(i as u32));
+            assert_eq!(r.resource.as_ref().unwrap().value, (i as u32).to_le_bytes());
+        }
+        assert_eq!(st.sent[T].len(), n as usize);
+        cp.set(T, [(name(7), vec![9])]);
+        cp.remove(T, &[&name(8)]);
+        let r = cp.push(&mut st, T).unwrap();
+        assert_eq!(names(&r), (vec![name(7)], vec![name(8)]));
     }
 
     #[test]
