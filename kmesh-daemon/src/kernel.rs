@@ -461,7 +461,7 @@ struct Maps {
     authz_counts: PerCpuHashMap<MapData, CountKey, u64>,
     /// The rings, only to pin them again: the observer reads them through its own handles
     /// ([`EventMaps`]). Not `RingBuf`s: a `RingBuf` maps the ring's pages (twice, for reads
-    /// that wrap), which is 2.5 MiB of resident memory per reader.
+    /// that wrap), 2.5 MiB of resident memory for these two rings.
     authz_events: MapData,
     telemetry: MapData,
     telemetry_conf: aya::maps::Array<MapData, u64>,
@@ -697,12 +697,16 @@ fn upsert_entries<K: Pod + Ord, V: Pod>(
         }
         if let Some(io_error) = error {
             rollback(m, undo);
-            let source =
-                MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error });
-            return Err(KernelError::Write { map: name, source });
+            return Err(batch_write_error(name, io_error));
         }
     }
     Ok(())
+}
+
+/// The error of a `BPF_MAP_UPDATE_BATCH` into map `name` that failed with `io_error`.
+fn batch_write_error(name: &'static str, io_error: std::io::Error) -> KernelError {
+    let source = MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error });
+    KernelError::Write { map: name, source }
 }
 
 fn rollback<K: Pod, V: Pod>(m: &mut HashMap<MapData, K, V>, undo: &mut Vec<Undo<K, V>>) {

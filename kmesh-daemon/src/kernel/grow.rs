@@ -142,9 +142,7 @@ fn fill<'a, K: Pod + 'a, V: Pod + 'a>(
             values.push(v);
         }
         if let (_, Some(io_error)) = sys::update_batch(m.fd().as_fd(), &keys, &values) {
-            let source =
-                MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error });
-            return Err(KernelError::Write { map: name, source });
+            return Err(batch_write_error(name, io_error));
         }
     }
     Ok(())
