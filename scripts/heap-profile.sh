@@ -36,7 +36,7 @@ print("workloads:")
 for s in range(n):
     for e in range(m):
         a = 0x0A800000 + s * m + e + 1
-        print(f"  - {{uid: Kubernetes//Pod/bench/svc-{s}-{e}, name: svc-{s}-{e}, namespace: bench, "
+        print(f"  - {{uid: Kubernetes//Pod/bench/svc-{s}-{e}, name: svc-{s}-{e}, namespace: bench, workload_name: svc-{s}, canonical_name: svc-{s}, "
               f"addresses: [{a>>24}.{(a>>16)&255}.{(a>>8)&255}.{a&255}], node: node-{e%3}, "
               f"locality: {{region: r, zone: z{e%3}}}, service_account: default, trust_domain: cluster.local, "
               f"services: {{bench/svc-{s}.bench.svc.cluster.local: []}}}}")

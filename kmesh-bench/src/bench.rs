@@ -828,7 +828,7 @@ mod tests {
         let svc = &m.services["bench/waypointed.bench.svc.cluster.local"];
         assert!(svc.waypoint.is_some());
         assert!(m.workloads["server"].services.contains_key("bench/waypointed.bench.svc.cluster.local"));
-        assert!(m.workloads["wp"].application_tunnel.is_some());
+        assert!(m.workloads["wp"].application_tunnel().is_some());
         assert_eq!(m.services.len(), 3 + 2);
     }
 }

@@ -36,22 +36,11 @@ fn main() {
                 Arc::new(Workload {
                     uid,
                     name: Default::default(),
-                    namespace: "bench".into(),
-                    workload_name: Default::default(),
-                    canonical_name: Default::default(),
-                    canonical_revision: Default::default(),
+                    profile: WorkloadProfile { namespace: "bench".into(), ..Default::default() }.into(),
                     addresses: kmesh_daemon::model::Addrs::One(IpAddr::V4(Ipv4Addr::from(
                         0x0a80_0000u32 + (s * m + e) as u32 + 1,
                     ))),
-                    node: Default::default(),
-                    network: Default::default(),
-                    cluster_id: Default::default(),
-                    locality: Locality::default().into(),
                     status: HealthStatus::Healthy,
-                    service_account: Default::default(),
-                    trust_domain: Default::default(),
-                    capacity: None,
-                    authorization_policies: Box::default(),
                     services: services.into_iter().collect(),
                     ..Default::default()
                 }),

@@ -82,25 +82,33 @@ fn workload(svc: usize, ep: usize, m: usize) -> Workload {
     Workload {
         uid: format!("Kubernetes//Pod/bench/svc-{svc}-{ep}").as_str().into(),
         name: format!("svc-{svc}-{ep}").as_str().into(),
-        namespace: "bench".into(),
-        workload_name: Default::default(),
-        canonical_name: Default::default(),
-        canonical_revision: Default::default(),
         addresses: kmesh_daemon::model::Addrs::One(IpAddr::V4(addr)),
-        node: format!("node-{}", ep % 3).into(),
-        network: Default::default(),
-        cluster_id: "Kubernetes".into(),
-        locality: Locality {
-            region: "r".into(),
-            zone: format!("z{}", ep % 3).into(),
-            subzone: Default::default(),
+        status: HealthStatus::Healthy,
+        // As in a cluster: the replicas of a deployment are alike but for their node.
+        profile: WorkloadProfile {
+            namespace: "bench".into(),
+            workload_name: format!("svc-{svc}").as_str().into(),
+            canonical_name: format!("svc-{svc}").as_str().into(),
+            cluster_id: "Kubernetes".into(),
+            service_account: "default".into(),
+            trust_domain: "cluster.local".into(),
+            authorization_policies: if policed(svc) {
+                vec!["bench/allow".into()].into()
+            } else {
+                Box::default()
+            },
+            ..Default::default()
         }
         .into(),
-        status: HealthStatus::Healthy,
-        service_account: "default".into(),
-        trust_domain: "cluster.local".into(),
-        capacity: None,
-        authorization_policies: if policed(svc) { vec!["bench/allow".into()].into() } else { Box::default() },
+        placement: Placement {
+            node: format!("node-{}", ep % 3).into(),
+            locality: Locality {
+                region: "r".into(),
+                zone: format!("z{}", ep % 3).into(),
+                subzone: Default::default(),
+            },
+        }
+        .into(),
         services: services.into_iter().collect(),
         ..Default::default()
     }

@@ -32,16 +32,16 @@ pub struct Identity {
 impl Identity {
     pub fn of(w: &Workload) -> Self {
         Self {
-            trust_domain: if w.trust_domain.is_empty() {
+            trust_domain: if w.trust_domain().is_empty() {
                 "cluster.local".into()
             } else {
-                w.trust_domain.to_string()
+                w.trust_domain().to_string()
             },
-            namespace: w.namespace.to_string(),
-            service_account: if w.service_account.is_empty() {
+            namespace: w.namespace().to_string(),
+            service_account: if w.service_account().is_empty() {
                 "default".into()
             } else {
-                w.service_account.to_string()
+                w.service_account().to_string()
             },
         }
     }
@@ -130,8 +130,8 @@ pub fn applicable<'a>(model: &'a Model, w: &Workload) -> Vec<&'a Policy> {
         .map(|p| p.as_ref())
         .filter(|p| match p.scope {
             PolicyScope::Global => true,
-            PolicyScope::Namespace => p.namespace == w.namespace,
-            PolicyScope::WorkloadSelector => w.authorization_policies.iter().any(|k| *k == p.key()),
+            PolicyScope::Namespace => p.namespace == *w.namespace(),
+            PolicyScope::WorkloadSelector => w.authorization_policies().iter().any(|k| *k == p.key()),
         })
         .collect()
 }
@@ -513,7 +513,7 @@ impl AuthzCompiler {
         }
         if rows.len() > MAX_ROWS_PER_DESTINATION {
             return Err(AuthzError {
-                workload: format!("{}/{}", w.namespace, w.name),
+                workload: format!("{}/{}", w.namespace(), w.name),
                 policies: policies.iter().map(|p| p.key()).collect(),
                 rows: rows.len(),
             });

@@ -447,7 +447,7 @@ pub fn endpoint_level(lb: &LoadBalancing, client: &ClientLocality, w: &Workload)
 
 /// Scales weights so that every level's sum fits in 32 bits with room to spare.
 fn weight_of(w: &Workload) -> u32 {
-    w.capacity.unwrap_or(1).clamp(1, crate::config::MAX_CAPACITY)
+    w.capacity().unwrap_or(1).clamp(1, crate::config::MAX_CAPACITY)
 }
 
 struct Member<'a> {
@@ -674,7 +674,7 @@ impl Compiler {
                 self.fragments.insert(key.clone(), gathered.keep(frag));
             }
         }
-        for w in model.workloads.values().filter(|w| w.waypoint.is_some()) {
+        for w in model.workloads.values().filter(|w| w.waypoint().is_some()) {
             let key = Istr::unique(&format!("{WORKLOAD_FRAGMENT}{}", w.uid));
             if let Some(frag) = self.compile_workload_frontends(w, prev) {
                 route_owners.push(key.clone());
@@ -851,7 +851,7 @@ impl Compiler {
                 affected.extend(w.services.keys().cloned());
                 deps.extend(w.services.keys().map(|k| WaypointDep::Service(k.to_string())));
                 deps.extend(w.addresses.iter().map(|a| WaypointDep::Addr(*a)));
-                if w.waypoint.is_some() {
+                if w.waypoint().is_some() {
                     affected.insert(Istr::unique(&format!("{WORKLOAD_FRAGMENT}{uid}")));
                 }
             }

@@ -160,7 +160,7 @@ impl Mesh {
             .map(|(c, p)| {
                 let ns = self.enrolled[c].workload.as_ref().and_then(|uid| {
                     match self.model.workloads.get(uid.as_str()) {
-                        Some(w) => Some(w.namespace.to_string()),
+                        Some(w) => Some(w.namespace().to_string()),
                         // Not in the model (yet): Istio's uid says it, `<cluster>//Pod/<ns>/<name>`.
                         None => uid
                             .split_once("//Pod/")
@@ -620,7 +620,7 @@ impl Mesh {
         let who = |a: [u32; 4]| {
             let ip = words_addr(a);
             match obs.telemetry.workload_at(ip) {
-                Some(w) => format!("{ip} ({}/{})", w.namespace, w.name),
+                Some(w) => format!("{ip} ({}/{})", w.namespace(), w.name),
                 None => ip.to_string(),
             }
         };

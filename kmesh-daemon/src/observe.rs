@@ -181,7 +181,7 @@ impl Observer {
             let ip = words_addr(a);
             let sa = std::net::SocketAddr::new(ip, port);
             match self.telemetry.workload_at(ip) {
-                Some(w) => format!("{sa} ({}/{})", w.namespace, w.name),
+                Some(w) => format!("{sa} ({}/{})", w.namespace(), w.name),
                 None => format!("{sa} (outside the mesh)"),
             }
         };

@@ -699,19 +699,21 @@ fn destination_labels(w: Option<&Workload>) -> DestinationLabels {
             destination_cluster: u(),
         };
     };
-    let workload = if w.workload_name.is_empty() { or_unknown(&w.name) } else { w.workload_name.to_string() };
-    let canonical = if w.canonical_name.is_empty() { workload.clone() } else { w.canonical_name.to_string() };
+    let workload =
+        if w.workload_name().is_empty() { or_unknown(&w.name) } else { w.workload_name().to_string() };
+    let canonical =
+        if w.canonical_name().is_empty() { workload.clone() } else { w.canonical_name().to_string() };
     let revision =
-        if w.canonical_revision.is_empty() { "latest".into() } else { w.canonical_revision.clone() };
+        if w.canonical_revision().is_empty() { "latest".into() } else { w.canonical_revision().clone() };
     DestinationLabels {
         destination_workload: workload,
         destination_canonical_service: canonical.clone(),
         destination_canonical_revision: revision.to_string(),
-        destination_workload_namespace: or_unknown(&w.namespace),
+        destination_workload_namespace: or_unknown(w.namespace()),
         destination_principal: Identity::of(w).principal(),
         destination_app: canonical,
         destination_version: revision.to_string(),
-        destination_cluster: or_unknown(&w.cluster_id),
+        destination_cluster: or_unknown(w.cluster_id()),
     }
 }
 
@@ -875,7 +877,7 @@ impl Telemetry {
             // Only pods of the mesh: a label per outside address would grow without bound.
             destination_pod_address: dw.map(|_| dst_ip.to_string()).unwrap_or_else(|| "unknown".into()),
             destination_pod_namespace: dw
-                .map(|w| w.namespace.to_string())
+                .map(|w| w.namespace().to_string())
                 .unwrap_or_else(|| "unknown".into()),
             destination_pod_name: dw.map(|w| or_unknown(&w.name)).unwrap_or_else(|| "unknown".into()),
         };

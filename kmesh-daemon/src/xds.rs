@@ -371,7 +371,7 @@ impl XdsState {
         };
         if kind == Kind::Workload {
             match m.workloads.get(key.as_str()) {
-                Some(w) if !self.node.name.is_empty() && w.node == self.node.name => {
+                Some(w) if !self.node.name.is_empty() && *w.node() == self.node.name => {
                     self.local.insert(w.uid.clone());
                 }
                 _ => {
@@ -431,7 +431,7 @@ impl XdsState {
                 .model
                 .workloads
                 .values()
-                .filter(|w| !node.name.is_empty() && w.node == node.name)
+                .filter(|w| !node.name.is_empty() && *w.node() == node.name)
                 .map(|w| w.uid.clone())
                 .collect();
         }
@@ -440,12 +440,12 @@ impl XdsState {
         if n.locality == Default::default()
             && let Some(w) = self.local.first().and_then(|uid| self.model.workloads.get(uid.as_str()))
         {
-            n.locality = (*w.locality).clone();
+            n.locality = w.locality().clone();
             if n.network.is_empty() {
-                n.network = w.network.to_string();
+                n.network = w.network().to_string();
             }
             if n.cluster_id.is_empty() {
-                n.cluster_id = w.cluster_id.to_string();
+                n.cluster_id = w.cluster_id().to_string();
             }
         }
         let changed = n != self.model.node;
@@ -682,7 +682,7 @@ fn merge_into_empty(
     for (key, _, p) in &items {
         let kind = match p {
             Parsed::Workload(w) => {
-                if !state.node.name.is_empty() && w.node == state.node.name {
+                if !state.node.name.is_empty() && *w.node() == state.node.name {
                     state.local.insert(w.uid.clone());
                 }
                 workloads.push((w.uid.clone(), w.clone()));

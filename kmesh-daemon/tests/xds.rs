@@ -202,7 +202,11 @@ fn scale_resources(n: usize, m: usize) -> BTreeMap<String, Vec<u8>> {
             let w = Workload {
                 uid: kmesh_model::model::Istr::unique(&format!("Kubernetes//Pod/bench/svc-{s}-{e}")),
                 name: format!("svc-{s}-{e}").as_str().into(),
-                namespace: "bench".into(),
+                profile: kmesh_daemon::model::WorkloadProfile {
+                    namespace: "bench".into(),
+                    ..Default::default()
+                }
+                .into(),
                 addresses: kmesh_daemon::model::Addrs::One(IpAddr::V4(Ipv4Addr::from(
                     u32::from(Ipv4Addr::new(10, 128, 0, 0)) + k,
                 ))),

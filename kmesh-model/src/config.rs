@@ -595,25 +595,27 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
             std::sync::Arc::new(Workload {
                 name: crate::model::WorkloadName::new(&uid, &w.name),
                 uid,
-                namespace: w.namespace.into(),
-                workload_name: w.workload_name.into(),
-                canonical_name: w.canonical_name.into(),
-                canonical_revision: w.canonical_revision.into(),
                 addresses: addresses.into(),
-                node: w.node.into(),
-                network: w.network.into(),
-                cluster_id: w.cluster_id.into(),
-                locality: locality(w.locality).into(),
                 status,
-                service_account: w.service_account.into(),
-                trust_domain: w.trust_domain.into(),
-                capacity: w.capacity,
-                authorization_policies: w.authorization_policies.iter().map(|p| Istr::new(p)).collect(),
-                services: services.into_iter().collect(),
                 network_mode,
-                waypoint: waypoint.map(Box::new),
-                application_tunnel,
                 priority: 0,
+                services: services.into_iter().collect(),
+                profile: WorkloadProfile {
+                    namespace: w.namespace.into(),
+                    workload_name: w.workload_name.into(),
+                    canonical_name: w.canonical_name.into(),
+                    canonical_revision: w.canonical_revision.into(),
+                    network: w.network.into(),
+                    cluster_id: w.cluster_id.into(),
+                    service_account: w.service_account.into(),
+                    trust_domain: w.trust_domain.into(),
+                    capacity: w.capacity,
+                    authorization_policies: w.authorization_policies.iter().map(|p| Istr::new(p)).collect(),
+                    waypoint,
+                    application_tunnel,
+                }
+                .into(),
+                placement: Placement { node: w.node.into(), locality: locality(w.locality) }.into(),
                 unused: Default::default(),
             }),
         );
@@ -770,7 +772,7 @@ workloads:
         assert_eq!(s.load_balancing.routing_preference, vec![Scope::Zone, Scope::Region]);
         let w = &m.workloads["Kubernetes//Pod/default/a"];
         assert_eq!(w.status, HealthStatus::Unhealthy);
-        assert_eq!(w.capacity, Some(3));
+        assert_eq!(w.capacity(), Some(3));
         assert_eq!(w.services.values().next().unwrap()[0].target_port, 9090);
     }
 
@@ -900,10 +902,10 @@ workloads:
         );
         let w = &m.workloads["wp-1"];
         assert_eq!(
-            w.application_tunnel,
+            w.application_tunnel(),
             Some(ApplicationTunnel { protocol: TunnelProtocol::Proxy, port: 15088 })
         );
-        assert!(w.waypoint.is_some());
+        assert!(w.waypoint().is_some());
         for (yaml, field) in [
             ("waypoint: {}", "services[0].waypoint"),
             ("waypoint: {address: 10.0.0.1, hostname: {namespace: n, hostname: h}}", "services[0].waypoint"),

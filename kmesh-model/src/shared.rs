@@ -1,25 +1,32 @@
 //! Values many workloads hold alike, interned: the list of services a workload backs (a
-//! service's endpoints list the same one) and a workload's locality (a zone's pods share it).
+//! service's endpoints list the same one), what a workload is (the replicas of a deployment
+//! share it: [`WorkloadProfile`]) and where it runs (a node's pods share it: [`Placement`]).
 //! A holder keeps one pointer (8 bytes) to a single shared copy, instead of the value inline
-//! (24 bytes for either) plus, for a list, an allocation of its own per workload.
+//! (24 bytes for a list, 96 for a profile) plus, for a list, an allocation of its own per
+//! workload.
 //!
 //! Interning works as for [`Istr`](crate::Istr): a table per type of the values handed out,
 //! swept of values no holder uses whenever it has doubled since the last sweep.
 
 use std::borrow::Borrow;
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
+use std::thread::LocalKey;
 
 use serde::{Serialize, Serializer};
 use triomphe::Arc;
 
-use crate::model::{Istr, Locality, PortMapping};
+use crate::model::{Istr, Placement, PortMapping, WorkloadProfile};
 
-/// A type whose values are interned by [`Shared`]: each has a table of its own.
+/// A type whose values are interned by [`Shared`]: each has a table of its own, and each
+/// thread remembers the value it interned last (see [`Shared::new`]). Implemented by
+/// `interned!`.
 pub trait Intern: Hash + Eq + Default + Send + Sync + Sized + 'static {
     fn table() -> &'static Mutex<Option<Table<Self>>>;
+    fn last() -> &'static LocalKey<RefCell<Option<Arc<Self>>>>;
 }
 
 /// The values of one type handed out (see [`Intern`]).
@@ -56,11 +63,23 @@ impl<T> Borrow<T> for Key<T> {
 pub struct Shared<T: Intern>(Arc<T>);
 
 impl<T: Intern> Shared<T> {
+    /// The shared copy of `v`. A value equal to the one this thread interned last is taken
+    /// from it without the table's lock or a hash: a push lists a deployment's replicas, a
+    /// service's endpoints, one after the other, and the decode runs on two threads.
     pub fn new(v: T) -> Self {
+        if let Some(a) = T::last().with(|l| l.borrow().as_ref().filter(|a| ***a == v).cloned()) {
+            return Self(a);
+        }
+        let a = Self::from_table(v);
+        T::last().with(|l| *l.borrow_mut() = Some(a.clone()));
+        Self(a)
+    }
+
+    fn from_table(v: T) -> Arc<T> {
         let mut guard = T::table().lock().unwrap_or_else(|p| p.into_inner());
         let t = guard.get_or_insert_with(|| Table { set: HashSet::new(), sweep_at: 1024 });
         if let Some(k) = t.set.get(&v) {
-            return Self(k.0.clone());
+            return k.0.clone();
         }
         if t.set.len() >= t.sweep_at {
             t.set.retain(|k| !k.0.is_unique());
@@ -68,7 +87,7 @@ impl<T: Intern> Shared<T> {
         }
         let a = Arc::new(v);
         t.set.insert(Key(a.clone()));
-        Self(a)
+        a
     }
 }
 
@@ -204,19 +223,25 @@ impl<P: Into<Box<[PortMapping]>>> FromIterator<(Istr, P)> for Shared<ServiceList
     }
 }
 
-impl Intern for ServiceList {
-    fn table() -> &'static Mutex<Option<Table<Self>>> {
-        static T: Mutex<Option<Table<ServiceList>>> = Mutex::new(None);
-        &T
-    }
+/// Gives `T` its table and its threads' last value.
+macro_rules! interned {
+    ($t:ty) => {
+        impl Intern for $t {
+            fn table() -> &'static Mutex<Option<Table<Self>>> {
+                static T: Mutex<Option<Table<$t>>> = Mutex::new(None);
+                &T
+            }
+            fn last() -> &'static LocalKey<RefCell<Option<Arc<Self>>>> {
+                thread_local!(static L: RefCell<Option<Arc<$t>>> = const { RefCell::new(None) });
+                &L
+            }
+        }
+    };
 }
 
-impl Intern for Locality {
-    fn table() -> &'static Mutex<Option<Table<Self>>> {
-        static T: Mutex<Option<Table<Locality>>> = Mutex::new(None);
-        &T
-    }
-}
+interned!(ServiceList);
+interned!(WorkloadProfile);
+interned!(Placement);
 
 #[cfg(test)]
 mod tests {
@@ -242,6 +267,29 @@ mod tests {
             serde_json::to_string(&*a).unwrap(),
             r#"{"ns/a":[],"ns/b":[{"service_port":80,"target_port":8080}]}"#
         );
+    }
+
+    /// Replicas share one profile whether it comes from the thread's last value or from the
+    /// table, and a workload serializes as before the split (the profile's fields inline).
+    #[test]
+    fn replicas_share_one_profile_and_serialize_flat() {
+        let p = |ns: &str| WorkloadProfile { namespace: Istr::new(ns), ..Default::default() };
+        let (a, b) = (Shared::new(p("replicas/a")), Shared::new(p("replicas/a")));
+        let other = Shared::new(p("replicas/b"));
+        let again = Shared::new(p("replicas/a"));
+        assert!(Arc::ptr_eq(&a.0, &b.0) && Arc::ptr_eq(&a.0, &again.0), "one copy");
+        assert!(!Arc::ptr_eq(&a.0, &other.0));
+        let from_other_thread = std::thread::spawn(move || Shared::new(p("replicas/a"))).join().unwrap();
+        assert!(Arc::ptr_eq(&a.0, &from_other_thread.0), "one copy across threads");
+        let w = crate::model::Workload {
+            uid: Istr::unique("u"),
+            profile: a,
+            placement: Placement { node: Istr::new("n1"), ..Default::default() }.into(),
+            ..Default::default()
+        };
+        let j = serde_json::to_value(&w).unwrap();
+        assert_eq!((j["namespace"].as_str(), j["node"].as_str()), (Some("replicas/a"), Some("n1")));
+        assert!(j.get("profile").is_none() && j.get("placement").is_none() && j.get("waypoint").is_none());
     }
 
     #[test]

@@ -170,25 +170,27 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
     Ok(Workload {
         name: crate::model::WorkloadName::new(&uid, &w.name),
         uid,
-        namespace: w.namespace.into(),
-        workload_name: w.workload_name.into(),
-        canonical_name: w.canonical_name.into(),
-        canonical_revision: w.canonical_revision.into(),
         addresses: addresses.into(),
-        node: w.node.into(),
-        network: w.network.into(),
-        cluster_id: w.cluster_id.into(),
-        locality: locality.unwrap_or_default().into(),
         status,
-        service_account: w.service_account.into(),
-        trust_domain: w.trust_domain.into(),
-        capacity,
-        authorization_policies: w.authorization_policies.iter().map(|p| Istr::new(p)).collect(),
-        services: services.into_iter().collect(),
         network_mode,
-        waypoint: waypoint.map(Box::new),
-        application_tunnel,
         priority: 0,
+        services: services.into_iter().collect(),
+        profile: WorkloadProfile {
+            namespace: w.namespace.into(),
+            workload_name: w.workload_name.into(),
+            canonical_name: w.canonical_name.into(),
+            canonical_revision: w.canonical_revision.into(),
+            network: w.network.into(),
+            cluster_id: w.cluster_id.into(),
+            service_account: w.service_account.into(),
+            trust_domain: w.trust_domain.into(),
+            capacity,
+            authorization_policies: w.authorization_policies.iter().map(|p| Istr::new(p)).collect(),
+            waypoint,
+            application_tunnel,
+        }
+        .into(),
+        placement: Placement { node: w.node.into(), locality: locality.unwrap_or_default() }.into(),
         unused: unused.into(),
     })
 }
@@ -508,33 +510,33 @@ pub fn workload_to_proto(w: &Workload) -> pw::Workload {
     pw::Workload {
         uid: w.uid.to_string(),
         name: w.name.to_string(),
-        namespace: w.namespace.to_string(),
-        workload_name: w.workload_name.to_string(),
-        canonical_name: w.canonical_name.to_string(),
-        canonical_revision: w.canonical_revision.to_string(),
+        namespace: w.namespace().to_string(),
+        workload_name: w.workload_name().to_string(),
+        canonical_name: w.canonical_name().to_string(),
+        canonical_revision: w.canonical_revision().to_string(),
         addresses: w.addresses.iter().map(ip_bytes).collect(),
-        node: w.node.to_string(),
-        network: w.network.to_string(),
-        cluster_id: w.cluster_id.to_string(),
+        node: w.node().to_string(),
+        network: w.network().to_string(),
+        cluster_id: w.cluster_id().to_string(),
         locality: Some(pw::Locality {
-            region: w.locality.region.to_string(),
-            zone: w.locality.zone.to_string(),
-            subzone: w.locality.subzone.to_string(),
+            region: w.locality().region.to_string(),
+            zone: w.locality().zone.to_string(),
+            subzone: w.locality().subzone.to_string(),
         }),
         status: match w.status {
             HealthStatus::Healthy => pw::WorkloadStatus::Healthy as i32,
             HealthStatus::Unhealthy => pw::WorkloadStatus::Unhealthy as i32,
         },
-        service_account: w.service_account.to_string(),
-        trust_domain: w.trust_domain.to_string(),
-        capacity: w.capacity,
+        service_account: w.service_account().to_string(),
+        trust_domain: w.trust_domain().to_string(),
+        capacity: w.capacity(),
         network_mode: match w.network_mode {
             NetworkMode::Standard => pw::NetworkMode::Standard as i32,
             NetworkMode::HostNetwork => pw::NetworkMode::HostNetwork as i32,
         },
-        authorization_policies: w.authorization_policies.iter().map(|p| p.to_string()).collect(),
-        waypoint: w.waypoint.as_deref().map(gateway_to_proto),
-        application_tunnel: w.application_tunnel.map(|t| pw::ApplicationTunnel {
+        authorization_policies: w.authorization_policies().iter().map(|p| p.to_string()).collect(),
+        waypoint: w.waypoint().map(gateway_to_proto),
+        application_tunnel: w.application_tunnel().map(|t| pw::ApplicationTunnel {
             protocol: match t.protocol {
                 TunnelProtocol::None => pw::application_tunnel::Protocol::None as i32,
                 TunnelProtocol::Proxy => pw::application_tunnel::Protocol::Proxy as i32,
@@ -810,7 +812,7 @@ mod tests {
         let AddressResource::Workload(w) = decode_address(&upstream_host_network_workload()).unwrap() else {
             panic!("not a workload")
         };
-        assert_eq!(w.capacity, Some(5));
+        assert_eq!(w.capacity(), Some(5));
         assert_eq!(w.network_mode, NetworkMode::HostNetwork);
         assert!(w.is_host_network());
         // And back: our encoding is upstream's.
@@ -877,17 +879,17 @@ mod tests {
             },
             hbone_mtls_port: 15008,
         };
-        assert_eq!(m.waypoint.as_deref(), Some(&waypoint));
+        assert_eq!(m.waypoint(), Some(&waypoint));
         assert_eq!(
-            m.application_tunnel,
+            m.application_tunnel(),
             Some(ApplicationTunnel { protocol: TunnelProtocol::Proxy, port: 15088 })
         );
         assert!(!m.unused.contains_key("waypoint") && !m.unused.contains_key("application_tunnel"));
         // Typed, the waypoint fields survive the trip back to protobuf.
-        assert_eq!(workload_from_proto(workload_to_proto(&m)).unwrap().waypoint, m.waypoint);
+        assert_eq!(workload_from_proto(workload_to_proto(&m)).unwrap().waypoint(), m.waypoint());
         assert_eq!(
-            workload_from_proto(workload_to_proto(&m)).unwrap().application_tunnel,
-            m.application_tunnel
+            workload_from_proto(workload_to_proto(&m)).unwrap().application_tunnel(),
+            m.application_tunnel()
         );
         // A waypoint without a destination, or with a malformed address, is refused by name.
         let mut bad = w.clone();

@@ -45,7 +45,7 @@ pub fn service_waypoints(svc: &Service) -> Vec<(&GatewayAddress, u32)> {
 /// tunnel's (0: the port dialled). `None`: it takes no PROXY protocol, so it cannot be told
 /// where a connection was going, and is not used (it would need Istio's HBONE).
 pub fn waypoint_port(w: &Workload) -> Option<u16> {
-    match w.application_tunnel {
+    match w.application_tunnel() {
         Some(ApplicationTunnel { protocol: TunnelProtocol::Proxy, port }) => Some(port),
         _ => None,
     }
@@ -125,7 +125,7 @@ impl Compiler {
     /// The frontends of a workload whose waypoint takes the connections addressed to it: each
     /// of its addresses on any TCP port (`PORT_ANY`), through its route.
     pub(super) fn compile_workload_frontends(&mut self, w: &Workload, prev: &MapState) -> Option<MapState> {
-        if w.waypoint.is_none() || w.addresses.is_empty() {
+        if w.waypoint().is_none() || w.addresses.is_empty() {
             return None;
         }
         let key = format!("{WORKLOAD_FRAGMENT}{}", w.uid);
@@ -161,7 +161,7 @@ impl Compiler {
             match owner.strip_prefix(WORKLOAD_FRAGMENT) {
                 Some(uid) => {
                     let w = model.workloads.get(uid)?;
-                    let g = w.waypoint.as_deref()?.clone();
+                    let g = w.waypoint()?.clone();
                     (vec![(g, 1)], w.addresses.iter().map(family_of).collect(), vec![PORT_ANY])
                 }
                 None => {

@@ -269,7 +269,11 @@ pub(crate) mod tests {
         Workload {
             uid: uid.into(),
             name: uid.into(),
-            namespace: backs.namespace.as_str().into(),
+            profile: kmesh_model::model::WorkloadProfile {
+                namespace: backs.namespace.as_str().into(),
+                ..Default::default()
+            }
+            .into(),
             addresses: kmesh_model::model::Addrs::One(ip.parse().unwrap()),
             status: if healthy { HealthStatus::Healthy } else { HealthStatus::Unhealthy },
             services: [(backs.key().into(), vec![])].into_iter().collect(),

@@ -377,13 +377,17 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
                     Arc::new(Workload {
                         uid,
                         name: kmesh_model::model::WorkloadName::own(&sa.to_string()),
-                        namespace: Istr::new(NAMESPACE),
-                        workload_name: Istr::new(&t.cluster),
-                        canonical_name: Istr::new(&t.cluster),
+                        profile: WorkloadProfile {
+                            namespace: Istr::new(NAMESPACE),
+                            workload_name: Istr::new(&t.cluster),
+                            canonical_name: Istr::new(&t.cluster),
+                            capacity,
+                            ..Default::default()
+                        }
+                        .into(),
+                        placement: Placement { locality: e.locality.clone(), ..Default::default() }.into(),
                         addresses: Addrs::One(e.address),
-                        locality: e.locality.clone().into(),
                         status: if e.healthy { HealthStatus::Healthy } else { HealthStatus::Unhealthy },
-                        capacity,
                         priority: e.priority,
                         services,
                         ..Default::default()
@@ -459,7 +463,7 @@ mod tests {
         let svc = &m.services["envoy/l:c"];
         assert_eq!(*svc.addresses, ["10.96.0.11".parse::<IpAddr>().unwrap()]);
         let caps: BTreeMap<String, Option<u32>> =
-            m.workloads.values().map(|w| (w.name.to_string(), w.capacity)).collect();
+            m.workloads.values().map(|w| (w.name.to_string(), w.capacity())).collect();
         // a: 1/4; b: 3/4 split 1:3.
         assert_eq!(
             caps,
@@ -519,6 +523,6 @@ mod tests {
         assert_eq!(r.chains[0].state, "compiled");
         assert_eq!(m.services["envoy/l:c"].load_balancing.policy, LbPolicy::RoundRobin);
         let w = m.workloads.values().next().unwrap();
-        assert_eq!((w.priority, w.capacity), (1, None));
+        assert_eq!((w.priority, w.capacity()), (1, None));
     }
 }
