@@ -85,10 +85,10 @@ fn workload(svc: usize, ep: usize, m: usize) -> Workload {
         addresses: kmesh_daemon::model::Addrs::One(IpAddr::V4(addr)),
         status: HealthStatus::Healthy,
         // As in a cluster: the replicas of a deployment are alike but for their node.
+        workload_name: format!("svc-{svc}").as_str().into(),
+        canonical_name: format!("svc-{svc}").as_str().into(),
         profile: WorkloadProfile {
             namespace: "bench".into(),
-            workload_name: format!("svc-{svc}").as_str().into(),
-            canonical_name: format!("svc-{svc}").as_str().into(),
             cluster_id: "Kubernetes".into(),
             service_account: "default".into(),
             trust_domain: "cluster.local".into(),

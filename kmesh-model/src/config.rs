@@ -600,11 +600,11 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                 network_mode,
                 priority: 0,
                 services: services.into_iter().collect(),
+                workload_name: w.workload_name.into(),
+                canonical_name: w.canonical_name.into(),
+                canonical_revision: w.canonical_revision.into(),
                 profile: WorkloadProfile {
                     namespace: w.namespace.into(),
-                    workload_name: w.workload_name.into(),
-                    canonical_name: w.canonical_name.into(),
-                    canonical_revision: w.canonical_revision.into(),
                     network: w.network.into(),
                     cluster_id: w.cluster_id.into(),
                     service_account: w.service_account.into(),
@@ -613,10 +613,10 @@ pub fn validate(file: ConfigFile) -> Result<Model, ConfigError> {
                     authorization_policies: w.authorization_policies.iter().map(|p| Istr::new(p)).collect(),
                     waypoint,
                     application_tunnel,
+                    unused: Default::default(),
                 }
                 .into(),
                 placement: Placement { node: w.node.into(), locality: locality(w.locality) }.into(),
-                unused: Default::default(),
             }),
         );
     }

@@ -175,11 +175,11 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
         network_mode,
         priority: 0,
         services: services.into_iter().collect(),
+        workload_name: w.workload_name.into(),
+        canonical_name: w.canonical_name.into(),
+        canonical_revision: w.canonical_revision.into(),
         profile: WorkloadProfile {
             namespace: w.namespace.into(),
-            workload_name: w.workload_name.into(),
-            canonical_name: w.canonical_name.into(),
-            canonical_revision: w.canonical_revision.into(),
             network: w.network.into(),
             cluster_id: w.cluster_id.into(),
             service_account: w.service_account.into(),
@@ -188,10 +188,10 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
             authorization_policies: w.authorization_policies.iter().map(|p| Istr::new(p)).collect(),
             waypoint,
             application_tunnel,
+            unused: unused.into(),
         }
         .into(),
         placement: Placement { node: w.node.into(), locality: locality.unwrap_or_default() }.into(),
-        unused: unused.into(),
     })
 }
 
@@ -871,7 +871,7 @@ mod tests {
             ..Default::default()
         };
         let m = workload_from_proto(w.clone()).unwrap();
-        assert_eq!(m.unused["tunnel_protocol"], "LegacyIstioMtls");
+        assert_eq!(m.unused()["tunnel_protocol"], "LegacyIstioMtls");
         let waypoint = GatewayAddress {
             destination: GatewayDestination::Hostname {
                 namespace: "istio-system".into(),
@@ -884,7 +884,7 @@ mod tests {
             m.application_tunnel(),
             Some(ApplicationTunnel { protocol: TunnelProtocol::Proxy, port: 15088 })
         );
-        assert!(!m.unused.contains_key("waypoint") && !m.unused.contains_key("application_tunnel"));
+        assert!(!m.unused().contains_key("waypoint") && !m.unused().contains_key("application_tunnel"));
         // Typed, the waypoint fields survive the trip back to protobuf.
         assert_eq!(workload_from_proto(workload_to_proto(&m)).unwrap().waypoint(), m.waypoint());
         assert_eq!(
@@ -915,8 +915,8 @@ mod tests {
                 .to_string()
                 .contains("Workload.application_tunnel.protocol")
         );
-        assert_eq!(m.unused["extensions"], "x.example");
-        assert_eq!(m.unused["network_mode"], "unknown value 7");
+        assert_eq!(m.unused()["extensions"], "x.example");
+        assert_eq!(m.unused()["network_mode"], "unknown value 7");
         assert_eq!(m.network_mode, NetworkMode::Standard);
         let s = pw::Service {
             name: "s".into(),

@@ -377,10 +377,10 @@ pub fn translate(h: &Held, node: &NodeInfo) -> (Model, Report) {
                     Arc::new(Workload {
                         uid,
                         name: kmesh_model::model::WorkloadName::own(&sa.to_string()),
+                        workload_name: Istr::new(&t.cluster),
+                        canonical_name: Istr::new(&t.cluster),
                         profile: WorkloadProfile {
                             namespace: Istr::new(NAMESPACE),
-                            workload_name: Istr::new(&t.cluster),
-                            canonical_name: Istr::new(&t.cluster),
                             capacity,
                             ..Default::default()
                         }
