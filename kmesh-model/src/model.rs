@@ -135,10 +135,10 @@ pub struct Workload {
 
 /// The fields of a [`Workload`] that the pods of one service account (in one namespace, on one
 /// network) have alike, whatever deployment they belong to. Held once per distinct value
-/// ([`Shared`]): inline they were 80 of a workload's 176 bytes, and a workload took 192 bytes
-/// with its `Arc`'s counts where it now takes 112 (at 100k workloads, 8 MB). The deployment's
-/// names stay in the workload: with them, 100k deployments of one pod each would hold 100k
-/// profiles, each costing more than it saves.
+/// ([`Shared`]): with these and its [`Placement`] inline a workload took 176 bytes, 192 with its
+/// `Arc`'s counts; with a pointer to each it takes 96, 112 with the counts (at 100k workloads,
+/// 8 MB). The deployment's names stay in the workload: with them, 100k deployments of one pod
+/// each would hold 100k profiles, each costing more than it saves.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct WorkloadProfile {
     pub namespace: Istr,
