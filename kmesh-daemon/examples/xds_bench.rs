@@ -261,7 +261,8 @@ fn main() -> anyhow::Result<()> {
         let (_, cpu3) = usage(pid);
         // What the daemon keeps once the push's transient memory has been given back.
         std::thread::sleep(Duration::from_secs(3));
-        // Resident memory by kind: anonymous (heap, stacks), file pages (the binary's), shared.
+        // Resident memory by kind: anonymous (heap, stacks), file-backed (the binary's pages,
+        // and the observer's ring buffers, mapped from the BPF maps' inodes), shared memory.
         let [rss_held, anon, file, shmem] = status_mib(pid, ["VmRSS", "RssAnon", "RssFile", "RssShmem"]);
         if let Ok(to) = std::env::var("KMESH_BENCH_SMAPS") {
             // Every mapping's residency, for finding what holds the memory that is not heap.
@@ -298,7 +299,7 @@ fn main() -> anyhow::Result<()> {
             "| daemon RSS holding the configuration, 3 s after the changes (VmRSS) | {rss_held:.1} MiB |"
         );
         println!(
-            "| of which anonymous (heap, stacks) / file (the binary's pages) / shared (BPF maps mmapped) | {anon:.1} / {file:.1} / {shmem:.1} MiB |"
+            "| of which anonymous (heap, stacks) / file-backed (the binary's pages, the rings' mappings) / shmem | {anon:.1} / {file:.1} / {shmem:.1} MiB |"
         );
         println!(
             "| map entries | frontends {}, tables {}, endpoints {}, backends {} |",

@@ -453,7 +453,8 @@ struct Index {
 }
 
 /// A map keyed by an address and a part `P`, IPv4 addresses held as 4 bytes (not the 17 of an
-/// `IpAddr`): at 100k workloads an entry of the address index is 16 bytes, not 40.
+/// `IpAddr`): an entry of the workloads' address index is 16 bytes, the key and its owner's
+/// pointer.
 #[derive(Debug)]
 struct ByAddr<P, V> {
     v4: HashMap<(u32, P), V>,
@@ -527,14 +528,8 @@ impl<P: std::hash::Hash + Eq + Copy, T: Claimant> Claimed<P, T> {
 
     #[cfg(test)]
     fn is_empty(&self) -> bool {
-        [
-            self.owners.v4.is_empty(),
-            self.owners.v6.is_empty(),
-            self.waiting.v4.is_empty(),
-            self.waiting.v6.is_empty(),
-        ]
-        .iter()
-        .all(|e| *e)
+        let (o, w) = (&self.owners, &self.waiting);
+        o.v4.is_empty() && o.v6.is_empty() && w.v4.is_empty() && w.v6.is_empty()
     }
 
     /// Adds `v` as a claimant of `(a, p)`, replacing the claimant of the same key.
@@ -707,12 +702,10 @@ fn destination_labels(w: Option<&Workload>) -> DestinationLabels {
             destination_cluster: u(),
         };
     };
-    let workload =
-        if w.workload_name().is_empty() { or_unknown(&w.name) } else { w.workload_name().to_string() };
-    let canonical =
-        if w.canonical_name().is_empty() { workload.clone() } else { w.canonical_name().to_string() };
+    let workload = if w.workload_name.is_empty() { or_unknown(&w.name) } else { w.workload_name.to_string() };
+    let canonical = if w.canonical_name.is_empty() { workload.clone() } else { w.canonical_name.to_string() };
     let revision =
-        if w.canonical_revision().is_empty() { "latest".into() } else { w.canonical_revision().clone() };
+        if w.canonical_revision.is_empty() { "latest".into() } else { w.canonical_revision.clone() };
     DestinationLabels {
         destination_workload: workload,
         destination_canonical_service: canonical.clone(),

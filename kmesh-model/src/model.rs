@@ -288,17 +288,9 @@ impl Workload {
     pub fn is_host_network(&self) -> bool {
         self.network_mode == NetworkMode::HostNetwork
     }
+    // The profile's and the placement's fields, read as if they were the workload's own.
     pub fn namespace(&self) -> &Istr {
         &self.profile.namespace
-    }
-    pub fn workload_name(&self) -> &Istr {
-        &self.workload_name
-    }
-    pub fn canonical_name(&self) -> &Istr {
-        &self.canonical_name
-    }
-    pub fn canonical_revision(&self) -> &Istr {
-        &self.canonical_revision
     }
     pub fn unused(&self) -> &Unused {
         &self.profile.unused

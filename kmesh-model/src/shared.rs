@@ -1,9 +1,9 @@
 //! Values many workloads hold alike, interned: the list of services a workload backs (a
-//! service's endpoints list the same one), what a workload is (the replicas of a deployment
+//! service's endpoints list the same one), who a workload is (the pods of one service account
 //! share it: [`WorkloadProfile`]) and where it runs (a node's pods share it: [`Placement`]).
 //! A holder keeps one pointer (8 bytes) to a single shared copy, instead of the value inline
-//! (24 bytes for a list, 96 for a profile) plus, for a list, an allocation of its own per
-//! workload.
+//! (24 bytes for a list, several words for the others) plus, for a list, an allocation of its
+//! own per workload.
 //!
 //! Interning works as for [`Istr`](crate::Istr): a table per type of the values handed out,
 //! swept of values no holder uses whenever it has doubled since the last sweep.
@@ -65,7 +65,8 @@ pub struct Shared<T: Intern>(Arc<T>);
 impl<T: Intern> Shared<T> {
     /// The shared copy of `v`. A value equal to the one this thread interned last is taken
     /// from it without the table's lock or a hash: a push lists a deployment's replicas, a
-    /// service's endpoints, one after the other, and the decode runs on two threads.
+    /// service's endpoints, one after the other, and the decode runs on two threads. (That
+    /// last value stays held, one per thread and type, until the thread interns another.)
     pub fn new(v: T) -> Self {
         if let Some(a) = T::last().with(|l| l.borrow().as_ref().filter(|a| ***a == v).cloned()) {
             return Self(a);
