@@ -465,9 +465,11 @@ fn hash_members<'a>(members: &'a [Member<'_>], level: &[(u32, u32)]) -> Vec<hash
         .collect()
 }
 
-/// Backends are per service (`(service id, workload uid, address)`), so that every map entry
-/// belongs to exactly one service and a service can be recompiled alone.
-pub type BackendKey = (u32, Istr, IpAddr);
+/// Backends are per service (`(service id, workload uid, address family)`), so that every map
+/// entry belongs to exactly one service and a service can be recompiled alone. A workload is
+/// one backend of a service per family (its first address of that family); the address is the
+/// backend's value, not part of its name (16 bytes a key, not 32: there is one per endpoint).
+pub type BackendKey = (u32, Istr, u8);
 
 /// The compiler's memory between compilations: the entries of each service and the index of
 /// which workloads back it, so that a change to a few workloads or services recompiles only the
@@ -755,9 +757,10 @@ impl Compiler {
         }
     }
 
-    /// The backend id of `bkey`, taking back the one adopted maps hold for it after a restart.
-    fn backend_id(&mut self, bkey: &BackendKey) -> u32 {
-        if let Some(ids) = self.adoptable_backends.get(&(bkey.0, addr_words(bkey.2)))
+    /// The backend id of `bkey` (at `addr`), taking back the one adopted maps hold for it after
+    /// a restart.
+    fn backend_id(&mut self, bkey: &BackendKey, addr: IpAddr) -> u32 {
+        if let Some(ids) = self.adoptable_backends.get(&(bkey.0, addr_words(addr)))
             && self.ids.backends.get(bkey).is_none()
         {
             for id in ids {
@@ -1060,7 +1063,7 @@ impl Compiler {
             .into_iter()
             .flatten()
             .filter_map(|uid| workload(uid))
-            .flat_map(|w| w.addresses.iter().map(move |a| (sid, w.uid.clone(), *a)))
+            .flat_map(|w| w.addresses.iter().map(move |a| (sid, w.uid.clone(), family_of(a))))
             .collect()
     }
 
@@ -1133,8 +1136,8 @@ impl Compiler {
             let mut members = Vec::new();
             for w in &candidates {
                 let Some(addr) = w.addresses.iter().find(|a| family_of(a) == family) else { continue };
-                let bkey = (service_id, w.uid.clone(), *addr);
-                let backend_id = self.backend_id(&bkey);
+                let bkey = (service_id, w.uid.clone(), family);
+                let backend_id = self.backend_id(&bkey, *addr);
                 used_backend(&bkey, backend_id);
                 out.backends.insert(
                     backend_id,

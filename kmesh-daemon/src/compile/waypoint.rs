@@ -205,8 +205,8 @@ impl Compiler {
                 // A waypoint's share is its weight, split evenly among its endpoints.
                 let each = (*weight as u64 * 1000 / usable.len() as u64).max(1) as u32;
                 for (w, addr) in usable {
-                    let bkey = (route_id, w.uid.clone(), addr);
-                    let backend_id = self.backend_id(&bkey);
+                    let bkey = (route_id, w.uid.clone(), family);
+                    let backend_id = self.backend_id(&bkey, addr);
                     info.backends.insert(bkey);
                     if !info.members.contains(&w.uid) {
                         info.members.push(w.uid.clone());
