@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use kmesh_model::delta::ModelKeys;
-use kmesh_model::model::{Istr, Model, NodeInfo, Policy, Service, Workload};
+use kmesh_model::model::{Istr, Model, NodeInfo};
 use kmesh_model::xds::{AddressResource, decode_address, decode_authorization};
 use kmesh_proto::core::Node;
 use kmesh_proto::discovery::DeltaDiscoveryRequest;
@@ -22,6 +22,10 @@ use kmesh_proto::lean::{DeltaDiscoveryResponse, Resource};
 use kmesh_proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 use tokio::sync::mpsc;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+mod parsed;
+
+use parsed::{Owned, Parsed, View};
 
 use crate::admin::Shared;
 use crate::ads::{Ads, Inbound};
@@ -225,14 +229,6 @@ pub enum XdsError {
     Apply { detail: String },
 }
 
-/// A parsed resource.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Parsed {
-    Workload(Arc<Workload>),
-    Service(Arc<Service>),
-    Policy(Arc<Policy>),
-}
-
 /// Which map of the model a resource lands in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
@@ -254,11 +250,11 @@ impl Kind {
 impl Parsed {
     /// The model map and key this resource is held under (a workload's: its uid's one copy).
     fn slot(&self) -> (Kind, Istr) {
-        match self {
-            Parsed::Workload(w) => (Kind::Workload, w.uid.clone()),
+        match self.view() {
+            View::Workload(w) => (Kind::Workload, w.uid.clone()),
             // Interned: the key workloads list the service by, so the two share one copy.
-            Parsed::Service(s) => (Kind::Service, Istr::new(&s.key())),
-            Parsed::Policy(p) => (Kind::Policy, Istr::unique(&p.key())),
+            View::Service(s) => (Kind::Service, Istr::new(&s.key())),
+            View::Policy(p) => (Kind::Policy, Istr::unique(&p.key())),
         }
     }
 }
@@ -352,22 +348,22 @@ impl XdsState {
     /// Sets a model slot (and what depends on it); records how to undo it.
     fn set_entry(&mut self, kind: Kind, key: &Istr, value: Option<Parsed>, undo: Option<&mut Vec<Undo>>) {
         let m = &mut self.model;
-        let prev = match (kind, value) {
-            (Kind::Workload, Some(Parsed::Workload(w))) => {
+        let prev = match (kind, value.map(Parsed::into_owned)) {
+            (Kind::Workload, Some(Owned::Workload(w))) => {
                 // The new value's key: the uid copy the new workload holds.
                 let prev = m.workloads.remove(key.as_str());
                 m.workloads.insert(w.uid.clone(), w);
-                prev.map(Parsed::Workload)
+                prev.map(Parsed::workload)
             }
-            (Kind::Service, Some(Parsed::Service(s))) => {
-                m.services.insert(key.clone(), s).map(Parsed::Service)
+            (Kind::Service, Some(Owned::Service(s))) => {
+                m.services.insert(key.clone(), s).map(Parsed::service)
             }
-            (Kind::Policy, Some(Parsed::Policy(p))) => {
-                m.policies.insert(key.to_string(), p).map(Parsed::Policy)
+            (Kind::Policy, Some(Owned::Policy(p))) => {
+                m.policies.insert(key.to_string(), p).map(Parsed::policy)
             }
-            (Kind::Workload, _) => m.workloads.remove(key).map(Parsed::Workload),
-            (Kind::Service, _) => m.services.remove(key.as_str()).map(Parsed::Service),
-            (Kind::Policy, _) => m.policies.remove(key.as_str()).map(Parsed::Policy),
+            (Kind::Workload, _) => m.workloads.remove(key).map(Parsed::workload),
+            (Kind::Service, _) => m.services.remove(key.as_str()).map(Parsed::service),
+            (Kind::Policy, _) => m.policies.remove(key.as_str()).map(Parsed::policy),
         };
         if kind == Kind::Workload {
             match m.workloads.get(key.as_str()) {
@@ -485,11 +481,11 @@ fn decode_one(type_url: &str, r: &mut Resource) -> Result<Parsed, String> {
     let body = std::mem::take(&mut any.value);
     let parsed = if type_url == ADDRESS_TYPE {
         decode_address(&body).map(|a| match a {
-            AddressResource::Workload(w) => Parsed::Workload(Arc::new(w)),
-            AddressResource::Service(s) => Parsed::Service(Arc::new(s)),
+            AddressResource::Workload(w) => Parsed::workload(Arc::new(w)),
+            AddressResource::Service(s) => Parsed::service(Arc::new(s)),
         })
     } else {
-        decode_authorization(&body).map(|p| Parsed::Policy(Arc::new(p)))
+        decode_authorization(&body).map(|p| Parsed::policy(Arc::new(p)))
     };
     parsed.map_err(|e| e.to_string())
 }
@@ -516,15 +512,7 @@ fn decode_response(resp: &mut DeltaDiscoveryResponse) -> Option<Decoded> {
 /// resources alone (see [`crate::compile::expected_counts`]).
 fn expected_counts(decoded: &[Option<Decoded>]) -> crate::compile::MapCounts {
     let ok = || decoded.iter().flatten().flatten().filter_map(|p| p.as_ref().ok());
-    let workloads = ok().filter_map(|p| match p {
-        Parsed::Workload(w) => Some(w.as_ref()),
-        _ => None,
-    });
-    let services = ok().filter_map(|p| match p {
-        Parsed::Service(s) => Some(s.as_ref()),
-        _ => None,
-    });
-    crate::compile::expected_counts(workloads, services)
+    crate::compile::expected_counts(ok().filter_map(Parsed::as_workload), ok().filter_map(Parsed::as_service))
 }
 
 /// A response's resources decoded, in order; a large response on every CPU at once (each
@@ -680,22 +668,22 @@ fn merge_into_empty(
     let mut touched = ModelKeys::default();
     let (mut tw, mut ts) = (Vec::new(), Vec::new());
     for (key, _, p) in &items {
-        let kind = match p {
-            Parsed::Workload(w) => {
+        let kind = match p.view() {
+            View::Workload(w) => {
                 if !state.node.name.is_empty() && *w.node() == state.node.name {
                     state.local.insert(w.uid.clone());
                 }
-                workloads.push((w.uid.clone(), w.clone()));
+                workloads.push((w.uid.clone(), Arc::clone(&w)));
                 tw.push(key.clone());
                 Kind::Workload
             }
-            Parsed::Service(s) => {
-                services.push((key.clone(), s.clone()));
+            View::Service(s) => {
+                services.push((key.clone(), Arc::clone(&s)));
                 ts.push(key.clone());
                 Kind::Service
             }
-            Parsed::Policy(p) => {
-                policies.push((key.to_string(), p.clone()));
+            View::Policy(p) => {
+                policies.push((key.to_string(), Arc::clone(&p)));
                 touched.policies.insert(key.to_string());
                 Kind::Policy
             }

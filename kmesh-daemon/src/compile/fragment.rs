@@ -394,7 +394,8 @@ mod tests {
             index,
         };
         for index in 0..10 {
-            m.endpoints.insert(slot(0, index), EndpointValue { backend_id: 40 + index, cum_weight: 0, check: 5 });
+            m.endpoints
+                .insert(slot(0, index), EndpointValue { backend_id: 40 + index, cum_weight: 0, check: 5 });
             m.backends.insert(40 + index, BackendValue::default());
         }
         let f = Fragment::keys_of(&m);
