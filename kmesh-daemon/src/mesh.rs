@@ -17,7 +17,7 @@ use crate::kernel::{ApplyReport, Dataplane, KernelError};
 use crate::model::{Locality, Model, NodeInfo, Workload};
 pub use crate::observe::Counters;
 use crate::observe::{Observer, Published};
-use kmesh_model::delta::{ModelChange, ModelKeys};
+use kmesh_model::delta::{ModelChange, ModelKeys, ModelSource};
 
 /// One enrollment as saved in the state file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -391,13 +391,17 @@ impl Mesh {
     /// Takes the entries `keys` names (and the node, if `keys.node`) from `src` and applies
     /// the result, recompiling only what they touch. On error nothing changes. `src` is the
     /// source's whole model; nothing it holds besides the named entries is read.
-    pub fn apply_change(&mut self, src: &Model, keys: &ModelKeys) -> Result<ApplyReport, KernelError> {
+    pub fn apply_change(
+        &mut self,
+        src: &(impl ModelSource + ?Sized),
+        keys: &ModelKeys,
+    ) -> Result<ApplyReport, KernelError> {
         let t0 = std::time::Instant::now();
         let before_node = self.model.node.clone();
         let mut change = self.model.take_from(src, keys);
         let t_take = t0.elapsed();
         let source_locality =
-            if keys.node { src.node.locality.clone() } else { self.source_locality.clone() };
+            if keys.node { src.node().locality.clone() } else { self.source_locality.clone() };
         if keys.node
             && let Some(l) = &self.node_locality
         {

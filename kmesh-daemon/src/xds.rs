@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use kmesh_model::delta::ModelKeys;
+use kmesh_model::delta::{ModelKeys, ModelSource};
 use kmesh_model::model::{Istr, Model, NodeInfo};
 use kmesh_model::xds::{AddressResource, decode_address, decode_authorization};
 use kmesh_proto::core::Node;
@@ -238,6 +238,14 @@ enum Kind {
 }
 
 impl Kind {
+    /// The subscribed type whose resources fill this kind's slots.
+    fn type_url(self) -> &'static str {
+        match self {
+            Kind::Workload | Kind::Service => ADDRESS_TYPE,
+            Kind::Policy => AUTHORIZATION_TYPE,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Kind::Workload => "workload",
@@ -257,34 +265,51 @@ impl Parsed {
             View::Policy(p) => (Kind::Policy, Istr::unique(&p.key())),
         }
     }
+
+    /// Whether this resource's slot is `(kind, key)` ([`slot`](Self::slot) without making the
+    /// key).
+    fn holds(&self, kind: Kind, key: &str) -> bool {
+        let parts =
+            |ns: &str, rest: &str| key.strip_prefix(ns).and_then(|k| k.strip_prefix('/')) == Some(rest);
+        match (kind, self.view()) {
+            (Kind::Workload, View::Workload(w)) => *w.uid == *key,
+            (Kind::Service, View::Service(s)) => parts(&s.namespace, s.hostname.as_str()),
+            (Kind::Policy, View::Policy(p)) => parts(&p.namespace, &p.name),
+            _ => false,
+        }
+    }
 }
 
 /// One step of a merge, as what to put back to undo it.
 enum Undo {
     /// A resource's previous (version, body), by type (one of [`SUBSCRIBED`]) and name.
     Resource(&'static str, Istr, Option<(Istr, Parsed)>),
-    /// A model entry's previous value.
-    Entry(Kind, Istr, Option<Parsed>),
+    /// Whether a workload was one of the node's before.
+    Local(Istr, bool),
     /// The previous name of the resource holding a slot whose key is not its name.
     Alias(Kind, String, Option<String>),
 }
 
-/// Everything received, by type and resource name, with versions, and the model it describes,
-/// kept in step: a response changes the entries it names and nothing else, so its cost
+/// Everything received, by type and resource name, with versions: the model these resources
+/// describe, held once (the mesh takes the entries a batch touched from it through
+/// [`ModelSource`]). A response changes the entries it names and nothing else, so its cost
 /// follows its size, not the number of resources held.
 #[derive(Clone, Debug, Default)]
 pub struct XdsState {
     /// Resources by type and name, with their versions. A resource named by its key (as istiod
     /// names them) shares the key's copy with the model; consecutive resources of a response
-    /// with the same version share one copy of it.
+    /// with the same version share one copy of it. A model slot is held by at most one
+    /// resource: the one named by its key, or the one `aliases` names.
     by_type: BTreeMap<String, BTreeMap<Istr, (Istr, Parsed)>>,
-    model: Model,
+    /// The model's node: the configured one, with the locality of the node's workloads when
+    /// none is configured (see `derive_node`).
+    node: NodeInfo,
     /// Slots held by a resource of another name (Istio names a resource by its key, so this
     /// is empty in practice), to tell a rename from a second resource claiming a key.
     aliases: BTreeMap<(Kind, String), String>,
     /// The node as configured, and the uids of the workloads that run on it (the first gives
     /// the node its locality when none is configured).
-    node: NodeInfo,
+    configured: NodeInfo,
     local: BTreeSet<Istr>,
 }
 
@@ -309,9 +334,36 @@ impl XdsState {
         self.len() == 0
     }
 
-    /// The model these resources describe.
-    pub fn model(&self) -> &Model {
-        &self.model
+    /// The model these resources describe, made whole (for tests and diagnostics: the mesh
+    /// takes only what a batch touched, see [`ModelSource`]).
+    pub fn model(&self) -> Model {
+        let mut m = Model { node: self.node.clone(), ..Default::default() };
+        for (_, p) in self.by_type.values().flat_map(|items| items.values()) {
+            match p.clone().into_owned() {
+                Owned::Workload(w) => {
+                    m.workloads.insert(w.uid.clone(), w);
+                }
+                Owned::Service(s) => {
+                    m.services.insert(Istr::new(&s.key()), s);
+                }
+                Owned::Policy(p) => {
+                    m.policies.insert(p.key(), p);
+                }
+            }
+        }
+        m
+    }
+
+    /// The resource holding the model slot `(kind, key)`.
+    fn entry(&self, kind: Kind, key: &str) -> Option<&Parsed> {
+        let items = self.by_type.get(kind.type_url())?;
+        // (Empty in practice: checked first, so that the lookup's key is not built for nothing.)
+        if !self.aliases.is_empty()
+            && let Some(n) = self.aliases.get(&(kind, key.to_string()))
+        {
+            return items.get(n.as_str()).map(|(_, p)| p);
+        }
+        items.get(key).map(|(_, p)| p).filter(|p| p.holds(kind, key))
     }
 
     /// Rebuilds the indexes a batch of `changed` entries filled in bulk (a full push), whose
@@ -323,60 +375,34 @@ impl XdsState {
         }
         let started = std::time::Instant::now();
         self.by_type.values_mut().for_each(map);
-        map(&mut self.model.workloads);
-        map(&mut self.model.services);
         set(&mut self.local);
         tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "xDS state's indexes repacked");
     }
 
     /// The resource name holding a model slot, if any.
     fn holder(&self, kind: Kind, key: &str) -> Option<String> {
-        // (Empty in practice: checked first, so that the lookup's key is not built for nothing.)
         if !self.aliases.is_empty()
             && let Some(n) = self.aliases.get(&(kind, key.to_string()))
         {
             return Some(n.clone());
         }
-        let held = match kind {
-            Kind::Workload => self.model.workloads.contains_key(key),
-            Kind::Service => self.model.services.contains_key(key),
-            Kind::Policy => self.model.policies.contains_key(key),
-        };
-        held.then(|| key.to_string())
+        self.entry(kind, key).map(|_| key.to_string())
     }
 
-    /// Sets a model slot (and what depends on it); records how to undo it.
-    fn set_entry(&mut self, kind: Kind, key: &Istr, value: Option<Parsed>, undo: Option<&mut Vec<Undo>>) {
-        let m = &mut self.model;
-        let prev = match (kind, value.map(Parsed::into_owned)) {
-            (Kind::Workload, Some(Owned::Workload(w))) => {
-                // The new value's key: the uid copy the new workload holds.
-                let prev = m.workloads.remove(key.as_str());
-                m.workloads.insert(w.uid.clone(), w);
-                prev.map(Parsed::workload)
-            }
-            (Kind::Service, Some(Owned::Service(s))) => {
-                m.services.insert(key.clone(), s).map(Parsed::service)
-            }
-            (Kind::Policy, Some(Owned::Policy(p))) => {
-                m.policies.insert(key.to_string(), p).map(Parsed::policy)
-            }
-            (Kind::Workload, _) => m.workloads.remove(key).map(Parsed::workload),
-            (Kind::Service, _) => m.services.remove(key.as_str()).map(Parsed::service),
-            (Kind::Policy, _) => m.policies.remove(key.as_str()).map(Parsed::policy),
-        };
-        if kind == Kind::Workload {
-            match m.workloads.get(key.as_str()) {
-                Some(w) if !self.node.name.is_empty() && *w.node() == self.node.name => {
-                    self.local.insert(w.uid.clone());
-                }
-                _ => {
-                    self.local.remove(key.as_str());
-                }
-            }
+    /// Keeps what depends on a model slot in step with its new value (the node's workloads);
+    /// records how to undo it.
+    fn set_entry(&mut self, kind: Kind, key: &Istr, value: Option<&Parsed>, undo: Option<&mut Vec<Undo>>) {
+        if kind != Kind::Workload {
+            return;
         }
-        if let Some(u) = undo {
-            u.push(Undo::Entry(kind, key.clone(), prev));
+        let on_node = value
+            .and_then(Parsed::as_workload)
+            .is_some_and(|w| !self.configured.name.is_empty() && *w.node() == self.configured.name);
+        let was = if on_node { !self.local.insert(key.clone()) } else { self.local.remove(key.as_str()) };
+        if was != on_node
+            && let Some(u) = undo
+        {
+            u.push(Undo::Local(key.clone(), was));
         }
     }
 
@@ -412,7 +438,12 @@ impl XdsState {
                         None => items.remove(&name),
                     };
                 }
-                Undo::Entry(kind, key, old) => self.set_entry(kind, &key, old, None),
+                Undo::Local(uid, true) => {
+                    self.local.insert(uid);
+                }
+                Undo::Local(uid, false) => {
+                    self.local.remove(&uid);
+                }
                 Undo::Alias(kind, key, old) => self.set_alias(kind, &key, old, None),
             }
         }
@@ -422,19 +453,25 @@ impl XdsState {
     /// that of the workloads running on it, unless configured. Returns whether the model's node
     /// changed.
     fn derive_node(&mut self, node: &NodeInfo) -> bool {
-        if node.name != self.node.name {
+        if node.name != self.configured.name {
             self.local = self
-                .model
-                .workloads
-                .values()
+                .by_type
+                .get(ADDRESS_TYPE)
+                .into_iter()
+                .flat_map(|items| items.values())
+                .filter_map(|(_, p)| p.as_workload())
                 .filter(|w| !node.name.is_empty() && *w.node() == node.name)
                 .map(|w| w.uid.clone())
                 .collect();
         }
-        self.node = node.clone();
+        self.configured = node.clone();
         let mut n = node.clone();
         if n.locality == Default::default()
-            && let Some(w) = self.local.first().and_then(|uid| self.model.workloads.get(uid.as_str()))
+            && let Some(w) = self
+                .local
+                .first()
+                .and_then(|uid| self.entry(Kind::Workload, uid))
+                .and_then(Parsed::as_workload)
         {
             n.locality = w.locality().clone();
             if n.network.is_empty() {
@@ -444,9 +481,37 @@ impl XdsState {
                 n.cluster_id = w.cluster_id().to_string();
             }
         }
-        let changed = n != self.model.node;
-        self.model.node = n;
+        let changed = n != self.node;
+        self.node = n;
         changed
+    }
+}
+
+impl ModelSource for XdsState {
+    fn workload(&self, uid: &str) -> Option<Arc<kmesh_model::model::Workload>> {
+        match self.entry(Kind::Workload, uid)?.view() {
+            View::Workload(w) => Some(Arc::clone(&w)),
+            _ => None,
+        }
+    }
+
+    fn service(&self, key: &str) -> Option<(Istr, Arc<kmesh_model::model::Service>)> {
+        match self.entry(Kind::Service, key)?.view() {
+            // Interned: the copy the workloads list the service by.
+            View::Service(s) => Some((Istr::new(key), Arc::clone(&s))),
+            _ => None,
+        }
+    }
+
+    fn policy(&self, key: &str) -> Option<Arc<kmesh_model::model::Policy>> {
+        match self.entry(Kind::Policy, key)?.view() {
+            View::Policy(p) => Some(Arc::clone(&p)),
+            _ => None,
+        }
+    }
+
+    fn node(&self) -> &NodeInfo {
+        &self.node
     }
 }
 
@@ -578,6 +643,7 @@ fn merge(
             ));
             continue;
         }
+        state.set_entry(kind, &key, Some(&p), Some(&mut *undo));
         let items = state.by_type.get_mut(type_url).expect("the type's map was made above");
         // Named by its key (as istiod names resources): one copy of the name for both maps.
         let name = if *key == *r.name { key.clone() } else { Istr::unique(&r.name) };
@@ -586,7 +652,7 @@ fn merge(
         if *version != *r.version {
             version = Istr::unique(&r.version);
         }
-        items.insert(name.clone(), (version.clone(), p.clone()));
+        items.insert(name.clone(), (version.clone(), p));
         if let Some((_, prev)) = &old
             && prev.slot() != (kind, key.clone())
         {
@@ -596,7 +662,6 @@ fn merge(
         if *key != *r.name {
             state.set_alias(kind, &key, Some(r.name.clone()), Some(&mut *undo));
         }
-        state.set_entry(kind, &key, Some(p), Some(&mut *undo));
         touched(keys, kind, key);
     }
     for name in &resp.removed_resources {
@@ -627,13 +692,11 @@ fn merge_into_empty(
     rejected: &mut Vec<String>,
 ) -> Result<(), Decoded> {
     const MIN: usize = 1024;
-    let m = &state.model;
+    // (A type's resources fill only its own kinds' slots, so the other type's need not be
+    // empty.)
     let empty = resp.resources.len() >= MIN
         && state.by_type.get(type_url).is_none_or(|t| t.is_empty())
-        && state.aliases.is_empty()
-        && m.workloads.is_empty()
-        && m.services.is_empty()
-        && m.policies.is_empty();
+        && state.aliases.is_empty();
     if !empty {
         return Err(parsed);
     }
@@ -664,37 +727,26 @@ fn merge_into_empty(
     }
     drop(parsed);
     rejected.extend(errors);
-    let (mut workloads, mut services, mut policies) = (Vec::new(), Vec::new(), Vec::new());
     let mut touched = ModelKeys::default();
     let (mut tw, mut ts) = (Vec::new(), Vec::new());
     for (key, _, p) in &items {
-        let kind = match p.view() {
+        match p.view() {
             View::Workload(w) => {
-                if !state.node.name.is_empty() && *w.node() == state.node.name {
-                    state.local.insert(w.uid.clone());
+                if !state.configured.name.is_empty()
+                    && *w.node() == state.configured.name
+                    && state.local.insert(key.clone())
+                {
+                    undo.push(Undo::Local(key.clone(), false));
                 }
-                workloads.push((w.uid.clone(), Arc::clone(&w)));
                 tw.push(key.clone());
-                Kind::Workload
             }
-            View::Service(s) => {
-                services.push((key.clone(), Arc::clone(&s)));
-                ts.push(key.clone());
-                Kind::Service
-            }
-            View::Policy(p) => {
-                policies.push((key.to_string(), Arc::clone(&p)));
+            View::Service(_) => ts.push(key.clone()),
+            View::Policy(_) => {
                 touched.policies.insert(key.to_string());
-                Kind::Policy
             }
-        };
+        }
         undo.push(Undo::Resource(type_url, key.clone(), None));
-        undo.push(Undo::Entry(kind, key.clone(), None));
     }
-    let m = &mut state.model;
-    m.workloads = workloads.into_iter().collect();
-    m.services = services.into_iter().collect();
-    m.policies = policies.into_iter().collect();
     touched.workloads = tw.into_iter().collect();
     touched.services = ts.into_iter().collect();
     fn add<K: Ord>(to: &mut BTreeSet<K>, from: BTreeSet<K>) {
@@ -728,7 +780,7 @@ pub fn handle_batch(
     state: XdsState,
     node: &NodeInfo,
     resps: Vec<DeltaDiscoveryResponse>,
-    apply: impl FnOnce(&Model, &ModelKeys) -> Result<(), String>,
+    apply: impl FnOnce(&XdsState, &ModelKeys) -> Result<(), String>,
 ) -> HandledBatch {
     handle_batch_with(state, node, resps, |_| {}, apply)
 }
@@ -744,7 +796,7 @@ pub fn handle_batch_with(
     node: &NodeInfo,
     mut resps: Vec<DeltaDiscoveryResponse>,
     ahead: impl FnOnce(&crate::compile::MapCounts),
-    apply: impl FnOnce(&Model, &ModelKeys) -> Result<(), String>,
+    apply: impl FnOnce(&XdsState, &ModelKeys) -> Result<(), String>,
 ) -> HandledBatch {
     let mut next = state;
     let mut undo = Vec::new();
@@ -764,10 +816,10 @@ pub fn handle_batch_with(
         elapsed_us = started.elapsed().as_micros() as u64,
         "responses decoded and merged into the xDS state"
     );
-    let previous_node = next.node.clone();
+    let previous_node = next.configured.clone();
     keys.node = next.derive_node(node);
     let any_known = resps.iter().any(|r| SUBSCRIBED.contains(&r.type_url.as_str()));
-    let applied = if any_known { apply(&next.model, &keys) } else { Ok(()) };
+    let applied = if any_known { apply(&next, &keys) } else { Ok(()) };
     if let Err(e) = &applied {
         next.undo(undo);
         next.derive_node(&previous_node);
@@ -1157,7 +1209,7 @@ mod tests {
         resp: &DeltaDiscoveryResponse,
         apply: impl FnOnce(Model) -> Result<(), String>,
     ) -> Handled {
-        let mut b = handle_batch(state, node, vec![resp.clone()], |m, _| apply(m.clone()));
+        let mut b = handle_batch(state, node, vec![resp.clone()], |m, _| apply(m.model()));
         let (reply, _) = b.replies.pop().expect("one reply per response");
         Handled { state: b.state, reply }
     }
@@ -1276,10 +1328,10 @@ mod tests {
         let rm = resp("n2", vec![], &["a"]);
         let refused = handle_batch(s1.clone(), &node, vec![rm.clone()], |m, k| {
             assert_eq!(k.workloads, BTreeSet::<Istr>::from(["a".into()]));
-            assert!(!m.workloads.contains_key("a"));
+            assert!(!m.model().workloads.contains_key("a"));
             Err("map full".into())
         });
-        assert_eq!(refused.state.model(), &before);
+        assert_eq!(refused.state.model(), before);
 
         // A resource describing a workload another resource already describes is rejected by
         // name; one whose uid changes moves its entry.
@@ -1290,6 +1342,7 @@ mod tests {
         let moved = resp("n4", vec![res("b", ADDRESS_TYPE, workload("c"))], &[]);
         let h = handle_batch(h.state, &node, vec![moved], |m, k| {
             assert_eq!(k.workloads, BTreeSet::<Istr>::from(["b".into(), "c".into()]));
+            let m = m.model();
             assert!(m.workloads.contains_key("c") && !m.workloads.contains_key("b"));
             Ok(())
         });
@@ -1444,7 +1497,7 @@ mod tests {
         let mut calls = 0;
         let b = handle_batch(XdsState::default(), &NodeInfo::default(), vec![add, pol], |m, _| {
             calls += 1;
-            assert!(m.workloads.contains_key("a"));
+            assert!(m.model().workloads.contains_key("a"));
             Err("map full".into())
         });
         assert_eq!(calls, 1, "one apply for the batch");

@@ -100,55 +100,66 @@ fn changed_keys<K: Ord + Clone, T: PartialEq>(
     out
 }
 
-/// Takes `keys` of `src` into `dst`; returns what they held in `dst` (equal entries left out).
-fn take<K: Ord + Clone, T: PartialEq>(
+/// Where [`Model::take_from`] takes entries from: a whole model, or a source that holds the
+/// same entries in another shape (the xDS state holds them once, by resource name). Each
+/// lookup answers with the key to hold the entry under (the copy the source holds: a
+/// workload's uid, an interned service key) and the entry.
+pub trait ModelSource {
+    fn workload(&self, uid: &str) -> Option<Arc<Workload>>;
+    fn service(&self, key: &str) -> Option<(Istr, Arc<Service>)>;
+    fn policy(&self, key: &str) -> Option<Arc<Policy>>;
+    fn node(&self) -> &NodeInfo;
+}
+
+impl ModelSource for Model {
+    fn workload(&self, uid: &str) -> Option<Arc<Workload>> {
+        self.workloads.get(uid).cloned()
+    }
+
+    fn service(&self, key: &str) -> Option<(Istr, Arc<Service>)> {
+        self.services.get_key_value(key).map(|(k, s)| (k.clone(), s.clone()))
+    }
+
+    fn policy(&self, key: &str) -> Option<Arc<Policy>> {
+        self.policies.get(key).cloned()
+    }
+
+    fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+}
+
+/// Takes `keys` of a source (`get`: the key to hold an entry under and the entry) into `dst`;
+/// returns what they held in `dst` (equal entries left out).
+fn take<K: Ord + Clone + std::borrow::Borrow<str>, T: PartialEq>(
     dst: &mut BTreeMap<K, Arc<T>>,
-    src: &BTreeMap<K, Arc<T>>,
+    get: impl Fn(&K) -> Option<(K, Arc<T>)>,
     keys: &BTreeSet<K>,
 ) -> BTreeMap<K, Option<Arc<T>>> {
     if dst.is_empty() {
-        return take_into_empty(dst, src, keys);
+        // Every entry is new: built at once from the keys' order.
+        let taken: Vec<(K, Arc<T>)> = keys.iter().filter_map(&get).collect();
+        let old = taken.iter().map(|(k, _)| (k.clone(), None)).collect();
+        *dst = taken.into_iter().collect();
+        return old;
     }
     let mut old = BTreeMap::new();
     for k in keys {
-        let next = src.get_key_value(k);
-        if same(dst.get(k), next.map(|(_, v)| v)) {
+        let next = get(k);
+        if same(dst.get(k.borrow()), next.as_ref().map(|(_, v)| v)) {
             continue;
         }
         // The source's key is kept (for workloads, the uid's one shared copy).
         let prev = match next {
             Some((sk, v)) => {
-                let prev = dst.remove(k);
-                dst.insert(sk.clone(), v.clone());
+                let prev = dst.remove(k.borrow());
+                dst.insert(sk, v);
                 prev
             }
-            None => dst.remove(k),
+            None => dst.remove(k.borrow()),
         };
         old.insert(k.clone(), prev);
     }
-    old
-}
-
-/// [`take`] into an empty map (a first push, a restart): every taken entry is new, so the
-/// entries are collected in key order and the map built from them in one pass, with no
-/// search of `dst` and full nodes, instead of a search, a removal and an insertion per key.
-fn take_into_empty<K: Ord + Clone, T>(
-    dst: &mut BTreeMap<K, Arc<T>>,
-    src: &BTreeMap<K, Arc<T>>,
-    keys: &BTreeSet<K>,
-) -> BTreeMap<K, Option<Arc<T>>> {
-    let taken: Vec<(K, Arc<T>)> = if keys.len() * 4 >= src.len() {
-        // Most of the source: one walk over both, in key order.
-        let mut want = keys.iter().peekable();
-        src.iter()
-            .filter(|(k, _)| crate::sorted::seek(&mut want, *k, |w| *w).is_some())
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    } else {
-        keys.iter().filter_map(|k| src.get_key_value(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
-    };
-    let old = taken.iter().map(|(k, _)| (k.clone(), None)).collect();
-    *dst = taken.into_iter().collect();
     old
 }
 
@@ -164,14 +175,19 @@ fn put_back<K: Ord, T>(dst: &mut BTreeMap<K, Arc<T>>, old: BTreeMap<K, Option<Ar
 impl Model {
     /// Makes the entries `keys` names equal to `src`'s (and the node, if `keys.node`); returns
     /// what they were, for [`revert`](Self::revert) and for consumers that need the old values.
-    pub fn take_from(&mut self, src: &Model, keys: &ModelKeys) -> ModelChange {
-        let node =
-            (keys.node && self.node != src.node).then(|| std::mem::replace(&mut self.node, src.node.clone()));
+    pub fn take_from(&mut self, src: &(impl ModelSource + ?Sized), keys: &ModelKeys) -> ModelChange {
+        let node = (keys.node && self.node != *src.node())
+            .then(|| std::mem::replace(&mut self.node, src.node().clone()));
         ModelChange {
             node,
-            workloads: take(&mut self.workloads, &src.workloads, &keys.workloads),
-            services: take(&mut self.services, &src.services, &keys.services),
-            policies: take(&mut self.policies, &src.policies, &keys.policies),
+            // Held under the uid copy the workload holds.
+            workloads: take(
+                &mut self.workloads,
+                |k| src.workload(k).map(|w| (w.uid.clone(), w)),
+                &keys.workloads,
+            ),
+            services: take(&mut self.services, |k| src.service(k), &keys.services),
+            policies: take(&mut self.policies, |k| Some((k.clone(), src.policy(k)?)), &keys.policies),
         }
     }
 
