@@ -513,6 +513,54 @@ impl ModelSource for XdsState {
     fn node(&self) -> &NodeInfo {
         &self.node
     }
+
+    fn workloads_in(&self, uids: &BTreeSet<Istr>) -> Vec<Arc<kmesh_model::model::Workload>> {
+        let Some(entries) = self.address_entries(uids) else {
+            return uids.iter().filter_map(|k| self.workload(k)).collect();
+        };
+        entries
+            .filter(|(k, p)| p.holds(Kind::Workload, k))
+            .filter_map(|(_, p)| match p.view() {
+                View::Workload(w) => Some(Arc::clone(&w)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn services_in(&self, keys: &BTreeSet<Istr>) -> Vec<(Istr, Arc<kmesh_model::model::Service>)> {
+        let Some(entries) = self.address_entries(keys) else {
+            return keys.iter().filter_map(|k| self.service(k)).collect();
+        };
+        entries
+            .filter(|(k, p)| p.holds(Kind::Service, k))
+            .filter_map(|(k, p)| match p.view() {
+                View::Service(s) => Some((k.clone(), Arc::clone(&s))),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl XdsState {
+    /// The address resources named by `keys`, in key order, by one walk alongside the index:
+    /// when every resource is named by its slot's key (as istiod names them) and the keys are a
+    /// good part of the index (a full push); `None` otherwise.
+    fn address_entries<'a>(
+        &'a self,
+        keys: &'a BTreeSet<Istr>,
+    ) -> Option<impl Iterator<Item = (&'a Istr, &'a Parsed)> + 'a> {
+        let items = self.by_type.get(ADDRESS_TYPE)?;
+        if !self.aliases.is_empty() || keys.len() * 4 < items.len() {
+            return None;
+        }
+        let mut want = keys.iter().peekable();
+        Some(
+            items
+                .iter()
+                .filter(move |(k, _)| kmesh_model::sorted::seek(&mut want, *k, |w| *w).is_some())
+                .map(|(k, (_, p))| (k, p)),
+        )
+    }
 }
 
 /// Records that the model slot `(kind, key)` changed.
@@ -1396,6 +1444,16 @@ mod tests {
         assert_eq!(bulk.state.model().workloads.len(), 1500);
         assert_eq!(keys_bulk.workloads.len(), 1500);
         assert_eq!(keys_one.workloads.len(), 1499);
+        // A model takes a batch's entries from the state: all of them by one walk alongside its
+        // index, a few by a search each.
+        let mut taken = Model::default();
+        taken.take_from(&bulk.state, &keys_bulk);
+        let whole = bulk.state.model();
+        assert_eq!((&taken.workloads, &taken.services), (&whole.workloads, &whole.services));
+        let few: BTreeSet<Istr> = keys_bulk.workloads.iter().step_by(500).cloned().collect();
+        let mut some = Model::default();
+        some.take_from(&bulk.state, &ModelKeys { workloads: few.clone(), ..Default::default() });
+        assert_eq!(some.workloads.keys().cloned().collect::<BTreeSet<_>>(), few);
 
         // Refused, it leaves nothing behind.
         let refused = handle_batch(XdsState::default(), &node, vec![resp("n1", all.clone())], |_, _| {

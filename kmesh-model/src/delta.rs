@@ -109,6 +109,33 @@ pub trait ModelSource {
     fn service(&self, key: &str) -> Option<(Istr, Arc<Service>)>;
     fn policy(&self, key: &str) -> Option<Arc<Policy>>;
     fn node(&self) -> &NodeInfo;
+
+    /// The workloads of `uids` the source holds, in uid order: what an empty model takes at
+    /// once (a full push). A source may walk its entries alongside the uids instead of
+    /// searching for each.
+    fn workloads_in(&self, uids: &BTreeSet<Istr>) -> Vec<Arc<Workload>> {
+        uids.iter().filter_map(|k| self.workload(k)).collect()
+    }
+
+    /// The services of `keys` the source holds, in key order (see
+    /// [`workloads_in`](Self::workloads_in)).
+    fn services_in(&self, keys: &BTreeSet<Istr>) -> Vec<(Istr, Arc<Service>)> {
+        keys.iter().filter_map(|k| self.service(k)).collect()
+    }
+}
+
+/// The entries of `keys` in `src`, in key order: one walk over both when the keys are a good
+/// part of the map, else a search each.
+fn entries_in<T>(src: &BTreeMap<Istr, Arc<T>>, keys: &BTreeSet<Istr>) -> Vec<(Istr, Arc<T>)> {
+    if keys.len() * 4 >= src.len() {
+        let mut want = keys.iter().peekable();
+        src.iter()
+            .filter(|(k, _)| crate::sorted::seek(&mut want, *k, |w| *w).is_some())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    } else {
+        keys.iter().filter_map(|k| src.get_key_value(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
 }
 
 impl ModelSource for Model {
@@ -127,18 +154,28 @@ impl ModelSource for Model {
     fn node(&self) -> &NodeInfo {
         &self.node
     }
+
+    fn workloads_in(&self, uids: &BTreeSet<Istr>) -> Vec<Arc<Workload>> {
+        entries_in(&self.workloads, uids).into_iter().map(|(_, w)| w).collect()
+    }
+
+    fn services_in(&self, keys: &BTreeSet<Istr>) -> Vec<(Istr, Arc<Service>)> {
+        entries_in(&self.services, keys)
+    }
 }
 
-/// Takes `keys` of a source (`get`: the key to hold an entry under and the entry) into `dst`;
-/// returns what they held in `dst` (equal entries left out).
+/// Takes `keys` of a source (`get`: the key to hold an entry under and the entry; `all`: those
+/// of every key, in key order) into `dst`; returns what they held in `dst` (equal entries left
+/// out).
 fn take<K: Ord + Clone + std::borrow::Borrow<str>, T: PartialEq>(
     dst: &mut BTreeMap<K, Arc<T>>,
     get: impl Fn(&K) -> Option<(K, Arc<T>)>,
+    all: impl FnOnce() -> Vec<(K, Arc<T>)>,
     keys: &BTreeSet<K>,
 ) -> BTreeMap<K, Option<Arc<T>>> {
     if dst.is_empty() {
-        // Every entry is new: built at once from the keys' order.
-        let taken: Vec<(K, Arc<T>)> = keys.iter().filter_map(&get).collect();
+        // Every entry is new: built at once, in key order.
+        let taken = all();
         let old = taken.iter().map(|(k, _)| (k.clone(), None)).collect();
         *dst = taken.into_iter().collect();
         return old;
@@ -184,10 +221,21 @@ impl Model {
             workloads: take(
                 &mut self.workloads,
                 |k| src.workload(k).map(|w| (w.uid.clone(), w)),
+                || src.workloads_in(&keys.workloads).into_iter().map(|w| (w.uid.clone(), w)).collect(),
                 &keys.workloads,
             ),
-            services: take(&mut self.services, |k| src.service(k), &keys.services),
-            policies: take(&mut self.policies, |k| Some((k.clone(), src.policy(k)?)), &keys.policies),
+            services: take(
+                &mut self.services,
+                |k| src.service(k),
+                || src.services_in(&keys.services),
+                &keys.services,
+            ),
+            policies: take(
+                &mut self.policies,
+                |k| Some((k.clone(), src.policy(k)?)),
+                || keys.policies.iter().filter_map(|k| Some((k.clone(), src.policy(k)?))).collect(),
+                &keys.policies,
+            ),
         }
     }
 
