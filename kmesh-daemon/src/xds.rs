@@ -664,9 +664,9 @@ fn merge(
     // Resources of one push often share a version (one copy for them all); a control plane
     // that versions each resource apart pays one copy each and no table.
     let mut version = Istr::default();
-    // Room for every undo record a full push makes (a resource and its model entry each), so
-    // that the log of a 100k-resource push is not grown by doubling.
-    undo.reserve(2 * resp.resources.len() + resp.removed_resources.len());
+    // Room for every undo record a full push makes (a resource each, and the node's
+    // workloads), so that the log of a 100k-resource push is not grown by doubling.
+    undo.reserve(resp.resources.len() + resp.removed_resources.len());
     if !state.by_type.contains_key(type_url) {
         state.by_type.insert(type_url.to_string(), BTreeMap::new());
     }
@@ -726,8 +726,8 @@ fn merge(
 
 /// [`merge`]'s resources into a type that holds none yet (a first push, a resubscription
 /// after a restart), when each is named by its key (as istiod names them) and no name comes
-/// twice: every resource is new, so the type's resources, the model's entries and the touched
-/// keys are each built in one pass from a sorted list, not inserted one search at a time.
+/// twice: every resource is new, so the type's resources and the touched keys are each built
+/// in one pass from a sorted list, not inserted one search at a time.
 /// The result and the undo records are those of the general merge. Hands the decoded
 /// resources back when the response is not of that shape.
 fn merge_into_empty(
@@ -822,7 +822,8 @@ fn reply_to(resp: &DeltaDiscoveryResponse, error: Option<String>) -> DeltaDiscov
 
 /// Applies several responses to `state` as one change: valid resources and removals of each
 /// are taken, bad resources are named in that response's NACK, and `apply` is called once with
-/// the resulting model and the keys the batch touched. If it fails, every response is NACKed
+/// the resulting state (the model's source, see [`ModelSource`]) and the keys the batch
+/// touched. If it fails, every response is NACKed
 /// and the previous state is kept. Pure apart from `apply`.
 pub fn handle_batch(
     state: XdsState,
@@ -1156,7 +1157,7 @@ async fn run_stream(
                 &node,
                 batch,
                 |lb| lock().grow_ahead(lb),
-                |model, keys| lock().apply_change(model, keys).map(|_| ()).map_err(|e| e.to_string()),
+                |src, keys| lock().apply_change(src, keys).map(|_| ()).map_err(|e| e.to_string()),
             )
         })
         .await;
