@@ -25,7 +25,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 mod parsed;
 
-use parsed::{Owned, Parsed, View};
+use parsed::{Parsed, View};
 
 use crate::admin::Shared;
 use crate::ads::{Ads, Inbound};
@@ -339,15 +339,15 @@ impl XdsState {
     pub fn model(&self) -> Model {
         let mut m = Model { node: self.node.clone(), ..Default::default() };
         for (_, p) in self.by_type.values().flat_map(|items| items.values()) {
-            match p.clone().into_owned() {
-                Owned::Workload(w) => {
-                    m.workloads.insert(w.uid.clone(), w);
+            match p.view() {
+                View::Workload(w) => {
+                    m.workloads.insert(w.uid.clone(), Arc::clone(&w));
                 }
-                Owned::Service(s) => {
-                    m.services.insert(Istr::new(&s.key()), s);
+                View::Service(s) => {
+                    m.services.insert(Istr::new(&s.key()), Arc::clone(&s));
                 }
-                Owned::Policy(p) => {
-                    m.policies.insert(p.key(), p);
+                View::Policy(p) => {
+                    m.policies.insert(p.key(), Arc::clone(&p));
                 }
             }
         }
@@ -549,17 +549,11 @@ impl XdsState {
         &'a self,
         keys: &'a BTreeSet<Istr>,
     ) -> Option<impl Iterator<Item = (&'a Istr, &'a Parsed)> + 'a> {
-        let items = self.by_type.get(ADDRESS_TYPE)?;
-        if !self.aliases.is_empty() || keys.len() * 4 < items.len() {
+        if !self.aliases.is_empty() {
             return None;
         }
-        let mut want = keys.iter().peekable();
-        Some(
-            items
-                .iter()
-                .filter(move |(k, _)| kmesh_model::sorted::seek(&mut want, *k, |w| *w).is_some())
-                .map(|(k, (_, p))| (k, p)),
-        )
+        let entries = kmesh_model::sorted::walk(self.by_type.get(ADDRESS_TYPE)?, keys)?;
+        Some(entries.map(|(k, (_, p))| (k, p)))
     }
 }
 

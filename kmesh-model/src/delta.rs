@@ -127,14 +127,10 @@ pub trait ModelSource {
 /// The entries of `keys` in `src`, in key order: one walk over both when the keys are a good
 /// part of the map, else a search each.
 fn entries_in<T>(src: &BTreeMap<Istr, Arc<T>>, keys: &BTreeSet<Istr>) -> Vec<(Istr, Arc<T>)> {
-    if keys.len() * 4 >= src.len() {
-        let mut want = keys.iter().peekable();
-        src.iter()
-            .filter(|(k, _)| crate::sorted::seek(&mut want, *k, |w| *w).is_some())
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    } else {
-        keys.iter().filter_map(|k| src.get_key_value(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
+    let clone = |(k, v): (&Istr, &Arc<T>)| (k.clone(), v.clone());
+    match crate::sorted::walk(src, keys) {
+        Some(entries) => entries.map(clone).collect(),
+        None => keys.iter().filter_map(|k| src.get_key_value(k)).map(clone).collect(),
     }
 }
 

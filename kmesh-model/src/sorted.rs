@@ -1,6 +1,7 @@
 //! Walking one sorted sequence alongside another: for a change that touches a good part of an
 //! index, one pass over both in key order costs less than a search of the index per key.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::iter::Peekable;
 
 /// Advances `it`, whose items come in ascending key order, past every item with a key below
@@ -13,6 +14,20 @@ pub fn seek<I: Iterator, K: Ord + ?Sized>(
 ) -> Option<I::Item> {
     while it.next_if(|x| key_of(x) < key).is_some() {}
     it.next_if(|x| key_of(x) == key)
+}
+
+/// The entries of `map` whose keys `keys` holds, in key order, by one walk over both: when the
+/// keys are a good part of the map (a quarter or more); `None` when a search per key costs
+/// less.
+pub fn walk<'a, K: Ord, V>(
+    map: &'a BTreeMap<K, V>,
+    keys: &'a BTreeSet<K>,
+) -> Option<impl Iterator<Item = (&'a K, &'a V)> + 'a> {
+    if keys.len() * 4 < map.len() {
+        return None;
+    }
+    let mut want = keys.iter().peekable();
+    Some(map.iter().filter(move |(k, _)| seek(&mut want, *k, |w| *w).is_some()))
 }
 
 #[cfg(test)]

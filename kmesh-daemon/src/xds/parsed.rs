@@ -38,13 +38,6 @@ pub(super) enum View<'a> {
     Policy(Borrowed<'a, Policy>),
 }
 
-/// A resource's value by kind, owned.
-pub(super) enum Owned {
-    Workload(Arc<Workload>),
-    Service(Arc<Service>),
-    Policy(Arc<Policy>),
-}
-
 /// An `Arc` a [`Parsed`] holds, lent for as long as the `Parsed` is: cloning it takes a count.
 pub(super) struct Borrowed<'a, T> {
     arc: ManuallyDrop<Arc<T>>,
@@ -118,29 +111,6 @@ impl Parsed {
         // Safety: as in `as_workload`.
         (self.tag() == SERVICE).then(|| unsafe { &*self.raw::<Service>() })
     }
-
-    pub(super) fn into_owned(self) -> Owned {
-        let this = ManuallyDrop::new(self);
-        // Safety: as in `view`; the count this `Parsed` held passes to the `Arc` returned (it
-        // is not dropped: `ManuallyDrop`).
-        unsafe {
-            match this.tag() {
-                WORKLOAD => Owned::Workload(Arc::from_raw(this.raw())),
-                SERVICE => Owned::Service(Arc::from_raw(this.raw())),
-                _ => Owned::Policy(Arc::from_raw(this.raw())),
-            }
-        }
-    }
-}
-
-impl From<Owned> for Parsed {
-    fn from(o: Owned) -> Self {
-        match o {
-            Owned::Workload(w) => Parsed::workload(w),
-            Owned::Service(s) => Parsed::service(s),
-            Owned::Policy(p) => Parsed::policy(p),
-        }
-    }
 }
 
 impl Clone for Parsed {
@@ -155,7 +125,8 @@ impl Clone for Parsed {
 
 impl Drop for Parsed {
     fn drop(&mut self) {
-        // Safety: as in `into_owned`; this is the count's one release.
+        // Safety: as in `view`; the pointer is the `Arc<T>` of its tag's type, and this is the
+        // count's one release.
         unsafe {
             match self.tag() {
                 WORKLOAD => drop(Arc::<Workload>::from_raw(self.raw())),
@@ -220,11 +191,8 @@ mod tests {
         assert_eq!(pw.as_workload().map(|x| x.uid.as_str()), Some("u1"));
         assert!(pw.as_service().is_none() && pp.as_workload().is_none());
         assert_eq!(ps.as_service().map(|x| x.namespace.as_str()), Some("ns"));
-        // Handing the value on passes the count.
-        match pw.into_owned() {
-            Owned::Workload(x) => assert!(Arc::ptr_eq(&x, &w)),
-            _ => panic!("a workload came back as something else"),
-        }
+        // Dropped, it gives its count back.
+        drop(pw);
         assert_eq!(Arc::strong_count(&w), 1);
         drop((ps, pp));
         assert_eq!((Arc::strong_count(&s), Arc::strong_count(&p)), (1, 1));
