@@ -9,6 +9,8 @@
 
 use std::borrow::Borrow;
 use std::collections::HashSet;
+
+use foldhash::fast::RandomState;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
@@ -25,6 +27,12 @@ impl Thin {
         Self(ThinArc::from_header_and_slice((), s.as_bytes()))
     }
 
+    /// Whether both are the same allocation (never empty: distinct allocations have distinct
+    /// byte addresses).
+    fn same(&self, o: &Self) -> bool {
+        std::ptr::eq(self.0.slice.as_ptr(), o.0.slice.as_ptr())
+    }
+
     fn as_str(&self) -> &str {
         // Safety: made only from a `&str` (see `new`), never changed.
         unsafe { std::str::from_utf8_unchecked(&self.0.slice) }
@@ -33,7 +41,8 @@ impl Thin {
 
 impl PartialEq for Thin {
     fn eq(&self, o: &Self) -> bool {
-        self.as_str() == o.as_str()
+        // One interned copy per value: equal pointers, equal strings (the common case).
+        self.same(o) || self.as_str() == o.as_str()
     }
 }
 
@@ -60,7 +69,7 @@ pub struct Istr(Option<Thin>);
 /// more are dropped whenever the table has doubled since the last sweep, so a cluster whose
 /// namespaces come and go does not grow it forever.
 struct Table {
-    set: HashSet<Thin>,
+    set: HashSet<Thin, RandomState>,
     sweep_at: usize,
 }
 
@@ -73,7 +82,7 @@ thread_local! {
     /// Values this thread looked up lately: a push repeats a few labels on every workload, so
     /// threads decoding one in parallel find nearly all of them here, without the table's lock.
     /// Bounded (emptied when full): what it keeps alive is a few hundred strings at most.
-    static RECENT: std::cell::RefCell<HashSet<Thin>> = std::cell::RefCell::new(HashSet::new());
+    static RECENT: std::cell::RefCell<HashSet<Thin, RandomState>> = std::cell::RefCell::new(HashSet::default());
 }
 
 impl Istr {
@@ -98,7 +107,7 @@ impl Istr {
 
     fn from_table(s: &str) -> Thin {
         let mut guard = TABLE.lock().unwrap_or_else(|p| p.into_inner());
-        let t = guard.get_or_insert_with(|| Table { set: HashSet::new(), sweep_at: 1024 });
+        let t = guard.get_or_insert_with(|| Table { set: HashSet::default(), sweep_at: 1024 });
         if let Some(a) = t.set.get(s) {
             return a.clone();
         }
@@ -127,7 +136,7 @@ impl Istr {
 
 impl PartialEq for Istr {
     fn eq(&self, o: &Self) -> bool {
-        self.as_str() == o.as_str()
+        self.0 == o.0
     }
 }
 
@@ -141,7 +150,10 @@ impl PartialOrd for Istr {
 
 impl Ord for Istr {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        self.as_str().cmp(o.as_str())
+        match (&self.0, &o.0) {
+            (Some(a), Some(b)) if a.same(b) => std::cmp::Ordering::Equal,
+            _ => self.as_str().cmp(o.as_str()),
+        }
     }
 }
 

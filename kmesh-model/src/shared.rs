@@ -16,6 +16,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::thread::LocalKey;
 
+use foldhash::fast::RandomState;
 use serde::{Serialize, Serializer};
 use triomphe::Arc;
 
@@ -31,7 +32,7 @@ pub trait Intern: Hash + Eq + Default + Send + Sync + Sized + 'static {
 
 /// The values of one type handed out (see [`Intern`]).
 pub struct Table<T> {
-    set: HashSet<Key<T>>,
+    set: HashSet<Key<T>, RandomState>,
     sweep_at: usize,
 }
 
@@ -78,7 +79,7 @@ impl<T: Intern> Shared<T> {
 
     fn from_table(v: T) -> Arc<T> {
         let mut guard = T::table().lock().unwrap_or_else(|p| p.into_inner());
-        let t = guard.get_or_insert_with(|| Table { set: HashSet::new(), sweep_at: 1024 });
+        let t = guard.get_or_insert_with(|| Table { set: HashSet::default(), sweep_at: 1024 });
         if let Some(k) = t.set.get(&v) {
             return k.0.clone();
         }
