@@ -11,6 +11,8 @@ use prost::Message;
 use crate::config::MAX_CAPACITY;
 use crate::model::*;
 
+mod wire;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("field `{field}`: {problem}")]
 pub struct ResourceError {
@@ -31,6 +33,16 @@ pub enum AddressResource {
 }
 
 pub fn decode_address(bytes: &[u8]) -> Result<AddressResource, ResourceError> {
+    // A workload as istiod sends a pod's is read in place (no string of it copied); anything
+    // else, and anything the fast reader does not take, by the full decoder.
+    if let Some(w) = wire::workload(bytes) {
+        return build_workload(w, |_| Ok((None, None))).map(AddressResource::Workload);
+    }
+    decode_address_full(bytes)
+}
+
+/// [`decode_address`] by prost's decoder alone.
+fn decode_address_full(bytes: &[u8]) -> Result<AddressResource, ResourceError> {
     let a = pw::Address::decode(bytes).map_err(|e| err("Address", format!("not a valid message: {e}")))?;
     match a.r#type {
         Some(pw::address::Type::Workload(w)) => workload_from_proto(w).map(AddressResource::Workload),
@@ -73,7 +85,125 @@ fn required(field: &str, v: &str) -> Result<(), ResourceError> {
 }
 
 pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
-    required("Workload.uid", &w.uid)?;
+    let fields = WorkloadFields {
+        uid: &w.uid,
+        name: &w.name,
+        namespace: &w.namespace,
+        network: &w.network,
+        trust_domain: &w.trust_domain,
+        service_account: &w.service_account,
+        node: &w.node,
+        canonical_name: &w.canonical_name,
+        canonical_revision: &w.canonical_revision,
+        workload_name: &w.workload_name,
+        cluster_id: &w.cluster_id,
+        addresses: w.addresses.iter().map(|a| a.as_slice()).collect(),
+        status: w.status,
+        network_mode: w.network_mode,
+        capacity: w.capacity,
+        locality: w.locality.as_ref().map(|l| [l.region.as_str(), l.zone.as_str(), l.subzone.as_str()]),
+        services: w.services.iter().map(|(k, l)| (k.as_str(), Ports::Decoded(&l.ports))).collect(),
+        authorization_policies: w.authorization_policies.iter().map(|p| p.as_str()).collect(),
+    };
+    // What only the full decoder sees: the fields the fast path leaves to it (see `wire`).
+    build_workload(fields, |unused| {
+        let waypoint = w.waypoint.as_ref().map(|g| gateway_from_proto("Workload.waypoint", g)).transpose()?;
+        let application_tunnel = match &w.application_tunnel {
+            None => None,
+            Some(t) => Some(ApplicationTunnel {
+                protocol: match pw::application_tunnel::Protocol::try_from(t.protocol) {
+                    Ok(pw::application_tunnel::Protocol::None) => TunnelProtocol::None,
+                    Ok(pw::application_tunnel::Protocol::Proxy) => TunnelProtocol::Proxy,
+                    Err(_) => {
+                        return Err(err(
+                            "Workload.application_tunnel.protocol",
+                            format!("unknown value {}", t.protocol),
+                        ));
+                    }
+                },
+                port: port("Workload.application_tunnel.port", t.port, true)?,
+            }),
+        };
+        let mut keep = |field: &str, value: String| {
+            unused.insert(field.to_string(), value);
+        };
+        if !w.hostname.is_empty() {
+            keep("hostname", w.hostname.clone());
+        }
+        if w.tunnel_protocol != 0 {
+            keep(
+                "tunnel_protocol",
+                enum_name(pw::TunnelProtocol::try_from(w.tunnel_protocol), w.tunnel_protocol),
+            );
+        }
+        if let Some(g) = &w.network_gateway {
+            keep("network_gateway", gateway(g));
+        }
+        if w.workload_type != 0 {
+            keep("workload_type", enum_name(pw::WorkloadType::try_from(w.workload_type), w.workload_type));
+        }
+        if w.native_tunnel {
+            keep("native_tunnel", "true".into());
+        }
+        if !w.extensions.is_empty() {
+            keep("extensions", extension_names(&w.extensions));
+        }
+        Ok((waypoint, application_tunnel))
+    })
+}
+
+/// The fields of an `istio.workload.Workload` that a common workload sets (what istiod sends
+/// for a pod), borrowed: from a decoded message, or straight from the wire (see [`wire`]).
+struct WorkloadFields<'a> {
+    uid: &'a str,
+    name: &'a str,
+    namespace: &'a str,
+    network: &'a str,
+    trust_domain: &'a str,
+    service_account: &'a str,
+    node: &'a str,
+    canonical_name: &'a str,
+    canonical_revision: &'a str,
+    workload_name: &'a str,
+    cluster_id: &'a str,
+    addresses: Vec<&'a [u8]>,
+    status: i32,
+    network_mode: i32,
+    capacity: Option<u32>,
+    /// Region, zone and subzone, when the message has a locality.
+    locality: Option<[&'a str; 3]>,
+    /// Service key -> the workload's ports for it, in the order the message lists them.
+    services: Vec<(&'a str, Ports<'a>)>,
+    authorization_policies: Vec<&'a str>,
+}
+
+/// A `PortList`'s ports: decoded, or its bytes on the wire (checked by [`wire`] as read).
+enum Ports<'a> {
+    Decoded(&'a [pw::Port]),
+    Wire(&'a [u8]),
+}
+
+impl Ports<'_> {
+    /// (service port, target port) of each port, in order.
+    fn pairs(&self) -> Vec<(u32, u32)> {
+        match self {
+            Ports::Decoded(ps) => ps.iter().map(|p| (p.service_port, p.target_port)).collect(),
+            Ports::Wire(b) => wire::port_pairs(b),
+        }
+    }
+}
+
+/// The waypoint and application tunnel of a workload, and what it keeps of fields the model
+/// does not use (`unused` is filled in).
+type Extras = (Option<GatewayAddress>, Option<ApplicationTunnel>);
+
+/// Validates `w` and builds the model's workload; `extras` is called once the common fields
+/// are checked (so that errors come in the order of the fields' checks).
+fn build_workload(
+    w: WorkloadFields<'_>,
+    extras: impl FnOnce(&mut BTreeMap<String, String>) -> Result<Extras, ResourceError>,
+) -> Result<Workload, ResourceError> {
+    required("Workload.uid", w.uid)?;
     // Exactly as long as the list (a workload holds it for its life); the field is named
     // only for an error.
     let mut addresses = Vec::with_capacity(w.addresses.len());
@@ -93,27 +223,28 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
         Some(c) => Some(c),
     };
     let mut services = Vec::with_capacity(w.services.len());
-    for (key, list) in w.services {
+    for (key, list) in &w.services {
         // Field names are formatted only for an error: this runs for every workload of a push.
         let f = |rest: &str| format!("Workload.services[{key:?}]{rest}");
         match key.split_once('/') {
             Some((ns, h)) if !ns.is_empty() && !h.is_empty() => {}
             _ => return Err(err(f(""), "key must be \"namespace/hostname\"")),
         }
-        let mut maps = Vec::with_capacity(list.ports.len());
-        for (j, p) in list.ports.iter().enumerate() {
-            let service_port = port("", p.service_port, false)
+        let pairs = list.pairs();
+        let mut maps = Vec::with_capacity(pairs.len());
+        for (j, (service_port, target_port)) in pairs.into_iter().enumerate() {
+            let service_port = port("", service_port, false)
                 .map_err(|e| err(f(&format!(".ports[{j}].service_port")), e.problem))?;
-            let target_port = port("", p.target_port, true)
+            let target_port = port("", target_port, true)
                 .map_err(|e| err(f(&format!(".ports[{j}].target_port")), e.problem))?;
             maps.push(PortMapping { service_port, target_port });
         }
-        services.push((Istr::new(&key), maps));
+        services.push((Istr::new(key), maps));
     }
-    let locality = w.locality.map(|l| Locality {
-        region: l.region.into(),
-        zone: l.zone.into(),
-        subzone: l.subzone.into(),
+    let locality = w.locality.map(|[region, zone, subzone]| Locality {
+        region: region.into(),
+        zone: zone.into(),
+        subzone: subzone.into(),
     });
     let mut unused = BTreeMap::new();
     let network_mode = match pw::NetworkMode::try_from(w.network_mode) {
@@ -125,50 +256,10 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
             NetworkMode::Standard
         }
     };
-    let waypoint = w.waypoint.as_ref().map(|g| gateway_from_proto("Workload.waypoint", g)).transpose()?;
-    let application_tunnel = match &w.application_tunnel {
-        None => None,
-        Some(t) => Some(ApplicationTunnel {
-            protocol: match pw::application_tunnel::Protocol::try_from(t.protocol) {
-                Ok(pw::application_tunnel::Protocol::None) => TunnelProtocol::None,
-                Ok(pw::application_tunnel::Protocol::Proxy) => TunnelProtocol::Proxy,
-                Err(_) => {
-                    return Err(err(
-                        "Workload.application_tunnel.protocol",
-                        format!("unknown value {}", t.protocol),
-                    ));
-                }
-            },
-            port: port("Workload.application_tunnel.port", t.port, true)?,
-        }),
-    };
-    let mut keep = |field: &str, value: String| {
-        unused.insert(field.to_string(), value);
-    };
-    if !w.hostname.is_empty() {
-        keep("hostname", w.hostname.clone());
-    }
-    if w.tunnel_protocol != 0 {
-        keep(
-            "tunnel_protocol",
-            enum_name(pw::TunnelProtocol::try_from(w.tunnel_protocol), w.tunnel_protocol),
-        );
-    }
-    if let Some(g) = &w.network_gateway {
-        keep("network_gateway", gateway(g));
-    }
-    if w.workload_type != 0 {
-        keep("workload_type", enum_name(pw::WorkloadType::try_from(w.workload_type), w.workload_type));
-    }
-    if w.native_tunnel {
-        keep("native_tunnel", "true".into());
-    }
-    if !w.extensions.is_empty() {
-        keep("extensions", extension_names(&w.extensions));
-    }
-    let uid = Istr::unique(&w.uid);
+    let (waypoint, application_tunnel) = extras(&mut unused)?;
+    let uid = Istr::unique(w.uid);
     Ok(Workload {
-        name: crate::model::WorkloadName::new(&uid, &w.name),
+        name: crate::model::WorkloadName::new(&uid, w.name),
         uid,
         addresses: addresses.into(),
         status,
