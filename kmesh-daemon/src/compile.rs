@@ -226,15 +226,17 @@ impl<K: Ord + Clone> IdPool<K> {
     }
 
     pub fn get_or_alloc(&mut self, k: &K) -> u32 {
-        if let Some(id) = self.ids.get(k) {
-            return *id;
-        }
+        // One search: the entry is made where the lookup ended.
+        let slot = match self.ids.entry(k.clone()) {
+            std::collections::btree_map::Entry::Occupied(e) => return *e.get(),
+            std::collections::btree_map::Entry::Vacant(v) => v,
+        };
         while self.next == 0 || self.in_use.contains(&self.next) || self.reserved.contains(&self.next) {
             self.next = self.next.wrapping_add(1);
         }
         let id = self.next;
         self.next = self.next.wrapping_add(1);
-        self.ids.insert(k.clone(), id);
+        slot.insert(id);
         self.in_use.insert(id);
         id
     }
@@ -515,26 +517,31 @@ pub struct Compiler {
     pub eject_everywhere: bool,
 }
 
+/// Each service key the workloads of `model` list, in key order, with those workloads in uid
+/// order: what a full compilation walks alongside the services, so that it looks up no
+/// workload by uid (a search by string in a map of every workload).
+fn members_by_service(model: &Model) -> Vec<(&Istr, Vec<&Workload>)> {
+    // (service, workload) pairs come out in uid order; a stable sort by service keeps it.
+    let mut pairs: Vec<(&Istr, &Workload)> =
+        model.workloads.values().flat_map(|w| w.services.keys().map(move |k| (k, w.as_ref()))).collect();
+    pairs.sort_by(|a, b| a.0.cmp(b.0));
+    pairs.chunk_by(|a, b| a.0 == b.0).map(|g| (g[0].0, g.iter().map(|(_, w)| *w).collect())).collect()
+}
+
 /// The uids of the workloads listing one service, sorted: a vector (8 bytes a member), not a
 /// `BTreeSet` (a node of about 100 bytes for the one member most services have).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Uids(Vec<Istr>);
 
 impl Uids {
-    /// Every service's members in `model`, each vector exactly sized.
-    fn index(model: &Model) -> BTreeMap<Istr, Uids> {
-        // (service, uid) pairs come out in uid order; a stable sort by service keeps it.
-        let mut pairs: Vec<(&Istr, &Istr)> =
-            model.workloads.values().flat_map(|w| w.services.keys().map(move |k| (k, &w.uid))).collect();
-        pairs.sort_by(|a, b| a.0.cmp(b.0));
-        let mut out = Vec::new();
-        for group in pairs.chunk_by(|a, b| a.0 == b.0) {
-            let mut uids = Vec::with_capacity(group.len());
-            uids.extend(group.iter().map(|(_, u)| (*u).clone()));
-            out.push((group[0].0.clone(), Uids(uids)));
-        }
+    /// Every service's members in `model` (see [`members_by_service`]), each vector exactly
+    /// sized.
+    fn index(groups: &[(&Istr, Vec<&Workload>)]) -> BTreeMap<Istr, Uids> {
         // Sorted and distinct: built at once.
-        out.into_iter().collect()
+        groups
+            .iter()
+            .map(|(k, ws)| ((*k).clone(), Uids(ws.iter().map(|w| w.uid.clone()).collect())))
+            .collect()
     }
 
     fn insert(&mut self, uid: &Istr) {
@@ -654,7 +661,9 @@ impl Compiler {
         self.ids.classes.retain(&used_classes);
         self.enrolled_uids = enrolled.iter().filter_map(|(c, e)| Some((*c, e.workload.clone()?))).collect();
 
-        self.members = Uids::index(model);
+        let groups = members_by_service(model);
+        self.members = Uids::index(&groups);
+        let mut groups = groups.iter().peekable();
 
         self.fragments.clear();
         self.adoptable_backends =
@@ -666,9 +675,15 @@ impl Compiler {
         let mut route_owners = Vec::new();
         let mut gathered = Gathered::default();
         for (key, svc) in &model.services {
-            if let Some(frag) =
-                self.compile_service(model, key, svc, prev, &mut |_, id| used_backends.push(id))
-            {
+            let members = kmesh_model::sorted::seek(&mut groups, key, |(k, _)| *k).map(|(_, ws)| &ws[..]);
+            if let Some(frag) = self.compile_service(
+                model,
+                key,
+                svc,
+                prev,
+                Some(members.unwrap_or_default()),
+                &mut |_, id| used_backends.push(id),
+            ) {
                 used_services.insert(key.clone());
                 if frag.frontends.values().any(|v| v.waypoint_id != 0) {
                     route_owners.push(key.clone());
@@ -904,7 +919,7 @@ impl Compiler {
             let next = match key.strip_prefix(WORKLOAD_FRAGMENT) {
                 Some(uid) => new.workloads.get(uid).and_then(|w| self.compile_workload_frontends(w, &prev)),
                 None => match new.services.get(key.as_str()) {
-                    Some(svc) => self.compile_service(new, &key, svc, &prev, &mut |k, _| {
+                    Some(svc) => self.compile_service(new, &key, svc, &prev, None, &mut |k, _| {
                         used_backends.insert(k.clone());
                     }),
                     None => None,
@@ -1069,12 +1084,16 @@ impl Compiler {
 
     /// Compiles one service; `None` when it has no frontends (passthrough, no address or port).
     /// `used_backend` hears of every backend it gives an id to (some may end up in no slot).
+    /// `members` are the workloads listing the service, when the caller has them at hand (else
+    /// they are found through the member index).
+    #[allow(clippy::too_many_arguments)]
     fn compile_service(
         &mut self,
         model: &Model,
         key: &Istr,
         svc: &Service,
         prev: &MapState,
+        members: Option<&[&Workload]>,
         used_backend: &mut impl FnMut(&BackendKey, u32),
     ) -> Option<MapState> {
         if svc.load_balancing.mode == LbMode::Passthrough || svc.addresses.is_empty() || svc.ports.is_empty()
@@ -1116,19 +1135,22 @@ impl Compiler {
             }
         }
 
-        let candidates: Vec<&Workload> = self
-            .members
-            .get(key)
-            .into_iter()
-            .flatten()
-            .filter_map(|uid| model.workloads.get(uid).map(|w| w.as_ref()))
-            .filter(|w| w.status == HealthStatus::Healthy || lb.health_policy == HealthPolicy::AllowAll)
-            .filter(|w| {
-                self.ejected.is_empty()
+        let mut candidates: Vec<&Workload> = match members {
+            Some(ws) => ws.to_vec(),
+            None => self
+                .members
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter_map(|uid| model.workloads.get(uid).map(|w| w.as_ref()))
+                .collect(),
+        };
+        candidates.retain(|w| {
+            (w.status == HealthStatus::Healthy || lb.health_policy == HealthPolicy::AllowAll)
+                && (self.ejected.is_empty()
                     || !(self.eject_everywhere || svc.outlier.is_some())
-                    || !w.addresses.iter().any(|a| self.ejected.contains(a))
-            })
-            .collect();
+                    || !w.addresses.iter().any(|a| self.ejected.contains(a)))
+        });
 
         let families: BTreeSet<u8> = svc.addresses.iter().map(family_of).collect();
         for family in families {
@@ -1206,9 +1228,14 @@ impl Compiler {
         }
         // Backends (and their port overrides) that no slot references, e.g. excluded by STRICT,
         // are not written.
-        let referenced: BTreeSet<u32> = out.endpoints.values().map(|e| e.backend_id).collect();
-        out.backends.retain(|id, _| referenced.contains(id));
-        out.ports.retain(|k, _| referenced.contains(&k.backend_id));
+        let mut referenced: Vec<u32> = out.endpoints.values().map(|e| e.backend_id).collect();
+        referenced.sort_unstable();
+        referenced.dedup();
+        // Every slot names a backend made above: as many ids as backends means all are used.
+        if referenced.len() != out.backends.len() {
+            out.backends.retain(|id, _| referenced.binary_search(id).is_ok());
+            out.ports.retain(|k, _| referenced.binary_search(&k.backend_id).is_ok());
+        }
         Some(out)
     }
 }
