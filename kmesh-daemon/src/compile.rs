@@ -676,14 +676,11 @@ impl Compiler {
         let mut gathered = Gathered::default();
         for (key, svc) in &model.services {
             let members = kmesh_model::sorted::seek(&mut groups, key, |(k, _)| *k).map(|(_, ws)| &ws[..]);
-            if let Some(frag) = self.compile_service(
-                model,
-                key,
-                svc,
-                prev,
-                Some(members.unwrap_or_default()),
-                &mut |_, id| used_backends.push(id),
-            ) {
+            if let Some(frag) =
+                self.compile_service(key, svc, prev, members.unwrap_or_default(), &mut |_, id| {
+                    used_backends.push(id)
+                })
+            {
                 used_services.insert(key.clone());
                 if frag.frontends.values().any(|v| v.waypoint_id != 0) {
                     route_owners.push(key.clone());
@@ -919,9 +916,12 @@ impl Compiler {
             let next = match key.strip_prefix(WORKLOAD_FRAGMENT) {
                 Some(uid) => new.workloads.get(uid).and_then(|w| self.compile_workload_frontends(w, &prev)),
                 None => match new.services.get(key.as_str()) {
-                    Some(svc) => self.compile_service(new, &key, svc, &prev, None, &mut |k, _| {
-                        used_backends.insert(k.clone());
-                    }),
+                    Some(svc) => {
+                        let members = self.member_workloads(new, &key);
+                        self.compile_service(&key, svc, &prev, &members, &mut |k, _| {
+                            used_backends.insert(k.clone());
+                        })
+                    }
                     None => None,
                 },
             };
@@ -1082,18 +1082,24 @@ impl Compiler {
             .collect()
     }
 
+    /// The workloads listing service `key`, through the member index (a full compilation has
+    /// them at hand: see [`members_by_service`]).
+    fn member_workloads<'m>(&self, model: &'m Model, key: &str) -> Vec<&'m Workload> {
+        let uids = self.members.get(key).into_iter().flatten();
+        uids.filter_map(|uid| model.workloads.get(uid).map(|w| w.as_ref())).collect()
+    }
+
     /// Compiles one service; `None` when it has no frontends (passthrough, no address or port).
     /// `used_backend` hears of every backend it gives an id to (some may end up in no slot).
-    /// `members` are the workloads listing the service, when the caller has them at hand (else
-    /// they are found through the member index).
-    #[allow(clippy::too_many_arguments)]
+    /// `members` are the workloads listing the service (see [`member_workloads`]).
+    ///
+    /// [`member_workloads`]: Self::member_workloads
     fn compile_service(
         &mut self,
-        model: &Model,
         key: &Istr,
         svc: &Service,
         prev: &MapState,
-        members: Option<&[&Workload]>,
+        members: &[&Workload],
         used_backend: &mut impl FnMut(&BackendKey, u32),
     ) -> Option<MapState> {
         if svc.load_balancing.mode == LbMode::Passthrough || svc.addresses.is_empty() || svc.ports.is_empty()
@@ -1135,16 +1141,7 @@ impl Compiler {
             }
         }
 
-        let mut candidates: Vec<&Workload> = match members {
-            Some(ws) => ws.to_vec(),
-            None => self
-                .members
-                .get(key)
-                .into_iter()
-                .flatten()
-                .filter_map(|uid| model.workloads.get(uid).map(|w| w.as_ref()))
-                .collect(),
-        };
+        let mut candidates = members.to_vec();
         candidates.retain(|w| {
             (w.status == HealthStatus::Healthy || lb.health_policy == HealthPolicy::AllowAll)
                 && (self.ejected.is_empty()

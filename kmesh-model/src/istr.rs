@@ -9,11 +9,11 @@
 
 use std::borrow::Borrow;
 use std::collections::HashSet;
-
-use foldhash::fast::RandomState;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
+
+use foldhash::fast::RandomState;
 
 use serde::{Serialize, Serializer};
 use triomphe::ThinArc;

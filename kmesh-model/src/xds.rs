@@ -102,7 +102,11 @@ pub fn workload_from_proto(w: pw::Workload) -> Result<Workload, ResourceError> {
         network_mode: w.network_mode,
         capacity: w.capacity,
         locality: w.locality.as_ref().map(|l| [l.region.as_str(), l.zone.as_str(), l.subzone.as_str()]),
-        services: w.services.iter().map(|(k, l)| (k.as_str(), Ports::Decoded(&l.ports))).collect(),
+        services: w
+            .services
+            .iter()
+            .map(|(k, l)| (k.as_str(), l.ports.iter().map(|p| (p.service_port, p.target_port)).collect()))
+            .collect(),
         authorization_policies: w.authorization_policies.iter().map(|p| p.as_str()).collect(),
     };
     // What only the full decoder sees: the fields the fast path leaves to it (see `wire`).
@@ -172,29 +176,14 @@ struct WorkloadFields<'a> {
     capacity: Option<u32>,
     /// Region, zone and subzone, when the message has a locality.
     locality: Option<[&'a str; 3]>,
-    /// Service key -> the workload's ports for it, in the order the message lists them.
-    services: Vec<(&'a str, Ports<'a>)>,
+    /// Service key -> the workload's (service port, target port) pairs for it, in the order
+    /// the message lists them.
+    services: Vec<(&'a str, Vec<(u32, u32)>)>,
     authorization_policies: Vec<&'a str>,
 }
 
-/// A `PortList`'s ports: decoded, or its bytes on the wire (checked by [`wire`] as read).
-enum Ports<'a> {
-    Decoded(&'a [pw::Port]),
-    Wire(&'a [u8]),
-}
-
-impl Ports<'_> {
-    /// (service port, target port) of each port, in order.
-    fn pairs(&self) -> Vec<(u32, u32)> {
-        match self {
-            Ports::Decoded(ps) => ps.iter().map(|p| (p.service_port, p.target_port)).collect(),
-            Ports::Wire(b) => wire::port_pairs(b),
-        }
-    }
-}
-
-/// The waypoint and application tunnel of a workload, and what it keeps of fields the model
-/// does not use (`unused` is filled in).
+/// The waypoint and application tunnel of a workload (the fields only the full decoder reads;
+/// it also records in `unused` the fields the model does not use).
 type Extras = (Option<GatewayAddress>, Option<ApplicationTunnel>);
 
 /// Validates `w` and builds the model's workload; `extras` is called once the common fields
@@ -230,9 +219,8 @@ fn build_workload(
             Some((ns, h)) if !ns.is_empty() && !h.is_empty() => {}
             _ => return Err(err(f(""), "key must be \"namespace/hostname\"")),
         }
-        let pairs = list.pairs();
-        let mut maps = Vec::with_capacity(pairs.len());
-        for (j, (service_port, target_port)) in pairs.into_iter().enumerate() {
+        let mut maps = Vec::with_capacity(list.len());
+        for (j, &(service_port, target_port)) in list.iter().enumerate() {
             let service_port = port("", service_port, false)
                 .map_err(|e| err(f(&format!(".ports[{j}].service_port")), e.problem))?;
             let target_port = port("", target_port, true)
