@@ -575,18 +575,24 @@ impl<'a> IntoIterator for &'a Uids {
 type Owners = kmesh_model::vecmap::VecMap<Istr, ()>;
 
 /// The values of a full compilation's fragments, gathered as they are compiled, to build the
-/// full map state at once (the fragments keep only keys).
-#[derive(Default)]
-struct Gathered {
+/// full map state at once (the fragments keep only keys). Each fragment is shown to `sink`
+/// first.
+struct Gathered<'s> {
     tables: Vec<(TableKey, TableValue)>,
     endpoints: Vec<(EndpointKey, EndpointValue)>,
     backends: Vec<(u32, BackendValue)>,
     ports: Vec<(PortKey, PortValue)>,
+    sink: &'s mut dyn FnMut(&MapState),
 }
 
-impl Gathered {
+impl<'s> Gathered<'s> {
+    fn new(sink: &'s mut dyn FnMut(&MapState)) -> Self {
+        Gathered { tables: Vec::new(), endpoints: Vec::new(), backends: Vec::new(), ports: Vec::new(), sink }
+    }
+
     /// Takes `m`'s values and returns its fragment.
     fn keep(&mut self, m: MapState) -> Fragment {
+        (self.sink)(&m);
         let f = Fragment::keys_of(&m);
         self.tables.extend(m.tables);
         self.endpoints.extend(m.endpoints);
@@ -627,6 +633,19 @@ impl Compiler {
     /// keeps its generation, a changed one gets the next generation so that it can be switched
     /// to atomically.
     pub fn full(&mut self, model: &Model, enrolled: &BTreeMap<u64, Enrollment>, prev: &MapState) -> MapState {
+        self.full_with(model, enrolled, prev, &mut |_| {})
+    }
+
+    /// [`full`](Self::full), showing `sink` each service's (and route's) entries as soon as
+    /// they are compiled: what the full state will hold, in pieces (see
+    /// `Dataplane::compile_prewriting`).
+    pub fn full_with(
+        &mut self,
+        model: &Model,
+        enrolled: &BTreeMap<u64, Enrollment>,
+        prev: &MapState,
+        sink: &mut dyn FnMut(&MapState),
+    ) -> MapState {
         // Client locality classes: class 0 is the node; every other distinct client locality of
         // an enrolled workload gets its own class.
         let node_loc = ClientLocality::of_node(&model.node);
@@ -673,7 +692,7 @@ impl Compiler {
         // ids (sorted once), not their keys (a B-tree of 100k keys compared by uid).
         let mut used_backends: Vec<u32> = Vec::new();
         let mut route_owners = Vec::new();
-        let mut gathered = Gathered::default();
+        let mut gathered = Gathered::new(sink);
         for (key, svc) in &model.services {
             let members = kmesh_model::sorted::seek(&mut groups, key, |(k, _)| *k).map(|(_, ws)| &ws[..]);
             if let Some(frag) =
@@ -817,7 +836,7 @@ impl Compiler {
 
     /// The full map contents: the union of every service's entries (their values `gathered`)
     /// and the enrolled namespaces.
-    fn state_of(&self, gathered: Gathered) -> MapState {
+    fn state_of(&self, gathered: Gathered<'_>) -> MapState {
         MapState {
             netns: self.netns.clone(),
             frontends: self.claims.keys().filter_map(|k| Some((*k, self.resolve(k)?))).collect(),
@@ -833,7 +852,8 @@ impl Compiler {
     /// `applied` unless the compiler's bookkeeping of which entries are whose drifted.
     #[cfg(test)]
     fn state_with(&self, applied: &MapState) -> MapState {
-        let mut g = Gathered::default();
+        let mut none = |_: &MapState| {};
+        let mut g = Gathered::new(&mut none);
         for f in self.fragments.values() {
             g.keep(f.expand(applied));
         }
@@ -1370,6 +1390,38 @@ pub fn changed<K: Ord + Clone, V: PartialEq + Clone>(
         next.iter().filter(|(k, v)| prev.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
     let del = prev.keys().filter(|k| !next.contains_key(*k)).cloned().collect();
     (set, del)
+}
+
+/// [`changed`], taking `next`: nothing is copied when `prev` is empty (a first push).
+fn changed_owned<K: Ord + Clone, V: PartialEq>(
+    prev: &BTreeMap<K, V>,
+    next: BTreeMap<K, V>,
+) -> (BTreeMap<K, V>, Vec<K>) {
+    if prev.is_empty() {
+        return (next, Vec::new());
+    }
+    let del = prev.keys().filter(|k| !next.contains_key(*k)).cloned().collect();
+    (next.into_iter().filter(|(k, v)| prev.get(k) != Some(v)).collect(), del)
+}
+
+/// [`diff`], taking `next` (a full compilation's state).
+pub fn diff_owned(prev: &MapState, next: MapState) -> Diff {
+    let MapState { netns, frontends, tables, endpoints, backends, ports } = next;
+    let (netns, del_netns) = changed_owned(&prev.netns, netns);
+    let (frontends, del_frontends) = changed_owned(&prev.frontends, frontends);
+    let (tables, del_tables) = changed_owned(&prev.tables, tables);
+    let (endpoints, del_endpoints) = changed_owned(&prev.endpoints, endpoints);
+    let (backends, del_backends) = changed_owned(&prev.backends, backends);
+    let (ports, del_ports) = changed_owned(&prev.ports, ports);
+    Diff {
+        set: MapState { netns, frontends, tables, endpoints, backends, ports },
+        del_netns,
+        del_frontends,
+        del_tables,
+        del_endpoints,
+        del_backends,
+        del_ports,
+    }
 }
 
 /// What must be written and deleted to turn `prev` into `next`.

@@ -17,10 +17,12 @@ use kmesh_common::*;
 use serde::Serialize;
 
 use crate::authz::{AuthzDiff, AuthzState};
-use crate::compile::{Diff, MapCounts, MapState, changed_entries, diff, union_len};
+use crate::compile::{Diff, MapCounts, MapState, changed_entries, diff_owned, union_len};
 
 mod grow;
+mod prewrite;
 pub use grow::{Grown, INITIAL_CAPACITY, capacity_for, open_pinned};
+pub use prewrite::{Ahead, Prewritten, WriteAhead};
 
 /// The eBPF object built by build.rs.
 pub static EBPF_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kmesh-ebpf"));
@@ -703,6 +705,43 @@ fn upsert_entries<K: Pod + Ord, V: Pod>(
     Ok(())
 }
 
+/// The `fresh` entries (keys the maps do not hold, in key order) less those written ahead
+/// with the same value (`pre`, in key order). Each one written ahead is recorded in `undo`
+/// (unless `fresh` writes it again with another value, which records it), and those `fresh`
+/// does not hold at all go to `strays`.
+fn skip_written<'a, K: Ord + Copy, V: PartialEq + Copy>(
+    fresh: Entries<'a, K, V>,
+    pre: &[(K, V)],
+    undo: &mut Vec<Undo<K, V>>,
+    strays: &mut Vec<(K, V)>,
+) -> Entries<'a, K, V> {
+    if pre.is_empty() {
+        return fresh;
+    }
+    undo.reserve(pre.len());
+    let mut left = Vec::with_capacity(fresh.len().saturating_sub(pre.len()));
+    let mut fresh = fresh.into_iter().peekable();
+    for (k, v) in pre {
+        while let Some(e) = fresh.next_if(|(f, _)| *f < k) {
+            left.push(e);
+        }
+        match fresh.peek() {
+            Some((f, fv)) if *f == k => {
+                if *fv == v {
+                    fresh.next();
+                    undo.push(Undo::Remove(*k));
+                }
+            }
+            _ => {
+                undo.push(Undo::Remove(*k));
+                strays.push((*k, *v));
+            }
+        }
+    }
+    left.extend(fresh);
+    left
+}
+
 /// The error of a `BPF_MAP_UPDATE_BATCH` into map `name` that failed with `io_error`.
 fn batch_write_error(name: &'static str, io_error: std::io::Error) -> KernelError {
     let source = MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_update_batch", io_error });
@@ -942,7 +981,7 @@ impl Dataplane {
     /// follows keys that exist. A transition that does not fit is refused before any write; a
     /// write that fails undoes the writes before it.
     pub fn apply(&mut self, next: MapState) -> Result<ApplyReport, KernelError> {
-        let d = diff(&self.applied, &next);
+        let d = diff_owned(&self.applied, next);
         self.apply_diff(d)
     }
 
@@ -959,6 +998,18 @@ impl Dataplane {
     /// first). A write that fails undoes every write before it, in both families, and nothing
     /// is deleted: the maps hold exactly what they held.
     pub fn apply_all(&mut self, d: Diff, authz: AuthzDiff) -> Result<ApplyReport, KernelError> {
+        self.apply_prewritten(d, authz, Prewritten::default())
+    }
+
+    /// [`apply_all`](Self::apply_all) of a diff some of whose new entries were written ahead
+    /// (`pre`, see [`compile_prewriting`](Self::compile_prewriting)): those are not written
+    /// again, and they are deleted with the rest of the transaction's writes if it fails.
+    pub fn apply_prewritten(
+        &mut self,
+        d: Diff,
+        authz: AuthzDiff,
+        mut pre: Prewritten,
+    ) -> Result<ApplyReport, KernelError> {
         // Every new key is written before any old one is deleted: the peak holds both.
         let peak = self.applied.peak_counts(&d.set);
         let old = &self.authz_applied;
@@ -968,12 +1019,21 @@ impl Dataplane {
             union_len(&old.region, &authz.set.region),
             union_len(&old.verdict, &authz.set.verdict),
         ];
-        self.fit(&peak, authz_peak)?;
-        let mut lb = LbUndo::default();
-        if let Err(e) = self.write_lb(&d, &mut lb) {
-            self.rollback_lb(&mut lb);
+        let before = self.capacities;
+        let fitted = self.fit(&peak, authz_peak);
+        pre.forget_grown(&before, &self.capacities);
+        if let Err(e) = fitted {
+            self.unwrite(&pre);
             return Err(e);
         }
+        let mut lb = LbUndo::default();
+        let strays = match self.write_lb(&d, &mut lb, &pre) {
+            Ok(strays) => strays,
+            Err(e) => {
+                self.rollback_lb(&mut lb);
+                return Err(e);
+            }
+        };
         let mut az = AuthzUndo::default();
         if let Err(e) = self.write_authz(&authz.set, &mut az) {
             self.rollback_authz(&mut az);
@@ -986,6 +1046,7 @@ impl Dataplane {
         remove_all(&mut self.m.endpoints, "ENDPOINTS", &d.del_endpoints);
         remove_all(&mut self.m.ports, "PORTS", &d.del_ports);
         remove_all(&mut self.m.backends, "BACKENDS", &d.del_backends);
+        self.unwrite(&strays);
         self.delete_authz(&authz);
         let aw = az.identity.len() + az.region.len() + az.verdict.len() + az.counts.len() + az.dest.len();
         let report = ApplyReport { writes: d.writes() + aw, deletes: d.deletes() + authz.deletes() };
@@ -1000,13 +1061,21 @@ impl Dataplane {
     /// many of them (a full push), on two threads at once. Then the keys the maps hold, in the
     /// order references go (backends and ports, slots, tables), then frontends and namespaces,
     /// the roots of every lookup.
-    fn write_lb(&mut self, d: &Diff, u: &mut LbUndo) -> Result<(), KernelError> {
+    ///
+    /// Entries written ahead (`pre`) are skipped, and recorded to be undone with the rest.
+    /// Returns those of them that `d` does not write: the apply deletes them once it is done.
+    fn write_lb(&mut self, d: &Diff, u: &mut LbUndo, pre: &Prewritten) -> Result<Prewritten, KernelError> {
         let old = &self.applied;
         let set = &d.set;
+        let mut strays = Prewritten::default();
         let (nb, cb) = split_fresh(&old.backends, &set.backends);
         let (np, cp) = split_fresh(&old.ports, &set.ports);
         let (ne, ce) = split_fresh(&old.endpoints, &set.endpoints);
         let (nt, ct) = split_fresh(&old.tables, &set.tables);
+        let nb = skip_written(nb, &pre.backends, &mut u.backends, &mut strays.backends);
+        let np = skip_written(np, &pre.ports, &mut u.ports, &mut strays.ports);
+        let ne = skip_written(ne, &pre.endpoints, &mut u.endpoints, &mut strays.endpoints);
+        let nt = skip_written(nt, &pre.tables, &mut u.tables, &mut strays.tables);
         let m = &mut self.m;
         let (ub, up, ue, ut) = (&mut u.backends, &mut u.ports, &mut u.endpoints, &mut u.tables);
         let mut leaves = || -> Result<(), KernelError> {
@@ -1034,7 +1103,20 @@ impl Dataplane {
         upsert_entries(&mut m.endpoints, "ENDPOINTS", &old.endpoints, &ce, &mut u.endpoints)?;
         upsert_entries(&mut m.tables, "LB_TABLES", &old.tables, &ct, &mut u.tables)?;
         upsert(&mut m.frontends, "FRONTENDS", &old.frontends, &set.frontends, &mut u.frontends)?;
-        upsert(&mut m.netns, "NETNS", &old.netns, &set.netns, &mut u.netns)
+        upsert(&mut m.netns, "NETNS", &old.netns, &set.netns, &mut u.netns)?;
+        Ok(strays)
+    }
+
+    /// Deletes entries written ahead (see [`Prewritten`]).
+    fn unwrite(&mut self, pre: &Prewritten) {
+        fn keys<K: Copy, V>(v: &[(K, V)]) -> Vec<K> {
+            v.iter().map(|e| e.0).collect()
+        }
+        let m = &mut self.m;
+        remove_all(&mut m.tables, "LB_TABLES", &keys(&pre.tables));
+        remove_all(&mut m.endpoints, "ENDPOINTS", &keys(&pre.endpoints));
+        remove_all(&mut m.ports, "PORTS", &keys(&pre.ports));
+        remove_all(&mut m.backends, "BACKENDS", &keys(&pre.backends));
     }
 
     /// Undoes in the reverse order of writing: roots first.

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::authz::{AuthzCompiler, AuthzDiff};
-use crate::compile::{Compiler, Enrollment, Ids, words_addr};
-use crate::kernel::{ApplyReport, Dataplane, KernelError};
+use crate::compile::{Compiler, Diff, Enrollment, Ids, words_addr};
+use crate::kernel::{Ahead, ApplyReport, Dataplane, KernelError, Prewritten, WriteAhead};
 use crate::model::{Locality, Model, NodeInfo, Workload};
 pub use crate::observe::Counters;
 use crate::observe::{Observer, Published};
@@ -64,7 +64,13 @@ pub struct Mesh {
     /// Maps being grown on another thread for a batch not applied yet (see
     /// [`grow_ahead`](Self::grow_ahead)).
     pending_grow: Option<PendingGrow>,
+    /// See [`set_write_ahead`](Self::set_write_ahead).
+    write_ahead: WriteAhead,
 }
+
+/// Models of at least this many services and workloads are compiled while their new entries
+/// are written (see `kernel::prewrite`); below, a thread costs more than it saves.
+pub const PREWRITE_MIN: usize = 4096;
 
 type PendingGrow = std::thread::JoinHandle<Result<Option<crate::kernel::Grown>, KernelError>>;
 
@@ -100,6 +106,7 @@ impl Mesh {
             changed: Arc::new(tokio::sync::Notify::new()),
             outlier: crate::outlier::Detector::default(),
             pending_grow: None,
+            write_ahead: WriteAhead::WhileCompiling,
         };
         mesh.publish();
         mesh
@@ -236,16 +243,13 @@ impl Mesh {
         };
         let t_authz = std::time::Instant::now();
         // Time of the full load-balancing compilation (when not incremental) and of the writes.
-        let (mut full_us, mut write_us) = (0, 0);
+        let (mut full_us, mut write_us, mut prewritten) = (0, 0, 0);
         let r = match authz {
             Err(e) => Err(KernelError::from(e)),
             Ok(authz) => {
-                let d = match incremental {
-                    Some(d) => d,
-                    None => {
-                        let next = self.compile_full_growing(enrolled);
-                        crate::compile::diff(self.dp.applied(), &next)
-                    }
+                let (d, pre) = match incremental {
+                    Some(d) => (d, Prewritten::default()),
+                    None => self.compile_full_growing(enrolled),
                 };
                 if let Some(pending) = self.pending_grow.take() {
                     self.finish_grow(pending.join());
@@ -254,7 +258,9 @@ impl Mesh {
                 let del = self.headers.before_apply(&d, &self.model, |fk| compiler.frontend_owner(fk));
                 self.counters.waypoint_slot_errors = self.headers.host_write_errors();
                 let t_write = std::time::Instant::now();
-                let r = self.dp.apply_all(d, authz);
+                prewritten = pre.len();
+                self.counters.map_writes_ahead += prewritten as u64;
+                let r = self.dp.apply_prewritten(d, authz, pre);
                 (full_us, write_us) =
                     ((t_write - t_authz).as_micros() as u64, t_write.elapsed().as_micros() as u64);
                 if r.is_ok() {
@@ -268,6 +274,7 @@ impl Mesh {
             lb_compile_us = (t_lb - t0).as_micros() as u64 + full_us,
             authz_compile_us = (t_authz - t_lb).as_micros() as u64,
             kernel_write_us = write_us,
+            prewritten,
             "sync phases"
         );
         self.record(&r, is_incremental);
@@ -314,30 +321,46 @@ impl Mesh {
         }
     }
 
-    /// A full load-balancing compilation. When the model looks bigger than the maps, the
-    /// grown maps are made and the programs verified against them on a second thread while
-    /// this one compiles (the two take about as long at 10k services), and put in force before
-    /// the writes; the apply then grows again only if the guess fell short.
-    fn compile_full_growing(&mut self, enrolled: &BTreeMap<u64, Enrollment>) -> crate::compile::MapState {
-        if let Some(pending) = self.pending_grow.take() {
+    /// A full load-balancing compilation, as the diff from what the maps hold. When the model
+    /// looks bigger than the maps, the grown maps are made on a second thread while this one
+    /// compiles, and put in force before the writes; the apply then grows again only if the
+    /// guess fell short. A large model's new entries are written on that thread while the
+    /// compilation goes on (see `kernel::prewrite`): the apply skips them.
+    fn compile_full_growing(&mut self, enrolled: &BTreeMap<u64, Enrollment>) -> (Diff, Prewritten) {
+        let ahead = match self.pending_grow.take() {
             // Started when the batch was decoded.
-            let next = self.compiler.full(&self.model, enrolled, self.dp.applied());
-            self.finish_grow(pending.join());
-            return next;
+            Some(pending) => Ahead::Pending(pending),
+            None => {
+                let guess = crate::compile::expected_peaks(&self.model, self.dp.applied());
+                let caps = self.dp.capacities();
+                let fits = guess.as_array().into_iter().all(|(m, n)| n <= caps.get(m) as usize);
+                if fits { Ahead::Nothing } else { Ahead::Guess(guess) }
+            }
+        };
+        let write = match self.write_ahead {
+            WriteAhead::WhileCompiling
+                if self.model.services.len() + self.model.workloads.len() < PREWRITE_MIN =>
+            {
+                WriteAhead::No
+            }
+            w => w,
+        };
+        let (compiler, model) = (&mut self.compiler, &self.model);
+        if write == WriteAhead::No && matches!(ahead, Ahead::Nothing) {
+            let next = compiler.full(model, enrolled, self.dp.applied());
+            return (crate::compile::diff_owned(self.dp.applied(), next), Prewritten::default());
         }
-        let guess = crate::compile::expected_peaks(&self.model, self.dp.applied());
-        let fits = guess.as_array().into_iter().all(|(m, n)| n <= self.dp.capacities().get(m) as usize);
-        if fits {
-            return self.compiler.full(&self.model, enrolled, self.dp.applied());
-        }
-        let (compiler, model, dp) = (&mut self.compiler, &self.model, &self.dp);
-        let (next, grown) = std::thread::scope(|s| {
-            let grown = s.spawn(|| dp.prepare_grow(&guess));
-            let next = compiler.full(model, enrolled, dp.applied());
-            (next, grown.join())
-        });
-        self.finish_grow(grown);
-        next
+        self.dp.compile_prewriting(ahead, write, |applied, sink| {
+            let next = compiler.full_with(model, enrolled, applied, sink);
+            crate::compile::diff_owned(applied, next)
+        })
+    }
+
+    /// How full compilations write ahead (see `kernel::prewrite`): by default
+    /// [`WriteAhead::WhileCompiling`] for models of at least [`PREWRITE_MIN`] services and
+    /// workloads; tests ask for [`WriteAhead::Everything`] of any model.
+    pub fn set_write_ahead(&mut self, w: WriteAhead) {
+        self.write_ahead = w;
     }
 
     /// Brings the identity slots of waypoint headers to `enrolled` (after the maps took it).

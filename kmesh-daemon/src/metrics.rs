@@ -152,6 +152,12 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth, dns: Option<&crate::dn
     );
     counter(
         &mut r,
+        "kmesh_map_writes_ahead",
+        "BPF map entries written while a full compilation still ran (part of kmesh_map_writes when the apply succeeds; undone when it fails)",
+        p.counters.map_writes_ahead,
+    );
+    counter(
+        &mut r,
         "kmesh_map_deletes",
         "BPF map entries deleted by applies, every map family",
         p.counters.map_deletes,

@@ -26,6 +26,9 @@ pub struct Counters {
     /// configuration adds nothing).
     pub map_writes: u64,
     pub map_deletes: u64,
+    /// Of the writes, those made while a full compilation ran (see `kernel::prewrite`),
+    /// counted also when the apply then failed and undid them.
+    pub map_writes_ahead: u64,
     /// By map name.
     pub map_full_errors: BTreeMap<String, u64>,
     pub config_errors: u64,

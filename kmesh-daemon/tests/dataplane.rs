@@ -415,20 +415,25 @@ fn a_full_map_is_refused_whole_and_the_previous_state_stays() {
     env.enroll("client", None);
     let before = env.mesh().dataplane().read_state().unwrap();
 
-    // Five ports need five frontends: refused before any write.
+    // Five ports need five frontends: refused before any write, though the new backend and
+    // slots were written while the compilation ran (the model counts as large here): those
+    // are deleted again.
+    env.mesh().set_write_ahead(kernel::WriteAhead::Everything);
     let ports: Vec<String> =
         (0..5).map(|i| format!("{{service_port: {}, target_port: 8080}}", 80 + i)).collect();
     let mut w = String::new();
-    for s in ["s1", "s2", "s3"] {
+    for s in ["client", "s1", "s2", "s3"] {
         w += &workload(env.pod(s), &[(SVC_KEY, "[]")], "");
     }
-    let big = config("zone-a", &service(&format!("[{VIP}]"), &format!("[{}]", ports.join(", ")), "{}"), &w);
+    // (A node in another zone: a full compilation, the one that writes ahead.)
+    let big = config("zone-b", &service(&format!("[{VIP}]"), &format!("[{}]", ports.join(", ")), "{}"), &w);
     let model = kmesh_daemon::config::parse(&big).unwrap();
     let err = env.mesh().set_model(model).unwrap_err();
     eprintln!("refused: {err}");
     assert!(matches!(err, KernelError::MapFull { map: "FRONTENDS", needed: 5, capacity: 4, .. }), "{err}");
     assert!(err.to_string().contains("--frontends-capacity"));
     assert_eq!(env.mesh().counters.map_full_errors.get("FRONTENDS"), Some(&1));
+    assert!(env.mesh().counters.map_writes_ahead >= 2, "{:?}", env.mesh().counters);
     assert_eq!(env.mesh().dataplane().read_state().unwrap(), before, "nothing changed in the kernel");
     assert!(env.connect("client", &format!("{VIP}:80"), 10).iter().all(|a| a.ok));
 }
@@ -886,6 +891,56 @@ fn maps_grown_ahead_are_used_and_dropped_when_written_meanwhile() {
     );
     let a = env.connect("client", &format!("{VIP}:81"), 20);
     assert!(a.iter().all(|a| a.ok), "{:?}", a.iter().find(|a| !a.ok));
+}
+
+/// Issue 18 (push time): a large full compilation's new entries are written on a second
+/// thread while it runs (`kernel::prewrite`), into maps grown ahead first. The apply skips
+/// them; a map it must grow again is filled afresh (what was written ahead into the map it
+/// replaces goes with that map). The kernel ends up holding exactly the compiled state, and
+/// every service answers.
+#[test]
+fn entries_written_while_compiling_are_skipped_or_written_again_after_a_grow() {
+    if !root_or_skip("entries_written_while_compiling_are_skipped_or_written_again_after_a_grow") {
+        return;
+    }
+    let mut env = Env::with_ceilings(&three_backends_two_zones(), Capacities::default(), 2);
+    start_servers(&env, &[8080], &[]);
+    env.mesh().set_write_ahead(kernel::WriteAhead::Everything);
+    let vips = ["10.96.0.10", "10.96.0.11", "10.96.0.12"];
+    let keys: Vec<String> = (0..3).map(|i| format!("default/echo{i}.default.svc.cluster.local")).collect();
+    let mut services = String::new();
+    for (i, vip) in vips.iter().enumerate() {
+        services += &format!(
+            "  - {{name: echo{i}, namespace: default, hostname: echo{i}.default.svc.cluster.local, addresses: [{vip}], ports: [{{service_port: 80, target_port: 8080}}], load_balancing: {{}}}}\n"
+        );
+    }
+    let member: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "[]")).collect();
+    let mut w = workload(env.pod("client"), &[], "");
+    for s in ["s1", "s2", "s3"] {
+        w += &workload(env.pod(s), &member, "");
+    }
+    // Grown ahead for fewer entries than three services make: the slots and tables written
+    // ahead go into maps that the apply grows again, the backends stay.
+    let ahead = kmesh_daemon::compile::MapCounts { endpoints: 3, backends: 3, ..Default::default() };
+    env.mesh().grow_ahead(&ahead);
+    env.apply(&config("zone-a", &services, &w));
+    let ahead_written = env.mesh().counters.map_writes_ahead;
+    let dp = env.mesh().dataplane();
+    assert!(ahead_written >= 5, "backends and tables written ahead: {ahead_written}");
+    assert!(dp.capacities().endpoints >= 9 && dp.capacities().tables >= 3, "{:?}", dp.capacities());
+    assert_eq!(dp.read_state().unwrap(), *dp.applied(), "the kernel holds the compiled state");
+    assert_eq!((dp.applied().endpoints.len(), dp.applied().tables.len()), (9, 3));
+    env.enroll("client", None);
+    for vip in vips {
+        let a = env.connect("client", &format!("{vip}:80"), 12);
+        assert!(a.iter().all(|a| a.ok), "{vip}: {:?}", a.iter().find(|a| !a.ok));
+        assert_eq!(spread(&a).len(), 3, "{vip}: {:?}", spread(&a));
+    }
+    // The same model again writes nothing, ahead or not.
+    env.apply(&config("zone-a", &services, &w));
+    assert_eq!(env.mesh().counters.map_writes_ahead, ahead_written);
+    let dp = env.mesh().dataplane();
+    assert_eq!(dp.read_state().unwrap(), *dp.applied());
 }
 
 #[test]

@@ -171,23 +171,7 @@ impl Dataplane {
 
     /// The capacities the peaks `lb` and `authz` need (see [`fit`](Self::fit)).
     fn wanted(&self, lb: &MapCounts, authz: [usize; 4]) -> Result<Capacities, KernelError> {
-        let needed = lb.as_array().into_iter().chain(AUTHZ_MAP_NAMES.into_iter().zip(authz));
-        let mut want = self.capacities;
-        for (map, needed) in needed {
-            let ceiling = self.ceilings.get(map);
-            match capacity_for(self.capacities.get(map), needed, ceiling) {
-                Some(c) => want.set(map, c),
-                None => {
-                    return Err(KernelError::MapFull {
-                        map,
-                        flag: capacity_flag(map),
-                        needed,
-                        capacity: ceiling,
-                    });
-                }
-            }
-        }
-        Ok(want)
+        wanted(&self.capacities, &self.ceilings, lb, authz)
     }
 
     /// Makes and fills the grown maps that load-balancing peaks of at least `lb` will need,
@@ -245,55 +229,69 @@ impl Dataplane {
     /// and some after a switch reads a consistent state. A failed switch leaves the maps
     /// switched before it in force, with their capacities.
     pub fn switch_grown(&mut self, g: Grown) -> Result<(), KernelError> {
-        if g.from != self.capacities {
-            return Ok(());
-        }
-        if let Some(snap) = &g.snapshot
-            && g.grown
-                .iter()
-                .any(|(n, _)| !same_entries(n, (&snap.0, &snap.1), (&self.applied, &self.authz_applied)))
-        {
-            tracing::debug!("maps grown ahead are dropped: the maps they replace changed meanwhile");
-            return Ok(());
-        }
-        // A slot's update returns once no program still runs on the map it replaced (an RCU
-        // grace period, milliseconds): the slots are updated side by side, one wait for all.
-        let Grown { want, grown, started, .. } = g;
-        let done: Vec<Result<(), KernelError>> = std::thread::scope(|s| {
-            let mut outers: Vec<&mut (&'static str, Outer)> = self.m.outers.iter_mut().collect();
-            let handles: Vec<_> = grown
-                .iter()
-                .map(|(map, inner)| {
-                    let at = outers.iter().position(|(n, _)| n == map);
-                    let outer = at.map(|i| outers.swap_remove(i));
-                    s.spawn(move || {
-                        let (_, outer) = outer.ok_or(KernelError::MissingMap(map))?;
-                        outer.slot(map)?.set(0, inner, 0).map_err(|source| KernelError::Write { map, source })
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-        });
-        let mut first_error = None;
-        for ((map, inner), r) in grown.into_iter().zip(done) {
-            if let Err(e) = r {
-                first_error.get_or_insert(e);
-                continue;
-            }
-            let from = self.capacities.get(map);
-            self.m.take_handle(map, inner)?;
-            self.capacities.set(map, want.get(map));
-            tracing::info!(
-                map,
-                from,
-                to = want.get(map),
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "map grown"
-            );
-        }
-        self.grows += 1;
-        first_error.map_or(Ok(()), Err)
+        let slots = Slots { m: &mut self.m, capacities: &mut self.capacities, grows: &mut self.grows };
+        switch(slots, (&self.applied, &self.authz_applied), g)
     }
+}
+
+/// What putting grown maps in force changes in a [`Dataplane`], borrowed apart from what the
+/// maps hold (so that a compilation can read that meanwhile).
+pub(super) struct Slots<'a> {
+    pub(super) m: &'a mut Maps,
+    pub(super) capacities: &'a mut Capacities,
+    pub(super) grows: &'a mut u64,
+}
+
+/// [`Dataplane::switch_grown`], given what the maps hold (`held`: load balancing,
+/// authorization).
+pub(super) fn switch(slots: Slots<'_>, held: (&MapState, &AuthzState), g: Grown) -> Result<(), KernelError> {
+    let Slots { m, capacities, grows } = slots;
+    if g.from != *capacities {
+        return Ok(());
+    }
+    if let Some(snap) = &g.snapshot
+        && g.grown.iter().any(|(n, _)| !same_entries(n, (&snap.0, &snap.1), held))
+    {
+        tracing::debug!("maps grown ahead are dropped: the maps they replace changed meanwhile");
+        return Ok(());
+    }
+    // A slot's update returns once no program still runs on the map it replaced (an RCU
+    // grace period, milliseconds): the slots are updated side by side, one wait for all.
+    let Grown { want, grown, started, .. } = g;
+    let done: Vec<Result<(), KernelError>> = std::thread::scope(|s| {
+        let mut outers: Vec<&mut (&'static str, Outer)> = m.outers.iter_mut().collect();
+        let handles: Vec<_> = grown
+            .iter()
+            .map(|(map, inner)| {
+                let at = outers.iter().position(|(n, _)| n == map);
+                let outer = at.map(|i| outers.swap_remove(i));
+                s.spawn(move || {
+                    let (_, outer) = outer.ok_or(KernelError::MissingMap(map))?;
+                    outer.slot(map)?.set(0, inner, 0).map_err(|source| KernelError::Write { map, source })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    });
+    let mut first_error = None;
+    for ((map, inner), r) in grown.into_iter().zip(done) {
+        if let Err(e) = r {
+            first_error.get_or_insert(e);
+            continue;
+        }
+        let from = capacities.get(map);
+        m.take_handle(map, inner)?;
+        capacities.set(map, want.get(map));
+        tracing::info!(
+            map,
+            from,
+            to = want.get(map),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "map grown"
+        );
+    }
+    *grows += 1;
+    first_error.map_or(Ok(()), Err)
 }
 
 impl Maps {
@@ -319,9 +317,35 @@ impl Maps {
     }
 }
 
+/// The capacities the peaks `lb` and `authz` need, from `capacities` within `ceilings`.
+pub(super) fn wanted(
+    capacities: &Capacities,
+    ceilings: &Capacities,
+    lb: &MapCounts,
+    authz: [usize; 4],
+) -> Result<Capacities, KernelError> {
+    let needed = lb.as_array().into_iter().chain(AUTHZ_MAP_NAMES.into_iter().zip(authz));
+    let mut want = *capacities;
+    for (map, needed) in needed {
+        let ceiling = ceilings.get(map);
+        match capacity_for(capacities.get(map), needed, ceiling) {
+            Some(c) => want.set(map, c),
+            None => {
+                return Err(KernelError::MapFull {
+                    map,
+                    flag: capacity_flag(map),
+                    needed,
+                    capacity: ceiling,
+                });
+            }
+        }
+    }
+    Ok(want)
+}
+
 /// Makes the maps `want` grows (from capacities `from`), filled with `a` and `z` (what the
 /// maps hold). `None` when nothing grows.
-fn prepare(
+pub(super) fn prepare(
     from: Capacities,
     want: Capacities,
     a: &MapState,
