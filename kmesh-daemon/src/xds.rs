@@ -576,35 +576,42 @@ pub struct HandledBatch {
     pub replies: Vec<(DeltaDiscoveryRequest, Vec<String>)>,
 }
 
-/// Decodes one resource's body (taken out of it: a full push holds one form of each resource at
-/// a time, not both).
-fn decode_one(type_url: &str, r: &mut Resource) -> Result<Parsed, String> {
-    let Some(any) = &mut r.resource else {
+/// Decodes one resource's body.
+fn decode_one(type_url: &str, r: &Resource) -> Result<Parsed, String> {
+    if let Some(problem) = r.problem() {
+        return Err(format!("the resource does not decode: {problem}"));
+    }
+    let Some((body_type, body)) = r.body() else {
         return Err("resource body missing".into());
     };
-    if any.type_url != type_url {
-        return Err(format!("body is {:?}, expected {type_url}", any.type_url));
+    if body_type != type_url {
+        return Err(format!("body is {body_type:?}, expected {type_url}"));
     }
-    let body = std::mem::take(&mut any.value);
     let parsed = if type_url == ADDRESS_TYPE {
-        decode_address(&body).map(|a| match a {
+        decode_address(body).map(|a| match a {
             AddressResource::Workload(w) => Parsed::workload(Arc::new(w)),
             AddressResource::Service(s) => Parsed::service(Arc::new(s)),
         })
     } else {
-        decode_authorization(&body).map(|p| Parsed::policy(Arc::new(p)))
+        decode_authorization(body).map(|p| Parsed::policy(Arc::new(p)))
     };
     parsed.map_err(|e| e.to_string())
+}
+
+/// How a NACK names resource `i` of a response: by its name, or where it has none (one that
+/// does not decode), by its place.
+fn label(r: &Resource, i: usize) -> String {
+    if r.name().is_empty() { format!("resource #{i}") } else { r.name().to_string() }
 }
 
 /// A response's resources, decoded in order.
 type Decoded = Vec<Result<Parsed, String>>;
 
 /// The resources of a subscribed type's response decoded (`None` for another type).
-fn decode_response(resp: &mut DeltaDiscoveryResponse) -> Option<Decoded> {
+fn decode_response(resp: &DeltaDiscoveryResponse) -> Option<Decoded> {
     let type_url = SUBSCRIBED.into_iter().find(|t| *t == resp.type_url)?;
     let started = std::time::Instant::now();
-    let parsed = decode_all(type_url, &mut resp.resources);
+    let parsed = decode_all(type_url, &resp.resources);
     if resp.resources.len() >= 1024 {
         tracing::debug!(
             resources = resp.resources.len(),
@@ -624,17 +631,17 @@ fn expected_counts(decoded: &[Option<Decoded>]) -> crate::compile::MapCounts {
 
 /// A response's resources decoded, in order; a large response on every CPU at once (each
 /// resource decodes on its own; a full push of 110k takes 0.08-0.14 s this way on two CPUs).
-fn decode_all(type_url: &str, resources: &mut [Resource]) -> Decoded {
+fn decode_all(type_url: &str, resources: &[Resource]) -> Decoded {
     const PER_THREAD: usize = 4096;
     let threads = crate::cpus().min(resources.len() / PER_THREAD);
     if threads <= 1 {
-        return resources.iter_mut().map(|r| decode_one(type_url, r)).collect();
+        return resources.iter().map(|r| decode_one(type_url, r)).collect();
     }
     let chunk = resources.len().div_ceil(threads);
     std::thread::scope(|s| {
         let parts: Vec<_> = resources
-            .chunks_mut(chunk)
-            .map(|part| s.spawn(move || part.iter_mut().map(|r| decode_one(type_url, r)).collect::<Vec<_>>()))
+            .chunks(chunk)
+            .map(|part| s.spawn(move || part.iter().map(|r| decode_one(type_url, r)).collect::<Vec<_>>()))
             .collect();
         parts.into_iter().flat_map(|h| h.join().expect("decoding does not panic")).collect()
     })
@@ -668,19 +675,19 @@ fn merge(
         Ok(()) => Vec::new(),
         Err(parsed) => parsed,
     };
-    for (r, parsed) in resp.resources.iter().zip(parsed) {
+    for (i, (r, parsed)) in resp.resources.iter().zip(parsed).enumerate() {
         let p = match parsed {
             Ok(p) => p,
             Err(e) => {
-                rejected.push(format!("{}: {e}", r.name));
+                rejected.push(format!("{}: {e}", label(r, i)));
                 continue;
             }
         };
         let (kind, key) = p.slot();
-        if let Some(other) = state.holder(kind, &key).filter(|h| *h != r.name) {
+        if let Some(other) = state.holder(kind, &key).filter(|h| *h != r.name()) {
             rejected.push(format!(
                 "{}: {} {key:?} is already described by resource {other:?}",
-                r.name,
+                r.name(),
                 kind.name()
             ));
             continue;
@@ -688,21 +695,21 @@ fn merge(
         state.set_entry(kind, &key, Some(&p), Some(&mut *undo));
         let items = state.by_type.get_mut(type_url).expect("the type's map was made above");
         // Named by its key (as istiod names resources): one copy of the name for both maps.
-        let name = if *key == *r.name { key.clone() } else { Istr::unique(&r.name) };
+        let name = if *key == *r.name() { key.clone() } else { Istr::unique(r.name()) };
         // Removed first so that the key held is the new one (an insert keeps the old key).
-        let old = items.remove(r.name.as_str());
-        if *version != *r.version {
-            version = Istr::unique(&r.version);
+        let old = items.remove(r.name());
+        if *version != *r.version() {
+            version = Istr::unique(r.version());
         }
         items.insert(name.clone(), (version.clone(), p));
         if let Some((_, prev)) = &old
             && prev.slot() != (kind, key.clone())
         {
-            state.vacate(&r.name, prev, keys, undo);
+            state.vacate(r.name(), prev, keys, undo);
         }
         undo.push(Undo::Resource(type_url, name, old));
-        if *key != *r.name {
-            state.set_alias(kind, &key, Some(r.name.clone()), Some(&mut *undo));
+        if *key != *r.name() {
+            state.set_alias(kind, &key, Some(r.name().to_string()), Some(&mut *undo));
         }
         touched(keys, kind, key);
     }
@@ -747,19 +754,19 @@ fn merge_into_empty(
     let mut items: Vec<(Istr, Istr, Parsed)> = Vec::with_capacity(parsed.len());
     let mut errors = Vec::new();
     let mut version = Istr::default();
-    for (r, p) in resp.resources.iter().zip(&parsed) {
+    for (i, (r, p)) in resp.resources.iter().zip(&parsed).enumerate() {
         match p {
             Ok(p) => {
                 let key = p.slot().1;
-                if *key != *r.name {
+                if *key != *r.name() {
                     return Err(parsed);
                 }
-                if *version != *r.version {
-                    version = Istr::unique(&r.version);
+                if *version != *r.version() {
+                    version = Istr::unique(r.version());
                 }
                 items.push((key, version.clone(), p.clone()));
             }
-            Err(e) => errors.push(format!("{}: {e}", r.name)),
+            Err(e) => errors.push(format!("{}: {e}", label(r, i))),
         }
     }
     // Stable and adaptive: a response already in key order is checked, not sorted.
@@ -837,15 +844,16 @@ const AHEAD_OF: usize = 4096;
 pub fn handle_batch_with(
     state: XdsState,
     node: &NodeInfo,
-    mut resps: Vec<DeltaDiscoveryResponse>,
+    resps: Vec<DeltaDiscoveryResponse>,
     ahead: impl FnOnce(&crate::compile::MapCounts),
     apply: impl FnOnce(&XdsState, &ModelKeys) -> Result<(), String>,
 ) -> HandledBatch {
+    let mut resps = resps;
     let mut next = state;
     let mut undo = Vec::new();
     let mut keys = ModelKeys::default();
     let started = std::time::Instant::now();
-    let decoded: Vec<Option<Decoded>> = resps.iter_mut().map(decode_response).collect();
+    let decoded: Vec<Option<Decoded>> = resps.iter().map(decode_response).collect();
     if resps.iter().map(|r| r.resources.len()).sum::<usize>() >= AHEAD_OF {
         ahead(&expected_counts(&decoded));
     }
@@ -854,6 +862,11 @@ pub fn handle_batch_with(
         .zip(decoded)
         .map(|(r, parsed)| merge(&mut next, r, parsed, &mut keys, &mut undo))
         .collect();
+    // The resources are slices of the received buffers: merged, they give them back before
+    // the apply (the replies need only each response's type and nonce).
+    for r in &mut resps {
+        r.resources = Vec::new();
+    }
     tracing::debug!(
         responses = resps.len(),
         elapsed_us = started.elapsed().as_micros() as u64,
@@ -966,7 +979,7 @@ pub fn complete_resync(state: &XdsState, resp: &mut DeltaDiscoveryResponse) -> u
     let named: std::collections::HashSet<&str> = resp
         .resources
         .iter()
-        .map(|r| r.name.as_str())
+        .map(|r| r.name())
         .chain(resp.removed_resources.iter().map(String::as_str))
         .collect();
     let gone: Vec<String> =
@@ -1260,11 +1273,7 @@ mod tests {
     use kmesh_proto::lean::Resource;
 
     fn res(name: &str, type_url: &str, value: Vec<u8>) -> Resource {
-        Resource {
-            name: name.into(),
-            version: "v1".into(),
-            resource: Some(kmesh_proto::lean::Any { type_url: type_url.into(), value: value.into() }),
-        }
+        Resource::new(name, "v1", Some((type_url, &value)))
     }
 
     fn workload(uid: &str) -> Vec<u8> {
@@ -1314,6 +1323,37 @@ mod tests {
         });
         let msg = h.reply.error_detail.unwrap().message;
         assert!(msg.starts_with("1 resource(s) rejected: bad: "), "{msg}");
+        assert!(h.state.versions(ADDRESS_TYPE).contains_key("good"));
+    }
+
+    #[test]
+    fn a_resource_that_does_not_decode_is_nacked_by_its_place_and_the_rest_applied() {
+        use kmesh_proto::prost::Message as _;
+        // As received: the second resource's name is not UTF-8 (prost would refuse the whole
+        // response for it).
+        let mut wire = kmesh_proto::discovery::DeltaDiscoveryResponse {
+            type_url: ADDRESS_TYPE.into(),
+            nonce: "n3".into(),
+            resources: vec![kmesh_proto::discovery::Resource {
+                name: "good".into(),
+                version: "v1".into(),
+                resource: Some(kmesh_proto::Any { type_url: ADDRESS_TYPE.into(), value: workload("good") }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        prost::encoding::bytes::encode(2, &vec![0x1a, 2, b'a', 0xff], &mut wire);
+        let resp = DeltaDiscoveryResponse::decode(bytes::Bytes::from(wire)).unwrap();
+        let h = handle_response(XdsState::default(), &NodeInfo::default(), &resp, |m| {
+            assert!(m.workloads.contains_key("good"));
+            Ok(())
+        });
+        let msg = h.reply.error_detail.unwrap().message;
+        assert_eq!(
+            msg,
+            "1 resource(s) rejected: resource #1: the resource does not decode: a string is not valid UTF-8"
+        );
         assert!(h.state.versions(ADDRESS_TYPE).contains_key("good"));
     }
 
@@ -1425,7 +1465,7 @@ mod tests {
 
         // The same through the general merge: one resource first, then the rest into a type
         // that is no longer empty.
-        let first = all.iter().position(|r| r.name == "w0000").unwrap();
+        let first = all.iter().position(|r| r.name() == "w0000").unwrap();
         let mut rest = all.clone();
         let head = rest.remove(first);
         let mut keys_one = ModelKeys::default();
