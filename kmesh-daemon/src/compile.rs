@@ -837,15 +837,29 @@ impl Compiler {
     /// The full map contents: the union of every service's entries (their values `gathered`)
     /// and the enrolled namespaces.
     fn state_of(&self, gathered: Gathered<'_>) -> MapState {
-        MapState {
-            netns: self.netns.clone(),
-            frontends: self.claims.keys().filter_map(|k| Some((*k, self.resolve(k)?))).collect(),
-            // Each map built at once (sorted, full nodes), not inserted into.
-            tables: gathered.tables.into_iter().collect(),
-            endpoints: gathered.endpoints.into_iter().collect(),
-            backends: gathered.backends.into_iter().collect(),
-            ports: gathered.ports.into_iter().collect(),
-        }
+        let Gathered { tables, endpoints, backends, ports, .. } = gathered;
+        // Each map built at once (sorted, full nodes), not inserted into; the slots, as many
+        // as the rest together, on a second thread when there are many.
+        let slots = |e: Vec<(EndpointKey, EndpointValue)>| e.into_iter().collect::<BTreeMap<_, _>>();
+        let rest = || {
+            let frontends = self.claims.keys().filter_map(|k| Some((*k, self.resolve(k)?))).collect();
+            (
+                frontends,
+                tables.into_iter().collect(),
+                backends.into_iter().collect(),
+                ports.into_iter().collect(),
+            )
+        };
+        let (endpoints, (frontends, tables, backends, ports)) = if endpoints.len() >= 16_384 {
+            std::thread::scope(|s| {
+                let e = s.spawn(|| slots(endpoints));
+                let r = rest();
+                (e.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), r)
+            })
+        } else {
+            (slots(endpoints), rest())
+        };
+        MapState { netns: self.netns.clone(), frontends, tables, endpoints, backends, ports }
     }
 
     /// What the compiler says the maps hold, with the values `applied` holds: equal to

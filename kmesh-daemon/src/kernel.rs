@@ -681,6 +681,42 @@ fn upsert_entries<K: Pod + Ord, V: Pod>(
     entries: &[(&K, &V)],
     undo: &mut Vec<Undo<K, V>>,
 ) -> Result<(), KernelError> {
+    write_entries(m, name, old, entries, undo).inspect_err(|_| rollback(m, undo))
+}
+
+/// [`upsert_entries`] on two threads at once (for many roots: every key they lead to is
+/// written already), each half recorded in `undo`; on error the caller rolls back.
+fn upsert_split<K: Pod + Ord + Send + Sync, V: Pod + Send + Sync>(
+    m: &HashMap<MapData, K, V>,
+    name: &'static str,
+    old: &BTreeMap<K, V>,
+    set: &BTreeMap<K, V>,
+    undo: &mut Vec<Undo<K, V>>,
+) -> Result<(), KernelError> {
+    let entries: Entries<'_, K, V> = set.iter().collect();
+    if entries.len() < 2 * PARALLEL_WRITES {
+        return write_entries(m, name, old, &entries, undo);
+    }
+    let (a, b) = entries.split_at(entries.len() / 2);
+    let mut undo_b = Vec::new();
+    let (ra, rb) = std::thread::scope(|s| {
+        let hb = s.spawn(|| write_entries(m, name, old, b, &mut undo_b));
+        let ra = write_entries(m, name, old, a, undo);
+        (ra, hb.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    });
+    undo.append(&mut undo_b);
+    ra.and(rb)
+}
+
+/// Writes `entries` into `m` in batches, recording in `undo` how to undo what was written
+/// (also when a batch fails part way: the kernel says how much of it was written).
+fn write_entries<K: Pod + Ord, V: Pod>(
+    m: &HashMap<MapData, K, V>,
+    name: &'static str,
+    old: &BTreeMap<K, V>,
+    entries: &[(&K, &V)],
+    undo: &mut Vec<Undo<K, V>>,
+) -> Result<(), KernelError> {
     use std::os::fd::AsFd as _;
     undo.reserve(entries.len());
     let mut keys = Vec::with_capacity(WRITE_BATCH.min(entries.len()));
@@ -698,7 +734,6 @@ fn upsert_entries<K: Pod + Ord, V: Pod>(
             });
         }
         if let Some(io_error) = error {
-            rollback(m, undo);
             return Err(batch_write_error(name, io_error));
         }
     }
@@ -1102,7 +1137,8 @@ impl Dataplane {
         upsert_entries(&mut m.ports, "PORTS", &old.ports, &cp, &mut u.ports)?;
         upsert_entries(&mut m.endpoints, "ENDPOINTS", &old.endpoints, &ce, &mut u.endpoints)?;
         upsert_entries(&mut m.tables, "LB_TABLES", &old.tables, &ct, &mut u.tables)?;
-        upsert(&mut m.frontends, "FRONTENDS", &old.frontends, &set.frontends, &mut u.frontends)?;
+        // The roots: a full push of 100k services has as many frontends as slots.
+        upsert_split(&m.frontends, "FRONTENDS", &old.frontends, &set.frontends, &mut u.frontends)?;
         upsert(&mut m.netns, "NETNS", &old.netns, &set.netns, &mut u.netns)?;
         Ok(strays)
     }
