@@ -1440,21 +1440,7 @@ pub fn diff_owned(prev: &MapState, next: MapState) -> Diff {
 
 /// What must be written and deleted to turn `prev` into `next`.
 pub fn diff(prev: &MapState, next: &MapState) -> Diff {
-    let (netns, del_netns) = changed(&prev.netns, &next.netns);
-    let (frontends, del_frontends) = changed(&prev.frontends, &next.frontends);
-    let (tables, del_tables) = changed(&prev.tables, &next.tables);
-    let (endpoints, del_endpoints) = changed(&prev.endpoints, &next.endpoints);
-    let (backends, del_backends) = changed(&prev.backends, &next.backends);
-    let (ports, del_ports) = changed(&prev.ports, &next.ports);
-    Diff {
-        set: MapState { netns, frontends, tables, endpoints, backends, ports },
-        del_netns,
-        del_frontends,
-        del_tables,
-        del_endpoints,
-        del_backends,
-        del_ports,
-    }
+    diff_owned(prev, next.clone())
 }
 
 mod fragment;

@@ -124,18 +124,18 @@ impl<'a> Writer<'a> {
     }
 
     fn write(&mut self, m: &Maps, batch: Leaves) {
-        let h = self.held;
-        put(&m.backends, "BACKENDS", &h.backends, &mut self.room[0], batch.backends, &mut self.out.backends);
-        put(&m.ports, "PORTS", &h.ports, &mut self.room[1], batch.ports, &mut self.out.ports);
-        put(
-            &m.endpoints,
-            "ENDPOINTS",
-            &h.endpoints,
-            &mut self.room[2],
-            batch.endpoints,
-            &mut self.out.endpoints,
-        );
-        put(&m.tables, "LB_TABLES", &h.tables, &mut self.room[3], batch.tables, &mut self.out.tables);
+        let (h, room, out) = (self.held, &mut self.room, &mut self.out);
+        let whole = [
+            put(&m.backends, "BACKENDS", &h.backends, &mut room[0], batch.backends, &mut out.backends),
+            put(&m.ports, "PORTS", &h.ports, &mut room[1], batch.ports, &mut out.ports),
+            put(&m.endpoints, "ENDPOINTS", &h.endpoints, &mut room[2], batch.endpoints, &mut out.endpoints),
+        ];
+        // A table is written only after every slot, backend and port its service has: once
+        // one of those is left to the apply, so are all tables from then on.
+        if whole.contains(&false) {
+            room[3] = None;
+        }
+        put(&m.tables, "LB_TABLES", &h.tables, &mut room[3], batch.tables, &mut out.tables);
     }
 
     /// What was written, sorted by key; of a key written twice, the value written last.
@@ -154,7 +154,7 @@ impl<'a> Writer<'a> {
 }
 
 /// Writes the `entries` whose keys `held` lacks into `m`, at most `room` of them, and records
-/// them in `out`.
+/// them in `out`. False when some were left unwritten (no room, or a write failed).
 fn put<K: Pod + Ord, V: Pod>(
     m: &HashMap<MapData, K, V>,
     name: &'static str,
@@ -162,28 +162,29 @@ fn put<K: Pod + Ord, V: Pod>(
     room: &mut Option<usize>,
     entries: Vec<(K, V)>,
     out: &mut Vec<(K, V)>,
-) {
+) -> bool {
     use std::os::fd::AsFd as _;
-    let Some(left) = room else { return };
     let fresh: Vec<(K, V)> = if held.is_empty() {
         entries
     } else {
         entries.into_iter().filter(|(k, _)| !held.contains_key(k)).collect()
     };
-    let fresh = &fresh[..fresh.len().min(*left)];
-    if fresh.is_empty() {
-        return;
+    let Some(left) = room else { return fresh.is_empty() };
+    let take = fresh.len().min(*left);
+    if take == 0 {
+        return fresh.is_empty();
     }
-    let keys: Vec<K> = fresh.iter().map(|e| e.0).collect();
-    let values: Vec<V> = fresh.iter().map(|e| e.1).collect();
+    let keys: Vec<K> = fresh[..take].iter().map(|e| e.0).collect();
+    let values: Vec<V> = fresh[..take].iter().map(|e| e.1).collect();
     let (written, error) = sys::update_batch(m.map().fd().as_fd(), &keys, &values);
-    let written = written.min(fresh.len());
+    let written = written.min(take);
     out.extend_from_slice(&fresh[..written]);
     *left -= written;
     if let Some(e) = error {
         tracing::debug!(map = name, error = %e, "a write ahead failed; the apply writes the rest");
         *room = None;
     }
+    written == fresh.len()
 }
 
 impl Dataplane {
