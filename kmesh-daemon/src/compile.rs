@@ -168,7 +168,7 @@ impl MapState {
 /// A quick estimate of the load-balancing peaks a full compilation of `model` over `prev`
 /// reaches, from the model's sizes alone (a frontend per service address and port, a table
 /// per service, an endpoint and a backend per membership of a workload with an address): what
-/// maps to grow before the compilation has said exactly (see `Dataplane::prepare_grow`).
+/// maps to grow before the compilation has said exactly (see `kernel::Ahead::Guess`).
 /// Hash rings and locality classes make more entries, so it is a guess, never a limit.
 pub fn expected_peaks(model: &Model, prev: &MapState) -> MapCounts {
     let new = expected_counts(

@@ -21,7 +21,7 @@ use crate::compile::{Diff, MapCounts, MapState, changed_entries, diff_owned, uni
 
 mod grow;
 mod prewrite;
-pub use grow::{Grown, INITIAL_CAPACITY, capacity_for, open_pinned};
+pub use grow::{Grown, INITIAL_CAPACITY, PendingGrow, capacity_for, open_pinned};
 pub use prewrite::{Ahead, Prewritten, WriteAhead};
 
 /// The eBPF object built by build.rs.

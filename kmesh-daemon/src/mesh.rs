@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::authz::{AuthzCompiler, AuthzDiff};
 use crate::compile::{Compiler, Diff, Enrollment, Ids, words_addr};
-use crate::kernel::{Ahead, ApplyReport, Dataplane, KernelError, Prewritten, WriteAhead};
+use crate::kernel::{Ahead, ApplyReport, Dataplane, KernelError, PendingGrow, Prewritten, WriteAhead};
 use crate::model::{Locality, Model, NodeInfo, Workload};
 pub use crate::observe::Counters;
 use crate::observe::{Observer, Published};
@@ -71,8 +71,6 @@ pub struct Mesh {
 /// Models of at least this many services and workloads are compiled while their new entries
 /// are written (see `kernel::prewrite`); below, a thread costs more than it saves.
 pub const PREWRITE_MIN: usize = 4096;
-
-type PendingGrow = std::thread::JoinHandle<Result<Option<crate::kernel::Grown>, KernelError>>;
 
 impl Mesh {
     /// Wraps a loaded data plane. Namespaces enrolled by an earlier run (found in the adopted
@@ -252,7 +250,7 @@ impl Mesh {
                     None => self.compile_full_growing(enrolled),
                 };
                 if let Some(pending) = self.pending_grow.take() {
-                    self.finish_grow(pending.join());
+                    self.dp.finish_grow(pending);
                 }
                 let compiler = &self.compiler;
                 let del = self.headers.before_apply(&d, &self.model, |fk| compiler.frontend_owner(fk));
@@ -309,16 +307,6 @@ impl Mesh {
             return;
         }
         self.pending_grow = self.dp.grow_in_background(&lb.max(&self.dp.applied().counts()));
-    }
-
-    /// Puts maps grown ahead in force, waiting for them if they are not ready yet.
-    fn finish_grow(&mut self, grown: std::thread::Result<Result<Option<crate::kernel::Grown>, KernelError>>) {
-        // On failure the apply grows what it needs, or says why it cannot.
-        match grown.map(|g| g.and_then(|g| g.map_or(Ok(()), |g| self.dp.switch_grown(g)))) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot grow the maps ahead of the writes"),
-            Err(_) => tracing::error!("the thread growing the maps panicked"),
-        }
     }
 
     /// A full load-balancing compilation, as the diff from what the maps hold. When the model

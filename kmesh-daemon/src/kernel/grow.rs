@@ -148,8 +148,8 @@ fn fill<'a, K: Pod + 'a, V: Pod + 'a>(
     Ok(())
 }
 
-/// Grown maps, filled, not yet in their slots (see [`Dataplane::prepare_grow`]). Dropped
-/// unswitched, they are freed.
+/// Grown maps, filled, not yet in their slots (see [`Dataplane::grow_in_background`]).
+/// Dropped unswitched, they are freed.
 pub struct Grown {
     /// The capacities the maps had when these were made, and the ones they have.
     from: Capacities,
@@ -174,17 +174,6 @@ impl Dataplane {
         wanted(&self.capacities, &self.ceilings, lb, authz)
     }
 
-    /// Makes and fills the grown maps that load-balancing peaks of at least `lb` will need,
-    /// without putting them in force, from a shared reference so that it can run while the
-    /// compiler works on another thread. `None` when the maps are big enough already, or the
-    /// peaks are over a ceiling (the apply refuses that when it knows the real peaks).
-    /// [`switch_grown`](Self::switch_grown) puts the result in force; nothing may be written
-    /// to the maps in between.
-    pub fn prepare_grow(&self, lb: &MapCounts) -> Result<Option<Grown>, KernelError> {
-        let Ok(want) = self.wanted(lb, [0; 4]) else { return Ok(None) };
-        prepare(self.capacities, want, &self.applied, &self.authz_applied)
-    }
-
     /// Replaces the maps whose capacity `want` raises by bigger ones holding the same
     /// entries, make-before-break (see the module's documentation).
     pub fn grow(&mut self, want: Capacities) -> Result<(), KernelError> {
@@ -194,15 +183,14 @@ impl Dataplane {
         }
     }
 
-    /// [`prepare_grow`](Self::prepare_grow) on a thread of its own, from a copy of what the
-    /// maps hold: for a large batch of resources the daemon has only decoded, so that the
-    /// maps are made and filled while the batch is merged and compiled. `None` when nothing
-    /// needs to grow. The maps are switched to only if the ones they replace still hold what
-    /// was copied (see [`switch_grown`](Self::switch_grown)).
-    pub fn grow_in_background(
-        &self,
-        lb: &MapCounts,
-    ) -> Option<std::thread::JoinHandle<Result<Option<Grown>, KernelError>>> {
+    /// Makes and fills, on a thread of its own, the grown maps that load-balancing peaks of at
+    /// least `lb` will need, without putting them in force, from a copy of what the maps hold:
+    /// for a large batch of resources the daemon has only decoded, so that the maps are made
+    /// and filled while the batch is merged and compiled. `None` when nothing needs to grow
+    /// (or the peaks are over a ceiling: the apply refuses that when it knows the real
+    /// peaks). [`finish_grow`](Self::finish_grow) puts them in force, only if the maps they
+    /// replace still hold what was copied.
+    pub fn grow_in_background(&self, lb: &MapCounts) -> Option<PendingGrow> {
         let want = self.wanted(lb, [0; 4]).ok().filter(|w| *w != self.capacities)?;
         let from = self.capacities;
         let snapshot = Box::new((self.applied.clone(), self.authz_applied.clone()));
@@ -222,7 +210,15 @@ impl Dataplane {
         }
     }
 
-    /// Puts maps made by [`prepare_grow`](Self::prepare_grow) in their slots. Maps prepared
+    /// Waits for maps grown on another thread and puts them in force (see
+    /// [`switch_grown`](Self::switch_grown)); on failure the next apply grows what it needs, or
+    /// says why it cannot.
+    pub fn finish_grow(&mut self, h: PendingGrow) {
+        let slots = Slots { m: &mut self.m, capacities: &mut self.capacities, grows: &mut self.grows };
+        finish(slots, (&self.applied, &self.authz_applied), h);
+    }
+
+    /// Puts grown maps in their slots. Maps prepared
     /// before another grow, or (made on another thread) from entries the maps no longer hold,
     /// are dropped: the next apply grows what it needs. Each map is switched on its own; the
     /// old and the new one hold the same entries, so a program that reads some maps before
@@ -231,6 +227,28 @@ impl Dataplane {
     pub fn switch_grown(&mut self, g: Grown) -> Result<(), KernelError> {
         let slots = Slots { m: &mut self.m, capacities: &mut self.capacities, grows: &mut self.grows };
         switch(slots, (&self.applied, &self.authz_applied), g)
+    }
+}
+
+/// Maps being grown on another thread (see [`Dataplane::grow_in_background`]).
+pub type PendingGrow = std::thread::JoinHandle<Result<Option<Grown>, KernelError>>;
+
+/// [`Dataplane::finish_grow`], given what the maps hold (`held`).
+pub(super) fn finish(slots: Slots<'_>, held: (&MapState, &AuthzState), h: PendingGrow) {
+    match h.join() {
+        Ok(grown) => put_in_force(slots, held, grown),
+        Err(_) => tracing::error!("the thread growing the maps panicked"),
+    }
+}
+
+/// Switches to the maps `grown` made, if any (see [`switch`]); says so when that failed.
+pub(super) fn put_in_force(
+    slots: Slots<'_>,
+    held: (&MapState, &AuthzState),
+    grown: Result<Option<Grown>, KernelError>,
+) {
+    if let Err(e) = grown.and_then(|g| g.map_or(Ok(()), |g| switch(slots, held, g))) {
+        tracing::warn!(error = %e, "cannot grow the maps ahead of the writes");
     }
 }
 
@@ -244,7 +262,7 @@ pub(super) struct Slots<'a> {
 
 /// [`Dataplane::switch_grown`], given what the maps hold (`held`: load balancing,
 /// authorization).
-pub(super) fn switch(slots: Slots<'_>, held: (&MapState, &AuthzState), g: Grown) -> Result<(), KernelError> {
+fn switch(slots: Slots<'_>, held: (&MapState, &AuthzState), g: Grown) -> Result<(), KernelError> {
     let Slots { m, capacities, grows } = slots;
     if g.from != *capacities {
         return Ok(());

@@ -8,31 +8,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
-use super::grow::{Slots, prepare, switch, wanted};
+use super::grow::{Slots, finish, prepare, put_in_force, wanted};
 use super::*;
-
-/// Entries of the maps below the frontends, as the compiler makes them (in batches of about
-/// [`SEND_BATCH`]).
-#[derive(Default)]
-struct Leaves {
-    backends: Vec<(u32, BackendValue)>,
-    ports: Vec<(PortKey, PortValue)>,
-    endpoints: Vec<(EndpointKey, EndpointValue)>,
-    tables: Vec<(TableKey, TableValue)>,
-}
-
-impl Leaves {
-    fn len(&self) -> usize {
-        self.backends.len() + self.ports.len() + self.endpoints.len() + self.tables.len()
-    }
-
-    fn add(&mut self, f: &MapState) {
-        self.backends.extend(f.backends.iter().map(|(k, v)| (*k, *v)));
-        self.ports.extend(f.ports.iter().map(|(k, v)| (*k, *v)));
-        self.endpoints.extend(f.endpoints.iter().map(|(k, v)| (*k, *v)));
-        self.tables.extend(f.tables.iter().map(|(k, v)| (*k, *v)));
-    }
-}
 
 /// Entries sent to the writing thread at once.
 const SEND_BATCH: usize = 2048;
@@ -49,9 +26,11 @@ pub enum WriteAhead {
     Everything,
 }
 
-/// Entries written ahead of an apply (see the module's documentation), by map, sorted by key:
-/// keys the maps did not hold, with the values written under them. Hand them to
-/// [`Dataplane::apply_prewritten`], which skips them, and deletes them if it fails.
+/// Entries of the maps below the frontends, by map: as the compiler makes them (the batches
+/// the writing thread is sent), and as it wrote them ahead of an apply (see the module's
+/// documentation), then sorted by key: keys the maps did not hold, with the values written
+/// under them. Hand those to [`Dataplane::apply_prewritten`], which skips them, and deletes
+/// them if it fails.
 #[derive(Debug, Default)]
 pub struct Prewritten {
     pub(super) backends: Vec<(u32, BackendValue)>,
@@ -61,13 +40,21 @@ pub struct Prewritten {
 }
 
 impl Prewritten {
-    /// How many entries were written ahead.
+    /// How many entries it holds.
     pub fn len(&self) -> usize {
         self.backends.len() + self.ports.len() + self.endpoints.len() + self.tables.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Adds the entries of a compiled fragment.
+    fn add(&mut self, f: &MapState) {
+        self.backends.extend(f.backends.iter().map(|(k, v)| (*k, *v)));
+        self.ports.extend(f.ports.iter().map(|(k, v)| (*k, *v)));
+        self.endpoints.extend(f.endpoints.iter().map(|(k, v)| (*k, *v)));
+        self.tables.extend(f.tables.iter().map(|(k, v)| (*k, *v)));
     }
 
     /// Forgets what was written into maps that have been replaced by grown ones since (see
@@ -94,7 +81,7 @@ pub enum Ahead {
     /// They have room.
     Nothing,
     /// Maps being grown on another thread (see [`Dataplane::grow_in_background`]).
-    Pending(std::thread::JoinHandle<Result<Option<Grown>, KernelError>>),
+    Pending(PendingGrow),
     /// Grow them to this guess of the peaks (see `compile::expected_peaks`).
     Guess(MapCounts),
 }
@@ -102,7 +89,7 @@ pub enum Ahead {
 /// Writes what a batch holds under keys the maps do not hold, while each map has room.
 struct Writer<'a> {
     held: &'a MapState,
-    /// Entries each map may still take, in the order of [`Leaves`]; `None` once a write to
+    /// Entries each map may still take, in the order of [`Prewritten`]; `None` once a write to
     /// it failed (the apply writes the rest and reports the error).
     room: [Option<usize>; 4],
     out: Prewritten,
@@ -123,7 +110,7 @@ impl<'a> Writer<'a> {
         }
     }
 
-    fn write(&mut self, m: &Maps, batch: Leaves) {
+    fn write(&mut self, m: &Maps, batch: Prewritten) {
         let (h, room, out) = (self.held, &mut self.room, &mut self.out);
         let whole = [
             put(&m.backends, "BACKENDS", &h.backends, &mut room[0], batch.backends, &mut out.backends),
@@ -203,7 +190,7 @@ impl Dataplane {
         let Dataplane { m, capacities, ceilings, grows, applied, authz_applied, .. } = self;
         let (held, authz_held): (&MapState, &AuthzState) = (applied, authz_applied);
         let stop = AtomicBool::new(false);
-        let (tx, rx) = mpsc::channel::<Leaves>();
+        let (tx, rx) = mpsc::channel::<Prewritten>();
         std::thread::scope(|s| {
             let writer = std::thread::Builder::new().name("kmesh-prewrite".into()).spawn_scoped(s, || {
                 let slots = Slots { m: &mut *m, capacities: &mut *capacities, grows: &mut *grows };
@@ -224,7 +211,7 @@ impl Dataplane {
                     None
                 }
             };
-            let mut batch = Leaves::default();
+            let mut batch = Prewritten::default();
             let send_every = if write == WriteAhead::WhileCompiling { SEND_BATCH } else { 1 };
             let r = compile(held, &mut |f: &MapState| {
                 if write == WriteAhead::No {
@@ -248,21 +235,15 @@ impl Dataplane {
 
 /// Puts maps grown `ahead` in force (see [`Ahead`]); on failure the apply grows what it needs.
 fn get_ready(slots: Slots<'_>, ceilings: &Capacities, held: (&MapState, &AuthzState), ahead: Ahead) {
-    let grown = match ahead {
-        Ahead::Nothing => return,
-        Ahead::Pending(h) => match h.join() {
-            Ok(g) => g,
-            Err(_) => {
-                tracing::error!("the thread growing the maps panicked");
-                return;
-            }
-        },
+    match ahead {
+        Ahead::Nothing => {}
+        Ahead::Pending(h) => finish(slots, held, h),
         Ahead::Guess(lb) => match wanted(slots.capacities, ceilings, &lb, [0; 4]) {
-            Ok(want) if want != *slots.capacities => prepare(*slots.capacities, want, held.0, held.1),
-            _ => return,
+            Ok(want) if want != *slots.capacities => {
+                let grown = prepare(*slots.capacities, want, held.0, held.1);
+                put_in_force(slots, held, grown)
+            }
+            _ => {}
         },
-    };
-    if let Err(e) = grown.and_then(|g| g.map_or(Ok(()), |g| switch(slots, held, g))) {
-        tracing::warn!(error = %e, "cannot grow the maps ahead of the writes");
     }
 }
