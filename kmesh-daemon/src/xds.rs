@@ -998,6 +998,9 @@ async fn channel(o: &XdsOptions) -> Result<Channel, XdsError> {
     // HTTP/2 flow-control windows sized for full pushes (tens of MB), not hyper's 64 KiB
     // defaults, under which a large response waits on window updates.
     ep = ep.initial_stream_window_size(Some(4 << 20)).initial_connection_window_size(Some(8 << 20));
+    // Frames of up to 1 MiB, not HTTP/2's 16 KiB default: a 27 MB push arrives in ~30 frames
+    // instead of ~1,700 (10k x 10: receiving it went from 57 to 27-32 ms).
+    ep = ep.max_frame_size(1u32 << 20);
     if let Some(ca) = &o.ca_file {
         let pem = std::fs::read(ca).map_err(|source| XdsError::Ca { path: ca.clone(), source })?;
         let host = o
