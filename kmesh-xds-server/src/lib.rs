@@ -12,17 +12,18 @@
 
 pub mod envoy_yaml;
 mod sotw;
+mod wire;
+
+pub use wire::{AdsService, DeltaResponse, Outgoing};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use kmesh_proto::discovery::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use kmesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, Resource};
+use kmesh_proto::discovery::DeltaDiscoveryRequest;
 use kmesh_proto::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+use prost::bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -171,19 +172,20 @@ struct TypeState {
     /// name -> (version, encoded resource). A version is the generation of the change that
     /// last set the resource: the resources one call sets share it (and its one copy), so a
     /// client keeping versions keeps one per change, not one per resource.
-    items: BTreeMap<String, (Arc<str>, Vec<u8>)>,
+    /// Names and bodies are shared with the responses that carry them (see [`wire`]).
+    items: BTreeMap<Arc<str>, (Arc<str>, Bytes)>,
     /// seq -> the name that changed (set or removed) then; one entry per name, its last.
-    log: BTreeMap<u64, String>,
+    log: BTreeMap<u64, Arc<str>>,
     /// name -> its entry in `log`.
-    last: HashMap<String, u64>,
+    last: HashMap<Arc<str>, u64>,
 }
 
 impl TypeState {
-    fn touch(&mut self, name: &str, seq: u64) {
-        if let Some(old) = self.last.insert(name.to_string(), seq) {
+    fn touch(&mut self, name: &Arc<str>, seq: u64) {
+        if let Some(old) = self.last.insert(name.clone(), seq) {
             self.log.remove(&old);
         }
-        self.log.insert(seq, name.to_string());
+        self.log.insert(seq, name.clone());
     }
 }
 
@@ -283,8 +285,9 @@ impl ControlPlane {
                 s.seq += 1;
                 let seq = s.seq;
                 let t = s.resources.entry(type_url.to_string()).or_default();
+                let name: Arc<str> = name.into();
                 t.touch(&name, seq);
-                t.items.insert(name, (v.clone(), bytes));
+                t.items.insert(name, (v.clone(), bytes.into()));
             }
             if any {
                 s.next_version += 1;
@@ -300,9 +303,9 @@ impl ControlPlane {
             let mut seq = s.seq;
             if let Some(t) = s.resources.get_mut(type_url) {
                 for n in names {
-                    if t.items.remove(*n).is_some() {
+                    if let Some((n, _)) = t.items.remove_entry(*n) {
                         seq += 1;
-                        t.touch(n, seq);
+                        t.touch(&n, seq);
                     }
                 }
             }
@@ -320,20 +323,22 @@ impl ControlPlane {
             let mut seq = s.seq;
             let v: Arc<str> = format!("v{}", s.next_version + 1).into();
             let mut changed = false;
-            let gone: Vec<String> = t.items.keys().filter(|n| !items.contains_key(*n)).cloned().collect();
+            let gone: Vec<Arc<str>> =
+                t.items.keys().filter(|n| !items.contains_key(&***n)).cloned().collect();
             for n in gone {
                 t.items.remove(&n);
                 seq += 1;
                 t.touch(&n, seq);
             }
             for (name, bytes) in items {
-                if t.items.get(&name).is_some_and(|(_, b)| *b == bytes) {
+                if t.items.get(name.as_str()).is_some_and(|(_, b)| *b == bytes) {
                     continue;
                 }
                 changed = true;
                 seq += 1;
+                let name: Arc<str> = name.into();
                 t.touch(&name, seq);
-                t.items.insert(name, (v.clone(), bytes));
+                t.items.insert(name, (v.clone(), bytes.into()));
             }
             s.seq = seq;
             s.next_version += u64::from(changed);
@@ -387,10 +392,9 @@ impl ControlPlane {
         self.state.lock().unwrap().resources.get(type_url)?.items.get(name).map(|(v, _)| v.to_string())
     }
 
-    pub fn service(&self) -> AggregatedDiscoveryServiceServer<ControlPlane> {
-        AggregatedDiscoveryServiceServer::new(self.clone())
-            .max_encoding_message_size(usize::MAX)
-            .max_decoding_message_size(self.max_request_bytes)
+    /// The ADS service (delta and state of the world), for a tonic server.
+    pub fn service(&self) -> AdsService {
+        AdsService::new(self.clone())
     }
 
     /// Serves on `listener` until `shutdown` resolves, optionally with TLS.
@@ -460,34 +464,34 @@ impl ControlPlane {
     fn delta_for(
         &self,
         type_url: &str,
-        sent: &BTreeMap<String, String>,
+        sent: &BTreeMap<Arc<str>, Arc<str>>,
         since: Option<u64>,
         names: Option<&BTreeSet<String>>,
-    ) -> (Option<DeltaDiscoveryResponse>, u64) {
-        let wanted = |n: &String| names.is_none_or(|s| s.contains(n));
+    ) -> (Option<DeltaResponse>, u64) {
+        let wanted = |n: &str| names.is_none_or(|s| s.contains(n));
         let mut s = self.state.lock().unwrap();
         let now = s.seq;
         let empty = TypeState::default();
         let t = s.resources.get(type_url).unwrap_or(&empty);
-        let resource = |n: &String, (v, b): &(Arc<str>, Vec<u8>)| Resource {
+        let resource = |n: &Arc<str>, (v, b): &(Arc<str>, Bytes)| Outgoing {
             name: n.clone(),
-            version: v.to_string(),
-            resource: Some(kmesh_proto::Any { type_url: type_url.to_string(), value: b.clone() }),
-            ..Default::default()
+            version: v.clone(),
+            body: b.clone(),
         };
         // A stream that holds nothing of the type is sent all of it, in name order, whatever
         // the change log says (its first push: no search per logged name).
         let since = since.filter(|_| !sent.is_empty());
-        let (resources, removed): (Vec<Resource>, Vec<String>) = match since {
+        let (resources, removed): (Vec<Outgoing>, Vec<String>) = match since {
             None => {
-                let due: Vec<_> = t
+                let resources = t
                     .items
                     .iter()
-                    .filter(|(n, (v, _))| wanted(n) && sent.get(*n).map(String::as_str) != Some(&**v))
+                    .filter(|(n, (v, _))| wanted(n) && sent.get(*n) != Some(v))
+                    .map(|(n, e)| resource(n, e))
                     .collect();
                 (
-                    build_resources(&due, |(n, e)| resource(n, e)),
-                    sent.keys().filter(|n| !t.items.contains_key(*n)).cloned().collect(),
+                    resources,
+                    sent.keys().filter(|n| !t.items.contains_key(*n)).map(|n| n.to_string()).collect(),
                 )
             }
             Some(since) => {
@@ -495,11 +499,9 @@ impl ControlPlane {
                 let mut rm = Vec::new();
                 for name in t.log.range(since + 1..).map(|(_, n)| n).filter(|n| wanted(n)) {
                     match t.items.get(name) {
-                        Some(e) if sent.get(name).map(String::as_str) != Some(&*e.0) => {
-                            res.push(resource(name, e))
-                        }
+                        Some(e) if sent.get(name) != Some(&e.0) => res.push(resource(name, e)),
                         Some(_) => {}
-                        None if sent.contains_key(name) => rm.push(name.clone()),
+                        None if sent.contains_key(name) => rm.push(name.to_string()),
                         None => {}
                     }
                 }
@@ -510,45 +512,26 @@ impl ControlPlane {
             return (None, now);
         }
         s.next_nonce += 1;
-        let resp = DeltaDiscoveryResponse {
+        let resp = DeltaResponse {
             system_version_info: format!("v{}", s.next_version),
             resources,
             type_url: type_url.to_string(),
             removed_resources: removed,
             nonce: format!("n{}", s.next_nonce),
-            ..Default::default()
         };
         (Some(resp), now)
     }
 
-    fn empty_response(&self, type_url: &str) -> DeltaDiscoveryResponse {
+    fn empty_response(&self, type_url: &str) -> DeltaResponse {
         let mut s = self.state.lock().unwrap();
         s.next_nonce += 1;
-        DeltaDiscoveryResponse {
+        DeltaResponse {
             system_version_info: format!("v{}", s.next_version),
             type_url: type_url.to_string(),
             nonce: format!("n{}", s.next_nonce),
             ..Default::default()
         }
     }
-}
-
-/// The resources of a response, built from `due` in order: a large push (a stream's first, a
-/// whole state) on two threads, since each resource is three strings and its body copied
-/// (27 MB at 10k services x 10 endpoints).
-fn build_resources<T: Sync>(due: &[T], make: impl Fn(&T) -> Resource + Sync) -> Vec<Resource> {
-    const PARALLEL_FROM: usize = 16_384;
-    if due.len() < PARALLEL_FROM {
-        return due.iter().map(&make).collect();
-    }
-    let (first, second) = due.split_at(due.len() / 2);
-    let make = &make;
-    std::thread::scope(|sc| {
-        let rest = sc.spawn(move || second.iter().map(make).collect::<Vec<_>>());
-        let mut out: Vec<Resource> = first.iter().map(make).collect();
-        out.extend(rest.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-        out
-    })
 }
 
 /// A running server; stops when dropped.
@@ -586,7 +569,7 @@ impl Drop for ServerHandle {
 struct StreamState {
     node: Option<String>,
     /// type -> name -> version the client has been sent.
-    sent: BTreeMap<String, BTreeMap<String, String>>,
+    sent: BTreeMap<String, BTreeMap<Arc<str>, Arc<str>>>,
     subscribed: BTreeSet<String>,
     /// nonce -> type, for responses not yet ACKed or NACKed.
     pending: BTreeMap<String, String>,
@@ -598,21 +581,11 @@ struct StreamState {
     names: BTreeMap<String, BTreeSet<String>>,
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+pub(crate) type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for ControlPlane {
-    type StreamAggregatedResourcesStream = sotw::SotwStream;
-    type DeltaAggregatedResourcesStream = ResponseStream;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        self.sotw_stream(request).await
-    }
-
-    async fn delta_aggregated_resources(
+impl ControlPlane {
+    /// Answers one delta ADS stream (`DeltaAggregatedResources`).
+    pub(crate) fn delta_stream(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
@@ -769,7 +742,7 @@ impl ControlPlane {
     }
 
     /// The response that brings `st` up to date for `type_url`, if any, recorded as sent.
-    fn push(&self, st: &mut StreamState, type_url: &str) -> Option<DeltaDiscoveryResponse> {
+    fn push(&self, st: &mut StreamState, type_url: &str) -> Option<DeltaResponse> {
         let sent = st.sent.entry(type_url.to_string()).or_default();
         let since = st.pushed.get(type_url).copied();
         let started = std::time::Instant::now();
@@ -786,7 +759,7 @@ impl ControlPlane {
                 }
             }
             for n in &resp.removed_resources {
-                sent.remove(n);
+                sent.remove(n.as_str());
             }
         }
         // The control plane's share of a push: computing the response and recording what the
@@ -802,7 +775,7 @@ impl ControlPlane {
         &self,
         st: &mut StreamState,
         req: DeltaDiscoveryRequest,
-    ) -> Result<Vec<DeltaDiscoveryResponse>, Status> {
+    ) -> Result<Vec<DeltaResponse>, Status> {
         let node = self.accept_node(&mut st.node, req.node.as_ref())?;
         if !TYPES.contains(&req.type_url.as_str()) {
             return Err(self.violation(format!("unknown type_url {:?}", req.type_url)));
@@ -847,7 +820,7 @@ impl ControlPlane {
             let sent = st.sent.entry(req.type_url.clone()).or_default();
             for n in &req.resource_names_unsubscribe {
                 names.remove(n);
-                sent.remove(n);
+                sent.remove(n.as_str());
             }
             st.pushed.remove(&req.type_url);
             return Ok(self.push(st, &req.type_url).into_iter().collect());
@@ -864,7 +837,8 @@ impl ControlPlane {
             type_url: req.type_url.clone(),
             initial_resource_versions: initial.clone(),
         });
-        st.sent.insert(req.type_url.clone(), initial);
+        st.sent
+            .insert(req.type_url.clone(), initial.into_iter().map(|(n, v)| (n.into(), v.into())).collect());
         if self.is_held(&req.type_url) {
             st.owed.insert(req.type_url.clone());
             return Ok(Vec::new());
@@ -874,7 +848,7 @@ impl ControlPlane {
 
     /// What brings `st` up to date for `type_url`; the first answer to a subscription is sent
     /// even when there is nothing to send, as istiod does.
-    fn answer(&self, st: &mut StreamState, type_url: &str, first: bool) -> Option<DeltaDiscoveryResponse> {
+    fn answer(&self, st: &mut StreamState, type_url: &str, first: bool) -> Option<DeltaResponse> {
         match self.push(st, type_url) {
             Some(r) => Some(r),
             None if first => {
@@ -905,8 +879,8 @@ mod tests {
         StreamState::default()
     }
 
-    fn names(r: &DeltaDiscoveryResponse) -> (Vec<String>, Vec<String>) {
-        (r.resources.iter().map(|r| r.name.clone()).collect(), r.removed_resources.clone())
+    fn names(r: &DeltaResponse) -> (Vec<String>, Vec<String>) {
+        (r.resources.iter().map(|r| r.name.to_string()).collect(), r.removed_resources.clone())
     }
 
     /// A push reads the change log from the stream's last push: it carries exactly what changed
@@ -951,8 +925,8 @@ mod tests {
         let first = cp.push(&mut st, T).unwrap();
         assert_eq!(first.resources.len(), n as usize);
         for (i, r) in first.resources.iter().enumerate() {
-            assert_eq!(r.name, name(i as u32));
-            assert_eq!(r.resource.as_ref().unwrap().value, (i as u32).to_le_bytes());
+            assert_eq!(*r.name, name(i as u32));
+            assert_eq!(r.body, (i as u32).to_le_bytes()[..]);
         }
         assert_eq!(st.sent[T].len(), n as usize);
         cp.set(T, [(name(7), vec![9])]);

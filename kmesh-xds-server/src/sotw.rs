@@ -47,7 +47,7 @@ pub(crate) struct StreamState {
 }
 
 impl ControlPlane {
-    pub(crate) async fn sotw_stream(
+    pub(crate) fn sotw_stream(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<SotwStream>, Status> {
@@ -145,7 +145,7 @@ impl ControlPlane {
         let empty = TypeState::default();
         let log = &s.resources.get(type_url).unwrap_or(&empty).log;
         let touched =
-            log.range(w.seq + 1..).any(|(_, n)| w.names.as_ref().is_none_or(|names| names.contains(n)));
+            log.range(w.seq + 1..).any(|(_, n)| w.names.as_ref().is_none_or(|names| names.contains(&**n)));
         drop(s);
         self.push_ns.fetch_add(started.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
         if !touched {
@@ -165,10 +165,11 @@ impl ControlPlane {
         let nonce = format!("n{}", s.next_nonce);
         let empty = TypeState::default();
         let items = &s.resources.get(type_url).unwrap_or(&empty).items;
-        let any = |b: &Vec<u8>| kmesh_proto::Any { type_url: type_url.to_string(), value: b.clone() };
+        let any =
+            |b: &prost::bytes::Bytes| kmesh_proto::Any { type_url: type_url.to_string(), value: b.to_vec() };
         let resources = match &w.names {
             None => items.values().map(|(_, b)| any(b)).collect(),
-            Some(names) => names.iter().filter_map(|n| items.get(n)).map(|(_, b)| any(b)).collect(),
+            Some(names) => names.iter().filter_map(|n| items.get(n.as_str())).map(|(_, b)| any(b)).collect(),
         };
         let resp = DiscoveryResponse {
             version_info: format!("v{now}"),
