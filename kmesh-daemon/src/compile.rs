@@ -582,22 +582,32 @@ struct Gathered<'s> {
     endpoints: Vec<(EndpointKey, EndpointValue)>,
     backends: Vec<(u32, BackendValue)>,
     ports: Vec<(PortKey, PortValue)>,
-    sink: &'s mut dyn FnMut(&MapState),
+    sink: &'s mut dyn FnMut(&Piece),
 }
 
 impl<'s> Gathered<'s> {
-    fn new(sink: &'s mut dyn FnMut(&MapState)) -> Self {
-        Gathered { tables: Vec::new(), endpoints: Vec::new(), backends: Vec::new(), ports: Vec::new(), sink }
+    /// Room for `expected` entries (see [`expected_counts`]), so that 100k slots are not
+    /// moved by each doubling of their vector.
+    fn new(sink: &'s mut dyn FnMut(&Piece), expected: MapCounts) -> Self {
+        Gathered {
+            tables: Vec::with_capacity(expected.tables),
+            endpoints: Vec::with_capacity(expected.endpoints),
+            backends: Vec::with_capacity(expected.backends),
+            ports: Vec::new(),
+            sink,
+        }
     }
 
-    /// Takes `m`'s values and returns its fragment.
-    fn keep(&mut self, m: MapState) -> Fragment {
-        (self.sink)(&m);
-        let f = Fragment::keys_of(&m);
-        self.tables.extend(m.tables);
-        self.endpoints.extend(m.endpoints);
-        self.backends.extend(m.backends);
-        self.ports.extend(m.ports);
+    /// Takes `p`'s values (leaving it empty, its vectors kept for the next service) and
+    /// returns its fragment.
+    fn keep(&mut self, p: &mut Piece) -> Fragment {
+        (self.sink)(p);
+        let f = Fragment::keys_of(p);
+        self.tables.append(&mut p.tables);
+        self.endpoints.append(&mut p.endpoints);
+        self.backends.append(&mut p.backends);
+        self.ports.append(&mut p.ports);
+        p.clear();
         f
     }
 }
@@ -644,7 +654,7 @@ impl Compiler {
         model: &Model,
         enrolled: &BTreeMap<u64, Enrollment>,
         prev: &MapState,
-        sink: &mut dyn FnMut(&MapState),
+        sink: &mut dyn FnMut(&Piece),
     ) -> MapState {
         // Client locality classes: class 0 is the node; every other distinct client locality of
         // an enrolled workload gets its own class.
@@ -692,26 +702,31 @@ impl Compiler {
         // ids (sorted once), not their keys (a B-tree of 100k keys compared by uid).
         let mut used_backends: Vec<u32> = Vec::new();
         let mut route_owners = Vec::new();
-        let mut gathered = Gathered::new(sink);
+        let memberships = groups.clone().map(|(_, ws)| ws.len()).sum::<usize>();
+        let expected = MapCounts {
+            tables: model.services.len(),
+            endpoints: memberships,
+            backends: memberships,
+            ..Default::default()
+        };
+        let mut gathered = Gathered::new(sink, expected);
+        let mut piece = Piece::default();
         for (key, svc) in &model.services {
             let members = kmesh_model::sorted::seek(&mut groups, key, |(k, _)| *k).map(|(_, ws)| &ws[..]);
-            if let Some(frag) =
-                self.compile_service(key, svc, prev, members.unwrap_or_default(), &mut |_, id| {
-                    used_backends.push(id)
-                })
-            {
+            let mut used = |_: &BackendKey, id| used_backends.push(id);
+            if self.compile_service(key, svc, prev, members.unwrap_or_default(), &mut used, &mut piece) {
                 used_services.insert(key.clone());
-                if frag.frontends.values().any(|v| v.waypoint_id != 0) {
+                if piece.frontends.iter().any(|(_, v)| v.waypoint_id != 0) {
                     route_owners.push(key.clone());
                 }
-                self.fragments.insert(key.clone(), gathered.keep(frag));
+                self.fragments.insert(key.clone(), gathered.keep(&mut piece));
             }
         }
         for w in model.workloads.values().filter(|w| w.waypoint().is_some()) {
             let key = Istr::unique(&format!("{WORKLOAD_FRAGMENT}{}", w.uid));
-            if let Some(frag) = self.compile_workload_frontends(w, prev) {
+            if let Some(mut frag) = self.compile_workload_frontends(w, prev) {
                 route_owners.push(key.clone());
-                self.fragments.insert(key, gathered.keep(frag));
+                self.fragments.insert(key, gathered.keep(&mut frag));
             }
         }
         self.claims.clear();
@@ -728,13 +743,13 @@ impl Compiler {
         self.waypoint_uids.clear();
         for owner in route_owners {
             let rk = route_key(&owner);
-            if let Some((frag, info)) = self.compile_route(model, &owner, prev) {
+            if let Some((mut frag, info)) = self.compile_route(model, &owner, prev) {
                 let rk_key = Istr::from(rk.as_str());
                 used_services.insert(rk_key.clone());
                 used_backends.extend(info.backends.iter().filter_map(|k| self.ids.backends.get(k)));
                 self.index_route(&rk, &info, true);
                 self.routes.insert(rk, info);
-                self.fragments.insert(rk_key, gathered.keep(frag));
+                self.fragments.insert(rk_key, gathered.keep(&mut frag));
             }
         }
         for (cookie, uid) in &self.enrolled_uids {
@@ -866,10 +881,10 @@ impl Compiler {
     /// `applied` unless the compiler's bookkeeping of which entries are whose drifted.
     #[cfg(test)]
     fn state_with(&self, applied: &MapState) -> MapState {
-        let mut none = |_: &MapState| {};
-        let mut g = Gathered::new(&mut none);
+        let mut none = |_: &Piece| {};
+        let mut g = Gathered::new(&mut none, MapCounts::default());
         for f in self.fragments.values() {
-            g.keep(f.expand(applied));
+            g.keep(&mut Piece::of_state(&f.expand(applied)));
         }
         self.state_of(g)
     }
@@ -952,9 +967,12 @@ impl Compiler {
                 None => match new.services.get(key.as_str()) {
                     Some(svc) => {
                         let members = self.member_workloads(new, &key);
-                        self.compile_service(&key, svc, &prev, &members, &mut |k, _| {
+                        let mut piece = Piece::default();
+                        let mut used = |k: &BackendKey, _| {
                             used_backends.insert(k.clone());
-                        })
+                        };
+                        self.compile_service(&key, svc, &prev, &members, &mut used, &mut piece)
+                            .then_some(piece)
                     }
                     None => None,
                 },
@@ -966,12 +984,12 @@ impl Compiler {
                 self.ids.services.release(&key);
             }
             let next = next.unwrap_or_default();
-            for fk in next.frontends.keys() {
+            for (fk, _) in &next.frontends {
                 touched.insert(*fk);
                 self.claims.entry(*fk).or_default().insert(key.clone(), ());
             }
-            d.merge(diff(&prev, &next));
-            if next != MapState::default() {
+            d.merge(diff(&prev, &next.to_state()));
+            if !next.is_empty() {
                 self.fragments.insert(key.clone(), Fragment::keys_of(&next));
             }
             if self.members.get(key.as_str()).is_some_and(|m| m.is_empty()) {
@@ -999,17 +1017,17 @@ impl Compiler {
                 .is_some_and(|f| f.frontends().any(|(_, v)| v.waypoint_id != 0));
             let next = if owns_route { self.compile_route(new, &owner, &prev) } else { None };
             let (next, info) = match next {
-                Some((m, info)) => (m, info),
+                Some((p, info)) => (p, info),
                 None => {
                     self.ids.services.release(rk.as_str());
-                    (MapState::default(), RouteInfo::default())
+                    (Piece::default(), RouteInfo::default())
                 }
             };
             for k in old.backends.difference(&info.backends) {
                 self.ids.backends.release(k);
             }
-            d.merge(diff(&prev, &next));
-            if next != MapState::default() {
+            d.merge(diff(&prev, &next.to_state()));
+            if !next.is_empty() {
                 self.index_route(&rk, &info, true);
                 self.fragments.insert(Istr::from(rk.as_str()), Fragment::keys_of(&next));
                 self.routes.insert(rk, info);
@@ -1123,9 +1141,10 @@ impl Compiler {
         uids.filter_map(|uid| model.workloads.get(uid).map(|w| w.as_ref())).collect()
     }
 
-    /// Compiles one service; `None` when it has no frontends (passthrough, no address or port).
-    /// `used_backend` hears of every backend it gives an id to (some may end up in no slot).
-    /// `members` are the workloads listing the service (see [`member_workloads`]).
+    /// Compiles one service into `out` (emptied first); false, with `out` empty, when it has no
+    /// frontends (passthrough, no address or port). `used_backend` hears of every backend it
+    /// gives an id to (some may end up in no slot). `members` are the workloads listing the
+    /// service (see [`member_workloads`]).
     ///
     /// [`member_workloads`]: Self::member_workloads
     fn compile_service(
@@ -1135,12 +1154,13 @@ impl Compiler {
         prev: &MapState,
         members: &[&Workload],
         used_backend: &mut impl FnMut(&BackendKey, u32),
-    ) -> Option<MapState> {
+        out: &mut Piece,
+    ) -> bool {
+        out.clear();
         if svc.load_balancing.mode == LbMode::Passthrough || svc.addresses.is_empty() || svc.ports.is_empty()
         {
-            return None;
+            return false;
         }
-        let mut out = MapState::default();
         // After a restart: the id the adopted frontends of this service's addresses carry.
         self.adopt_service_id(key, svc, prev, |v| Some(v.service_id));
         let service_id = self.ids.services.get_or_alloc(key);
@@ -1171,32 +1191,35 @@ impl Compiler {
                     waypoint_id: if p.protocol == Protocol::Tcp { waypoint_id } else { 0 },
                     check: 0,
                 };
-                out.frontends.insert(fk, fv.sealed(&fk));
+                out.frontends.push((fk, fv.sealed(&fk)));
             }
         }
 
-        let mut candidates = members.to_vec();
-        candidates.retain(|w| {
+        let usable = |w: &&&Workload| {
             (w.status == HealthStatus::Healthy || lb.health_policy == HealthPolicy::AllowAll)
                 && (self.ejected.is_empty()
                     || !(self.eject_everywhere || svc.outlier.is_some())
                     || !w.addresses.iter().any(|a| self.ejected.contains(a)))
-        });
+        };
+        let candidates: Vec<&Workload> = members.iter().filter(usable).copied().collect();
 
-        let families: BTreeSet<u8> = svc.addresses.iter().map(family_of).collect();
-        for family in families {
+        // The families of the service's addresses, in order.
+        let mut families = [FAMILY_V4, FAMILY_V6];
+        families.sort_unstable();
+        let mut chosen: Vec<Member> = Vec::with_capacity(candidates.len());
+        for family in families.into_iter().filter(|f| svc.addresses.iter().any(|a| family_of(a) == *f)) {
             // One backend per workload: its first address of this family.
-            let mut members = Vec::new();
+            chosen.clear();
             for w in &candidates {
                 let Some(addr) = w.addresses.iter().find(|a| family_of(a) == family) else { continue };
                 let bkey = (service_id, w.uid.clone(), family);
                 let backend_id = self.backend_id(&bkey, *addr);
                 used_backend(&bkey, backend_id);
-                out.backends.insert(
+                out.backends.push((
                     backend_id,
                     BackendValue { addr: addr_words(*addr), check: 0 }.sealed(&backend_id),
-                );
-                members.push(Member { workload: w, backend_id });
+                ));
+                chosen.push(Member { workload: w, backend_id });
                 // Per-workload target ports that differ from the frontend's default.
                 for p in &svc.ports {
                     let default = if p.target_port != 0 { p.target_port } else { p.service_port };
@@ -1210,28 +1233,23 @@ impl Compiler {
                         let pk =
                             PortKey { service_id, backend_id, service_port: p.service_port.to_be(), _pad: 0 };
                         out.ports
-                            .insert(pk, PortValue { target_port: t.to_be(), _pad: 0, check: 0 }.sealed(&pk));
+                            .push((pk, PortValue { target_port: t.to_be(), _pad: 0, check: 0 }.sealed(&pk)));
                     }
                 }
             }
             let weighted = {
-                let mut ws = members.iter().map(|m| weight_of(m.workload));
+                let mut ws = chosen.iter().map(|m| weight_of(m.workload));
                 let first = ws.next();
                 ws.any(|w| Some(w) != first)
             };
-            let class_list: Vec<(u32, &ClientLocality)> = if locality {
-                self.classes.iter().map(|(id, l)| (*id, l)).collect()
-            } else {
-                vec![(0, &self.classes[&0])]
-            };
-            for (class_id, client) in class_list {
+            for (class_id, client) in self.classes.iter().filter(|(id, _)| locality || **id == 0) {
                 let mut levels: [Vec<(u32, u32)>; LEVELS] = Default::default();
-                for m in &members {
+                for m in &chosen {
                     if let Some(level) = endpoint_level(lb, client, m.workload) {
                         levels[level as usize].push((m.backend_id, weight_of(m.workload)));
                     }
                 }
-                let tkey = TableKey { service_id, class_id, family, _pad: [0; 3] };
+                let tkey = TableKey { service_id, class_id: *class_id, family, _pad: [0; 3] };
                 let strict = if lb.mode == LbMode::Strict && locality { TBL_F_STRICT } else { 0 };
                 let (policy_flags, levels) = match lb.policy {
                     LbPolicy::Random => (0, levels),
@@ -1239,12 +1257,12 @@ impl Compiler {
                     LbPolicy::LeastRequest => (TBL_F_LEAST | TBL_F_COUNT, levels),
                     LbPolicy::RingHash(size) => (
                         TBL_F_HASH | TBL_F_RING,
-                        levels.map(|l| hash::ring(&hash_members(&members, &l), size)),
+                        levels.map(|l| hash::ring(&hash_members(&chosen, &l), size)),
                     ),
                     LbPolicy::Maglev(size) => (
                         TBL_F_HASH,
                         levels.map(|l| {
-                            hash::maglev(&hash_members(&members, &l), size)
+                            hash::maglev(&hash_members(&chosen, &l), size)
                                 .into_iter()
                                 .map(|b| (b, 1))
                                 .collect()
@@ -1254,20 +1272,21 @@ impl Compiler {
                 let weighted = weighted && policy_flags & TBL_F_HASH == 0;
                 let limit = svc.max_connections.unwrap_or(0);
                 let count = if limit != 0 { TBL_F_COUNT } else { 0 };
-                emit_table(&mut out, prev, tkey, strict | policy_flags | count, weighted, &levels, limit);
+                emit_table(out, prev, tkey, strict | policy_flags | count, weighted, &levels, limit);
             }
         }
+        out.settle();
         // Backends (and their port overrides) that no slot references, e.g. excluded by STRICT,
         // are not written.
-        let mut referenced: Vec<u32> = out.endpoints.values().map(|e| e.backend_id).collect();
+        let mut referenced: Vec<u32> = out.endpoints.iter().map(|(_, e)| e.backend_id).collect();
         referenced.sort_unstable();
         referenced.dedup();
         // Every slot names a backend made above: as many ids as backends means all are used.
         if referenced.len() != out.backends.len() {
-            out.backends.retain(|id, _| referenced.binary_search(id).is_ok());
-            out.ports.retain(|k, _| referenced.binary_search(&k.backend_id).is_ok());
+            out.backends.retain(|(id, _)| referenced.binary_search(id).is_ok());
+            out.ports.retain(|(k, _)| referenced.binary_search(&k.backend_id).is_ok());
         }
-        Some(out)
+        true
     }
 }
 
@@ -1290,7 +1309,7 @@ pub fn compile(
 /// Writes one table and its slots into `out`, reusing the previous generation if nothing
 /// about the table changed.
 fn emit_table(
-    out: &mut MapState,
+    out: &mut Piece,
     prev: &MapState,
     tkey: TableKey,
     flags: u32,
@@ -1302,40 +1321,41 @@ fn emit_table(
     let ring = flags & TBL_F_RING != 0;
     let flags = flags | if weighted { TBL_F_WEIGHTED } else { 0 };
     let mut t = TableValue { flags, limit, ..Default::default() };
-    let mut slots = Vec::new();
+    // The slots go straight into `out`, keyed under generation 0 until the table's is known.
+    let first = out.endpoints.len();
     for (level, eps) in levels.iter().enumerate() {
         t.counts[level] = eps.len() as u32;
         let mut cum = 0u32;
         for (index, (backend_id, w)) in eps.iter().enumerate() {
             cum = if ring { *w } else { cum.saturating_add(if weighted { *w } else { 0 }) };
-            slots.push((
-                level as u8,
-                index as u32,
+            out.endpoints.push((
+                slot_key(&tkey, 0, level as u8, index as u32),
                 EndpointValue { backend_id: *backend_id, cum_weight: cum, check: 0 },
             ));
         }
         t.weights[level] = cum;
     }
-    let slot_key = |generation: u32, level: u8, index: u32| slot_key(&tkey, generation, level, index);
+    let slots = &mut out.endpoints[first..];
+    let at = |generation: u32, k: &EndpointKey| EndpointKey { generation, ..*k };
     t.generation = match prev.tables.get(&tkey) {
         Some(p) => {
             let same = p.flags == t.flags
                 && p.limit == t.limit
                 && p.counts == t.counts
                 && p.weights == t.weights
-                && slots.iter().all(|(l, i, v)| {
-                    let k = slot_key(p.generation, *l, *i);
+                && slots.iter().all(|(k, v)| {
+                    let k = at(p.generation, k);
                     prev.endpoints.get(&k) == Some(&v.sealed(&k))
                 });
             if same { p.generation } else { p.generation.wrapping_add(1) }
         }
         None => 1,
     };
-    for (level, index, v) in slots {
-        let k = slot_key(t.generation, level, index);
-        out.endpoints.insert(k, v.sealed(&k));
+    for (k, v) in slots {
+        *k = at(t.generation, k);
+        *v = v.sealed(k);
     }
-    out.tables.insert(tkey, t.sealed(&tkey));
+    out.tables.push((tkey, t.sealed(&tkey)));
 }
 
 /// Changes to go from one map state to another. Applied in this order: all `set` maps from
@@ -1445,8 +1465,10 @@ pub fn diff(prev: &MapState, next: &MapState) -> Diff {
 
 mod fragment;
 pub mod hash;
+mod piece;
 mod waypoint;
 use fragment::Fragment;
+pub use piece::Piece;
 use waypoint::{RouteInfo, WORKLOAD_FRAGMENT, WaypointDep};
 pub use waypoint::{route_key, service_waypoints, waypoint_port};
 

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 
 use kmesh_common::*;
 
-use super::MapState;
+use super::{MapState, Piece};
 
 /// A map key or value written field by field into 32-bit words (no byte of padding is read:
 /// the shared types name their padding).
@@ -217,11 +217,10 @@ impl std::fmt::Debug for Fragment {
 
 impl Fragment {
     /// The keys of `m` (a service's entries), with its frontends' values.
-    pub(super) fn keys_of(m: &MapState) -> Self {
-        debug_assert!(m.netns.is_empty(), "a service's entries hold no namespace");
-        let slot_runs = SlotRun::of(m.endpoints.keys());
+    pub(super) fn keys_of(m: &Piece) -> Self {
+        let slot_runs = SlotRun::of(m.endpoints.iter().map(|(k, _)| k));
         let (alone, id_runs): (Vec<_>, Vec<_>) =
-            id_runs(m.backends.keys().copied()).into_iter().partition(|(_, len)| *len == 1);
+            id_runs(m.backends.iter().map(|(k, _)| *k)).into_iter().partition(|(_, len)| *len == 1);
         let counts =
             [m.frontends.len(), m.tables.len(), slot_runs.len(), alone.len(), id_runs.len(), m.ports.len()];
         let words = HEADER + counts.iter().zip(STRIDE).map(|(n, s)| n * s).sum::<usize>();
@@ -231,11 +230,11 @@ impl Fragment {
             k.put(&mut w);
             v.put(&mut w);
         }
-        m.tables.keys().for_each(|k| k.put(&mut w));
+        m.tables.iter().for_each(|(k, _)| k.put(&mut w));
         slot_runs.iter().for_each(|(k, len)| SlotRun::put(k, *len, &mut w));
         w.extend(alone.iter().map(|(id, _)| *id));
         id_runs.iter().for_each(|(id, len)| w.extend([*id, *len]));
-        m.ports.keys().for_each(|k| k.put(&mut w));
+        m.ports.iter().for_each(|(k, _)| k.put(&mut w));
         debug_assert_eq!(w.len(), words);
         Fragment(w.into_boxed_slice())
     }
@@ -346,7 +345,7 @@ mod tests {
     #[test]
     fn packed_keys_read_back_as_they_went_in_with_the_values_the_maps_hold() {
         let m = state();
-        let f = Fragment::keys_of(&m);
+        let f = Fragment::keys_of(&Piece::of_state(&m));
         assert_eq!(f.expand(&m), m, "every key, and the frontends' own values");
         assert_eq!(f.frontend_keys().collect::<Vec<_>>(), m.frontends.keys().copied().collect::<Vec<_>>());
         for (k, v) in &m.frontends {
@@ -374,7 +373,7 @@ mod tests {
         let (ek, ev) = state().endpoints.pop_first().unwrap();
         one.endpoints.insert(ek, ev);
         one.backends.insert(ev.backend_id, BackendValue::default());
-        let f = Fragment::keys_of(&one);
+        let f = Fragment::keys_of(&Piece::of_state(&one));
         assert_eq!(f.0.len() * 4, 96, "six counts and 18 words of keys");
         assert_eq!(std::mem::size_of::<Fragment>(), 16);
     }
@@ -398,7 +397,7 @@ mod tests {
                 .insert(slot(0, index), EndpointValue { backend_id: 40 + index, cum_weight: 0, check: 5 });
             m.backends.insert(40 + index, BackendValue::default());
         }
-        let f = Fragment::keys_of(&m);
+        let f = Fragment::keys_of(&Piece::of_state(&m));
         assert_eq!(f.0.len(), 6 + 3 + 5 + 2, "one run of slots, one of ids");
         assert_eq!(f.expand(&m), m);
 
@@ -413,7 +412,7 @@ mod tests {
         for id in [1, 3, 60, 61, u32::MAX - 1, u32::MAX] {
             m.backends.insert(id, BackendValue::default());
         }
-        let f = Fragment::keys_of(&m);
+        let f = Fragment::keys_of(&Piece::of_state(&m));
         assert_eq!(f.expand(&m), m, "every key comes back");
         assert_eq!(f.endpoint_keys().collect::<Vec<_>>(), m.endpoints.keys().copied().collect::<Vec<_>>());
         let runs = f.part(SLOT_RUNS).len() / STRIDE[SLOT_RUNS];

@@ -124,13 +124,13 @@ impl Compiler {
 
     /// The frontends of a workload whose waypoint takes the connections addressed to it: each
     /// of its addresses on any TCP port (`PORT_ANY`), through its route.
-    pub(super) fn compile_workload_frontends(&mut self, w: &Workload, prev: &MapState) -> Option<MapState> {
+    pub(super) fn compile_workload_frontends(&mut self, w: &Workload, prev: &MapState) -> Option<Piece> {
         if w.waypoint().is_none() || w.addresses.is_empty() {
             return None;
         }
         let key = format!("{WORKLOAD_FRAGMENT}{}", w.uid);
         let rk = Istr::from(route_key(&key).as_str());
-        let mut out = MapState::default();
+        let mut out = Piece::default();
         for a in &w.addresses {
             let fk = FrontendKey { addr: addr_words(*a), port: PORT_ANY, proto: PROTO_TCP, _pad: 0 };
             if self.ids.services.get(&rk).is_none()
@@ -140,8 +140,9 @@ impl Compiler {
             }
             let waypoint_id = self.ids.services.get_or_alloc(&rk);
             let fv = FrontendValue { service_id: 0, target_port: 0, flags: 0, waypoint_id, check: 0 };
-            out.frontends.insert(fk, fv.sealed(&fk));
+            out.frontends.push((fk, fv.sealed(&fk)));
         }
+        out.settle();
         Some(out)
     }
 
@@ -153,7 +154,7 @@ impl Compiler {
         model: &Model,
         owner: &str,
         prev: &MapState,
-    ) -> Option<(MapState, RouteInfo)> {
+    ) -> Option<(Piece, RouteInfo)> {
         let rk = route_key(owner);
         let route_id = self.ids.services.get(rk.as_str())?;
         // (waypoint, weight), the families to serve, the frontend ports (network order).
@@ -191,7 +192,7 @@ impl Compiler {
             resolved.push((ws, (*weight).min(1000)));
         }
         let weighted = resolved.len() > 1;
-        let mut out = MapState::default();
+        let mut out = Piece::default();
         for family in families {
             let mut slots = Vec::new();
             for (ws, weight) in &resolved {
@@ -211,18 +212,18 @@ impl Compiler {
                     if !info.members.contains(&w.uid) {
                         info.members.push(w.uid.clone());
                     }
-                    out.backends.insert(
+                    out.backends.push((
                         backend_id,
                         BackendValue { addr: addr_words(addr), check: 0 }.sealed(&backend_id),
-                    );
+                    ));
                     if let Some(p) = waypoint_port(w).filter(|p| *p != 0) {
                         for port in &ports {
                             let pk =
                                 PortKey { service_id: route_id, backend_id, service_port: *port, _pad: 0 };
-                            out.ports.insert(
+                            out.ports.push((
                                 pk,
                                 PortValue { target_port: p.to_be(), _pad: 0, check: 0 }.sealed(&pk),
-                            );
+                            ));
                         }
                     }
                     slots.push((backend_id, each));
@@ -233,6 +234,7 @@ impl Compiler {
             let tkey = TableKey { service_id: route_id, class_id: 0, family, _pad: [0; 3] };
             emit_table(&mut out, prev, tkey, TBL_F_WAYPOINT, weighted, &levels, 0);
         }
+        out.settle();
         Some((out, info))
     }
 }

@@ -10,6 +10,7 @@ use std::sync::mpsc;
 
 use super::grow::{Slots, finish, prepare, put_in_force, wanted};
 use super::*;
+use crate::compile::Piece;
 
 /// Entries sent to the writing thread at once.
 const SEND_BATCH: usize = 2048;
@@ -50,11 +51,11 @@ impl Prewritten {
     }
 
     /// Adds the entries of a compiled fragment.
-    fn add(&mut self, f: &MapState) {
-        self.backends.extend(f.backends.iter().map(|(k, v)| (*k, *v)));
-        self.ports.extend(f.ports.iter().map(|(k, v)| (*k, *v)));
-        self.endpoints.extend(f.endpoints.iter().map(|(k, v)| (*k, *v)));
-        self.tables.extend(f.tables.iter().map(|(k, v)| (*k, *v)));
+    fn add(&mut self, f: &Piece) {
+        self.backends.extend_from_slice(&f.backends);
+        self.ports.extend_from_slice(&f.ports);
+        self.endpoints.extend_from_slice(&f.endpoints);
+        self.tables.extend_from_slice(&f.tables);
     }
 
     /// Forgets what was written into maps that have been replaced by grown ones since (see
@@ -185,7 +186,7 @@ impl Dataplane {
         &mut self,
         ahead: Ahead,
         write: WriteAhead,
-        compile: impl FnOnce(&MapState, &mut dyn FnMut(&MapState)) -> R,
+        compile: impl FnOnce(&MapState, &mut dyn FnMut(&Piece)) -> R,
     ) -> (R, Prewritten) {
         let Dataplane { m, capacities, ceilings, grows, applied, authz_applied, .. } = self;
         let (held, authz_held): (&MapState, &AuthzState) = (applied, authz_applied);
@@ -213,7 +214,7 @@ impl Dataplane {
             };
             let mut batch = Prewritten::default();
             let send_every = if write == WriteAhead::WhileCompiling { SEND_BATCH } else { 1 };
-            let r = compile(held, &mut |f: &MapState| {
+            let r = compile(held, &mut |f: &Piece| {
                 if write == WriteAhead::No {
                     return;
                 }
