@@ -515,6 +515,8 @@ pub struct Compiler {
     /// with outlier detection (every service when `eject_everywhere`, the node's default).
     pub ejected: BTreeSet<IpAddr>,
     pub eject_everywhere: bool,
+    /// A full compilation filled the indexes in key order since the last [`tidy`](Self::tidy).
+    untidy: bool,
 }
 
 /// Each service key the workloads of `model` list, in key order, with those workloads in uid
@@ -637,6 +639,22 @@ pub struct FrontendConflict {
 impl Compiler {
     pub fn with_ids(ids: Ids) -> Self {
         Self { ids, ..Default::default() }
+    }
+
+    /// Rebuilds the indexes a full compilation filled in key order, whose B-tree nodes that
+    /// order left half empty (see `kmesh_model::repack`). Memory, not correctness: the mesh
+    /// does it once the push is acknowledged.
+    pub fn tidy(&mut self) {
+        if !std::mem::take(&mut self.untidy) {
+            return;
+        }
+        self.ids.services.repack();
+        self.ids.backends.repack();
+        if repack::worth_it(self.fragments.len(), self.fragments.len()) {
+            repack::map(&mut self.members);
+            repack::map(&mut self.fragments);
+            repack::map(&mut self.claims);
+        }
     }
 
     /// Compiles everything. `prev` is what the maps hold now: a table whose slots did not change
@@ -762,14 +780,8 @@ impl Compiler {
         self.ids.services.retain(&used_services);
         used_backends.sort_unstable();
         self.ids.backends.retain_ids(&used_backends);
-        // Everything above was filled in key order (see `kmesh_model::repack`).
-        self.ids.services.repack();
-        self.ids.backends.repack();
-        if repack::worth_it(self.fragments.len(), self.fragments.len()) {
-            repack::map(&mut self.members);
-            repack::map(&mut self.fragments);
-            repack::map(&mut self.claims);
-        }
+        // Everything above was filled in key order: see `tidy`.
+        self.untidy = true;
         self.state_of(gathered)
     }
 

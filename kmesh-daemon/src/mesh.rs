@@ -66,6 +66,10 @@ pub struct Mesh {
     pending_grow: Option<PendingGrow>,
     /// See [`set_write_ahead`](Self::set_write_ahead).
     write_ahead: WriteAhead,
+    /// A bulk change filled the model's maps since the last [`tidy`](Self::tidy).
+    untidy_model: bool,
+    /// Set while a change is applied with [`apply_change_leaving_tidy`](Self::apply_change_leaving_tidy).
+    defer_tidy: bool,
 }
 
 /// Models of at least this many services and workloads are compiled while their new entries
@@ -105,6 +109,8 @@ impl Mesh {
             outlier: crate::outlier::Detector::default(),
             pending_grow: None,
             write_ahead: WriteAhead::WhileCompiling,
+            untidy_model: false,
+            defer_tidy: false,
         };
         mesh.publish();
         mesh
@@ -295,6 +301,36 @@ impl Mesh {
             // The authorization compiler's memory is read back from the maps in force.
             Err(_) => self.authz = AuthzCompiler::adopting(self.dp.authz_applied()),
         }
+        if !self.defer_tidy {
+            self.compiler.tidy();
+        }
+        r
+    }
+
+    /// Rebuilds the indexes a bulk change filled in key order (the model's, the compiler's),
+    /// whose B-tree nodes that order left half empty (see `kmesh_model::repack`). Memory, not
+    /// correctness: every change does it before it returns, except one applied with
+    /// [`apply_change_leaving_tidy`](Self::apply_change_leaving_tidy).
+    pub fn tidy(&mut self) {
+        let started = std::time::Instant::now();
+        self.compiler.tidy();
+        if std::mem::take(&mut self.untidy_model) {
+            kmesh_model::repack::map(&mut self.model.workloads);
+            kmesh_model::repack::map(&mut self.model.services);
+        }
+        tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "model and compiler tidied");
+    }
+
+    /// [`apply_change`](Self::apply_change), leaving [`tidy`](Self::tidy) to the caller: the
+    /// xDS client acknowledges the change first, since the ACK waits on nothing but the maps.
+    pub fn apply_change_leaving_tidy(
+        &mut self,
+        src: &(impl ModelSource + ?Sized),
+        keys: &ModelKeys,
+    ) -> Result<ApplyReport, KernelError> {
+        self.defer_tidy = true;
+        let r = self.apply_change(src, keys);
+        self.defer_tidy = false;
         r
     }
 
@@ -435,11 +471,9 @@ impl Mesh {
         }
         self.source_locality = source_locality;
         self.model_gen += 1;
-        // A bulk change filled the model's maps in key order (see `kmesh_model::repack`).
-        if kmesh_model::repack::worth_it(keys.len(), self.model.workloads.len() + self.model.services.len()) {
-            kmesh_model::repack::map(&mut self.model.workloads);
-            kmesh_model::repack::map(&mut self.model.services);
-        }
+        // A bulk change filled the model's maps in key order: see `tidy`.
+        self.untidy_model |=
+            kmesh_model::repack::worth_it(keys.len(), self.model.workloads.len() + self.model.services.len());
         let names = self.authz.policy_ids.iter().map(|(k, v)| (*v, k.clone())).collect();
         let t_obs = std::time::Instant::now();
         self.observer().model_changed(&self.model, &change, names);
@@ -458,6 +492,9 @@ impl Mesh {
         // upgrade from an older daemon) can go, detaching the programs that used them.
         for d in self.dp.retire_old_layouts() {
             tracing::info!(dir = %d.display(), "retired the pins of another map layout version");
+        }
+        if !self.defer_tidy {
+            self.tidy();
         }
         r
     }

@@ -367,8 +367,9 @@ impl XdsState {
     }
 
     /// Rebuilds the indexes a batch of `changed` entries filled in bulk (a full push), whose
-    /// B-tree nodes key order left half empty (see `kmesh_model::repack`).
-    fn repack(&mut self, changed: usize) {
+    /// B-tree nodes key order left half empty (see `kmesh_model::repack`). Memory, not
+    /// correctness: done after the batch's replies are sent.
+    pub fn tidy(&mut self, changed: usize) {
         use kmesh_model::repack::{map, set, worth_it};
         if !worth_it(changed, self.len()) {
             return;
@@ -574,6 +575,9 @@ pub const SUBSCRIBED: [&str; 2] = [ADDRESS_TYPE, AUTHORIZATION_TYPE];
 pub struct HandledBatch {
     pub state: XdsState,
     pub replies: Vec<(DeltaDiscoveryRequest, Vec<String>)>,
+    /// How many model entries the batch changed: a bulk change leaves the state's indexes to
+    /// repack ([`XdsState::tidy`]), once the replies are sent.
+    pub changed: usize,
 }
 
 /// Decodes one resource's body.
@@ -887,9 +891,8 @@ pub fn handle_batch_with(
                 (reply_to(resp, Some(rejected.join("; "))), rejected)
             })
             .collect();
-        return HandledBatch { state: next, replies };
+        return HandledBatch { state: next, replies, changed: 0 };
     }
-    next.repack(keys.len());
     let replies = resps
         .iter()
         .zip(rejected)
@@ -899,7 +902,7 @@ pub fn handle_batch_with(
             (reply_to(resp, error), rejected)
         })
         .collect();
-    HandledBatch { state: next, replies }
+    HandledBatch { state: next, replies, changed: keys.len() }
 }
 
 /// Which responses of a stream are applied when: nothing is applied until every subscribed
@@ -1167,7 +1170,9 @@ async fn run_stream(
                 &node,
                 batch,
                 |lb| lock().grow_ahead(lb),
-                |src, keys| lock().apply_change(src, keys).map(|_| ()).map_err(|e| e.to_string()),
+                |src, keys| {
+                    lock().apply_change_leaving_tidy(src, keys).map(|_| ()).map_err(|e| e.to_string())
+                },
             )
         })
         .await;
@@ -1181,6 +1186,7 @@ async fn run_stream(
             }
         };
         *state = handled.state;
+        let changed = handled.changed;
         let mut errors = Vec::new();
         for (reply, rejected) in handled.replies {
             let nack = reply.error_detail.is_some();
@@ -1191,6 +1197,21 @@ async fn run_stream(
             }
             if tx.send(reply).await.is_err() {
                 return Ok(());
+            }
+        }
+        // The replies are sent: what only saves memory is done now, off the push's path.
+        let (mut st, shared2) = (std::mem::take(state), shared.clone());
+        let tidied = tokio::task::spawn_blocking(move || {
+            st.tidy(changed);
+            shared2.mesh.lock().unwrap_or_else(|p| p.into_inner()).tidy();
+            st
+        })
+        .await;
+        match tidied {
+            Ok(st) => *state = st,
+            Err(e) => {
+                tracing::error!(error = %e, "tidying the xDS state failed; reconnecting for a full resync");
+                return Err(XdsError::Apply { detail: e.to_string() });
             }
         }
         *shared.config_error.lock().unwrap() = (!errors.is_empty()).then(|| errors.join("; "));
