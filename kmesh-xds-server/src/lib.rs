@@ -14,7 +14,8 @@ pub mod envoy_yaml;
 mod sotw;
 mod wire;
 
-pub use wire::{AdsService, DeltaResponse, Outgoing};
+pub use wire::AdsService;
+use wire::{DeltaResponse, Outgoing};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
