@@ -720,13 +720,10 @@ impl Compiler {
         // ids (sorted once), not their keys (a B-tree of 100k keys compared by uid).
         let mut used_backends: Vec<u32> = Vec::new();
         let mut route_owners = Vec::new();
-        let memberships = groups.clone().map(|(_, ws)| ws.len()).sum::<usize>();
-        let expected = MapCounts {
-            tables: model.services.len(),
-            endpoints: memberships,
-            backends: memberships,
-            ..Default::default()
-        };
+        let expected = expected_counts(
+            model.workloads.values().map(|w| w.as_ref()),
+            model.services.values().map(|s| s.as_ref()),
+        );
         let mut gathered = Gathered::new(sink, expected);
         let mut piece = Piece::default();
         for (key, svc) in &model.services {
@@ -1216,8 +1213,8 @@ impl Compiler {
         let candidates: Vec<&Workload> = members.iter().filter(usable).copied().collect();
 
         // The families of the service's addresses, in order.
-        let mut families = [FAMILY_V4, FAMILY_V6];
-        families.sort_unstable();
+        const _: () = assert!(FAMILY_V4 < FAMILY_V6);
+        let families = [FAMILY_V4, FAMILY_V6];
         let mut chosen: Vec<Member> = Vec::with_capacity(candidates.len());
         for family in families.into_iter().filter(|f| svc.addresses.iter().any(|a| family_of(a) == *f)) {
             // One backend per workload: its first address of this family.

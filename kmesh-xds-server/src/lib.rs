@@ -910,7 +910,7 @@ mod tests {
         assert_eq!(names(&cp.push(&mut other, T).unwrap()), (vec!["b".into(), "d".into()], vec![]));
     }
 
-    /// A stream's first push of a large set is built on two threads and recorded at once: it
+    /// A stream's first push of a large set is built from the shared resources and recorded at once: it
     /// carries every resource once, in name order, with its bytes, and the next push is again
     /// only what changed (the record of what the stream holds is complete).
     #[test]
