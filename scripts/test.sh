@@ -71,4 +71,10 @@ if ls -d /sys/fs/bpf/kmesh-test-* /sys/fs/bpf/kmesh-bench-* >/dev/null 2>&1; the
 passed=$(grep '^test result:' target/test-output.txt | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep '^test result:' target/test-output.txt | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 echo "tests: $passed passed, $failed failed"
+# The failing tests' names and panic messages last, where a truncated log still shows them.
+if [ "$failed" -ne 0 ]; then
+  echo "== failed tests"
+  grep -E '^test .* FAILED$' target/test-output.txt || true
+  grep -A4 -E "^thread '.*' panicked at" target/test-output.txt | head -n 60 || true
+fi
 exit "$status"
