@@ -15,9 +15,10 @@
 
 /// Layout version of the maps below. Bumped whenever a key or value changes shape, or how the
 /// maps are reached (9: each map the daemon writes sits in the one slot of an array of maps,
-/// so that it can grow without loading the programs again); the daemon keeps its pins under a
-/// directory named after it.
-pub const MAP_LAYOUT_VERSION: u32 = 9;
+/// so that it can grow without loading the programs again; 10: a connection's telemetry state
+/// is a hash entry by socket cookie, no longer socket storage); the daemon keeps its pins
+/// under a directory named after it.
+pub const MAP_LAYOUT_VERSION: u32 = 10;
 
 /// Names of the load-balancing maps, in the order user space lists them everywhere (map
 /// counts, capacities, pins).
@@ -372,7 +373,9 @@ pub mod stat {
     pub const PROXY_HEADER_FAILED: u32 = 17;
     /// connect() refused: the service is at its connection limit.
     pub const CIRCUIT_OPEN: u32 = 18;
-    pub const COUNT: u32 = 19;
+    /// A connection of an enrolled pod left without telemetry: `CONNS` was full.
+    pub const TELEMETRY_UNTRACKED: u32 = 19;
+    pub const COUNT: u32 = 20;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -603,7 +606,11 @@ pub const DIR_INBOUND: u32 = 2;
 /// `ConnMeta.has_orig` of a connection connect() sent to a waypoint.
 pub const ORIG_VIA_WAYPOINT: u16 = 2;
 
-/// Per-socket telemetry state (`CONN_META`, socket-local storage: it lives and dies with the socket).
+/// Per-connection telemetry state (`CONNS`, by socket cookie): made by sock_ops when it first
+/// sees an enrolled pod's connection (connect or accept), removed when the socket reaches
+/// CLOSE. A hash entry, not socket storage: socket storage allocates at connect() and frees
+/// through RCU at close, which cost more than everything else the programs do for a short
+/// connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnMeta {
@@ -622,6 +629,33 @@ pub struct ConnMeta {
     pub rcv_nxt_fin_wait2: u32,
     pub _pad: u32,
 }
+
+/// Connections `CONNS` holds at once. Past it a new connection goes untracked (counted in
+/// `stat::TELEMETRY_UNTRACKED`), never one already tracked. Entries are allocated on use; the
+/// kernel sizes the buckets for the capacity (16 bytes each: 1 MiB).
+pub const CONNS_CAPACITY: u32 = 65536;
+
+/// What connect() leaves for sock_ops about the connection it just rewrote: the service
+/// address the client dialled (`ORIG_HANDOFF`, a per-CPU array). Both hooks run in the same
+/// connect() call, normally on the same CPU with nothing between them; the slot is chosen by
+/// the socket's cookie, which it also holds, so a slot taken by another socket is never
+/// mistaken for this one's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigHandoff {
+    pub cookie: u64,
+    pub orig_dst: [u32; 4],
+    pub orig_port: u16,
+    pub has_orig: u16,
+    pub _pad: u32,
+}
+
+/// Slots of `ORIG_HANDOFF` per CPU.
+pub const HANDOFF_SLOTS: u32 = 64;
+
+/// CPUs sock_ops looks through for a handoff left on another CPU (the thread moved between
+/// the two hooks); the kernel answers no CPU past the last one it has.
+pub const HANDOFF_MAX_CPUS: u32 = 1024;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -822,6 +856,7 @@ mod pod {
     unsafe impl aya::Pod for CountKey {}
     unsafe impl aya::Pod for AuthzEvent {}
     unsafe impl aya::Pod for ConnMeta {}
+    unsafe impl aya::Pod for OrigHandoff {}
     unsafe impl aya::Pod for ConnEvent {}
     unsafe impl aya::Pod for DnsPodValue {}
     unsafe impl aya::Pod for DnsOrigKey {}
@@ -865,6 +900,7 @@ const _: () = {
     assert!(core::mem::size_of::<CountKey>() == 8);
     assert!(core::mem::size_of::<AuthzEvent>() == 48);
     assert!(core::mem::size_of::<ConnMeta>() == 48);
+    assert!(core::mem::size_of::<OrigHandoff>() == 32);
     assert!(core::mem::size_of::<ConnEvent>() == 120);
     assert!(core::mem::size_of::<DnsPodValue>() == 8);
     assert!(core::mem::size_of::<DnsOrigKey>() == 16);

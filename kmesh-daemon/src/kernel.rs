@@ -55,14 +55,15 @@ const LOADED_PROGRAMS: [&str; 8] = [
 ];
 /// Maps with fixed capacities (pinned next to the others): counters, ring buffers, socket
 /// storage, and maps the kernel writes.
-const FIXED_MAPS: [&str; 18] = [
+const FIXED_MAPS: [&str; 19] = [
     "STATS",
     "RR_TURNS",
     "ACTIVE",
     "LB_CONN",
     "AUTHZ_COUNTS",
     "AUTHZ_EVENTS",
-    "CONN_META",
+    "CONNS",
+    "ORIG_HANDOFF",
     "TELEMETRY",
     "TELEMETRY_CONF",
     "NODE_CONNS",
@@ -1614,12 +1615,11 @@ impl Dataplane {
             ("TELEMETRY", fd(&self.m.telemetry)),
             ("TELEMETRY_CONF", fd(self.m.telemetry_conf.map())),
         ]);
-        let conn_meta = self.ebpf.map("CONN_META").and_then(|m| match m {
-            aya::maps::Map::SkStorage(d) => Some(d),
-            _ => None,
-        });
-        if let Some(d) = conn_meta {
-            maps.push(("CONN_META", d.fd().as_fd()));
+        if let Some(aya::maps::Map::HashMap(d)) = self.ebpf.map("CONNS") {
+            maps.push(("CONNS", d.fd().as_fd()));
+        }
+        if let Some(aya::maps::Map::PerCpuArray(d)) = self.ebpf.map("ORIG_HANDOFF") {
+            maps.push(("ORIG_HANDOFF", d.fd().as_fd()));
         }
         if let Some(aya::maps::Map::LruHashMap(d)) = self.ebpf.map("NODE_CONNS") {
             maps.push(("NODE_CONNS", d.fd().as_fd()));

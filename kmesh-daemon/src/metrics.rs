@@ -299,6 +299,12 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth, dns: Option<&crate::dn
             "Connections the node opened into pods with policies (kubelet's probes), admitted without consulting them",
             st[stat::AUTHZ_NODE_EXEMPT as usize],
         );
+        counter(
+            &mut r,
+            "kmesh_telemetry_untracked_connections",
+            "Connections of enrolled pods left without telemetry because the kernel's table of tracked connections (CONNS) was full",
+            st[stat::TELEMETRY_UNTRACKED as usize],
+        );
         counters(
             &mut r,
             "kmesh_events_lost",

@@ -267,7 +267,7 @@ fn pins_removed_by_hand_are_detected_reported_and_restored() {
         v
     };
     let maps = names(&dir.join("maps"));
-    assert_eq!(maps.len(), 28, "{maps:?}");
+    assert_eq!(maps.len(), 29, "{maps:?}");
     for m in &maps {
         std::fs::remove_file(dir.join("maps").join(m)).unwrap();
     }

@@ -535,6 +535,15 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Connections the kernel holds telemetry state for (`CONNS`).
+fn tracked_connections(pin_dir: &std::path::Path) -> usize {
+    let p = pin_dir.join(format!("v{}/maps/CONNS", kmesh_common::MAP_LAYOUT_VERSION));
+    let data = aya::maps::MapData::from_pin(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let m: aya::maps::HashMap<_, u64, kmesh_common::ConnMeta> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+    m.keys().count()
+}
+
 /// Servers on s1 only (`s1_extra` in its workload entry), the echo service, the client and s1
 /// enrolled, no event pending.
 fn telemetry_env(s1_extra: &str) -> Env {
@@ -587,6 +596,9 @@ fn connection_telemetry_counts_exact_bytes_with_istio_labels() {
     };
     assert_eq!(get("kmesh_tcp_connections_opened_total", &src), 23);
     assert_eq!(get("kmesh_tcp_connections_closed_total", &src), 23);
+    // Both sides of every connection, and the refused one, reported their close: the kernel
+    // holds no state for any of them.
+    assert_eq!(tracked_connections(&env.pin_dir), 0, "connection state left behind");
     assert_eq!(get("kmesh_tcp_received_bytes_total", &src), 3 * 1000, "client to server");
     assert_eq!(get("kmesh_tcp_sent_bytes_total", &src), 3 * 1003 + 20 * 3, "server to client");
     // Istio's labels, filled from the model.
@@ -649,6 +661,9 @@ fn long_lived_connections_report_before_they_close() {
     hold.args(["hold", "--target", &format!("{VIP}:80"), "--secs", "3", "--interval-ms", "50"]);
     let child = hold.stdout(std::process::Stdio::piped()).stdin(std::process::Stdio::null()).spawn().unwrap();
     let src = [("reporter", "source"), ("destination_workload", "s1")];
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // The client's socket and the server's are tracked while the connection lives.
+    assert_eq!(tracked_connections(&env.pin_dir), 2, "both sides of the open connection");
     let mut seen = Vec::new();
     for _ in 0..5 {
         std::thread::sleep(std::time::Duration::from_millis(400));
@@ -673,6 +688,7 @@ fn long_lived_connections_report_before_they_close() {
     let lines = env.mesh().observer().drain_telemetry();
     let text = env.mesh().observer().telemetry.render();
     assert_eq!(sample(&text, "kmesh_tcp_connections_closed_total", &src), Some(1));
+    assert_eq!(tracked_connections(&env.pin_dir), 0, "both sides forgotten at close");
     assert_eq!(
         sample(&text, "kmesh_tcp_connection_received_bytes_total", &src),
         None,

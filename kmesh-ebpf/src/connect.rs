@@ -2,29 +2,31 @@
 //! backend; a pod's DNS query goes to its proxy (see `dns`).
 
 use aya_ebpf::{
-    EbpfContext as _, helpers::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
+    EbpfContext as _,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
 };
 use kmesh_common::*;
 
 use crate::lb::{Verdict, apply_v4, apply_v6, balance};
-use crate::maps::{CONN_META, LB_CONN, WP_CONN};
+use crate::maps::{LB_CONN, ORIG_HANDOFF, WP_CONN};
 use crate::shared::{count, proto_of, refuse, set_ip6, telemetry_on};
 
-/// Remembers the service address a TCP client dialled, for the telemetry of its connection
-/// (connections are TCP's: a UDP socket is given no state it would never use).
+/// Leaves the service address a TCP client dialled for sock_ops, which records it with the
+/// connection's telemetry when the same connect() reaches it (connections are TCP's: a UDP
+/// socket leaves nothing).
 #[inline(always)]
 fn remember_orig(ctx: &SockAddrContext, v: &Verdict, addr: [u32; 4], port: u16, proto: u8) {
     if proto != PROTO_TCP || !telemetry_on() {
         return;
     }
-    let m = unsafe { CONN_META.get_or_insert_ptr_mut(ctx, None) };
-    if !m.is_null() {
-        unsafe {
-            (*m).orig_dst = addr;
-            (*m).orig_port = u16::from_be(port);
-            (*m).has_orig = if matches!(v, Verdict::Waypoint(..)) { ORIG_VIA_WAYPOINT } else { 1 };
-        }
-    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(slot) = ORIG_HANDOFF.get_ptr_mut((cookie % HANDOFF_SLOTS as u64) as u32) else { return };
+    let has_orig = if matches!(v, Verdict::Waypoint(..)) { ORIG_VIA_WAYPOINT } else { 1 };
+    unsafe {
+        *slot = OrigHandoff { cookie, orig_dst: addr, orig_port: u16::from_be(port), has_orig, _pad: 0 }
+    };
 }
 
 /// A connection of a counted table: what its SYN counts and its close uncounts (sock_ops).

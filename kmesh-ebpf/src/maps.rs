@@ -107,10 +107,15 @@ pub static AUTHZ_EVENTS: RingBuf<(), { 256 * 1024 }> = RingBuf::new();
 #[btf_map]
 pub static NODE_CONNS: LruHashMap<NodeConnKey, u8, 4096> = LruHashMap::new();
 
-// Telemetry: per-socket state (socket-local storage: no key lookup, no capacity, freed with
-// the socket) and the events user space turns into metrics and access logs.
+// Telemetry: per-connection state and the events user space turns into metrics and access
+// logs.
+/// Each tracked connection's state, by socket cookie (see `ConnMeta`).
 #[btf_map]
-pub static CONN_META: SkStorage<ConnMeta> = SkStorage::new();
+pub static CONNS: HashMap<u64, ConnMeta, { CONNS_CAPACITY as usize }, NO_PREALLOC> = HashMap::new();
+/// The service address a rewritten connection dialled, from connect() to sock_ops (see
+/// `OrigHandoff`).
+#[btf_map]
+pub static ORIG_HANDOFF: PerCpuArray<OrigHandoff, { HANDOFF_SLOTS as usize }> = PerCpuArray::new();
 #[btf_map]
 pub static TELEMETRY: RingBuf<(), { 1024 * 1024 }> = RingBuf::new();
 /// Unconnected UDP sockets: the backend chosen per frontend, for later datagrams and for the

@@ -3,15 +3,18 @@
 
 use aya_ebpf::{
     btf_maps::SkStorage,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_storage_get},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_percpu_elem,
+        bpf_sk_storage_get,
+    },
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use kmesh_common::*;
 
 use crate::maps::{
-    ACTIVE, AUTHZ_DEST, CONN_META, DNS_ORIG, DNS_TCP, LB_CONN, Lookup, NETNS, NODE_CONNS, TELEMETRY,
-    TELEMETRY_CONF, WAYPOINT_SOCKS, WP_CONN,
+    ACTIVE, AUTHZ_DEST, CONNS, DNS_ORIG, DNS_TCP, LB_CONN, Lookup, NETNS, NODE_CONNS, ORIG_HANDOFF,
+    TELEMETRY, TELEMETRY_CONF, WAYPOINT_SOCKS, WP_CONN,
 };
 use crate::shared::{BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE, count, telemetry_on};
 
@@ -29,10 +32,39 @@ fn sk_storage<T>(ctx: &SockOpsContext, map: &SkStorage<T>, create: bool) -> Opti
     if m.is_null() { None } else { Some(m) }
 }
 
-/// The telemetry state of a sock_ops program's socket (created empty when `create`).
+/// The telemetry state of the connection with this socket cookie, when it is tracked.
 #[inline(always)]
-fn sock_meta(ctx: &SockOpsContext, create: bool) -> Option<*mut ConnMeta> {
-    sk_storage(ctx, &CONN_META, create)
+fn tracked(cookie: u64) -> Option<*mut ConnMeta> {
+    CONNS.get_ptr_mut(cookie)
+}
+
+/// Takes what connect() left in `ORIG_HANDOFF` for the socket with this cookie: from this
+/// CPU's slot, or, when the thread moved to another CPU between the two hooks, from that CPU's.
+#[inline(always)]
+fn take_orig(cookie: u64) -> Option<OrigHandoff> {
+    let mut idx = (cookie % HANDOFF_SLOTS as u64) as u32;
+    if let Some(p) = ORIG_HANDOFF.get_ptr_mut(idx) {
+        if unsafe { (*p).cookie } == cookie {
+            unsafe { (*p).cookie = 0 };
+            return Some(unsafe { *p });
+        }
+    }
+    let map = core::ptr::from_ref(&ORIG_HANDOFF).cast_mut().cast();
+    let key = core::ptr::from_mut(&mut idx).cast();
+    let mut cpu = 0;
+    while cpu < HANDOFF_MAX_CPUS {
+        let p = unsafe { bpf_map_lookup_percpu_elem(map, key, cpu) }.cast::<OrigHandoff>();
+        if p.is_null() {
+            // Past the last CPU.
+            break;
+        }
+        if unsafe { (*p).cookie } == cookie {
+            unsafe { (*p).cookie = 0 };
+            return Some(unsafe { *p });
+        }
+        cpu += 1;
+    }
+    None
 }
 
 const SOCK_OPS_TCP_CONNECT: u32 = 3;
@@ -252,43 +284,49 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         if unsafe { NETNS.find(ns) }.is_none() {
             return 0;
         }
-        let Some(m) = sock_meta(&ctx, true) else { return 0 };
         let now = unsafe { bpf_ktime_get_ns() };
-        // connect() may already have stored the service address the client dialled.
-        let mut meta = unsafe { *m };
-        meta.start_ns = now;
-        meta.last_report_ns = now;
-        meta.direction = if op == SOCK_OPS_TCP_CONNECT { DIR_OUTBOUND } else { DIR_INBOUND };
-        unsafe { *m = meta };
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        let outbound = op == SOCK_OPS_TCP_CONNECT;
+        let mut meta = ConnMeta {
+            start_ns: now,
+            last_report_ns: now,
+            direction: if outbound { DIR_OUTBOUND } else { DIR_INBOUND },
+            ..ConnMeta::default()
+        };
+        // The service address the client dialled, when connect() rewrote it.
+        if outbound && let Some(h) = take_orig(cookie) {
+            meta.orig_dst = h.orig_dst;
+            meta.orig_port = h.orig_port;
+            meta.has_orig = h.has_orig;
+        }
+        if CONNS.insert(cookie, meta, 0).is_err() {
+            count(stat::TELEMETRY_UNTRACKED);
+            return 0;
+        }
         // A client socket is told of acknowledgements (for periodic reports) only once it is
         // established: the SYN-ACK's would come before the open is reported, one run for
-        // nothing per connection. State changes from now on (a SYN that fails is reported).
-        let flags = if op == SOCK_OPS_TCP_CONNECT {
-            SOCK_OPS_STATE_CB_FLAG
-        } else {
-            SOCK_OPS_STATE_CB_FLAG | SOCK_OPS_RTT_CB_FLAG
-        };
+        // nothing per connection. State changes from now on (a SYN that fails is reported, and
+        // the entry goes at CLOSE).
+        let flags =
+            if outbound { SOCK_OPS_STATE_CB_FLAG } else { SOCK_OPS_STATE_CB_FLAG | SOCK_OPS_RTT_CB_FLAG };
         let _ = ctx.set_cb_flags((ctx.cb_flags() | flags) as i32);
-        if op == SOCK_OPS_PASSIVE_ESTABLISHED {
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        if !outbound {
             emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, now));
         }
     } else if op == SOCK_OPS_ACTIVE_ESTABLISHED {
-        let Some(m) = sock_meta(&ctx, false) else { return 0 };
-        let now = unsafe { bpf_ktime_get_ns() };
-        unsafe { (*m).last_report_ns = now };
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        let Some(m) = tracked(cookie) else { return 0 };
         let meta = unsafe { *m };
-        if meta.direction == DIR_OUTBOUND {
-            let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_RTT_CB_FLAG) as i32);
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-            emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, now));
-        }
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_RTT_CB_FLAG) as i32);
+        // Reports are timed from connect(); the open itself carries no duration (no clock read).
+        emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, meta.start_ns));
     } else if op == SOCK_OPS_RTT {
-        let Some(m) = sock_meta(&ctx, false) else { return 0 };
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        let Some(m) = tracked(cookie) else { return 0 };
         let now = unsafe { bpf_ktime_get_ns() };
         let interval = TELEMETRY_CONF.get(TCONF_INTERVAL_NS).copied().unwrap_or(5_000_000_000);
         let meta = unsafe { *m };
-        if meta.direction == 0 || now.saturating_sub(meta.last_report_ns) < interval {
+        if now.saturating_sub(meta.last_report_ns) < interval {
             return 0;
         }
         // Only while no FIN of ours can be in flight: in the closing states the kernel may
@@ -299,19 +337,16 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
             return 0;
         }
         unsafe { (*m).last_report_ns = now };
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         emit(&conn_event(&ctx, CONN_REPORT, &meta, cookie, now));
     } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_FIN_WAIT2 {
-        if let Some(m) = sock_meta(&ctx, false) {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        if let Some(m) = tracked(cookie) {
             unsafe { (*m).rcv_nxt_fin_wait2 = core::ptr::read_volatile(&(*ctx.ops).rcv_nxt) };
         }
     } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE {
-        let Some(m) = sock_meta(&ctx, false) else { return 0 };
-        let meta = unsafe { *m };
-        if meta.direction == 0 {
-            return 0;
-        }
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        let Some(m) = tracked(cookie) else { return 0 };
+        let meta = unsafe { *m };
         let from = ctx.arg(0);
         let rcv_nxt = unsafe { core::ptr::read_volatile(&(*ctx.ops).rcv_nxt) };
         let now = unsafe { bpf_ktime_get_ns() };
@@ -323,8 +358,8 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
             ev.flags |= EV_NO_PEER_FIN;
         }
         emit(&ev);
-        // Reported once; the storage goes with the socket.
-        unsafe { (*m).direction = 0 };
+        // Reported once.
+        let _ = CONNS.remove(cookie);
     }
     0
 }
