@@ -70,6 +70,9 @@ pub struct Mesh {
     untidy_model: bool,
     /// Set while a change is applied with [`apply_change_leaving_tidy`](Self::apply_change_leaving_tidy).
     defer_tidy: bool,
+    /// Changes applied with [`apply_change_leaving_tidy`](Self::apply_change_leaving_tidy)
+    /// that telemetry has not taken in yet (it does in [`tidy`](Self::tidy)).
+    untold: Vec<ModelChange>,
 }
 
 /// Models of at least this many services and workloads are compiled while their new entries
@@ -111,6 +114,7 @@ impl Mesh {
             write_ahead: WriteAhead::WhileCompiling,
             untidy_model: false,
             defer_tidy: false,
+            untold: Vec::new(),
         };
         mesh.publish();
         mesh
@@ -313,16 +317,40 @@ impl Mesh {
     /// [`apply_change_leaving_tidy`](Self::apply_change_leaving_tidy).
     pub fn tidy(&mut self) {
         let started = std::time::Instant::now();
+        self.tell_observer();
+        let told = started.elapsed();
         self.compiler.tidy();
         if std::mem::take(&mut self.untidy_model) {
             kmesh_model::repack::map(&mut self.model.workloads);
             kmesh_model::repack::map(&mut self.model.services);
         }
-        tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "model and compiler tidied");
+        tracing::debug!(
+            telemetry_us = told.as_micros() as u64,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "model and compiler tidied"
+        );
+    }
+
+    /// Gives telemetry the changes it has not taken in, as the model now has them (which a
+    /// later change may have changed again: each is read from the model, not replayed).
+    fn tell_observer(&mut self) {
+        if self.untold.is_empty() {
+            return;
+        }
+        let names: BTreeMap<u32, String> =
+            self.authz.policy_ids.iter().map(|(k, v)| (*v, k.clone())).collect();
+        let mut o = self.observer.lock().unwrap_or_else(|p| p.into_inner());
+        for change in std::mem::take(&mut self.untold) {
+            o.model_changed(&self.model, &change, names.clone());
+        }
     }
 
     /// [`apply_change`](Self::apply_change), leaving [`tidy`](Self::tidy) to the caller: the
     /// xDS client acknowledges the change first, since the ACK waits on nothing but the maps.
+    /// Telemetry takes the change in at the tidy too: until then a connection event names
+    /// what the model held before (the drain that reads events already ran independently of
+    /// the writes, so events of the newest connections could always be named from the model
+    /// before them).
     pub fn apply_change_leaving_tidy(
         &mut self,
         src: &(impl ModelSource + ?Sized),
@@ -474,9 +502,11 @@ impl Mesh {
         // A bulk change filled the model's maps in key order: see `tidy`.
         self.untidy_model |=
             kmesh_model::repack::worth_it(keys.len(), self.model.workloads.len() + self.model.services.len());
-        let names = self.authz.policy_ids.iter().map(|(k, v)| (*v, k.clone())).collect();
         let t_obs = std::time::Instant::now();
-        self.observer().model_changed(&self.model, &change, names);
+        self.untold.push(change);
+        if !self.defer_tidy {
+            self.tell_observer();
+        }
         let t_obs = t_obs.elapsed();
         let t_pub = std::time::Instant::now();
         self.publish();

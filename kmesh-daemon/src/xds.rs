@@ -1188,6 +1188,7 @@ async fn run_stream(
         *state = handled.state;
         let changed = handled.changed;
         let mut errors = Vec::new();
+        let mut stream_gone = false;
         for (reply, rejected) in handled.replies {
             let nack = reply.error_detail.is_some();
             if nack { &shared.xds.nacks } else { &shared.xds.acks }.fetch_add(1, Ordering::Relaxed);
@@ -1196,10 +1197,12 @@ async fn run_stream(
                 errors.extend(rejected);
             }
             if tx.send(reply).await.is_err() {
-                return Ok(());
+                stream_gone = true;
+                break;
             }
         }
-        // The replies are sent: what only saves memory is done now, off the push's path.
+        // The replies are sent: telemetry takes the change in, and what only saves memory is
+        // done now, off the push's path (also when the stream went: the change is applied).
         let (mut st, shared2) = (std::mem::take(state), shared.clone());
         let tidied = tokio::task::spawn_blocking(move || {
             st.tidy(changed);
@@ -1213,6 +1216,9 @@ async fn run_stream(
                 tracing::error!(error = %e, "tidying the xDS state failed; reconnecting for a full resync");
                 return Err(XdsError::Apply { detail: e.to_string() });
             }
+        }
+        if stream_gone {
+            return Ok(());
         }
         *shared.config_error.lock().unwrap() = (!errors.is_empty()).then(|| errors.join("; "));
         tracing::info!(%type_url, resources = n_res, removed = n_rm, nack = !errors.is_empty(),

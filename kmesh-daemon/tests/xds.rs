@@ -77,6 +77,15 @@ fn initial_sync_updates_and_removals_reach_the_kernel() {
     cp.replace_all(ADDRESS_TYPE, resources(&bed, &["s1", "s2", "s3"]));
     wait_for("s3 in the kernel", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 3.0);
     assert_eq!(connect(&bed, 90).len(), 3);
+    // Telemetry took the change in too (after the ACK): the new endpoint's connections are
+    // counted under its name.
+    wait_for("s3's connections in the metrics under its name", || {
+        d.get("/metrics").unwrap().lines().any(|l| {
+            l.starts_with("kmesh_tcp_connections_opened_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains("destination_workload=\"s3\"")
+        })
+    });
 
     // An endpoint removed: no connection goes to it.
     cp.remove(ADDRESS_TYPE, &["s1"]);
