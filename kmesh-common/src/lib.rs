@@ -198,6 +198,9 @@ pub const TBL_F_COUNT: u32 = 64;
 /// Least request: of two slots picked at random (by weight), the one whose backend has fewer
 /// active connections (Envoy's `LEAST_REQUEST`, power of two choices).
 pub const TBL_F_LEAST: u32 = 128;
+/// Some backend of the service has a target port of its own (`PORTS`): look it up. Without
+/// the flag every backend takes the frontend's target port, and connect() saves the lookup.
+pub const TBL_F_PORTS: u32 = 256;
 
 /// `ACTIVE` keys: a service's connections, or one backend's.
 pub const ACTIVE_SERVICE: u32 = 1;

@@ -1328,7 +1328,10 @@ fn emit_table(
 ) {
     // A ring's slots carry their points where others carry cumulative weights.
     let ring = flags & TBL_F_RING != 0;
-    let flags = flags | if weighted { TBL_F_WEIGHTED } else { 0 };
+    // The service's port overrides are made before its tables (a backend's of another family
+    // count too: the flag only allows the lookup).
+    let ports = if out.ports.is_empty() { 0 } else { TBL_F_PORTS };
+    let flags = flags | ports | if weighted { TBL_F_WEIGHTED } else { 0 };
     let mut t = TableValue { flags, limit, ..Default::default() };
     // The slots go straight into `out`, keyed under generation 0 until the table's is known.
     let first = out.endpoints.len();
@@ -1348,7 +1351,8 @@ fn emit_table(
     let at = |generation: u32, k: &EndpointKey| EndpointKey { generation, ..*k };
     t.generation = match prev.tables.get(&tkey) {
         Some(p) => {
-            let same = p.flags == t.flags
+            // Whether connect() looks up port overrides changes no slot.
+            let same = (p.flags | TBL_F_PORTS) == (t.flags | TBL_F_PORTS)
                 && p.limit == t.limit
                 && p.counts == t.counts
                 && p.weights == t.weights

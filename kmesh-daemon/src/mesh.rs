@@ -728,6 +728,7 @@ impl Mesh {
                     "generation": t.generation,
                     "strict": t.flags & kmesh_common::TBL_F_STRICT != 0,
                     "weighted": t.flags & kmesh_common::TBL_F_WEIGHTED != 0,
+                    "port_overrides": t.flags & kmesh_common::TBL_F_PORTS != 0,
                     "levels": levels,
                 }));
             }

@@ -162,13 +162,17 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
             continue;
         };
         let pkey = PortKey { service_id, backend_id, service_port: fe_key.port, _pad: 0 };
-        let target = match unsafe { PORTS.find(pkey) }.copied() {
-            Some(p) if p.belongs_to(&pkey) => p.target_port,
-            Some(_) => {
-                count(stat::RETRIED);
-                continue;
+        let target = if table.flags & TBL_F_PORTS == 0 {
+            default_port
+        } else {
+            match unsafe { PORTS.find(pkey) }.copied() {
+                Some(p) if p.belongs_to(&pkey) => p.target_port,
+                Some(_) => {
+                    count(stat::RETRIED);
+                    continue;
+                }
+                None => default_port,
             }
-            None => default_port,
         };
         if via_waypoint {
             count(stat::WAYPOINT_REDIRECTED);

@@ -163,6 +163,8 @@ fn twenty_ports_are_twenty_frontends_over_one_table() {
     assert_eq!(s.tables.len(), 1);
     assert_eq!(s.endpoints.len(), 1);
     assert!(s.ports.is_empty());
+    // connect() is told it need not look for overrides.
+    assert_eq!(s.tables.values().next().unwrap().flags & TBL_F_PORTS, 0);
 }
 
 #[test]
@@ -180,6 +182,16 @@ fn per_workload_target_ports_override_only_when_they_differ() {
     let b = ids.backends.get(&(sid, "b".into(), FAMILY_V4)).unwrap();
     assert_eq!(k.backend_id, b);
     assert_eq!(u16::from_be(v.target_port), 9999);
+    let t = *s.tables.values().next().unwrap();
+    assert_ne!(t.flags & TBL_F_PORTS, 0, "connect() must look the override up");
+    // The override goes: the flag with it, and no slot is rewritten for that (same generation).
+    let w2 = w.replace("target_port: 9999", "target_port: 8080");
+    let mut ids = ids;
+    let s2 = compile(&model(&echo_service("{}"), &w2), &no_clients(), &mut ids, &s);
+    assert!(s2.ports.is_empty());
+    let t2 = *s2.tables.values().next().unwrap();
+    assert_eq!(t2.flags & TBL_F_PORTS, 0);
+    assert_eq!((t2.generation, t2.flags | TBL_F_PORTS), (t.generation, t.flags));
 }
 
 #[test]
