@@ -639,10 +639,10 @@ pub struct ConnMeta {
 pub const CONNS_CAPACITY: u32 = 65536;
 
 /// What connect() leaves for sock_ops about the connection it just rewrote: the service
-/// address the client dialled (`ORIG_HANDOFF`, a per-CPU array). Both hooks run in the same
-/// connect() call, normally on the same CPU with nothing between them; the slot is chosen by
-/// the socket's cookie, which it also holds, so a slot taken by another socket is never
-/// mistaken for this one's.
+/// address the client dialled (`ORIG_HANDOFF`, an array). Both hooks run in the same connect()
+/// call, microseconds apart, whatever CPU each runs on; the slot is chosen by a hash of the
+/// socket's cookie ([`handoff_slot`]) and holds the cookie, so a slot another socket took is
+/// never mistaken for this one's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OrigHandoff {
@@ -653,12 +653,18 @@ pub struct OrigHandoff {
     pub _pad: u32,
 }
 
-/// Slots of `ORIG_HANDOFF` per CPU.
-pub const HANDOFF_SLOTS: u32 = 64;
+/// Slots of `ORIG_HANDOFF` (32 bytes each: 128 KiB). Two connect() calls in flight at once
+/// share a slot with odds of one in this many, and then the second one's service is lost to
+/// the first one's telemetry (its connection is still counted, by workload).
+pub const HANDOFF_SLOTS: u32 = 4096;
 
-/// CPUs sock_ops looks through for a handoff left on another CPU (the thread moved between
-/// the two hooks); the kernel answers no CPU past the last one it has.
-pub const HANDOFF_MAX_CPUS: u32 = 1024;
+/// The `ORIG_HANDOFF` slot of a socket cookie. Hashed (Fibonacci hashing: the high bits of
+/// the cookie times 2^64 / phi), not a remainder: cookies need not be dense, and the kernel
+/// may hand them out to CPUs in batches whose remainders line up.
+#[inline(always)]
+pub const fn handoff_slot(cookie: u64) -> u32 {
+    (cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 % HANDOFF_SLOTS
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -915,6 +921,23 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Connects in flight at once rarely share a handoff slot, however their cookies line up:
+    /// a run of consecutive cookies, and two runs whose remainders by 4,096 are the same (two
+    /// CPUs' batches), spread over the slots without a shared one among 64 at once.
+    #[test]
+    fn handoff_slots_spread_runs_of_cookies() {
+        for base in [1u64, 4096, 1 << 20, 123_456_789] {
+            let mut slots: [u32; 64] = core::array::from_fn(|i| {
+                let c = base + (i as u64 / 2) + if i % 2 == 1 { 4096 * 7 } else { 0 };
+                handoff_slot(c)
+            });
+            assert!(slots.iter().all(|s| *s < HANDOFF_SLOTS));
+            slots.sort_unstable();
+            let shared = slots.windows(2).filter(|w| w[0] == w[1]).count();
+            assert!(shared <= 1, "base {base}: {shared} shared slots among 64 cookies");
+        }
+    }
 
     /// A ring: the first point at or past the hash, wrapping past the last one.
     #[test]

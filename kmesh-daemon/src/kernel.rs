@@ -1618,7 +1618,7 @@ impl Dataplane {
         if let Some(aya::maps::Map::HashMap(d)) = self.ebpf.map("CONNS") {
             maps.push(("CONNS", d.fd().as_fd()));
         }
-        if let Some(aya::maps::Map::PerCpuArray(d)) = self.ebpf.map("ORIG_HANDOFF") {
+        if let Some(aya::maps::Map::Array(d)) = self.ebpf.map("ORIG_HANDOFF") {
             maps.push(("ORIG_HANDOFF", d.fd().as_fd()));
         }
         if let Some(aya::maps::Map::LruHashMap(d)) = self.ebpf.map("NODE_CONNS") {

@@ -647,6 +647,40 @@ fn connection_telemetry_counts_exact_bytes_with_istio_labels() {
     );
 }
 
+/// A pod behind two services on the same target port: the source side names the service
+/// whose address the client dialled (connect() hands it to the connection's telemetry), not
+/// the first of the pod's services the port matches (`alpha` sorts before `echo`).
+#[test]
+fn telemetry_names_the_service_the_client_dialled() {
+    if !root_or_skip("telemetry_names_the_service_the_client_dialled") {
+        return;
+    }
+    let mut env = Env::new(&three_backends_two_zones());
+    start_servers(&env, &[8080], &[]);
+    let alpha = "  - {name: alpha, namespace: default, hostname: alpha.default.svc.cluster.local, addresses: [10.96.0.20], ports: [{service_port: 80, target_port: 8080}]}\n";
+    let services = service(&format!("[{VIP}]"), "[{service_port: 80, target_port: 8080}]", "{}") + alpha;
+    let w = workload(env.pod("client"), &[], "")
+        + &workload(env.pod("s1"), &[(SVC_KEY, "[]"), ("default/alpha.default.svc.cluster.local", "[]")], "");
+    env.apply(&config("zone-a", &services, &w));
+    env.enroll("client", Some("client"));
+    let _ = env.mesh().observer().drain_telemetry();
+    for (vip, n) in [(VIP, 5), ("10.96.0.20", 3)] {
+        assert!(env.connect("client", &format!("{vip}:80"), n).iter().all(|a| a.ok));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = env.mesh().observer().drain_telemetry();
+    let text = env.mesh().observer().telemetry.render();
+    let opened = |svc: &str| {
+        sample(
+            &text,
+            "kmesh_tcp_connections_opened_total",
+            &[("reporter", "source"), ("destination_service", svc)],
+        )
+    };
+    assert_eq!(opened("echo.default.svc.cluster.local"), Some(5), "{text}");
+    assert_eq!(opened("alpha.default.svc.cluster.local"), Some(3), "{text}");
+}
+
 #[test]
 fn long_lived_connections_report_before_they_close() {
     if !root_or_skip("long_lived_connections_report_before_they_close") {

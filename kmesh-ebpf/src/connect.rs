@@ -22,7 +22,7 @@ fn remember_orig(ctx: &SockAddrContext, v: &Verdict, addr: [u32; 4], port: u16, 
         return;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(slot) = ORIG_HANDOFF.get_ptr_mut((cookie % HANDOFF_SLOTS as u64) as u32) else { return };
+    let Some(slot) = ORIG_HANDOFF.get_ptr_mut(handoff_slot(cookie)) else { return };
     let has_orig = if matches!(v, Verdict::Waypoint(..)) { ORIG_VIA_WAYPOINT } else { 1 };
     unsafe {
         *slot = OrigHandoff { cookie, orig_dst: addr, orig_port: u16::from_be(port), has_orig, _pad: 0 }

@@ -115,7 +115,7 @@ pub static CONNS: HashMap<u64, ConnMeta, { CONNS_CAPACITY as usize }, NO_PREALLO
 /// The service address a rewritten connection dialled, from connect() to sock_ops (see
 /// `OrigHandoff`).
 #[btf_map]
-pub static ORIG_HANDOFF: PerCpuArray<OrigHandoff, { HANDOFF_SLOTS as usize }> = PerCpuArray::new();
+pub static ORIG_HANDOFF: Array<OrigHandoff, { HANDOFF_SLOTS as usize }> = Array::new();
 #[btf_map]
 pub static TELEMETRY: RingBuf<(), { 1024 * 1024 }> = RingBuf::new();
 /// Unconnected UDP sockets: the backend chosen per frontend, for later datagrams and for the

@@ -3,10 +3,7 @@
 
 use aya_ebpf::{
     btf_maps::SkStorage,
-    helpers::{
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_percpu_elem,
-        bpf_sk_storage_get,
-    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_storage_get},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -38,33 +35,15 @@ fn tracked(cookie: u64) -> Option<*mut ConnMeta> {
     CONNS.get_ptr_mut(cookie)
 }
 
-/// Takes what connect() left in `ORIG_HANDOFF` for the socket with this cookie: from this
-/// CPU's slot, or, when the thread moved to another CPU between the two hooks, from that CPU's.
+/// Takes what connect() left in `ORIG_HANDOFF` for the socket with this cookie.
 #[inline(always)]
 fn take_orig(cookie: u64) -> Option<OrigHandoff> {
-    let mut idx = (cookie % HANDOFF_SLOTS as u64) as u32;
-    if let Some(p) = ORIG_HANDOFF.get_ptr_mut(idx) {
-        if unsafe { (*p).cookie } == cookie {
-            unsafe { (*p).cookie = 0 };
-            return Some(unsafe { *p });
-        }
+    let p = ORIG_HANDOFF.get_ptr_mut(handoff_slot(cookie))?;
+    if unsafe { (*p).cookie } != cookie {
+        return None;
     }
-    let map = core::ptr::from_ref(&ORIG_HANDOFF).cast_mut().cast();
-    let key = core::ptr::from_mut(&mut idx).cast();
-    let mut cpu = 0;
-    while cpu < HANDOFF_MAX_CPUS {
-        let p = unsafe { bpf_map_lookup_percpu_elem(map, key, cpu) }.cast::<OrigHandoff>();
-        if p.is_null() {
-            // Past the last CPU.
-            break;
-        }
-        if unsafe { (*p).cookie } == cookie {
-            unsafe { (*p).cookie = 0 };
-            return Some(unsafe { *p });
-        }
-        cpu += 1;
-    }
-    None
+    unsafe { (*p).cookie = 0 };
+    Some(unsafe { *p })
 }
 
 const SOCK_OPS_TCP_CONNECT: u32 = 3;
