@@ -334,14 +334,15 @@ impl Mesh {
     /// Gives telemetry the changes it has not taken in, as the model now has them (which a
     /// later change may have changed again: each is read from the model, not replayed).
     fn tell_observer(&mut self) {
-        if self.untold.is_empty() {
+        let untold = std::mem::take(&mut self.untold);
+        if untold.is_empty() {
             return;
         }
         let names: BTreeMap<u32, String> =
             self.authz.policy_ids.iter().map(|(k, v)| (*v, k.clone())).collect();
-        let mut o = self.observer.lock().unwrap_or_else(|p| p.into_inner());
-        for change in std::mem::take(&mut self.untold) {
-            o.model_changed(&self.model, &change, names.clone());
+        let mut o = self.observer();
+        for change in &untold {
+            o.model_changed(&self.model, change, names.clone());
         }
     }
 

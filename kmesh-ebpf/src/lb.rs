@@ -161,10 +161,10 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
             count(stat::RETRIED);
             continue;
         };
-        let pkey = PortKey { service_id, backend_id, service_port: fe_key.port, _pad: 0 };
         let target = if table.flags & TBL_F_PORTS == 0 {
             default_port
         } else {
+            let pkey = PortKey { service_id, backend_id, service_port: fe_key.port, _pad: 0 };
             match unsafe { PORTS.find(pkey) }.copied() {
                 Some(p) if p.belongs_to(&pkey) => p.target_port,
                 Some(_) => {
