@@ -75,6 +75,6 @@ echo "tests: $passed passed, $failed failed"
 if [ "$failed" -ne 0 ]; then
   echo "== failed tests"
   grep -E '^test .* FAILED$' target/test-output.txt || true
-  grep -A4 -E "^thread '.*' panicked at" target/test-output.txt | head -n 60 || true
+  grep -A4 -E "^thread '.*' (\([0-9]+\) )?panicked at" target/test-output.txt | head -n 60 || true
 fi
 exit "$status"

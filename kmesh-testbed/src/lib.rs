@@ -141,6 +141,19 @@ fn remove_cgroup_tree(path: &Path) {
     eprintln!("testbed: could not remove cgroup {}", path.display());
 }
 
+/// Makes a testbed's cgroup under the shared parent. Another testbed dropped at the same
+/// moment removes the parent when it is empty, possibly between the parent's creation and the
+/// child's: then the parent is made again.
+fn create_bed_cgroup(path: &Path) -> std::io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match fs::create_dir_all(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 10 => tries += 1,
+            r => return r,
+        }
+    }
+}
+
 fn netns_list() -> Vec<String> {
     ip(&["netns", "list"])
         .unwrap_or_default()
@@ -312,7 +325,7 @@ impl Testbed {
             pods: Vec::new(),
             children: Mutex::new(Vec::new()),
         };
-        fs::create_dir_all(&bed.cgroup).map_err(io(format!("creating {}", bed.cgroup.display())))?;
+        create_bed_cgroup(&bed.cgroup).map_err(io(format!("creating {}", bed.cgroup.display())))?;
         ip(&["netns", "add", &bed.node_ns])?;
         ip(&["-n", &bed.node_ns, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &bed.node_ns, "link", "set", "br0", "up"])?;
