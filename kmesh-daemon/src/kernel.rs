@@ -1615,11 +1615,10 @@ impl Dataplane {
             ("TELEMETRY", fd(&self.m.telemetry)),
             ("TELEMETRY_CONF", fd(self.m.telemetry_conf.map())),
         ]);
-        if let Some(aya::maps::Map::HashMap(d)) = self.ebpf.map("CONNS") {
-            maps.push(("CONNS", d.fd().as_fd()));
-        }
-        if let Some(aya::maps::Map::Array(d)) = self.ebpf.map("ORIG_HANDOFF") {
-            maps.push(("ORIG_HANDOFF", d.fd().as_fd()));
+        for name in ["CONNS", "ORIG_HANDOFF"] {
+            if let Some(aya::maps::Map::Array(d)) = self.ebpf.map(name) {
+                maps.push((name, d.fd().as_fd()));
+            }
         }
         if let Some(aya::maps::Map::LruHashMap(d)) = self.ebpf.map("NODE_CONNS") {
             maps.push(("NODE_CONNS", d.fd().as_fd()));

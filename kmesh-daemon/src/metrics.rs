@@ -302,7 +302,7 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth, dns: Option<&crate::dn
         counter(
             &mut r,
             "kmesh_telemetry_untracked_connections",
-            "Connections of enrolled pods left without telemetry because the kernel's table of tracked connections (CONNS) was full",
+            "Connections of enrolled pods left without telemetry because the slots of the kernel's table of tracked connections (CONNS) where they could go were all taken",
             st[stat::TELEMETRY_UNTRACKED as usize],
         );
         counters(

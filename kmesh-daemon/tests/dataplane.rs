@@ -539,9 +539,9 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
 fn tracked_connections(pin_dir: &std::path::Path) -> usize {
     let p = pin_dir.join(format!("v{}/maps/CONNS", kmesh_common::MAP_LAYOUT_VERSION));
     let data = aya::maps::MapData::from_pin(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    let m: aya::maps::HashMap<_, u64, kmesh_common::ConnMeta> =
-        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
-    m.keys().count()
+    let m: aya::maps::Array<_, kmesh_common::ConnMeta> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    m.iter().filter(|s| s.as_ref().is_ok_and(|s| s.cookie != 0)).count()
 }
 
 /// Servers on s1 only (`s1_extra` in its workload entry), the echo service, the client and s1

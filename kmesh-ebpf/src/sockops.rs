@@ -29,10 +29,55 @@ fn sk_storage<T>(ctx: &SockOpsContext, map: &SkStorage<T>, create: bool) -> Opti
     if m.is_null() { None } else { Some(m) }
 }
 
+/// The `CONNS` slot at `i` places after the first of a cookie.
+#[inline(always)]
+fn conn_probe(cookie: u64, i: u32) -> Option<*mut ConnMeta> {
+    CONNS.get_ptr_mut(conn_slot(cookie, i))
+}
+
 /// The telemetry state of the connection with this socket cookie, when it is tracked.
 #[inline(always)]
 fn tracked(cookie: u64) -> Option<*mut ConnMeta> {
-    CONNS.get_ptr_mut(cookie)
+    for i in 0..CONN_PROBES {
+        let p = conn_probe(cookie, i)?;
+        if unsafe { core::ptr::read_volatile(&(*p).cookie) } == cookie {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// Claims a free `CONNS` slot for the connection with this cookie (compare-and-swap from 0:
+/// two CPUs never take the same slot) and fills it with `meta`.
+#[inline(always)]
+fn track(cookie: u64, meta: &ConnMeta) -> bool {
+    for i in 0..CONN_PROBES {
+        let Some(p) = conn_probe(cookie, i) else { return false };
+        if unsafe { core::ptr::read_volatile(&(*p).cookie) } != 0 {
+            continue;
+        }
+        // SAFETY: a map value, 8-aligned; every CPU claims it the same way. The BPF target
+        // has no AtomicU64 in core; the intrinsic is BPF's compare-and-swap.
+        let (_, won) = unsafe {
+            core::intrinsics::atomic_cxchg::<
+                u64,
+                { core::intrinsics::AtomicOrdering::SeqCst },
+                { core::intrinsics::AtomicOrdering::SeqCst },
+            >(&raw mut (*p).cookie, 0, cookie)
+        };
+        if won {
+            unsafe {
+                (*p).start_ns = meta.start_ns;
+                (*p).orig_dst = meta.orig_dst;
+                (*p).orig_port = meta.orig_port;
+                (*p).has_orig = meta.has_orig;
+                (*p).direction = meta.direction;
+                (*p).mark = 0;
+            }
+            return true;
+        }
+    }
+    false
 }
 
 /// Takes what connect() left in `ORIG_HANDOFF` for the socket with this cookie.
@@ -83,13 +128,13 @@ fn conn_event(ctx: &SockOpsContext, kind: u32, meta: &ConnMeta, cookie: u64, now
     unsafe {
         ConnEvent {
             kind,
-            direction: meta.direction,
+            direction: meta.direction as u32,
             local,
             remote,
             local_port: rv(&(*o).local_port) as u16,
             remote_port: u32::from_be(rv(&(*o).remote_port)) as u16,
             orig_port: meta.orig_port,
-            has_orig: meta.has_orig,
+            has_orig: meta.has_orig as u16,
             orig_dst: meta.orig_dst,
             sent_bytes: rv(&(*o).bytes_acked),
             received_bytes: rv(&(*o).bytes_received),
@@ -268,17 +313,16 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         let outbound = op == SOCK_OPS_TCP_CONNECT;
         let mut meta = ConnMeta {
             start_ns: now,
-            last_report_ns: now,
-            direction: if outbound { DIR_OUTBOUND } else { DIR_INBOUND },
+            direction: if outbound { DIR_OUTBOUND } else { DIR_INBOUND } as u8,
             ..ConnMeta::default()
         };
         // The service address the client dialled, when connect() rewrote it.
         if outbound && let Some(h) = take_orig(cookie) {
             meta.orig_dst = h.orig_dst;
             meta.orig_port = h.orig_port;
-            meta.has_orig = h.has_orig;
+            meta.has_orig = h.has_orig as u8;
         }
-        if CONNS.insert(cookie, meta, 0).is_err() {
+        if !track(cookie, &meta) {
             count(stat::TELEMETRY_UNTRACKED);
             return 0;
         }
@@ -293,6 +337,10 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
             emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, now));
         }
     } else if op == SOCK_OPS_ACTIVE_ESTABLISHED {
+        // Every client socket in the cgroup comes here; one tracked asked for state changes.
+        if ctx.cb_flags() & SOCK_OPS_STATE_CB_FLAG == 0 {
+            return 0;
+        }
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         let Some(m) = tracked(cookie) else { return 0 };
         let meta = unsafe { *m };
@@ -305,7 +353,9 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         let now = unsafe { bpf_ktime_get_ns() };
         let interval = TELEMETRY_CONF.get(TCONF_INTERVAL_NS).copied().unwrap_or(5_000_000_000);
         let meta = unsafe { *m };
-        if now.saturating_sub(meta.last_report_ns) < interval {
+        // In units of 2^20 ns since the start (see `ConnMeta::mark`).
+        let since_start = (now.saturating_sub(meta.start_ns) >> 20) as u32;
+        if since_start.wrapping_sub(meta.mark) < (interval >> 20) as u32 {
             return 0;
         }
         // Only while no FIN of ours can be in flight: in the closing states the kernel may
@@ -315,12 +365,13 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         if state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT {
             return 0;
         }
-        unsafe { (*m).last_report_ns = now };
+        unsafe { (*m).mark = since_start };
         emit(&conn_event(&ctx, CONN_REPORT, &meta, cookie, now));
     } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_FIN_WAIT2 {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         if let Some(m) = tracked(cookie) {
-            unsafe { (*m).rcv_nxt_fin_wait2 = core::ptr::read_volatile(&(*ctx.ops).rcv_nxt) };
+            // No report is sent from FIN_WAIT2 on: the mark is free for this.
+            unsafe { (*m).mark = core::ptr::read_volatile(&(*ctx.ops).rcv_nxt) };
         }
     } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
@@ -333,12 +384,12 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         let mut ev = conn_event(&ctx, kind, &meta, cookie, now);
         // The state the socket left: user space needs it to tell data bytes from SYN/FIN.
         ev.state = from;
-        if from == TCP_FIN_WAIT2 && rcv_nxt == meta.rcv_nxt_fin_wait2 {
+        if from == TCP_FIN_WAIT2 && rcv_nxt == meta.mark {
             ev.flags |= EV_NO_PEER_FIN;
         }
         emit(&ev);
-        // Reported once.
-        let _ = CONNS.remove(cookie);
+        // Reported once; the slot is free again.
+        unsafe { core::ptr::write_volatile(&raw mut (*m).cookie, 0) };
     }
     0
 }
