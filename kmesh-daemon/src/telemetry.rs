@@ -372,8 +372,9 @@ struct OpenConn {
     peers: Arc<Peers>,
     src: SocketAddr,
     dst: SocketAddr,
-    /// Its `kmesh_tcp_connection_*` series, when that family is on.
-    connection: Option<ConnectionLabels>,
+    /// Its `kmesh_tcp_connection_*` series, when that family is on (boxed: a connection
+    /// moves in and out of the open table at every event).
+    connection: Option<Box<ConnectionLabels>>,
     last: Progress,
     seen: std::time::Instant,
 }
@@ -653,10 +654,12 @@ pub struct Telemetry {
     pub service: TcpFamilies<ServiceLabels>,
     pub workload: TcpFamilies<WorkloadLabels>,
     pub connection: ConnectionFamilies,
-    open: HashMap<u64, OpenConn>,
+    /// By socket cookie. Two lookups per kernel event: hashed with foldhash, not SipHash (the
+    /// keys come from the kernel, not from the network).
+    open: HashMap<u64, OpenConn, foldhash::fast::RandomState>,
     index: Index,
     /// Labels and counters by peers, valid for one model generation.
-    peers: HashMap<PeersKey, Arc<Peers>>,
+    peers: HashMap<PeersKey, Arc<Peers>, foldhash::fast::RandomState>,
     /// Every label set with a series, and the workload pairs that produced it.
     service_owners: HashMap<ServiceLabels, std::collections::HashSet<Owners>>,
     workload_owners: HashMap<WorkloadLabels, std::collections::HashSet<Owners>>,
@@ -962,7 +965,7 @@ impl Telemetry {
                         .then(|| self.access_log(e, &c, "closed", sent, received));
                 }
                 if self.settings.connection_metrics && c.connection.is_none() {
-                    c.connection = Some(Self::connection_labels(&c, e));
+                    c.connection = Some(Box::new(Self::connection_labels(&c, e)));
                 }
                 if let Some(l) = &c.connection {
                     self.connection.add(l, &delta);

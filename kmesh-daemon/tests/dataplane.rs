@@ -681,6 +681,34 @@ fn telemetry_names_the_service_the_client_dialled() {
     assert_eq!(opened("alpha.default.svc.cluster.local"), Some(3), "{text}");
 }
 
+/// Switching telemetry off while connections are open: they still give their `CONNS` slots
+/// back when they close (else each would hold one until the node reboots).
+#[test]
+fn connections_open_when_telemetry_goes_off_free_their_slots() {
+    if !root_or_skip("connections_open_when_telemetry_goes_off_free_their_slots") {
+        return;
+    }
+    let mut env = telemetry_env("");
+    let mut hold = env.pod("client").command(kmesh_testbed::agent_path().unwrap());
+    hold.args(["hold", "--target", &format!("{VIP}:80"), "--secs", "1", "--interval-ms", "50"]);
+    let child = hold.stdout(std::process::Stdio::piped()).stdin(std::process::Stdio::null()).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(tracked_connections(&env.pin_dir), 2, "both sides of the open connection");
+    let off = kmesh_daemon::telemetry::Monitoring {
+        access_log: false,
+        service_metrics: false,
+        workload_metrics: false,
+        connection_metrics: false,
+        ..Default::default()
+    };
+    env.mesh().observer().set_monitoring(off, None).unwrap();
+    assert_eq!(env.mesh().observer().monitoring()["kernel_telemetry"], false);
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"ok\":true"), "{out:?}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(tracked_connections(&env.pin_dir), 0, "slots given back at close");
+}
+
 #[test]
 fn long_lived_connections_report_before_they_close() {
     if !root_or_skip("long_lived_connections_report_before_they_close") {

@@ -195,15 +195,16 @@ fn dns_tcp(ctx: &SockOpsContext) {
     }
 }
 
-/// Marks (at connect) and forgets (at close) a connection the node's own network namespace
-/// opens to a destination with policies. True when the socket is the node's: nothing else
-/// of this program concerns it.
+/// The node's network namespace, when the daemon set it (0: none).
 #[inline(always)]
-fn node_conn(ctx: &SockOpsContext, op: u32) -> bool {
-    let node = TELEMETRY_CONF.get(TCONF_NODE_NETNS).copied().unwrap_or(0);
-    if node == 0 || unsafe { bpf_get_netns_cookie(ctx.ops.cast()) } != node {
-        return false;
-    }
+fn node_netns() -> u64 {
+    TELEMETRY_CONF.get(TCONF_NODE_NETNS).copied().unwrap_or(0)
+}
+
+/// Marks (at connect) and forgets (at close) a connection of the node's own network
+/// namespace (the caller checked) to a destination with policies.
+#[inline(always)]
+fn node_conn(ctx: &SockOpsContext, op: u32) {
     let key = node_conn_key(ctx);
     if op == SOCK_OPS_TCP_CONNECT {
         if unsafe { AUTHZ_DEST.find(key.dst) }.is_some() {
@@ -214,7 +215,6 @@ fn node_conn(ctx: &SockOpsContext, op: u32) -> bool {
     } else {
         let _ = NODE_CONNS.remove(key);
     }
-    true
 }
 
 /// A connection connect() sent to a waypoint is established: it joins `WAYPOINT_SOCKS`, so
@@ -288,23 +288,35 @@ fn count_active(ctx: &SockOpsContext, op: u32) {
 #[sock_ops]
 pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
+    let closing = op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE;
     if op == SOCK_OPS_TCP_CONNECT {
         dns_tcp(&ctx);
     }
-    if (op == SOCK_OPS_TCP_CONNECT || (op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE))
-        && node_conn(&ctx, op)
-    {
-        return 0;
+    // The socket's network namespace, read once (0: not read).
+    let mut ns = 0;
+    if op == SOCK_OPS_TCP_CONNECT || closing {
+        let node = node_netns();
+        if node != 0 {
+            ns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+            if ns == node {
+                // The node's own connection: nothing else of this program concerns it.
+                node_conn(&ctx, op);
+                return 0;
+            }
+        }
     }
     if op == SOCK_OPS_ACTIVE_ESTABLISHED {
         waypoint_established(&ctx);
     }
     count_active(&ctx, op);
-    if !telemetry_on() {
+    // A connection tracked before telemetry was switched off still gives its slot back.
+    if !closing && !telemetry_on() {
         return 0;
     }
     if op == SOCK_OPS_TCP_CONNECT || op == SOCK_OPS_PASSIVE_ESTABLISHED {
-        let ns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+        if ns == 0 {
+            ns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+        }
         if unsafe { NETNS.find(ns) }.is_none() {
             return 0;
         }
@@ -373,9 +385,13 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
             // No report is sent from FIN_WAIT2 on: the mark is free for this.
             unsafe { (*m).mark = core::ptr::read_volatile(&(*ctx.ops).rcv_nxt) };
         }
-    } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE {
+    } else if closing {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         let Some(m) = tracked(cookie) else { return 0 };
+        if !telemetry_on() {
+            unsafe { core::ptr::write_volatile(&raw mut (*m).cookie, 0) };
+            return 0;
+        }
         let meta = unsafe { *m };
         let from = ctx.arg(0);
         let rcv_nxt = unsafe { core::ptr::read_volatile(&(*ctx.ops).rcv_nxt) };
