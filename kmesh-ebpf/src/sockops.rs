@@ -292,9 +292,22 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
     if op == SOCK_OPS_TCP_CONNECT {
         dns_tcp(&ctx);
     }
+    // The socket's cookie (0: not read yet); at connect, what connect() left for it (it
+    // rewrites only enrolled pods' connections); at close, its telemetry slot. A socket that
+    // has either is an enrolled pod's, not the node's, and needs no namespace lookup.
+    let mut cookie = 0;
+    let mut handoff = None;
+    let mut slot = None;
+    if op == SOCK_OPS_TCP_CONNECT && telemetry_on() {
+        cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        handoff = take_orig(cookie);
+    } else if closing {
+        cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        slot = tracked(cookie);
+    }
     // The socket's network namespace, read once (0: not read).
     let mut ns = 0;
-    if op == SOCK_OPS_TCP_CONNECT || closing {
+    if (op == SOCK_OPS_TCP_CONNECT && handoff.is_none()) || (closing && slot.is_none()) {
         let node = node_netns();
         if node != 0 {
             ns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
@@ -314,14 +327,18 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         return 0;
     }
     if op == SOCK_OPS_TCP_CONNECT || op == SOCK_OPS_PASSIVE_ESTABLISHED {
-        if ns == 0 {
-            ns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-        }
-        if unsafe { NETNS.find(ns) }.is_none() {
-            return 0;
+        if handoff.is_none() {
+            if ns == 0 {
+                ns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+            }
+            if unsafe { NETNS.find(ns) }.is_none() {
+                return 0;
+            }
         }
         let now = unsafe { bpf_ktime_get_ns() };
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        if cookie == 0 {
+            cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        }
         let outbound = op == SOCK_OPS_TCP_CONNECT;
         let mut meta = ConnMeta {
             start_ns: now,
@@ -329,7 +346,7 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
             ..ConnMeta::default()
         };
         // The service address the client dialled, when connect() rewrote it.
-        if outbound && let Some(h) = take_orig(cookie) {
+        if let Some(h) = handoff {
             meta.orig_dst = h.orig_dst;
             meta.orig_port = h.orig_port;
             meta.has_orig = h.has_orig as u8;
@@ -386,8 +403,7 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
             unsafe { (*m).mark = core::ptr::read_volatile(&(*ctx.ops).rcv_nxt) };
         }
     } else if closing {
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        let Some(m) = tracked(cookie) else { return 0 };
+        let Some(m) = slot else { return 0 };
         if !telemetry_on() {
             unsafe { core::ptr::write_volatile(&raw mut (*m).cookie, 0) };
             return 0;
