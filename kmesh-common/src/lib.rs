@@ -646,10 +646,10 @@ pub const CONNS_SLOTS: u32 = 32768;
 pub const CONN_PROBES: u32 = 8;
 
 /// The `i`th `CONNS` slot a socket cookie may take (`i` < [`CONN_PROBES`]): consecutive
-/// slots from one chosen by Fibonacci hashing, as [`handoff_slot`].
+/// slots from the one [`cookie_hash`] picks.
 #[inline(always)]
 pub const fn conn_slot(cookie: u64, i: u32) -> u32 {
-    ((cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32).wrapping_add(i) % CONNS_SLOTS
+    cookie_hash(cookie).wrapping_add(i) % CONNS_SLOTS
 }
 
 /// What connect() leaves for sock_ops about the connection it just rewrote: the service
@@ -672,12 +672,18 @@ pub struct OrigHandoff {
 /// the first one's telemetry (its connection is still counted, by workload).
 pub const HANDOFF_SLOTS: u32 = 4096;
 
-/// The `ORIG_HANDOFF` slot of a socket cookie. Hashed (Fibonacci hashing: the high bits of
-/// the cookie times 2^64 / phi), not a remainder: cookies need not be dense, and the kernel
-/// may hand them out to CPUs in batches whose remainders line up.
+/// A socket cookie hashed for a slot index (Fibonacci hashing: the high bits of the cookie
+/// times 2^64 / phi), not used as it is: cookies need not be dense, and the kernel may hand
+/// them out to CPUs in batches whose remainders line up.
+#[inline(always)]
+pub const fn cookie_hash(cookie: u64) -> u32 {
+    (cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32
+}
+
+/// The `ORIG_HANDOFF` slot of a socket cookie.
 #[inline(always)]
 pub const fn handoff_slot(cookie: u64) -> u32 {
-    (cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 % HANDOFF_SLOTS
+    cookie_hash(cookie) % HANDOFF_SLOTS
 }
 
 #[repr(C)]

@@ -544,6 +544,14 @@ fn tracked_connections(pin_dir: &std::path::Path) -> usize {
     m.iter().filter(|s| s.as_ref().is_ok_and(|s| s.cookie != 0)).count()
 }
 
+/// The client holding one connection to the echo service, exchanging a line every 50 ms for
+/// `secs` seconds (its output says `"ok":true` when every exchange worked).
+fn hold_connection(env: &Env, secs: u32) -> std::process::Child {
+    let mut hold = env.pod("client").command(kmesh_testbed::agent_path().unwrap());
+    hold.args(["hold", "--target", &format!("{VIP}:80"), "--secs", &secs.to_string(), "--interval-ms", "50"]);
+    hold.stdout(std::process::Stdio::piped()).stdin(std::process::Stdio::null()).spawn().unwrap()
+}
+
 /// Servers on s1 only (`s1_extra` in its workload entry), the echo service, the client and s1
 /// enrolled, no event pending.
 fn telemetry_env(s1_extra: &str) -> Env {
@@ -689,9 +697,7 @@ fn connections_open_when_telemetry_goes_off_free_their_slots() {
         return;
     }
     let mut env = telemetry_env("");
-    let mut hold = env.pod("client").command(kmesh_testbed::agent_path().unwrap());
-    hold.args(["hold", "--target", &format!("{VIP}:80"), "--secs", "1", "--interval-ms", "50"]);
-    let child = hold.stdout(std::process::Stdio::piped()).stdin(std::process::Stdio::null()).spawn().unwrap();
+    let child = hold_connection(&env, 1);
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(tracked_connections(&env.pin_dir), 2, "both sides of the open connection");
     let off = kmesh_daemon::telemetry::Monitoring {
@@ -718,10 +724,7 @@ fn long_lived_connections_report_before_they_close() {
     let mut m = env.mesh().observer().telemetry.settings.clone();
     m.connection_metrics = true;
     env.mesh().observer().set_monitoring(m, Some(std::time::Duration::from_millis(300))).unwrap();
-    // One connection exchanging a line every 50 ms for 3 s.
-    let mut hold = env.pod("client").command(kmesh_testbed::agent_path().unwrap());
-    hold.args(["hold", "--target", &format!("{VIP}:80"), "--secs", "3", "--interval-ms", "50"]);
-    let child = hold.stdout(std::process::Stdio::piped()).stdin(std::process::Stdio::null()).spawn().unwrap();
+    let child = hold_connection(&env, 3);
     let src = [("reporter", "source"), ("destination_workload", "s1")];
     std::thread::sleep(std::time::Duration::from_millis(200));
     // The client's socket and the server's are tracked while the connection lives.

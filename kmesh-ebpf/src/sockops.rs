@@ -66,18 +66,17 @@ fn track(cookie: u64, meta: &ConnMeta) -> bool {
             >(&raw mut (*p).cookie, 0, cookie)
         };
         if won {
-            unsafe {
-                (*p).start_ns = meta.start_ns;
-                (*p).orig_dst = meta.orig_dst;
-                (*p).orig_port = meta.orig_port;
-                (*p).has_orig = meta.has_orig;
-                (*p).direction = meta.direction;
-                (*p).mark = 0;
-            }
+            unsafe { *p = ConnMeta { cookie, ..*meta } };
             return true;
         }
     }
     false
+}
+
+/// Gives a connection's `CONNS` slot back.
+#[inline(always)]
+fn untrack(m: *mut ConnMeta) {
+    unsafe { core::ptr::write_volatile(&raw mut (*m).cookie, 0) };
 }
 
 /// Takes what connect() left in `ORIG_HANDOFF` for the socket with this cookie.
@@ -405,7 +404,7 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
     } else if closing {
         let Some(m) = slot else { return 0 };
         if !telemetry_on() {
-            unsafe { core::ptr::write_volatile(&raw mut (*m).cookie, 0) };
+            untrack(m);
             return 0;
         }
         let meta = unsafe { *m };
@@ -421,7 +420,7 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         }
         emit(&ev);
         // Reported once; the slot is free again.
-        unsafe { core::ptr::write_volatile(&raw mut (*m).cookie, 0) };
+        untrack(m);
     }
     0
 }
