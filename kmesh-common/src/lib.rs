@@ -9,17 +9,19 @@
 //! The kernel-side lookup chain for one connect() is:
 //! `NETNS[cookie]` (enrolled?) -> `FRONTENDS[vip, port, proto]` -> `LB_TABLES[service, class,
 //! family]` (generation + endpoint counts per locality level) -> `ENDPOINTS[..., gen, level,
-//! index]` -> `BACKENDS[backend]` (address) and `PORTS[service, backend, port]` (target port
-//! override).
+//! index]` (backend id and address) and `PORTS[service, backend, port]` (target port override).
+//! `BACKENDS[backend]` (address) is written only for services with a UDP port: a connected UDP
+//! socket's sticky backend is checked against it (see `UdpRev`).
 #![no_std]
 
 /// Layout version of the maps below. Bumped whenever a key or value changes shape, or how the
 /// maps are reached (9: each map the daemon writes sits in the one slot of an array of maps,
 /// so that it can grow without loading the programs again; 10: a connection's telemetry state
 /// is a hash entry by socket cookie, no longer socket storage; 11: that state is a slot of an
-/// array found by a hash of the cookie); the daemon keeps its pins
+/// array found by a hash of the cookie; 12: a slot carries its backend's address, so connect()
+/// reads no `BACKENDS` entry); the daemon keeps its pins
 /// under a directory named after it.
-pub const MAP_LAYOUT_VERSION: u32 = 11;
+pub const MAP_LAYOUT_VERSION: u32 = 12;
 
 /// Names of the load-balancing maps, in the order user space lists them everywhere (map
 /// counts, capacities, pins).
@@ -289,6 +291,10 @@ pub struct EndpointValue {
     pub backend_id: u32,
     /// Sum of the weights of slots 0..=index at this level (weighted tables only).
     pub cum_weight: u32,
+    /// The backend's address: a backend id names one address for as long as it lives (a
+    /// workload's new address is a changed slot, written under a new generation), so
+    /// connect() needs no second lookup by backend id.
+    pub addr: [u32; 4],
     /// [`key_check`] of the endpoint key.
     pub check: u32,
 }
@@ -297,7 +303,9 @@ pub struct EndpointValue {
 // BACKENDS and PORTS.
 // ---------------------------------------------------------------------------------------------
 
-/// Value of `BACKENDS`, keyed by backend id (`u32`): one address of one workload.
+/// Value of `BACKENDS`, keyed by backend id (`u32`): one address of one workload, for the
+/// backends of services with a UDP port only (what a UDP socket's sticky backend is checked
+/// against; connect() reads the address from the slot).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendValue {
@@ -915,7 +923,7 @@ const _: () = {
     assert!(core::mem::size_of::<TableKey>() == 12);
     assert!(core::mem::size_of::<TableValue>() == 16 + 8 * LEVELS);
     assert!(core::mem::size_of::<EndpointKey>() == 20);
-    assert!(core::mem::size_of::<EndpointValue>() == 12);
+    assert!(core::mem::size_of::<EndpointValue>() == 28);
     assert!(core::mem::size_of::<BackendValue>() == 20);
     assert!(core::mem::size_of::<PortKey>() == 12);
     assert!(core::mem::size_of::<PortValue>() == 8);

@@ -91,8 +91,7 @@ impl MapState {
             .map(|level| {
                 (0..t.counts[level])
                     .map(|index| {
-                        let e = self.endpoints.get(&slot_key(tk, t.generation, level as u8, index))?;
-                        self.backends.get(&e.backend_id).map(|b| b.addr)
+                        self.endpoints.get(&slot_key(tk, t.generation, level as u8, index)).map(|e| e.addr)
                     })
                     .collect()
             })
@@ -185,16 +184,23 @@ pub fn expected_counts<'a>(
     services: impl Iterator<Item = &'a Service>,
 ) -> MapCounts {
     let mut n = MapCounts::default();
+    // Services with a UDP port: only their backends have `BACKENDS` entries.
+    let mut udp = std::collections::HashSet::new();
     for svc in services {
         if svc.load_balancing.mode != LbMode::Passthrough {
             n.frontends += svc.addresses.len() * svc.ports.len();
             n.tables += usize::from(!svc.addresses.is_empty() && !svc.ports.is_empty());
+            if svc.ports.iter().any(|p| p.protocol == Protocol::Udp) {
+                udp.insert(svc.key());
+            }
         }
     }
     for w in workloads.filter(|w| !w.addresses.is_empty()) {
         n.endpoints += w.services.len();
+        if !udp.is_empty() {
+            n.backends += w.services.keys().filter(|k| udp.contains(k.as_str())).count();
+        }
     }
-    n.backends = n.endpoints;
     n
 }
 
@@ -618,11 +624,9 @@ impl<'s> Gathered<'s> {
 fn adoptable_backends(prev: &MapState) -> BTreeMap<(u32, [u32; 4]), Vec<u32>> {
     let mut out: BTreeMap<(u32, [u32; 4]), Vec<u32>> = BTreeMap::new();
     for (k, e) in &prev.endpoints {
-        if let Some(b) = prev.backends.get(&e.backend_id) {
-            let ids = out.entry((k.service_id, b.addr)).or_default();
-            if !ids.contains(&e.backend_id) {
-                ids.push(e.backend_id);
-            }
+        let ids = out.entry((k.service_id, e.addr)).or_default();
+        if !ids.contains(&e.backend_id) {
+            ids.push(e.backend_id);
         }
     }
     out
@@ -1216,18 +1220,28 @@ impl Compiler {
         const _: () = assert!(FAMILY_V4 < FAMILY_V6);
         let families = [FAMILY_V4, FAMILY_V6];
         let mut chosen: Vec<Member> = Vec::with_capacity(candidates.len());
+        // Backend addresses by id, for the slots (sorted by id before the tables are made).
+        let mut addrs: Vec<(u32, [u32; 4])> = Vec::with_capacity(candidates.len());
+        // Only a UDP socket's sticky backend is checked against `BACKENDS` (see `UdpRev`).
+        let udp = svc.ports.iter().any(|p| p.protocol == Protocol::Udp);
+        let mut made = 0;
         for family in families.into_iter().filter(|f| svc.addresses.iter().any(|a| family_of(a) == *f)) {
             // One backend per workload: its first address of this family.
             chosen.clear();
+            addrs.clear();
             for w in &candidates {
                 let Some(addr) = w.addresses.iter().find(|a| family_of(a) == family) else { continue };
                 let bkey = (service_id, w.uid.clone(), family);
                 let backend_id = self.backend_id(&bkey, *addr);
                 used_backend(&bkey, backend_id);
-                out.backends.push((
-                    backend_id,
-                    BackendValue { addr: addr_words(*addr), check: 0 }.sealed(&backend_id),
-                ));
+                if udp {
+                    out.backends.push((
+                        backend_id,
+                        BackendValue { addr: addr_words(*addr), check: 0 }.sealed(&backend_id),
+                    ));
+                }
+                addrs.push((backend_id, addr_words(*addr)));
+                made += 1;
                 chosen.push(Member { workload: w, backend_id });
                 // Per-workload target ports that differ from the frontend's default.
                 for p in &svc.ports {
@@ -1246,6 +1260,7 @@ impl Compiler {
                     }
                 }
             }
+            addrs.sort_unstable_by_key(|(id, _)| *id);
             let weighted = {
                 let mut ws = chosen.iter().map(|m| weight_of(m.workload));
                 let first = ws.next();
@@ -1281,7 +1296,8 @@ impl Compiler {
                 let weighted = weighted && policy_flags & TBL_F_HASH == 0;
                 let limit = svc.max_connections.unwrap_or(0);
                 let count = if limit != 0 { TBL_F_COUNT } else { 0 };
-                emit_table(out, prev, tkey, strict | policy_flags | count, weighted, &levels, limit);
+                let flags = strict | policy_flags | count | if weighted { TBL_F_WEIGHTED } else { 0 };
+                emit_table(out, prev, tkey, flags, &levels, &addrs, limit);
             }
         }
         out.settle();
@@ -1291,7 +1307,7 @@ impl Compiler {
         referenced.sort_unstable();
         referenced.dedup();
         // Every slot names a backend made above: as many ids as backends means all are used.
-        if referenced.len() != out.backends.len() {
+        if referenced.len() != made {
             out.backends.retain(|(id, _)| referenced.binary_search(id).is_ok());
             out.ports.retain(|(k, _)| referenced.binary_search(&k.backend_id).is_ok());
         }
@@ -1315,23 +1331,25 @@ pub fn compile(
     out
 }
 
-/// Writes one table and its slots into `out`, reusing the previous generation if nothing
-/// about the table changed.
+/// Writes one table (`flags`, `TBL_F_WEIGHTED` among them for weighted slots) and its slots
+/// into `out`, reusing the previous generation if nothing about the table changed. `addrs`
+/// are the addresses of the backends the levels name, sorted by id.
 fn emit_table(
     out: &mut Piece,
     prev: &MapState,
     tkey: TableKey,
     flags: u32,
-    weighted: bool,
     levels: &[Vec<(u32, u32)>; LEVELS],
+    addrs: &[(u32, [u32; 4])],
     limit: u32,
 ) {
     // A ring's slots carry their points where others carry cumulative weights.
     let ring = flags & TBL_F_RING != 0;
+    let weighted = flags & TBL_F_WEIGHTED != 0;
     // The service's port overrides are made before its tables (a backend's of another family
     // count too: the flag only allows the lookup).
     let ports = if out.ports.is_empty() { 0 } else { TBL_F_PORTS };
-    let flags = flags | ports | if weighted { TBL_F_WEIGHTED } else { 0 };
+    let flags = flags | ports;
     let mut t = TableValue { flags, limit, ..Default::default() };
     // The slots go straight into `out`, keyed under generation 0 until the table's is known.
     let first = out.endpoints.len();
@@ -1340,9 +1358,12 @@ fn emit_table(
         let mut cum = 0u32;
         for (index, (backend_id, w)) in eps.iter().enumerate() {
             cum = if ring { *w } else { cum.saturating_add(if weighted { *w } else { 0 }) };
+            // Every level is made of the backends the caller made, with their addresses.
+            let i = addrs.binary_search_by_key(backend_id, |(id, _)| *id).expect("a slot's backend is known");
+            let addr = addrs[i].1;
             out.endpoints.push((
                 slot_key(&tkey, 0, level as u8, index as u32),
-                EndpointValue { backend_id: *backend_id, cum_weight: cum, check: 0 },
+                EndpointValue { backend_id: *backend_id, cum_weight: cum, addr, check: 0 },
             ));
         }
         t.weights[level] = cum;

@@ -36,7 +36,7 @@ fn daemon_follows_its_config_file_and_keeps_the_last_good_one() {
 
     // A change in the file: s3 removed.
     scratch.write_config(&echo_config(&bed, &["s1", "s2"], "{}"));
-    wait_for("the reload", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 2.0);
+    wait_for("the reload", || d.metric("kmesh_map_entries{map=\"ENDPOINTS\"}") == 2.0);
     let s = connect(&bed, 60);
     assert_eq!(s.get("s3"), None, "{s:?}");
 
@@ -329,15 +329,15 @@ fn a_restart_writes_only_what_is_stale() {
     assert_eq!(connect(&bed, 60).len(), 3);
     // The same change made live, then undone, for reference.
     scratch.write_config(&text(&["s1", "s2"]));
-    wait_for("s3 out", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 2.0);
+    wait_for("s3 out", || d.metric("kmesh_map_entries{map=\"ENDPOINTS\"}") == 2.0);
     let live = changes(&d);
     scratch.write_config(&text(&["s1", "s2", "s3"]));
-    wait_for("s3 back", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 3.0);
+    wait_for("s3 back", || d.metric("kmesh_map_entries{map=\"ENDPOINTS\"}") == 3.0);
     kill(&mut d);
 
     scratch.write_config(&text(&["s1", "s2"]));
     let d = start();
-    wait_for("s3 out after the restart", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 2.0);
+    wait_for("s3 out after the restart", || d.metric("kmesh_map_entries{map=\"ENDPOINTS\"}") == 2.0);
     eprintln!("removing s3: live {live:?}, at a restart {:?}", changes(&d));
     assert_eq!(changes(&d), live, "a restart on a changed configuration writes only the difference");
     let s = connect(&bed, 40);

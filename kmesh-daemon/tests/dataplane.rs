@@ -992,9 +992,10 @@ fn entries_written_while_compiling_are_skipped_or_written_again_after_a_grow() {
     let mut services = String::new();
     for (i, vip) in vips.iter().enumerate() {
         services += &format!(
-            "  - {{name: echo{i}, namespace: default, hostname: echo{i}.default.svc.cluster.local, addresses: [{vip}], ports: [{{service_port: 80, target_port: 8080}}], load_balancing: {{}}}}\n"
+            "  - {{name: echo{i}, namespace: default, hostname: echo{i}.default.svc.cluster.local, addresses: [{vip}], ports: [{{service_port: 80, target_port: 8080}}, {{service_port: 53, target_port: 5353, protocol: UDP}}], load_balancing: {{}}}}\n"
         );
     }
+    // (The UDP port gives the backends `BACKENDS` entries: see `BackendValue`.)
     let member: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "[]")).collect();
     let mut w = workload(env.pod("client"), &[], "");
     for s in ["s1", "s2", "s3"] {

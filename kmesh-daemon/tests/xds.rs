@@ -75,7 +75,7 @@ fn initial_sync_updates_and_removals_reach_the_kernel() {
 
     // An endpoint added.
     cp.replace_all(ADDRESS_TYPE, resources(&bed, &["s1", "s2", "s3"]));
-    wait_for("s3 in the kernel", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 3.0);
+    wait_for("s3 in the kernel", || d.metric("kmesh_map_entries{map=\"ENDPOINTS\"}") == 3.0);
     assert_eq!(connect(&bed, 90).len(), 3);
     // Telemetry took the change in too (after the ACK): the new endpoint's connections are
     // counted under its name.
@@ -89,7 +89,7 @@ fn initial_sync_updates_and_removals_reach_the_kernel() {
 
     // An endpoint removed: no connection goes to it.
     cp.remove(ADDRESS_TYPE, &["s1"]);
-    wait_for("s1 out of the kernel", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 2.0);
+    wait_for("s1 out of the kernel", || d.metric("kmesh_map_entries{map=\"ENDPOINTS\"}") == 2.0);
     let s = connect(&bed, 60);
     assert!(!s.contains_key("s1"), "{s:?}");
 
@@ -128,7 +128,7 @@ fn a_malformed_resource_is_nacked_by_name_and_the_rest_applied() {
     wait_for("the NACK", || !cp.nacks().is_empty());
     let nack = cp.nacks()[0].error.clone().unwrap();
     assert!(nack.contains("broken:") && !nack.contains("s2:"), "{nack}");
-    wait_for("s2 in the kernel", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 2.0);
+    wait_for("s2 in the kernel", || d.metric("kmesh_map_entries{map=\"ENDPOINTS\"}") == 2.0);
     let s = connect(&bed, 60);
     assert!(s.contains_key("s1") && s.contains_key("s2"), "{s:?}");
     let dump: serde_json::Value = serde_json::from_str(&d.get("/debug/config_dump").unwrap()).unwrap();
@@ -165,13 +165,13 @@ fn control_plane_restart_resumes_with_versions_and_traffic_never_stops() {
     // While the control plane is down: s3 is removed there; the kernel keeps the last good state.
     cp.remove(ADDRESS_TYPE, &["s3"]);
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(d.metric("kmesh_map_entries{map=\"BACKENDS\"}"), 3.0, "nothing flushed while disconnected");
+    assert_eq!(d.metric("kmesh_map_entries{map=\"ENDPOINTS\"}"), 3.0, "nothing flushed while disconnected");
     assert_eq!(d.metric("kmesh_xds_connected"), 0.0, "the scrape says the control plane is gone");
     assert!(d.metric("kmesh_xds_disconnects_total") >= 1.0);
     let opened = cp.streams_opened();
     let server = rt.block_on(cp.spawn(addr, None)).unwrap();
     wait_for("the reconnection", || cp.streams_opened() > opened);
-    wait_for("s3 removed after the resync", || d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 2.0);
+    wait_for("s3 removed after the resync", || d.metric("kmesh_map_entries{map=\"ENDPOINTS\"}") == 2.0);
     let attempts = child.finish().unwrap();
 
     let failed = attempts.iter().filter(|a| !a.ok).count();
@@ -253,7 +253,7 @@ fn a_resubscription_at_110k_resources_fits_the_control_planes_request_limit() {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    wait("the 110k push in the kernel", &|| d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 100_003.0);
+    wait("the 110k push in the kernel", &|| d.metric("kmesh_map_entries{map=\"ENDPOINTS\"}") == 100_003.0);
     enroll(&d, &bed);
 
     // The control plane goes away; meanwhile 10 endpoints and a service go, and one comes.
@@ -267,7 +267,7 @@ fn a_resubscription_at_110k_resources_fits_the_control_planes_request_limit() {
     cp.set(ADDRESS_TYPE, scale_resources(10_001, 1).into_iter().filter(|(k, _)| k.contains("svc-10000")));
     let server = rt.block_on(cp.spawn(addr, None)).unwrap();
     wait("the resync", &|| {
-        d.metric("kmesh_map_entries{map=\"BACKENDS\"}") == 99_994.0
+        d.metric("kmesh_map_entries{map=\"ENDPOINTS\"}") == 99_994.0
             && d.metric("kmesh_map_entries{map=\"FRONTENDS\"}") == 10_001.0
     });
     assert_eq!(cp.streams_opened(), opened + 1, "one reconnection, not a loop");

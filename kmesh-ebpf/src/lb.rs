@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use kmesh_common::*;
 
-use crate::maps::{ACTIVE, BACKENDS, ENDPOINTS, FRONTENDS, LB_TABLES, Lookup, NETNS, PORTS, RR_TURNS};
+use crate::maps::{ACTIVE, ENDPOINTS, FRONTENDS, LB_TABLES, Lookup, NETNS, PORTS, RR_TURNS};
 use crate::shared::{count, refuse, set_ip6};
 
 /// What to do with one connect().
@@ -156,11 +156,6 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
             continue;
         };
         let backend_id = ep.backend_id;
-        let Some(be) = (unsafe { BACKENDS.find(backend_id) }).copied().filter(|b| b.belongs_to(&backend_id))
-        else {
-            count(stat::RETRIED);
-            continue;
-        };
         let target = if table.flags & TBL_F_PORTS == 0 {
             default_port
         } else {
@@ -178,11 +173,11 @@ pub fn balance(ctx: &SockAddrContext, addr: [u32; 4], port: u16, proto: u8, fami
             count(stat::WAYPOINT_REDIRECTED);
             // A waypoint endpoint without a PROXY port takes the connection on the port dialled.
             let target = if target == 0 { port } else { target };
-            return Verdict::Waypoint(be.addr, target, fe_key.port);
+            return Verdict::Waypoint(ep.addr, target, fe_key.port);
         }
         count(stat::REWRITTEN);
         let counted = if table.flags & TBL_F_COUNT != 0 { service_id } else { 0 };
-        return Verdict::Rewrite(be.addr, target, backend_id, counted);
+        return Verdict::Rewrite(ep.addr, target, backend_id, counted);
     }
     count(stat::INCONSISTENT);
     Verdict::Refuse(ERRNO_INCONSISTENT)

@@ -334,7 +334,8 @@ mod tests {
                 _pad: 0,
                 index,
             };
-            m.endpoints.insert(ek, EndpointValue { backend_id: 100 + index, cum_weight: 0, check: 1 });
+            m.endpoints
+                .insert(ek, EndpointValue { backend_id: 100 + index, cum_weight: 0, addr: [0; 4], check: 1 });
             m.backends.insert(100 + index, BackendValue::default());
         }
         let pk = PortKey { service_id: 7, backend_id: 101, service_port: 443u16.to_be(), _pad: 0 };
@@ -393,8 +394,10 @@ mod tests {
             index,
         };
         for index in 0..10 {
-            m.endpoints
-                .insert(slot(0, index), EndpointValue { backend_id: 40 + index, cum_weight: 0, check: 5 });
+            m.endpoints.insert(
+                slot(0, index),
+                EndpointValue { backend_id: 40 + index, cum_weight: 0, addr: [0; 4], check: 5 },
+            );
             m.backends.insert(40 + index, BackendValue::default());
         }
         let f = Fragment::keys_of(&Piece::of_state(&m));

@@ -64,7 +64,32 @@ fn random_service_has_one_table_with_every_healthy_endpoint() {
     assert_eq!(fv.flags & FE_F_LOCALITY, 0);
     assert_eq!(s.tables.len(), 1);
     assert_eq!(levels(&s, 0, FAMILY_V4)[0], ips(&["10.244.0.2", "10.244.0.3"]));
-    assert_eq!(s.backends.len(), 2, "the unhealthy workload gets no backend entry");
+    assert_eq!(s.endpoints.len(), 2, "the unhealthy workload gets no slot");
+    assert!(s.backends.is_empty(), "a TCP service's backends need no BACKENDS entry: {:?}", s.backends);
+}
+
+#[test]
+fn slots_carry_their_backends_address_and_only_udp_services_have_backends_entries() {
+    let w = [workload("a", "10.244.0.2", "z1", ""), workload("b", "10.244.0.3", "z1", "")].join("\n");
+    let udp = "  - {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, addresses: [10.96.0.10], ports: [{service_port: 80, target_port: 8080}, {service_port: 53, target_port: 5353, protocol: UDP}]}";
+    let (s, ids) = compile_fresh(&model(udp, &w), &no_clients());
+    assert_eq!(s.endpoints.len(), 2);
+    for (name, ip) in [("a", "10.244.0.2"), ("b", "10.244.0.3")] {
+        let sid = ids.services.get(SVC).unwrap();
+        let id = ids.backends.get(&(sid, name.into(), FAMILY_V4)).unwrap();
+        let slot = s.endpoints.values().find(|e| e.backend_id == id).expect("a slot of the backend");
+        assert_eq!(words_addr(slot.addr), ip.parse::<IpAddr>().unwrap(), "the slot's address");
+        // What a UDP socket's sticky backend is checked against, with the same address.
+        assert_eq!(s.backends.get(&id).map(|b| words_addr(b.addr)), Some(ip.parse().unwrap()));
+    }
+    // Counted ahead of a push the same way.
+    let m = model(udp, &w);
+    let guess = expected_peaks(&m, &MapState::default());
+    assert_eq!((guess.endpoints, guess.backends), (2, 2));
+    // Without the UDP port, none.
+    let (tcp, _) = compile_fresh(&model(&echo_service("{}"), &w), &no_clients());
+    assert!(tcp.backends.is_empty());
+    assert_eq!(expected_peaks(&model(&echo_service("{}"), &w), &MapState::default()).backends, 0);
 }
 
 #[test]
@@ -271,9 +296,9 @@ fn removing_a_backend_switches_the_table_to_a_new_generation() {
     assert_eq!(d.set.endpoints.len(), 2);
     assert_eq!(d.set.tables.len(), 1);
     assert!(d.set.frontends.is_empty());
-    // Every old slot and the removed backend go, after the switch.
+    // Every old slot goes, after the switch (a TCP service has no BACKENDS entries).
     assert_eq!(d.del_endpoints.len(), 3);
-    assert_eq!(d.del_backends.len(), 1);
+    assert!(d.del_backends.is_empty());
     // During the transition both generations exist.
     assert_eq!(s1.peak_counts(&s2).endpoints, 5);
 }
@@ -290,7 +315,7 @@ fn removing_a_service_deletes_its_frontends_tables_and_slots() {
     assert_eq!(d.del_frontends.len(), 1);
     assert_eq!(d.del_tables.len(), 1);
     assert_eq!(d.del_endpoints.len(), 1);
-    assert_eq!(d.del_backends.len(), 1);
+    assert!(d.del_backends.is_empty());
     assert_eq!(ids.services.iter().count(), 0, "the service id is forgotten");
 }
 
@@ -351,9 +376,10 @@ fn a_restarted_compiler_takes_its_ids_back_from_the_maps() {
     let got_state = compile(&m2, &enrolled, &mut ids, &old);
     let got = diff(&old, &got_state);
     assert_eq!((got.writes(), got.deletes()), (want.writes(), want.deletes()), "only the difference");
-    for (id, v) in &got_state.backends {
-        if let Some(o) = old.backends.get(id) {
-            assert_eq!(o.addr, v.addr, "backend id {id} was given to another address");
+    let old_addrs: BTreeMap<u32, [u32; 4]> = old.endpoints.values().map(|e| (e.backend_id, e.addr)).collect();
+    for e in got_state.endpoints.values() {
+        if let Some(o) = old_addrs.get(&e.backend_id) {
+            assert_eq!(*o, e.addr, "backend id {} was given to another address", e.backend_id);
         }
     }
     assert_consistent(&got_state);
@@ -514,7 +540,8 @@ fn unreachable_keys(s: &MapState) -> Vec<String> {
                     let ek = slot_key(&tk, t.generation, level as u8, index);
                     match s.endpoints.get(&ek) {
                         None => missing.push(format!("slot {ek:?}")),
-                        Some(e) if !s.backends.contains_key(&e.backend_id) => {
+                        // A UDP socket's sticky backend is checked against `BACKENDS`.
+                        Some(e) if fk.proto == PROTO_UDP && !s.backends.contains_key(&e.backend_id) => {
                             missing.push(format!("backend {} of slot {ek:?}", e.backend_id))
                         }
                         Some(_) => {}
@@ -692,14 +719,13 @@ fn waypoint_route(s: &MapState, port: u16, proto: u8) -> (FrontendValue, Vec<(Ip
     let mut out = Vec::new();
     for index in 0..t.counts[0] {
         let e = s.endpoints[&slot_key(&tk, t.generation, 0, index)];
-        let b = s.backends[&e.backend_id];
         let pk = PortKey {
             service_id: fv.waypoint_id,
             backend_id: e.backend_id,
             service_port: port.to_be(),
             _pad: 0,
         };
-        out.push((words_addr(b.addr), s.ports.get(&pk).map(|p| u16::from_be(p.target_port)).unwrap_or(0)));
+        out.push((words_addr(e.addr), s.ports.get(&pk).map(|p| u16::from_be(p.target_port)).unwrap_or(0)));
     }
     (*fv, out)
 }
@@ -923,5 +949,5 @@ fn the_guess_of_a_full_compilations_peaks_matches_a_plain_mesh_and_never_goes_be
     // Against what the maps hold, the guess is at least that (the peak holds both).
     let small = model(&echo_service("{}"), &w[..2].join("\n"));
     let held = expected_peaks(&small, &s);
-    assert_eq!((held.endpoints, held.backends, held.frontends), (20, 20, 1));
+    assert_eq!((held.endpoints, held.backends, held.frontends), (20, 0, 1));
 }

@@ -195,6 +195,7 @@ impl Compiler {
         let mut out = Piece::default();
         for family in families {
             let mut slots = Vec::new();
+            let mut addrs = Vec::new();
             for (ws, weight) in &resolved {
                 let usable: Vec<(&Workload, IpAddr)> = ws
                     .iter()
@@ -212,10 +213,8 @@ impl Compiler {
                     if !info.members.contains(&w.uid) {
                         info.members.push(w.uid.clone());
                     }
-                    out.backends.push((
-                        backend_id,
-                        BackendValue { addr: addr_words(addr), check: 0 }.sealed(&backend_id),
-                    ));
+                    // (No `BACKENDS` entry: waypoints take TCP, whose connect() reads the slot.)
+                    addrs.push((backend_id, addr_words(addr)));
                     if let Some(p) = waypoint_port(w).filter(|p| *p != 0) {
                         for port in &ports {
                             let pk =
@@ -232,7 +231,10 @@ impl Compiler {
             let mut levels: [Vec<(u32, u32)>; LEVELS] = Default::default();
             levels[0] = slots;
             let tkey = TableKey { service_id: route_id, class_id: 0, family, _pad: [0; 3] };
-            emit_table(&mut out, prev, tkey, TBL_F_WAYPOINT, weighted, &levels, 0);
+            addrs.sort_unstable_by_key(|(id, _)| *id);
+            addrs.dedup_by_key(|(id, _)| *id);
+            let flags = TBL_F_WAYPOINT | if weighted { TBL_F_WEIGHTED } else { 0 };
+            emit_table(&mut out, prev, tkey, flags, &levels, &addrs, 0);
         }
         out.settle();
         Some((out, info))
