@@ -617,6 +617,12 @@ pub const DIR_INBOUND: u32 = 2;
 
 /// `ConnMeta.has_orig` of a connection connect() sent to a waypoint.
 pub const ORIG_VIA_WAYPOINT: u16 = 2;
+/// `ConnMeta.direction` bit of a connection counted in `ACTIVE` (its close uncounts it); the
+/// others need not look for its socket storage.
+pub const DIR_F_COUNTED: u8 = 0x80;
+/// `OrigHandoff.flags` bit of a connection to a counted table (connect() left it socket
+/// storage saying what to count); sock_ops looks for the storage of these only.
+pub const HANDOFF_F_COUNTED: u32 = 1;
 
 /// Per-connection telemetry state: a slot of `CONNS`, claimed by sock_ops when it first sees
 /// an enrolled pod's connection (connect or accept) and freed when the socket reaches CLOSE.
@@ -636,7 +642,7 @@ pub struct ConnMeta {
     /// 0: not rewritten; 1: rewritten to a service endpoint; `ORIG_VIA_WAYPOINT`: sent to the
     /// service's (or workload's) waypoint.
     pub has_orig: u8,
-    /// `DIR_OUTBOUND` or `DIR_INBOUND`.
+    /// `DIR_OUTBOUND` or `DIR_INBOUND`, with `DIR_F_COUNTED`.
     pub direction: u8,
     /// While the connection is established (or half-closed by the peer): when its last
     /// report was sent, in units of 2^20 ns (~1 ms) since `start_ns`. Once it is in
@@ -672,7 +678,8 @@ pub struct OrigHandoff {
     pub orig_dst: [u32; 4],
     pub orig_port: u16,
     pub has_orig: u16,
-    pub _pad: u32,
+    /// `HANDOFF_F_COUNTED`.
+    pub flags: u32,
 }
 
 /// Slots of `ORIG_HANDOFF` (32 bytes each: 128 KiB). Two connect() calls in flight at once

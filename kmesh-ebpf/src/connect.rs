@@ -24,9 +24,9 @@ fn remember_orig(ctx: &SockAddrContext, v: &Verdict, addr: [u32; 4], port: u16, 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(slot) = ORIG_HANDOFF.get_ptr_mut(handoff_slot(cookie)) else { return };
     let has_orig = if matches!(v, Verdict::Waypoint(..)) { ORIG_VIA_WAYPOINT } else { 1 };
-    unsafe {
-        *slot = OrigHandoff { cookie, orig_dst: addr, orig_port: u16::from_be(port), has_orig, _pad: 0 }
-    };
+    // What `remember_counted` leaves socket storage for.
+    let flags = if matches!(v, Verdict::Rewrite(_, _, _, s) if *s != 0) { HANDOFF_F_COUNTED } else { 0 };
+    unsafe { *slot = OrigHandoff { cookie, orig_dst: addr, orig_port: u16::from_be(port), has_orig, flags } };
 }
 
 /// A connection of a counted table: what its SYN counts and its close uncounts (sock_ops).

@@ -127,7 +127,7 @@ fn conn_event(ctx: &SockOpsContext, kind: u32, meta: &ConnMeta, cookie: u64, now
     unsafe {
         ConnEvent {
             kind,
-            direction: meta.direction as u32,
+            direction: (meta.direction & !DIR_F_COUNTED) as u32,
             local,
             remote,
             local_port: rv(&(*o).local_port) as u16,
@@ -256,21 +256,27 @@ fn add_active(kind: u32, id: u32, delta: u64, create: bool) -> bool {
 /// Active-connection counting of counted tables: a connection counts from its SYN to its
 /// close (whatever state it closes from), once. Each counter is taken back only if it was
 /// added to (bits 0 and 1 of `counted`): a full map leaves a connection uncounted, never a
-/// count that cannot come down.
+/// count that cannot come down. At connect: counts the socket if connect() left it storage
+/// saying what to count; returns whether it is counted (its close must look).
 #[inline(always)]
-fn count_active(ctx: &SockOpsContext, op: u32) {
-    let closing = op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE;
-    if op != SOCK_OPS_TCP_CONNECT && !closing {
-        return;
-    }
-    let Some(c) = sk_storage(ctx, &LB_CONN, false) else { return };
+fn count_connect(ctx: &SockOpsContext) -> bool {
+    let Some(c) = sk_storage(ctx, &LB_CONN, false) else { return false };
     let conn = unsafe { *c };
-    if op == SOCK_OPS_TCP_CONNECT && conn.counted == 0 {
+    if conn.counted == 0 {
         let s = add_active(ACTIVE_SERVICE, conn.service_id, 1, true) as u32;
         let b = add_active(ACTIVE_BACKEND, conn.backend_id, 1, true) as u32;
         unsafe { (*c).counted = s | (b << 1) | 4 };
         let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_STATE_CB_FLAG) as i32);
-    } else if closing && conn.counted & 4 != 0 {
+    }
+    true
+}
+
+/// At close: takes back what [`count_connect`] counted.
+#[inline(always)]
+fn count_close(ctx: &SockOpsContext) {
+    let Some(c) = sk_storage(ctx, &LB_CONN, false) else { return };
+    let conn = unsafe { *c };
+    if conn.counted & 4 != 0 {
         if conn.counted & 1 != 0 {
             add_active(ACTIVE_SERVICE, conn.service_id, u64::MAX, false);
         }
@@ -281,12 +287,41 @@ fn count_active(ctx: &SockOpsContext, op: u32) {
     }
 }
 
+/// A client socket is established (every one in the cgroup comes here): a tracked one reports
+/// its open; one connect() sent to a waypoint joins `WAYPOINT_SOCKS`. A tracked socket's slot
+/// says whether it went to a waypoint, so only the others look for its socket storage.
+#[inline(always)]
+fn active_established(ctx: &SockOpsContext) -> u32 {
+    // A tracked socket asked for state changes.
+    let slot = if ctx.cb_flags() & SOCK_OPS_STATE_CB_FLAG != 0 && telemetry_on() {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+        tracked(cookie).map(|m| (cookie, m))
+    } else {
+        None
+    };
+    let Some((cookie, m)) = slot else {
+        waypoint_established(ctx);
+        return 0;
+    };
+    let meta = unsafe { *m };
+    if meta.has_orig as u16 == ORIG_VIA_WAYPOINT {
+        waypoint_established(ctx);
+    }
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_RTT_CB_FLAG) as i32);
+    // Reports are timed from connect(); the open itself carries no duration (no clock read).
+    emit(&conn_event(ctx, CONN_OPEN, &meta, cookie, meta.start_ns));
+    0
+}
+
 /// Connection telemetry of enrolled pods: a client socket is tracked from connect(), a server
 /// socket from the accept; each reports when established, every `TCONF_INTERVAL_NS` while
 /// acknowledgements flow, and when it closes (or fails to establish).
 #[sock_ops]
 pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
+    if op == SOCK_OPS_ACTIVE_ESTABLISHED {
+        return active_established(&ctx);
+    }
     let closing = op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE;
     if op == SOCK_OPS_TCP_CONNECT {
         dns_tcp(&ctx);
@@ -317,10 +352,16 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
             }
         }
     }
-    if op == SOCK_OPS_ACTIVE_ESTABLISHED {
-        waypoint_established(&ctx);
+    // Whether the connection is counted in `ACTIVE`: connect() says so in its handoff, a
+    // tracked socket in its slot; without either, its socket storage is looked for.
+    let mut counted = false;
+    if op == SOCK_OPS_TCP_CONNECT {
+        if handoff.is_none_or(|h| h.flags & HANDOFF_F_COUNTED != 0) {
+            counted = count_connect(&ctx);
+        }
+    } else if closing && slot.is_none_or(|m| unsafe { (*m).direction } & DIR_F_COUNTED != 0) {
+        count_close(&ctx);
     }
-    count_active(&ctx, op);
     // A connection tracked before telemetry was switched off still gives its slot back.
     if !closing && !telemetry_on() {
         return 0;
@@ -339,9 +380,10 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
             cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         }
         let outbound = op == SOCK_OPS_TCP_CONNECT;
+        let dir = if outbound { DIR_OUTBOUND } else { DIR_INBOUND } as u8;
         let mut meta = ConnMeta {
             start_ns: now,
-            direction: if outbound { DIR_OUTBOUND } else { DIR_INBOUND } as u8,
+            direction: dir | if counted { DIR_F_COUNTED } else { 0 },
             ..ConnMeta::default()
         };
         // The service address the client dialled, when connect() rewrote it.
@@ -364,17 +406,6 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         if !outbound {
             emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, now));
         }
-    } else if op == SOCK_OPS_ACTIVE_ESTABLISHED {
-        // Every client socket in the cgroup comes here; one tracked asked for state changes.
-        if ctx.cb_flags() & SOCK_OPS_STATE_CB_FLAG == 0 {
-            return 0;
-        }
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        let Some(m) = tracked(cookie) else { return 0 };
-        let meta = unsafe { *m };
-        let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_RTT_CB_FLAG) as i32);
-        // Reports are timed from connect(); the open itself carries no duration (no clock read).
-        emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, meta.start_ns));
     } else if op == SOCK_OPS_RTT {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         let Some(m) = tracked(cookie) else { return 0 };
