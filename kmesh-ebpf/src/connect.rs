@@ -15,31 +15,33 @@ use crate::shared::{count, proto_of, refuse, set_ip6, telemetry_on};
 
 /// Leaves the service address a TCP client dialled for sock_ops, which records it with the
 /// connection's telemetry when the same connect() reaches it (connections are TCP's: a UDP
-/// socket leaves nothing).
+/// socket leaves nothing); `counted`: it has socket storage saying what to count.
 #[inline(always)]
-fn remember_orig(ctx: &SockAddrContext, v: &Verdict, addr: [u32; 4], port: u16, proto: u8) {
+fn remember_orig(ctx: &SockAddrContext, v: &Verdict, addr: [u32; 4], port: u16, proto: u8, counted: bool) {
     if proto != PROTO_TCP || !telemetry_on() {
         return;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(slot) = ORIG_HANDOFF.get_ptr_mut(handoff_slot(cookie)) else { return };
     let has_orig = if matches!(v, Verdict::Waypoint(..)) { ORIG_VIA_WAYPOINT } else { 1 };
-    // What `remember_counted` leaves socket storage for.
-    let flags = if matches!(v, Verdict::Rewrite(_, _, _, s) if *s != 0) { HANDOFF_F_COUNTED } else { 0 };
+    let flags = if counted { HANDOFF_F_COUNTED } else { 0 };
     unsafe { *slot = OrigHandoff { cookie, orig_dst: addr, orig_port: u16::from_be(port), has_orig, flags } };
 }
 
 /// A connection of a counted table: what its SYN counts and its close uncounts (sock_ops).
+/// True when the socket's storage says so.
 #[inline(always)]
-fn remember_counted(ctx: &SockAddrContext, v: &Verdict, proto: u8) {
-    let Verdict::Rewrite(_, _, backend_id, service_id) = v else { return };
+fn remember_counted(ctx: &SockAddrContext, v: &Verdict, proto: u8) -> bool {
+    let Verdict::Rewrite(_, _, backend_id, service_id) = v else { return false };
     if *service_id == 0 || proto != PROTO_TCP {
-        return;
+        return false;
     }
     let c = unsafe { LB_CONN.get_or_insert_ptr_mut(ctx, None) };
-    if !c.is_null() {
-        unsafe { *c = LbConn { service_id: *service_id, backend_id: *backend_id, counted: 0, _pad: 0 } };
+    if c.is_null() {
+        return false;
     }
+    unsafe { *c = LbConn { service_id: *service_id, backend_id: *backend_id, counted: 0, _pad: 0 } };
+    true
 }
 
 /// What a connection sent to a waypoint needs for its PROXY header (see `waypoint`): the
@@ -76,8 +78,8 @@ pub fn kmesh_connect4(ctx: SockAddrContext) -> i32 {
         if !remember_waypoint(&ctx, &v, v4_mapped(ip4), port) {
             return refuse(ERRNO_WAYPOINT_UNREACHABLE);
         }
-        remember_orig(&ctx, &v, v4_mapped(ip4), port, proto);
-        remember_counted(&ctx, &v, proto);
+        let counted = remember_counted(&ctx, &v, proto);
+        remember_orig(&ctx, &v, v4_mapped(ip4), port, proto, counted);
     }
     apply_v4(sa, v)
 }
@@ -100,8 +102,8 @@ pub fn kmesh_connect6(ctx: SockAddrContext) -> i32 {
         if !remember_waypoint(&ctx, &v, addr, port) {
             return refuse(ERRNO_WAYPOINT_UNREACHABLE);
         }
-        remember_orig(&ctx, &v, addr, port, proto);
-        remember_counted(&ctx, &v, proto);
+        let counted = remember_counted(&ctx, &v, proto);
+        remember_orig(&ctx, &v, addr, port, proto, counted);
     }
     apply_v6(sa, v)
 }
