@@ -582,8 +582,9 @@ pub struct AuthzEvent {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Connection telemetry: sockops reports each TCP connection of an enrolled pod when it is
-// established and when it closes, through a ring buffer.
+// Connection telemetry: sockops reports each TCP connection of an enrolled pod while it is
+// open and when it closes, through a ring buffer; its open when it is established (eager) or
+// with its first record.
 // ---------------------------------------------------------------------------------------------
 
 pub const CONN_OPEN: u32 = 1;
@@ -595,6 +596,11 @@ pub const CONN_FAILED: u32 = 4;
 /// Close from FIN_WAIT2 without the peer's FIN (an orphaned socket going to TIME_WAIT as
 /// soon as its own FIN is acknowledged): `bytes_received` holds no FIN.
 pub const EV_NO_PEER_FIN: u32 = 1;
+/// The connection's first record, carrying its open: sent without `TFLAG_EAGER_OPEN`, where
+/// a connection reports no `CONN_OPEN` of its own and its open rides on its first periodic
+/// report or its close, whichever comes first (one ring record for a short connection, not
+/// two).
+pub const EV_OPENED: u32 = 2;
 
 // TELEMETRY_CONF: an array the daemon writes, read by the sock_ops program.
 /// Index of the flags word.
@@ -610,6 +616,10 @@ pub const TCONF_DNS_PORT: u32 = 3;
 pub const TCONF_COUNT: u32 = 4;
 /// Flag: connection telemetry on (off: the program returns at once).
 pub const TFLAG_ON: u64 = 1;
+/// Flag: a connection reports `CONN_OPEN` as soon as it is established (outlier detection
+/// needs each success when it happens); without it the open comes with its first record
+/// (`EV_OPENED`).
+pub const TFLAG_EAGER_OPEN: u64 = 2;
 /// The socket is the client side (it called connect()).
 pub const DIR_OUTBOUND: u32 = 1;
 /// The socket is the server side (it was accepted).
@@ -620,6 +630,10 @@ pub const ORIG_VIA_WAYPOINT: u16 = 2;
 /// `ConnMeta.direction` bit of a connection counted in `ACTIVE` (its close uncounts it); the
 /// others need not look for its socket storage.
 pub const DIR_F_COUNTED: u8 = 0x80;
+/// `ConnMeta.direction` bit of a connection whose open is not reported yet: its next record
+/// carries it (`EV_OPENED`). A slot without it has reported its open (or was tracked before
+/// opens could wait).
+pub const DIR_F_OPEN_PENDING: u8 = 0x40;
 /// `OrigHandoff.flags` bit of a connection to a counted table (connect() left it socket
 /// storage saying what to count); sock_ops looks for the storage of these only.
 pub const HANDOFF_F_COUNTED: u32 = 1;
@@ -642,7 +656,7 @@ pub struct ConnMeta {
     /// 0: not rewritten; 1: rewritten to a service endpoint; `ORIG_VIA_WAYPOINT`: sent to the
     /// service's (or workload's) waypoint.
     pub has_orig: u8,
-    /// `DIR_OUTBOUND` or `DIR_INBOUND`, with `DIR_F_COUNTED`.
+    /// `DIR_OUTBOUND` or `DIR_INBOUND`, with `DIR_F_COUNTED` and `DIR_F_OPEN_PENDING`.
     pub direction: u8,
     /// While the connection is established (or half-closed by the peer): when its last
     /// report was sent, in units of 2^20 ns (~1 ms) since `start_ns`. Once it is in

@@ -1385,12 +1385,24 @@ impl EventMaps {
     }
 
     /// Turns connection telemetry in the kernel on or off and sets how often open connections
-    /// report. Off, the programs return at once (no per-socket state, no events).
-    pub fn set_telemetry(&mut self, on: bool, interval: std::time::Duration) -> Result<(), KernelError> {
+    /// report. Off, the programs return at once (no per-socket state, no events). With
+    /// `eager_opens`, a connection reports its open when it is established (for outlier
+    /// detection); without, its open comes with its first report or its close.
+    pub fn set_telemetry(
+        &mut self,
+        on: bool,
+        eager_opens: bool,
+        interval: std::time::Duration,
+    ) -> Result<(), KernelError> {
         let err = |source| KernelError::Write { map: "TELEMETRY_CONF", source };
         let ns = (interval.as_nanos() as u64).max(1_000_000);
         self.telemetry_conf.set(TCONF_INTERVAL_NS, ns, 0).map_err(err)?;
-        self.telemetry_conf.set(TCONF_FLAGS, if on { TFLAG_ON } else { 0 }, 0).map_err(err)
+        let flags = match (on, eager_opens) {
+            (false, _) => 0,
+            (true, false) => TFLAG_ON,
+            (true, true) => TFLAG_ON | TFLAG_EAGER_OPEN,
+        };
+        self.telemetry_conf.set(TCONF_FLAGS, flags, 0).map_err(err)
     }
 
     /// Whether telemetry is on in the kernel, and the report interval.

@@ -113,6 +113,13 @@ impl Observer {
                 }
                 let ok = match e.kind {
                     kmesh_common::CONN_OPEN => true,
+                    // An open that came with the connection's first record (eager opens are
+                    // on while outcomes are collected, so only around a switch).
+                    kmesh_common::CONN_REPORT | kmesh_common::CONN_CLOSE
+                        if e.flags & kmesh_common::EV_OPENED != 0 =>
+                    {
+                        true
+                    }
                     kmesh_common::CONN_FAILED => false,
                     _ => continue,
                 };
@@ -146,7 +153,8 @@ impl Observer {
         let interval = report_interval.unwrap_or(self.report_interval);
         // Outlier detection reads the same events: the kernel keeps sending them for it.
         let kernel_on = m.kernel_on() || self.collect_outcomes;
-        self.maps.set_telemetry(kernel_on, interval)?;
+        // It needs each success when it happens, not with the connection's first record.
+        self.maps.set_telemetry(kernel_on, self.collect_outcomes, interval)?;
         if !kernel_on {
             // No close event will come for what is open now.
             self.telemetry.forget_open();

@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use kmesh_common::{
-    CONN_CLOSE, CONN_FAILED, CONN_OPEN, CONN_REPORT, ConnEvent, DIR_OUTBOUND, EV_NO_PEER_FIN,
+    CONN_CLOSE, CONN_FAILED, CONN_OPEN, CONN_REPORT, ConnEvent, DIR_OUTBOUND, EV_NO_PEER_FIN, EV_OPENED,
     ORIG_VIA_WAYPOINT,
 };
 use prometheus_client::encoding::EncodeLabelSet;
@@ -920,22 +920,7 @@ impl Telemetry {
         c.seen = std::time::Instant::now();
         match e.kind {
             CONN_OPEN => {
-                for h in c.peers.counting(&self.settings) {
-                    h.opened.inc();
-                }
-                if e.has_orig == ORIG_VIA_WAYPOINT && e.direction == DIR_OUTBOUND {
-                    let d = &c.peers.service.destination;
-                    let key = (
-                        format!("{}/{}", d.destination_workload_namespace, d.destination_workload),
-                        c.peers.service.service.destination_service.clone(),
-                    );
-                    // Bounded like the other tables: pairs past the bound are not counted.
-                    if self.waypoint_connections.len() < MAX_OPEN
-                        || self.waypoint_connections.contains_key(&key)
-                    {
-                        *self.waypoint_connections.entry(key).or_default() += 1;
-                    }
-                }
+                self.count_open(&c, e);
                 if self.open.len() >= self.open_cap() {
                     self.make_room();
                 }
@@ -943,6 +928,10 @@ impl Telemetry {
                 None
             }
             CONN_REPORT | CONN_CLOSE => {
+                if e.flags & EV_OPENED != 0 {
+                    // The connection's first record: it carries the open.
+                    self.count_open(&c, e);
+                }
                 let (sent, received) = data_bytes(e);
                 // From the socket's point of view: what it received is what its peer sent.
                 let (from_src, from_dst) =
@@ -984,6 +973,24 @@ impl Telemetry {
                 self.settings.access_log.then(|| self.access_log(e, &c, "failed", 0, 0))
             }
             _ => None,
+        }
+    }
+
+    /// A connection's open: counted by its peers, and by waypoint when it went through one.
+    fn count_open(&mut self, c: &OpenConn, e: &ConnEvent) {
+        for h in c.peers.counting(&self.settings) {
+            h.opened.inc();
+        }
+        if e.has_orig == ORIG_VIA_WAYPOINT && e.direction == DIR_OUTBOUND {
+            let d = &c.peers.service.destination;
+            let key = (
+                format!("{}/{}", d.destination_workload_namespace, d.destination_workload),
+                c.peers.service.service.destination_service.clone(),
+            );
+            // Bounded like the other tables: pairs past the bound are not counted.
+            if self.waypoint_connections.len() < MAX_OPEN || self.waypoint_connections.contains_key(&key) {
+                *self.waypoint_connections.entry(key).or_default() += 1;
+            }
         }
     }
 
@@ -1284,6 +1291,41 @@ mod tests {
         assert_eq!(value("kmesh_tcp_workload_received_bytes_total"), 300);
         assert_eq!(value("kmesh_tcp_connections_closed_total"), 1);
         assert_eq!(t.open_connections(), 0);
+    }
+
+    /// Without eager opens a connection's open comes with its first record: a short one's
+    /// close, a long one's first report. Each open counts once; a close or report without the
+    /// flag (an open already reported, or missed) counts none.
+    #[test]
+    fn an_open_that_comes_with_the_first_record_counts_once() {
+        let mut t = Telemetry::default();
+        let value = |t: &Telemetry, name: &str| {
+            let text = t.render();
+            text.lines()
+                .find(|l| l.starts_with(&format!("{name}{{")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // A short connection: its close is its only record.
+        let first = |e: ConnEvent| ConnEvent { flags: e.flags | EV_OPENED, ..e };
+        let line = t.record(&ConnEvent { cookie: 1, ..first(ev(CONN_CLOSE, 11, 5, TIME_WAIT)) }).unwrap();
+        assert!(line.contains("sent_bytes=9 received_bytes=4"), "{line}");
+        assert_eq!(value(&t, "kmesh_tcp_connections_opened_total"), 1);
+        assert_eq!(value(&t, "kmesh_tcp_connections_closed_total"), 1);
+        assert_eq!(t.open_connections(), 0);
+        // A long one: its first report opens it, later ones and the close do not again.
+        t.record(&ConnEvent { cookie: 2, ..first(ev(CONN_REPORT, 101, 50, 1)) });
+        assert_eq!(value(&t, "kmesh_tcp_connections_opened_total"), 2);
+        assert_eq!(t.open_connections(), 1);
+        t.record(&ConnEvent { cookie: 2, ..ev(CONN_REPORT, 201, 50, 1) });
+        t.record(&ConnEvent { cookie: 2, ..ev(CONN_CLOSE, 202, 51, TIME_WAIT) });
+        assert_eq!(value(&t, "kmesh_tcp_connections_opened_total"), 2);
+        assert_eq!(value(&t, "kmesh_tcp_connections_closed_total"), 2);
+        assert_eq!(value(&t, "kmesh_tcp_received_bytes_total"), 9 + 200);
+        // A failed connection never opened.
+        t.record(&ConnEvent { cookie: 3, ..ev(CONN_FAILED, 0, 0, 2) });
+        assert_eq!(value(&t, "kmesh_tcp_connections_opened_total"), 2);
     }
 
     #[test]

@@ -12,7 +12,13 @@ pub const BPF_RB_NO_WAKEUP: u64 = 1;
 
 #[inline(always)]
 pub fn telemetry_on() -> bool {
-    TELEMETRY_CONF.get(TCONF_FLAGS).is_some_and(|f| *f & TFLAG_ON != 0)
+    telemetry_flags() & TFLAG_ON != 0
+}
+
+/// The `TFLAG_*` bits the daemon set (0: none).
+#[inline(always)]
+pub fn telemetry_flags() -> u64 {
+    TELEMETRY_CONF.get(TCONF_FLAGS).copied().unwrap_or(0)
 }
 
 #[inline(always)]

@@ -13,7 +13,7 @@ use crate::maps::{
     ACTIVE, AUTHZ_DEST, CONNS, DNS_ORIG, DNS_TCP, LB_CONN, Lookup, NETNS, NODE_CONNS, ORIG_HANDOFF,
     TELEMETRY, TELEMETRY_CONF, WAYPOINT_SOCKS, WP_CONN,
 };
-use crate::shared::{BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE, count, telemetry_on};
+use crate::shared::{BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE, count, telemetry_flags, telemetry_on};
 
 /// A sock_ops program's socket's value in the socket storage `map` (created empty when
 /// `create`).
@@ -127,7 +127,7 @@ fn conn_event(ctx: &SockOpsContext, kind: u32, meta: &ConnMeta, cookie: u64, now
     unsafe {
         ConnEvent {
             kind,
-            direction: (meta.direction & !DIR_F_COUNTED) as u32,
+            direction: (meta.direction & !(DIR_F_COUNTED | DIR_F_OPEN_PENDING)) as u32,
             local,
             remote,
             local_port: rv(&(*o).local_port) as u16,
@@ -288,8 +288,10 @@ fn count_close(ctx: &SockOpsContext) {
 }
 
 /// A client socket is established (every one in the cgroup comes here): a tracked one reports
-/// its open; one connect() sent to a waypoint joins `WAYPOINT_SOCKS`. A tracked socket's slot
-/// says whether it went to a waypoint, so only the others look for its socket storage.
+/// its open (unless it waits for its first record, `DIR_F_OPEN_PENDING`) and asks for
+/// acknowledgement callbacks; one connect() sent to a waypoint joins `WAYPOINT_SOCKS`. A
+/// tracked socket's slot says whether it went to a waypoint, so only the others look for its
+/// socket storage.
 #[inline(always)]
 fn active_established(ctx: &SockOpsContext) -> u32 {
     // A tracked socket asked for state changes.
@@ -308,14 +310,18 @@ fn active_established(ctx: &SockOpsContext) -> u32 {
         waypoint_established(ctx);
     }
     let _ = ctx.set_cb_flags((ctx.cb_flags() | SOCK_OPS_RTT_CB_FLAG) as i32);
-    // Reports are timed from connect(); the open itself carries no duration (no clock read).
-    emit(&conn_event(ctx, CONN_OPEN, &meta, cookie, meta.start_ns));
+    if meta.direction & DIR_F_OPEN_PENDING == 0 {
+        // Reports are timed from connect(); the open itself carries no duration (no clock read).
+        emit(&conn_event(ctx, CONN_OPEN, &meta, cookie, meta.start_ns));
+    }
     0
 }
 
 /// Connection telemetry of enrolled pods: a client socket is tracked from connect(), a server
-/// socket from the accept; each reports when established, every `TCONF_INTERVAL_NS` while
-/// acknowledgements flow, and when it closes (or fails to establish).
+/// socket from the accept; each reports every `TCONF_INTERVAL_NS` while acknowledgements flow
+/// and when it closes (or fails to establish). Its open is reported when it is established with
+/// `TFLAG_EAGER_OPEN` (outlier detection), else with its first report or its close
+/// (`EV_OPENED`): a short connection makes one ring record, not two.
 #[sock_ops]
 pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
@@ -381,9 +387,13 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         }
         let outbound = op == SOCK_OPS_TCP_CONNECT;
         let dir = if outbound { DIR_OUTBOUND } else { DIR_INBOUND } as u8;
+        // Without eager opens, the open rides on the connection's first record.
+        let eager = telemetry_flags() & TFLAG_EAGER_OPEN != 0;
         let mut meta = ConnMeta {
             start_ns: now,
-            direction: dir | if counted { DIR_F_COUNTED } else { 0 },
+            direction: dir
+                | if counted { DIR_F_COUNTED } else { 0 }
+                | if eager { 0 } else { DIR_F_OPEN_PENDING },
             ..ConnMeta::default()
         };
         // The service address the client dialled, when connect() rewrote it.
@@ -403,7 +413,7 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         let flags =
             if outbound { SOCK_OPS_STATE_CB_FLAG } else { SOCK_OPS_STATE_CB_FLAG | SOCK_OPS_RTT_CB_FLAG };
         let _ = ctx.set_cb_flags((ctx.cb_flags() | flags) as i32);
-        if !outbound {
+        if !outbound && eager {
             emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, now));
         }
     } else if op == SOCK_OPS_RTT {
@@ -425,7 +435,12 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
             return 0;
         }
         unsafe { (*m).mark = since_start };
-        emit(&conn_event(&ctx, CONN_REPORT, &meta, cookie, now));
+        let mut ev = conn_event(&ctx, CONN_REPORT, &meta, cookie, now);
+        if meta.direction & DIR_F_OPEN_PENDING != 0 {
+            ev.flags |= EV_OPENED;
+            unsafe { (*m).direction = meta.direction & !DIR_F_OPEN_PENDING };
+        }
+        emit(&ev);
     } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_FIN_WAIT2 {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         if let Some(m) = tracked(cookie) {
@@ -448,6 +463,9 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         ev.state = from;
         if from == TCP_FIN_WAIT2 && rcv_nxt == meta.mark {
             ev.flags |= EV_NO_PEER_FIN;
+        }
+        if kind == CONN_CLOSE && meta.direction & DIR_F_OPEN_PENDING != 0 {
+            ev.flags |= EV_OPENED;
         }
         emit(&ev);
         // Reported once; the slot is free again.
