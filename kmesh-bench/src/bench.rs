@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use kmesh_testbed::{Pod, PodSpec, Testbed};
 
 use crate::envoy::{EnvoySpec, WaypointSpec, bootstrap, waypoint_bootstrap};
@@ -28,6 +28,10 @@ use crate::tools::{parse_iperf3, parse_wrk};
 pub const BODY_BYTES: usize = 64;
 /// Where the service VIPs live (the iptables and nftables pods route it onto the bridge).
 const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The slice of time each path's in-repo client works in turn when all run at once: long
+/// next to a transaction (~0.1 ms), short next to the seconds over which this machine's speed
+/// drifts.
+const TURN_MS: u64 = 50;
 const ENVOY_HTTP: u16 = 15001;
 const ENVOY_TCP: u16 = 15002;
 const ENVOY_IN_HTTP: u16 = 15006;
@@ -464,16 +468,56 @@ impl Env {
         http: bool,
         ms: u64,
     ) -> anyhow::Result<(ProbeResult, f64)> {
+        self.probe_turn(pod, target, http, ms, None)
+    }
+
+    /// [`Self::probe`] as turn `turn.0` of `turn.1` probes sharing `ms` of time.
+    fn probe_turn(
+        &self,
+        pod: &str,
+        target: SocketAddr,
+        http: bool,
+        ms: u64,
+        turn: Option<(usize, usize)>,
+    ) -> anyhow::Result<(ProbeResult, f64)> {
         let exe = std::env::current_exe()?;
         let mut c = self.bed.pod(pod).command(exe);
         c.args(["probe", "--target", &target.to_string(), "--duration-ms", &ms.to_string()]);
         if http {
             c.arg("--http");
         }
+        if let Some((i, n)) = turn {
+            c.args(["--turn", &i.to_string(), "--turns", &n.to_string(), "--turn-ms", &TURN_MS.to_string()]);
+        }
         let f = run_bounded(&mut c, Duration::from_millis(ms + 15_000))?;
         let r: ProbeResult = serde_json::from_str(f.stdout.trim())
             .with_context(|| format!("probe output {:?} {:?}", f.stdout, f.stderr))?;
         Ok((r, f.cpu_s))
+    }
+
+    /// One probe per `(pod, target)`, all at once, taking turns of [`TURN_MS`]: each works
+    /// `ms` in all (the run lasts `ms` times their number). Results in the order given.
+    fn probe_interleaved(
+        &self,
+        probes: &[(&str, SocketAddr)],
+        http: bool,
+        ms: u64,
+    ) -> anyhow::Result<Vec<(ProbeResult, f64)>> {
+        let n = probes.len();
+        let total = ms * n as u64;
+        std::thread::scope(|s| {
+            let running: Vec<_> = probes
+                .iter()
+                .enumerate()
+                .map(|(i, (pod, target))| {
+                    s.spawn(move || self.probe_turn(pod, *target, http, total, Some((i, n))))
+                })
+                .collect();
+            running
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("probe thread panicked"))))
+                .collect()
+        })
     }
 
     /// One request over every path: each must answer, and the mesh path must have been
@@ -528,26 +572,41 @@ impl Env {
         })
     }
 
-    fn run_txn(&self, p: &PathDef, ms: u64) -> anyhow::Result<Sample> {
-        let (s0, p0, m0) = (cpu_total(&self.nginx), cpu_total(&p.proxies), machine_busy_seconds());
+    /// Short transactions over every path of `paths` at once, in turns (see
+    /// [`Self::probe_interleaved`]): `ms` of work each. nginx serves them all, so its CPU, and
+    /// the machine's, is shared out by requests served; each path's client and proxies are its
+    /// own.
+    fn run_txn(&self, paths: &[&PathDef], ms: u64) -> anyhow::Result<Vec<Sample>> {
+        let proxies: Vec<f64> = paths.iter().map(|p| cpu_total(&p.proxies)).collect();
+        let (s0, m0) = (cpu_total(&self.nginx), machine_busy_seconds());
         let t0 = Instant::now();
-        let (r, cpu) = self.probe(&p.pod, p.http, true, ms)?;
+        let jobs: Vec<(&str, SocketAddr)> = paths.iter().map(|p| (p.pod.as_str(), p.http)).collect();
+        let results = self.probe_interleaved(&jobs, true, ms)?;
         let wall = t0.elapsed().as_secs_f64();
-        let (s1, p1, m1) = (cpu_total(&self.nginx), cpu_total(&p.proxies), machine_busy_seconds());
-        Ok(Sample {
-            requests: r.count,
-            errors: r.errors,
-            rps: r.count as f64 / (ms as f64 / 1000.0),
-            p50_us: r.p50_us,
-            p90_us: r.p90_us,
-            p99_us: r.p99_us,
-            cpu_client_s: cpu,
-            cpu_server_s: s1 - s0,
-            cpu_proxy_s: p1 - p0,
-            cpu_machine_s: m1 - m0,
-            wall_s: wall,
-            ..Default::default()
-        })
+        let (s1, m1) = (cpu_total(&self.nginx), machine_busy_seconds());
+        let all = results.iter().map(|(r, _)| r.count).sum::<u64>().max(1) as f64;
+        Ok(paths
+            .iter()
+            .zip(results)
+            .zip(proxies)
+            .map(|((p, (r, cpu)), p0)| {
+                let share = r.count as f64 / all;
+                Sample {
+                    requests: r.count,
+                    errors: r.errors,
+                    rps: r.count as f64 / (ms as f64 / 1000.0),
+                    p50_us: r.p50_us,
+                    p90_us: r.p90_us,
+                    p99_us: r.p99_us,
+                    cpu_client_s: cpu,
+                    cpu_server_s: (s1 - s0) * share,
+                    cpu_proxy_s: cpu_total(&p.proxies) - p0,
+                    cpu_machine_s: (m1 - m0) * share,
+                    wall_s: wall,
+                    ..Default::default()
+                }
+            })
+            .collect())
     }
 
     /// Short transactions over `p` with the kernel counting the run time of every eBPF
@@ -677,13 +736,22 @@ pub fn run(opts: &Options, res: &mut Results, daemon_slot: DaemonSlot) -> anyhow
         let t_round = Instant::now();
         let order: Vec<&PathDef> = (0..n).map(|i| &paths[(i + round) % n]).collect();
         for (test, _, conns) in TESTS.into_iter().filter(|t| opts.wants_test(t.0)) {
-            for p in &order {
-                let mut s = if test == "txn-c1" {
-                    env.run_txn(p, opts.probe_ms)
-                } else {
-                    env.run_wrk(p, conns, test.starts_with("short"), opts.seconds)
+            if test == "txn-c1" {
+                // The in-repo client runs every path at once, in turns.
+                let samples =
+                    env.run_txn(&order, opts.probe_ms).with_context(|| format!("{test} over every path"))?;
+                for (p, mut s) in order.iter().zip(samples) {
+                    s.round = round;
+                    s.test = test.into();
+                    s.path = p.id.into();
+                    res.samples.push(s);
                 }
-                .with_context(|| format!("{test} over {}", p.id))?;
+                continue;
+            }
+            for p in &order {
+                let mut s = env
+                    .run_wrk(p, conns, test.starts_with("short"), opts.seconds)
+                    .with_context(|| format!("{test} over {}", p.id))?;
                 s.round = round;
                 s.test = test.into();
                 s.path = p.id.into();
@@ -781,9 +849,12 @@ pub fn run(opts: &Options, res: &mut Results, daemon_slot: DaemonSlot) -> anyhow
         ];
         let probes: Vec<_> = probes.into_iter().filter(|(p, _, _)| !failed.contains(p)).collect();
         for round in 0..opts.scale_rounds {
-            for i in 0..probes.len() {
-                let (path, pod, target) = probes[(i + round) % probes.len()];
-                let (r, _) = env.probe(pod, target, false, opts.probe_ms)?;
+            // Every path at once, in turns (a different path first each round).
+            let order: Vec<_> = (0..probes.len()).map(|i| probes[(i + round) % probes.len()]).collect();
+            let jobs: Vec<(&str, SocketAddr)> =
+                order.iter().map(|(_, pod, target)| (*pod, *target)).collect();
+            let results = env.probe_interleaved(&jobs, false, opts.probe_ms)?;
+            for ((path, _, _), (r, _)) in order.into_iter().zip(results) {
                 if r.count == 0 {
                     res.notes.push(format!(
                         "connect() over {path} with {svcs} services failed every time (errno {:?})",

@@ -107,14 +107,29 @@ enum Cmd {
         duration_ms: u64,
         #[arg(long, default_value_t = 2_000_000)]
         max: usize,
+        /// Share the run with other probes started alongside: work only in this one's turns
+        /// (`--turn` of `--turns`, slices of `--turn-ms` on the monotonic clock).
+        #[arg(long, requires = "turns")]
+        turn: Option<u32>,
+        #[arg(long, requires = "turn")]
+        turns: Option<u32>,
+        #[arg(long, default_value_t = 50)]
+        turn_ms: u64,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Probe { target, http, duration_ms, max } => {
-            let r = probe::run(target, http, Duration::from_millis(duration_ms.min(600_000)), max);
+        Cmd::Probe { target, http, duration_ms, max, turn, turns, turn_ms } => {
+            let turns = match (turn, turns) {
+                (Some(index), Some(of)) if index < of && turn_ms > 0 => {
+                    Some(probe::Turns { index, of, slice: Duration::from_millis(turn_ms) })
+                }
+                (None, None) => None,
+                _ => anyhow::bail!("--turn must be below --turns, and --turn-ms above 0"),
+            };
+            let r = probe::run(target, http, Duration::from_millis(duration_ms.min(600_000)), max, turns);
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }

@@ -5,6 +5,11 @@
 //! service path does its work: the eBPF program rewrites the address inside connect(), and
 //! iptables or nftables rewrite the SYN that connect() sends. `http` mode times a whole short
 //! transaction: socket, connect, one request, the full response, close.
+//!
+//! With [`Turns`], several probes (one per path, each in its own pod) share one stretch of
+//! time in alternating slices of the system's monotonic clock, so that whatever the machine is
+//! doing in that stretch (on shared cores its speed moves for seconds at a time) weighs on every
+//! path alike.
 
 use std::io::Write;
 use std::net::{SocketAddr, SocketAddrV4};
@@ -110,8 +115,54 @@ fn transact(fd: &Fd) -> bool {
     buf.starts_with(b"HTTP/1.1 200") && buf.windows(4).any(|w| w == b"\r\n\r\n")
 }
 
-/// Runs the loop for `duration` (at most `max` samples) and summarises it.
-pub fn run(target: SocketAddr, http: bool, duration: Duration, max: usize) -> ProbeResult {
+/// This probe's share of time among `of` probes run at once: it works only in the slices
+/// `index`, `index + of`, ... of `slice` each, counted on the monotonic clock (common to every
+/// process of the machine, so the probes need not talk to each other).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Turns {
+    pub index: u32,
+    pub of: u32,
+    pub slice: Duration,
+}
+
+/// No transaction starts closer than this to the end of its slice: it would run into the next
+/// probe's turn.
+const TURN_GUARD: Duration = Duration::from_millis(2);
+
+fn monotonic_ns() -> u64 {
+    // SAFETY: a valid out pointer.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Turns {
+    /// How long to wait, at monotonic time `now` (ns), before a transaction may start: zero
+    /// inside this probe's slice (short of its guard), else until its next slice begins.
+    fn wait_at(&self, now: u64) -> Duration {
+        let slice = self.slice.as_nanos().max(1) as u64;
+        let of = self.of.max(1) as u64;
+        let cycle = slice * of;
+        let start = (self.index as u64 % of) * slice;
+        let at = now % cycle;
+        let guard = (TURN_GUARD.as_nanos() as u64).min(slice / 2);
+        if at >= start && at + guard < start + slice {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos((start + cycle - at) % cycle)
+    }
+}
+
+/// Runs the loop for `duration` (at most `max` samples) and summarises it; with `turns`,
+/// `duration` is the whole stretch shared with the other probes, of which this one works
+/// a `1 / turns.of` share.
+pub fn run(
+    target: SocketAddr,
+    http: bool,
+    duration: Duration,
+    max: usize,
+    turns: Option<Turns>,
+) -> ProbeResult {
     let SocketAddr::V4(t) = target else {
         return ProbeResult { errors: 1, first_errno: Some(libc::EAFNOSUPPORT), ..Default::default() };
     };
@@ -120,6 +171,13 @@ pub fn run(target: SocketAddr, http: bool, duration: Duration, max: usize) -> Pr
     let mut res = ProbeResult::default();
     let t_end = Instant::now() + duration;
     while Instant::now() < t_end && samples.len() < max {
+        if let Some(turns) = &turns {
+            let wait = turns.wait_at(monotonic_ns());
+            if !wait.is_zero() {
+                std::thread::sleep(wait.min(t_end.saturating_duration_since(Instant::now())));
+                continue;
+            }
+        }
         let t0 = Instant::now();
         match connect_once(&sa) {
             Ok((fd, dt)) => {
@@ -171,7 +229,7 @@ mod tests {
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
             }
         });
-        let r = run(addr, true, Duration::from_secs(5), 3);
+        let r = run(addr, true, Duration::from_secs(5), 3, None);
         assert_eq!((r.count, r.errors), (3, 0), "{r:?}");
         assert_eq!(r.peer.as_deref(), Some(addr.to_string().as_str()));
         assert!(r.p50_us > 0.0 && r.p50_us <= r.p99_us);
@@ -187,8 +245,28 @@ mod tests {
             assert_eq!(libc::getsockname(fd.0, std::ptr::from_mut(&mut sa).cast(), &mut len), 0);
         }
         let held = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, u16::from_be(sa.sin_port)));
-        let r = run(held, false, Duration::from_millis(20), 1000);
+        let r = run(held, false, Duration::from_millis(20), 1000, None);
         assert_eq!(r.count, 0);
         assert_eq!(r.first_errno, Some(libc::ECONNREFUSED));
+    }
+
+    #[test]
+    fn turns_never_overlap_and_each_probe_waits_for_its_own_slice() {
+        let ms = 1_000_000u64;
+        let t = |index| Turns { index, of: 3, slice: Duration::from_millis(10) };
+        // The cycle is 30 ms: probe 0 works in [0, 8), probe 1 in [10, 18), probe 2 in [20, 28).
+        assert_eq!(t(0).wait_at(0), Duration::ZERO);
+        assert_eq!(t(0).wait_at(7 * ms), Duration::ZERO);
+        assert_eq!(t(0).wait_at(9 * ms), Duration::from_millis(21), "inside the guard");
+        assert_eq!(t(1).wait_at(3 * ms), Duration::from_millis(7));
+        assert_eq!(t(2).wait_at(31 * ms), Duration::from_millis(19));
+        // Over a whole cycle, at every microsecond at most one probe may start.
+        for at in (0..30_000u64).map(|us| 1_000_000_000 + us * 1_000) {
+            let free = (0..3).filter(|&i| t(i).wait_at(at).is_zero()).count();
+            assert!(free <= 1, "{free} probes free at {at}");
+        }
+        // A probe that has to wait wakes up at the start of its slice, free to go.
+        let w = t(1).wait_at(1_000_000_000 + 25 * ms);
+        assert!(t(1).wait_at(1_000_000_000 + 25 * ms + w.as_nanos() as u64).is_zero());
     }
 }
