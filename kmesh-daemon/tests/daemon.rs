@@ -513,8 +513,9 @@ fn kmeshctl_round_trips_each_command() {
     let (ok, out, _) = ctl(&["monitoring", "--access-log-format", "json", "--connection-metrics", "on"]);
     assert!(ok && out.contains("access log\ton (json)") && out.contains("connection metrics\ton"), "{out}");
     let events = |d: &Daemon| d.metric("kmesh_telemetry_events_total");
+    // One record per short connection (its close carries its open; no outlier detection here).
     assert_eq!(connect(&bed, 5).values().sum::<u32>(), 5);
-    wait_for("telemetry events", || events(&d) >= 10.0);
+    wait_for("telemetry events", || events(&d) >= 5.0);
     let (ok, out, _) = ctl(&["monitoring", "--all", "off", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(ok && v["kernel_telemetry"] == false && v["settings"]["access_log"] == false, "{v}");
@@ -525,7 +526,7 @@ fn kmeshctl_round_trips_each_command() {
     let (ok, out, _) = ctl(&["monitoring", "--all", "on"]);
     assert!(ok && out.contains("kernel telemetry\ton"), "{out}");
     assert_eq!(connect(&bed, 5).values().sum::<u32>(), 5);
-    wait_for("events again", || events(&d) >= before + 10.0);
+    wait_for("events again", || events(&d) >= before + 5.0);
     let (ok, _, err) = ctl(&["monitoring", "--report-interval-ms", "5"]);
     assert!(!ok && err.contains("at least 100"), "{err}");
 
