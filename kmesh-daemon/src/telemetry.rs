@@ -1267,6 +1267,14 @@ mod tests {
         assert!(t.index.workloads.is_empty());
     }
 
+    /// The value of the first series of metric `name` in a rendering.
+    fn first_value(text: &str, name: &str) -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
     #[test]
     fn reports_add_differences_and_the_close_completes_them() {
         let mut t = Telemetry::default();
@@ -1278,13 +1286,7 @@ mod tests {
         assert!(line.contains("sent_bytes=300 received_bytes=60"), "{line}");
         let text = t.render();
         assert!(text.contains("kmesh_tcp_received_bytes_total{reporter=\"source\""), "{text}");
-        let value = |name: &str| {
-            text.lines()
-                .find(|l| l.starts_with(&format!("{name}{{")))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or_else(|| panic!("{name} in {text}"))
-        };
+        let value = |name: &str| first_value(&text, name).unwrap_or_else(|| panic!("{name} in {text}"));
         // Client to server (received during request) 300, server to client 60.
         assert_eq!(value("kmesh_tcp_received_bytes_total"), 300);
         assert_eq!(value("kmesh_tcp_sent_bytes_total"), 60);
@@ -1299,14 +1301,7 @@ mod tests {
     #[test]
     fn an_open_that_comes_with_the_first_record_counts_once() {
         let mut t = Telemetry::default();
-        let value = |t: &Telemetry, name: &str| {
-            let text = t.render();
-            text.lines()
-                .find(|l| l.starts_with(&format!("{name}{{")))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
+        let value = |t: &Telemetry, name: &str| first_value(&t.render(), name).unwrap_or(0);
         // A short connection: its close is its only record.
         let first = |e: ConnEvent| ConnEvent { flags: e.flags | EV_OPENED, ..e };
         let line = t.record(&ConnEvent { cookie: 1, ..first(ev(CONN_CLOSE, 11, 5, TIME_WAIT)) }).unwrap();
