@@ -109,8 +109,8 @@ pub static NODE_CONNS: LruHashMap<NodeConnKey, u8, 4096> = LruHashMap::new();
 
 // Telemetry: per-connection state and the events user space turns into metrics and access
 // logs.
-/// Each tracked connection's state, in a slot found by a hash of its socket cookie (see
-/// `ConnMeta`, `conn_slot`).
+/// Each tracked connection's state, in a slot found from its socket cookie (see `ConnMeta`,
+/// `conn_slot`).
 #[btf_map]
 pub static CONNS: Array<ConnMeta, { CONNS_SLOTS as usize }> = Array::new();
 /// The service address a rewritten connection dialled, from connect() to sock_ops (see
