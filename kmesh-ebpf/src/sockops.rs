@@ -317,6 +317,37 @@ fn active_established(ctx: &SockOpsContext) -> u32 {
     0
 }
 
+/// An acknowledgement of a tracked connection's data: reports it when `TCONF_INTERVAL_NS`
+/// has passed since its last report (or its start).
+#[inline(always)]
+fn acknowledged(ctx: &SockOpsContext) -> u32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let Some(m) = tracked(cookie) else { return 0 };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let interval = TELEMETRY_CONF.get(TCONF_INTERVAL_NS).copied().unwrap_or(5_000_000_000);
+    let meta = unsafe { *m };
+    // In units of 2^20 ns since the start (see `ConnMeta::mark`).
+    let since_start = (now.saturating_sub(meta.start_ns) >> 20) as u32;
+    if since_start.wrapping_sub(meta.mark) < (interval >> 20) as u32 {
+        return 0;
+    }
+    // Only while no FIN of ours can be in flight: in the closing states the kernel may
+    // have counted its acknowledgement before the state changes, and user space could
+    // not tell data bytes from it. The close event follows soon and is exact.
+    let state = unsafe { core::ptr::read_volatile(&(*ctx.ops).state) };
+    if state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT {
+        return 0;
+    }
+    unsafe { (*m).mark = since_start };
+    let mut ev = conn_event(ctx, CONN_REPORT, &meta, cookie, now);
+    if meta.direction & DIR_F_OPEN_PENDING != 0 {
+        ev.flags |= EV_OPENED;
+        unsafe { (*m).direction = meta.direction & !DIR_F_OPEN_PENDING };
+    }
+    emit(&ev);
+    0
+}
+
 /// Connection telemetry of enrolled pods: a client socket is tracked from connect(), a server
 /// socket from the accept; each reports every `TCONF_INTERVAL_NS` while acknowledgements flow
 /// and when it closes (or fails to establish). Its open is reported when it is established with
@@ -327,6 +358,10 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
     if op == SOCK_OPS_ACTIVE_ESTABLISHED {
         return active_established(&ctx);
+    }
+    // Only tracked connections ask for these (switching telemetry off stops their reports).
+    if op == SOCK_OPS_RTT {
+        return if telemetry_on() { acknowledged(&ctx) } else { 0 };
     }
     let closing = op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE;
     if op == SOCK_OPS_TCP_CONNECT {
@@ -416,31 +451,6 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         if !outbound && eager {
             emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, now));
         }
-    } else if op == SOCK_OPS_RTT {
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-        let Some(m) = tracked(cookie) else { return 0 };
-        let now = unsafe { bpf_ktime_get_ns() };
-        let interval = TELEMETRY_CONF.get(TCONF_INTERVAL_NS).copied().unwrap_or(5_000_000_000);
-        let meta = unsafe { *m };
-        // In units of 2^20 ns since the start (see `ConnMeta::mark`).
-        let since_start = (now.saturating_sub(meta.start_ns) >> 20) as u32;
-        if since_start.wrapping_sub(meta.mark) < (interval >> 20) as u32 {
-            return 0;
-        }
-        // Only while no FIN of ours can be in flight: in the closing states the kernel may
-        // have counted its acknowledgement before the state changes, and user space could
-        // not tell data bytes from it. The close event follows soon and is exact.
-        let state = unsafe { core::ptr::read_volatile(&(*ctx.ops).state) };
-        if state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT {
-            return 0;
-        }
-        unsafe { (*m).mark = since_start };
-        let mut ev = conn_event(&ctx, CONN_REPORT, &meta, cookie, now);
-        if meta.direction & DIR_F_OPEN_PENDING != 0 {
-            ev.flags |= EV_OPENED;
-            unsafe { (*m).direction = meta.direction & !DIR_F_OPEN_PENDING };
-        }
-        emit(&ev);
     } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_FIN_WAIT2 {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         if let Some(m) = tracked(cookie) {
