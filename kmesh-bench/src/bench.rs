@@ -31,7 +31,7 @@ const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// The slice of time each path's in-repo client works in turn when all run at once: long
 /// next to a transaction (~0.1 ms), short next to the seconds over which this machine's speed
 /// drifts.
-const TURN_MS: u64 = 50;
+pub const TURN_MS: u64 = 50;
 const ENVOY_HTTP: u16 = 15001;
 const ENVOY_TCP: u16 = 15002;
 const ENVOY_IN_HTTP: u16 = 15006;

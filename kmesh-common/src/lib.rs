@@ -992,6 +992,7 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::eprintln;
 
     /// Fills `CONNS` with these cookies, none closing, each taking the first free of its
     /// slots, until 90% of the slots are in use: (connections that found all their slots
@@ -1028,24 +1029,30 @@ mod tests {
         let one_cpu = fill_conns(|n| 1 + n as u64);
         let two_cpus = fill_conns(|n| 1 + (n / 2) as u64 + if n % 2 == 1 { 4096 * 9 } else { 0 });
         for (name, (missed, n, first)) in [("one CPU", one_cpu), ("two CPUs", two_cpus)] {
+            eprintln!(
+                "{name}: {missed} of {n} untracked, the first at {first} of {CONNS_SLOTS} slots in use"
+            );
             assert!(missed * 40 < n, "{name}: {missed} of {n} connections untracked");
             assert!(first >= CONNS_SLOTS * 7 / 10, "{name}: the first untracked at {first} slots in use");
         }
         // A fixed pseudo-random sequence (xorshift).
-        let (missed, n, _) = fill_conns(|n| {
+        let (missed, n, first) = fill_conns(|n| {
             let mut x = 0x2545_F491_4F6C_DD1Du64 ^ (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             x
         });
+        eprintln!(
+            "random cookies: {missed} of {n} untracked, the first at {first} of {CONNS_SLOTS} slots in use"
+        );
         assert!(missed * 25 < n, "random cookies: {missed} of {n} connections untracked");
     }
 
     /// A CPU's consecutive cookies take consecutive slots, 64 at a time: connections one
     /// after another touch the same 2.5 KiB of `CONNS` (a page or two), not a random page each.
     #[test]
-    fn consecutive_cookies_stay_on_one_page() {
+    fn consecutive_cookies_take_neighbouring_slots() {
         for base in [0u64, 4096, 123_456_768] {
             let homes: [u32; 64] = core::array::from_fn(|i| conn_slot(base + i as u64, 0));
             assert!(homes.windows(2).all(|w| w[1] == w[0] + 1), "base {base}: {homes:?}");
