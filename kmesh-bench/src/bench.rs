@@ -468,7 +468,7 @@ impl Env {
         http: bool,
         ms: u64,
     ) -> anyhow::Result<(ProbeResult, f64)> {
-        self.probe_turn(pod, target, http, ms, None)
+        self.probe_turn(pod, target, http, ms, None, 1)
     }
 
     /// [`Self::probe`] as turn `turn.0` of `turn.1` probes sharing `ms` of time.
@@ -479,12 +479,16 @@ impl Env {
         http: bool,
         ms: u64,
         turn: Option<(usize, usize)>,
+        clients: u32,
     ) -> anyhow::Result<(ProbeResult, f64)> {
         let exe = std::env::current_exe()?;
         let mut c = self.bed.pod(pod).command(exe);
         c.args(["probe", "--target", &target.to_string(), "--duration-ms", &ms.to_string()]);
         if http {
             c.arg("--http");
+        }
+        if clients > 1 {
+            c.args(["--clients", &clients.to_string()]);
         }
         if let Some((i, n)) = turn {
             c.args(["--turn", &i.to_string(), "--turns", &n.to_string(), "--turn-ms", &TURN_MS.to_string()]);
@@ -496,12 +500,14 @@ impl Env {
     }
 
     /// One probe per `(pod, target)`, all at once, taking turns of [`TURN_MS`]: each works
-    /// `ms` in all (the run lasts `ms` times their number). Results in the order given.
+    /// `ms` in all (the run lasts `ms` times their number) with `clients` connections at a time.
+    /// Results in the order given.
     fn probe_interleaved(
         &self,
         probes: &[(&str, SocketAddr)],
         http: bool,
         ms: u64,
+        clients: u32,
     ) -> anyhow::Result<Vec<(ProbeResult, f64)>> {
         let n = probes.len();
         let total = ms * n as u64;
@@ -510,7 +516,7 @@ impl Env {
                 .iter()
                 .enumerate()
                 .map(|(i, (pod, target))| {
-                    s.spawn(move || self.probe_turn(pod, *target, http, total, Some((i, n))))
+                    s.spawn(move || self.probe_turn(pod, *target, http, total, Some((i, n)), clients))
                 })
                 .collect();
             running
@@ -573,15 +579,26 @@ impl Env {
     }
 
     /// Short transactions over every path of `paths` at once, in turns (see
-    /// [`Self::probe_interleaved`]): `ms` of work each. nginx serves them all, so its CPU, and
-    /// the machine's, is shared out by requests served; each path's client and proxies are its
-    /// own.
-    fn run_txn(&self, paths: &[&PathDef], ms: u64) -> anyhow::Result<Vec<Sample>> {
+    /// [`Self::probe_interleaved`]): `ms` of work each, `clients` at a time. nginx serves them
+    /// all: its CPU is read at every turn's end and charged to the path whose turn it was (the
+    /// kernel's work for a client socket, e.g. sock_ops on an acknowledgement, often runs in the
+    /// server's context); the machine's is shared out by requests served. Each path's client and
+    /// proxies are its own.
+    fn run_txn(&self, paths: &[&PathDef], ms: u64, clients: u32) -> anyhow::Result<Vec<Sample>> {
         let proxies: Vec<f64> = paths.iter().map(|p| cpu_total(&p.proxies)).collect();
         let (s0, m0) = (cpu_total(&self.nginx), machine_busy_seconds());
         let t0 = Instant::now();
         let jobs: Vec<(&str, SocketAddr)> = paths.iter().map(|p| (p.pod.as_str(), p.http)).collect();
-        let results = self.probe_interleaved(&jobs, true, ms)?;
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (results, by_turn) = std::thread::scope(|s| {
+            let meter = s.spawn(|| {
+                procs::cpu_by_turn(&self.nginx, Duration::from_millis(TURN_MS), paths.len(), &stop)
+            });
+            let r = self.probe_interleaved(&jobs, true, ms, clients);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            (r, meter.join().ok().flatten())
+        });
+        let results = results?;
         let wall = t0.elapsed().as_secs_f64();
         let (s1, m1) = (cpu_total(&self.nginx), machine_busy_seconds());
         let all = results.iter().map(|(r, _)| r.count).sum::<u64>().max(1) as f64;
@@ -589,8 +606,10 @@ impl Env {
             .iter()
             .zip(results)
             .zip(proxies)
-            .map(|((p, (r, cpu)), p0)| {
+            .enumerate()
+            .map(|(i, ((p, (r, cpu)), p0))| {
                 let share = r.count as f64 / all;
+                let server = by_turn.as_ref().map(|v| v[i] as f64 / 1e9).unwrap_or((s1 - s0) * share);
                 Sample {
                     requests: r.count,
                     errors: r.errors,
@@ -599,7 +618,7 @@ impl Env {
                     p90_us: r.p90_us,
                     p99_us: r.p99_us,
                     cpu_client_s: cpu,
-                    cpu_server_s: (s1 - s0) * share,
+                    cpu_server_s: server,
                     cpu_proxy_s: cpu_total(&p.proxies) - p0,
                     cpu_machine_s: (m1 - m0) * share,
                     wall_s: wall,
@@ -736,10 +755,11 @@ pub fn run(opts: &Options, res: &mut Results, daemon_slot: DaemonSlot) -> anyhow
         let t_round = Instant::now();
         let order: Vec<&PathDef> = (0..n).map(|i| &paths[(i + round) % n]).collect();
         for (test, _, conns) in TESTS.into_iter().filter(|t| opts.wants_test(t.0)) {
-            if test == "txn-c1" {
+            if test.starts_with("txn-") {
                 // The in-repo client runs every path at once, in turns.
-                let samples =
-                    env.run_txn(&order, opts.probe_ms).with_context(|| format!("{test} over every path"))?;
+                let samples = env
+                    .run_txn(&order, opts.probe_ms, conns)
+                    .with_context(|| format!("{test} over every path"))?;
                 for (p, mut s) in order.iter().zip(samples) {
                     s.round = round;
                     s.test = test.into();
@@ -853,7 +873,7 @@ pub fn run(opts: &Options, res: &mut Results, daemon_slot: DaemonSlot) -> anyhow
             let order: Vec<_> = (0..probes.len()).map(|i| probes[(i + round) % probes.len()]).collect();
             let jobs: Vec<(&str, SocketAddr)> =
                 order.iter().map(|(_, pod, target)| (*pod, *target)).collect();
-            let results = env.probe_interleaved(&jobs, false, opts.probe_ms)?;
+            let results = env.probe_interleaved(&jobs, false, opts.probe_ms, 1)?;
             for ((path, _, _), (r, _)) in order.into_iter().zip(results) {
                 if r.count == 0 {
                     res.notes.push(format!(

@@ -70,7 +70,7 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         envoy_concurrency: u32,
         /// Only these request tests (short-c1, short-c16, keepalive-c1, keepalive-c16, txn-c1,
-        /// bulk), comma-separated; default all.
+        /// txn-c16, bulk), comma-separated; default all.
         #[arg(long, value_delimiter = ',')]
         tests: Vec<String>,
         /// Only these paths (direct, kmesh, iptables, nftables, envoy-client, envoy-both) in
@@ -115,13 +115,16 @@ enum Cmd {
         turns: Option<u32>,
         #[arg(long, default_value_t = 50)]
         turn_ms: u64,
+        /// Clients at once, each a thread with one connection at a time.
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Probe { target, http, duration_ms, max, turn, turns, turn_ms } => {
+        Cmd::Probe { target, http, duration_ms, max, turn, turns, turn_ms, clients } => {
             let turns = match (turn, turns) {
                 (Some(index), Some(of)) if index < of && turn_ms > 0 => {
                     Some(probe::Turns { index, of, slice: Duration::from_millis(turn_ms) })
@@ -129,7 +132,17 @@ fn main() -> anyhow::Result<()> {
                 (None, None) => None,
                 _ => anyhow::bail!("--turn must be below --turns, and --turn-ms above 0"),
             };
-            let r = probe::run(target, http, Duration::from_millis(duration_ms.min(600_000)), max, turns);
+            if clients == 0 || clients > 1024 {
+                anyhow::bail!("--clients must be 1 to 1024, not {clients}");
+            }
+            let r = probe::run(
+                target,
+                http,
+                Duration::from_millis(duration_ms.min(600_000)),
+                max,
+                turns,
+                clients,
+            );
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }

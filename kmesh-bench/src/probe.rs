@@ -153,24 +153,19 @@ impl Turns {
     }
 }
 
-/// Runs the loop for `duration` (at most `max` samples) and summarises it; with `turns`,
-/// `duration` is the whole stretch shared with the other probes, of which this one works
-/// a `1 / turns.of` share.
-pub fn run(
-    target: SocketAddr,
-    http: bool,
-    duration: Duration,
-    max: usize,
-    turns: Option<Turns>,
-) -> ProbeResult {
-    let SocketAddr::V4(t) = target else {
-        return ProbeResult { errors: 1, first_errno: Some(libc::EAFNOSUPPORT), ..Default::default() };
-    };
-    let sa = sockaddr(t);
-    let mut samples: Vec<u32> = Vec::with_capacity(max.min(1 << 20));
-    let mut res = ProbeResult::default();
-    let t_end = Instant::now() + duration;
-    while Instant::now() < t_end && samples.len() < max {
+/// What one client's loop gathered.
+#[derive(Default)]
+struct Loop {
+    samples: Vec<u32>,
+    errors: u64,
+    first_errno: Option<i32>,
+    peer: Option<String>,
+}
+
+/// One client's loop until `t_end` (at most `max` samples).
+fn client_loop(sa: &libc::sockaddr_in, http: bool, t_end: Instant, max: usize, turns: Option<Turns>) -> Loop {
+    let mut l = Loop { samples: Vec::with_capacity(max.min(1 << 20)), ..Default::default() };
+    while Instant::now() < t_end && l.samples.len() < max {
         if let Some(turns) = &turns {
             let wait = turns.wait_at(monotonic_ns());
             if !wait.is_zero() {
@@ -179,28 +174,70 @@ pub fn run(
             }
         }
         let t0 = Instant::now();
-        match connect_once(&sa) {
+        match connect_once(sa) {
             Ok((fd, dt)) => {
-                if res.peer.is_none() {
-                    res.peer = peer_of(&fd);
+                if l.peer.is_none() {
+                    l.peer = peer_of(&fd);
                 }
                 if http {
                     if !transact(&fd) {
-                        res.errors += 1;
+                        l.errors += 1;
                         continue;
                     }
                     drop(fd);
-                    samples.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+                    l.samples.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
                 } else {
-                    samples.push(dt.as_nanos().min(u32::MAX as u128) as u32);
+                    l.samples.push(dt.as_nanos().min(u32::MAX as u128) as u32);
                 }
             }
             Err(e) => {
-                res.errors += 1;
-                res.first_errno.get_or_insert(e);
+                l.errors += 1;
+                l.first_errno.get_or_insert(e);
                 // A path that refuses fails fast; do not spin.
                 std::thread::sleep(Duration::from_millis(1));
             }
+        }
+    }
+    l
+}
+
+/// Runs the loop for `duration` (at most `max` samples in all) in `clients` threads at once,
+/// each with one connection at a time, and summarises it; with `turns`, `duration` is the whole
+/// stretch shared with the other probes, of which this one works a `1 / turns.of` share.
+pub fn run(
+    target: SocketAddr,
+    http: bool,
+    duration: Duration,
+    max: usize,
+    turns: Option<Turns>,
+    clients: usize,
+) -> ProbeResult {
+    let SocketAddr::V4(t) = target else {
+        return ProbeResult { errors: 1, first_errno: Some(libc::EAFNOSUPPORT), ..Default::default() };
+    };
+    let sa = sockaddr(t);
+    let clients = clients.max(1);
+    let t_end = Instant::now() + duration;
+    let per = max.div_ceil(clients);
+    let loops: Vec<Loop> = if clients == 1 {
+        vec![client_loop(&sa, http, t_end, max, turns)]
+    } else {
+        std::thread::scope(|s| {
+            let running: Vec<_> =
+                (0..clients).map(|_| s.spawn(|| client_loop(&sa, http, t_end, per, turns))).collect();
+            running.into_iter().filter_map(|h| h.join().ok()).collect()
+        })
+    };
+    let mut res = ProbeResult::default();
+    let mut samples: Vec<u32> = Vec::new();
+    for l in loops {
+        samples.extend_from_slice(&l.samples);
+        res.errors += l.errors;
+        if res.first_errno.is_none() {
+            res.first_errno = l.first_errno;
+        }
+        if res.peer.is_none() {
+            res.peer = l.peer;
         }
     }
     samples.sort_unstable();
@@ -229,7 +266,7 @@ mod tests {
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
             }
         });
-        let r = run(addr, true, Duration::from_secs(5), 3, None);
+        let r = run(addr, true, Duration::from_secs(5), 3, None, 1);
         assert_eq!((r.count, r.errors), (3, 0), "{r:?}");
         assert_eq!(r.peer.as_deref(), Some(addr.to_string().as_str()));
         assert!(r.p50_us > 0.0 && r.p50_us <= r.p99_us);
@@ -245,9 +282,28 @@ mod tests {
             assert_eq!(libc::getsockname(fd.0, std::ptr::from_mut(&mut sa).cast(), &mut len), 0);
         }
         let held = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, u16::from_be(sa.sin_port)));
-        let r = run(held, false, Duration::from_millis(20), 1000, None);
+        let r = run(held, false, Duration::from_millis(20), 1000, None, 1);
         assert_eq!(r.count, 0);
         assert_eq!(r.first_errno, Some(libc::ECONNREFUSED));
+    }
+
+    #[test]
+    fn clients_share_the_sample_budget_and_every_answer_counts() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let srv = std::thread::spawn(move || {
+            for s in l.incoming().take(8) {
+                let mut s = s.unwrap();
+                let mut b = [0u8; 256];
+                let _ = s.read(&mut b);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            }
+        });
+        // Four clients, two transactions each: the server's eight answers, all counted once.
+        let r = run(addr, true, Duration::from_secs(5), 8, None, 4);
+        assert_eq!((r.count, r.errors), (8, 0), "{r:?}");
+        assert_eq!(r.peer.as_deref(), Some(addr.to_string().as_str()));
+        srv.join().unwrap();
     }
 
     #[test]

@@ -122,9 +122,65 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / clock_ticks()
 }
 
-/// Total CPU seconds of a set of processes.
+/// Total CPU seconds of a set of processes: from each one's CPU clock (exact), or /proc's ticks
+/// when the clock cannot be read.
 pub fn cpu_total(pids: &[u32]) -> f64 {
-    pids.iter().map(|p| cpu_seconds(*p)).sum()
+    pids.iter()
+        .map(|p| cpu_clock_ns(&[*p]).map(|ns| ns as f64 / 1e9).unwrap_or_else(|| cpu_seconds(*p)))
+        .sum()
+}
+
+/// CPU time of a set of processes in nanoseconds, read from each one's CPU clock: exact, where
+/// /proc's figures come in ticks of 10 ms. None when one cannot be read (it has exited).
+pub fn cpu_clock_ns(pids: &[u32]) -> Option<u64> {
+    let mut total = 0u64;
+    for &pid in pids {
+        let mut clock: libc::clockid_t = 0;
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: out pointers to locals of the right types.
+        unsafe {
+            if libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) != 0
+                || libc::clock_gettime(clock, &mut ts) != 0
+            {
+                return None;
+            }
+        }
+        total += ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    }
+    Some(total)
+}
+
+/// The CPU time of `pids` in each of `of` turns of `slice` on the monotonic clock (slice `k`
+/// since the clock's zero is turn `k % of`, as `probe::Turns` counts them), read at every slice
+/// boundary until `stop` is set; nanoseconds per turn. None when the processes cannot be read.
+pub fn cpu_by_turn(
+    pids: &[u32],
+    slice: Duration,
+    of: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Option<Vec<u64>> {
+    let slice = slice.as_nanos().max(1) as u64;
+    let of = of.max(1);
+    let mut per = vec![0u64; of];
+    let mut last = cpu_clock_ns(pids)?;
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: an out pointer to a local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let mut k = (ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64) / slice;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        k += 1;
+        let at = k * slice;
+        let until = libc::timespec { tv_sec: (at / 1_000_000_000) as _, tv_nsec: (at % 1_000_000_000) as _ };
+        // SAFETY: a valid absolute time; an interrupted sleep just reads a little early.
+        unsafe {
+            libc::clock_nanosleep(libc::CLOCK_MONOTONIC, libc::TIMER_ABSTIME, &until, std::ptr::null_mut())
+        };
+        let now = cpu_clock_ns(pids)?;
+        // The slice that just ended is k - 1.
+        per[((k - 1) % of as u64) as usize] += now.saturating_sub(last);
+        last = now;
+    }
+    Some(per)
 }
 
 /// Busy CPU seconds of the whole machine (every state but idle and iowait), from /proc/stat.
@@ -257,6 +313,35 @@ pub fn bpf_maps(pid: u32) -> Vec<MapMemory> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_is_charged_to_the_turn_it_was_spent_in() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let slice = Duration::from_millis(20);
+        let stop = AtomicBool::new(false);
+        let me = [std::process::id()];
+        let per = std::thread::scope(|s| {
+            let meter = s.spawn(|| cpu_by_turn(&me, slice, 2, &stop));
+            // Burn CPU only in the middle of turn 0's slices, for about 0.6 s.
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_millis(600) {
+                let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                // SAFETY: an out pointer to a local.
+                unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+                let at = (ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64) % 40_000_000;
+                if (3_000_000..17_000_000).contains(&at) {
+                    std::hint::black_box((0..1000u64).sum::<u64>());
+                } else {
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            meter.join().unwrap()
+        })
+        .expect("this process's CPU clock");
+        assert!(per[0] > 100_000_000, "turn 0 had the busy loop: {per:?}");
+        assert!(per[1] * 5 < per[0], "turn 1 only slept: {per:?}");
+    }
 
     #[test]
     fn bounded_run_reports_output_and_cpu() {

@@ -74,9 +74,9 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
     );
     let _ = writeln!(
         s,
-        "| path | short conn. p50, 1 client | short transaction incl. connect() p50, 1 client | keep-alive req/s, 16 clients | CPU s per 10k short requests, 16 clients | bulk Gbit/s |"
+        "| path | short conn. p50, 1 client | short transaction incl. connect() p50, 1 client | keep-alive req/s, 16 clients | CPU s per 10k short requests, 16 clients | the same, in-repo clients in turns | bulk Gbit/s |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     for (p, label) in PATHS {
         let cell = |t: &str,
                     get: &dyn Fn(&crate::results::Summary) -> Option<f64>,
@@ -88,11 +88,12 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {label} | {} | {} | {} | {} | {} |",
+            "| {label} | {} | {} | {} | {} | {} | {} |",
             cell("short-c1", &|s| s.p50_us, m_p50, 0, " us"),
             cell("txn-c1", &|s| s.p50_us, m_p50, 0, " us"),
             cell("keepalive-c16", &|s| s.rps, m_rps, 0, ""),
             cell("short-c16", &|s| s.cpu10k_total, m_cpu10k, 2, " s"),
+            cell("txn-c16", &|s| s.cpu10k_total, m_cpu10k, 2, " s"),
             cell("bulk", &|s| s.gbps, m_gbps, 1, ""),
         );
     }
@@ -166,6 +167,7 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
     let k_short = r.paired("short-c1", "kmesh", "direct", m_p50);
     let k_txn = r.paired("txn-c1", "kmesh", "direct", m_p50);
     let k_cpu = r.paired("short-c16", "kmesh", "direct", m_cpu10k);
+    let k_cpu_turns = r.paired("txn-c16", "kmesh", "direct", m_cpu10k);
     let k_ka = r.paired("keepalive-c16", "kmesh", "direct", m_rps);
     let k_bulk = r.paired("bulk", "kmesh", "direct", m_gbps);
     let e_short = r.paired("short-c1", "envoy-both", "kmesh", m_p50);
@@ -179,6 +181,11 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
             within(k_txn, 0.05),
         ),
         ("kmesh vs direct, CPU per request within 5%".into(), x(k_cpu), within(k_cpu, 0.05)),
+        (
+            "kmesh vs direct, CPU per request within 5% (in-repo clients, 16 at a time, in turns)".into(),
+            x(k_cpu_turns),
+            within(k_cpu_turns, 0.05),
+        ),
         ("kmesh vs direct, keep-alive throughput within 2%".into(), x(k_ka), within(k_ka, 0.02)),
         ("kmesh vs direct, bulk throughput within 2%".into(), x(k_bulk), within(k_bulk, 0.02)),
         (
@@ -287,9 +294,9 @@ pub fn markdown(r: &Results, plots: &[String]) -> String {
     let _ = writeln!(s, "### CPU seconds per 10,000 requests\n");
     let _ = writeln!(
         s,
-        "client = the load generator (wrk), server = nginx (master and workers), proxy = the path's Envoys or, for kmesh, the daemon; machine = busy CPU of the whole machine over the run (includes softirq work not charged to a process, and background noise).\n"
+        "client = the load generator (wrk, or the in-repo client for the transactions), server = nginx (master and workers), proxy = the path's Envoys or, for kmesh, the daemon; machine = busy CPU of the whole machine over the run (includes softirq work not charged to a process, and background noise).\n"
     );
-    for t in ["short-c16", "keepalive-c16"] {
+    for t in ["short-c16", "txn-c16", "keepalive-c16"] {
         let _ = writeln!(s, "**{}**\n", TESTS.iter().find(|x| x.0 == t).map(|x| x.1).unwrap_or(t));
         let _ = writeln!(
             s,
@@ -479,7 +486,7 @@ In the Envoy paths a \"short connection\" is short between the application and i
 
 **Rounds.** {rounds} rounds; in each round every test runs over every path in turn, starting at a different path each round, so that drift (other load, thermal, caches) hits all paths alike. Figures are medians over rounds of each round's figure; ratios are paired: the ratio of two paths' figures within each round (they ran back to back), then the median over rounds, so that a change of the machine's state between rounds (which on 2 shared cores moves every path at once, e.g. keep-alive latency at 1 client jumping between about 25 and 80 us for every path at once) cancels out. A warm-up run over every path precedes the rounds, and one request over every path is checked first (the mesh path must show the server pod as its socket's peer, proof that connect() was rewritten).
 
-**Request tests.** wrk 4.1 in the client pod, {secs} s per run, `--latency` percentiles: short connections (`Connection: close`: a new TCP connection per request, closed by the server) and keep-alive, with 1 client (`-t1 -c1`) and 16 clients (`-t2 -c16`). wrk starts its latency clock when the connection is writable, so its short-connection latency does not include connect(); the in-repo client (`kmesh-bench probe --http`, one client, {probe_ms} ms per path) times the whole transaction: socket, connect(), request, full response, close. Its runs over the paths of a round are not one after the other but at once, in turns: each path's client works only in its slices of {turn_ms} ms of the monotonic clock (path 1 in the first, path 2 in the second, ..., then path 1 again), never two at a time, so that a drift of the machine's speed within the round weighs on every path alike; nginx's CPU in that stretch is shared out by requests served.
+**Request tests.** wrk 4.1 in the client pod, {secs} s per run, `--latency` percentiles: short connections (`Connection: close`: a new TCP connection per request, closed by the server) and keep-alive, with 1 client (`-t1 -c1`) and 16 clients (`-t2 -c16`). wrk starts its latency clock when the connection is writable, so its short-connection latency does not include connect(); the in-repo client (`kmesh-bench probe --http`, one client, {probe_ms} ms per path) times the whole transaction: socket, connect(), request, full response, close. Its runs over the paths of a round are not one after the other but at once, in turns: each path's client works only in its slices of {turn_ms} ms of the monotonic clock (path 1 in the first, path 2 in the second, ..., then path 1 again), never two at a time, so that a drift of the machine's speed within the round weighs on every path alike; nginx's CPU in that stretch is shared out by requests served. The same client with 16 threads (`--clients 16`, each one connection at a time) gives a second CPU-per-request figure at 16 clients, in turns like this: wrk's runs of a path are seconds apart from the direct path's, and this machine's speed drifts by more than the few percent a mesh adds.
 
 **CPU.** Per run: the client's user+system seconds from wait4's rusage, the server's and the proxies' from /proc/PID/stat before and after, divided by the requests served, times 10,000. Kernel work (NAT, the eBPF program, TCP) is charged to whichever process runs it, mostly the client.
 

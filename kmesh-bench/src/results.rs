@@ -18,12 +18,13 @@ pub const PATHS: [(&str, &str); 7] = [
 ];
 
 /// The request tests, in report order: (id, label, connections).
-pub const TESTS: [(&str, &str, u32); 5] = [
+pub const TESTS: [(&str, &str, u32); 6] = [
     ("short-c1", "short connections, 1 client", 1),
     ("short-c16", "short connections, 16 clients", 16),
     ("keepalive-c1", "keep-alive, 1 client", 1),
     ("keepalive-c16", "keep-alive, 16 clients", 16),
     ("txn-c1", "short transaction incl. connect(), in-repo client, 1 client", 1),
+    ("txn-c16", "short transactions incl. connect(), in-repo client, 16 clients", 16),
 ];
 
 pub fn path_label(id: &str) -> &str {
