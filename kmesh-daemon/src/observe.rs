@@ -128,7 +128,7 @@ impl Observer {
                 }
             }
         }
-        events.iter().filter_map(|e| self.telemetry.record(e)).collect()
+        self.telemetry.record_all(&events)
     }
 
     /// The outcomes of outbound connections sent to an endpoint since the last call
