@@ -582,10 +582,15 @@ impl Env {
     /// [`Self::probe_interleaved`]): `ms` of work each, `clients` at a time. nginx serves them
     /// all: its CPU is read at every turn's end and charged to the path whose turn it was (the
     /// kernel's work for a client socket, e.g. sock_ops on an acknowledgement, often runs in the
-    /// server's context); the machine's is shared out by requests served. Each path's client and
-    /// proxies are its own.
+    /// server's context); the machine's is shared out by requests served. Each path's client is
+    /// its own, and so are its proxies but for one that several paths share (the daemon serves
+    /// both mesh paths; it works in its own time, not in their turns), whose CPU is shared out
+    /// between them by requests served.
     fn run_txn(&self, paths: &[&PathDef], ms: u64, clients: u32) -> anyhow::Result<Vec<Sample>> {
-        let proxies: Vec<f64> = paths.iter().map(|p| cpu_total(&p.proxies)).collect();
+        let mut proxy_pids: Vec<u32> = paths.iter().flat_map(|p| p.proxies.iter().copied()).collect();
+        proxy_pids.sort_unstable();
+        proxy_pids.dedup();
+        let proxies0: BTreeMap<u32, f64> = proxy_pids.iter().map(|&p| (p, cpu_total(&[p]))).collect();
         let (s0, m0) = (cpu_total(&self.nginx), machine_busy_seconds());
         let t0 = Instant::now();
         let jobs: Vec<(&str, SocketAddr)> = paths.iter().map(|p| (p.pod.as_str(), p.http)).collect();
@@ -602,13 +607,28 @@ impl Env {
         let wall = t0.elapsed().as_secs_f64();
         let (s1, m1) = (cpu_total(&self.nginx), machine_busy_seconds());
         let all = results.iter().map(|(r, _)| r.count).sum::<u64>().max(1) as f64;
+        // Each proxy's CPU over the stretch, and the requests of the paths it serves.
+        let proxy_cpu: BTreeMap<u32, (f64, u64)> = proxy_pids
+            .iter()
+            .map(|&pid| {
+                let served = paths.iter().zip(&results).filter(|(p, _)| p.proxies.contains(&pid));
+                (pid, (cpu_total(&[pid]) - proxies0[&pid], served.map(|(_, (r, _))| r.count).sum()))
+            })
+            .collect();
         Ok(paths
             .iter()
             .zip(results)
-            .zip(proxies)
             .enumerate()
-            .map(|(i, ((p, (r, cpu)), p0))| {
+            .map(|(i, (p, (r, cpu)))| {
                 let share = r.count as f64 / all;
+                let proxy: f64 = p
+                    .proxies
+                    .iter()
+                    .map(|pid| {
+                        let (s, n) = proxy_cpu[pid];
+                        s * r.count as f64 / n.max(1) as f64
+                    })
+                    .sum();
                 let server = by_turn.as_ref().map(|v| v[i] as f64 / 1e9).unwrap_or((s1 - s0) * share);
                 Sample {
                     requests: r.count,
@@ -619,7 +639,7 @@ impl Env {
                     p99_us: r.p99_us,
                     cpu_client_s: cpu,
                     cpu_server_s: server,
-                    cpu_proxy_s: cpu_total(&p.proxies) - p0,
+                    cpu_proxy_s: proxy,
                     cpu_machine_s: (m1 - m0) * share,
                     wall_s: wall,
                     ..Default::default()
