@@ -129,7 +129,8 @@ pub struct Turns {
 /// probe's turn.
 const TURN_GUARD: Duration = Duration::from_millis(2);
 
-fn monotonic_ns() -> u64 {
+/// The monotonic clock in nanoseconds (the clock turns are counted on).
+pub(crate) fn monotonic_ns() -> u64 {
     // SAFETY: a valid out pointer.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };

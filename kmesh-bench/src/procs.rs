@@ -163,10 +163,7 @@ pub fn cpu_by_turn(
     let of = of.max(1);
     let mut per = vec![0u64; of];
     let mut last = cpu_clock_ns(pids)?;
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: an out pointer to a local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let mut k = (ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64) / slice;
+    let mut k = crate::probe::monotonic_ns() / slice;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         k += 1;
         let at = k * slice;
@@ -325,10 +322,7 @@ mod tests {
             // Burn CPU only in the middle of turn 0's slices, for about 0.6 s.
             let t0 = Instant::now();
             while t0.elapsed() < Duration::from_millis(600) {
-                let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-                // SAFETY: an out pointer to a local.
-                unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-                let at = (ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64) % 40_000_000;
+                let at = crate::probe::monotonic_ns() % 40_000_000;
                 if (3_000_000..17_000_000).contains(&at) {
                     std::hint::black_box((0..1000u64).sum::<u64>());
                 } else {

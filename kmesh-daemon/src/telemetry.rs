@@ -1373,7 +1373,8 @@ mod tests {
     }
 
     /// A drain's events are counted once at its end, and come to the same counters as the
-    /// same events recorded one at a time, over peers that share series and peers that do not.
+    /// same events recorded one at a time, also when two peers entries (ports 80 and 81 of
+    /// unknown peers) count into one series.
     #[test]
     fn a_drain_counts_what_its_events_count_one_by_one() {
         let first = |e: ConnEvent| ConnEvent { flags: e.flags | EV_OPENED, ..e };
