@@ -20,8 +20,10 @@
 /// is a hash entry by socket cookie, no longer socket storage; 11: that state is a slot of an
 /// array found by a hash of the cookie; 12: a slot carries its backend's address, so connect()
 /// reads no `BACKENDS` entry; 13: a cookie's `CONNS` and `ORIG_HANDOFF` slots are found from
-/// its home, `cookie_home`); the daemon keeps its pins under a directory named after it.
-pub const MAP_LAYOUT_VERSION: u32 = 13;
+/// its home, `cookie_home`; 14: short connections' counts are summed in `TALLIES`, with the
+/// epoch and the switch in `TELEMETRY_CONF`); the daemon keeps its pins under a directory
+/// named after it.
+pub const MAP_LAYOUT_VERSION: u32 = 14;
 
 /// Names of the load-balancing maps, in the order user space lists them everywhere (map
 /// counts, capacities, pins).
@@ -602,6 +604,90 @@ pub const EV_NO_PEER_FIN: u32 = 1;
 /// two).
 pub const EV_OPENED: u32 = 2;
 
+/// A short connection's peers, as its sum in `TALLIES` is keyed (`TFLAG_TALLY`): what the
+/// daemon labels a connection's series by, from the socket's side (a client socket's local
+/// address is the source, a server socket's the destination), under the epoch it closed in.
+/// The daemon moves the epoch on at each drain and takes the sums of epochs two behind: no
+/// program still adds to those, so taking an entry out loses nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TallyKey {
+    pub epoch: u32,
+    /// `DIR_OUTBOUND` or `DIR_INBOUND`.
+    pub direction: u16,
+    /// As `ConnMeta.has_orig`.
+    pub has_orig: u16,
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    /// The service address the client dialled (zero when `has_orig` is 0).
+    pub orig_dst: [u32; 4],
+    /// The destination's port: the remote port of a client socket, the local one of a server
+    /// socket (the other side's port is left out: it differs per connection).
+    pub dst_port: u16,
+    pub orig_port: u16,
+}
+
+/// The sums of one `TallyKey`, per CPU (added with atomic adds: a program in a softirq may
+/// interrupt another on the same CPU). Bytes are data bytes, from the socket's side, as
+/// [`data_bytes`] counts them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TallyCounts {
+    pub opened: u64,
+    pub closed: u64,
+    pub failed: u64,
+    pub sent: u64,
+    pub received: u64,
+    pub retrans: u64,
+    pub lost: u64,
+}
+
+/// Room in `TALLIES`: distinct peers closing short connections within about three drains of
+/// the daemon (entries are allocated on use; the kernel sizes the buckets for the capacity,
+/// 16 bytes each, so 4,096 cost 64 KiB idle). A connection that finds no room sends its record.
+pub const TALLY_ENTRIES: u32 = 4096;
+
+/// TCP states (include/net/tcp_states.h) the telemetry reads.
+pub mod tcp_state {
+    pub const ESTABLISHED: u32 = 1;
+    pub const SYN_SENT: u32 = 2;
+    pub const FIN_WAIT2: u32 = 5;
+    pub const TIME_WAIT: u32 = 6;
+    pub const CLOSE: u32 = 7;
+    pub const CLOSE_WAIT: u32 = 8;
+    pub const LAST_ACK: u32 = 9;
+    pub const CLOSING: u32 = 11;
+}
+
+/// Data bytes (sent, received) of a connection from the kernel's counters. `bytes_acked`
+/// also counts the SYN (on the side that sent it: the client) and an acknowledged FIN, and
+/// `bytes_received` counts a received FIN; which FINs were exchanged follows from the state
+/// the socket closed from (`close`), or for a report, the state it is in. `no_peer_fin`:
+/// `EV_NO_PEER_FIN`.
+#[inline(always)]
+pub fn data_bytes(
+    outbound: bool,
+    close: bool,
+    state: u32,
+    no_peer_fin: bool,
+    sent: u64,
+    received: u64,
+) -> (u64, u64) {
+    use tcp_state::*;
+    let (fin_acked, fin_received) = if close {
+        (
+            matches!(state, FIN_WAIT2 | TIME_WAIT | LAST_ACK | CLOSING),
+            matches!(state, FIN_WAIT2 | TIME_WAIT | CLOSE_WAIT | LAST_ACK | CLOSING) && !no_peer_fin,
+        )
+    } else {
+        // Reports come only from ESTABLISHED (no FIN either way) and CLOSE_WAIT (the peer's
+        // FIN received, ours not sent).
+        (false, state == CLOSE_WAIT)
+    };
+    let acked = outbound as u64 + fin_acked as u64;
+    (sent.saturating_sub(acked), received.saturating_sub(fin_received as u64))
+}
+
 // TELEMETRY_CONF: an array the daemon writes, read by the sock_ops program.
 /// Index of the flags word.
 pub const TCONF_FLAGS: u32 = 0;
@@ -613,13 +699,20 @@ pub const TCONF_NODE_NETNS: u32 = 2;
 /// Index of the port (host order) of the pods' DNS proxies, on 127.0.0.1 and ::1 in each
 /// pod's namespace (0: no proxy anywhere).
 pub const TCONF_DNS_PORT: u32 = 3;
-pub const TCONF_COUNT: u32 = 4;
+/// Index of the epoch short connections are summed under in `TALLIES` (see [`TallyKey`]).
+pub const TCONF_TALLY_EPOCH: u32 = 4;
+pub const TCONF_COUNT: u32 = 5;
 /// Flag: connection telemetry on (off: the program returns at once).
 pub const TFLAG_ON: u64 = 1;
 /// Flag: a connection reports `CONN_OPEN` as soon as it is established (outlier detection
 /// needs each success when it happens); without it the open comes with its first record
 /// (`EV_OPENED`).
 pub const TFLAG_EAGER_OPEN: u64 = 2;
+/// Flag: a connection that closes (or fails) before it sent any record is not reported on
+/// its own: the kernel adds it to its peers' sums in `TALLIES` (see [`TallyKey`]). Set while
+/// nothing needs a record per connection (no access log, no per-connection series, no
+/// outlier detection). A sum that finds no room is sent as the connection's record.
+pub const TFLAG_TALLY: u64 = 4;
 /// The socket is the client side (it called connect()).
 pub const DIR_OUTBOUND: u32 = 1;
 /// The socket is the server side (it was accepted).
@@ -938,6 +1031,8 @@ mod pod {
     unsafe impl aya::Pod for ConnMeta {}
     unsafe impl aya::Pod for OrigHandoff {}
     unsafe impl aya::Pod for ConnEvent {}
+    unsafe impl aya::Pod for TallyKey {}
+    unsafe impl aya::Pod for TallyCounts {}
     unsafe impl aya::Pod for DnsPodValue {}
     unsafe impl aya::Pod for DnsOrigKey {}
     unsafe impl aya::Pod for DnsOrig {}
@@ -982,6 +1077,8 @@ const _: () = {
     assert!(core::mem::size_of::<ConnMeta>() == 40);
     assert!(core::mem::size_of::<OrigHandoff>() == 32);
     assert!(core::mem::size_of::<ConnEvent>() == 120);
+    assert!(core::mem::size_of::<TallyKey>() == 60);
+    assert!(core::mem::size_of::<TallyCounts>() == 56);
     assert!(core::mem::size_of::<DnsPodValue>() == 8);
     assert!(core::mem::size_of::<DnsOrigKey>() == 16);
     assert!(core::mem::size_of::<DnsOrig>() == 24);

@@ -55,7 +55,7 @@ const LOADED_PROGRAMS: [&str; 8] = [
 ];
 /// Maps with fixed capacities (pinned next to the others): counters, ring buffers, socket
 /// storage, and maps the kernel writes.
-const FIXED_MAPS: [&str; 19] = [
+const FIXED_MAPS: [&str; 20] = [
     "STATS",
     "RR_TURNS",
     "ACTIVE",
@@ -65,6 +65,7 @@ const FIXED_MAPS: [&str; 19] = [
     "CONNS",
     "ORIG_HANDOFF",
     "TELEMETRY",
+    "TALLIES",
     "TELEMETRY_CONF",
     "NODE_CONNS",
     "UDP_REV",
@@ -1368,6 +1369,9 @@ pub struct EventMaps {
     telemetry_conf: aya::maps::Array<MapData, u64>,
     stats: PerCpuArray<MapData, u64>,
     authz_counts: PerCpuHashMap<MapData, CountKey, u64>,
+    tallies: PerCpuHashMap<MapData, TallyKey, TallyCounts>,
+    /// The epoch the programs sum short connections under (`TCONF_TALLY_EPOCH`).
+    epoch: u32,
 }
 
 impl EventMaps {
@@ -1388,10 +1392,14 @@ impl EventMaps {
     /// report. Off, the programs return at once (no per-socket state, no events). With
     /// `eager_opens`, a connection reports its open when it is established (for outlier
     /// detection); without, its open comes with its first report or its close.
+    ///
+    /// With `tally` (and without `eager_opens`), a connection that closes before its first
+    /// record sends none: the kernel sums it with its peers' (see [`drain_tallies`](Self::drain_tallies)).
     pub fn set_telemetry(
         &mut self,
         on: bool,
         eager_opens: bool,
+        tally: bool,
         interval: std::time::Duration,
     ) -> Result<(), KernelError> {
         let err = |source| KernelError::Write { map: "TELEMETRY_CONF", source };
@@ -1399,10 +1407,62 @@ impl EventMaps {
         self.telemetry_conf.set(TCONF_INTERVAL_NS, ns, 0).map_err(err)?;
         let flags = match (on, eager_opens) {
             (false, _) => 0,
+            (true, false) if tally => TFLAG_ON | TFLAG_TALLY,
             (true, false) => TFLAG_ON,
             (true, true) => TFLAG_ON | TFLAG_EAGER_OPEN,
         };
         self.telemetry_conf.set(TCONF_FLAGS, flags, 0).map_err(err)
+    }
+
+    /// The short connections the kernel summed (`TFLAG_TALLY`) and nobody took yet, by peers,
+    /// summed over CPUs; taken out of the map. Moves the epoch on first: sums of the epoch in
+    /// force until now may still be added to by a program that read it a moment ago, so they
+    /// are taken at the next call, and only older ones now (no program runs for a drain's
+    /// period, so nothing is added to a sum once it is taken).
+    pub fn drain_tallies(&mut self) -> Result<Vec<(TallyKey, TallyCounts)>, KernelError> {
+        let (was, next) = (self.epoch, self.epoch.wrapping_add(1));
+        self.telemetry_conf
+            .set(TCONF_TALLY_EPOCH, next as u64, 0)
+            .map_err(|source| KernelError::Write { map: "TELEMETRY_CONF", source })?;
+        self.epoch = next;
+        let mut keys = Vec::new();
+        for k in self.tallies.keys() {
+            match k {
+                Ok(k) if k.epoch != was && k.epoch != next => keys.push(k),
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(source) => return Err(KernelError::Read { map: "TALLIES", source }),
+            }
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            let sums = match self.tallies.get(&k, 0) {
+                Ok(per_cpu) => per_cpu.iter().fold(TallyCounts::default(), |a, v| TallyCounts {
+                    opened: a.opened + v.opened,
+                    closed: a.closed + v.closed,
+                    failed: a.failed + v.failed,
+                    sent: a.sent + v.sent,
+                    received: a.received + v.received,
+                    retrans: a.retrans + v.retrans,
+                    lost: a.lost + v.lost,
+                }),
+                Err(e) if is_not_found(&e) => continue,
+                // What was taken out so far is returned; the rest waits for the next call.
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading TALLIES");
+                    break;
+                }
+            };
+            match self.tallies.remove(&k) {
+                Ok(()) => out.push((k, sums)),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "taking an entry out of TALLIES");
+                    break;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Whether telemetry is on in the kernel, and the report interval.
@@ -1473,6 +1533,15 @@ impl Dataplane {
             stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open("STATS")?)).map_err(ty("STATS"))?,
             authz_counts: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open("AUTHZ_COUNTS")?))
                 .map_err(ty("AUTHZ_COUNTS"))?,
+            tallies: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open("TALLIES")?))
+                .map_err(ty("TALLIES"))?,
+            // Where the daemon that ran before left it.
+            epoch: self
+                .m
+                .telemetry_conf
+                .get(&TCONF_TALLY_EPOCH, 0)
+                .map_err(|source| KernelError::Read { map: "TELEMETRY_CONF", source })?
+                as u32,
         })
     }
 }
@@ -1648,6 +1717,9 @@ impl Dataplane {
         }
         if let Some(aya::maps::Map::HashMap(d)) = self.ebpf.map("DNS_PODS") {
             maps.push(("DNS_PODS", d.fd().as_fd()));
+        }
+        if let Some(aya::maps::Map::PerCpuHashMap(d)) = self.ebpf.map("TALLIES") {
+            maps.push(("TALLIES", d.fd().as_fd()));
         }
         if let Some(aya::maps::Map::LruHashMap(d)) = self.ebpf.map("DNS_ORIG") {
             maps.push(("DNS_ORIG", d.fd().as_fd()));

@@ -346,6 +346,12 @@ pub fn render(o: &Observer, ready: bool, xds: &XdsHealth, dns: Option<&crate::dn
         "Connection events received from the kernel",
         o.telemetry.events,
     );
+    counter(
+        &mut r,
+        "kmesh_telemetry_connections_summed",
+        "Short connections the kernel summed by peers instead of reporting each (no access log)",
+        o.telemetry.tallied,
+    );
     gauge(
         &mut r,
         "kmesh_telemetry_open_connections",

@@ -128,7 +128,12 @@ impl Observer {
                 }
             }
         }
-        self.telemetry.record_all(&events)
+        let lines = self.telemetry.record_all(&events);
+        match self.maps.drain_tallies() {
+            Ok(sums) => self.telemetry.record_tallies(&sums),
+            Err(e) => tracing::warn!(error = %e, "draining the kernel's sums of short connections"),
+        }
+        lines
     }
 
     /// The outcomes of outbound connections sent to an endpoint since the last call
@@ -153,8 +158,10 @@ impl Observer {
         let interval = report_interval.unwrap_or(self.report_interval);
         // Outlier detection reads the same events: the kernel keeps sending them for it.
         let kernel_on = m.kernel_on() || self.collect_outcomes;
-        // It needs each success when it happens, not with the connection's first record.
-        self.maps.set_telemetry(kernel_on, self.collect_outcomes, interval)?;
+        // It needs each success when it happens, not with the connection's first record. A
+        // short connection needs no record of its own unless it is logged or judged.
+        let tally = !m.access_log && !self.collect_outcomes;
+        self.maps.set_telemetry(kernel_on, self.collect_outcomes, tally, interval)?;
         if !kernel_on {
             // No close event will come for what is open now.
             self.telemetry.forget_open();
@@ -173,6 +180,7 @@ impl Observer {
             "kernel_telemetry": kernel_on,
             "report_interval_ms": interval.as_millis() as u64,
             "events_received": self.telemetry.events,
+            "connections_summed_in_kernel": self.telemetry.tallied,
             "events_lost": stats[stat::TELEMETRY_LOST as usize],
             "open_connections": self.telemetry.open_connections(),
             "open_connections_evicted": self.telemetry.open_evicted,

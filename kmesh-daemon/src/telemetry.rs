@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use kmesh_common::{
     CONN_CLOSE, CONN_FAILED, CONN_OPEN, CONN_REPORT, ConnEvent, DIR_OUTBOUND, EV_NO_PEER_FIN, EV_OPENED,
-    ORIG_VIA_WAYPOINT,
+    ORIG_VIA_WAYPOINT, TallyCounts, TallyKey,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -686,6 +686,8 @@ pub struct Telemetry {
     workload_owners: HashMap<WorkloadLabels, std::collections::HashSet<Owners>>,
     /// Events received from the kernel.
     pub events: u64,
+    /// Connections the kernel summed by peers instead of reporting each (`TFLAG_TALLY`).
+    pub tallied: u64,
     /// Open connections forgotten to stay within [`MAX_OPEN`].
     pub open_evicted: u64,
     /// The bound on open connections; 0 means [`MAX_OPEN`] (tests lower it).
@@ -749,32 +751,16 @@ fn destination_labels(w: Option<&Workload>) -> DestinationLabels {
     }
 }
 
-// TCP states (include/net/tcp_states.h).
-const FIN_WAIT2: u32 = 5;
-const TIME_WAIT: u32 = 6;
-const CLOSE_WAIT: u32 = 8;
-const LAST_ACK: u32 = 9;
-const CLOSING: u32 = 11;
-
-/// Data bytes (sent, received) of a connection. The kernel's `bytes_acked` also counts the
-/// SYN (on the side that sent it, i.e. the client) and an acknowledged FIN, and
-/// `bytes_received` counts a received FIN; which FINs were exchanged follows from the state
-/// the socket closed from, or for a report, the state it is in.
+/// Data bytes (sent, received) of a connection event (see [`kmesh_common::data_bytes`]).
 pub fn data_bytes(e: &ConnEvent) -> (u64, u64) {
-    let syn = u64::from(e.direction == DIR_OUTBOUND);
-    let (fin_acked, fin_received) = if e.kind == CONN_CLOSE {
-        (
-            matches!(e.state, FIN_WAIT2 | TIME_WAIT | LAST_ACK | CLOSING),
-            matches!(e.state, FIN_WAIT2 | TIME_WAIT | CLOSE_WAIT | LAST_ACK | CLOSING)
-                && e.flags & EV_NO_PEER_FIN == 0,
-        )
-    } else {
-        // Reports come only from ESTABLISHED (no FIN either way) and CLOSE_WAIT (the peer's
-        // FIN received, ours not sent).
-        (false, e.state == CLOSE_WAIT)
-    };
-    let (fin_acked, fin_received) = (u64::from(fin_acked), u64::from(fin_received));
-    (e.sent_bytes.saturating_sub(syn + fin_acked), e.received_bytes.saturating_sub(fin_received))
+    kmesh_common::data_bytes(
+        e.direction == DIR_OUTBOUND,
+        e.kind == CONN_CLOSE,
+        e.state,
+        e.flags & EV_NO_PEER_FIN != 0,
+        e.sent_bytes,
+        e.received_bytes,
+    )
 }
 
 /// Wall-clock time of an event that happened `ago` before now, in RFC 3339 (UTC, seconds).
@@ -945,6 +931,44 @@ impl Telemetry {
         lines
     }
 
+    /// The kernel's sums of short connections by peers (see `kmesh_common::TallyKey`): each
+    /// counts as that many connections, opened and closed (or failed), with these bytes.
+    pub fn record_tallies(&mut self, sums: &[(TallyKey, TallyCounts)]) {
+        if sums.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        for (k, v) in sums {
+            let outbound = k.direction as u32 == DIR_OUTBOUND;
+            // The peers of a record with these addresses and ports (the other side's port
+            // plays no part in them).
+            let (local_port, remote_port) = if outbound { (0, k.dst_port) } else { (k.dst_port, 0) };
+            let e = ConnEvent {
+                kind: CONN_CLOSE,
+                direction: k.direction as u32,
+                local: k.local,
+                remote: k.remote,
+                local_port,
+                remote_port,
+                orig_port: k.orig_port,
+                has_orig: k.has_orig,
+                orig_dst: k.orig_dst,
+                ..ConnEvent::default()
+            };
+            let c = self.conn(&e, now);
+            if v.opened != 0 {
+                self.count_open(&c, &e, v.opened);
+            }
+            let (from_src, from_dst) = if outbound { (v.sent, v.received) } else { (v.received, v.sent) };
+            let t = Self::tally(&mut self.pending, &c.peers);
+            t.closed += v.closed;
+            t.failed += v.failed;
+            t.progress.plus(&Progress { from_src, from_dst, retrans: v.retrans, lost: v.lost });
+            self.tallied += v.closed + v.failed;
+        }
+        self.flush();
+    }
+
     /// The counts of the events recorded since the last flush, into the counters.
     fn flush(&mut self) {
         for (_, (peers, t)) in self.pending.drain() {
@@ -976,7 +1000,7 @@ impl Telemetry {
         c.seen = now;
         match e.kind {
             CONN_OPEN => {
-                self.count_open(&c, e);
+                self.count_open(&c, e, 1);
                 if self.open.len() >= self.open_cap() {
                     self.make_room();
                 }
@@ -986,7 +1010,7 @@ impl Telemetry {
             CONN_REPORT | CONN_CLOSE => {
                 if e.flags & EV_OPENED != 0 {
                     // The connection's first record: it carries the open.
-                    self.count_open(&c, e);
+                    self.count_open(&c, e, 1);
                 }
                 let (sent, received) = data_bytes(e);
                 // From the socket's point of view: what it received is what its peer sent.
@@ -1027,9 +1051,10 @@ impl Telemetry {
         }
     }
 
-    /// A connection's open: counted by its peers, and by waypoint when it went through one.
-    fn count_open(&mut self, c: &OpenConn, e: &ConnEvent) {
-        Self::tally(&mut self.pending, &c.peers).opened += 1;
+    /// `n` opens of connections like `c`: counted by their peers, and by waypoint when they
+    /// went through one.
+    fn count_open(&mut self, c: &OpenConn, e: &ConnEvent, n: u64) {
+        Self::tally(&mut self.pending, &c.peers).opened += n;
         if e.has_orig == ORIG_VIA_WAYPOINT && e.direction == DIR_OUTBOUND {
             let d = &c.peers.service.destination;
             let key = (
@@ -1038,7 +1063,7 @@ impl Telemetry {
             );
             // Bounded like the other tables: pairs past the bound are not counted.
             if self.waypoint_connections.len() < MAX_OPEN || self.waypoint_connections.contains_key(&key) {
-                *self.waypoint_connections.entry(key).or_default() += 1;
+                *self.waypoint_connections.entry(key).or_default() += n;
             }
         }
     }
@@ -1195,6 +1220,7 @@ impl Telemetry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kmesh_common::tcp_state::TIME_WAIT;
 
     /// Gives `t` the model `next` as the mesh does: as a change from the model it `had`.
     fn give(t: &mut Telemetry, had: &mut Model, next: &Model) {
@@ -1407,6 +1433,99 @@ mod tests {
         assert_eq!(value("kmesh_tcp_received_bytes_total"), 9 + 19 + 200 + 29);
         assert_eq!(value("kmesh_tcp_retrans_total"), 2);
         assert!(batch.pending.is_empty(), "nothing is left uncounted after a drain");
+    }
+
+    /// The kernel's sums of short connections (`TFLAG_TALLY`) come to the same series as the
+    /// connections' own records: by direction, with a server socket's destination port its
+    /// local one, bytes turned around for the server side, failures not opened.
+    #[test]
+    fn kernel_sums_count_what_their_connections_count_one_by_one() {
+        let first = |e: ConnEvent| ConnEvent { flags: e.flags | EV_OPENED, ..e };
+        let a = |last: u8| crate::compile::addr_words(IpAddr::from([10, 0, 0, last]));
+        let out = |cookie: u64, port: u16, e: ConnEvent| ConnEvent {
+            cookie,
+            local: a(1),
+            remote: a(2),
+            local_port: 40000 + cookie as u16,
+            remote_port: port,
+            ..e
+        };
+        let inb = |cookie: u64, e: ConnEvent| ConnEvent {
+            direction: kmesh_common::DIR_INBOUND,
+            local: a(2),
+            remote: a(1),
+            local_port: 8080,
+            remote_port: 40000 + cookie as u16,
+            ..out(cookie, 0, e)
+        };
+        let events = vec![
+            out(1, 80, first(ev(CONN_CLOSE, 11, 5, TIME_WAIT))),
+            out(2, 80, ConnEvent { retrans: 3, ..first(ev(CONN_CLOSE, 21, 7, TIME_WAIT)) }),
+            out(3, 81, first(ev(CONN_CLOSE, 31, 9, TIME_WAIT))),
+            out(4, 80, ev(CONN_FAILED, 0, 0, 2)),
+            inb(1, first(ev(CONN_CLOSE, 5, 10, kmesh_common::tcp_state::LAST_ACK))),
+            inb(2, first(ev(CONN_CLOSE, 7, 20, kmesh_common::tcp_state::LAST_ACK))),
+        ];
+        let mut records = Telemetry::default();
+        records.record_all(&events);
+        // What the kernel sums for the same connections.
+        let mut sums: Vec<(TallyKey, TallyCounts)> = Vec::new();
+        for e in &events {
+            let outbound = e.direction == DIR_OUTBOUND;
+            let key = TallyKey {
+                epoch: 9,
+                direction: e.direction as u16,
+                local: e.local,
+                remote: e.remote,
+                dst_port: if outbound { e.remote_port } else { e.local_port },
+                ..Default::default()
+            };
+            let i = sums.iter().position(|(k, _)| *k == key).unwrap_or_else(|| {
+                sums.push((key, TallyCounts::default()));
+                sums.len() - 1
+            });
+            let c = &mut sums[i].1;
+            if e.kind == CONN_FAILED {
+                c.failed += 1;
+                continue;
+            }
+            let (sent, received) = data_bytes(e);
+            c.opened += 1;
+            c.closed += 1;
+            c.sent += sent;
+            c.received += received;
+            c.retrans += e.retrans as u64;
+        }
+        assert_eq!(sums.len(), 3, "two ports out (the failure shares one), one port in");
+        let mut summed = Telemetry::default();
+        summed.record_tallies(&sums);
+        let text = summed.render();
+        // The same series with the same values (a family's series come in no set order).
+        let sorted = |t: &str| {
+            let mut l: Vec<String> = t.lines().map(str::to_string).collect();
+            l.sort();
+            l
+        };
+        assert_eq!(sorted(&text), sorted(&records.render()));
+        assert_eq!(summed.tallied, 6);
+        let value = |name: &str, reporter: &str| {
+            sample_of(&text, name, reporter).unwrap_or_else(|| panic!("{name} {reporter} in {text}"))
+        };
+        assert_eq!(value("kmesh_tcp_connections_opened_total", "source"), 3);
+        assert_eq!(value("kmesh_tcp_connections_failed_total", "source"), 1);
+        // Client to server: without the SYN and the FIN.
+        assert_eq!(value("kmesh_tcp_received_bytes_total", "source"), 9 + 19 + 29);
+        assert_eq!(value("kmesh_tcp_retrans_total", "source"), 3);
+        // The server side: what it received is what the client sent (data bytes).
+        assert_eq!(value("kmesh_tcp_received_bytes_total", "destination"), 9 + 19);
+        assert_eq!(value("kmesh_tcp_sent_bytes_total", "destination"), 4 + 6);
+    }
+
+    /// The first series of `name` by this reporter.
+    fn sample_of(text: &str, name: &str, reporter: &str) -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{reporter=\"{reporter}\"")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
     }
 
     #[test]

@@ -267,7 +267,7 @@ fn pins_removed_by_hand_are_detected_reported_and_restored() {
         v
     };
     let maps = names(&dir.join("maps"));
-    assert_eq!(maps.len(), 29, "{maps:?}");
+    assert_eq!(maps.len(), 30, "{maps:?}");
     for m in &maps {
         std::fs::remove_file(dir.join("maps").join(m)).unwrap();
     }
@@ -527,6 +527,22 @@ fn kmeshctl_round_trips_each_command() {
     assert!(ok && out.contains("kernel telemetry\ton"), "{out}");
     assert_eq!(connect(&bed, 5).values().sum::<u32>(), 5);
     wait_for("events again", || events(&d) >= before + 5.0);
+    // Without the access log, short connections are summed in the kernel, not sent one by one.
+    let (ok, out, _) = ctl(&["monitoring", "--access-log", "off"]);
+    assert!(ok && out.contains("access log\toff"), "{out}");
+    // Connections opened, as the client side counts them (over every series).
+    let opened = |d: &Daemon| -> f64 {
+        let text = d.get("/metrics").unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("kmesh_tcp_connections_opened_total{reporter=\"source\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let (before, opened_before) = (events(&d), opened(&d));
+    assert_eq!(connect(&bed, 5).values().sum::<u32>(), 5);
+    wait_for("the kernel's sums", || d.metric("kmesh_telemetry_connections_summed_total") >= 5.0);
+    assert_eq!(opened(&d), opened_before + 5.0);
+    assert_eq!(events(&d), before, "no record of a summed connection");
     let (ok, _, err) = ctl(&["monitoring", "--report-interval-ms", "5"]);
     assert!(!ok && err.contains("at least 100"), "{err}");
 

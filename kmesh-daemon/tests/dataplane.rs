@@ -570,9 +570,27 @@ fn connection_telemetry_counts_exact_bytes_with_istio_labels() {
     if !root_or_skip("connection_telemetry_counts_exact_bytes_with_istio_labels") {
         return;
     }
+    exact_bytes(true);
+}
+
+/// Without access log, the kernel sums short connections by peers instead of sending a record
+/// of each (`TFLAG_TALLY`): the same traffic gives the same series, to the byte.
+#[test]
+fn connections_summed_in_the_kernel_count_the_same_bytes() {
+    if !root_or_skip("connections_summed_in_the_kernel_count_the_same_bytes") {
+        return;
+    }
+    exact_bytes(false);
+}
+
+/// Known traffic over the echo service, with the access log on or off: the series it gives,
+/// and the log lines or the kernel's sums.
+fn exact_bytes(access_log: bool) {
     let mut env = telemetry_env(
         ", workload_name: s1-deploy, canonical_name: echo-app, canonical_revision: v2, cluster_id: c1",
     );
+    let m = kmesh_daemon::telemetry::Monitoring { access_log, ..Default::default() };
+    env.mesh().observer().set_monitoring(m, None).unwrap();
     // 3 connections through the VIP, each sending 1,000 bytes and receiving them back after
     // the server's 3-byte name line ("s1\n").
     let opts = ClientOptions { count: 3, send_bytes: 1000, ..Default::default() };
@@ -590,8 +608,13 @@ fn connection_telemetry_counts_exact_bytes_with_istio_labels() {
     let s1 = env.pod("s1").ipv4;
     assert!(env.connect("client", &format!("{s1}:9"), 1).iter().all(|a| !a.ok));
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let lines = env.mesh().observer().drain_telemetry();
+    // Sums are taken two drains after the epoch they were made in.
+    let mut lines = Vec::new();
+    for _ in 0..2 {
+        lines.extend(env.mesh().observer().drain_telemetry());
+    }
     eprintln!("{}", lines.join("\n"));
+    let summed = env.mesh().observer().telemetry.tallied;
     let text = env.mesh().observer().telemetry.render();
     let src = [
         ("reporter", "source"),
@@ -642,6 +665,13 @@ fn connection_telemetry_counts_exact_bytes_with_istio_labels() {
     // The refused connection: failed, for the workload (no service: dialled by pod address).
     assert_eq!(get("kmesh_tcp_workload_connections_failed_total", &pod), 1);
     assert_eq!(get("kmesh_tcp_retrans_total", &src), 0);
+    if !access_log {
+        // Not one record: every connection closed before its first report, and was summed.
+        assert!(lines.is_empty(), "{lines:?}");
+        assert_eq!(summed, 2 * 23 + 1);
+        return;
+    }
+    assert_eq!(summed, 0, "logged connections are reported one by one");
     // One access-log line per closed connection and side, plus the failed one.
     assert_eq!(lines.len(), 2 * 23 + 1, "{lines:?}");
     assert!(

@@ -119,6 +119,11 @@ pub static CONNS: Array<ConnMeta, { CONNS_SLOTS as usize }> = Array::new();
 pub static ORIG_HANDOFF: Array<OrigHandoff, { HANDOFF_SLOTS as usize }> = Array::new();
 #[btf_map]
 pub static TELEMETRY: RingBuf<(), { 1024 * 1024 }> = RingBuf::new();
+/// Short connections' counts summed by peers and epoch, per CPU, instead of a record each
+/// (`TFLAG_TALLY`, see `TallyKey`). Entries are allocated on use; the daemon takes them out.
+#[btf_map]
+pub static TALLIES: PerCpuHashMap<TallyKey, TallyCounts, { TALLY_ENTRIES as usize }, NO_PREALLOC> =
+    PerCpuHashMap::new();
 /// Unconnected UDP sockets: the backend chosen per frontend, for later datagrams and for the
 /// source of replies (see `UdpRev`).
 #[btf_map]

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use kmesh_common::*;
 
 use crate::maps::{
-    ACTIVE, AUTHZ_DEST, CONNS, DNS_ORIG, DNS_TCP, LB_CONN, Lookup, NETNS, NODE_CONNS, ORIG_HANDOFF,
+    ACTIVE, AUTHZ_DEST, CONNS, DNS_ORIG, DNS_TCP, LB_CONN, Lookup, NETNS, NODE_CONNS, ORIG_HANDOFF, TALLIES,
     TELEMETRY, TELEMETRY_CONF, WAYPOINT_SOCKS, WP_CONN,
 };
 use crate::shared::{BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE, count, telemetry_flags, telemetry_on};
@@ -90,6 +90,68 @@ fn take_orig(cookie: u64) -> Option<OrigHandoff> {
     Some(unsafe { *p })
 }
 
+/// Atomically adds `n` to a counter in a map value (8-aligned).
+#[inline(always)]
+fn add(p: *mut u64, n: u64) {
+    // SAFETY: the BPF target has no AtomicU64 in core; the intrinsic is BPF's atomic add (its
+    // result unused).
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, n) };
+}
+
+/// A connection closing (or failing) before it sent any record, with `TFLAG_TALLY`: adds it
+/// to its peers' sums in `TALLIES` instead of reporting it. False when there is no room (it
+/// is reported then).
+#[inline(always)]
+fn tally(ctx: &SockOpsContext, meta: &ConnMeta, failed: bool, from: u32, no_peer_fin: bool) -> bool {
+    use core::ptr::read_volatile as rv;
+    let o = ctx.ops;
+    let direction = (meta.direction & !(DIR_F_COUNTED | DIR_F_OPEN_PENDING)) as u16;
+    let outbound = direction as u32 == DIR_OUTBOUND;
+    let (local, remote) = sock_addrs(ctx);
+    let dst_port = if outbound {
+        u32::from_be(unsafe { rv(&(*o).remote_port) }) as u16
+    } else {
+        (unsafe { rv(&(*o).local_port) }) as u16
+    };
+    let key = TallyKey {
+        epoch: TELEMETRY_CONF.get(TCONF_TALLY_EPOCH).copied().unwrap_or(0) as u32,
+        direction,
+        has_orig: meta.has_orig as u16,
+        local,
+        remote,
+        orig_dst: meta.orig_dst,
+        dst_port,
+        orig_port: meta.orig_port,
+    };
+    let mut p = TALLIES.get_ptr_mut(&key);
+    if p.is_none() {
+        let _ = TALLIES.insert(&key, &TallyCounts::default(), BPF_NOEXIST);
+        p = TALLIES.get_ptr_mut(&key);
+    }
+    let Some(p) = p else { return false };
+    if failed {
+        add(unsafe { &raw mut (*p).failed }, 1);
+        return true;
+    }
+    let (sent, received) = unsafe { (rv(&(*o).bytes_acked), rv(&(*o).bytes_received)) };
+    let (sent, received) = data_bytes(outbound, true, from, no_peer_fin, sent, received);
+    let (retrans, lost) = unsafe { (rv(&(*o).total_retrans), rv(&(*o).lost_out)) };
+    unsafe {
+        add(&raw mut (*p).opened, 1);
+        add(&raw mut (*p).closed, 1);
+        add(&raw mut (*p).sent, sent);
+        add(&raw mut (*p).received, received);
+        // Mostly nothing: an atomic add of 0 is not free.
+        if retrans != 0 {
+            add(&raw mut (*p).retrans, retrans as u64);
+        }
+        if lost != 0 {
+            add(&raw mut (*p).lost, lost as u64);
+        }
+    }
+    true
+}
+
 const SOCK_OPS_TCP_CONNECT: u32 = 3;
 const SOCK_OPS_ACTIVE_ESTABLISHED: u32 = 4;
 const SOCK_OPS_PASSIVE_ESTABLISHED: u32 = 5;
@@ -97,11 +159,6 @@ const SOCK_OPS_STATE: u32 = 10;
 const SOCK_OPS_RTT: u32 = 12;
 const SOCK_OPS_STATE_CB_FLAG: u32 = 4;
 const SOCK_OPS_RTT_CB_FLAG: u32 = 8;
-const TCP_ESTABLISHED: u32 = 1;
-const TCP_SYN_SENT: u32 = 2;
-const TCP_CLOSE_WAIT: u32 = 8;
-const TCP_FIN_WAIT2: u32 = 5;
-const TCP_CLOSE: u32 = 7;
 
 /// The local and remote addresses of a sock_ops program's socket (16-byte layout).
 #[inline(always)]
@@ -245,11 +302,8 @@ fn add_active(kind: u32, id: u32, delta: u64, create: bool) -> bool {
         p = ACTIVE.get_ptr_mut(k);
     }
     let Some(p) = p else { return false };
-    // SAFETY: a map value, 8-aligned; other CPUs update it the same way. The BPF target has no
-    // AtomicU64 in core; the intrinsic is BPF's atomic add (its result unused).
-    unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, delta);
-    }
+    // A map value; other CPUs update it the same way.
+    add(p, delta);
     true
 }
 
@@ -335,7 +389,7 @@ fn acknowledged(ctx: &SockOpsContext) -> u32 {
     // have counted its acknowledgement before the state changes, and user space could
     // not tell data bytes from it. The close event follows soon and is exact.
     let state = unsafe { core::ptr::read_volatile(&(*ctx.ops).state) };
-    if state != TCP_ESTABLISHED && state != TCP_CLOSE_WAIT {
+    if state != tcp_state::ESTABLISHED && state != tcp_state::CLOSE_WAIT {
         return 0;
     }
     unsafe { (*m).mark = since_start };
@@ -363,7 +417,7 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
     if op == SOCK_OPS_RTT {
         return if telemetry_on() { acknowledged(&ctx) } else { 0 };
     }
-    let closing = op == SOCK_OPS_STATE && ctx.arg(1) == TCP_CLOSE;
+    let closing = op == SOCK_OPS_STATE && ctx.arg(1) == tcp_state::CLOSE;
     if op == SOCK_OPS_TCP_CONNECT {
         dns_tcp(&ctx);
     }
@@ -451,7 +505,7 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         if !outbound && eager {
             emit(&conn_event(&ctx, CONN_OPEN, &meta, cookie, now));
         }
-    } else if op == SOCK_OPS_STATE && ctx.arg(1) == TCP_FIN_WAIT2 {
+    } else if op == SOCK_OPS_STATE && ctx.arg(1) == tcp_state::FIN_WAIT2 {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
         if let Some(m) = tracked(cookie) {
             // No report is sent from FIN_WAIT2 on: the mark is free for this.
@@ -459,19 +513,30 @@ pub fn kmesh_sockops(ctx: SockOpsContext) -> u32 {
         }
     } else if closing {
         let Some(m) = slot else { return 0 };
-        if !telemetry_on() {
+        let flags = telemetry_flags();
+        if flags & TFLAG_ON == 0 {
             untrack(m);
             return 0;
         }
         let meta = unsafe { *m };
         let from = ctx.arg(0);
         let rcv_nxt = unsafe { core::ptr::read_volatile(&(*ctx.ops).rcv_nxt) };
+        let kind = if from == tcp_state::SYN_SENT { CONN_FAILED } else { CONN_CLOSE };
+        let no_peer_fin = from == tcp_state::FIN_WAIT2 && rcv_nxt == meta.mark;
+        // A connection that never reported is summed with its peers' when nothing needs a
+        // record of it.
+        if flags & TFLAG_TALLY != 0
+            && meta.direction & DIR_F_OPEN_PENDING != 0
+            && tally(&ctx, &meta, kind == CONN_FAILED, from, no_peer_fin)
+        {
+            untrack(m);
+            return 0;
+        }
         let now = unsafe { bpf_ktime_get_ns() };
-        let kind = if from == TCP_SYN_SENT { CONN_FAILED } else { CONN_CLOSE };
         let mut ev = conn_event(&ctx, kind, &meta, cookie, now);
         // The state the socket left: user space needs it to tell data bytes from SYN/FIN.
         ev.state = from;
-        if from == TCP_FIN_WAIT2 && rcv_nxt == meta.mark {
+        if no_peer_fin {
             ev.flags |= EV_NO_PEER_FIN;
         }
         if kind == CONN_CLOSE && meta.direction & DIR_F_OPEN_PENDING != 0 {

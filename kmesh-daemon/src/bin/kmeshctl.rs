@@ -252,6 +252,7 @@ fn print_monitoring(v: &Value) {
     println!("report interval\t{} ms", v["report_interval_ms"]);
     println!("open connections\t{}", v["open_connections"]);
     println!("events received\t{}", v["events_received"]);
+    println!("connections summed in kernel\t{}", v["connections_summed_in_kernel"]);
     println!("events lost\t{}", v["events_lost"]);
 }
 
