@@ -1136,3 +1136,96 @@ fn a_first_start_that_fails_leaves_no_pin_and_an_adopted_layout_is_left_alone() 
     assert!(layout.join("links").read_dir().unwrap().next().is_some(), "and the links");
     kernel::uninstall(&pins).expect("uninstall");
 }
+
+/// The kernel's sums (`TFLAG_TALLY`) stay exact when both sides' programs add to them from
+/// two CPUs at once, process and softirq context alike; and a connection that finds the map
+/// full is sent as a record instead, so none is lost.
+#[test]
+fn summed_connections_stay_exact_under_load_and_a_full_map_loses_none() {
+    if !root_or_skip("summed_connections_stay_exact_under_load_and_a_full_map_loses_none") {
+        return;
+    }
+    let mut env = telemetry_env("");
+    let m = kmesh_daemon::telemetry::Monitoring { access_log: false, ..Default::default() };
+    env.mesh().observer().set_monitoring(m, None).unwrap();
+    let drain = |env: &mut Env| {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut lines = Vec::new();
+        for _ in 0..2 {
+            lines.extend(env.mesh().observer().drain_telemetry());
+        }
+        assert!(lines.is_empty(), "no access log: {lines:?}");
+    };
+    let value = |env: &mut Env, name: &str, reporter: &str| {
+        let text = env.mesh().observer().telemetry.render();
+        sample(&text, name, &[("reporter", reporter), ("source_workload", "client")])
+            .unwrap_or_else(|| panic!("{name} {reporter} in\n{text}"))
+    };
+    // Two clients at once, 400 connections each, 100 bytes each way after the name line.
+    let opts = ClientOptions { count: 400, send_bytes: 100, ..Default::default() };
+    let target: std::net::SocketAddr = format!("{VIP}:80").parse().unwrap();
+    let clients: Vec<_> =
+        (0..2).map(|_| env.pod("client").connect_background(target, &opts).unwrap()).collect();
+    for c in clients {
+        let a = c.finish().unwrap();
+        assert!(a.iter().all(|a| a.ok), "{a:?}");
+    }
+    drain(&mut env);
+    for reporter in ["source", "destination"] {
+        assert_eq!(value(&mut env, "kmesh_tcp_connections_opened_total", reporter), 800, "{reporter}");
+        assert_eq!(value(&mut env, "kmesh_tcp_connections_closed_total", reporter), 800, "{reporter}");
+        assert_eq!(value(&mut env, "kmesh_tcp_received_bytes_total", reporter), 800 * 100, "{reporter}");
+        assert_eq!(value(&mut env, "kmesh_tcp_sent_bytes_total", reporter), 800 * 103, "{reporter}");
+    }
+    assert_eq!(env.mesh().observer().telemetry.tallied, 1600);
+
+    // Every entry taken, under the epoch in force: the next connections find no room.
+    let dir = kmesh_daemon::kernel::layout_dir(&env.pin_dir);
+    let conf: aya::maps::Array<_, u64> = aya::maps::Array::try_from(aya::maps::Map::Array(
+        kmesh_daemon::kernel::open_pinned(&dir, "TELEMETRY_CONF").unwrap(),
+    ))
+    .unwrap();
+    let epoch = conf.get(&kmesh_common::TCONF_TALLY_EPOCH, 0).unwrap() as u32;
+    let mut tallies: aya::maps::PerCpuHashMap<_, kmesh_common::TallyKey, kmesh_common::TallyCounts> =
+        aya::maps::PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(
+            kmesh_daemon::kernel::open_pinned(&dir, "TALLIES").unwrap(),
+        ))
+        .unwrap();
+    let cpus = aya::util::nr_cpus().unwrap();
+    for i in 0..kmesh_common::TALLY_ENTRIES {
+        // Loopback addresses no pod has, summing nothing.
+        let key = kmesh_common::TallyKey {
+            epoch,
+            direction: 1,
+            local: [0, 0, 0xffff, 0x7f00_0000 | i],
+            ..Default::default()
+        };
+        let zeros =
+            || aya::maps::PerCpuValues::try_from(vec![kmesh_common::TallyCounts::default(); cpus]).unwrap();
+        // Entries come from the kernel's BPF allocator, whose caches refill in the background:
+        // a burst of inserts can outrun them (ENOMEM), and then waits.
+        let mut tries = 0;
+        while let Err(e) = tallies.insert(key, zeros(), 0) {
+            tries += 1;
+            assert!(tries < 1000, "filler {i}: {e}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    let events = env.mesh().observer().telemetry.events;
+    assert!(env.connect("client", &format!("{VIP}:80"), 20).iter().all(|a| a.ok));
+    drain(&mut env);
+    for reporter in ["source", "destination"] {
+        assert_eq!(value(&mut env, "kmesh_tcp_connections_opened_total", reporter), 820, "{reporter}");
+        assert_eq!(value(&mut env, "kmesh_tcp_sent_bytes_total", reporter), 800 * 103 + 20 * 3, "{reporter}");
+    }
+    let o = env.mesh().observer();
+    assert_eq!(o.telemetry.events - events, 40, "sent as records, both sides");
+    assert_eq!(o.telemetry.tallied, 1600);
+    drop(o);
+    // The filler went with the drains: there is room again.
+    assert!(tallies.keys().next().is_none(), "the map is empty again");
+    assert!(env.connect("client", &format!("{VIP}:80"), 5).iter().all(|a| a.ok));
+    drain(&mut env);
+    assert_eq!(env.mesh().observer().telemetry.tallied, 1610);
+    assert_eq!(value(&mut env, "kmesh_tcp_connections_opened_total", "source"), 825);
+}
