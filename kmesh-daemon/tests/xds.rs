@@ -280,6 +280,38 @@ fn a_resubscription_at_110k_resources_fits_the_control_planes_request_limit() {
     drop(server);
 }
 
+/// A push larger than the control plane puts in one response (the in-repo one cuts at
+/// `--max-response-bytes`; a full push of 100k x 10 is 294 MB, over the daemon's 256 MiB
+/// bound) arrives in parts: the daemon applies and ACKs each, and ends with all of it.
+#[test]
+fn a_push_in_several_responses_is_applied_whole() {
+    if !root_or_skip("a_push_in_several_responses_is_applied_whole") {
+        return;
+    }
+    let rt = runtime();
+    let bed = bed();
+    let scratch = Scratch::new();
+    let cp = ControlPlane::new().with_max_response_bytes(64 << 10);
+    let mut all = scale_resources(1_000, 10);
+    all.extend(resources(&bed, &["s1", "s2", "s3"]));
+    cp.replace_all(ADDRESS_TYPE, all);
+    let server = rt.block_on(cp.spawn("127.0.0.1:0".parse().unwrap(), None)).unwrap();
+    let d = start_daemon(&scratch, &bed, server.addr);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while d.metric("kmesh_map_entries{map=\"ENDPOINTS\"}") != 10_003.0 {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for the push");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(d.metric("kmesh_map_entries{map=\"FRONTENDS\"}"), 1_001.0);
+    let parts = cp.push_records().into_iter().filter(|p| p.answered.is_some()).count();
+    assert!(parts > 10, "the push came in {parts} responses");
+    assert!(cp.nacks().is_empty(), "{:?}", cp.nacks());
+    assert!(cp.violations().is_empty(), "{:?}", cp.violations());
+    enroll(&d, &bed);
+    assert_eq!(connect(&bed, 60).len(), 3);
+    drop(server);
+}
+
 /// Issue 18, item 8: endpoint churn through xDS (400 changes at about 200 a second, no
 /// pause for the daemon) ends with the kernel's maps exactly equal to a from-scratch
 /// compilation of the final state. The check: a daemon restarted on that state compiles it from

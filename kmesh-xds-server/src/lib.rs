@@ -203,6 +203,8 @@ pub struct ControlPlane {
     node_types: Vec<&'static str>,
     /// The largest request accepted (gRPC's receive limit).
     max_request_bytes: usize,
+    /// Resource bytes per delta response at most (a larger push goes in several).
+    max_response_bytes: usize,
     /// Time spent computing pushes, in nanoseconds (the control plane's share of a change).
     push_ns: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -210,6 +212,12 @@ pub struct ControlPlane {
 /// gRPC's default receive limit, which istiod keeps (4 MiB): a client's request above it is
 /// refused with `RESOURCE_EXHAUSTED`.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 << 20;
+
+/// Resource bytes a delta response carries at most: a larger push is sent as several
+/// responses, each ACKed on its own, so that no response comes near a client's receive limit
+/// (this project's daemon takes 256 MiB by default; a push of 100k services x 10 endpoints is
+/// about 294 MB).
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 << 20;
 
 impl Default for ControlPlane {
     fn default() -> Self {
@@ -226,6 +234,7 @@ impl ControlPlane {
             token: None,
             node_types: NODE_TYPES.to_vec(),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             push_ns: Default::default(),
         }
     }
@@ -239,6 +248,13 @@ impl ControlPlane {
     /// Refuses requests larger than `bytes` (default [`DEFAULT_MAX_REQUEST_BYTES`]).
     pub fn with_max_request_bytes(mut self, bytes: usize) -> Self {
         self.max_request_bytes = bytes;
+        self
+    }
+
+    /// Sends at most `bytes` of resources per delta response (default
+    /// [`DEFAULT_MAX_RESPONSE_BYTES`]; a resource larger than that goes alone).
+    pub fn with_max_response_bytes(mut self, bytes: usize) -> Self {
+        self.max_response_bytes = bytes.max(1);
         self
     }
 
@@ -742,10 +758,12 @@ impl ControlPlane {
         });
     }
 
-    /// The response that brings `st` up to date for `type_url`, if any, recorded as sent.
-    fn push(&self, st: &mut StreamState, type_url: &str) -> Option<DeltaResponse> {
+    /// The responses that bring `st` up to date for `type_url` (none, one, or a large push in
+    /// several: see [`split`](Self::split)), recorded as sent.
+    fn push(&self, st: &mut StreamState, type_url: &str) -> Vec<DeltaResponse> {
         let sent = st.sent.entry(type_url.to_string()).or_default();
         let since = st.pushed.get(type_url).copied();
+        let before = since.unwrap_or(0);
         let started = std::time::Instant::now();
         let (resp, now) = self.delta_for(type_url, sent, since, st.names.get(type_url));
         st.pushed.insert(type_url.to_string(), now);
@@ -766,10 +784,59 @@ impl ControlPlane {
         // The control plane's share of a push: computing the response and recording what the
         // stream was sent, up to handing the response to gRPC.
         self.push_ns.fetch_add(started.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
-        let resp = resp?;
-        st.pending.insert(resp.nonce.clone(), type_url.to_string());
-        self.record_push(&resp.nonce, now);
-        Some(resp)
+        let Some(resp) = resp else { return Vec::new() };
+        let parts = self.split(resp);
+        let last = parts.len() - 1;
+        for (i, r) in parts.iter().enumerate() {
+            st.pending.insert(r.nonce.clone(), type_url.to_string());
+            // Only the last part completes the push: until it is answered, the client holds
+            // the changes up to the stream's push before this one, no further.
+            self.record_push(&r.nonce, if i == last { now } else { before });
+        }
+        parts
+    }
+
+    /// A response cut into responses of at most `max_response_bytes` of resources each (in
+    /// order; removals with the first), each with a nonce of its own.
+    fn split(&self, mut resp: DeltaResponse) -> Vec<DeltaResponse> {
+        let size = |r: &Outgoing| r.body.len() + r.name.len() + r.version.len() + 16;
+        let total: usize = resp.resources.iter().map(size).sum();
+        if total <= self.max_response_bytes {
+            return vec![resp];
+        }
+        let mut rest = std::mem::take(&mut resp.resources).into_iter().peekable();
+        let mut parts = Vec::new();
+        let mut first = Some(resp);
+        while rest.peek().is_some() {
+            let mut part = match first.take() {
+                Some(r) => r,
+                None => {
+                    let mut s = self.state.lock().unwrap();
+                    s.next_nonce += 1;
+                    DeltaResponse {
+                        system_version_info: parts
+                            .first()
+                            .map(|p: &DeltaResponse| p.system_version_info.clone())
+                            .unwrap_or_default(),
+                        type_url: parts
+                            .first()
+                            .map(|p: &DeltaResponse| p.type_url.clone())
+                            .unwrap_or_default(),
+                        nonce: format!("n{}", s.next_nonce),
+                        ..Default::default()
+                    }
+                }
+            };
+            let mut bytes = 0;
+            while let Some(r) =
+                rest.next_if(|r| part.resources.is_empty() || bytes + size(r) <= self.max_response_bytes)
+            {
+                bytes += size(&r);
+                part.resources.push(r);
+            }
+            parts.push(part);
+        }
+        parts
     }
 
     fn on_request(
@@ -824,7 +891,7 @@ impl ControlPlane {
                 sent.remove(n.as_str());
             }
             st.pushed.remove(&req.type_url);
-            return Ok(self.push(st, &req.type_url).into_iter().collect());
+            return Ok(self.push(st, &req.type_url));
         }
         if named && req.resource_names_subscribe != ["*"] {
             st.names.insert(req.type_url.clone(), req.resource_names_subscribe.iter().cloned().collect());
@@ -844,21 +911,19 @@ impl ControlPlane {
             st.owed.insert(req.type_url.clone());
             return Ok(Vec::new());
         }
-        Ok(self.answer(st, &req.type_url, true).into_iter().collect())
+        Ok(self.answer(st, &req.type_url, true))
     }
 
     /// What brings `st` up to date for `type_url`; the first answer to a subscription is sent
     /// even when there is nothing to send, as istiod does.
-    fn answer(&self, st: &mut StreamState, type_url: &str, first: bool) -> Option<DeltaResponse> {
-        match self.push(st, type_url) {
-            Some(r) => Some(r),
-            None if first => {
-                let r = self.empty_response(type_url);
-                st.pending.insert(r.nonce.clone(), type_url.to_string());
-                Some(r)
-            }
-            None => None,
+    fn answer(&self, st: &mut StreamState, type_url: &str, first: bool) -> Vec<DeltaResponse> {
+        let out = self.push(st, type_url);
+        if out.is_empty() && first {
+            let r = self.empty_response(type_url);
+            st.pending.insert(r.nonce.clone(), type_url.to_string());
+            return vec![r];
         }
+        out
     }
 }
 
@@ -880,6 +945,12 @@ mod tests {
         StreamState::default()
     }
 
+    /// The one response of a push.
+    fn one(mut v: Vec<DeltaResponse>) -> DeltaResponse {
+        assert_eq!(v.len(), 1, "one response");
+        v.remove(0)
+    }
+
     fn names(r: &DeltaResponse) -> (Vec<String>, Vec<String>) {
         (r.resources.iter().map(|r| r.name.to_string()).collect(), r.removed_resources.clone())
     }
@@ -893,21 +964,21 @@ mod tests {
         let items = |names: &[(&str, u8)]| names.iter().map(|(n, b)| (n.to_string(), vec![*b])).collect();
         cp.replace_all(T, items(&[("a", 1), ("b", 1), ("c", 1)]));
         let mut st = stream();
-        let first = cp.push(&mut st, T).unwrap();
+        let first = one(cp.push(&mut st, T));
         assert_eq!(names(&first), (vec!["a".into(), "b".into(), "c".into()], vec![]));
-        assert!(cp.push(&mut st, T).is_none(), "nothing changed");
+        assert!(cp.push(&mut st, T).is_empty(), "nothing changed");
         // b's bytes change, c goes, d comes, a is rewritten with the same bytes.
         cp.replace_all(T, items(&[("a", 1), ("b", 2), ("d", 1)]));
-        let r = cp.push(&mut st, T).unwrap();
+        let r = one(cp.push(&mut st, T));
         assert_eq!(names(&r), (vec!["b".into(), "d".into()], vec!["c".into()]));
         // Set then removed between two pushes: the stream never had it, so nothing.
         cp.set(T, items(&[("e", 1)]));
         cp.remove(T, &["e", "a"]);
-        let r = cp.push(&mut st, T).unwrap();
+        let r = one(cp.push(&mut st, T));
         assert_eq!(names(&r), (vec![], vec!["a".into()]));
         // A second stream subscribing now gets the whole current set.
         let mut other = stream();
-        assert_eq!(names(&cp.push(&mut other, T).unwrap()), (vec!["b".into(), "d".into()], vec![]));
+        assert_eq!(names(&one(cp.push(&mut other, T))), (vec!["b".into(), "d".into()], vec![]));
     }
 
     /// A stream's first push of a large set is built from the shared resources and recorded at once: it
@@ -923,7 +994,7 @@ mod tests {
         let mut st = stream();
         // The stream saw the type before anything was set: its change log is read from then.
         st.pushed.insert(T.to_string(), 0);
-        let first = cp.push(&mut st, T).unwrap();
+        let first = one(cp.push(&mut st, T));
         assert_eq!(first.resources.len(), n as usize);
         for (i, r) in first.resources.iter().enumerate() {
             assert_eq!(*r.name, name(i as u32));
@@ -932,8 +1003,41 @@ mod tests {
         assert_eq!(st.sent[T].len(), n as usize);
         cp.set(T, [(name(7), vec![9])]);
         cp.remove(T, &[&name(8)]);
-        let r = cp.push(&mut st, T).unwrap();
+        let r = one(cp.push(&mut st, T));
         assert_eq!(names(&r), (vec![name(7)], vec![name(8)]));
+    }
+
+    /// A push larger than a response may carry goes in several, in name order, each within
+    /// the limit and with a nonce of its own awaiting its answer; only the last one's record
+    /// says the push is complete.
+    #[test]
+    fn a_push_larger_than_a_response_goes_in_parts() {
+        const T: &str = kmesh_proto::ADDRESS_TYPE;
+        let cp = ControlPlane::new().with_max_response_bytes(1000);
+        let name = |i: u32| format!("w{i:04}");
+        cp.set(T, (0..100u32).map(|i| (name(i), vec![i as u8; 50])));
+        let seq = cp.seq();
+        let mut st = stream();
+        let parts = cp.push(&mut st, T);
+        assert!(parts.len() > 1, "{} parts", parts.len());
+        let mut all = Vec::new();
+        for p in &parts {
+            let bytes: usize =
+                p.resources.iter().map(|r| r.body.len() + r.name.len() + r.version.len() + 16).sum();
+            assert!(bytes <= 1000, "{bytes} bytes");
+            assert_eq!(p.type_url, T);
+            all.extend(p.resources.iter().map(|r| r.name.to_string()));
+        }
+        assert_eq!(all, (0..100).map(name).collect::<Vec<_>>());
+        let nonces: BTreeSet<&String> = parts.iter().map(|p| &p.nonce).collect();
+        assert_eq!(nonces.len(), parts.len());
+        assert!(parts.iter().all(|p| st.pending.contains_key(&p.nonce)));
+        let records = cp.push_records();
+        let complete: Vec<_> = records.iter().filter(|r| r.seq >= seq).map(|r| r.nonce.clone()).collect();
+        assert_eq!(complete, vec![parts.last().unwrap().nonce.clone()]);
+        // What the stream holds is complete: the next push is only what changed.
+        cp.set(T, [(name(3), vec![1])]);
+        assert_eq!(names(&one(cp.push(&mut st, T))), (vec![name(3)], vec![]));
     }
 
     #[test]

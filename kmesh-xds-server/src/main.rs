@@ -37,6 +37,10 @@ struct Cli {
     /// with RESOURCE_EXHAUSTED, named in the log and to the client).
     #[arg(long, default_value_t = kmesh_xds_server::DEFAULT_MAX_REQUEST_BYTES)]
     max_request_bytes: usize,
+    /// Resource bytes per delta response at most: a larger push is sent as several responses,
+    /// each ACKed on its own (state-of-the-world responses are whole, as that protocol needs).
+    #[arg(long, default_value_t = kmesh_xds_server::DEFAULT_MAX_RESPONSE_BYTES)]
+    max_response_bytes: usize,
     /// Serve TLS with this certificate chain (PEM); needs --tls-key. Clients such as ztunnel
     /// speak only TLS.
     #[arg(long, requires = "tls_key")]
@@ -61,7 +65,9 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let mut cp = ControlPlane::new().with_max_request_bytes(cli.max_request_bytes);
+    let mut cp = ControlPlane::new()
+        .with_max_request_bytes(cli.max_request_bytes)
+        .with_max_response_bytes(cli.max_response_bytes);
     if let Some(t) = &cli.token {
         cp = cp.with_token(t);
     }
