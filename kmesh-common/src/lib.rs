@@ -642,6 +642,21 @@ pub struct TallyCounts {
     pub lost: u64,
 }
 
+impl TallyCounts {
+    /// Both sums added (user space adds the CPUs' copies of an entry).
+    pub fn plus(&self, o: &TallyCounts) -> TallyCounts {
+        TallyCounts {
+            opened: self.opened + o.opened,
+            closed: self.closed + o.closed,
+            failed: self.failed + o.failed,
+            sent: self.sent + o.sent,
+            received: self.received + o.received,
+            retrans: self.retrans + o.retrans,
+            lost: self.lost + o.lost,
+        }
+    }
+}
+
 /// Room in `TALLIES`: distinct peers closing short connections within about three drains of
 /// the daemon (entries are allocated on use; the kernel sizes the buckets for the capacity,
 /// 16 bytes each, so 4,096 cost 64 KiB idle). A connection that finds no room sends its record.

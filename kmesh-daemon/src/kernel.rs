@@ -1437,15 +1437,7 @@ impl EventMaps {
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
             let sums = match self.tallies.get(&k, 0) {
-                Ok(per_cpu) => per_cpu.iter().fold(TallyCounts::default(), |a, v| TallyCounts {
-                    opened: a.opened + v.opened,
-                    closed: a.closed + v.closed,
-                    failed: a.failed + v.failed,
-                    sent: a.sent + v.sent,
-                    received: a.received + v.received,
-                    retrans: a.retrans + v.retrans,
-                    lost: a.lost + v.lost,
-                }),
+                Ok(per_cpu) => per_cpu.iter().fold(TallyCounts::default(), |a, v| a.plus(v)),
                 Err(e) if is_not_found(&e) => continue,
                 // What was taken out so far is returned; the rest waits for the next call.
                 Err(e) => {

@@ -334,6 +334,13 @@ impl Progress {
         }
     }
 
+    /// A socket's counters as source/destination ones: what a server socket received is what
+    /// its client sent.
+    fn of_socket(outbound: bool, sent: u64, received: u64, retrans: u64, lost: u64) -> Progress {
+        let (from_src, from_dst) = if outbound { (sent, received) } else { (received, sent) };
+        Progress { from_src, from_dst, retrans, lost }
+    }
+
     fn plus(&mut self, d: &Progress) {
         self.from_src += d.from_src;
         self.from_dst += d.from_dst;
@@ -959,11 +966,10 @@ impl Telemetry {
             if v.opened != 0 {
                 self.count_open(&c, &e, v.opened);
             }
-            let (from_src, from_dst) = if outbound { (v.sent, v.received) } else { (v.received, v.sent) };
             let t = Self::tally(&mut self.pending, &c.peers);
             t.closed += v.closed;
             t.failed += v.failed;
-            t.progress.plus(&Progress { from_src, from_dst, retrans: v.retrans, lost: v.lost });
+            t.progress.plus(&Progress::of_socket(outbound, v.sent, v.received, v.retrans, v.lost));
             self.tallied += v.closed + v.failed;
         }
         self.flush();
@@ -1013,10 +1019,8 @@ impl Telemetry {
                     self.count_open(&c, e, 1);
                 }
                 let (sent, received) = data_bytes(e);
-                // From the socket's point of view: what it received is what its peer sent.
-                let (from_src, from_dst) =
-                    if e.direction == DIR_OUTBOUND { (sent, received) } else { (received, sent) };
-                let now = Progress { from_src, from_dst, retrans: e.retrans as u64, lost: e.lost as u64 };
+                let outbound = e.direction == DIR_OUTBOUND;
+                let now = Progress::of_socket(outbound, sent, received, e.retrans as u64, e.lost as u64);
                 let delta = now.since(&c.last);
                 let t = Self::tally(&mut self.pending, &c.peers);
                 t.progress.plus(&delta);

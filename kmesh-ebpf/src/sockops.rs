@@ -90,6 +90,12 @@ fn take_orig(cookie: u64) -> Option<OrigHandoff> {
     Some(unsafe { *p })
 }
 
+/// `DIR_OUTBOUND` or `DIR_INBOUND`, without the slot's flag bits.
+#[inline(always)]
+fn direction_of(meta: &ConnMeta) -> u32 {
+    (meta.direction & !(DIR_F_COUNTED | DIR_F_OPEN_PENDING)) as u32
+}
+
 /// Atomically adds `n` to a counter in a map value (8-aligned).
 #[inline(always)]
 fn add(p: *mut u64, n: u64) {
@@ -105,7 +111,7 @@ fn add(p: *mut u64, n: u64) {
 fn tally(ctx: &SockOpsContext, meta: &ConnMeta, failed: bool, from: u32, no_peer_fin: bool) -> bool {
     use core::ptr::read_volatile as rv;
     let o = ctx.ops;
-    let direction = (meta.direction & !(DIR_F_COUNTED | DIR_F_OPEN_PENDING)) as u16;
+    let direction = direction_of(meta) as u16;
     let outbound = direction as u32 == DIR_OUTBOUND;
     let (local, remote) = sock_addrs(ctx);
     let dst_port = if outbound {
@@ -184,7 +190,7 @@ fn conn_event(ctx: &SockOpsContext, kind: u32, meta: &ConnMeta, cookie: u64, now
     unsafe {
         ConnEvent {
             kind,
-            direction: (meta.direction & !(DIR_F_COUNTED | DIR_F_OPEN_PENDING)) as u32,
+            direction: direction_of(meta),
             local,
             remote,
             local_port: rv(&(*o).local_port) as u16,

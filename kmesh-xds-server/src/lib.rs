@@ -551,6 +551,11 @@ impl ControlPlane {
     }
 }
 
+/// What a resource counts for against `max_response_bytes`: its bytes and a field's framing.
+fn response_size(r: &Outgoing) -> usize {
+    r.body.len() + r.name.len() + r.version.len() + 16
+}
+
 /// A running server; stops when dropped.
 pub struct ServerHandle {
     pub addr: SocketAddr,
@@ -799,39 +804,30 @@ impl ControlPlane {
     /// A response cut into responses of at most `max_response_bytes` of resources each (in
     /// order; removals with the first), each with a nonce of its own.
     fn split(&self, mut resp: DeltaResponse) -> Vec<DeltaResponse> {
-        let size = |r: &Outgoing| r.body.len() + r.name.len() + r.version.len() + 16;
-        let total: usize = resp.resources.iter().map(size).sum();
+        let total: usize = resp.resources.iter().map(response_size).sum();
         if total <= self.max_response_bytes {
             return vec![resp];
         }
         let mut rest = std::mem::take(&mut resp.resources).into_iter().peekable();
+        let (version, type_url) = (resp.system_version_info.clone(), resp.type_url.clone());
         let mut parts = Vec::new();
         let mut first = Some(resp);
         while rest.peek().is_some() {
-            let mut part = match first.take() {
-                Some(r) => r,
-                None => {
-                    let mut s = self.state.lock().unwrap();
-                    s.next_nonce += 1;
-                    DeltaResponse {
-                        system_version_info: parts
-                            .first()
-                            .map(|p: &DeltaResponse| p.system_version_info.clone())
-                            .unwrap_or_default(),
-                        type_url: parts
-                            .first()
-                            .map(|p: &DeltaResponse| p.type_url.clone())
-                            .unwrap_or_default(),
-                        nonce: format!("n{}", s.next_nonce),
-                        ..Default::default()
-                    }
+            let mut part = first.take().unwrap_or_else(|| {
+                let mut s = self.state.lock().unwrap();
+                s.next_nonce += 1;
+                DeltaResponse {
+                    system_version_info: version.clone(),
+                    type_url: type_url.clone(),
+                    nonce: format!("n{}", s.next_nonce),
+                    ..Default::default()
                 }
-            };
+            });
             let mut bytes = 0;
-            while let Some(r) =
-                rest.next_if(|r| part.resources.is_empty() || bytes + size(r) <= self.max_response_bytes)
+            while let Some(r) = rest
+                .next_if(|r| part.resources.is_empty() || bytes + response_size(r) <= self.max_response_bytes)
             {
-                bytes += size(&r);
+                bytes += response_size(&r);
                 part.resources.push(r);
             }
             parts.push(part);
@@ -1022,8 +1018,7 @@ mod tests {
         assert!(parts.len() > 1, "{} parts", parts.len());
         let mut all = Vec::new();
         for p in &parts {
-            let bytes: usize =
-                p.resources.iter().map(|r| r.body.len() + r.name.len() + r.version.len() + 16).sum();
+            let bytes: usize = p.resources.iter().map(response_size).sum();
             assert!(bytes <= 1000, "{bytes} bytes");
             assert_eq!(p.type_url, T);
             all.extend(p.resources.iter().map(|r| r.name.to_string()));
